@@ -1,0 +1,171 @@
+"""``tldr-rlhf`` command line: one subcommand per stage, presets by name, tyro for the flags.
+
+    tldr-rlhf sft --preset cpu-smol [--optim.lr 1e-4 ...]
+    tldr-rlhf generate --model runs/sft-cpu-smol/final --posts posts.jsonl --limit 4
+    tldr-rlhf stats --tokenizer Qwen/Qwen2.5-0.5B --posts posts.jsonl
+
+``--preset NAME`` picks the defaults; any flag after it overrides one field.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .errors import TldrRlhfError
+
+
+@dataclass(frozen=True)
+class GenerateArgs:
+    """Summarize posts with a checkpoint."""
+
+    model: str
+    """Checkpoint: run folder's final/, hub id, or .gguf file."""
+    posts: str = ""
+    """JSON-lines posts (OpenAI tldr_3_filtered fields; summary optional)."""
+    post: str = ""
+    """One post's text (instead of --posts)."""
+    title: str = ""
+    """Title of --post."""
+    subreddit: str = "AskReddit"
+    """Subreddit of --post."""
+    tokenizer: str = ""
+    """Tokenizer (default: the model's)."""
+    limit: int = 8
+    """Posts to summarize from --posts (0 = all)."""
+    greedy: bool = False
+    """Greedy decoding instead of sampling."""
+    temperature: float = 0.7
+    """Sampling temperature (N+ default 0.7)."""
+    max_new_tokens: int = 63
+    """Response length cap in tokens."""
+    max_query_length: int = 512
+    """Query token cap (smart truncation)."""
+    batch_size: int = 8
+    """Posts per generation batch (left-padded)."""
+    seed: int = 42
+    """Sampling seed."""
+    output: str = ""
+    """Also write {id, summary, reference} JSON lines here."""
+
+
+@dataclass(frozen=True)
+class StatsArgs:
+    """Token-length statistics of formatted queries and responses."""
+
+    posts: str
+    """JSON-lines posts file, folder with {split}.jsonl, or hub dataset id."""
+    tokenizer: str
+    """Tokenizer path or hub id."""
+    split: str = "train"
+    """Split (hub datasets / folders)."""
+    max_query_length: int = 512
+    """Query token cap (smart truncation)."""
+
+
+def run_generate(args: GenerateArgs) -> list[dict[str, Any]]:
+    """Implementation of ``tldr-rlhf generate``; returns the printed records."""
+    import torch
+
+    from .data.tldr import Post, format_query, load_posts
+    from .generation import decode_response, generate
+    from .modeling import load_causal_lm, load_tokenizer
+
+    if bool(args.posts) == bool(args.post):
+        raise TldrRlhfError("give exactly one of --posts FILE or --post TEXT")
+    posts = load_posts(args.posts, "validation", need_summary=False, limit=args.limit or None) if args.posts else [Post("post", args.subreddit, args.title, args.post)]
+    tok = load_tokenizer(args.tokenizer or args.model)
+    model = load_causal_lm(args.model, tokenizer=tok)
+    torch.manual_seed(args.seed)
+    queries = [format_query(tok, p.subreddit, p.title, p.post, args.max_query_length)[1] for p in posts]
+    responses = generate(model, queries, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, max_new_tokens=args.max_new_tokens, temperature=args.temperature, greedy=args.greedy, batch_size=args.batch_size)
+    records = [{"id": p.id, "title": p.title, "summary": decode_response(tok, r), "reference": p.summary.strip()} for p, r in zip(posts, responses)]
+    for r in records:
+        print(f"[{r['id']}] {r['title']}\n  summary:   {r['summary']}" + (f"\n  reference: {r['reference']}" if r["reference"] else ""))
+    if args.output:
+        with open(args.output, "w") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+    return records
+
+
+def run_stats(args: StatsArgs) -> dict[str, Any]:
+    from .data.tldr import load_posts, token_length_report
+    from .modeling import load_tokenizer
+
+    tok = load_tokenizer(args.tokenizer)
+    report = token_length_report(load_posts(args.posts, args.split, need_summary=False), tok, max_query_length=args.max_query_length)
+    print(json.dumps(report, indent=2))
+    return report
+
+
+def _lazy(target: str) -> Callable[[Any], Any]:
+    module, name = target.split(":")
+    return lambda cfg: getattr(importlib.import_module(module), name)(cfg)
+
+
+def _stages() -> dict[str, tuple[type, dict[str, Any], Callable[[Any], Any], str]]:
+    """name -> (config class, presets, function, one-line help). Stages register here."""
+    from . import config as c
+
+    return {
+        "sft": (c.SFTConfig, c.SFT_PRESETS, _lazy("tldr_rlhf.train.sft:train"), "supervised fine-tuning on reference TL;DRs"),
+        "generate": (GenerateArgs, {}, run_generate, "summarize posts with a checkpoint"),
+        "stats": (StatsArgs, {}, run_stats, "token-length statistics of queries and responses"),
+    }
+
+
+def _usage(stages) -> str:
+    lines = ["usage: tldr-rlhf COMMAND [--preset NAME] [flags]   (tldr-rlhf COMMAND --help for flags)", "", "commands:"]
+    for name, (_, presets, _, help_) in stages.items():
+        lines.append(f"  {name:<10} {help_}" + (f"  [presets: {', '.join(presets)}]" if presets else ""))
+    return "\n".join(lines)
+
+
+def parse(argv: list[str]):
+    """Parse ``argv`` (without the program name) into (function, config)."""
+    import tyro
+
+    stages = _stages()
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in stages:
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"tldr-rlhf: unknown command '{argv[0]}'\n", file=sys.stderr)
+        print(_usage(stages), file=sys.stderr)
+        raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
+    name, rest = argv[0], list(argv[1:])
+    cls, presets, fn, _ = stages[name]
+    default = None
+    for i, arg in enumerate(rest):
+        if arg == "--preset" or arg.startswith("--preset="):
+            value = arg.split("=", 1)[1] if "=" in arg else (rest[i + 1] if i + 1 < len(rest) else "")
+            if value not in presets:
+                print(f"tldr-rlhf {name}: unknown preset '{value}'; choose from {sorted(presets)}", file=sys.stderr)
+                raise SystemExit(2)
+            default = presets[value]
+            del rest[i : i + (1 if "=" in arg else 2)]
+            break
+    if default is None and presets:
+        default = next(iter(presets.values()))
+    cfg = tyro.cli(cls, args=rest, default=default, prog=f"tldr-rlhf {name}", description=(cls.__doc__ or "") + (f"\nPresets (--preset NAME): {', '.join(presets)}; the first is the default." if presets else ""))
+    return fn, cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "huggingface_hub", "datasets", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    fn, cfg = parse(sys.argv[1:] if argv is None else argv)
+    try:
+        fn(cfg)
+    except TldrRlhfError as e:
+        print(f"tldr-rlhf: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,175 @@
+"""Configuration: one frozen dataclass per concern, composed into one per stage; presets by name.
+
+Every field's docstring becomes its ``--help`` text (tyro). Defaults are the known-good TL;DR
+values of the N+ paper and the seed setup (Qwen2.5-0.5B on one DGX Spark). Derived sizes are
+properties that raise on inexact division; nothing is mutated after parsing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """Which model to start from and how to hold it."""
+
+    path: str = "Qwen/Qwen2.5-0.5B"
+    """Hub id, local Hugging Face folder, or a .gguf file (dequantized on load)."""
+    tokenizer: str | None = None
+    """Tokenizer path or hub id; defaults to the model path."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Weights dtype: auto = float32 on CPU, bfloat16 mixed precision on CUDA (N+ detail 8)."""
+    lora_r: int = 0
+    """LoRA rank; 0 trains every weight."""
+    lora_alpha: int = 32
+    """LoRA alpha (scale = alpha / r)."""
+
+
+@dataclass(frozen=True)
+class OptimArgs:
+    """AdamW with a cosine schedule with warmup to a minimum learning rate (seed setup)."""
+
+    lr: float = 3e-6
+    """Peak learning rate."""
+    min_lr: float = 3e-7
+    """Learning rate reached at the end of the cosine decay."""
+    warmup_steps: int = 10
+    """Linear warmup optimizer steps (ignored when warmup_ratio > 0)."""
+    warmup_ratio: float = 0.0
+    """Warmup as a fraction of all optimizer steps (the seed's 0.03 for RM/DPO)."""
+    decay_steps: int = 800
+    """Cosine decay length in optimizer steps after warmup; 0 = decay until the last step."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas (seed setup)."""
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay."""
+    eps: float = 1e-5
+    """AdamW epsilon (N+ detail 8)."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping by global norm; 0 disables."""
+    optim_8bit: Literal["auto", "on", "off"] = "auto"
+    """8-bit AdamW from bitsandbytes: auto = on when CUDA and bitsandbytes are present."""
+
+
+@dataclass(frozen=True)
+class RunArgs:
+    """Run folder, seed, logging and checkpoint cadence."""
+
+    output_dir: str = "runs/sft"
+    """Run folder: config.json, metrics.jsonl, samples.jsonl, checkpoints/, final/."""
+    seed: int = 42
+    """Seed for data order, initialization and sampling."""
+    overwrite: bool = False
+    """Start afresh even if the run folder holds a finished or partial run (deletes it)."""
+    resume: bool = True
+    """Resume from the newest checkpoint in the run folder when there is one."""
+    log_every: int = 1
+    """Optimizer steps between metrics records."""
+    eval_every: int = 50
+    """Optimizer steps between validation passes (and sample summaries); 0 = only at the end."""
+    save_every: int = 100
+    """Optimizer steps between resumable checkpoints; 0 = only the final checkpoint."""
+    keep_checkpoints: int = 2
+    """Resumable checkpoints kept (oldest deleted first)."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0 = the whole schedule); for smoke runs."""
+    num_threads: int = 0
+    """torch CPU threads (0 = torch's default)."""
+    progress: bool = True
+    """Show a progress bar with ETA."""
+
+
+@dataclass(frozen=True)
+class TldrDataArgs:
+    """Where TL;DR posts come from and how they are cut (N+ details 1-4)."""
+
+    train: str = "vwxyzjn/summarize_from_feedback_tldr_3_filtered"
+    """Training posts: JSON-lines file, folder with {split}.jsonl, or hub dataset id."""
+    valid: str = ""
+    """Validation posts (same forms); empty = the 'validation' split of `train` or a held-out slice."""
+    valid_fraction: float = 0.05
+    """When `valid` is empty and `train` is a file: fraction of posts held out (by post id)."""
+    max_query_length: int = 512
+    """Query token cap with smart truncation at the post's last newline (N+ detail 2)."""
+    max_response_length: int = 63
+    """Response token cap, EOS included; longer references are dropped and counted (53 Pythia, 63 Qwen2.5)."""
+    limit: int = 0
+    """Use at most this many training posts (0 = all)."""
+    valid_limit: int = 256
+    """Validation posts used for the periodic validation loss."""
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    """Supervised fine-tuning on reference TL;DRs (N+ section 4)."""
+
+    model: ModelArgs = field(default_factory=ModelArgs)
+    data: TldrDataArgs = field(default_factory=TldrDataArgs)
+    optim: OptimArgs = field(default_factory=OptimArgs)
+    run: RunArgs = field(default_factory=RunArgs)
+    epochs: int = 1
+    """Passes over the training posts."""
+    micro_batch_size: int = 16
+    """Sequences per forward pass per process."""
+    gradient_accumulation_steps: int = 8
+    """Micro-batches per optimizer step."""
+    loss_on_query: bool = False
+    """Also train on query tokens (N+ trained on all non-pad tokens, detail 5); default: response only."""
+    num_sample_posts: int = 4
+    """Fixed validation posts summarized (greedy) at every evaluation into samples.jsonl."""
+
+    def global_batch_size(self, world_size: int = 1) -> int:
+        """Sequences per optimizer step over all processes."""
+        return self.micro_batch_size * self.gradient_accumulation_steps * world_size
+
+
+SMOL_GGUF = str(SHARED / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf")
+LOCAL_POSTS = str(SHARED / "data" / "tldr" / "posts" / "valid_sample.jsonl")
+
+SFT_PRESETS: dict[str, SFTConfig] = {
+    # The seed setup: Qwen2.5-0.5B, 1 epoch, 16 x 8, lr 3e-6 -> 3e-7, warmup 10, decay 800, clip 1.
+    "seed": SFTConfig(),
+    # Real pretrained SmolLM2-135M on the real local posts, sized for 2 CPU cores in a few minutes.
+    "cpu-smol": SFTConfig(
+        model=ModelArgs(path=SMOL_GGUF, dtype="float32"),
+        data=TldrDataArgs(train=LOCAL_POSTS, max_query_length=256, valid_fraction=0.1, limit=0, valid_limit=64),
+        optim=OptimArgs(lr=1e-4, min_lr=1e-5, warmup_steps=5, decay_steps=0),
+        run=RunArgs(output_dir="runs/sft-cpu-smol", eval_every=20, save_every=20, max_steps=60),
+        micro_batch_size=8,
+        gradient_accumulation_steps=1,
+        num_sample_posts=2,
+    ),
+}
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """JSON-ready dict of a config dataclass."""
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls: type, data: dict[str, Any]):
+    """Rebuild a (nested) config dataclass from ``to_dict`` output; unknown keys raise TypeError."""
+    kwargs = {}
+    hints = {f.name: f for f in dataclasses.fields(cls)}
+    for key, value in data.items():
+        if key not in hints:
+            raise TypeError(f"{cls.__name__} has no field '{key}'")
+        ftype = hints[key].default_factory if hints[key].default_factory is not dataclasses.MISSING else None
+        if isinstance(value, dict) and ftype is not None and dataclasses.is_dataclass(ftype):
+            value = from_dict(ftype, value)
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write the resolved config as indented JSON."""
+    Path(path).write_text(json.dumps(to_dict(cfg), indent=2) + "\n")

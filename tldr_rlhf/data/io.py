@@ -1,0 +1,55 @@
+"""Reading JSON-lines files with errors that name the file, line and field."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+from ..errors import DataError
+
+
+def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield ``(line_number, record)`` for each non-blank line of a JSON-lines file (1-based lines).
+
+    Raises DataError naming the file and line for invalid JSON or a line that is not an object,
+    and for a missing file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError("file not found", path=str(path))
+    with path.open(encoding="utf-8") as f:
+        for number, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw)
+            except json.JSONDecodeError as e:
+                raise DataError(f"invalid JSON ({e.msg} at column {e.colno})", path=str(path), line=number) from None
+            if not isinstance(record, dict):
+                raise DataError(f"expected a JSON object, got {type(record).__name__}", path=str(path), line=number)
+            yield number, record
+
+
+def require(record: dict[str, Any], field: str, *, path: str | None, line: int | None, kind: type = str) -> Any:
+    """Return ``record[field]`` (dotted names reach into nested objects), checking presence and type.
+
+    Raises DataError naming path, line and the dotted field name.
+    """
+    value: Any = record
+    for part in field.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise DataError("missing field", path=path, line=line, field=field)
+        value = value[part]
+    if not isinstance(value, kind):
+        raise DataError(f"expected {kind.__name__}, got {type(value).__name__}", path=path, line=line, field=field)
+    return value
+
+
+def in_valid_split(key: str, fraction: float, salt: str = "tldr-rlhf") -> bool:
+    """Deterministic membership of ``key`` (a post id) in a held-out ``fraction``: sha256(salt + key)
+    mapped to [0, 1) is below ``fraction``. Independent of record order and count."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"valid fraction must be in [0, 1], got {fraction}")
+    return int(hashlib.sha256((salt + key).encode()).hexdigest()[:15], 16) / float(16**15) < fraction

@@ -1,0 +1,246 @@
+"""TL;DR posts: loading (local OpenAI JSON-lines or the hub) and query/response formatting.
+
+Implements N+ details 1-5 (Huang et al. 2024, section 3):
+
+* query ``SUBREDDIT: r/{subreddit}\\n\\nTITLE: {title}\\n\\nPOST: {post}\\n\\nTL;DR:`` with no trailing
+  space, at most ``max_query_length`` (512) tokens; while too long the post is cut back to its last
+  ``\\n`` (the newline and what follows are dropped), and only when no newline is left is it cut
+  character by character (smart truncation, detail 2);
+* response ``" " + summary + EOS`` (detail 3). OpenAI's files store summaries with a leading space
+  already and some pipelines added a second one; we strip the summary and add exactly one space,
+  so the response always starts with the single-space token the model sees after ``TL;DR:``;
+* a response-length cap (detail 4): examples over the cap are dropped and counted, never cut.
+
+Shapes are Python lists of token ids here; batching into tensors lives in ``data.batching``.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from ..errors import DataError
+from .io import read_jsonl, require
+
+QUERY_TEMPLATE = "SUBREDDIT: r/{subreddit}\n\nTITLE: {title}\n\nPOST: {post}\n\nTL;DR:"
+CNNDM_TEMPLATE = "Article:\n{article}\n\nTL;DR:\n"
+SFT_DATASET = "vwxyzjn/summarize_from_feedback_tldr_3_filtered"
+_TRL_PROMPT = re.compile(r"^SUBREDDIT: r/(?P<subreddit>.*?)\n\nTITLE: (?P<title>.*?)\n\nPOST: (?P<post>.*)\n\nTL;DR:\s*$", re.S)
+
+
+@dataclass(frozen=True)
+class Post:
+    """One Reddit post with its human reference TL;DR (OpenAI ``tldr_3_filtered`` fields)."""
+
+    id: str
+    subreddit: str
+    title: str
+    post: str
+    summary: str = ""
+
+
+@dataclass(frozen=True)
+class SFTExample:
+    """A formatted SFT example: query ids (no padding) and response ids ending in EOS."""
+
+    id: str
+    query_ids: list[int]
+    response_ids: list[int]
+
+
+@dataclass
+class DropCounts:
+    """Examples dropped while formatting, by reason (reported, never silent)."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def add(self, reason: str) -> None:
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def __str__(self) -> str:
+        return ", ".join(f"{k}: {v}" for k, v in sorted(self.counts.items())) or "none"
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def _post_from_record(record: dict[str, Any], *, path: str | None, line: int | None, need_summary: bool) -> Post:
+    if "prompt" in record and "post" not in record:  # trl-lib/tldr layout: prompt + completion
+        prompt = require(record, "prompt", path=path, line=line)
+        m = _TRL_PROMPT.match(prompt)
+        if not m:
+            raise DataError("prompt is not in the TL;DR query format", path=path, line=line, field="prompt")
+        summary = record.get("completion", "")
+        if not isinstance(summary, str):
+            raise DataError("expected str", path=path, line=line, field="completion")
+        fields = dict(m.groupdict(), summary=summary)
+        pid = str(record.get("id", f"line-{line}"))
+    else:
+        fields = {k: require(record, k, path=path, line=line) for k in ("subreddit", "title", "post")}
+        fields["summary"] = require(record, "summary", path=path, line=line) if need_summary else record.get("summary", "")
+        pid = str(record.get("id", f"line-{line}"))
+    if not fields["post"].strip():
+        raise DataError("empty post", path=path, line=line, field="post")
+    if need_summary and not fields["summary"].strip():
+        raise DataError("summary is empty or only whitespace", path=path, line=line, field="summary")
+    return Post(id=pid, **fields)
+
+
+def load_posts(source: str | Path, split: str = "train", *, need_summary: bool = True, limit: int | None = None) -> list[Post]:
+    """Load TL;DR posts.
+
+    ``source`` is a local JSON-lines file in OpenAI's ``tldr_3_filtered`` format (``id, subreddit,
+    title, post, summary``), a folder holding ``{split}.jsonl``, or a hub dataset id in the
+    ``vwxyzjn/summarize_from_feedback_tldr_3_filtered`` (same fields) or ``trl-lib/tldr``
+    (``prompt``, ``completion``) layout. Every record is validated before anything trains.
+
+    Raises DataError naming file, line and field for malformed JSON, missing fields, an empty post
+    or (when ``need_summary``) an empty summary; DataError for an unreachable hub dataset.
+    """
+    path = Path(source)
+    if path.is_dir() and (path / f"{split}.jsonl").is_file():
+        path = path / f"{split}.jsonl"
+    if path.is_file():
+        posts = []
+        for line, record in read_jsonl(path):
+            posts.append(_post_from_record(record, path=str(path), line=line, need_summary=need_summary))
+            if limit is not None and len(posts) >= limit:
+                break
+        return posts
+    rows = load_hub_rows(str(source), split)
+    posts = []
+    for i, row in enumerate(rows):
+        posts.append(_post_from_record(dict(row), path=f"{source}[{split}]", line=i + 1, need_summary=need_summary))
+        if limit is not None and len(posts) >= limit:
+            break
+    return posts
+
+
+def load_hub_rows(name: str, split: str, config: str | None = None) -> Iterable[dict[str, Any]]:
+    """Rows of a hub dataset (or a local folder ``datasets`` understands) via ``datasets.load_dataset``.
+
+    Raises DataError when the dataset cannot be found or the hub cannot be reached.
+    """
+    import datasets
+
+    try:
+        return datasets.load_dataset(name, config, split=split)
+    except Exception as e:  # noqa: BLE001 - datasets raises many kinds; we re-raise one clear error
+        raise DataError(
+            f"cannot load dataset '{name}' split '{split}' ({type(e).__name__}: {e}). It is neither a local "
+            "file nor a folder, and the Hugging Face hub could not provide it (offline? wrong id?)",
+            path=name,
+        ) from e
+
+
+# ----------------------------------------------------------------------------------------------
+# Formatting
+
+
+def format_query(tokenizer, subreddit: str, title: str, post: str, max_query_length: int = 512) -> tuple[str, list[int], bool]:
+    """Format and tokenize a TL;DR query with smart truncation (N+ detail 2).
+
+    Returns ``(text, ids, truncated)`` with ``len(ids) <= max_query_length``. While the query is too
+    long the post is cut at its last newline; when no newline is left the longest fitting prefix of
+    the post is kept (what cutting one character at a time reaches, found by bisection).
+    Raises DataError when even an empty post does not fit.
+    """
+
+    def encode(p: str) -> tuple[str, list[int]]:
+        text = QUERY_TEMPLATE.format(subreddit=subreddit, title=title, post=p)
+        return text, tokenizer.encode(text, add_special_tokens=False)
+
+    text, ids = encode(post)
+    truncated = False
+    while len(ids) > max_query_length:
+        truncated = True
+        cut = post.rfind("\n")
+        if cut >= 0:
+            post = post[:cut]
+            text, ids = encode(post)
+            continue
+        lo, hi = 0, len(post) - 1  # longest prefix post[:n] that fits, n in [lo, hi]
+        if len(encode("")[1]) > max_query_length:
+            raise DataError(f"query does not fit in {max_query_length} tokens even with an empty post", field="title")
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if len(encode(post[:mid])[1]) <= max_query_length:
+                lo = mid
+            else:
+                hi = mid - 1
+        post = post[:lo]
+        text, ids = encode(post)
+    return text, ids, truncated
+
+
+def format_response(tokenizer, summary: str) -> list[int]:
+    """Token ids of ``" " + summary.strip()`` followed by the EOS id (N+ detail 3)."""
+    return tokenizer.encode(" " + summary.strip(), add_special_tokens=False) + [tokenizer.eos_token_id]
+
+
+def format_cnndm_query(tokenizer, article: str, max_query_length: int = 1919) -> tuple[str, list[int], bool]:
+    """CNN/DM query ``Article:\\n{article}\\n\\nTL;DR:\\n`` cut back at newlines like TL;DR queries."""
+
+    def encode(a: str) -> tuple[str, list[int]]:
+        text = CNNDM_TEMPLATE.format(article=a)
+        return text, tokenizer.encode(text, add_special_tokens=False)
+
+    text, ids = encode(article)
+    truncated = False
+    while len(ids) > max_query_length:
+        truncated = True
+        cut = article.rfind("\n")
+        article = article[:cut] if cut >= 0 else article[: max(0, len(article) - max(1, len(article) // 20))]
+        text, ids = encode(article)
+    return text, ids, truncated
+
+
+def build_sft_examples(
+    posts: Iterable[Post], tokenizer, *, max_query_length: int = 512, max_response_length: int = 63
+) -> tuple[list[SFTExample], DropCounts]:
+    """Format posts into SFT examples. Responses longer than ``max_response_length`` tokens
+    (EOS included) are dropped and counted under ``response_too_long`` (N+ detail 4)."""
+    examples, drops = [], DropCounts()
+    for p in posts:
+        _, q, _ = format_query(tokenizer, p.subreddit, p.title, p.post, max_query_length)
+        r = format_response(tokenizer, p.summary)
+        if len(r) > max_response_length:
+            drops.add("response_too_long")
+            continue
+        examples.append(SFTExample(id=p.id, query_ids=q, response_ids=r))
+    return examples, drops
+
+
+def length_stats(lengths: list[int]) -> dict[str, float]:
+    """min / mean / median / p95 / max of a list of token counts."""
+    if not lengths:
+        return {"n": 0}
+    s = sorted(lengths)
+    return {
+        "n": len(s),
+        "min": s[0],
+        "mean": round(statistics.fmean(s), 2),
+        "median": statistics.median(s),
+        "p95": s[min(len(s) - 1, int(0.95 * len(s)))],
+        "max": s[-1],
+    }
+
+
+def token_length_report(posts: list[Post], tokenizer, *, max_query_length: int = 512) -> dict[str, Any]:
+    """Query and formatted-response token-length statistics (for ``tldr-rlhf stats``)."""
+    q_lens, r_lens, truncated = [], [], 0
+    for p in posts:
+        _, q, t = format_query(tokenizer, p.subreddit, p.title, p.post, max_query_length)
+        q_lens.append(len(q))
+        truncated += t
+        if p.summary.strip():
+            r_lens.append(len(format_response(tokenizer, p.summary)))
+    return {"query": length_stats(q_lens), "response": length_stats(r_lens), "queries_truncated": truncated}

@@ -1,0 +1,176 @@
+"""Loading and saving models and tokenizers; dropout off; LoRA; response-only logits.
+
+A model path is a hub id, a local Hugging Face folder, or a ``.gguf`` file (llama.cpp format,
+dequantized by transformers on load; it then saves as an ordinary safetensors checkpoint).
+Shapes: B batch, P query tokens (left-padded), T response tokens, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ModelLoadError
+from .ops import position_ids_from_mask
+
+log = logging.getLogger(__name__)
+
+
+def _split_gguf(path: str) -> tuple[str, dict[str, Any]]:
+    """Return ``(folder_or_id, extra_kwargs)`` for ``from_pretrained``; a .gguf file becomes gguf_file=."""
+    p = Path(path)
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise ModelLoadError(f"GGUF file not found: {path}")
+        return str(p.parent), {"gguf_file": p.name}
+    return path, {}
+
+
+def _looks_local(path: str) -> bool:
+    return path.startswith((".", "/", "~")) or Path(path).suffix in {".gguf", ".safetensors", ".bin"} or path.count("/") > 1
+
+
+def _check_exists(path: str) -> None:
+    if _looks_local(path) and not Path(path).expanduser().exists():
+        raise ModelLoadError(f"model path does not exist: {path}")
+
+
+def load_tokenizer(path: str, *, padding_side: str = "left"):
+    """Load a tokenizer from a hub id, folder or .gguf file and make padding safe.
+
+    If the tokenizer has no pad token, pad is set to EOS (Qwen2.5's own choice: pad = EOS =
+    ``<|endoftext|>``); masks are then built from lengths, never from ``ids != pad`` (N+ detail 3).
+    Raises ModelLoadError for a missing path, an unreachable hub, or a tokenizer without EOS.
+    """
+    from transformers import AutoTokenizer
+
+    _check_exists(path)
+    where, kw = _split_gguf(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(where, **kw)
+    except Exception as e:  # noqa: BLE001
+        raise ModelLoadError(f"cannot load tokenizer from '{path}' ({type(e).__name__}: {e})") from e
+    if tok.eos_token_id is None:
+        raise ModelLoadError(f"tokenizer '{path}' has no EOS token; responses must end in EOS (N+ detail 3)")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = padding_side
+    return tok
+
+
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Set every dropout probability to 0, in modules and in the config (N+ detail 7). In place."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        for attr in ("attention_dropout", "dropout", "hidden_dropout", "attn_dropout"):
+            if isinstance(getattr(module, attr, None), float):
+                setattr(module, attr, 0.0)
+    cfg = getattr(model, "config", None)
+    if cfg is not None:
+        for key, value in list(vars(cfg).items()):
+            if ("dropout" in key or key.endswith("_pdrop")) and isinstance(value, float):
+                setattr(cfg, key, 0.0)
+    return model
+
+
+def _strip_gguf_quantizer(model: nn.Module) -> None:
+    # transformers marks GGUF-loaded models as quantized although the weights are plain floats;
+    # the marker blocks save_pretrained, so drop it (see ../shared/models/README.md).
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    for attr in ("is_quantized", "quantization_method"):
+        if hasattr(model, attr):
+            try:
+                setattr(model, attr, False if attr == "is_quantized" else None)
+            except AttributeError:
+                pass
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def load_causal_lm(path: str, *, dtype: torch.dtype = torch.float32, tokenizer=None):
+    """Load a causal LM (hub id, folder or .gguf file) with dropout off and pad/EOS ids set.
+
+    ``tokenizer`` (optional) supplies pad/eos ids to the model and generation configs. Raises
+    ModelLoadError for a missing path or an unreachable hub.
+    """
+    from transformers import AutoModelForCausalLM
+
+    _check_exists(path)
+    where, kw = _split_gguf(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kw)
+    except Exception as e:  # noqa: BLE001
+        raise ModelLoadError(f"cannot load model from '{path}' ({type(e).__name__}: {e})") from e
+    if kw:
+        _strip_gguf_quantizer(model)
+    if tokenizer is not None:
+        set_special_ids(model, tokenizer)
+    return disable_dropout(model)
+
+
+def set_special_ids(model: nn.Module, tokenizer) -> None:
+    """Copy the tokenizer's EOS and pad ids into the model and generation configs."""
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.eos_token_id = tokenizer.eos_token_id
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        gen.pad_token_id = tokenizer.pad_token_id
+        gen.eos_token_id = tokenizer.eos_token_id
+
+
+def apply_lora(model: nn.Module, *, r: int = 16, alpha: int = 32, target_modules: str | list[str] = "all-linear"):
+    """Wrap ``model`` with peft LoRA adapters (no LoRA dropout: N+ detail 7). Returns the peft model."""
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=target_modules, task_type="CAUSAL_LM")
+    return get_peft_model(model, cfg)
+
+
+def unwrap_for_save(model: nn.Module) -> nn.Module:
+    """A plain transformers model to save: LoRA adapters merged into a copy of the weights."""
+    if hasattr(model, "merge_and_unload") and hasattr(model, "peft_config"):
+        import copy
+
+        return copy.deepcopy(model).merge_and_unload()
+    return model
+
+
+def save_pretrained(model: nn.Module, tokenizer, path: str | Path) -> None:
+    """Save an ordinary Hugging Face checkpoint (safetensors) plus tokenizer to ``path``."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    unwrap_for_save(model).save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+
+
+def response_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, query_width: int) -> torch.Tensor:
+    """Logits that predict the response tokens of ``[left-padded query | right-padded response]`` rows.
+
+    Shapes: input_ids, attention_mask (B, P + T) with the query in the first ``query_width`` = P
+    columns. Returns (B, T, V): ``out[:, t]`` is the distribution of token ``input_ids[:, P + t]``.
+    Only T positions go through the LM head (``logits_to_keep``), which is where most of the time
+    goes with a 150k vocabulary; position ids come from the mask (N+ detail 9).
+    """
+    t = input_ids.shape[1] - query_width
+    keep = torch.arange(query_width - 1, query_width - 1 + t, device=input_ids.device)
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask.long(),
+        position_ids=position_ids_from_mask(attention_mask),
+        logits_to_keep=keep,
+        use_cache=False,
+    )
+    return out.logits
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total

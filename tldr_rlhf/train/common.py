@@ -1,0 +1,55 @@
+"""Set-up every stage shares: accelerator, dtype, policy loading with optional LoRA, post splits."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from ..config import ModelArgs, RunArgs, TldrDataArgs
+from ..data.io import in_valid_split
+from ..data.tldr import Post, load_posts
+from ..modeling import apply_lora, load_causal_lm, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def make_accelerator(model_args: ModelArgs, run_args: RunArgs):
+    """An accelerate Accelerator: bf16 mixed precision on CUDA when dtype is auto/bfloat16, fp32 on
+    CPU; data-parallel when launched with torchrun / accelerate launch (gloo on CPU)."""
+    from accelerate import Accelerator
+
+    if run_args.num_threads:
+        torch.set_num_threads(run_args.num_threads)
+    cuda = torch.cuda.is_available()
+    mixed = "bf16" if cuda and model_args.dtype in ("auto", "bfloat16") else "no"
+    return Accelerator(cpu=not cuda, mixed_precision=mixed)
+
+
+def load_policy(model_args: ModelArgs, tokenizer):
+    """Causal LM in float32 master weights (autocast gives bf16 compute on CUDA), dropout off,
+    LoRA adapters when ``lora_r`` > 0."""
+    dtype = torch.bfloat16 if model_args.dtype == "bfloat16" and not torch.cuda.is_available() else torch.float32
+    model = load_causal_lm(model_args.path, dtype=dtype, tokenizer=tokenizer)
+    if model_args.lora_r > 0:
+        model = apply_lora(model, r=model_args.lora_r, alpha=model_args.lora_alpha)
+    return model
+
+
+def tokenizer_for(model_args: ModelArgs):
+    return load_tokenizer(model_args.tokenizer or model_args.path)
+
+
+def load_post_splits(data: TldrDataArgs) -> tuple[list[Post], list[Post]]:
+    """(train, valid) posts. With no ``valid`` source: a local file is split by post id
+    (``valid_fraction``); a hub dataset uses its 'validation' split."""
+    limit = data.limit or None
+    if data.valid:
+        return load_posts(data.train, "train", limit=limit), load_posts(data.valid, "validation")
+    if Path(data.train).exists():
+        posts = load_posts(data.train, "train")
+        train = [p for p in posts if not in_valid_split(p.id, data.valid_fraction)]
+        valid = [p for p in posts if in_valid_split(p.id, data.valid_fraction)]
+        return (train[:limit] if limit else train), valid
+    return load_posts(data.train, "train", limit=limit), load_posts(data.train, "validation")

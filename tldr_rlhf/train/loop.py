@@ -1,0 +1,304 @@
+"""Shared training machinery: run folders, optimizer and schedule, checkpoints, metrics, data order.
+
+No Trainer class: each stage's ``train(cfg)`` calls these helpers. Multi-process runs go through
+accelerate (``torchrun`` / ``accelerate launch``); every process sees the same global batch order
+and takes its own slice of each micro-batch, so the data order does not depend on the world size.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from ..config import OptimArgs, save_config, to_dict
+from ..errors import RunDirError
+
+log = logging.getLogger(__name__)
+FINAL = "final"
+CHECKPOINTS = "checkpoints"
+
+
+# ----------------------------------------------------------------------------------------------
+# Run folder
+
+
+class RunDir:
+    """A run folder ``config.json metrics.jsonl samples.jsonl checkpoints/ final/``.
+
+    Opening refuses to touch a folder whose ``final/`` exists (a finished run) unless ``overwrite``;
+    with ``overwrite`` the folder is emptied. Only the main process writes.
+    """
+
+    def __init__(self, path: str | Path, *, overwrite: bool = False, is_main: bool = True):
+        self.path = Path(path)
+        self.is_main = is_main
+        if (self.path / FINAL).exists() and not overwrite:
+            raise RunDirError(
+                f"{self.path} already holds a finished run ({self.path / FINAL}); pass --run.overwrite to replace it "
+                "or choose another --run.output-dir"
+            )
+        if overwrite and self.path.exists() and is_main:
+            shutil.rmtree(self.path)
+        if is_main:
+            (self.path / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
+
+    @property
+    def final_dir(self) -> Path:
+        return self.path / FINAL
+
+    def write_config(self, cfg: Any) -> None:
+        if self.is_main:
+            save_config(cfg, self.path / "config.json")
+
+    def check_config_matches(self, cfg: Any) -> None:
+        """Raise RunDirError when resuming with a config that changes what was trained."""
+        f = self.path / "config.json"
+        if not f.exists():
+            return
+        old, new = json.loads(f.read_text()), json.loads(json.dumps(to_dict(cfg)))
+        ignore = {"run"}  # run cadence / resume flags may change between attempts
+        diff = sorted(k for k in set(old) | set(new) if k not in ignore and old.get(k) != new.get(k))
+        if diff:
+            raise RunDirError(f"{f}: resuming with a different config (fields {diff}); pass --run.overwrite to start afresh")
+
+    def log_metrics(self, record: dict[str, Any]) -> None:
+        if self.is_main:
+            with (self.path / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def log_samples(self, records: list[dict[str, Any]]) -> None:
+        if self.is_main:
+            with (self.path / "samples.jsonl").open("a") as f:
+                for r in records:
+                    f.write(json.dumps(r) + "\n")
+
+    def truncate_logs(self, step: int) -> None:
+        """Drop metric/sample records after ``step`` (a resume replays those steps)."""
+        if not self.is_main:
+            return
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            f = self.path / name
+            if f.exists():
+                kept = [line for line in f.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+                f.write_text("".join(line + "\n" for line in kept))
+
+    def latest_checkpoint(self) -> Path | None:
+        ckpts = sorted((self.path / CHECKPOINTS).glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+        ckpts = [c for c in ckpts if (c / "state.pt").exists()]
+        return ckpts[-1] if ckpts else None
+
+    def prune_checkpoints(self, keep: int) -> None:
+        if not self.is_main:
+            return
+        ckpts = sorted((self.path / CHECKPOINTS).glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+        for old in ckpts[: max(0, len(ckpts) - keep)]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizer and schedule
+
+
+def build_optimizer(params, cfg: OptimArgs, *, device_type: str = "cpu") -> torch.optim.Optimizer:
+    """AdamW (betas, weight decay, eps from ``cfg``); 8-bit AdamW from bitsandbytes on CUDA.
+
+    Bias and norm weights (1-D tensors) get no weight decay. ``optim_8bit='on'`` without CUDA or
+    bitsandbytes raises RuntimeError; 'auto' falls back to torch AdamW with a log line.
+    """
+    params = [p for p in params if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    want_8bit = cfg.optim_8bit == "on" or (cfg.optim_8bit == "auto" and device_type == "cuda")
+    if want_8bit:
+        try:
+            import bitsandbytes as bnb  # noqa: F401
+
+            if device_type != "cuda":
+                raise RuntimeError("8-bit AdamW needs CUDA")
+            return bnb.optim.AdamW8bit(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+        except (ImportError, RuntimeError) as e:
+            if cfg.optim_8bit == "on":
+                raise RuntimeError(f"--optim.optim-8bit on, but 8-bit AdamW is unavailable: {e}") from e
+            log.info("8-bit AdamW unavailable (%s); using torch AdamW", e)
+    fused = device_type == "cuda"
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused or None)
+
+
+def lr_at(step: int, *, peak: float, minimum: float, warmup: int, decay: int) -> float:
+    """Learning rate at optimizer step ``step`` (0-based): linear warmup from peak/warmup to peak over
+    ``warmup`` steps, cosine from peak to ``minimum`` over ``decay`` steps, then ``minimum``."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    if decay <= 0:
+        return peak
+    progress = min(1.0, (step - warmup) / decay)
+    return minimum + 0.5 * (peak - minimum) * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimArgs, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Cosine-with-warmup-to-min-lr schedule as a LambdaLR (multiplier of ``cfg.lr``)."""
+    warmup = math.ceil(cfg.warmup_ratio * total_steps) if cfg.warmup_ratio > 0 else cfg.warmup_steps
+    decay = cfg.decay_steps if cfg.decay_steps > 0 else max(1, total_steps - warmup)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_at(s, peak=cfg.lr, minimum=cfg.min_lr, warmup=warmup, decay=decay) / cfg.lr
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Data order
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The permutation of ``range(n)`` used in ``epoch``: a pure function of (n, seed, epoch), so a
+    resumed run and every process see the same order."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def global_batches(n: int, batch: int, seed: int, epochs: int) -> list[list[int]]:
+    """Index lists of every optimizer step's global batch over ``epochs`` (the incomplete last
+    batch of each epoch is dropped, so every step sees the same number of sequences)."""
+    out = []
+    for e in range(epochs):
+        order = epoch_order(n, seed, e)
+        out.extend(order[i : i + batch] for i in range(0, n - batch + 1, batch))
+    return out
+
+
+def shard(indices: Sequence[int], rank: int, world: int) -> list[int]:
+    """This process's contiguous slice of a global batch (len divisible by ``world``)."""
+    if len(indices) % world:
+        raise ValueError(f"global batch of {len(indices)} does not split over {world} processes")
+    k = len(indices) // world
+    return list(indices[rank * k : (rank + 1) * k])
+
+
+def micro_batches(indices: Sequence[int], size: int) -> Iterator[list[int]]:
+    for i in range(0, len(indices), size):
+        yield list(indices[i : i + size])
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Only trainable tensors (the LoRA adapters under LoRA; everything otherwise)."""
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k in names}
+
+
+def save_checkpoint(run: RunDir, step: int, model, optimizer, scheduler, extra: dict[str, Any] | None = None, *, keep: int = 2) -> Path | None:
+    """Write ``checkpoints/step-N/state.pt`` (trainable weights, optimizer, scheduler, step, RNG).
+
+    Written to a temporary name and renamed, so a crash mid-save never leaves a half checkpoint
+    that a resume would pick up.
+    """
+    if not run.is_main:
+        return None
+    final = run.path / CHECKPOINTS / f"step-{step}"
+    tmp = run.path / CHECKPOINTS / f".tmp-step-{step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.save(
+        {
+            "step": step,
+            "model": trainable_state_dict(model),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": rng_state(),
+            "extra": extra or {},
+        },
+        tmp / "state.pt",
+    )
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    run.prune_checkpoints(keep)
+    return final
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict[str, Any]:
+    """Restore what ``save_checkpoint`` wrote; returns the state dict (``step``, ``extra``)."""
+    state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    missing = set(state["model"]) - set(model.state_dict())
+    if missing:
+        raise RunDirError(f"{path}: checkpoint has weights the model lacks: {sorted(missing)[:5]}")
+    model.load_state_dict(state["model"], strict=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    return state
+
+
+# ----------------------------------------------------------------------------------------------
+# Progress and throughput
+
+
+@dataclass
+class Throughput:
+    """Tokens and sequences per second over a window of optimizer steps."""
+
+    tokens: int = 0
+    sequences: int = 0
+    start: float = field(default_factory=time.perf_counter)
+
+    def add(self, tokens: int, sequences: int) -> None:
+        self.tokens += tokens
+        self.sequences += sequences
+
+    def rates(self) -> dict[str, float]:
+        dt = max(1e-9, time.perf_counter() - self.start)
+        out = {"perf/tokens_per_s": self.tokens / dt, "perf/sequences_per_s": self.sequences / dt}
+        self.tokens, self.sequences, self.start = 0, 0, time.perf_counter()
+        return out
+
+
+def progress_bar(total: int, initial: int, desc: str, enabled: bool):
+    """A tqdm bar with ETA (disabled on non-main processes or when asked)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak accelerator memory in MiB for CUDA, else this process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
