@@ -139,9 +139,9 @@ SFT_PRESETS: dict[str, SFTConfig] = {
     # Real pretrained SmolLM2-135M on the real local posts, sized for 2 CPU cores in a few minutes.
     "cpu-smol": SFTConfig(
         model=ModelArgs(path=SMOL_GGUF, dtype="float32"),
-        data=TldrDataArgs(train=LOCAL_POSTS, max_query_length=256, valid_fraction=0.1, limit=0, valid_limit=64),
+        data=TldrDataArgs(train=LOCAL_POSTS, max_query_length=256, valid_fraction=0.1, limit=0, valid_limit=32),
         optim=OptimArgs(lr=1e-4, min_lr=1e-5, warmup_steps=5, decay_steps=0),
-        run=RunArgs(output_dir="runs/sft-cpu-smol", eval_every=20, save_every=20, max_steps=60),
+        run=RunArgs(output_dir="runs/sft-cpu-smol", eval_every=10, save_every=10, max_steps=40),
         micro_batch_size=8,
         gradient_accumulation_steps=1,
         num_sample_posts=2,
