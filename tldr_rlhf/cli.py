@@ -114,6 +114,7 @@ def _stages() -> dict[str, tuple[type, dict[str, Any], Callable[[Any], Any], str
 
     return {
         "sft": (c.SFTConfig, c.SFT_PRESETS, _lazy("tldr_rlhf.train.sft:train"), "supervised fine-tuning on reference TL;DRs"),
+        "dpo": (c.DPOConfig, c.DPO_PRESETS, _lazy("tldr_rlhf.train.dpo:train"), "direct preference optimization from an SFT policy (DPO / cDPO / IPO)"),
         "generate": (GenerateArgs, {}, run_generate, "summarize posts with a checkpoint"),
         "stats": (StatsArgs, {}, run_stats, "token-length statistics of queries and responses"),
     }

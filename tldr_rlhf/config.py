@@ -173,3 +173,112 @@ def from_dict(cls: type, data: dict[str, Any]):
 def save_config(cfg: Any, path: str | Path) -> None:
     """Write the resolved config as indented JSON."""
     Path(path).write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# DPO
+
+
+@dataclass(frozen=True)
+class DPODataArgs:
+    """Human comparisons for DPO and the held-out comparisons its implicit rewards are scored on."""
+
+    comparisons: str = "openai/summarize_from_feedback"
+    """Training comparisons: OpenAI JSON-lines file or folder, or a hub dataset id
+    (openai/summarize_from_feedback, trl-lib/tldr-preference)."""
+    valid_comparisons: str = ""
+    """Held-out comparisons (same forms); empty = the hub's validation split, or for a local file
+    the posts held out by id (`valid_fraction`)."""
+    valid_fraction: float = 0.2
+    """When `valid_comparisons` is empty and `comparisons` is local: share of posts held out (by post id)."""
+    max_query_length: int = 512
+    """Query token cap with smart truncation (N+ detail 2)."""
+    max_response_length: int = 133
+    """Response token cap, EOS included; longer comparisons are dropped and counted (169 Pythia, 133 Qwen2.5)."""
+    limit: int = 0
+    """Use at most this many training comparisons (0 = all)."""
+    valid_limit: int = 0
+    """Score at most this many held-out comparisons (0 = all)."""
+
+
+@dataclass(frozen=True)
+class DPOConfig:
+    """Direct preference optimization from an SFT policy (Rafailov et al. 2023; N+ detail 26)."""
+
+    sft_path: str = ""
+    """SFT checkpoint the policy starts from; its log-probs are the (cached) reference. A run folder's
+    final/, a hub id, or a .gguf file."""
+    tokenizer: str | None = None
+    """Tokenizer path or hub id; defaults to `sft_path`."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Weights dtype: auto = float32 on CPU, bfloat16 mixed precision on CUDA."""
+    lora_r: int = 0
+    """LoRA rank; 0 trains every weight. With LoRA the reference is the SFT model with adapters disabled."""
+    lora_alpha: int = 32
+    """LoRA alpha (scale = alpha / r)."""
+    data: DPODataArgs = field(default_factory=DPODataArgs)
+    optim: OptimArgs = field(default_factory=OptimArgs)
+    """Optimizer and schedule (the presets set the DPO values: seed lr 5e-5, N+ 3e-6)."""
+    run: RunArgs = field(default_factory=RunArgs)
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
+    """sigmoid = DPO / conservative DPO (with label_smoothing); ipo = IPO (Azar et al. 2023)."""
+    beta: float = 0.1
+    """KL strength: implicit reward = beta * (log pi - log pi_ref); for IPO, tau (seed 0.1, N+ 0.05)."""
+    label_smoothing: float = 0.1
+    """Conservative DPO: probability that a label is flipped, in [0, 0.5) (seed 0.1; 0 = plain DPO)."""
+    ipo_length_normalized: bool = False
+    """IPO on per-token mean log ratios (TRL's form) instead of the paper's summed ones."""
+    epochs: int = 1
+    """Passes over the training comparisons."""
+    micro_batch_size: int = 8
+    """Comparisons (pairs) per forward pass per process; each pass scores 2x this many responses."""
+    gradient_accumulation_steps: int = 16
+    """Micro-batches per optimizer step."""
+    eval_batch_size: int = 16
+    """Comparisons per forward pass when computing reference log-probs and held-out accuracy."""
+    shared_prompt: bool = True
+    """Run each query once and both responses on its key/value cache (same result, ~half the query
+    compute); False = chosen and rejected as two full rows of one concatenated forward pass."""
+    num_sample_posts: int = 2
+    """Held-out posts summarized (greedy) by the SFT policy before and the DPO policy after training."""
+    sample_max_new_tokens: int = 63
+    """Length cap of the sample summaries."""
+
+    def global_batch_size(self, world_size: int = 1) -> int:
+        """Comparisons per optimizer step over all processes."""
+        return self.micro_batch_size * self.gradient_accumulation_steps * world_size
+
+    @property
+    def model_args(self) -> ModelArgs:
+        """The policy's ModelArgs: the SFT checkpoint with this run's dtype and LoRA settings."""
+        return ModelArgs(path=self.sft_path, tokenizer=self.tokenizer, dtype=self.dtype, lora_r=self.lora_r, lora_alpha=self.lora_alpha)
+
+
+LOCAL_COMPARISONS = str(SHARED / "data" / "tldr" / "comparisons" / "batch13.json")
+
+DPO_PRESETS: dict[str, DPOConfig] = {
+    # Seed setup: beta 0.1, conservative DPO 0.1, lr 5e-5 (cosine to 5e-6), 8 x 16 pairs, warmup 3%.
+    "seed": DPOConfig(
+        optim=OptimArgs(lr=5e-5, min_lr=5e-6, warmup_ratio=0.03, decay_steps=0),
+        run=RunArgs(output_dir="runs/dpo", eval_every=0),
+    ),
+    # N+ paper: beta 0.05, lr 3e-6, plain DPO (no label smoothing); the rest as the seed preset.
+    "nplus": DPOConfig(
+        beta=0.05,
+        label_smoothing=0.0,
+        optim=OptimArgs(lr=3e-6, min_lr=3e-7, warmup_ratio=0.03, decay_steps=0),
+        run=RunArgs(output_dir="runs/dpo-nplus", eval_every=0),
+    ),
+    # Real SmolLM2-135M SFT checkpoint (tldr-rlhf sft --preset cpu-smol) on the real local comparisons,
+    # sized for a few minutes on CPU: short queries, a few optimizer steps, 64 held-out comparisons.
+    "cpu-smol": DPOConfig(
+        sft_path="runs/sft-cpu-smol/final",
+        dtype="float32",
+        data=DPODataArgs(comparisons=LOCAL_COMPARISONS, max_query_length=256, max_response_length=64, valid_limit=64),
+        optim=OptimArgs(lr=1e-5, min_lr=1e-6, warmup_ratio=0.1, decay_steps=0),
+        run=RunArgs(output_dir="runs/dpo-cpu-smol", eval_every=0, save_every=5, max_steps=10),
+        micro_batch_size=4,
+        gradient_accumulation_steps=2,
+        eval_batch_size=8,
+    ),
+}

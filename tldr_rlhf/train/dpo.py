@@ -1,0 +1,451 @@
+"""Direct preference optimization from the SFT policy (Rafailov et al. 2023, eq. 7; N+ detail 26).
+
+Objective (``losses.dpo_loss``): ``-log sigmoid(beta * ((log pi(y_c|x) - log pi_ref(y_c|x)) -
+(log pi(y_r|x) - log pi_ref(y_r|x))))`` over summed response-token log-probs, with conservative DPO
+(label smoothing, the seed's 0.1) and IPO as options. Presets: ``seed`` (beta 0.1, label smoothing
+0.1, lr 5e-5, 8 x 16 pairs, warmup 3%) and ``nplus`` (beta 0.05, lr 3e-6).
+
+The reference is the SFT checkpoint the policy starts from. Its log-probs are computed once, by the
+freshly loaded policy before any update (with LoRA: adapters disabled), for the training pairs the run
+will use and the held-out pairs, and cached in ``reference_logprobs.pt`` in the run folder; no
+second model is ever loaded or held during training. A resumed run reads the cache (or recomputes
+it before loading the checkpoint weights, which gives the same numbers).
+
+Chosen and rejected responses of a micro-batch go through the policy as one batch of 2B rows
+(``collate_pairs``: rows [0, B) chosen, [B, 2B) rejected). By default (``shared_prompt``) the B
+queries run first and the 2B responses continue from their key/value cache; this gives the same
+log-probs and gradients as 2B full rows (tested) while computing each query once. Only real response
+tokens go through the LM head, in blocks (``lm_head.chunked_target_logprobs``).
+
+Evaluation: implicit-reward accuracy on held-out comparisons, reward ``beta * (log pi - log
+pi_ref)`` (``implicit_reward_accuracy``, reusable by the evaluate stage; seeds report 0.61-0.62
+for GPT-2, N+ 0.62-0.67 for Pythia 1B-6.9B), and greedy summaries of held-out posts by the SFT policy
+(before training) and the DPO policy (after) in samples.jsonl.
+
+Departures from the reference code: batches are padded to their own longest query and response, not
+to fixed lengths; a step's loss is the mean over its global batch of pairs, whatever the split into
+micro-batches and processes. Pairs with identical summaries, empty summaries or responses over the
+cap are dropped and counted (data.comparisons).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from ..config import DPOConfig, DPODataArgs
+from ..data.batching import QueryResponseBatch, collate_pairs
+from ..data.comparisons import PreferenceExample, build_preference_examples, load_comparisons, split_by_post_id
+from ..data.tldr import DropCounts
+from ..errors import DataError
+from ..generation import decode_response, generate
+from ..lm_head import response_token_logprobs
+from ..losses import dpo_loss
+from ..modeling import count_parameters, save_pretrained
+from .common import load_policy, make_accelerator, tokenizer_for
+from .loop import (
+    RunDir,
+    build_optimizer,
+    build_scheduler,
+    global_batches,
+    load_checkpoint,
+    micro_batches,
+    peak_memory_mb,
+    progress_bar,
+    save_checkpoint,
+    seed_everything,
+    shard,
+)
+
+log = logging.getLogger(__name__)
+REFERENCE_CACHE = "reference_logprobs.pt"
+EVAL_FILE = "eval.json"
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+
+
+def load_dpo_data(data: DPODataArgs, tokenizer) -> tuple[list[PreferenceExample], list[PreferenceExample], dict[str, str]]:
+    """(train, held-out) tokenized comparisons and the drop counts of each, as text.
+
+    Held-out comparisons come from ``valid_comparisons``, else (local file) the posts held out by id,
+    else (hub) the dataset's validation split. Raises DataError for malformed files (file, line,
+    field) and for an empty held-out set.
+    """
+    comps, drops = load_comparisons(data.comparisons, "train")
+    vdrops = DropCounts()
+    if data.valid_comparisons:
+        valid, vdrops = load_comparisons(data.valid_comparisons, "validation")
+    elif Path(data.comparisons).exists():
+        comps, valid = split_by_post_id(comps, data.valid_fraction)
+    else:
+        valid, vdrops = load_comparisons(data.comparisons, "validation")
+    if data.limit:
+        comps = comps[: data.limit]
+    if data.valid_limit:
+        valid = valid[: data.valid_limit]
+    caps = dict(max_query_length=data.max_query_length, max_response_length=data.max_response_length)
+    train_ex, drops = build_preference_examples(comps, tokenizer, drops=drops, **caps)
+    valid_ex, vdrops = build_preference_examples(valid, tokenizer, drops=vdrops, **caps)
+    if not valid_ex:
+        raise DataError("no held-out comparisons left to evaluate on (check valid_comparisons / valid_fraction)", path=data.valid_comparisons or data.comparisons)
+    return train_ex, valid_ex, {"train": str(drops), "valid": str(vdrops)}
+
+
+def collate(examples: Sequence[PreferenceExample], pad_token_id: int) -> QueryResponseBatch:
+    """2B rows: chosen responses in rows [0, B), rejected in [B, 2B), each after its query."""
+    return collate_pairs([e.query_ids for e in examples], [e.chosen_ids for e in examples], [e.rejected_ids for e in examples], pad_token_id)
+
+
+# ----------------------------------------------------------------------------------------------
+# Scoring
+
+
+def pair_logprobs(model: nn.Module, batch: QueryResponseBatch, *, shared_prompt: bool = True) -> torch.Tensor:
+    """Summed response log-probs of a ``collate`` batch: (2B,) float32, chosen then rejected (nats).
+
+    ``shared_prompt`` runs each query once and both responses on its cache (``lm_head``); the result
+    equals two full rows up to float rounding.
+    """
+    b = batch.input_ids.shape[0] // 2
+    return response_token_logprobs(model, batch, num_queries=b if shared_prompt else None).sum(1)
+
+
+class PairScorer(nn.Module):
+    """Wraps the policy so that one call scores a pair batch; this is what DDP wraps, so the two
+    passes of the shared prompt are one DDP forward."""
+
+    def __init__(self, model: nn.Module, shared_prompt: bool = True):
+        super().__init__()
+        self.model = model
+        self.shared_prompt = shared_prompt
+
+    def forward(self, input_ids, attention_mask, response_mask, query_width: int) -> torch.Tensor:
+        batch = QueryResponseBatch(input_ids, attention_mask, response_mask, query_width)
+        return pair_logprobs(self.model, batch, shared_prompt=self.shared_prompt)
+
+
+@torch.no_grad()
+def score_pairs(
+    model: nn.Module,
+    examples: Sequence[PreferenceExample],
+    *,
+    pad_token_id: int,
+    batch_size: int = 16,
+    shared_prompt: bool = True,
+    accelerator=None,
+    desc: str = "",
+    progress: bool = False,
+) -> torch.Tensor:
+    """Summed log-probs of every example's chosen and rejected response: (N, 2) float32 on CPU.
+
+    No gradients, eval mode (restored after). Examples are batched in length order (less padding);
+    with several processes each scores an interleaved share and the results are gathered.
+    """
+    n = len(examples)
+    world = accelerator.num_processes if accelerator is not None else 1
+    rank = accelerator.process_index if accelerator is not None else 0
+    device = accelerator.device if accelerator is not None else next(model.parameters()).device
+    order = sorted(range(n), key=lambda i: len(examples[i].query_ids) + max(len(examples[i].chosen_ids), len(examples[i].rejected_ids)))
+    per_rank = -(-n // world)
+    mine = order[rank::world]
+    out = torch.zeros(per_rank, 2)
+    idx = torch.full((per_rank,), -1, dtype=torch.long)
+    was_training = model.training
+    model.eval()
+    chunks = list(micro_batches(mine, batch_size))
+    bar = progress_bar(len(chunks), 0, desc or "scoring pairs", progress and rank == 0)
+    pos = 0
+    for chunk in chunks:
+        batch = collate([examples[i] for i in chunk], pad_token_id).to(device)
+        autocast = accelerator.autocast() if accelerator is not None else contextlib.nullcontext()
+        with autocast:
+            lp = pair_logprobs(model, batch, shared_prompt=shared_prompt).float().cpu()
+        b = len(chunk)
+        out[pos : pos + b] = torch.stack([lp[:b], lp[b:]], 1)
+        idx[pos : pos + b] = torch.tensor(chunk)
+        pos += b
+        bar.update(1)
+    bar.close()
+    model.train(was_training)
+    if world > 1:
+        out = accelerator.gather(out.to(device)).cpu()
+        idx = accelerator.gather(idx.to(device)).cpu()
+    result = torch.zeros(n, 2)
+    keep = idx >= 0
+    result[idx[keep]] = out[keep]
+    return result
+
+
+def reference_logprobs(model: nn.Module, examples: Sequence[PreferenceExample], **kwargs) -> torch.Tensor:
+    """``score_pairs`` under the reference: the model itself, or with LoRA the model with its
+    adapters disabled (the SFT weights). (N, 2) float32 (chosen, rejected)."""
+    ctx = model.disable_adapter() if hasattr(model, "disable_adapter") and hasattr(model, "peft_config") else contextlib.nullcontext()
+    with ctx:
+        return score_pairs(model, examples, **kwargs)
+
+
+def implicit_reward_metrics(policy: torch.Tensor, reference: torch.Tensor, *, beta: float, confidences: Sequence[int | None] | None = None) -> dict[str, Any]:
+    """Implicit-reward evaluation of comparisons (Rafailov et al. 2023 sec. 5; N+ detail 26).
+
+    Shapes: policy and reference (N, 2) summed log-probs (chosen, rejected). Reward ``r = beta *
+    (log pi - log pi_ref)``; a comparison is right when r_chosen > r_rejected (ties, e.g. policy ==
+    reference, count as wrong and are counted in ``ties``). Returns {accuracy, n, ties, reward_margin,
+    chosen_reward, rejected_reward, accuracy_by_confidence {confidence: {accuracy, n}}}.
+    """
+    rewards = beta * (policy - reference).double()
+    right = rewards[:, 0] > rewards[:, 1]
+    n = rewards.shape[0]
+    out: dict[str, Any] = {
+        "accuracy": right.double().mean().item() if n else float("nan"),
+        "n": n,
+        "ties": int((rewards[:, 0] == rewards[:, 1]).sum()),
+        "reward_margin": (rewards[:, 0] - rewards[:, 1]).mean().item() if n else float("nan"),
+        "chosen_reward": rewards[:, 0].mean().item() if n else float("nan"),
+        "rejected_reward": rewards[:, 1].mean().item() if n else float("nan"),
+    }
+    if confidences is not None:
+        by: dict[str, list[bool]] = {}
+        for c, ok in zip(confidences, right.tolist()):
+            if c is not None:
+                by.setdefault(str(c), []).append(ok)
+        out["accuracy_by_confidence"] = {k: {"accuracy": sum(v) / len(v), "n": len(v)} for k, v in sorted(by.items(), key=lambda kv: int(kv[0]))}
+    return out
+
+
+def implicit_reward_accuracy(
+    policy: nn.Module,
+    examples: Sequence[PreferenceExample],
+    reference: torch.Tensor,
+    *,
+    beta: float,
+    pad_token_id: int,
+    batch_size: int = 16,
+    shared_prompt: bool = True,
+    accelerator=None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Implicit-reward accuracy of ``policy`` on held-out comparisons (see ``implicit_reward_metrics``).
+
+    ``reference`` (N, 2) are the reference model's summed log-probs of the same examples, from
+    ``reference_logprobs(ref_model, examples, ...)`` or a DPO run's ``reference_logprobs.pt``.
+    Raises ValueError when its shape does not match the examples.
+    """
+    if tuple(reference.shape) != (len(examples), 2):
+        raise ValueError(f"reference log-probs have shape {tuple(reference.shape)}, expected ({len(examples)}, 2)")
+    scores = score_pairs(policy, examples, pad_token_id=pad_token_id, batch_size=batch_size, shared_prompt=shared_prompt, accelerator=accelerator, desc="held-out pairs", progress=progress)
+    return implicit_reward_metrics(scores, reference, beta=beta, confidences=[e.confidence for e in examples])
+
+
+def _reference_key(cfg: DPOConfig, train_ex: Sequence[PreferenceExample], used: Sequence[int], valid_ex: Sequence[PreferenceExample]) -> str:
+    h = hashlib.sha256()
+    sft = Path(cfg.sft_path)
+    h.update(json.dumps([str(sft.resolve()) if sft.exists() else cfg.sft_path, cfg.dtype, list(used)]).encode())
+    for e in [train_ex[i] for i in used] + list(valid_ex):
+        h.update(json.dumps([e.query_ids, e.chosen_ids, e.rejected_ids]).encode())
+    return h.hexdigest()
+
+
+def cached_reference_logprobs(run: RunDir, cfg: DPOConfig, model, train_ex, used: list[int], valid_ex, *, pad_token_id: int, accelerator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference log-probs of the training pairs this run uses (rows of the others are NaN) and of the
+    held-out pairs, read from ``reference_logprobs.pt`` when its key (SFT path, dtype, token ids)
+    matches, else computed with ``model`` (which must still hold the SFT weights) and saved."""
+    key = _reference_key(cfg, train_ex, used, valid_ex)
+    path = run.path / REFERENCE_CACHE
+    if path.exists():
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if saved.get("key") == key:
+            log.info("reference log-probs read from %s", path)
+            return saved["train"], saved["valid"]
+    kw = dict(pad_token_id=pad_token_id, batch_size=cfg.eval_batch_size, shared_prompt=cfg.shared_prompt, accelerator=accelerator, progress=cfg.run.progress)
+    train_ref = torch.full((len(train_ex), 2), float("nan"))
+    train_ref[used] = reference_logprobs(model, [train_ex[i] for i in used], desc="reference log-probs (train)", **kw)
+    valid_ref = reference_logprobs(model, valid_ex, desc="reference log-probs (held-out)", **kw)
+    if run.is_main:
+        torch.save({"key": key, "train": train_ref, "valid": valid_ref}, path)
+    return train_ref, valid_ref
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+def _check(cfg: DPOConfig) -> None:
+    if not cfg.sft_path:
+        raise DataError("give the SFT checkpoint to start from: --sft-path runs/sft-.../final (or a hub id / .gguf file)", field="sft_path")
+    if cfg.beta <= 0:
+        raise DataError(f"beta must be > 0, got {cfg.beta}", field="beta")
+    if not 0.0 <= cfg.label_smoothing < 0.5:
+        raise DataError(f"label_smoothing must be in [0, 0.5), got {cfg.label_smoothing}", field="label_smoothing")
+    if cfg.loss_type == "ipo" and cfg.label_smoothing:
+        raise DataError("label_smoothing is for the sigmoid (DPO) loss; set --label-smoothing 0 with --loss-type ipo", field="label_smoothing")
+
+
+def train(cfg: DPOConfig) -> str:
+    """Run DPO; returns the path of the final Hugging Face checkpoint.
+
+    Writes config.json, metrics.jsonl (one record per step: loss/dpo, rewards/{chosen, rejected,
+    margin, accuracy}, logps/{chosen, rejected}, lr, grad_norm, perf/*), samples.jsonl (SFT and DPO
+    summaries of held-out posts), eval.json (held-out implicit-reward accuracy), checkpoints/, final/.
+    Raises DataError for a missing --sft-path, bad loss settings or bad data (before any model is
+    loaded), ModelLoadError for a bad model path, RunDirError for a finished run folder without
+    ``--run.overwrite``.
+    """
+    _check(cfg)
+    accelerator = make_accelerator(cfg.model_args, cfg.run)
+    is_main, world = accelerator.is_main_process, accelerator.num_processes
+    tokenizer = tokenizer_for(cfg.model_args)
+    pad = tokenizer.pad_token_id
+
+    # Data first: every bad record is reported before a model is loaded or a folder touched.
+    train_ex, valid_ex, drops = load_dpo_data(cfg.data, tokenizer)
+    if is_main:
+        log.info("DPO data: %d train / %d held-out comparisons; dropped train: %s; held-out: %s", len(train_ex), len(valid_ex), drops["train"], drops["valid"])
+    batch = cfg.global_batch_size(world)
+    if len(train_ex) < batch:
+        raise DataError(f"{len(train_ex)} training comparisons are fewer than one global batch of {batch}", path=cfg.data.comparisons)
+    steps = global_batches(len(train_ex), batch, cfg.run.seed, cfg.epochs)
+    total_steps = min(len(steps), cfg.run.max_steps) if cfg.run.max_steps else len(steps)
+
+    run = RunDir(cfg.run.output_dir, overwrite=cfg.run.overwrite, is_main=is_main)
+    resume_from = run.latest_checkpoint() if cfg.run.resume else None
+    if resume_from is not None:
+        run.check_config_matches(cfg)
+    run.write_config(cfg)
+
+    seed_everything(cfg.run.seed)
+    model = load_policy(cfg.model_args, tokenizer)
+    model.to(accelerator.device)
+    trainable, total = count_parameters(model)
+
+    # Reference log-probs, once, while the policy still is the SFT model (before any checkpoint loads).
+    used = sorted({i for s in steps[:total_steps] for i in s})
+    t0 = time.perf_counter()
+    ref_train, ref_valid = cached_reference_logprobs(run, cfg, model, train_ex, used, valid_ex, pad_token_id=pad, accelerator=accelerator)
+    ref_time = time.perf_counter() - t0
+
+    sample_ex: list[PreferenceExample] = []  # the first held-out posts, one comparison each
+    for e in valid_ex:
+        if len(sample_ex) < cfg.num_sample_posts and e.post_id not in {s.post_id for s in sample_ex}:
+            sample_ex.append(e)
+
+    def log_samples(step: int, name: str) -> None:
+        if not sample_ex or not is_main:
+            return
+        policy = accelerator.unwrap_model(scorer).model if step else model
+        responses = generate(policy, [e.query_ids for e in sample_ex], eos_token_id=tokenizer.eos_token_id, pad_token_id=pad, max_new_tokens=cfg.sample_max_new_tokens, greedy=True)
+        run.log_samples([
+            {"step": step, "model": name, "id": e.post_id, "query": tokenizer.decode(e.query_ids), "response": decode_response(tokenizer, r), "chosen": decode_response(tokenizer, e.chosen_ids)}
+            for e, r in zip(sample_ex, responses)
+        ])
+
+    optimizer = build_optimizer(model.parameters(), cfg.optim, device_type=accelerator.device.type)
+    scheduler = build_scheduler(optimizer, cfg.optim, len(steps))
+    start = 0
+    if resume_from is not None:
+        start = load_checkpoint(resume_from, model, optimizer, scheduler)["step"]
+        run.truncate_logs(start)
+        if is_main:
+            log.info("resumed from %s (step %d)", resume_from, start)
+    else:
+        log_samples(0, "sft")
+    scorer = PairScorer(model, cfg.shared_prompt)
+    scorer, optimizer = accelerator.prepare(scorer, optimizer)
+    if is_main:
+        log.info("policy %s: %d / %d trainable parameters; %d optimizer steps of %d pairs; reference log-probs in %.1f s", cfg.sft_path, trainable, total, total_steps, batch, ref_time)
+
+    def evaluate() -> dict[str, Any]:
+        return implicit_reward_accuracy(
+            accelerator.unwrap_model(scorer).model, valid_ex, ref_valid, beta=cfg.beta, pad_token_id=pad, batch_size=cfg.eval_batch_size,
+            shared_prompt=cfg.shared_prompt, accelerator=accelerator, progress=cfg.run.progress and is_main,
+        )
+
+    def eval_record(result: dict[str, Any]) -> dict[str, float]:
+        return {f"valid/implicit_reward_{k}" if k == "accuracy" else f"valid/{k}": v for k, v in result.items() if not isinstance(v, dict)}
+
+    ipo_lengths = cfg.loss_type == "ipo" and cfg.ipo_length_normalized
+    metric_names = ["loss", "chosen_reward", "rejected_reward", "reward_margin", "reward_accuracy", "logps_chosen", "logps_rejected"]
+    model.train()
+    bar = progress_bar(total_steps, start, "dpo", is_main and cfg.run.progress)
+    step_start = time.perf_counter()
+    for step in range(start, total_steps):
+        global_idx = steps[step]
+        mine = shard(global_idx, accelerator.process_index, world)
+        sums = torch.zeros(len(metric_names) + 1, device=accelerator.device)
+        tokens = 0
+        chunks = list(micro_batches(mine, cfg.micro_batch_size))
+        for k, idx in enumerate(chunks):
+            mb = collate([train_ex[i] for i in idx], pad).to(accelerator.device)
+            ref = ref_train[idx].to(accelerator.device)
+            b = len(idx)
+            sync = k == len(chunks) - 1
+            ctx = accelerator.no_sync(scorer) if not sync else contextlib.nullcontext()
+            with ctx, accelerator.autocast():
+                lp = scorer(mb.input_ids, mb.attention_mask, mb.response_mask, mb.query_width)
+                lengths = mb.response_mask.sum(1) if ipo_lengths else None
+                loss, m = dpo_loss(
+                    lp[:b], lp[b:], ref[:, 0], ref[:, 1], beta=cfg.beta, label_smoothing=cfg.label_smoothing, loss_type=cfg.loss_type,
+                    chosen_lengths=lengths[:b] if lengths is not None else None, rejected_lengths=lengths[b:] if lengths is not None else None,
+                )
+                # Mean over the global batch; DDP averages gradients over processes, hence the world factor.
+                accelerator.backward(loss * b * world / len(global_idx))
+            sums += torch.stack([loss.detach().float(), *[m[n].float() for n in metric_names[1:]], torch.ones((), device=loss.device)]) * b
+            tokens += int(mb.attention_mask.sum())
+        grad_norm = accelerator.clip_grad_norm_(scorer.parameters(), cfg.optim.max_grad_norm) if cfg.optim.max_grad_norm > 0 else None
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        sums = accelerator.reduce(sums, reduction="sum")
+        means = dict(zip(metric_names, (sums[:-1] / sums[-1]).tolist()))
+        bar.update(1)
+        bar.set_postfix(loss=f"{means['loss']:.4f}", acc=f"{means['reward_accuracy']:.2f}")
+        if done % cfg.run.log_every == 0 or done == total_steps:
+            dt = time.perf_counter() - step_start
+            steps_logged = cfg.run.log_every if done % cfg.run.log_every == 0 else 1
+            record = {
+                "step": done,
+                "loss/dpo": means["loss"],
+                "rewards/chosen": means["chosen_reward"],
+                "rewards/rejected": means["rejected_reward"],
+                "rewards/margin": means["reward_margin"],
+                "rewards/accuracy": means["reward_accuracy"],
+                "logps/chosen": means["logps_chosen"],
+                "logps/rejected": means["logps_rejected"],
+                "lr": scheduler.get_last_lr()[0],
+                "epoch": done * batch / len(train_ex),
+                "perf/step_time_s": dt / steps_logged,
+                "perf/pairs_per_s": len(global_idx) / (dt / steps_logged),
+                "perf/tokens_per_s": tokens * world / (dt / steps_logged),
+            }
+            if grad_norm is not None:
+                record["grad_norm"] = float(grad_norm)
+            if cfg.run.eval_every and done % cfg.run.eval_every == 0 and done != total_steps:
+                record.update(eval_record(evaluate()))
+            run.log_metrics(record)
+            step_start = time.perf_counter()
+        if cfg.run.save_every and done % cfg.run.save_every == 0 and done != total_steps:
+            save_checkpoint(run, done, accelerator.unwrap_model(scorer).model, optimizer, scheduler, keep=cfg.run.keep_checkpoints)
+            accelerator.wait_for_everyone()
+    bar.close()
+
+    result = evaluate()
+    run.log_metrics({"step": total_steps, **eval_record(result), "perf/peak_memory_mb": peak_memory_mb(accelerator.device)})
+    log_samples(total_steps, "dpo")
+    accelerator.wait_for_everyone()
+    if is_main:
+        summary = {"step": total_steps, "beta": cfg.beta, "loss_type": cfg.loss_type, "label_smoothing": cfg.label_smoothing, "held_out": result, "dropped": drops}
+        (run.path / EVAL_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        save_pretrained(accelerator.unwrap_model(scorer).model, tokenizer, run.final_dir)
+        log.info("DPO done: %s (held-out implicit-reward accuracy %.4f over %d comparisons)", run.final_dir, result["accuracy"], result["n"])
+    accelerator.wait_for_everyone()
+    return str(run.final_dir)
