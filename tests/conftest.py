@@ -1,0 +1,55 @@
+"""Shared fixtures: the real Qwen2.5 tokenizer, tiny models built from a config, the real data paths."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+QWEN_TOKENIZER = SHARED / "tokenizers" / "qwen2.5"
+TLDR = SHARED / "data" / "tldr"
+POSTS = TLDR / "posts" / "valid_sample.jsonl"
+COMPARISONS = TLDR / "comparisons" / "batch13.json"
+CNNDM = TLDR / "comparisons" / "cnndm0.json"
+POLICY_SAMPLES = TLDR / "policy_samples" / "openai_ppo_1.3b.jsonl"
+SMOL_GGUF = SHARED / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+EOS = 151643  # <|endoftext|>: Qwen2.5's EOS and pad
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer():
+    from tldr_rlhf.modeling import load_tokenizer
+
+    return load_tokenizer(str(QWEN_TOKENIZER))
+
+
+def make_tiny_qwen2(vocab_size: int = 151665, *, hidden: int = 64, layers: int = 2, seed: int = 0):
+    """A tiny random Qwen2 causal LM (real vocabulary so real token ids fit), dropout off."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from tldr_rlhf.modeling import disable_dropout
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
+        pad_token_id=EOS, eos_token_id=EOS, bos_token_id=None,
+    )
+    return disable_dropout(Qwen2ForCausalLM(cfg))
+
+
+@pytest.fixture
+def tiny_model():
+    return make_tiny_qwen2()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, qwen_tokenizer):
+    """A saved tiny Qwen2 checkpoint + tokenizer folder, loadable by every stage's --model.path."""
+    path = tmp_path_factory.mktemp("tiny-qwen2")
+    model = make_tiny_qwen2()
+    model.save_pretrained(path)
+    qwen_tokenizer.save_pretrained(path)
+    return path
