@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ..errors import DataError
-from .io import in_valid_split, read_jsonl, require
+from .io import check_local_source, in_valid_split, read_jsonl, require
 from .tldr import _TRL_PROMPT, DropCounts, format_cnndm_query, format_query, format_response, load_hub_rows
 
 COMPARISONS_DATASET = "openai/summarize_from_feedback"
@@ -68,13 +68,14 @@ def _comparison_from_record(record: dict[str, Any], drops: DropCounts, *, path: 
         info = require(record, "info", path=path, line=line, kind=dict)
         summaries = require(record, "summaries", path=path, line=line, kind=list)
         choice = record.get("choice")
-        if "article" in info:
+        # Hub rows carry every info field, None where it does not apply (article on TL;DR rows).
+        if info.get("article") is not None:
             fields = {"article": require(record, "info.article", path=path, line=line)}
         else:
             fields = {k: require(record, f"info.{k}", path=path, line=line) for k in ("subreddit", "title", "post")}
         if len(summaries) != 2 or not all(isinstance(s, dict) and isinstance(s.get("text"), str) for s in summaries):
             raise DataError("expected two summaries with a 'text' each", path=path, line=line, field="summaries")
-        if choice not in (0, 1) or isinstance(choice, bool):
+        if type(choice) is not int or choice not in (0, 1):  # 1.0, True, "1", None: not a label we trust
             drops.add("choice_not_0_or_1")
             return None
         chosen, rejected = summaries[choice]["text"], summaries[1 - choice]["text"]
@@ -99,6 +100,7 @@ def load_comparisons(source: str | Path, split: str = "train", *, limit: int | N
     ``split`` is only used for hub datasets; local OpenAI files carry their own ``split`` field.
     Returns ``(comparisons, drops)``. Raises DataError for malformed JSON or missing fields.
     """
+    check_local_source(source)
     drops = DropCounts()
     out: list[Comparison] = []
     path = Path(source)
@@ -143,23 +145,78 @@ def build_preference_examples(
     max_response_length: int = 133,
     max_cnndm_query_length: int = 1919,
     drops: DropCounts | None = None,
+    notes: DropCounts | None = None,
 ) -> tuple[list[PreferenceExample], DropCounts]:
     """Tokenize comparisons: query with smart truncation, responses ``" " + text + EOS``.
 
     A comparison with a response over ``max_response_length`` tokens (EOS included; 133 for
-    Qwen2.5, N+ detail 4) is dropped and counted under ``response_too_long``.
+    Qwen2.5, N+ detail 4) is dropped and counted under ``response_too_long``; one whose query does
+    not fit even with an empty post (a title over the cap) under ``query_does_not_fit``. Posts cut
+    to fit the query cap are kept and counted in ``notes`` (``query_truncated``) when given.
     """
     drops = drops if drops is not None else DropCounts()
     out = []
     for c in comparisons:
-        if c.is_cnndm:
-            _, q, _ = format_cnndm_query(tokenizer, c.query_fields["article"], max_cnndm_query_length)
-        else:
-            f = c.query_fields
-            _, q, _ = format_query(tokenizer, f["subreddit"], f["title"], f["post"], max_query_length)
+        try:
+            if c.is_cnndm:
+                _, q, truncated = format_cnndm_query(tokenizer, c.query_fields["article"], max_cnndm_query_length)
+            else:
+                f = c.query_fields
+                _, q, truncated = format_query(tokenizer, f["subreddit"], f["title"], f["post"], max_query_length)
+        except DataError:
+            drops.add("query_does_not_fit")
+            continue
+        if truncated and notes is not None:
+            notes.add("query_truncated")
         ch, rj = format_response(tokenizer, c.chosen), format_response(tokenizer, c.rejected)
         if max(len(ch), len(rj)) > max_response_length:
             drops.add("response_too_long")
             continue
         out.append(PreferenceExample(c.post_id, q, ch, rj, c.confidence))
+    return out, drops
+
+
+@dataclass(frozen=True)
+class JudgedSample:
+    """A policy summary and the human reference for one post, with an LLM judge's verdict."""
+
+    id: str
+    query_fields: dict[str, str]  # subreddit/title/post
+    response: str
+    reference: str
+    judge_preferred: str  # "policy" or "reference"
+    judge: str = ""
+    policy: str = ""
+
+
+def load_judged_samples(path: str | Path) -> tuple[list[JudgedSample], DropCounts]:
+    """Judged (policy summary, reference) pairs from JSON-lines with ``id, query, response,
+    reference, judge_preferred`` (and ``judge``, ``policy``): the format of
+    ``policy_samples/openai_ppo_1.3b.jsonl``. The query is parsed back into subreddit / title / post
+    so that it can be re-formatted (and re-truncated) like training queries.
+
+    Records with no verdict (``judge_preferred`` null or not policy/reference), a query not in the
+    TL;DR format, an empty summary or identical summaries are dropped and counted. Raises DataError
+    (file, line, field) for malformed JSON and missing or mistyped fields.
+    """
+    drops, out = DropCounts(), []
+    for line, record in read_jsonl(path):
+        query = require(record, "query", path=str(path), line=line)
+        response = require(record, "response", path=str(path), line=line)
+        reference = require(record, "reference", path=str(path), line=line)
+        verdict = record.get("judge_preferred")
+        if verdict not in ("policy", "reference"):
+            drops.add("no_judge_verdict")
+            continue
+        m = _TRL_PROMPT.match(query)
+        if not m:
+            drops.add("query_not_tldr_format")
+            continue
+        if not response.strip() or not reference.strip():
+            drops.add("empty_summary")
+            continue
+        if response.strip() == reference.strip():
+            drops.add("identical_summaries")
+            continue
+        out.append(JudgedSample(str(record.get("id", f"line-{line}")), m.groupdict(), response, reference, verdict, str(record.get("judge", "")), str(record.get("policy", ""))))
     return out, drops

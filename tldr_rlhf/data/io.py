@@ -53,3 +53,13 @@ def in_valid_split(key: str, fraction: float, salt: str = "tldr-rlhf") -> bool:
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"valid fraction must be in [0, 1], got {fraction}")
     return int(hashlib.sha256((salt + key).encode()).hexdigest()[:15], 16) / float(16**15) < fraction
+
+
+def check_local_source(source: str | Path) -> None:
+    """Raise DataError("file not found") for a source that is plainly a local path (absolute,
+    relative with ./, or ending in .json/.jsonl) but does not exist, instead of asking the hub."""
+    text = str(source)
+    if Path(text).exists():
+        return
+    if text.startswith(("/", "./", "../", "~")) or text.endswith((".json", ".jsonl")):
+        raise DataError("file not found", path=text)

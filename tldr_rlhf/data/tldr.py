@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ..errors import DataError
-from .io import read_jsonl, require
+from .io import check_local_source, read_jsonl, require
 
 QUERY_TEMPLATE = "SUBREDDIT: r/{subreddit}\n\nTITLE: {title}\n\nPOST: {post}\n\nTL;DR:"
 CNNDM_TEMPLATE = "Article:\n{article}\n\nTL;DR:\n"
@@ -105,6 +105,7 @@ def load_posts(source: str | Path, split: str = "train", *, need_summary: bool =
     Raises DataError naming file, line and field for malformed JSON, missing fields, an empty post
     or (when ``need_summary``) an empty summary; DataError for an unreachable hub dataset.
     """
+    check_local_source(source)
     path = Path(source)
     if path.is_dir() and (path / f"{split}.jsonl").is_file():
         path = path / f"{split}.jsonl"
