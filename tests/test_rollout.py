@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 from torch import nn
-from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
 from tldr_rlhf.data.tldr import format_query, load_posts
 from tldr_rlhf.generation import generate
@@ -13,13 +12,18 @@ from tldr_rlhf.modeling import response_logits
 from tldr_rlhf.ops import token_logprobs
 from tldr_rlhf.rollout import apply_no_eos_penalty, rollout, rollout_stats
 
-TOK = "/work/shared/tokenizers/qwen2.5"
-POSTS = "/work/shared/data/tldr/posts/valid_sample.jsonl"
+from rl_fixtures import POSTS, make_tiny_qwen2, one_thread
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _threads():
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return AutoTokenizer.from_pretrained(TOK)
+def tok(qwen_tokenizer):
+    return qwen_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -28,20 +32,14 @@ def queries(tok):
     return [format_query(tok, p.subreddit, p.title, p.post, max_query_length=80)[1] for p in posts]
 
 
-def tiny_lm(tok, seed=0, tie=True):
-    torch.manual_seed(seed)
-    cfg = Qwen2Config(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=tie,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-    )
-    return Qwen2ForCausalLM(cfg).eval()
+def tiny_lm(tok, seed=0):
+    return make_tiny_qwen2(seed=seed).eval()
 
 
 def two_token_lm(tok, other_id, eos_bias=0.0):
     """A model whose next-token logits are a constant bias: EOS (``eos_bias``) and ``other_id`` (0)
     are the only tokens with non-negligible probability; every other token has logit -1e4."""
-    m = tiny_lm(tok, tie=False)
+    m = tiny_lm(tok)
     head = nn.Linear(64, len(tok), bias=True)
     with torch.no_grad():
         head.weight.zero_()

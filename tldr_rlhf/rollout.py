@@ -131,6 +131,47 @@ def score_batch(score_fn: ScoreFn, batch: QueryResponseBatch, *, batch_size: int
     return torch.cat(out)
 
 
+def sample_and_score(
+    policy,
+    score_fn: ScoreFn,
+    queries: list[list[int]],
+    *,
+    eos_token_id: int,
+    pad_token_id: int,
+    response_length: int = 53,
+    temperature: float = 0.7,
+    batch_size: int = 16,
+) -> tuple[QueryResponseBatch, torch.Tensor, torch.Tensor]:
+    """Steps 1, 2 and the scoring of step 4: sample one response per query, truncate after EOS,
+    collate, and score. Returns (batch, raw scores (B,) before the no-EOS penalty, has_eos (B,) bool).
+    Raises ValueError for a non-positive temperature or response length."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
+    if response_length < 1:
+        raise ValueError(f"response_length must be >= 1, got {response_length}")
+    responses = generate(
+        policy, queries, eos_token_id=eos_token_id, pad_token_id=pad_token_id, max_new_tokens=response_length,
+        temperature=temperature, batch_size=batch_size,
+    )
+    has_eos = torch.tensor([bool(r) and r[-1] == eos_token_id for r in responses])
+    batch = collate_query_response(queries, responses, pad_token_id)
+    return batch, score_batch(score_fn, batch, batch_size=batch_size), has_eos
+
+
+def finish_rollout(
+    policy, ref_model, batch: QueryResponseBatch, raw_scores: torch.Tensor, has_eos: torch.Tensor, *,
+    temperature: float, no_eos_penalty: float = -1.0, batch_size: int = 16,
+) -> Rollout:
+    """Step 3 and the penalty of step 4: policy and reference log-probs at ``temperature``, policy
+    entropy, and scores with the no-EOS penalty, for an already sampled and scored batch."""
+    logprobs, entropy = response_logprobs(policy, batch, temperature=temperature, batch_size=batch_size, with_entropy=True)
+    ref_logprobs, _ = response_logprobs(ref_model, batch, temperature=temperature, batch_size=batch_size)
+    return Rollout(
+        batch=batch, logprobs=logprobs.cpu(), ref_logprobs=ref_logprobs.cpu(), entropy=entropy.cpu(),
+        scores=apply_no_eos_penalty(raw_scores, has_eos, no_eos_penalty), raw_scores=raw_scores, has_eos=has_eos,
+    )
+
+
 def rollout(
     policy,
     ref_model,
@@ -141,37 +182,32 @@ def rollout(
     pad_token_id: int,
     response_length: int = 53,
     temperature: float = 0.7,
-    logprob_temperature: float | None = None,
     no_eos_penalty: float = -1.0,
     batch_size: int = 16,
 ) -> Rollout:
     """Sample one response per query and compute everything an RL update needs (see the module
-    docstring for the steps and the N+ details they implement).
+    docstring for the steps and the N+ details they implement): ``sample_and_score`` then
+    ``finish_rollout``.
 
     ``queries``: unpadded query token lists (repeat a query G times for a GRPO / RLOO group).
-    ``logprob_temperature`` (default: ``temperature``) is the temperature of the stored log-probs;
-    rejection sampling draws at a high temperature but trains at the ordinary one.
     ``batch_size`` rows go through ``generate`` and each forward pass at a time. The returned tensors
     are on the CPU. Raises ValueError for a non-positive temperature or response length.
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
-    if response_length < 1:
-        raise ValueError(f"response_length must be >= 1, got {response_length}")
-    lp_temp = temperature if logprob_temperature is None else logprob_temperature
-    responses = generate(
-        policy, queries, eos_token_id=eos_token_id, pad_token_id=pad_token_id, max_new_tokens=response_length,
-        temperature=temperature, batch_size=batch_size,
+    batch, raw, has_eos = sample_and_score(
+        policy, score_fn, queries, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+        response_length=response_length, temperature=temperature, batch_size=batch_size,
     )
-    has_eos = torch.tensor([bool(r) and r[-1] == eos_token_id for r in responses])
-    batch = collate_query_response(queries, responses, pad_token_id)
-    logprobs, entropy = response_logprobs(policy, batch, temperature=lp_temp, batch_size=batch_size, with_entropy=True)
-    ref_logprobs, _ = response_logprobs(ref_model, batch, temperature=lp_temp, batch_size=batch_size)
-    raw = score_batch(score_fn, batch, batch_size=batch_size)
-    return Rollout(
-        batch=batch, logprobs=logprobs.cpu(), ref_logprobs=ref_logprobs.cpu(), entropy=entropy.cpu(),
-        scores=apply_no_eos_penalty(raw, has_eos, no_eos_penalty), raw_scores=raw, has_eos=has_eos,
-    )
+    return finish_rollout(policy, ref_model, batch, raw, has_eos, temperature=temperature, no_eos_penalty=no_eos_penalty, batch_size=batch_size)
+
+
+def select_rows(batch: QueryResponseBatch, rows: list[int], pad_token_id: int) -> QueryResponseBatch:
+    """The given rows of a batch, re-collated so that P and T are those rows' own widths (after
+    rejection sampling keeps a few of many candidates)."""
+    queries, responses = [], []
+    for i in rows:
+        queries.append(batch.input_ids[i, : batch.query_width][batch.attention_mask[i, : batch.query_width]].tolist())
+        responses.append(batch.responses[i][batch.response_mask[i]].tolist())
+    return collate_query_response(queries, responses, pad_token_id)
 
 
 def plain_sampling_config(model, *, eos_token_id: int, pad_token_id: int) -> None:
