@@ -208,10 +208,15 @@ def build_sft_examples(
     posts: Iterable[Post], tokenizer, *, max_query_length: int = 512, max_response_length: int = 63
 ) -> tuple[list[SFTExample], DropCounts]:
     """Format posts into SFT examples. Responses longer than ``max_response_length`` tokens
-    (EOS included) are dropped and counted under ``response_too_long`` (N+ detail 4)."""
+    (EOS included) are dropped and counted under ``response_too_long`` (N+ detail 4); posts whose
+    query cannot fit even with an empty post (a very long title) under ``query_does_not_fit``."""
     examples, drops = [], DropCounts()
     for p in posts:
-        _, q, _ = format_query(tokenizer, p.subreddit, p.title, p.post, max_query_length)
+        try:
+            _, q, _ = format_query(tokenizer, p.subreddit, p.title, p.post, max_query_length)
+        except DataError:
+            drops.add("query_does_not_fit")
+            continue
         r = format_response(tokenizer, p.summary)
         if len(r) > max_response_length:
             drops.add("response_too_long")

@@ -295,6 +295,17 @@ def progress_bar(total: int, initial: int, desc: str, enabled: bool):
     return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True)
 
 
+@torch.no_grad()
+def params_in_sync(model: torch.nn.Module, accelerator) -> bool:
+    """True when every process holds the same weights: a position-weighted float64 checksum of all
+    parameters is gathered from each process and compared (one small all-gather)."""
+    total = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    for i, p in enumerate(model.parameters()):
+        total += (i + 1) * p.detach().double().sum()
+    sums = accelerator.gather(total.reshape(1))
+    return bool(torch.allclose(sums, sums[0].expand_as(sums), rtol=1e-12, atol=0.0))
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """Peak accelerator memory in MiB for CUDA, else this process's peak resident set size."""
     if device.type == "cuda":

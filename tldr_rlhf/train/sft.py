@@ -36,6 +36,7 @@ from .loop import (
     global_batches,
     load_checkpoint,
     micro_batches,
+    params_in_sync,
     peak_memory_mb,
     progress_bar,
     save_checkpoint,
@@ -175,7 +176,8 @@ def train(cfg: SFTConfig) -> str:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
-        loss_value = accelerator.reduce(loss_sum, reduction="sum").item()
+        # each process's loss is scaled by the world size for DDP's gradient mean; undo it here
+        loss_value = accelerator.reduce(loss_sum, reduction="sum").item() / accelerator.num_processes
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.4f}")
         if done % cfg.run.log_every == 0 or done == total_steps:
@@ -199,7 +201,10 @@ def train(cfg: SFTConfig) -> str:
     bar.close()
 
     final_metrics = evaluate(total_steps)
-    run.log_metrics({"step": total_steps, **final_metrics, "perf/peak_memory_mb": peak_memory_mb(accelerator.device)})
+    in_sync = params_in_sync(model, accelerator)
+    run.log_metrics({"step": total_steps, **final_metrics, "perf/peak_memory_mb": peak_memory_mb(accelerator.device), "dist/params_in_sync": in_sync})
+    if not in_sync:
+        raise RuntimeError("data-parallel processes ended with different weights")
     accelerator.wait_for_everyone()
     if is_main:
         save_pretrained(accelerator.unwrap_model(model), tokenizer, run.final_dir)
