@@ -83,7 +83,7 @@ def test_chunked_target_logprobs_matches_log_softmax_values_and_gradients():
     for temperature in (1.0, 0.7):
         ref = torch.log_softmax((h @ w.t() + b) / temperature, -1).gather(1, y[:, None]).squeeze(1)
         grads_ref = torch.autograd.grad((ref * g).sum(), (h, w, b))
-        out = chunked_target_logprobs(h, w, b, y, temperature=temperature, rows=3)  # 4 blocks: 3+3+3+2
+        out = chunked_target_logprobs(h, w, b, y, temperature=temperature, vocab_block=7)  # 8 blocks: 7 x 7 + 1
         grads = torch.autograd.grad((out * g.float()).sum(), (h, w, b))
         assert torch.allclose(out.double(), ref, atol=1e-5)
         for a, r in zip(grads, grads_ref):
