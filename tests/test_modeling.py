@@ -1,0 +1,85 @@
+"""Model and tokenizer loading: GGUF, pad = EOS, dropout off (N+ detail 7), LoRA, clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import EOS, QWEN_TOKENIZER, SMOL_GGUF, make_tiny_qwen2
+
+from tldr_rlhf.errors import ModelLoadError
+from tldr_rlhf.modeling import apply_lora, disable_dropout, load_causal_lm, load_tokenizer, save_pretrained
+
+
+def test_qwen_tokenizer_pad_is_eos(qwen_tokenizer):
+    assert qwen_tokenizer.eos_token_id == qwen_tokenizer.pad_token_id == EOS
+    assert qwen_tokenizer.padding_side == "left"
+    assert qwen_tokenizer.encode("Hello world") == [9707, 1879]
+
+
+def test_missing_model_path_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_causal_lm(str(tmp_path / "nope"))
+    with pytest.raises(ModelLoadError, match="does not exist: .*m.gguf"):
+        load_tokenizer(str(tmp_path / "m.gguf"))
+
+
+def test_unreachable_hub_model_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match="cannot load tokenizer from 'no-such-org/no-such-model'"):
+        load_tokenizer("no-such-org/no-such-model")
+
+
+def test_tokenizer_without_eos_is_refused(tmp_path):
+    (tmp_path / "tokenizer.json").write_text((QWEN_TOKENIZER / "tokenizer.json").read_text())
+    cfg = json.loads((QWEN_TOKENIZER / "tokenizer_config.json").read_text())
+    cfg.update(eos_token=None, pad_token=None)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match="has no EOS token"):
+        load_tokenizer(str(tmp_path))
+
+
+def test_nplus_7_dropout_disabled_everywhere():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, resid_pdrop=0.3, embd_pdrop=0.3, attn_pdrop=0.3))
+    disable_dropout(model)
+    assert model.config.resid_pdrop == model.config.embd_pdrop == model.config.attn_pdrop == 0.0
+    assert all(m.p == 0.0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+    model.train()
+    x = torch.randint(0, 100, (2, 8))
+    torch.testing.assert_close(model(x).logits, model(x).logits, rtol=0, atol=0)  # no randomness in train mode
+
+
+def test_lora_trains_adapters_only_and_saves_merged(tmp_path, qwen_tokenizer):
+    model = apply_lora(make_tiny_qwen2(), r=4, alpha=8)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    with torch.no_grad():  # make the adapters non-zero so merging matters
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    x = torch.randint(0, 1000, (2, 7))
+    want = model(x).logits
+    save_pretrained(model, qwen_tokenizer, tmp_path / "merged")
+    reloaded = load_causal_lm(str(tmp_path / "merged"))
+    assert not any("lora" in k for k in reloaded.state_dict())
+    torch.testing.assert_close(reloaded(x).logits, want, atol=1e-4, rtol=1e-4)
+
+
+def test_gguf_loads_dequantized_and_saves_as_a_normal_checkpoint(tmp_path):
+    """The real SmolLM2-135M GGUF: loads offline, saves as safetensors, reloads to identical logits."""
+    tok = load_tokenizer(str(SMOL_GGUF))
+    assert tok.eos_token_id == tok.pad_token_id == 2  # <|im_end|>
+    model = load_causal_lm(str(SMOL_GGUF), tokenizer=tok)
+    assert getattr(model.config, "quantization_config", None) is None
+    ids = torch.tensor([tok.encode("The capital of France is")])
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert tok.decode([int(logits[0, -1].argmax())]) == " Paris"
+    save_pretrained(model, tok, tmp_path / "smol")
+    assert (tmp_path / "smol" / "model.safetensors").exists()
+    again = load_causal_lm(str(tmp_path / "smol"))
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, logits, rtol=0, atol=0)
