@@ -1,0 +1,78 @@
+"""The command line (presets, overrides, errors) and generation (left padding, EOS stop)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import EOS, POSTS
+
+from tldr_rlhf import cli
+from tldr_rlhf.config import SFT_PRESETS
+from tldr_rlhf.generation import generate
+
+
+def test_preset_then_override():
+    fn, cfg = cli.parse(["sft", "--preset", "cpu-smol", "--optim.lr", "0.5", "--run.max-steps", "3"])
+    assert cfg.optim.lr == 0.5 and cfg.run.max_steps == 3
+    assert cfg.model.path == SFT_PRESETS["cpu-smol"].model.path  # untouched fields keep the preset's value
+    _, seed = cli.parse(["sft"])
+    assert seed == SFT_PRESETS["seed"]
+    assert seed.optim.betas == (0.9, 0.95) and seed.optim.weight_decay == 0.1 and seed.optim.lr == 3e-6
+    assert seed.global_batch_size() == 128  # 16 x 8
+
+
+def test_unknown_command_and_preset_exit_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.parse(["nope"])
+    assert e.value.code == 2 and "unknown command" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        cli.parse(["sft", "--preset", "nope"])
+    assert e.value.code == 2 and "unknown preset" in capsys.readouterr().err
+
+
+def test_main_reports_errors_without_traceback(capsys, tmp_path):
+    rc = cli.main(["generate", "--model", str(tmp_path / "missing"), "--post", "hello"])
+    assert rc == 2
+    assert "model path does not exist" in capsys.readouterr().err
+
+
+def test_generate_left_padded_batch_equals_one_by_one(tiny_model):
+    """Greedy responses do not depend on the batch's left padding, and stop at the first EOS."""
+    queries = [[100, 200, 300, 400, 500], [7, 8]]
+    batched = generate(tiny_model, queries, eos_token_id=EOS, pad_token_id=EOS, max_new_tokens=6, greedy=True, batch_size=2)
+    single = [generate(tiny_model, [q], eos_token_id=EOS, pad_token_id=EOS, max_new_tokens=6, greedy=True)[0] for q in queries]
+    assert batched == single
+    assert all(len(r) == 6 or r[-1] == EOS for r in batched)
+
+
+def test_generate_refuses_min_new_tokens(tiny_model):
+    with pytest.raises(ValueError, match="suppresses EOS"):
+        generate(tiny_model, [[1, 2]], eos_token_id=EOS, pad_token_id=EOS, min_new_tokens=5)
+
+
+def test_generate_command_on_real_posts(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "summaries.jsonl"
+    rc = cli.main(["generate", "--model", str(tiny_model_dir), "--posts", str(POSTS), "--limit", "2", "--max-new-tokens", "4", "--greedy", "--output", str(out)])
+    assert rc == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in records] == ["oai1b-0000", "oai1b-0001"]
+    assert records[0]["reference"].startswith("long relationship; fell in love")
+    assert "summary:" in capsys.readouterr().out
+
+
+def test_stats_command(capsys):
+    rc = cli.main(["stats", "--posts", str(POSTS), "--tokenizer", str(POSTS.parents[3] / "tokenizers" / "qwen2.5")])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["query"]["n"] == 1600 and report["response"]["max"] == 52  # longest real reference: 52 tokens
+    assert report["query"]["max"] <= 512
+
+
+def test_no_sampling_randomness_leaks_into_greedy(tiny_model):
+    torch.manual_seed(1)
+    a = generate(tiny_model, [[5, 6, 7]], eos_token_id=EOS, pad_token_id=EOS, max_new_tokens=4, greedy=True)
+    torch.manual_seed(2)
+    b = generate(tiny_model, [[5, 6, 7]], eos_token_id=EOS, pad_token_id=EOS, max_new_tokens=4, greedy=True)
+    assert a == b
