@@ -58,6 +58,7 @@ from .loop import (
     global_batches,
     load_checkpoint,
     micro_batches,
+    params_in_sync,
     peak_memory_mb,
     progress_bar,
     save_checkpoint,
@@ -439,7 +440,10 @@ def train(cfg: DPOConfig) -> str:
     bar.close()
 
     result = evaluate()
-    run.log_metrics({"step": total_steps, **eval_record(result), "perf/peak_memory_mb": peak_memory_mb(accelerator.device)})
+    in_sync = params_in_sync(scorer, accelerator)
+    run.log_metrics({"step": total_steps, **eval_record(result), "perf/peak_memory_mb": peak_memory_mb(accelerator.device), "dist/params_in_sync": in_sync})
+    if not in_sync:
+        raise RuntimeError("data-parallel processes ended with different weights")
     log_samples(total_steps, "dpo")
     accelerator.wait_for_everyone()
     if is_main:
