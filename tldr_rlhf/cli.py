@@ -115,6 +115,9 @@ def _stages() -> dict[str, tuple[type, dict[str, Any], Callable[[Any], Any], str
     return {
         "sft": (c.SFTConfig, c.SFT_PRESETS, _lazy("tldr_rlhf.train.sft:train"), "supervised fine-tuning on reference TL;DRs"),
         "dpo": (c.DPOConfig, c.DPO_PRESETS, _lazy("tldr_rlhf.train.dpo:train"), "direct preference optimization from an SFT policy (DPO / cDPO / IPO)"),
+        "ppo": (c.PPOConfig, c.PPO_PRESETS, _lazy("tldr_rlhf.train.ppo:train"), "PPO from an SFT policy against a reward model (N+ details 16-23)"),
+        "grpo": (c.GRPOConfig, c.GRPO_PRESETS, _lazy("tldr_rlhf.train.grpo:train"), "GRPO / Dr. GRPO from an SFT policy against a reward model (N+ details 24-25)"),
+        "rloo": (c.RLOOConfig, c.RLOO_PRESETS, _lazy("tldr_rlhf.train.grpo:train_rloo"), "RLOO (REINFORCE leave-one-out) from an SFT policy against a reward model"),
         "generate": (GenerateArgs, {}, run_generate, "summarize posts with a checkpoint"),
         "stats": (StatsArgs, {}, run_stats, "token-length statistics of queries and responses"),
     }

@@ -282,3 +282,325 @@ DPO_PRESETS: dict[str, DPOConfig] = {
         eval_batch_size=8,
     ),
 }
+
+
+# ----------------------------------------------------------------------------------------------
+# PPO
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    """PPO from an SFT policy against a frozen reward model (Stiennon et al. 2020; N+ details 16-23)."""
+
+    sft_path: str = ""
+    """SFT checkpoint: the policy and the frozen reference start from it (run folder final/, hub id, .gguf)."""
+    rm_path: str = ""
+    """Reward model checkpoint (frozen); the value model starts as a copy of it (N+ detail 18)."""
+    tokenizer: str | None = None
+    """Tokenizer path or hub id; defaults to `sft_path`."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Weights dtype: auto = float32 on CPU, bfloat16 mixed precision on CUDA."""
+    data: TldrDataArgs = field(default_factory=TldrDataArgs)
+    """Prompts: the SFT training posts, reshuffled each time they run out (N+ detail 17)."""
+    optim: OptimArgs = field(default_factory=OptimArgs)
+    """AdamW; the learning rate anneals linearly to 0 over the updates (warmup, min_lr and decay_steps
+    are not used). The presets set N+'s optimizer: betas (0.9, 0.999), weight decay 0.01, no clipping."""
+    run: RunArgs = field(default_factory=RunArgs)
+    """Run folder and cadence; steps are PPO updates (one rollout batch each)."""
+    total_episodes: int = 1_000_000
+    """Responses sampled over the whole run (N+ detail 16: 1M, ~8.56 passes over the SFT prompts)."""
+    rollout_batch_size: int = 512
+    """Prompts per PPO update over all processes (one response each)."""
+    num_mini_batches: int = 1
+    """Minibatches (optimizer steps) per PPO epoch over the rollout batch."""
+    micro_batch_size: int = 16
+    """Sequences per forward/backward pass per process (gradient accumulation inside a minibatch)."""
+    forward_batch_size: int = 32
+    """Sequences per sampling / no-grad forward pass per process during the rollout."""
+    ppo_epochs: int = 4
+    """Passes over each rollout batch (N+ detail 16)."""
+    response_length: int = 53
+    """New tokens sampled per response; truncated after the first EOS (53 Pythia, 63 Qwen2.5)."""
+    temperature: float = 0.7
+    """Sampling temperature; log-probs use the same temperature (N+ detail 21)."""
+    no_eos_penalty: float = -1.0
+    """Score of a response without EOS (the EOS trick, N+ detail 23)."""
+    kl_coef: float = 0.05
+    """Per-token KL penalty coefficient in the reward, fixed (N+ detail 16)."""
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    """Per-token KL estimator in the reward: k1 = log pi - log pi_ref (N+), k3 = exp(-d) + d - 1."""
+    gamma: float = 1.0
+    """Discount."""
+    lam: float = 0.95
+    """GAE lambda."""
+    clip_range: float = 0.2
+    """Policy ratio clip."""
+    vf_clip_range: float = 0.2
+    """Value clip around the rollout values."""
+    vf_coef: float = 0.1
+    """Value-loss coefficient in the total loss."""
+    dual_clip: float = 0.0
+    """Dual-clip bound c (> 1) for negative advantages; 0 = off."""
+    whiten_rewards: bool = False
+    """Whiten the shaped rewards over real tokens before GAE (off in the released N+ runs, detail 22)."""
+    num_sample_posts: int = 4
+    """Rollout responses written to samples.jsonl every `run.eval_every` updates."""
+
+    def num_updates(self) -> int:
+        """PPO updates in the whole run (``total_episodes // rollout_batch_size``); ValueError if 0."""
+        n = self.total_episodes // self.rollout_batch_size
+        if n < 1:
+            raise ValueError(f"total_episodes {self.total_episodes} is less than one rollout batch of {self.rollout_batch_size}")
+        return n
+
+    def local_batch_size(self, world_size: int = 1) -> int:
+        """Prompts per update per process; ValueError on inexact division."""
+        return _exact_div(self.rollout_batch_size, world_size, "rollout_batch_size", "processes")
+
+    def local_mini_batch_size(self, world_size: int = 1) -> int:
+        """Sequences per minibatch per process; ValueError on inexact division."""
+        return _exact_div(self.local_batch_size(world_size), self.num_mini_batches, "per-process rollout batch", "num_mini_batches")
+
+    def gradient_accumulation_steps(self, world_size: int = 1) -> int:
+        """Micro-batches per minibatch per process; ValueError on inexact division."""
+        return _exact_div(self.local_mini_batch_size(world_size), self.micro_batch_size, "per-process minibatch", "micro_batch_size")
+
+
+def _exact_div(a: int, b: int, what: str, by: str) -> int:
+    if b <= 0 or a % b:
+        raise ValueError(f"{what} ({a}) must split exactly into {by} ({b})")
+    return a // b
+
+
+_NPLUS_PPO_OPTIM = OptimArgs(lr=3e-6, betas=(0.9, 0.999), weight_decay=0.01, eps=1e-5, max_grad_norm=0.0)
+
+PPO_PRESETS: dict[str, PPOConfig] = {
+    # N+ paper (Pythia 1B-6.9B): 1M episodes, batch 512, 1 minibatch, 4 epochs, lr 3e-6 annealed
+    # linearly, AdamW eps 1e-5 (torch defaults otherwise), no gradient clipping, response length 53.
+    "nplus": PPOConfig(optim=_NPLUS_PPO_OPTIM, run=RunArgs(output_dir="runs/ppo", eval_every=20, save_every=50)),
+    # Qwen2.5 seed lengths: responses up to 63 tokens.
+    "seed": PPOConfig(optim=_NPLUS_PPO_OPTIM, response_length=63, run=RunArgs(output_dir="runs/ppo-seed", eval_every=20, save_every=50)),
+    # Real SmolLM2-135M SFT checkpoint and a reward model on the real local posts, sized for 2 CPU
+    # cores in minutes: short queries and responses, 8 prompts per update, 2 minibatches.
+    "cpu-smol": PPOConfig(
+        sft_path="runs/sft-cpu-smol/final",
+        rm_path="runs/rm-cpu-smol/final",
+        dtype="float32",
+        data=TldrDataArgs(train=LOCAL_POSTS, max_query_length=256, valid_fraction=0.1, valid_limit=0),
+        optim=OptimArgs(lr=1e-5, betas=(0.9, 0.999), weight_decay=0.01, max_grad_norm=0.0),
+        run=RunArgs(output_dir="runs/ppo-cpu-smol", eval_every=2, save_every=5, max_steps=10),
+        total_episodes=8 * 200,
+        rollout_batch_size=8,
+        num_mini_batches=2,
+        micro_batch_size=4,
+        forward_batch_size=8,
+        response_length=32,
+        num_sample_posts=2,
+    ),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# GRPO and RLOO
+
+
+@dataclass(frozen=True)
+class GRPOConfig:
+    """GRPO from an SFT policy against a frozen reward model (Shao et al. 2024; N+ details 24-25)."""
+
+    sft_path: str = ""
+    """SFT checkpoint: the policy and the frozen reference start from it (run folder final/, hub id, .gguf)."""
+    rm_path: str = ""
+    """Reward model checkpoint (frozen)."""
+    tokenizer: str | None = None
+    """Tokenizer path or hub id; defaults to `sft_path`."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Weights dtype: auto = float32 on CPU, bfloat16 mixed precision on CUDA."""
+    data: TldrDataArgs = field(default_factory=TldrDataArgs)
+    """Prompts: the SFT training posts, reshuffled each time they run out."""
+    optim: OptimArgs = field(default_factory=OptimArgs)
+    """AdamW and the cosine-with-warmup schedule, stepped per optimizer step."""
+    run: RunArgs = field(default_factory=RunArgs)
+    """Run folder and cadence; steps are rollouts (one batch of prompts each)."""
+    total_episodes: int = 1_000_000
+    """Responses sampled over the whole run (prompts x group_size)."""
+    rollout_prompts: int = 16
+    """Prompts per rollout over all processes; each gets group_size responses."""
+    group_size: int = 8
+    """Responses per prompt, G (N+ detail 24)."""
+    mini_batch_size: int = 64
+    """Sequences per optimizer step over all processes."""
+    micro_batch_size: int = 8
+    """Sequences per forward/backward pass per process."""
+    forward_batch_size: int = 32
+    """Sequences per sampling / no-grad forward pass per process during the rollout."""
+    update_per_rollout: int = 4
+    """Passes over each rollout batch (N+ detail 24)."""
+    response_length: int = 63
+    """New tokens sampled per response; truncated after the first EOS."""
+    temperature: float = 0.7
+    """Sampling temperature; log-probs use the same temperature."""
+    no_eos_penalty: float = -1.0
+    """Score of a response without EOS."""
+    kl_coef: float = 0.05
+    """Coefficient of the KL-to-reference term in the loss."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    """Per-token KL estimator in the loss (k3 = exp(ref - logp) - (ref - logp) - 1)."""
+    clip_range: float = 0.2
+    """Policy ratio clip."""
+    dual_clip: float = 3.0
+    """Dual-clip bound c (> 1) for negative advantages; 0 = off."""
+    loss_aggregation: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"] = "seq-mean-token-mean"
+    """How per-token losses reduce to one number."""
+    scale_by_std: bool = True
+    """Divide group advantages by the group's std; False = Dr. GRPO (mean removed only)."""
+    global_normalize: bool = False
+    """Normalize advantages over the whole rollout after the group normalization (seed GPT-2)."""
+    rejection_sampling: bool = False
+    """Statistical rejection sampling: sample rs_candidates per prompt at rs_temperature and keep group_size (N+ detail 25)."""
+    rs_candidates: int = 64
+    """Candidates sampled per prompt for rejection sampling."""
+    rs_temperature: float = 1.0
+    """Sampling temperature of the candidates (high, for diversity); log-probs still use `temperature`."""
+    rs_beta: float = 0.5
+    """Rejection-sampling temperature beta: small keeps the top scores, large keeps a uniform draw."""
+    num_sample_posts: int = 4
+    """Rollout responses written to samples.jsonl every `run.eval_every` rollouts."""
+
+    def num_updates(self) -> int:
+        """Rollouts in the whole run; ValueError when fewer than one."""
+        n = self.total_episodes // (self.rollout_prompts * self.group_size)
+        if n < 1:
+            raise ValueError(f"total_episodes {self.total_episodes} is less than one rollout of {self.rollout_prompts} x {self.group_size}")
+        return n
+
+    def local_prompts(self, world_size: int = 1) -> int:
+        """Prompts per rollout per process; ValueError on inexact division."""
+        return _exact_div(self.rollout_prompts, world_size, "rollout_prompts", "processes")
+
+    def local_mini_batch_size(self, world_size: int = 1) -> int:
+        """Sequences per optimizer step per process; ValueError when it does not divide the rollout."""
+        local = _exact_div(self.mini_batch_size, world_size, "mini_batch_size", "processes")
+        _exact_div(self.local_prompts(world_size) * self.group_size, local, "per-process rollout sequences", "the per-process minibatch")
+        _exact_div(local, self.micro_batch_size, "per-process minibatch", "micro_batch_size")
+        return local
+
+    def optimizer_steps(self, world_size: int = 1) -> int:
+        """Optimizer steps in the whole run (the schedule's length)."""
+        per_rollout = self.local_prompts(world_size) * self.group_size // self.local_mini_batch_size(world_size)
+        return self.num_updates() * self.update_per_rollout * per_rollout
+
+
+@dataclass(frozen=True)
+class RLOOConfig:
+    """RLOO (REINFORCE leave-one-out, Ahmadian et al. 2024) from an SFT policy against a reward model."""
+
+    sft_path: str = ""
+    """SFT checkpoint: the policy and the frozen reference start from it."""
+    rm_path: str = ""
+    """Reward model checkpoint (frozen)."""
+    tokenizer: str | None = None
+    """Tokenizer path or hub id; defaults to `sft_path`."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Weights dtype: auto = float32 on CPU, bfloat16 mixed precision on CUDA."""
+    data: TldrDataArgs = field(default_factory=TldrDataArgs)
+    """Prompts: the SFT training posts, reshuffled each time they run out."""
+    optim: OptimArgs = field(default_factory=OptimArgs)
+    """AdamW and the cosine-with-warmup schedule, stepped per optimizer step."""
+    run: RunArgs = field(default_factory=RunArgs)
+    """Run folder and cadence; steps are rollouts."""
+    total_episodes: int = 1_000_000
+    """Responses sampled over the whole run (prompts x k)."""
+    rollout_prompts: int = 64
+    """Prompts per rollout over all processes; each gets k responses."""
+    group_size: int = 4
+    """Responses per prompt, k (>= 2; each one's baseline is the mean of the other k - 1)."""
+    mini_batch_size: int = 256
+    """Sequences per optimizer step over all processes."""
+    micro_batch_size: int = 8
+    """Sequences per forward/backward pass per process."""
+    forward_batch_size: int = 32
+    """Sequences per sampling / no-grad forward pass per process during the rollout."""
+    update_per_rollout: int = 1
+    """Passes over each rollout batch (1 = plain REINFORCE; more passes clip the sequence ratio)."""
+    response_length: int = 63
+    """New tokens sampled per response; truncated after the first EOS."""
+    temperature: float = 0.7
+    """Sampling temperature; log-probs use the same temperature."""
+    no_eos_penalty: float = -1.0
+    """Score of a response without EOS."""
+    kl_coef: float = 0.05
+    """KL penalty coefficient in the sequence reward: score - kl_coef * sum_t KL_t."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    """Per-token KL estimator summed into the reward."""
+    clip_range: float = 0.2
+    """Clip of the sequence ratio on passes after the first; 0 = unclipped."""
+    num_sample_posts: int = 4
+    """Rollout responses written to samples.jsonl every `run.eval_every` rollouts."""
+
+    # the same sizes as GRPO
+    num_updates = GRPOConfig.num_updates
+    local_prompts = GRPOConfig.local_prompts
+    local_mini_batch_size = GRPOConfig.local_mini_batch_size
+    optimizer_steps = GRPOConfig.optimizer_steps
+
+
+_GRPO_SEED_OPTIM = OptimArgs(lr=5e-5, min_lr=5e-6, warmup_ratio=0.03, decay_steps=0)
+_RL_CPU_DATA = TldrDataArgs(train=LOCAL_POSTS, max_query_length=256, valid_fraction=0.1, valid_limit=0)
+
+GRPO_PRESETS: dict[str, GRPOConfig] = {
+    # The seed's table: 16 prompts x G 8 per rollout, minibatch 64, micro-batch 8, 4 updates per
+    # rollout, lr 5e-5 with 3% warmup, clip 0.2, dual clip 3, k3 KL 0.05 in the loss,
+    # seq-mean-token-mean, temperature 0.7, response length 63, no-EOS penalty -1.
+    "seed": GRPOConfig(optim=_GRPO_SEED_OPTIM, run=RunArgs(output_dir="runs/grpo", eval_every=20, save_every=50)),
+    # Dr. GRPO: no std division, token-sum aggregation over sequences.
+    "dr-grpo": GRPOConfig(
+        optim=_GRPO_SEED_OPTIM, run=RunArgs(output_dir="runs/dr-grpo", eval_every=20, save_every=50),
+        scale_by_std=False, loss_aggregation="seq-mean-token-sum",
+    ),
+    # Seed GPT-2 GRPO: statistical rejection sampling (64 candidates at temperature 1, keep 8),
+    # global advantage normalization after the group normalization.
+    "rejection-sampling": GRPOConfig(
+        optim=_GRPO_SEED_OPTIM, run=RunArgs(output_dir="runs/grpo-rs", eval_every=20, save_every=50),
+        rejection_sampling=True, global_normalize=True,
+    ),
+    # Real SmolLM2-135M SFT checkpoint and a reward model on the real local posts, for 2 CPU cores.
+    "cpu-smol": GRPOConfig(
+        sft_path="runs/sft-cpu-smol/final",
+        rm_path="runs/rm-cpu-smol/final",
+        dtype="float32",
+        data=_RL_CPU_DATA,
+        optim=OptimArgs(lr=1e-5, min_lr=1e-6, warmup_ratio=0.03, decay_steps=0),
+        run=RunArgs(output_dir="runs/grpo-cpu-smol", eval_every=2, save_every=5, max_steps=10),
+        total_episodes=2 * 4 * 200,
+        rollout_prompts=2,
+        group_size=4,
+        mini_batch_size=4,
+        micro_batch_size=4,
+        forward_batch_size=8,
+        update_per_rollout=2,
+        response_length=32,
+        num_sample_posts=2,
+    ),
+}
+
+RLOO_PRESETS: dict[str, RLOOConfig] = {
+    # Ahmadian et al. 2024 style: k 4, one REINFORCE pass per rollout, KL 0.05 in the reward.
+    "default": RLOOConfig(optim=_GRPO_SEED_OPTIM, run=RunArgs(output_dir="runs/rloo", eval_every=20, save_every=50)),
+    "cpu-smol": RLOOConfig(
+        sft_path="runs/sft-cpu-smol/final",
+        rm_path="runs/rm-cpu-smol/final",
+        dtype="float32",
+        data=_RL_CPU_DATA,
+        optim=OptimArgs(lr=1e-5, min_lr=1e-6, warmup_ratio=0.03, decay_steps=0),
+        run=RunArgs(output_dir="runs/rloo-cpu-smol", eval_every=2, save_every=5, max_steps=10),
+        total_episodes=2 * 4 * 200,
+        rollout_prompts=2,
+        group_size=4,
+        mini_batch_size=8,
+        micro_batch_size=4,
+        forward_batch_size=8,
+        response_length=32,
+        num_sample_posts=2,
+    ),
+}

@@ -1,0 +1,163 @@
+"""Set-up the RL stages (PPO, GRPO, RLOO) share: prompts, frozen models, the reward model's score
+function, the prompt order, the linear learning-rate anneal and sample records.
+
+Shapes: B sequences, P query width, T response width.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import TldrDataArgs
+from ..data.tldr import format_query
+from ..errors import DataError, ModelLoadError
+from ..generation import decode_response
+from ..modeling import _check_exists, disable_dropout, load_causal_lm, load_tokenizer
+from ..rollout import Rollout, ScoreFn
+from ..value_model import score_at_last_token
+from .common import load_post_splits
+from .loop import global_batches
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One RL prompt: the post id, its formatted query ids (unpadded) and the human reference TL;DR."""
+
+    id: str
+    query_ids: list[int]
+    reference: str
+
+
+def load_prompts(data: TldrDataArgs, tokenizer) -> tuple[list[Prompt], int]:
+    """The SFT training posts as RL prompts (N+ detail 17), formatted with smart truncation
+    (detail 2). Returns (prompts, number of queries truncated). Raises DataError for malformed
+    records (file, line, field) or an empty prompt set; nothing is loaded but the tokenizer."""
+    posts, _ = load_post_splits(data)
+    if not posts:
+        raise DataError("no training posts", path=data.train)
+    prompts, truncated = [], 0
+    for p in posts:
+        _, ids, cut = format_query(tokenizer, p.subreddit, p.title, p.post, data.max_query_length)
+        truncated += cut
+        prompts.append(Prompt(p.id, ids, p.summary.strip()))
+    return prompts, truncated
+
+
+def prompt_order(n: int, batch: int, seed: int, num_updates: int) -> list[list[int]]:
+    """Prompt indices of every update's batch: passes over the prompts in a fresh random order each
+    time they run out (N+ detail 17), the incomplete tail of each pass dropped. A pure function of
+    its arguments, so a resumed run and every process agree. Raises DataError when there are fewer
+    prompts than one batch."""
+    if n < batch:
+        raise DataError(f"{n} prompts are fewer than one rollout batch of {batch}")
+    per_pass = n // batch
+    return global_batches(n, batch, seed, math.ceil(num_updates / per_pass))[:num_updates]
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Eval mode, dropout off (N+ detail 7), no gradients. In place."""
+    disable_dropout(model)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def load_reward_model(path: str, *, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A scalar-head reward model from a Hugging Face folder or hub id, loaded through
+    ``AutoModelForSequenceClassification`` (this project's ``reward_model.ScalarRewardModel``
+    checkpoints register themselves on import; other one-label classifiers load as they are),
+    dropout off.
+
+    Raises ModelLoadError for a missing path or a checkpoint that is not a one-output classifier.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    try:
+        from .. import reward_model  # noqa: F401  (registers the tldr_rlhf_reward model type)
+    except ImportError:  # pragma: no cover
+        pass
+
+    _check_exists(path)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype)
+    except Exception as e:  # noqa: BLE001
+        raise ModelLoadError(f"cannot load reward model from '{path}' ({type(e).__name__}: {e})") from e
+    if model.config.num_labels != 1:
+        raise ModelLoadError(f"reward model '{path}' has {model.config.num_labels} outputs; a reward model has 1")
+    return disable_dropout(model)
+
+
+def reward_score_fn(reward_model: nn.Module, device: torch.device, autocast=None) -> ScoreFn:
+    """``score_fn`` for ``rollout``: the reward model's score at the last real token (N+ detail 12),
+    computed on ``device`` without gradients, returned on the CPU as float32."""
+
+    @torch.no_grad()
+    def score(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        import contextlib
+
+        with autocast() if autocast is not None else contextlib.nullcontext():
+            return score_at_last_token(reward_model, input_ids.to(device), attention_mask.to(device)).float().cpu()
+
+    return score
+
+
+def load_reference(path: str, tokenizer, *, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The frozen reference policy: the SFT checkpoint again (N+ section 4)."""
+    return freeze(load_causal_lm(path, dtype=dtype, tokenizer=tokenizer))
+
+
+def linear_anneal(optimizer: torch.optim.Optimizer, num_updates: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Learning rate ``lr * (1 - u / num_updates)`` during update u = 0, 1, ... (N+ detail 16: linear
+    anneal to 0); step it once per update, not per optimizer step."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: max(0.0, 1.0 - u / num_updates))
+
+
+def sample_records(step: int, rollout: Rollout, prompts: list[Prompt], tokenizer, limit: int) -> list[dict]:
+    """samples.jsonl records for the first ``limit`` rows of a rollout: query, response, reference,
+    score (after the no-EOS penalty), raw score and whether the response ended with EOS."""
+    out = []
+    for i in range(min(limit, len(rollout))):
+        n = int(rollout.lengths[i])
+        ids = rollout.batch.responses[i, :n].tolist()
+        out.append({
+            "step": step,
+            "id": prompts[i].id,
+            "query": tokenizer.decode(prompts[i].query_ids),
+            "response": decode_response(tokenizer, ids),
+            "reference": prompts[i].reference,
+            "score": float(rollout.scores[i]),
+            "raw_score": float(rollout.raw_scores[i]),
+            "has_eos": bool(rollout.has_eos[i]),
+            "length": n,
+        })
+    return out
+
+
+_TOKENIZERS: dict[tuple[str, float], object] = {}
+
+
+def load_tokenizer_cached(path: str):
+    """``modeling.load_tokenizer``, memoized per process by path and the folder's modification time
+    (a Qwen2.5 tokenizer takes seconds to parse; RL stages run one after another in one process in
+    pipelines and tests). Callers must not modify the returned tokenizer."""
+    p = Path(path)
+    key = (str(p.resolve()) if p.exists() else path, p.stat().st_mtime if p.exists() else 0.0)
+    if key not in _TOKENIZERS:
+        _TOKENIZERS[key] = load_tokenizer(path)
+    return _TOKENIZERS[key]
+
+
+def model_dtype(dtype_name: str) -> torch.dtype:
+    """Weights dtype for frozen models: bfloat16 when asked (or auto on CUDA), else float32."""
+    if dtype_name == "bfloat16" or (dtype_name == "auto" and torch.cuda.is_available()):
+        return torch.bfloat16
+    return torch.float32
