@@ -291,3 +291,17 @@ def test_two_process_data_parallel_matches_one_process(tiny_model_dir, tmp_path)
     w1, w2 = (load_file(tmp_path / f"world{w}" / "final" / "model.safetensors") for w in (1, 2))
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], atol=1e-5, rtol=1e-4)
+
+
+def test_cli_dpo_presets_and_flags():
+    from tldr_rlhf.cli import parse
+    from tldr_rlhf.config import DPO_PRESETS
+
+    _, cfg = parse(["dpo", "--sft-path", "runs/sft/final"])  # the seed preset is the default
+    assert (cfg.beta, cfg.label_smoothing, cfg.optim.lr, cfg.micro_batch_size, cfg.gradient_accumulation_steps, cfg.optim.warmup_ratio) == (0.1, 0.1, 5e-5, 8, 16, 0.03)
+    assert cfg.sft_path == "runs/sft/final" and cfg.global_batch_size() == 128
+    _, cfg = parse(["dpo", "--preset", "nplus", "--sft-path", "x"])
+    assert (cfg.beta, cfg.optim.lr, cfg.label_smoothing) == (0.05, 3e-6, 0.0)
+    _, cfg = parse(["dpo", "--preset", "cpu-smol", "--loss-type", "ipo", "--label-smoothing", "0", "--no-shared-prompt", "--run.num-threads", "1"])
+    assert cfg.loss_type == "ipo" and cfg.shared_prompt is False and cfg.run.num_threads == 1
+    assert cfg.sft_path == DPO_PRESETS["cpu-smol"].sft_path == "runs/sft-cpu-smol/final"
