@@ -270,13 +270,14 @@ DPO_PRESETS: dict[str, DPOConfig] = {
         run=RunArgs(output_dir="runs/dpo-nplus", eval_every=0),
     ),
     # Real SmolLM2-135M SFT checkpoint (tldr-rlhf sft --preset cpu-smol) on the real local comparisons,
-    # sized for a few minutes on CPU: short queries, a few optimizer steps, 64 held-out comparisons.
+    # sized for a few minutes on CPU: short queries, 80 training pairs = a whole (tiny) schedule of 10
+    # steps (1 warmup step, cosine 5e-5 -> 5e-6), 64 held-out comparisons.
     "cpu-smol": DPOConfig(
         sft_path="runs/sft-cpu-smol/final",
         dtype="float32",
-        data=DPODataArgs(comparisons=LOCAL_COMPARISONS, max_query_length=256, max_response_length=64, valid_limit=64),
-        optim=OptimArgs(lr=1e-5, min_lr=1e-6, warmup_ratio=0.1, decay_steps=0),
-        run=RunArgs(output_dir="runs/dpo-cpu-smol", eval_every=0, save_every=5, max_steps=10),
+        data=DPODataArgs(comparisons=LOCAL_COMPARISONS, max_query_length=256, max_response_length=64, limit=80, valid_limit=64),
+        optim=OptimArgs(lr=5e-5, min_lr=5e-6, warmup_ratio=0.1, decay_steps=0),
+        run=RunArgs(output_dir="runs/dpo-cpu-smol", eval_every=0, save_every=5),
         micro_batch_size=4,
         gradient_accumulation_steps=2,
         eval_batch_size=8,
