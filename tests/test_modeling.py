@@ -83,3 +83,37 @@ def test_gguf_loads_dequantized_and_saves_as_a_normal_checkpoint(tmp_path):
     again = load_causal_lm(str(tmp_path / "smol"))
     with torch.no_grad():
         torch.testing.assert_close(again(ids).logits, logits, rtol=0, atol=0)
+
+
+def test_nplus_9_position_ids_from_mask_for_left_padded_absolute_positions():
+    """GPT-2 has absolute position embeddings: a left-padded row must get positions 0.. from its
+    first real token (cumsum(mask) - 1), or its logits change (seed: the reward model did not train)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tldr_rlhf.data.batching import collate_query_response
+    from tldr_rlhf.modeling import response_logits
+
+    torch.manual_seed(0)
+    model = disable_dropout(GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100))).eval()
+    batch = collate_query_response([[5, 6, 7, 8], [9]], [[10, 11], [12, 13]], pad_token_id=0)
+    assert batch.input_ids[1].tolist() == [0, 0, 0, 9, 12, 13]
+    padded = response_logits(model, batch.input_ids, batch.attention_mask, batch.query_width)
+    alone = model(torch.tensor([[9, 12, 13]])).logits[0, :2]  # no padding at all: positions 0, 1, 2
+    torch.testing.assert_close(padded[1], alone, atol=1e-5, rtol=1e-5)
+    from tldr_rlhf.ops import position_ids_from_mask
+
+    assert position_ids_from_mask(batch.attention_mask)[1].tolist() == [0, 0, 0, 0, 1, 2]
+
+
+def test_nplus_8_adamw_settings():
+    from tldr_rlhf.config import OptimArgs
+    from tldr_rlhf.train.loop import build_optimizer
+
+    model = make_tiny_qwen2()
+    opt = build_optimizer(model.parameters(), OptimArgs())
+    assert isinstance(opt, torch.optim.AdamW)
+    g = opt.param_groups
+    assert g[0]["betas"] == (0.9, 0.95) and g[0]["eps"] == 1e-5 and g[0]["weight_decay"] == 0.1
+    assert g[1]["weight_decay"] == 0.0 and all(p.ndim < 2 for p in g[1]["params"])  # norms and biases: no decay
+    with pytest.raises(RuntimeError, match="8-bit AdamW is unavailable"):
+        build_optimizer(model.parameters(), OptimArgs(optim_8bit="on"))  # no CUDA here
