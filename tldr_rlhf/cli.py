@@ -120,6 +120,8 @@ def _stages() -> dict[str, tuple[type, dict[str, Any], Callable[[Any], Any], str
         "rloo": (c.RLOOConfig, c.RLOO_PRESETS, _lazy("tldr_rlhf.train.grpo:train_rloo"), "RLOO (REINFORCE leave-one-out) from an SFT policy against a reward model"),
         "generate": (GenerateArgs, {}, run_generate, "summarize posts with a checkpoint"),
         "stats": (StatsArgs, {}, run_stats, "token-length statistics of queries and responses"),
+        "evaluate": (c.EvaluateConfig, c.EVALUATE_PRESETS, _lazy("tldr_rlhf.evaluate:evaluate"), "ROUGE, RM score, win rate (+ length-controlled) vs the reference, KL to SFT, length, EOS rate"),
+        "report": (c.ReportConfig, {}, _lazy("tldr_rlhf.report:build_report"), "Markdown + HTML report with plots of a pipeline run folder: tldr-rlhf report RUN_DIR"),
     }
 
 

@@ -605,3 +605,107 @@ RLOO_PRESETS: dict[str, RLOOConfig] = {
         num_sample_posts=2,
     ),
 }
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation, report and the one-command pipeline
+
+from tyro.conf import Positional  # noqa: E402  (the report's RUN_DIR argument)
+
+
+@dataclass(frozen=True)
+class JudgeArgs:
+    """Optional LLM judge through an OpenAI-compatible chat-completions endpoint (N+ detail 27)."""
+
+    url: str = ""
+    """API base, e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1; empty = no LLM judge."""
+    model: str = "gpt-3.5-turbo-0125"
+    """Judge model name (N+: gpt-3.5-turbo-0125)."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """Environment variable holding the API key (no Authorization header when unset)."""
+    temperature: float = -1.0
+    """Sampling temperature sent to the judge; < 0 sends none (the server default, as N+ did)."""
+    max_parallel: int = 8
+    """Requests in flight at once."""
+    timeout_s: float = 60.0
+    """Seconds per request before it is retried."""
+    retries: int = 3
+    """Retries per request (connection errors, HTTP 429 and 5xx) before it counts as failed."""
+    limit: int = 0
+    """Posts judged per policy (the first ones; 0 = every evaluated post)."""
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Evaluate policies on held-out posts: ROUGE, reward-model score, win rate against the human
+    reference (reward-model judge, optional LLM judge), length-controlled win rate, KL to SFT, length,
+    EOS rate (N+ details 27-28)."""
+
+    policies: tuple[str, ...] = ()
+    """Policies as NAME=PATH (run folder final/, hub id or .gguf file), e.g. sft=runs/sft/final."""
+    sft_path: str = ""
+    """SFT policy the KL is measured against; empty = no KL."""
+    rm_path: str = ""
+    """Training reward model (scores and its own win rate); empty = no reward-model metrics."""
+    judge_rm_path: str = ""
+    """A different, stronger reward model judging win rates (exposes over-optimization of the training
+    reward model); empty = the training reward model judges."""
+    data: TldrDataArgs = field(default_factory=TldrDataArgs)
+    """Where the held-out posts come from: `valid`, else the posts of a local `train` file held out by
+    id (the SFT split), else the hub dataset's validation split."""
+    num_posts: int = 256
+    """Held-out posts evaluated (0 = all)."""
+    response_length: int = 63
+    """Maximum new tokens per summary (53 Pythia / 63 Qwen2.5)."""
+    greedy: bool = True
+    """Greedy summaries; False = sampled at `temperature` (then the KL uses those samples)."""
+    temperature: float = 0.7
+    """Sampling temperature of the KL sample (and of the summaries when not greedy); the KL's log-probs
+    use it too (N+ detail 21)."""
+    kl: bool = True
+    """Estimate KL(policy || SFT) from one extra sample per post (needs `sft_path`)."""
+    batch_size: int = 16
+    """Sequences per generation / forward pass."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """auto = float32 on CPU, bfloat16 autocast on CUDA."""
+    judge: JudgeArgs = field(default_factory=JudgeArgs)
+    output_dir: str = "runs/evaluate"
+    """Folder for eval.json, summaries.jsonl and eval_table.md."""
+    seed: int = 42
+    """Sampling seed (the same for every policy)."""
+    num_threads: int = 0
+    """torch CPU threads (0 = torch's default)."""
+
+
+_CPU_EVAL_DATA = TldrDataArgs(train=LOCAL_POSTS, max_query_length=256, valid_fraction=0.1)
+
+EVALUATE_PRESETS: dict[str, EvaluateConfig] = {
+    # The stand-alone seed runs (tldr-rlhf sft/rm/dpo/ppo/grpo --preset seed), Qwen2.5-0.5B as the base.
+    "seed": EvaluateConfig(
+        policies=("base=Qwen/Qwen2.5-0.5B", "sft=runs/sft/final", "dpo=runs/dpo/final", "ppo=runs/ppo-seed/final", "grpo=runs/grpo/final"),
+        sft_path="runs/sft/final",
+        rm_path="runs/rm/final",
+    ),
+    # The stand-alone cpu-smol runs on 32 of the local posts held out from SFT.
+    "cpu-smol": EvaluateConfig(
+        policies=(f"base={SMOL_GGUF}", "sft=runs/sft-cpu-smol/final", "dpo=runs/dpo-cpu-smol/final", "ppo=runs/ppo-cpu-smol/final", "grpo=runs/grpo-cpu-smol/final"),
+        sft_path="runs/sft-cpu-smol/final",
+        rm_path="runs/rm-cpu-smol/final",
+        data=_CPU_EVAL_DATA,
+        num_posts=32,
+        output_dir="runs/evaluate-cpu-smol",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """Markdown + HTML report of a pipeline run folder: training curves, reward vs KL, win rate and
+    ROUGE per stage, length distributions, and the side-by-side table of summaries."""
+
+    run_dir: Positional[str]
+    """Pipeline run folder (holds sft/, rm/, dpo/, ppo/, grpo/, evaluate/, pipeline.json)."""
+    output_dir: str = ""
+    """Where report.md, report.html and the PNGs go; empty = RUN_DIR/report."""
+    table_posts: int = 4
+    """Held-out posts in the side-by-side table of summaries."""

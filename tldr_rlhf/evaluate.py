@@ -1,0 +1,629 @@
+"""Evaluation of policies on held-out posts: ROUGE, reward-model score, win rate against the human
+reference (by a reward-model judge, optionally by an LLM judge), length-controlled win rate, KL to
+the SFT policy, summary length and EOS rate (N+ details 27-28; Stiennon et al. 2020 sec. 4).
+
+Metric functions are pure (lists / tensors and scalars in, numbers out) and tested by hand:
+
+* ``rouge_scores``: mean ROUGE-1/2/L F1 of summaries against the references (rouge-score, Porter
+  stemming; the N+ paper reports SFT ROUGE-L ~0.25);
+* ``outcomes_from_scores`` and ``win_rate``: a summary wins against the reference when the judge
+  scores it higher (a tie is half a win); unparseable LLM verdicts are counted, never guessed;
+* ``length_controlled_win_rate``: PPO lengthens summaries (~31 -> ~44 tokens in N+) and judges favour
+  length, so a raw win rate mixes quality with length. We fit a logistic regression of the outcome on
+  the length difference, ``P(win) = sigmoid(a + b * d / s)`` with ``d = len(summary) - len(reference)``
+  in tokens and ``s`` the standard deviation of d, and report ``sigmoid(a)``: the predicted win rate
+  of a summary exactly as long as the reference. (Chosen over length buckets because it uses every
+  pair; a small evaluation set leaves buckets nearly empty.) A weak Gaussian prior on the slope (L2
+  ``l2 = 1`` per standard deviation of d) keeps the fit finite when wins separate perfectly by length;
+  with ``l2 = 0`` it is the plain maximum-likelihood fit;
+* ``kl_from_logprobs``: KL(pi || pi_sft) estimated on responses sampled from pi as the mean over
+  responses of ``sum_t log pi(y_t) - log pi_sft(y_t)`` (the k1 estimator the RL stages log as
+  ``objective/kl``), both with logits divided by the sampling temperature (N+ detail 21).
+
+``evaluate(cfg)`` (``tldr-rlhf evaluate``) runs every policy on the same held-out posts, one model in
+memory at a time: summaries (greedy by default), a second sample at the sampling temperature for the
+KL estimate, then the SFT model's log-probs of those samples, then the reward model's and the judge's
+scores of every summary and reference, then the optional LLM judge (``judge.py``). The reward models
+score text: each summary is formatted again with the reward model's own tokenizer as
+``" " + summary + EOS`` after the query, the layout it was trained on, so policies, reward model and
+judge need not share a tokenizer. Writes ``eval.json``, ``summaries.jsonl`` (one record per post with
+every policy's summary) and ``eval_table.md``.
+
+Shapes: N posts (or responses), T response tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .config import EvaluateConfig
+from .data.batching import collate_query_response
+from .data.tldr import Post, format_query, format_response, load_posts
+from .errors import DataError, ModelLoadError
+
+log = logging.getLogger(__name__)
+EVAL_FILE = "eval.json"
+SUMMARIES_FILE = "summaries.jsonl"
+TABLE_FILE = "eval_table.md"
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure metrics
+
+
+def rouge_scores(predictions: Sequence[str], references: Sequence[str], *, use_stemmer: bool = True) -> dict[str, float]:
+    """Mean ROUGE-1, ROUGE-2 and ROUGE-L F1 (Lin 2004) of ``predictions`` against ``references``.
+
+    Computed with Google's rouge-score (lower-cased, non-alphanumerics dropped, Porter stemming when
+    ``use_stemmer``); ROUGE-L is the sentence-level longest common subsequence. Returns {"rouge1",
+    "rouge2", "rougeL"} in [0, 1], each the mean over the N pairs. An empty prediction scores 0.
+    Raises ValueError for lists of different lengths or no pairs.
+    """
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
+    if not predictions:
+        raise ValueError("rouge_scores needs at least one pair")
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=use_stemmer)
+    sums = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
+    for pred, ref in zip(predictions, references):
+        s = scorer.score(ref, pred)  # rouge-score's order: (target, prediction)
+        for k in sums:
+            sums[k] += float(s[k].fmeasure)
+    return {k: v / len(predictions) for k, v in sums.items()}
+
+
+def outcomes_from_scores(policy_scores: Sequence[float], reference_scores: Sequence[float]) -> list[float]:
+    """Per-pair outcome of a score judge: 1.0 when the policy summary scores higher than the
+    reference, 0.0 when lower, 0.5 for an exact tie. Shapes: two length-N sequences -> N floats.
+    Raises ValueError for different lengths."""
+    if len(policy_scores) != len(reference_scores):
+        raise ValueError(f"{len(policy_scores)} policy scores but {len(reference_scores)} reference scores")
+    return [1.0 if p > r else 0.0 if p < r else 0.5 for p, r in zip(policy_scores, reference_scores)]
+
+
+def win_rate(outcomes: Sequence[float | None]) -> dict[str, Any]:
+    """Win rate against the reference (Stiennon et al. 2020 fig. 1; N+ detail 27).
+
+    ``outcomes``: per pair 1.0 (win), 0.0 (loss), 0.5 (tie) or None (no verdict: an unparseable or
+    failed judgement). None is counted in ``unparseable`` and left out of the rate, never guessed.
+    Returns {win_rate (nan when nothing was judged), n (judged pairs), wins, losses, ties, unparseable}.
+    Raises ValueError for an outcome outside {0, 0.5, 1, None}.
+    """
+    wins = losses = ties = missing = 0
+    for o in outcomes:
+        if o is None:
+            missing += 1
+        elif o == 1.0:
+            wins += 1
+        elif o == 0.0:
+            losses += 1
+        elif o == 0.5:
+            ties += 1
+        else:
+            raise ValueError(f"outcome must be 0, 0.5, 1 or None, got {o!r}")
+    n = wins + losses + ties
+    return {"win_rate": (wins + 0.5 * ties) / n if n else float("nan"), "n": n, "wins": wins, "losses": losses, "ties": ties, "unparseable": missing}
+
+
+def length_controlled_win_rate(
+    outcomes: Sequence[float | None],
+    policy_lengths: Sequence[int],
+    reference_lengths: Sequence[int],
+    *,
+    l2: float = 1.0,
+    max_iter: int = 100,
+    tol: float = 1e-12,
+) -> dict[str, Any]:
+    """Win rate at matched length: logistic regression of the outcome on the length difference,
+    evaluated at zero difference.
+
+    Model: ``P(win_i) = sigmoid(a + b * x_i)`` with ``x_i = d_i / s``, ``d_i = policy_lengths[i] -
+    reference_lengths[i]`` (tokens) and ``s`` the population standard deviation of d over the judged
+    pairs. Fitted by Newton's method on the Bernoulli log-likelihood ``sum y log p + (1 - y) log(1 - p)``
+    (a tie, y = 0.5, is half a win) minus ``l2 / 2 * b**2`` (a N(0, 1/l2) prior on the slope per standard
+    deviation of d; the intercept is not penalized). Pairs with outcome None are dropped. Returns
+    {lc_win_rate = sigmoid(a), intercept a, slope_per_token b / s, n, mean_length_diff (tokens),
+    raw_win_rate}. Special cases: no judged pair gives nan; all outcomes equal give that value
+    (the intercept is infinite); lengths that do not vary fix b = 0 (nothing to extrapolate with).
+    Raises ValueError for sequences of different lengths.
+    """
+    if not len(outcomes) == len(policy_lengths) == len(reference_lengths):
+        raise ValueError(f"lengths differ: {len(outcomes)} outcomes, {len(policy_lengths)} policy lengths, {len(reference_lengths)} reference lengths")
+    rows = [(float(o), float(p) - float(r)) for o, p, r in zip(outcomes, policy_lengths, reference_lengths) if o is not None]
+    n = len(rows)
+    if n == 0:
+        return {"lc_win_rate": float("nan"), "intercept": float("nan"), "slope_per_token": float("nan"), "n": 0, "mean_length_diff": float("nan"), "raw_win_rate": float("nan")}
+    y = torch.tensor([r[0] for r in rows], dtype=torch.float64)
+    d = torch.tensor([r[1] for r in rows], dtype=torch.float64)
+    raw = y.mean().item()
+    out = {"n": n, "mean_length_diff": d.mean().item(), "raw_win_rate": raw}
+    if raw in (0.0, 1.0):
+        return {**out, "lc_win_rate": raw, "intercept": math.copysign(math.inf, raw - 0.5), "slope_per_token": 0.0}
+    s = d.std(unbiased=False).item()
+    if s == 0.0:  # no length variation: the slope is not identified
+        a = math.log(raw / (1 - raw))
+        return {**out, "lc_win_rate": raw, "intercept": a, "slope_per_token": 0.0}
+    x = torch.stack([torch.ones_like(d), d / s], 1)  # (N, 2)
+    penalty = torch.diag(torch.tensor([0.0, l2], dtype=torch.float64))
+    w = torch.tensor([math.log(raw / (1 - raw)), 0.0], dtype=torch.float64)
+    for _ in range(max_iter):
+        p = torch.sigmoid(x @ w)
+        grad = x.T @ (y - p) - penalty @ w
+        hess = (x.T * (p * (1 - p))) @ x + penalty
+        step = torch.linalg.solve(hess, grad)
+        w = w + step
+        if step.abs().max().item() < tol:
+            break
+    a, b = w.tolist()
+    return {**out, "lc_win_rate": 1.0 / (1.0 + math.exp(-a)), "intercept": a, "slope_per_token": b / s}
+
+
+def kl_from_logprobs(policy_logprobs: torch.Tensor, sft_logprobs: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """KL(pi || pi_sft) in nats per response, k1 estimator on responses sampled from pi.
+
+    Shapes: policy_logprobs, sft_logprobs (N, T) log-probs of the sampled tokens (same temperature);
+    mask (N, T) bool, True on real response tokens. Per response ``kl_i = sum_t mask * (lp_pi -
+    lp_sft)``; returns {kl (mean over N), kl_std, n}. The mean is unbiased for the sequence KL; single
+    values can be negative. Raises ValueError for mismatched shapes or N = 0.
+    """
+    if policy_logprobs.shape != sft_logprobs.shape or policy_logprobs.shape != mask.shape:
+        raise ValueError(f"shapes differ: {tuple(policy_logprobs.shape)}, {tuple(sft_logprobs.shape)}, {tuple(mask.shape)}")
+    if policy_logprobs.shape[0] == 0:
+        raise ValueError("kl_from_logprobs needs at least one response")
+    per = ((policy_logprobs.double() - sft_logprobs.double()) * mask.double()).sum(-1)
+    return {"kl": per.mean().item(), "kl_std": per.std(unbiased=False).item(), "n": int(per.shape[0])}
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs
+
+
+def parse_policies(entries: Sequence[str]) -> dict[str, str]:
+    """``NAME=PATH`` entries -> {name: path}, in order. A bare PATH is named after its run folder
+    (``runs/ppo-x/final`` -> ``ppo-x``) or its file stem. Raises DataError for an empty entry or a
+    name used twice."""
+    out: dict[str, str] = {}
+    for i, entry in enumerate(entries):
+        name, sep, path = entry.partition("=")
+        if not sep:
+            path = entry
+            p = Path(entry)
+            name = p.parent.name if p.name == "final" else p.stem
+        name, path = name.strip(), path.strip()
+        if not name or not path:
+            raise DataError(f"policy entry {entry!r} is not NAME=PATH", field=f"policies[{i}]")
+        if name in out:
+            raise DataError(f"policy name '{name}' is used twice", field=f"policies[{i}]")
+        out[name] = path
+    return out
+
+
+def held_out_posts(cfg: EvaluateConfig, tokenizers: Sequence = ()) -> tuple[list[Post], int]:
+    """The posts to evaluate on and how many were left out: ``data.valid`` when given; for a local
+    ``data.train`` file the posts held out from SFT by id (``data.valid_fraction``, the SFT stage's own
+    split); else the hub dataset's 'validation' split. Posts whose query cannot fit in
+    ``data.max_query_length`` tokens with one of ``tokenizers`` (a very long title) are skipped and
+    counted; the first ``num_posts`` that fit are kept (0 = all). Raises DataError for bad records or
+    no posts."""
+    from .train.common import load_post_splits
+
+    data = cfg.data
+    if data.valid:
+        posts = load_posts(data.valid, "validation")
+    elif Path(data.train).exists():
+        posts = load_post_splits(dataclasses.replace(data, limit=0))[1]
+    else:
+        posts = load_posts(data.train, "validation")
+    kept, dropped = [], 0
+    for p in posts:
+        if cfg.num_posts and len(kept) >= cfg.num_posts:
+            break
+        try:
+            for tok in tokenizers:
+                format_query(tok, p.subreddit, p.title, p.post, data.max_query_length)
+        except DataError:
+            dropped += 1
+            continue
+        kept.append(p)
+    if not kept:
+        raise DataError("no held-out posts to evaluate on", path=data.valid or data.train)
+    return kept, dropped
+
+
+# ----------------------------------------------------------------------------------------------
+# Model passes
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja")
+_TOKENIZERS: dict[tuple[str, str], Any] = {}
+
+
+def load_tokenizer(path: str):
+    """``modeling.load_tokenizer`` memoized by content: checkpoint folders whose tokenizer files are
+    byte-identical (every policy of a pipeline) share one tokenizer, parsed once (a Qwen2.5
+    tokenizer takes ~1 s). Other paths (hub ids, .gguf files) are keyed by path. Callers must not
+    modify the tokenizer."""
+    import hashlib
+
+    from .modeling import load_tokenizer as load
+
+    p = Path(path)
+    key = ("path", path)
+    if p.is_dir():
+        h = hashlib.sha256()
+        for name in _TOKENIZER_FILES:
+            if (p / name).is_file():
+                h.update(name.encode() + b"\0" + (p / name).read_bytes())
+        key = ("content", h.hexdigest())
+    if key not in _TOKENIZERS:
+        _TOKENIZERS[key] = load(path)
+    return _TOKENIZERS[key]
+
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _autocast(device: torch.device, dtype: str):
+    if device.type == "cuda" and dtype in ("auto", "bfloat16"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _free() -> None:
+    """Return a deleted model's accelerator memory (CPU memory goes back when the last reference dies)."""
+    if torch.cuda.is_available():
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+@dataclasses.dataclass
+class PolicyRun:
+    """What one policy produced: greedy (or sampled) summaries and, for the KL, a sample with its
+    log-probs. ``queries`` are the policy tokenizer's query ids."""
+
+    name: str
+    path: str
+    queries: list[list[int]]
+    responses: list[list[int]]
+    texts: list[str]
+    lengths: list[int]
+    has_eos: list[bool]
+    kl_responses: list[list[int]] | None = None
+    kl_logprobs: torch.Tensor | None = None
+    seconds: float = 0.0
+
+
+def _sorted_generate(model, queries, tok, cfg: EvaluateConfig, *, greedy: bool) -> list[list[int]]:
+    from .generation import generate
+
+    order = sorted(range(len(queries)), key=lambda i: len(queries[i]))
+    out = generate(
+        model, [queries[i] for i in order], eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        max_new_tokens=cfg.response_length, temperature=cfg.temperature, greedy=greedy, batch_size=cfg.batch_size,
+    )
+    result: list[list[int]] = [[] for _ in queries]
+    for i, r in zip(order, out):
+        result[i] = r
+    return result
+
+
+def _summed_logprobs(model, queries, responses, pad: int, cfg: EvaluateConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, T) log-probs at the sampling temperature and the (N, T) response mask."""
+    from .rollout import response_logprobs
+
+    batch = collate_query_response(queries, responses, pad)
+    lp, _ = response_logprobs(model, batch, temperature=cfg.temperature, batch_size=cfg.batch_size)
+    return lp.cpu(), batch.response_mask
+
+
+def run_policy(name: str, path: str, posts: list[Post], cfg: EvaluateConfig, *, seed: int) -> PolicyRun:
+    """Generate the summaries of one policy (and its KL sample with log-probs) on ``posts``.
+    Raises ModelLoadError for a path that does not load."""
+    from .generation import decode_response
+    from .modeling import load_causal_lm
+    from .rollout import plain_sampling_config
+
+    t0 = time.perf_counter()
+    tok = load_tokenizer(path)
+    queries = [format_query(tok, p.subreddit, p.title, p.post, cfg.data.max_query_length)[1] for p in posts]
+    device = _device()
+    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" and device.type == "cpu" else torch.float32
+    model = load_causal_lm(path, dtype=dtype, tokenizer=tok).to(device)
+    plain_sampling_config(model, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    eos = tok.eos_token_id
+    with _autocast(device, cfg.dtype):
+        torch.manual_seed(seed)
+        responses = _sorted_generate(model, queries, tok, cfg, greedy=cfg.greedy)
+        run = PolicyRun(
+            name=name, path=path, queries=queries, responses=responses,
+            texts=[decode_response(tok, r) for r in responses],
+            lengths=[len(r) - (1 if r and r[-1] == eos else 0) for r in responses],
+            has_eos=[bool(r) and r[-1] == eos for r in responses],
+        )
+        if cfg.kl and cfg.sft_path:
+            if cfg.greedy:
+                torch.manual_seed(seed + 1)
+                kl_responses = _sorted_generate(model, queries, tok, cfg, greedy=False)
+            else:
+                kl_responses = responses
+            run.kl_responses = kl_responses
+            run.kl_logprobs, _ = _summed_logprobs(model, queries, kl_responses, tok.pad_token_id, cfg)
+    del model
+    _free()
+    run.seconds = time.perf_counter() - t0
+    return run
+
+
+def kl_to_sft(runs: list[PolicyRun], posts: list[Post], cfg: EvaluateConfig) -> dict[str, dict[str, Any]]:
+    """KL(pi || pi_sft) of every policy run that has a KL sample, with the SFT model loaded once.
+    A policy whose tokenizer gives other query ids than the SFT tokenizer gets {"kl": None, "note"}."""
+    from .modeling import load_causal_lm
+
+    todo = [r for r in runs if r.kl_responses is not None]
+    if not todo:
+        return {}
+    tok = load_tokenizer(cfg.sft_path)
+    queries = [format_query(tok, p.subreddit, p.title, p.post, cfg.data.max_query_length)[1] for p in posts]
+    device = _device()
+    model = load_causal_lm(cfg.sft_path, dtype=torch.float32, tokenizer=tok).to(device)
+    out: dict[str, dict[str, Any]] = {}
+    with _autocast(device, cfg.dtype):
+        for r in todo:
+            if r.queries != queries:
+                out[r.name] = {"kl": None, "note": "tokenizer differs from the SFT policy's"}
+                continue
+            sft_lp, mask = _summed_logprobs(model, queries, r.kl_responses, tok.pad_token_id, cfg)
+            out[r.name] = kl_from_logprobs(r.kl_logprobs, sft_lp, mask)
+    del model
+    _free()
+    return out
+
+
+@torch.no_grad()
+def score_summaries(model, tok, posts: Sequence[Post], summaries: Sequence[str], *, max_query_length: int, batch_size: int = 16) -> list[float]:
+    """Reward of each (post, summary) under a scalar-head reward model, read at the EOS of
+    ``" " + summary + EOS`` after the formatted query (the layout the reward model trained on; N+
+    details 2-3, 12-13). Rows are scored in length order (less padding). Returns N floats."""
+    from .value_model import score_at_last_token
+
+    device = next(model.parameters()).device
+    queries = [format_query(tok, p.subreddit, p.title, p.post, max_query_length)[1] for p in posts]
+    responses = [format_response(tok, s) for s in summaries]
+    order = sorted(range(len(posts)), key=lambda i: len(queries[i]) + len(responses[i]))
+    out = [0.0] * len(posts)
+    for k in range(0, len(order), batch_size):
+        idx = order[k : k + batch_size]
+        b = collate_query_response([queries[i] for i in idx], [responses[i] for i in idx], tok.pad_token_id)
+        scores = score_at_last_token(model, b.input_ids.to(device), b.attention_mask.to(device)).float().cpu().tolist()
+        for i, s in zip(idx, scores):
+            out[i] = s
+    return out
+
+
+def score_with(path: str, posts: list[Post], texts: dict[str, list[str]], cfg: EvaluateConfig) -> dict[str, list[float]]:
+    """Scores of every list of summaries in ``texts`` ({name: N summaries}) by the reward model at
+    ``path`` (loaded once). Raises ModelLoadError for a path that is not a one-output reward model."""
+    from .train.rl_common import freeze, load_reward_model
+
+    tok = load_tokenizer(path)
+    device = _device()
+    model = freeze(load_reward_model(path, dtype=torch.float32)).to(device)
+    out = {}
+    with _autocast(device, cfg.dtype):
+        for name, summaries in texts.items():
+            out[name] = score_summaries(model, tok, posts, summaries, max_query_length=cfg.data.max_query_length, batch_size=cfg.batch_size)
+    del model
+    _free()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Orchestration
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def _check(cfg: EvaluateConfig, policies: dict[str, str]) -> None:
+    from .modeling import _check_exists
+
+    if not policies:
+        raise DataError("no policies to evaluate: give --policies NAME=PATH ...", field="policies")
+    for name, path in policies.items():
+        try:
+            _check_exists(path)
+        except ModelLoadError as e:
+            raise ModelLoadError(f"policy '{name}': {e}") from None
+    for field_name in ("sft_path", "rm_path", "judge_rm_path"):
+        path = getattr(cfg, field_name)
+        if path:
+            try:
+                _check_exists(path)
+            except ModelLoadError as e:
+                raise ModelLoadError(f"--{field_name.replace('_', '-')}: {e}") from None
+    if not cfg.greedy and cfg.temperature <= 0:
+        raise DataError(f"temperature must be > 0 for sampling, got {cfg.temperature}", field="temperature")
+
+
+def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
+    """Evaluate every policy of ``cfg.policies`` on the same held-out posts; writes ``eval.json``,
+    ``summaries.jsonl`` and ``eval_table.md`` to ``cfg.output_dir``, prints the table and returns the
+    results.
+
+    Per policy: ``rouge1/rouge2/rougeL``; ``rm_score`` (mean training reward model score, and
+    ``rm_win_rate`` against the reference by that model); ``judge`` (win rate against the reference by
+    the judge reward model, ``judge_rm_path`` or else the training one, with its length-controlled
+    win rate); ``llm_judge`` (win rate, unparseable and failed counts, length-controlled win rate)
+    when ``judge.url`` is set; ``kl_to_sft``; ``mean_length`` (tokens, EOS excluded), ``eos_rate``.
+    Raises DataError / ModelLoadError for bad inputs before any model is loaded.
+    """
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    policies = parse_policies(cfg.policies)
+    _check(cfg, policies)
+    tokenizers = [load_tokenizer(p) for p in policies.values()]
+    tokenizers += [load_tokenizer(p) for p in (cfg.sft_path, cfg.rm_path, cfg.judge_rm_path) if p]
+    posts, dropped = held_out_posts(cfg, tokenizers)
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    references = [p.summary.strip() for p in posts]
+    log.info("evaluating %d policies on %d held-out posts", len(policies), len(posts))
+    t_start = time.perf_counter()
+
+    runs: list[PolicyRun] = []
+    for name, path in policies.items():
+        log.info("policy %s: %s", name, path)
+        runs.append(run_policy(name, path, posts, cfg, seed=cfg.seed))
+        log.info("policy %s: %d summaries in %.1f s (mean length %.1f tokens, EOS rate %.2f)", name, len(posts), runs[-1].seconds, _mean(runs[-1].lengths), _mean(runs[-1].has_eos))
+    kls = kl_to_sft(runs, posts, cfg) if cfg.kl and cfg.sft_path else {}
+
+    texts = {r.name: r.texts for r in runs}
+    texts["reference"] = references
+    rm_scores = score_with(cfg.rm_path, posts, texts, cfg) if cfg.rm_path else {}
+    judge_path = cfg.judge_rm_path or cfg.rm_path
+    if judge_path and judge_path != cfg.rm_path:
+        judge_scores = score_with(judge_path, posts, texts, cfg)
+    else:
+        judge_scores = rm_scores
+
+    # reference lengths in each policy's tokenizer (for the length-controlled win rate)
+
+    ref_lengths: dict[str, list[int]] = {}
+    for r in runs:
+        tok = load_tokenizer(r.path)
+        ref_lengths[r.name] = [len(format_response(tok, s)) - 1 for s in references]
+
+    llm: dict[str, list] = {}
+    if cfg.judge.url:
+        from .judge import ChatClient, judge_pairs
+
+        client = ChatClient(cfg.judge.url, cfg.judge.model, api_key_env=cfg.judge.api_key_env, timeout_s=cfg.judge.timeout_s, retries=cfg.judge.retries, temperature=cfg.judge.temperature)
+        k = cfg.judge.limit or len(posts)
+        judged_posts = [format_query_text(p) for p in posts[:k]]
+        for i, r in enumerate(runs):
+            llm[r.name] = judge_pairs(client, judged_posts, r.texts[:k], references[:k], seed=cfg.seed * 1000 + i, max_parallel=cfg.judge.max_parallel)
+
+    results: dict[str, Any] = {
+        "posts": {"n": len(posts), "source": cfg.data.valid or cfg.data.train, "max_query_length": cfg.data.max_query_length, "query_does_not_fit": dropped},
+        "decoding": {"greedy": cfg.greedy, "temperature": cfg.temperature, "response_length": cfg.response_length},
+        "rm_path": cfg.rm_path,
+        "judge_rm_path": judge_path,
+        "judge_is_training_rm": bool(judge_path) and judge_path == cfg.rm_path,
+        "sft_path": cfg.sft_path,
+        "llm_judge": {"url": cfg.judge.url, "model": cfg.judge.model} if cfg.judge.url else None,
+        "reference": {"mean_length": None, "rm_score": _mean(rm_scores["reference"]) if rm_scores else None, "judge_score": _mean(judge_scores["reference"]) if judge_scores else None},
+        "policies": {},
+    }
+    for r in runs:
+        m: dict[str, Any] = {"path": r.path, **rouge_scores(r.texts, references)}
+        m["mean_length"] = _mean(r.lengths)
+        m["reference_mean_length"] = _mean(ref_lengths[r.name])
+        m["eos_rate"] = _mean([float(e) for e in r.has_eos])
+        if rm_scores:
+            m["rm_score"] = _mean(rm_scores[r.name])
+            m["rm_win_rate"] = win_rate(outcomes_from_scores(rm_scores[r.name], rm_scores["reference"]))["win_rate"]
+        if judge_scores:
+            outcomes = outcomes_from_scores(judge_scores[r.name], judge_scores["reference"])
+            m["judge"] = {**win_rate(outcomes), "score": _mean(judge_scores[r.name])}
+            m["judge"]["lc"] = length_controlled_win_rate(outcomes, r.lengths, ref_lengths[r.name])
+        if r.name in llm:
+            verdicts = llm[r.name]
+            outcomes = [v.outcome for v in verdicts]
+            k = len(verdicts)
+            m["llm_judge"] = {**win_rate(outcomes), "failed": sum(v.error is not None for v in verdicts), "lc": length_controlled_win_rate(outcomes, r.lengths[:k], ref_lengths[r.name][:k])}
+            m["llm_judge"]["unparseable"] -= m["llm_judge"]["failed"]
+        if r.name in kls:
+            m["kl_to_sft"] = kls[r.name].get("kl")
+            m["kl_to_sft_std"] = kls[r.name].get("kl_std")
+        m["seconds"] = r.seconds
+        results["policies"][r.name] = m
+    if runs:
+        results["reference"]["mean_length"] = results["policies"][runs[0].name]["reference_mean_length"]
+    results["seconds"] = time.perf_counter() - t_start
+
+    (out_dir / EVAL_FILE).write_text(json.dumps(results, indent=2) + "\n")
+    with (out_dir / SUMMARIES_FILE).open("w") as f:
+        for i, p in enumerate(posts):
+            rec: dict[str, Any] = {"id": p.id, "subreddit": p.subreddit, "title": p.title, "post": p.post, "reference": references[i], "summaries": {}}
+            if rm_scores:
+                rec["reference_rm_score"] = rm_scores["reference"][i]
+            for r in runs:
+                s: dict[str, Any] = {"text": r.texts[i], "length": r.lengths[i], "reference_length": ref_lengths[r.name][i], "eos": r.has_eos[i]}
+                if rm_scores:
+                    s["rm_score"] = rm_scores[r.name][i]
+                if judge_scores is not rm_scores and judge_scores:
+                    s["judge_score"] = judge_scores[r.name][i]
+                if r.name in llm and i < len(llm[r.name]):
+                    v = llm[r.name][i]
+                    s["llm_verdict"] = v.preferred
+                    s["llm_policy_first"] = v.policy_first
+                rec["summaries"][r.name] = s
+            f.write(json.dumps(rec) + "\n")
+    table = format_table(results)
+    (out_dir / TABLE_FILE).write_text(table + "\n")
+    print(table)
+    print(f"\nresults: {out_dir / EVAL_FILE}")
+    return results
+
+
+def format_query_text(p: Post) -> str:
+    """The post as the LLM judge sees it (N+: the formatted query)."""
+    return f"SUBREDDIT: r/{p.subreddit}\n\nTITLE: {p.title}\n\nPOST: {p.post}"
+
+
+def _fmt(v: Any, spec: str = ".3f") -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return format(v, spec)
+
+
+def metrics_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the per-policy metrics table of ``evaluate`` results (used by the report)."""
+    judge = "judge" if not results.get("judge_is_training_rm") else "judge (= training RM)"
+    header = ["policy", "ROUGE-1", "ROUGE-2", "ROUGE-L", "RM score", "RM win", f"{judge} win", "LC win", "LLM win (n, unparsed)", "LLM LC win", "KL to SFT", "length", "EOS rate"]
+    rows = []
+    for name, m in results["policies"].items():
+        j = m.get("judge", {})
+        llm = m.get("llm_judge")
+        rows.append([
+            name, _fmt(m["rouge1"]), _fmt(m["rouge2"]), _fmt(m["rougeL"]), _fmt(m.get("rm_score")), _fmt(m.get("rm_win_rate")),
+            _fmt(j.get("win_rate")), _fmt(j.get("lc", {}).get("lc_win_rate")),
+            f"{_fmt(llm['win_rate'])} ({llm['n']}, {llm['unparseable'] + llm['failed']})" if llm else "-",
+            _fmt(llm["lc"]["lc_win_rate"]) if llm else "-",
+            _fmt(m.get("kl_to_sft"), ".2f"), _fmt(m["mean_length"], ".1f"), _fmt(m["eos_rate"], ".2f"),
+        ])
+    ref = results["reference"]
+    rows.append(["reference", "-", "-", "-", _fmt(ref.get("rm_score")), "-", "-", "-", "-", "-", "-", _fmt(ref.get("mean_length"), ".1f"), "-"])
+    return header, rows
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A GitHub-flavoured Markdown table; ``|`` and newlines in cells are escaped."""
+
+    def cell(s: str) -> str:
+        return str(s).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(cell(h) for h in header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """A readable Markdown table of ``evaluate`` results: one row per policy and the reference."""
+    p = results["posts"]
+    head = f"{p['n']} held-out posts from {p['source']}; win rates against the human reference; lengths in tokens (EOS excluded)"
+    return head + "\n\n" + markdown_table(*metrics_rows(results))

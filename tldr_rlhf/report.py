@@ -1,0 +1,414 @@
+"""Report of a pipeline run folder (``tldr-rlhf report RUN_DIR``): Markdown and HTML with PNG plots.
+
+Reads what the stages left in the run folder (any part may be missing; what is there is reported):
+
+* ``<stage>/metrics.jsonl`` of sft, rm, dpo, ppo, grpo, rloo -> training curves, one PNG per stage
+  (``curves_<stage>.png``), and for the RL stages the reward against the KL to the reference per
+  update (``reward_vs_kl.png``, with the held-out evaluation's RM score against KL to SFT beside it);
+* ``evaluate/eval.json`` -> the metrics table, win rate per policy (``win_rate.png``: RM judge, its
+  length-controlled version, the LLM judge when there is one, with each policy's mean length under
+  its name, because judges favour length: N+ detail 27) and ROUGE per policy (``rouge.png``);
+* ``evaluate/summaries.jsonl`` -> summary length distributions (``lengths.png``) and the side-by-side
+  table of every policy's summary of the same held-out posts, as in the seeds;
+* ``rm/eval_rm.json`` and ``dpo/eval.json`` -> reward-model accuracy (held-out, CNN/DM, agreement with
+  GPT-3.5) and DPO's implicit-reward accuracy; ``pipeline.json`` -> time per stage.
+
+Plots use matplotlib's Agg canvas through ``matplotlib.figure.Figure`` (no pyplot, no display, no
+global backend change). The Markdown and the HTML come from the same list of blocks.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from .config import ReportConfig
+from .data.io import read_jsonl
+from .errors import DataError
+from .evaluate import EVAL_FILE, SUMMARIES_FILE, markdown_table, metrics_rows
+
+log = logging.getLogger(__name__)
+
+TRAIN_STAGES = ("sft", "rm", "dpo", "ppo", "grpo", "rloo")
+RL_STAGES = ("ppo", "grpo", "rloo")
+STAGE_CURVES: dict[str, tuple[str, ...]] = {
+    "sft": ("loss/sft", "valid/loss"),
+    "rm": ("loss/rm", "rm/accuracy", "valid/accuracy"),
+    "dpo": ("loss/dpo", "rewards/accuracy", "rewards/margin", "valid/implicit_reward_accuracy"),
+    "ppo": ("objective/scores", "objective/kl", "objective/rlhf_reward", "loss/policy", "loss/value", "objective/response_length"),
+    "grpo": ("objective/scores", "objective/kl", "loss/policy", "objective/response_length"),
+    "rloo": ("objective/scores", "objective/kl", "loss/policy", "objective/response_length"),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """Records of a JSON-lines file ([] when it does not exist). Raises DataError naming the file
+    and line for invalid JSON."""
+    return [r for _, r in read_jsonl(path)] if path.is_file() else []
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"invalid JSON ({e.msg} at line {e.lineno})", path=str(path), line=e.lineno) from None
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def metric_series(records: Sequence[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    """(steps, values) of ``key`` over metrics records that carry it as a finite number, in order."""
+    steps, values = [], []
+    for r in records:
+        if _number(r.get(key)) and _number(r.get("step")):
+            steps.append(float(r["step"]))
+            values.append(float(r[key]))
+    return steps, values
+
+
+# ----------------------------------------------------------------------------------------------
+# Plots (PNG, matplotlib Agg)
+
+
+def _figure(n_panels: int = 1, *, width: float = 4.2, height: float = 3.2):
+    from matplotlib.figure import Figure
+
+    cols = min(3, n_panels)
+    rows = math.ceil(n_panels / cols)
+    fig = Figure(figsize=(width * cols, height * rows), dpi=100)
+    axes = fig.subplots(rows, cols, squeeze=False).ravel().tolist()
+    for ax in axes[n_panels:]:
+        ax.set_visible(False)
+    return fig, axes[:n_panels]
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    return path
+
+
+def plot_training_curves(stage: str, records: Sequence[dict[str, Any]], path: Path) -> Path | None:
+    """One panel per curve of ``STAGE_CURVES[stage]`` present in the records (loss/* keys for an
+    unknown stage). Returns the PNG path, or None when there is nothing to plot."""
+    keys = STAGE_CURVES.get(stage) or tuple(sorted({k for r in records for k in r if k.startswith("loss/")}))
+    series = [(k, *metric_series(records, k)) for k in keys]
+    series = [s for s in series if s[1]]
+    if not series:
+        return None
+    fig, axes = _figure(len(series))
+    for ax, (key, x, y) in zip(axes, series):
+        ax.plot(x, y, marker="o" if len(x) < 30 else None, markersize=3)
+        ax.set_title(key, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{stage}: training curves")
+    return _save(fig, path)
+
+
+def plot_reward_vs_kl(rl_records: dict[str, Sequence[dict[str, Any]]], eval_results: dict[str, Any] | None, path: Path) -> Path | None:
+    """Left: reward-model score against KL to the reference, per update of each RL stage
+    (``objective/kl``, ``objective/scores``). Right: the held-out evaluation's mean RM score against
+    KL to SFT of every policy. None when neither has points."""
+    lines = {}
+    for stage, records in rl_records.items():
+        pts = [(r["objective/kl"], r["objective/scores"]) for r in records if _number(r.get("objective/kl")) and _number(r.get("objective/scores"))]
+        if pts:
+            lines[stage] = pts
+    points = {}
+    if eval_results:
+        for name, m in eval_results.get("policies", {}).items():
+            if _number(m.get("kl_to_sft")) and _number(m.get("rm_score")):
+                points[name] = (m["kl_to_sft"], m["rm_score"])
+    if not lines and not points:
+        return None
+    fig, (left, right) = _figure(2, width=5.0, height=3.8)
+    for stage, pts in lines.items():
+        left.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3, label=stage)
+    left.set_title("RL training: score vs KL (per update)", fontsize=10)
+    left.set_xlabel("KL to reference (nats / response)")
+    left.set_ylabel("reward-model score")
+    if lines:
+        left.legend(fontsize=8)
+    left.grid(alpha=0.3)
+    for name, (kl, score) in points.items():
+        right.scatter([kl], [score], s=30)
+        right.annotate(name, (kl, score), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    right.set_title("held-out: RM score vs KL to SFT", fontsize=10)
+    right.set_xlabel("KL to SFT (nats / response)")
+    right.set_ylabel("mean reward-model score")
+    right.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def _policy_labels(eval_results: dict[str, Any]) -> list[str]:
+    return [f"{n}\n({m['mean_length']:.0f} tok)" if _number(m.get("mean_length")) else n for n, m in eval_results["policies"].items()]
+
+
+def _grouped_bars(ax, labels: list[str], groups: dict[str, list[float]]) -> None:
+    k = max(1, len(groups))
+    width = 0.8 / k
+    for j, (name, values) in enumerate(groups.items()):
+        xs = [i + (j - (k - 1) / 2) * width for i in range(len(labels))]
+        ax.bar(xs, [v if _number(v) else 0.0 for v in values], width=width, label=name)
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, fontsize=8)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def plot_win_rates(eval_results: dict[str, Any], path: Path) -> Path | None:
+    """Win rate against the human reference per policy: judge, length-controlled judge, training RM,
+    and the LLM judge (raw and length-controlled) when present; each policy's mean length in its
+    label; a line at 0.5 (as good as the reference)."""
+    pol = eval_results.get("policies", {})
+    if not pol:
+        return None
+    groups: dict[str, list[float]] = {}
+
+    def add(label: str, get) -> None:
+        values = [get(m) for m in pol.values()]
+        if any(_number(v) for v in values):
+            groups[label] = values
+
+    add("judge win rate" + (" (judge = training RM)" if eval_results.get("judge_is_training_rm") else ""), lambda m: m.get("judge", {}).get("win_rate"))
+    add("judge, length-controlled", lambda m: m.get("judge", {}).get("lc", {}).get("lc_win_rate"))
+    if not eval_results.get("judge_is_training_rm"):
+        add("training RM win rate", lambda m: m.get("rm_win_rate"))
+    add("LLM judge", lambda m: (m.get("llm_judge") or {}).get("win_rate"))
+    add("LLM judge, length-controlled", lambda m: (m.get("llm_judge") or {}).get("lc", {}).get("lc_win_rate"))
+    if not groups:
+        return None
+    fig, (ax,) = _figure(1, width=max(6.0, 1.3 * len(pol) + 2), height=4.0)
+    _grouped_bars(ax, _policy_labels(eval_results), groups)
+    ax.axhline(0.5, color="gray", linestyle="--", linewidth=1)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("win rate vs human reference")
+    ax.set_title("win rate against the reference (mean summary length in tokens)", fontsize=10)
+    return _save(fig, path)
+
+
+def plot_rouge(eval_results: dict[str, Any], path: Path) -> Path | None:
+    """ROUGE-1/2/L F1 against the references per policy."""
+    pol = eval_results.get("policies", {})
+    if not pol:
+        return None
+    groups = {k: [m.get(k) for m in pol.values()] for k in ("rouge1", "rouge2", "rougeL")}
+    fig, (ax,) = _figure(1, width=max(6.0, 1.3 * len(pol) + 2), height=4.0)
+    _grouped_bars(ax, list(pol), groups)
+    ax.set_ylabel("F1")
+    ax.set_title("ROUGE against the human reference", fontsize=10)
+    return _save(fig, path)
+
+
+def plot_lengths(summaries: Sequence[dict[str, Any]], path: Path) -> Path | None:
+    """Histograms of summary length in tokens (EOS excluded) per policy and for the reference."""
+    if not summaries:
+        return None
+    names = list(summaries[0].get("summaries", {}))
+    lengths: dict[str, list[int]] = {n: [] for n in names}
+    ref: list[int] = []
+    for rec in summaries:
+        for n in names:
+            s = rec["summaries"].get(n)
+            if s is not None:
+                lengths[n].append(int(s["length"]))
+        first = next(iter(rec["summaries"].values()), None)
+        if first is not None and "reference_length" in first:
+            ref.append(int(first["reference_length"]))
+    if ref:
+        lengths["reference"] = ref
+    lengths = {k: v for k, v in lengths.items() if v}
+    if not lengths:
+        return None
+    top = max(max(v) for v in lengths.values())
+    bins = list(range(0, top + 2, max(1, (top + 1) // 30 + 1)))
+    fig, (ax,) = _figure(1, width=7.0, height=4.0)
+    for name, v in lengths.items():
+        ax.hist(v, bins=bins, histtype="step", linewidth=1.5, label=f"{name} (mean {sum(v) / len(v):.1f})")
+    ax.set_xlabel("summary length (tokens)")
+    ax.set_ylabel("posts")
+    ax.set_title("summary length distributions", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Document: blocks rendered to Markdown and HTML
+
+
+def render_markdown(blocks: Sequence[tuple]) -> str:
+    """Blocks -> Markdown: ("h1"|"h2"|"h3", text), ("p", text), ("quote", text), ("table", header,
+    rows), ("img", file, alt)."""
+    out = []
+    for kind, *rest in blocks:
+        if kind in ("h1", "h2", "h3"):
+            out.append("#" * int(kind[1]) + " " + rest[0])
+        elif kind == "p":
+            out.append(rest[0])
+        elif kind == "quote":
+            out.append("\n".join("> " + line for line in rest[0].splitlines() or [""]))
+        elif kind == "table":
+            out.append(markdown_table(rest[0], [[str(c) for c in row] for row in rest[1]]))
+        elif kind == "img":
+            out.append(f"![{rest[1]}]({rest[0]})")
+        else:
+            raise ValueError(f"unknown block kind {kind!r}")
+    return "\n\n".join(out) + "\n"
+
+
+def render_html(blocks: Sequence[tuple], title: str) -> str:
+    """The same blocks as a standalone HTML page (images referenced by relative path)."""
+    e = html.escape
+    body = []
+    for kind, *rest in blocks:
+        if kind in ("h1", "h2", "h3"):
+            body.append(f"<{kind}>{e(rest[0])}</{kind}>")
+        elif kind == "p":
+            body.append(f"<p>{e(rest[0])}</p>")
+        elif kind == "quote":
+            body.append("<blockquote>" + "<br>".join(e(line) for line in rest[0].splitlines()) + "</blockquote>")
+        elif kind == "table":
+            head = "".join(f"<th>{e(str(h))}</th>" for h in rest[0])
+            rows = "".join("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in row) + "</tr>" for row in rest[1])
+            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+        elif kind == "img":
+            body.append(f'<figure><img src="{e(rest[0])}" alt="{e(rest[1])}"><figcaption>{e(rest[1])}</figcaption></figure>')
+        else:
+            raise ValueError(f"unknown block kind {kind!r}")
+    style = (
+        "body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;line-height:1.4}"
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top;text-align:left}"
+        "th{background:#f3f3f3}img{max-width:100%}blockquote{color:#444;border-left:3px solid #ccc;margin:0;padding-left:1em}"
+    )
+    return f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{e(title)}</title><style>{style}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n"
+
+
+# ----------------------------------------------------------------------------------------------
+# Sections
+
+
+def _minutes(seconds: Any) -> str:
+    return f"{seconds / 60:.1f} min" if _number(seconds) else "-"
+
+
+def stage_table(state: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of stage | status | time from pipeline.json, with a total row."""
+    rows = [[name, s.get("status", "?"), _minutes(s.get("seconds"))] for name, s in state.get("stages", {}).items()]
+    total = sum(s.get("seconds", 0.0) for s in state.get("stages", {}).values() if _number(s.get("seconds")))
+    rows.append(["total", "", _minutes(total)])
+    return ["stage", "status", "time"], rows
+
+
+def reward_model_rows(eval_rm: dict[str, Any] | None, dpo_eval: dict[str, Any] | None) -> list[list[str]]:
+    """Rows (what, n, accuracy) of reward-model and DPO implicit-reward accuracy."""
+    rows = []
+    if eval_rm:
+        for key, label, metric in (("heldout", "RM held-out TL;DR comparisons", "accuracy"), ("cnndm", "RM CNN/DM comparisons (out of distribution)", "accuracy"), ("judge", "RM agreement with GPT-3.5 judge", "agreement")):
+            m = eval_rm.get(key)
+            if m and _number(m.get(metric)):
+                rows.append([label, str(m.get("n", "")), f"{m[metric]:.3f}"])
+    if dpo_eval and isinstance(dpo_eval.get("held_out"), dict) and _number(dpo_eval["held_out"].get("accuracy")):
+        h = dpo_eval["held_out"]
+        rows.append(["DPO implicit-reward accuracy, held-out comparisons", str(h.get("n", "")), f"{h['accuracy']:.3f}"])
+    return rows
+
+
+def side_by_side_blocks(summaries: Sequence[dict[str, Any]], k: int) -> list[tuple]:
+    """For each of the first ``k`` posts: a heading, the post (first 700 characters) and a table of
+    the reference and every policy's summary with its length and reward-model score."""
+    blocks: list[tuple] = []
+    for i, rec in enumerate(summaries[:k]):
+        post = rec.get("post", "")
+        blocks.append(("h3", f"Post {i + 1}: r/{rec.get('subreddit', '?')}: {rec.get('title', '')}"))
+        blocks.append(("quote", post[:700] + (" [...]" if len(post) > 700 else "")))
+        first = next(iter(rec.get("summaries", {}).values()), {})
+        ref_score = rec.get("reference_rm_score")
+        rows = [["human reference", rec.get("reference", ""), str(first.get("reference_length", "-")), f"{ref_score:.2f}" if _number(ref_score) else "-"]]
+        for name, s in rec.get("summaries", {}).items():
+            text = s.get("text", "") + ("" if s.get("eos", True) else " [no EOS]")
+            rows.append([name, text, str(s.get("length", "-")), f"{s['rm_score']:.2f}" if _number(s.get("rm_score")) else "-"])
+        blocks.append(("table", ["model", "summary", "tokens", "RM score"], rows))
+    return blocks
+
+
+def build_report(cfg: ReportConfig) -> Path:
+    """Write report.md, report.html and the PNGs for the run folder ``cfg.run_dir``; returns the
+    Markdown path. Raises DataError when the folder does not exist or holds nothing to report."""
+    run_dir = Path(cfg.run_dir)
+    if not run_dir.is_dir():
+        raise DataError("run folder not found", path=str(run_dir))
+    out = Path(cfg.output_dir) if cfg.output_dir else run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    state = _read_json(run_dir / "pipeline.json") or {}
+    metrics = {s: read_records(run_dir / s / "metrics.jsonl") for s in TRAIN_STAGES}
+    metrics = {s: r for s, r in metrics.items() if r}
+    eval_results = _read_json(run_dir / "evaluate" / EVAL_FILE)
+    summaries = read_records(run_dir / "evaluate" / SUMMARIES_FILE)
+    eval_rm = _read_json(run_dir / "rm" / "eval_rm.json")
+    dpo_eval = _read_json(run_dir / "dpo" / "eval.json")
+    if not (state or metrics or eval_results or summaries):
+        raise DataError("nothing to report: no pipeline.json, stage metrics.jsonl or evaluate/eval.json", path=str(run_dir))
+
+    title = f"tldr-rlhf report: {run_dir}"
+    blocks: list[tuple] = [("h1", title), ("p", f"Generated {time.strftime('%Y-%m-%d %H:%M')} from {run_dir.resolve()}.")]
+    if state.get("stages"):
+        blocks += [("h2", "Stages"), ("table", *stage_table(state))]
+    if eval_results:
+        p = eval_results.get("posts", {})
+        judge = eval_results.get("judge_rm_path") or "-"
+        blocks += [
+            ("h2", "Evaluation"),
+            ("p", f"{p.get('n', '?')} held-out posts from {p.get('source', '?')}; summaries "
+                  f"{'greedy' if eval_results.get('decoding', {}).get('greedy', True) else 'sampled'}, at most "
+                  f"{eval_results.get('decoding', {}).get('response_length', '?')} tokens. Win rates are against the human reference "
+                  f"(a tie counts half); judge reward model: {judge}"
+                  f"{' (the training reward model: its win rates measure what was optimized, not quality)' if eval_results.get('judge_is_training_rm') else ''}. "
+                  "LC win = win rate at matched length (logistic regression of the outcome on the length difference, read at zero). "
+                  "LLM win: (judged pairs, pairs without a verdict). KL in nats per response (k1 estimate on samples at the sampling temperature). "
+                  "Length in tokens, EOS excluded."),
+            ("table", *metrics_rows(eval_results)),
+        ]
+    rm_rows = reward_model_rows(eval_rm, dpo_eval)
+    if rm_rows:
+        blocks += [("h2", "Reward model and DPO accuracy"), ("table", ["set", "n", "accuracy"], rm_rows)]
+
+    plots: list[tuple[str, Path | None]] = []
+    if eval_results:
+        plots.append(("Win rate against the human reference", plot_win_rates(eval_results, out / "win_rate.png")))
+        plots.append(("ROUGE against the human reference", plot_rouge(eval_results, out / "rouge.png")))
+    plots.append(("Summary lengths", plot_lengths(summaries, out / "lengths.png")))
+    plots.append(("Reward vs KL", plot_reward_vs_kl({s: metrics[s] for s in RL_STAGES if s in metrics}, eval_results, out / "reward_vs_kl.png")))
+    curve_plots = [(f"{s}: training curves", plot_training_curves(s, recs, out / f"curves_{s}.png")) for s, recs in metrics.items()]
+    shown = [(alt, p) for alt, p in plots if p is not None]
+    if shown:
+        blocks.append(("h2", "Plots"))
+        blocks += [("img", p.name, alt) for alt, p in shown]
+    curves = [(alt, p) for alt, p in curve_plots if p is not None]
+    if curves:
+        blocks.append(("h2", "Training curves"))
+        blocks += [("img", p.name, alt) for alt, p in curves]
+    if summaries and cfg.table_posts > 0:
+        blocks.append(("h2", "Side by side: summaries of the same held-out posts"))
+        blocks += side_by_side_blocks(summaries, cfg.table_posts)
+
+    md = out / "report.md"
+    md.write_text(render_markdown(blocks))
+    (out / "report.html").write_text(render_html(blocks, title))
+    log.info("report: %s (%d plots)", md, len(shown) + len(curves))
+    print(f"report: {md}\n        {out / 'report.html'}")
+    return md
