@@ -78,6 +78,7 @@ def test_nplus_27_length_controlled_win_rate_by_hand():
     assert r["slope_per_token"] == pytest.approx(math.log(5) / 16, abs=1e-9)
     assert r["raw_win_rate"] == 0.75 and r["n"] == 8
     assert r["mean_length_diff"] == 8.0  # (6 * 12 - 2 * 4) / 8
+    assert r["extrapolated"] is False  # differences from -4 to +12 surround 0
     # a tie is half a win: the shorter pair [win, loss] as two ties gives the same fit;
     # a pair without a verdict (None) is dropped
     tied = length_controlled_win_rate([1, 1, 1, 1, 1, 0, 0.5, 0.5, None], pol + [99], ref + [1], l2=0.0)
@@ -98,6 +99,8 @@ def test_length_controlled_win_rate_special_cases():
     flat = length_controlled_win_rate([1, 0, 1, 1], [25] * 4, [20] * 4)
     assert (flat["lc_win_rate"], flat["slope_per_token"]) == (0.75, 0.0)
     assert math.isnan(length_controlled_win_rate([None], [1], [2])["lc_win_rate"])
+    # every summary longer than its reference: the rate at zero difference is an extrapolation, flagged
+    assert length_controlled_win_rate([1, 0, 1], [30, 25, 22], [20, 20, 20])["extrapolated"] is True
     with pytest.raises(ValueError, match="lengths differ"):
         length_controlled_win_rate([1, 0], [1], [1, 2])
 
@@ -154,7 +157,7 @@ def test_metrics_table():
         "reference": {"mean_length": 20.5, "rm_score": 0.0},
         "policies": {
             "ppo": {
-                "rouge1": 0.3, "rouge2": 0.1, "rougeL": 0.25, "rm_score": 1.234, "rm_win_rate": 0.9, "judge": {"win_rate": 0.5, "lc": {"lc_win_rate": 0.4}},
+                "rouge1": 0.3, "rouge2": 0.1, "rougeL": 0.25, "rm_score": 1.234, "rm_win_rate": 0.9, "judge": {"win_rate": 0.5, "lc": {"lc_win_rate": 0.4, "extrapolated": True}},
                 "llm_judge": {"win_rate": 0.75, "n": 4, "unparseable": 1, "failed": 1, "lc": {"lc_win_rate": 0.6}}, "kl_to_sft": 3.14159, "mean_length": 30.25, "eos_rate": 1.0,
             },
             "base": {"rouge1": 0.1, "rouge2": 0.0, "rougeL": 0.1, "mean_length": 63.0, "eos_rate": 0.0},
@@ -162,7 +165,7 @@ def test_metrics_table():
     }
     header, rows = metrics_rows(results)
     assert header[6] == "judge win"
-    assert rows[0] == ["ppo", "0.300", "0.100", "0.250", "1.234", "0.900", "0.500", "0.400", "0.750 (4, 2)", "0.600", "3.14", "30.2", "1.00"]
+    assert rows[0] == ["ppo", "0.300", "0.100", "0.250", "1.234", "0.900", "0.500", "0.400*", "0.750 (4, 2)", "0.600", "3.14", "30.2", "1.00"]
     assert rows[1] == ["base", "0.100", "0.000", "0.100", "-", "-", "-", "-", "-", "-", "-", "63.0", "0.00"]
     assert rows[2][0] == "reference" and rows[2][4] == "0.000" and rows[2][11] == "20.5"
     table = format_table(results)

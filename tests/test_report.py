@@ -40,6 +40,7 @@ def fake_run(root):
             "judge": {"win_rate": 0.1 + 0.1 * i, "lc": {"lc_win_rate": 0.1 + 0.08 * i}}, "kl_to_sft": [5.0, 0.0, 2.0, 4.0, 3.0][i],
             "mean_length": 20.0 + 5 * i, "eos_rate": 1.0,
         }
+    policies["grpo"]["judge"]["lc"]["extrapolated"] = True
     policies["ppo"]["llm_judge"] = {"win_rate": 0.625, "n": 8, "unparseable": 1, "failed": 0, "lc": {"lc_win_rate": 0.5}}
     (root / "evaluate").mkdir()
     (root / "evaluate" / "eval.json").write_text(json.dumps({
@@ -72,6 +73,7 @@ def test_report_from_a_fake_run_has_every_plot_and_the_side_by_side_table(tmp_pa
     assert "| sft | done | 1.5 min |" in md and "| rm | skipped | 5.0 min |" in md and "| total |  | 16.5 min |" in md
     # metrics table: one row per policy and the reference; the judge is not the training RM here
     assert "| ppo | 0.250 | 0.060 | 0.220 | 0.500 | 0.300 | 0.400 | 0.340 | 0.625 (8, 1) | 0.500 | 4.00 | 35.0 | 1.00 |" in md
+    assert "| grpo | 0.300 | 0.080 | 0.260 | 1.000 | 0.400 | 0.500 | 0.420* |" in md and "* = extrapolated" in md
     assert "| reference | - | - | - | 0.000 |" in md and "judge reward model: judge-rm." in md
     # reward model and DPO accuracy
     assert "| RM held-out TL;DR comparisons | 64 | 0.594 |" in md and "| RM agreement with GPT-3.5 judge | 64 | 0.641 |" in md

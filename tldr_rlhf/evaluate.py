@@ -135,7 +135,8 @@ def length_controlled_win_rate(
     (a tie, y = 0.5, is half a win) minus ``l2 / 2 * b**2`` (a N(0, 1/l2) prior on the slope per standard
     deviation of d; the intercept is not penalized). Pairs with outcome None are dropped. Returns
     {lc_win_rate = sigmoid(a), intercept a, slope_per_token b / s, n, mean_length_diff (tokens),
-    raw_win_rate}. Special cases: no judged pair gives nan; all outcomes equal give that value
+    raw_win_rate, extrapolated: True when every summary is longer, or every one shorter, than its
+    reference, so that zero difference lies outside the data}. Special cases: no judged pair gives nan; all outcomes equal give that value
     (the intercept is infinite); lengths that do not vary fix b = 0 (nothing to extrapolate with).
     Raises ValueError for sequences of different lengths.
     """
@@ -144,11 +145,11 @@ def length_controlled_win_rate(
     rows = [(float(o), float(p) - float(r)) for o, p, r in zip(outcomes, policy_lengths, reference_lengths) if o is not None]
     n = len(rows)
     if n == 0:
-        return {"lc_win_rate": float("nan"), "intercept": float("nan"), "slope_per_token": float("nan"), "n": 0, "mean_length_diff": float("nan"), "raw_win_rate": float("nan")}
+        return {"lc_win_rate": float("nan"), "intercept": float("nan"), "slope_per_token": float("nan"), "n": 0, "mean_length_diff": float("nan"), "raw_win_rate": float("nan"), "extrapolated": False}
     y = torch.tensor([r[0] for r in rows], dtype=torch.float64)
     d = torch.tensor([r[1] for r in rows], dtype=torch.float64)
     raw = y.mean().item()
-    out = {"n": n, "mean_length_diff": d.mean().item(), "raw_win_rate": raw}
+    out = {"n": n, "mean_length_diff": d.mean().item(), "raw_win_rate": raw, "extrapolated": not (d.min().item() <= 0.0 <= d.max().item())}
     if raw in (0.0, 1.0):
         return {**out, "lc_win_rate": raw, "intercept": math.copysign(math.inf, raw - 0.5), "slope_per_token": 0.0}
     s = d.std(unbiased=False).item()
@@ -591,8 +592,16 @@ def _fmt(v: Any, spec: str = ".3f") -> str:
     return format(v, spec)
 
 
+def _lc(lc: dict[str, Any] | None) -> str:
+    """A length-controlled win rate, starred when it extrapolates beyond the observed length differences."""
+    if not lc:
+        return "-"
+    return _fmt(lc.get("lc_win_rate")) + ("*" if lc.get("extrapolated") else "")
+
+
 def metrics_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """(header, rows) of the per-policy metrics table of ``evaluate`` results (used by the report)."""
+    """(header, rows) of the per-policy metrics table of ``evaluate`` results (used by the report).
+    A length-controlled win rate read outside the observed length differences is starred."""
     judge = "judge" if not results.get("judge_is_training_rm") else "judge (= training RM)"
     header = ["policy", "ROUGE-1", "ROUGE-2", "ROUGE-L", "RM score", "RM win", f"{judge} win", "LC win", "LLM win (n, unparsed)", "LLM LC win", "KL to SFT", "length", "EOS rate"]
     rows = []
@@ -601,9 +610,9 @@ def metrics_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         llm = m.get("llm_judge")
         rows.append([
             name, _fmt(m["rouge1"]), _fmt(m["rouge2"]), _fmt(m["rougeL"]), _fmt(m.get("rm_score")), _fmt(m.get("rm_win_rate")),
-            _fmt(j.get("win_rate")), _fmt(j.get("lc", {}).get("lc_win_rate")),
+            _fmt(j.get("win_rate")), _lc(j.get("lc")),
             f"{_fmt(llm['win_rate'])} ({llm['n']}, {llm['unparseable'] + llm['failed']})" if llm else "-",
-            _fmt(llm["lc"]["lc_win_rate"]) if llm else "-",
+            _lc(llm["lc"]) if llm else "-",
             _fmt(m.get("kl_to_sft"), ".2f"), _fmt(m["mean_length"], ".1f"), _fmt(m["eos_rate"], ".2f"),
         ])
     ref = results["reference"]
@@ -625,5 +634,6 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 def format_table(results: dict[str, Any]) -> str:
     """A readable Markdown table of ``evaluate`` results: one row per policy and the reference."""
     p = results["posts"]
-    head = f"{p['n']} held-out posts from {p['source']}; win rates against the human reference; lengths in tokens (EOS excluded)"
+    head = (f"{p['n']} held-out posts from {p['source']}; win rates against the human reference; lengths in tokens (EOS excluded); "
+            "* = length-controlled win rate extrapolated (every summary longer, or every one shorter, than its reference)")
     return head + "\n\n" + markdown_table(*metrics_rows(results))

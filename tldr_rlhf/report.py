@@ -378,7 +378,8 @@ def build_report(cfg: ReportConfig) -> Path:
                   f"{eval_results.get('decoding', {}).get('response_length', '?')} tokens. Win rates are against the human reference "
                   f"(a tie counts half); judge reward model: {judge}"
                   f"{' (the training reward model: its win rates measure what was optimized, not quality)' if eval_results.get('judge_is_training_rm') else ''}. "
-                  "LC win = win rate at matched length (logistic regression of the outcome on the length difference, read at zero). "
+                  "LC win = win rate at matched length (logistic regression of the outcome on the length difference, read at zero; "
+                  "* = extrapolated: every summary longer, or every one shorter, than its reference). "
                   "LLM win: (judged pairs, pairs without a verdict). KL in nats per response (k1 estimate on samples at the sampling temperature). "
                   "Length in tokens, EOS excluded."),
             ("table", *metrics_rows(eval_results)),
