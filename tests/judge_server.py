@@ -2,7 +2,7 @@
 
 It judges by content, so a client that maps letters back to policy / reference wrongly is caught:
 it prefers the summary that contains the word "good" and answers in the N+ format. Posts containing
-GARBAGE get a reply without a verdict, FAIL always gets HTTP 500, BADREQ HTTP 400, FLAKY HTTP 500 the
+GARBAGE get a reply without a verdict, a prompt without a post (a connectivity check) "OK", FAIL always gets HTTP 500, BADREQ HTTP 400, FLAKY HTTP 500 the
 first time only. With ``always`` set it answers that letter whatever the content. Every request is
 recorded. The server runs in a daemon thread and is shut down by ``stop()`` (bounded: each request
 handler returns at once)."""
@@ -51,6 +51,8 @@ class JudgeServer:
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
 
     def answer(self, prompt: str) -> tuple[int, str]:
+        if "### Post:" not in prompt:  # a connectivity check
+            return 200, "OK"
         post = prompt.split("### Post:")[1].split("### Summary A:")[0]
         a = prompt.split("### Summary A:")[1].split("### Summary B:")[0]
         if "FAIL" in post:

@@ -190,3 +190,25 @@ def test_evaluate_the_real_smollm2_gguf_on_real_posts(tmp_path):
     assert 0.0 <= m["rouge1"] <= 1.0 and "rm_score" not in m
     lines = (tmp_path / "summaries.jsonl").read_text().splitlines()
     assert len(lines) == 2 and all(json.loads(l)["summaries"]["base"]["text"] for l in lines)
+
+
+def test_evaluate_refuses_bad_inputs_before_loading_any_model(tmp_path):
+    from tldr_rlhf.config import JudgeArgs
+    from tldr_rlhf.errors import ModelLoadError
+    from tldr_rlhf.evaluate import evaluate
+    from tldr_rlhf.judge import JudgeError
+
+    from conftest import SMOL_GGUF
+
+    base = dict(data=TldrDataArgs(train=str(POSTS)), output_dir=str(tmp_path / "ev"))
+    with pytest.raises(DataError, match="no policies"):
+        evaluate(EvaluateConfig(**base))
+    with pytest.raises(ModelLoadError, match="policy 'ppo': model path does not exist: runs/none/final"):
+        evaluate(EvaluateConfig(policies=(f"base={SMOL_GGUF}", "ppo=runs/none/final"), **base))
+    with pytest.raises(ModelLoadError, match="--rm-path"):
+        evaluate(EvaluateConfig(policies=(f"base={SMOL_GGUF}",), rm_path=str(tmp_path / "no-rm"), **base))
+    # nothing listens on port 9: the judge is checked before any summary is generated
+    dead = JudgeArgs(url="http://127.0.0.1:9/v1", retries=0, timeout_s=2)
+    with pytest.raises(JudgeError, match="does not answer"):
+        evaluate(EvaluateConfig(policies=(f"base={SMOL_GGUF}",), judge=dead, **base))
+    assert not (tmp_path / "ev").exists()

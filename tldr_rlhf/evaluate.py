@@ -470,12 +470,22 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     the judge reward model, ``judge_rm_path`` or else the training one, with its length-controlled
     win rate); ``llm_judge`` (win rate, unparseable and failed counts, length-controlled win rate)
     when ``judge.url`` is set; ``kl_to_sft``; ``mean_length`` (tokens, EOS excluded), ``eos_rate``.
-    Raises DataError / ModelLoadError for bad inputs before any model is loaded.
+    Raises DataError / ModelLoadError for bad inputs, and JudgeError for an LLM judge that does not
+    answer a first request, before any model is loaded.
     """
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     policies = parse_policies(cfg.policies)
     _check(cfg, policies)
+    client = None
+    if cfg.judge.url:  # fail fast, before any summary is generated, when the judge does not answer
+        from .judge import ChatClient, JudgeError
+
+        client = ChatClient(cfg.judge.url, cfg.judge.model, api_key_env=cfg.judge.api_key_env, timeout_s=cfg.judge.timeout_s, retries=cfg.judge.retries, temperature=cfg.judge.temperature)
+        try:
+            client.complete("Reply with the single word OK.")
+        except JudgeError as e:
+            raise JudgeError(f"the LLM judge (--judge.url {cfg.judge.url}, model {cfg.judge.model}) does not answer: {e}") from None
     tokenizers = [load_tokenizer(p) for p in policies.values()]
     tokenizers += [load_tokenizer(p) for p in (cfg.sft_path, cfg.rm_path, cfg.judge_rm_path) if p]
     posts, dropped = held_out_posts(cfg, tokenizers)
@@ -502,17 +512,15 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         judge_scores = rm_scores
 
     # reference lengths in each policy's tokenizer (for the length-controlled win rate)
-
     ref_lengths: dict[str, list[int]] = {}
     for r in runs:
         tok = load_tokenizer(r.path)
         ref_lengths[r.name] = [len(format_response(tok, s)) - 1 for s in references]
 
     llm: dict[str, list] = {}
-    if cfg.judge.url:
-        from .judge import ChatClient, judge_pairs
+    if client is not None:
+        from .judge import judge_pairs
 
-        client = ChatClient(cfg.judge.url, cfg.judge.model, api_key_env=cfg.judge.api_key_env, timeout_s=cfg.judge.timeout_s, retries=cfg.judge.retries, temperature=cfg.judge.temperature)
         k = cfg.judge.limit or len(posts)
         judged_posts = [format_query_text(p) for p in posts[:k]]
         for i, r in enumerate(runs):
