@@ -381,21 +381,24 @@ PPO_PRESETS: dict[str, PPOConfig] = {
     "nplus": PPOConfig(optim=_NPLUS_PPO_OPTIM, run=RunArgs(output_dir="runs/ppo", eval_every=20, save_every=50)),
     # Qwen2.5 seed lengths: responses up to 63 tokens.
     "seed": PPOConfig(optim=_NPLUS_PPO_OPTIM, response_length=63, run=RunArgs(output_dir="runs/ppo-seed", eval_every=20, save_every=50)),
-    # Real SmolLM2-135M SFT checkpoint and a reward model on the real local posts, sized for 2 CPU
-    # cores in minutes: short queries and responses, 8 prompts per update, 2 minibatches.
+    # Real SmolLM2-135M SFT checkpoint (sft --preset cpu-smol) and reward model (rm --preset
+    # cpu-smol) on the real local posts, sized for 2 CPU cores: 8 prompts per update, 1 minibatch,
+    # 2 PPO epochs (N+: 4), N+'s 53-token responses (32 cut most SFT summaries before their EOS),
+    # a few updates (~3-5 minutes each on one core).
     "cpu-smol": PPOConfig(
         sft_path="runs/sft-cpu-smol/final",
         rm_path="runs/rm-cpu-smol/final",
         dtype="float32",
         data=TldrDataArgs(train=LOCAL_POSTS, max_query_length=256, valid_fraction=0.1, valid_limit=0),
-        optim=OptimArgs(lr=1e-5, betas=(0.9, 0.999), weight_decay=0.01, max_grad_norm=0.0),
-        run=RunArgs(output_dir="runs/ppo-cpu-smol", eval_every=2, save_every=5, max_steps=10),
+        optim=OptimArgs(lr=2e-5, betas=(0.9, 0.999), weight_decay=0.01, eps=1e-5, max_grad_norm=0.0),
+        run=RunArgs(output_dir="runs/ppo-cpu-smol", eval_every=1, save_every=2, max_steps=6),
         total_episodes=8 * 200,
         rollout_batch_size=8,
-        num_mini_batches=2,
+        num_mini_batches=1,
         micro_batch_size=4,
         forward_batch_size=8,
-        response_length=32,
+        ppo_epochs=2,
+        response_length=53,
         num_sample_posts=2,
     ),
 }
@@ -565,22 +568,23 @@ GRPO_PRESETS: dict[str, GRPOConfig] = {
         optim=_GRPO_SEED_OPTIM, run=RunArgs(output_dir="runs/grpo-rs", eval_every=20, save_every=50),
         rejection_sampling=True, global_normalize=True,
     ),
-    # Real SmolLM2-135M SFT checkpoint and a reward model on the real local posts, for 2 CPU cores.
+    # Real SmolLM2-135M SFT checkpoint and reward model on the real local posts, for 2 CPU cores:
+    # 2 prompts x G 4 per rollout, 2 passes of one 8-sequence optimizer step, 53-token responses.
     "cpu-smol": GRPOConfig(
         sft_path="runs/sft-cpu-smol/final",
         rm_path="runs/rm-cpu-smol/final",
         dtype="float32",
         data=_RL_CPU_DATA,
-        optim=OptimArgs(lr=1e-5, min_lr=1e-6, warmup_ratio=0.03, decay_steps=0),
-        run=RunArgs(output_dir="runs/grpo-cpu-smol", eval_every=2, save_every=5, max_steps=10),
+        optim=OptimArgs(lr=2e-5, min_lr=2e-6, warmup_steps=1, decay_steps=0),
+        run=RunArgs(output_dir="runs/grpo-cpu-smol", eval_every=1, save_every=2, max_steps=6),
         total_episodes=2 * 4 * 200,
         rollout_prompts=2,
         group_size=4,
-        mini_batch_size=4,
+        mini_batch_size=8,
         micro_batch_size=4,
         forward_batch_size=8,
         update_per_rollout=2,
-        response_length=32,
+        response_length=53,
         num_sample_posts=2,
     ),
 }
@@ -593,15 +597,15 @@ RLOO_PRESETS: dict[str, RLOOConfig] = {
         rm_path="runs/rm-cpu-smol/final",
         dtype="float32",
         data=_RL_CPU_DATA,
-        optim=OptimArgs(lr=1e-5, min_lr=1e-6, warmup_ratio=0.03, decay_steps=0),
-        run=RunArgs(output_dir="runs/rloo-cpu-smol", eval_every=2, save_every=5, max_steps=10),
+        optim=OptimArgs(lr=2e-5, min_lr=2e-6, warmup_steps=1, decay_steps=0),
+        run=RunArgs(output_dir="runs/rloo-cpu-smol", eval_every=1, save_every=2, max_steps=6),
         total_episodes=2 * 4 * 200,
         rollout_prompts=2,
         group_size=4,
         mini_batch_size=8,
         micro_batch_size=4,
         forward_batch_size=8,
-        response_length=32,
+        response_length=53,
         num_sample_posts=2,
     ),
 }

@@ -88,7 +88,9 @@ def load_reward_model(path: str, *, dtype: torch.dtype = torch.float32) -> nn.Mo
 
     _check_exists(path)
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype)
+        # trust_remote_code=False: the class registered in-process is used; a checkpoint's copy of
+        # reward_model.py (its auto_map) is never executed, and transformers does not stop to ask.
+        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001
         raise ModelLoadError(f"cannot load reward model from '{path}' ({type(e).__name__}: {e})") from e
     if model.config.num_labels != 1:
