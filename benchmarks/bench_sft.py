@@ -21,7 +21,7 @@ SETTINGS = {
     "gradient_accumulation_steps": 1,
     "max_query_length": 256,
     "lr": 1e-4,
-    "threads": 2,
+    "threads": 1,
 }
 
 
