@@ -340,3 +340,26 @@ def rloo_loss(
         "ratio_mean": ratio.detach().mean(),
     }
     return per_seq.sum() / n_seq, metrics
+
+
+def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor, num_pairs: int | float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Reward-model loss on human comparisons (Stiennon et al. 2020 eq. 1; N+ detail 12):
+    ``-log sigmoid(r_chosen - r_rejected)``, summed over pairs and divided by ``num_pairs`` (default:
+    the pairs here; pass the global batch's count so accumulation gives the global mean).
+
+    Shapes: chosen, rejected (B,) rewards. Returns loss () and metrics {accuracy (share with
+    r_chosen > r_rejected strictly; a tie counts as wrong), margin (mean r_chosen - r_rejected),
+    chosen, rejected (mean rewards), loss_sum}.
+    """
+    chosen, rejected = chosen.float(), rejected.float()
+    diff = chosen - rejected
+    losses = -torch.nn.functional.logsigmoid(diff)
+    denom = float(num_pairs) if num_pairs is not None else max(1, diff.numel())
+    metrics = {
+        "accuracy": (diff > 0).float().mean().detach(),
+        "margin": diff.mean().detach(),
+        "chosen": chosen.mean().detach(),
+        "rejected": rejected.mean().detach(),
+        "loss_sum": losses.sum().detach(),
+    }
+    return losses.sum() / denom, metrics

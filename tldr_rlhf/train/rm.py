@@ -1,0 +1,741 @@
+"""Reward model on human comparisons, normalized on SFT references, measured against humans and a judge
+(Stiennon et al. 2020 sec. 3.4, eq. 1; N+ details 10-15).
+
+Model (``reward_model.ScalarRewardModel``): the backbone of a base or SFT causal LM plus a scalar head
+N(0, 1/sqrt(d_model + 1)) (detail 11), read at the response's EOS, the last real token of the row,
+found from the attention mask (detail 12; with Qwen pad = EOS). Dropout off (detail 7).
+
+Objective (``losses.pairwise_loss``): ``-log sigmoid(r_chosen - r_rejected)``, mean over the global
+batch of pairs. Chosen and rejected responses of a micro-batch go through the model in one forward
+pass (``collate_pairs``: rows [0, B) chosen, [B, 2B) rejected); with ``shared_prompt`` (default) the B
+queries run once and the 2B responses continue from their key/value cache, which gives the same
+scores and gradients as 2B full rows (tested) with the query computed once per pair.
+
+Normalization (detail 15): after training, the (query, reference summary) pairs of the SFT posts are
+scored and the head bias is shifted so that their mean reward is 0; the shift is stored in the
+checkpoint config (``reward_offset``, ``normalization``).
+
+Evaluation (``evaluate``, ``tldr-rlhf evaluate-rm``): accuracy on held-out TL;DR comparisons, accuracy
+by annotator confidence and the model's own calibration, accuracy on OpenAI's CNN/DM comparisons (out
+of distribution, detail 6 and 15), and agreement with gpt-3.5-turbo judgements of OpenAI's 1.3B PPO
+summary against the human reference. Results to JSON and a table.
+
+Departures: batches are padded to their own longest query and response, not to fixed lengths;
+``train_layers`` can freeze the lower blocks (a CPU-demo speed option; the papers train every weight).
+Bad records (identical or empty summaries, a ``choice`` outside {0, 1}, responses over the cap, a
+query that does not fit) are dropped and counted; truncated queries are counted; nothing is relabeled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from ..config import EvaluateRMConfig, ModelArgs, RMConfig, RMDataArgs, RewardNormArgs, from_dict
+from ..data.batching import QueryResponseBatch, collate_pairs, collate_query_response
+from ..data.comparisons import Comparison, PreferenceExample, build_preference_examples, load_comparisons, load_judged_samples, split_by_post_id
+from ..data.tldr import DropCounts, format_query, format_response, load_posts
+from ..errors import DataError, ModelLoadError
+from ..losses import pairwise_loss
+from ..modeling import _check_exists, count_parameters, disable_dropout, load_causal_lm, load_tokenizer
+from ..reward_model import MODEL_TYPE, RewardModelConfig, ScalarRewardModel, train_top_layers, uses_sliding_window
+from .common import make_accelerator, tokenizer_for
+from .loop import (
+    RunDir,
+    Throughput,
+    build_optimizer,
+    build_scheduler,
+    global_batches,
+    load_checkpoint,
+    micro_batches,
+    peak_memory_mb,
+    progress_bar,
+    save_checkpoint,
+    seed_everything,
+    shard,
+)
+
+log = logging.getLogger(__name__)
+EVAL_FILE = "eval_rm.json"
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+
+
+def _is_reward_checkpoint(path: str) -> bool:
+    p = Path(path)
+    if p.suffix == ".gguf":
+        return False
+    if p.is_dir():
+        f = p / "config.json"
+        return f.is_file() and json.loads(f.read_text()).get("model_type") == MODEL_TYPE
+    try:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(path).model_type == MODEL_TYPE
+    except Exception:  # noqa: BLE001 - not reachable / not a config: treat as a causal LM path
+        return False
+
+
+def _dtype(model_args_dtype: str) -> torch.dtype:
+    # float32 master weights (bf16 autocast on CUDA); bf16 weights only when asked on CPU.
+    return torch.bfloat16 if model_args_dtype == "bfloat16" and not torch.cuda.is_available() else torch.float32
+
+
+def load_reward_model(path: str, *, dtype: torch.dtype = torch.float32, tokenizer=None) -> ScalarRewardModel:
+    """A saved reward model (``tldr_rlhf_reward`` checkpoint) through the Auto classes, dropout off.
+    Raises ModelLoadError for a missing path or a checkpoint that is not a reward model."""
+    from transformers import AutoModelForSequenceClassification
+
+    _check_exists(path)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype)
+    except Exception as e:  # noqa: BLE001
+        raise ModelLoadError(f"cannot load reward model from '{path}' ({type(e).__name__}: {e})") from e
+    if not isinstance(model, ScalarRewardModel):
+        raise ModelLoadError(f"'{path}' is a {type(model).__name__}, not a tldr-rlhf reward model (model_type {MODEL_TYPE})")
+    if tokenizer is not None:
+        _set_special_ids(model, tokenizer)
+    return disable_dropout(model)
+
+
+def reward_model_from_causal_lm(path: str, *, dtype: torch.dtype = torch.float32, tokenizer=None) -> ScalarRewardModel:
+    """A new reward model: the backbone of a base or SFT causal LM (hub id, folder, .gguf file; its LM
+    head is dropped) and a fresh head N(0, 1/sqrt(d_model + 1)), bias 0 (N+ detail 11)."""
+    lm = load_causal_lm(path, dtype=dtype, tokenizer=tokenizer)
+    backbone = lm.base_model
+    if backbone is lm:
+        raise ModelLoadError(f"cannot find the backbone of '{path}' ({type(lm).__name__} has no base model)")
+    text_config = backbone.config
+    config = RewardModelConfig(text_config=text_config, pad_token_id=text_config.pad_token_id, eos_token_id=text_config.eos_token_id)
+    config.name_or_path = str(path)
+    model = ScalarRewardModel(config, backbone=backbone)
+    model.reset_head()
+    del lm
+    return disable_dropout(model.to(dtype))
+
+
+def init_reward_model(model_args: ModelArgs, tokenizer) -> ScalarRewardModel:
+    """The model a run starts from: a reward-model checkpoint as it is (to continue training), or a
+    new reward model on the backbone of a causal LM."""
+    if model_args.lora_r > 0:
+        raise DataError("LoRA is not supported for the reward model (the seeds train every weight); use --model.lora-r 0 or --train-layers", field="model.lora_r")
+    dtype = _dtype(model_args.dtype)
+    if _is_reward_checkpoint(model_args.path):
+        return load_reward_model(model_args.path, dtype=dtype, tokenizer=tokenizer)
+    return reward_model_from_causal_lm(model_args.path, dtype=dtype, tokenizer=tokenizer)
+
+
+def _set_special_ids(model: ScalarRewardModel, tokenizer) -> None:
+    for cfg in (model.config, model.config.text_config):
+        cfg.pad_token_id = tokenizer.pad_token_id
+        cfg.eos_token_id = tokenizer.eos_token_id
+
+
+def save_reward_model(model: ScalarRewardModel, tokenizer, path: str | Path) -> None:
+    """Save a Hugging Face checkpoint (safetensors, config with auto_map, this package's
+    reward_model.py, tokenizer) that ``AutoModelForSequenceClassification`` loads back."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    _set_special_ids(model, tokenizer)
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+
+
+def _tldr_only(comps: list[Comparison], drops: DropCounts) -> list[Comparison]:
+    out = [c for c in comps if not c.is_cnndm]
+    if len(out) < len(comps):
+        drops.counts["cnndm_set_aside"] = drops.counts.get("cnndm_set_aside", 0) + len(comps) - len(out)
+    return out
+
+
+def load_rm_data(data: RMDataArgs, tokenizer, *, need_train: bool = True) -> tuple[list[PreferenceExample], list[PreferenceExample], dict[str, Any]]:
+    """(train, held-out) tokenized TL;DR comparisons and a report of what was dropped or truncated.
+
+    Held-out comparisons come from ``valid_comparisons``, else (local file) the posts held out by id,
+    else (hub) the dataset's validation split. CNN/DM comparisons found among them are set aside and
+    counted (they are the out-of-distribution set). Raises DataError for malformed files (file, line,
+    field) and for an empty held-out set.
+    """
+    local = Path(data.comparisons).exists()
+    comps: list[Comparison] = []
+    drops, vdrops = DropCounts(), DropCounts()
+    if need_train or (local and not data.valid_comparisons):
+        comps, drops = load_comparisons(data.comparisons, "train")
+    if data.valid_comparisons:
+        valid, vdrops = load_comparisons(data.valid_comparisons, "validation")
+    elif local:
+        comps, valid = split_by_post_id(comps, data.valid_fraction)
+    else:
+        valid, vdrops = load_comparisons(data.comparisons, "validation")
+    comps, valid = _tldr_only(comps, drops), _tldr_only(valid, vdrops)
+    if not need_train:
+        comps = []
+    if data.limit:
+        comps = comps[: data.limit]
+    if data.valid_limit:
+        valid = valid[: data.valid_limit]
+    caps = dict(max_query_length=data.max_query_length, max_response_length=data.max_response_length)
+    notes, vnotes = DropCounts(), DropCounts()
+    train_ex, drops = build_preference_examples(comps, tokenizer, drops=drops, notes=notes, **caps)
+    valid_ex, vdrops = build_preference_examples(valid, tokenizer, drops=vdrops, notes=vnotes, **caps)
+    if not valid_ex:
+        raise DataError("no held-out comparisons left to evaluate on (check valid_comparisons / valid_fraction)", path=data.valid_comparisons or data.comparisons)
+    report = {
+        "train": {"n": len(train_ex), "dropped": dict(drops.counts), "query_truncated": notes.counts.get("query_truncated", 0)},
+        "valid": {"n": len(valid_ex), "dropped": dict(vdrops.counts), "query_truncated": vnotes.counts.get("query_truncated", 0)},
+    }
+    return train_ex, valid_ex, report
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoredText:
+    """A (query, response) pair to score once (normalization references)."""
+
+    id: str
+    query_ids: list[int]
+    response_ids: list[int]
+
+
+def load_references(norm: RewardNormArgs, tokenizer, *, max_query_length: int, max_response_length: int) -> tuple[list[ScoredText], dict[str, Any]]:
+    """(query, reference summary) pairs of SFT posts for reward normalization, formatted like the
+    training data; posts whose query cannot fit or whose reference is over the cap are dropped and counted."""
+    posts = load_posts(norm.posts, norm.split, limit=norm.limit or None)
+    drops, truncated, out = DropCounts(), 0, []
+    for p in posts:
+        try:
+            _, q, t = format_query(tokenizer, p.subreddit, p.title, p.post, max_query_length)
+        except DataError:
+            drops.add("query_does_not_fit")
+            continue
+        r = format_response(tokenizer, p.summary)
+        if len(r) > max_response_length:
+            drops.add("response_too_long")
+            continue
+        truncated += t
+        out.append(ScoredText(p.id, q, r))
+    if not out:
+        raise DataError("no reference summaries left for reward normalization", path=norm.posts)
+    return out, {"n": len(out), "dropped": dict(drops.counts), "query_truncated": truncated, "source": norm.posts, "split": norm.split}
+
+
+def collate(examples: Sequence[PreferenceExample], pad_token_id: int) -> QueryResponseBatch:
+    """2B rows: chosen responses in rows [0, B), rejected in [B, 2B), each after its query."""
+    return collate_pairs([e.query_ids for e in examples], [e.chosen_ids for e in examples], [e.rejected_ids for e in examples], pad_token_id)
+
+
+# ----------------------------------------------------------------------------------------------
+# Scoring
+
+
+def pair_rewards(model: nn.Module, batch: QueryResponseBatch, *, shared_prompt: bool = True) -> torch.Tensor:
+    """Rewards of a ``collate_pairs`` batch (2B rows) in one forward pass -> (2B,) float32:
+    [0, B) chosen, [B, 2B) rejected. ``shared_prompt`` runs each query once (same scores)."""
+    b = batch.input_ids.shape[0] // 2
+    inner = model.module if hasattr(model, "module") else model
+    share = shared_prompt and isinstance(inner, ScalarRewardModel) and not uses_sliding_window(inner)
+    kwargs = dict(num_queries=b, query_width=batch.query_width) if share else {}
+    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **kwargs).rewards
+
+
+def _sharded_scores(n: int, lengths: Sequence[int], width: int, score_chunk, *, batch_size: int, accelerator, desc: str, progress: bool) -> torch.Tensor:
+    """Run ``score_chunk(indices) -> (len, width)`` over all n items in length order (less padding),
+    each process an interleaved share, gathered -> (n, width) on CPU."""
+    world = accelerator.num_processes if accelerator is not None else 1
+    rank = accelerator.process_index if accelerator is not None else 0
+    order = sorted(range(n), key=lambda i: lengths[i])
+    per_rank = -(-n // world)
+    mine = order[rank::world]
+    out = torch.zeros(per_rank, width)
+    idx = torch.full((per_rank,), -1, dtype=torch.long)
+    chunks = list(micro_batches(mine, batch_size))
+    bar = progress_bar(len(chunks), 0, desc, progress and rank == 0)
+    pos = 0
+    for chunk in chunks:
+        out[pos : pos + len(chunk)] = score_chunk(chunk)
+        idx[pos : pos + len(chunk)] = torch.tensor(chunk)
+        pos += len(chunk)
+        bar.update(1)
+    bar.close()
+    if world > 1:
+        device = accelerator.device
+        out, idx = accelerator.gather(out.to(device)).cpu(), accelerator.gather(idx.to(device)).cpu()
+    result = torch.zeros(n, width)
+    keep = idx >= 0
+    result[idx[keep]] = out[keep]
+    return result
+
+
+@torch.no_grad()
+def score_comparisons(
+    model: nn.Module,
+    examples: Sequence[PreferenceExample],
+    *,
+    pad_token_id: int,
+    batch_size: int = 16,
+    shared_prompt: bool = True,
+    accelerator=None,
+    desc: str = "scoring pairs",
+    progress: bool = False,
+) -> torch.Tensor:
+    """Rewards of every example's chosen and rejected response: (N, 2) float32 on CPU. Eval mode
+    (restored after), no gradients; several processes each score a share and gather."""
+    device = accelerator.device if accelerator is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+
+    def chunk_scores(chunk: list[int]) -> torch.Tensor:
+        batch = collate([examples[i] for i in chunk], pad_token_id).to(device)
+        with accelerator.autocast() if accelerator is not None else contextlib.nullcontext():
+            r = pair_rewards(model, batch, shared_prompt=shared_prompt).float().cpu()
+        return torch.stack([r[: len(chunk)], r[len(chunk) :]], 1)
+
+    lengths = [len(e.query_ids) + max(len(e.chosen_ids), len(e.rejected_ids)) for e in examples]
+    try:
+        return _sharded_scores(len(examples), lengths, 2, chunk_scores, batch_size=batch_size, accelerator=accelerator, desc=desc, progress=progress)
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def score_texts(model: nn.Module, items: Sequence[ScoredText], *, pad_token_id: int, batch_size: int = 16, accelerator=None, desc: str = "scoring", progress: bool = False) -> torch.Tensor:
+    """Reward of each (query, response): (N,) float32 on CPU (``[left-padded query | right-padded
+    response]`` rows, read at each response's EOS)."""
+    device = accelerator.device if accelerator is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+
+    def chunk_scores(chunk: list[int]) -> torch.Tensor:
+        batch = collate_query_response([items[i].query_ids for i in chunk], [items[i].response_ids for i in chunk], pad_token_id).to(device)
+        with accelerator.autocast() if accelerator is not None else contextlib.nullcontext():
+            return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).rewards.float().cpu()[:, None]
+
+    lengths = [len(x.query_ids) + len(x.response_ids) for x in items]
+    try:
+        return _sharded_scores(len(items), lengths, 1, chunk_scores, batch_size=batch_size, accelerator=accelerator, desc=desc, progress=progress)[:, 0]
+    finally:
+        model.train(was_training)
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics
+
+
+def comparison_metrics(
+    rewards: torch.Tensor, confidences: Sequence[int | None] | None = None, *, lengths: torch.Tensor | None = None, calibration_bins: int = 5
+) -> dict[str, Any]:
+    """Reward-model accuracy on comparisons.
+
+    ``rewards`` (N, 2): (chosen, rejected). A comparison is right when r_chosen > r_rejected (a tie is
+    wrong and counted in ``ties``). Returns {accuracy, n, ties, loss (mean -log sigmoid margin), margin,
+    chosen_reward, rejected_reward, accuracy_by_confidence {c: {accuracy, n}} (annotator confidence),
+    calibration {bins: [{p_mean, accuracy, n}], ece}} where p = sigmoid(|r_chosen - r_rejected|) is
+    the model's probability for the summary it prefers (Bradley-Terry), binned in [0.5, 1].
+    With ``lengths`` (N, 2) response token counts: ``longer_wins_accuracy`` (the baseline "the
+    longer summary is better"; equal lengths count as wrong) and ``rm_prefers_longer`` (share of
+    pairs of unequal length where the model prefers the longer one): humans and judges favour length,
+    so an accuracy is only informative next to this baseline.
+    """
+    n = int(rewards.shape[0])
+    if n == 0:
+        return {"n": 0, "accuracy": float("nan")}
+    r = rewards.double()
+    diff = r[:, 0] - r[:, 1]
+    right = diff > 0
+    out: dict[str, Any] = {
+        "accuracy": right.double().mean().item(),
+        "n": n,
+        "ties": int((diff == 0).sum()),
+        "loss": torch.nn.functional.softplus(-diff).mean().item(),
+        "margin": diff.mean().item(),
+        "chosen_reward": r[:, 0].mean().item(),
+        "rejected_reward": r[:, 1].mean().item(),
+    }
+    if confidences is not None:
+        by: dict[int, list[bool]] = {}
+        for c, ok in zip(confidences, right.tolist()):
+            if c is not None:
+                by.setdefault(int(c), []).append(ok)
+        out["accuracy_by_confidence"] = {str(k): {"accuracy": sum(v) / len(v), "n": len(v)} for k, v in sorted(by.items())}
+    if lengths is not None:
+        out.update(_length_stats(lengths, diff > 0))
+        out["longer_wins_accuracy"] = (lengths[:, 0] > lengths[:, 1]).double().mean().item()
+    p = torch.sigmoid(diff.abs())
+    bins, ece = [], 0.0
+    edges = torch.linspace(0.5, 1.0, calibration_bins + 1, dtype=torch.float64)
+    for i in range(calibration_bins):
+        inside = (p >= edges[i]) & ((p < edges[i + 1]) if i < calibration_bins - 1 else (p <= edges[i + 1]))
+        k = int(inside.sum())
+        if k == 0:
+            continue
+        acc = right[inside].double().mean().item()
+        pm = p[inside].mean().item()
+        bins.append({"p_low": round(edges[i].item(), 3), "p_high": round(edges[i + 1].item(), 3), "p_mean": pm, "accuracy": acc, "n": k})
+        ece += k / n * abs(acc - pm)
+    out["calibration"] = {"bins": bins, "ece": ece}
+    return out
+
+
+def _length_stats(lengths: torch.Tensor, first_preferred: torch.Tensor) -> dict[str, Any]:
+    """Share of pairs of unequal length where the first-preferred choice is the longer response."""
+    unequal = lengths[:, 0] != lengths[:, 1]
+    longer_first = lengths[:, 0] > lengths[:, 1]
+    k = int(unequal.sum())
+    return {"rm_prefers_longer": ((first_preferred == longer_first) & unequal).double().sum().item() / k if k else float("nan")}
+
+
+def judge_agreement(rewards: torch.Tensor, judge_prefers_first: Sequence[bool], *, lengths: torch.Tensor | None = None) -> dict[str, Any]:
+    """Agreement of the reward model with a judge on (policy summary, reference) pairs.
+
+    ``rewards`` (N, 2): (policy, reference). The model prefers the policy summary when r_policy >
+    r_reference (a tie counts as preferring the reference, and is counted). Returns {agreement, n,
+    ties, rm_policy_win_rate, judge_policy_win_rate, cohen_kappa, policy_reward, reference_reward};
+    with ``lengths`` (N, 2) also the length baseline's agreement with the judge
+    (``longer_agreement``) and how often the model / the judge prefer the longer summary."""
+    n = int(rewards.shape[0])
+    if n == 0:
+        return {"n": 0, "agreement": float("nan")}
+    rm = (rewards[:, 0] > rewards[:, 1]).tolist()
+    judge = [bool(j) for j in judge_prefers_first]
+    agree = sum(a == b for a, b in zip(rm, judge)) / n
+    p_rm, p_judge = sum(rm) / n, sum(judge) / n
+    expected = p_rm * p_judge + (1 - p_rm) * (1 - p_judge)
+    kappa = (agree - expected) / (1 - expected) if expected < 1 else float("nan")
+    extra: dict[str, Any] = {}
+    if lengths is not None:
+        longer_first = (lengths[:, 0] > lengths[:, 1]).tolist()
+        extra = {
+            "longer_agreement": sum(a == b for a, b in zip(longer_first, judge)) / n,
+            "rm_prefers_longer": _length_stats(lengths, torch.tensor(rm))["rm_prefers_longer"],
+            "judge_prefers_longer": _length_stats(lengths, torch.tensor(judge))["rm_prefers_longer"],
+        }
+    return {
+        **extra,
+        "agreement": agree,
+        "n": n,
+        "ties": int((rewards[:, 0] == rewards[:, 1]).sum()),
+        "rm_policy_win_rate": p_rm,
+        "judge_policy_win_rate": p_judge,
+        "cohen_kappa": kappa,
+        "policy_reward": rewards[:, 0].double().mean().item(),
+        "reference_reward": rewards[:, 1].double().mean().item(),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Normalization
+
+
+@torch.no_grad()
+def normalize_rewards(model: ScalarRewardModel, references: Sequence[ScoredText], *, pad_token_id: int, batch_size: int = 16, accelerator=None, progress: bool = False, source: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Shift the head bias so that the mean reward of ``references`` is 0 (N+ detail 15).
+
+    The mean raw reward m is subtracted from ``score.bias`` and added to ``config.reward_offset``;
+    ``config.normalization`` records {n, mean_before, std_before, source}. Returns that record plus
+    ``mean_after`` (the references scored again: 0 up to float rounding). In place."""
+    inner = model.module if hasattr(model, "module") else model
+    before = score_texts(model, references, pad_token_id=pad_token_id, batch_size=batch_size, accelerator=accelerator, desc="normalization (references)", progress=progress).double()
+    mean, std = before.mean().item(), (before.std().item() if len(before) > 1 else 0.0)
+    inner.score.bias.sub_(torch.tensor([mean], dtype=inner.score.bias.dtype, device=inner.score.bias.device))
+    inner.config.reward_offset = float(inner.config.reward_offset or 0.0) + mean
+    after = score_texts(model, references, pad_token_id=pad_token_id, batch_size=batch_size, accelerator=accelerator, desc="normalization (check)", progress=progress).double()
+    record = {"n": len(references), "mean_before": mean, "std_before": std, "mean_after": after.mean().item(), "offset": inner.config.reward_offset, **(source or {})}
+    inner.config.normalization = {k: v for k, v in record.items() if k != "mean_after"}
+    return record
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+def _check(cfg: RMConfig) -> None:
+    if cfg.micro_batch_size < 1 or cfg.gradient_accumulation_steps < 1:
+        raise DataError("micro_batch_size and gradient_accumulation_steps must be >= 1", field="micro_batch_size")
+    if not 0.0 < cfg.data.valid_fraction < 1.0 and not cfg.data.valid_comparisons and Path(cfg.data.comparisons).exists():
+        raise DataError(f"valid_fraction must be in (0, 1) to hold out posts of a local file, got {cfg.data.valid_fraction}", field="data.valid_fraction")
+
+
+def train(cfg: RMConfig) -> str:
+    """Train a reward model; returns the path of the final (normalized) Hugging Face checkpoint.
+
+    Writes config.json, metrics.jsonl (per step: loss/rm, rm/{accuracy, margin, chosen_reward,
+    rejected_reward}, lr, grad_norm, perf/*; valid/* at evaluations), data_report.json (counts of
+    dropped and truncated records), checkpoints/, final/ (reward model + tokenizer, normalized).
+    Raises DataError for bad settings or data (before any model is loaded), ModelLoadError for a bad
+    model path, RunDirError for a finished run folder without ``--run.overwrite``.
+    """
+    _check(cfg)
+    accelerator = make_accelerator(cfg.model, cfg.run)
+    is_main, world = accelerator.is_main_process, accelerator.num_processes
+    tokenizer = tokenizer_for(cfg.model)
+    pad = tokenizer.pad_token_id
+
+    # Data first: every bad record is reported before a model is loaded or a folder touched.
+    train_ex, valid_ex, report = load_rm_data(cfg.data, tokenizer)
+    references, ref_report = ([], {})
+    if cfg.norm.enabled:
+        references, ref_report = load_references(cfg.norm, tokenizer, max_query_length=cfg.data.max_query_length, max_response_length=cfg.data.max_response_length)
+    report["normalization"] = ref_report
+    if is_main:
+        log.info(
+            "RM data: %d train / %d held-out comparisons; train dropped %s, %d queries truncated; held-out dropped %s; %d normalization references",
+            len(train_ex), len(valid_ex), report["train"]["dropped"] or "none", report["train"]["query_truncated"], report["valid"]["dropped"] or "none", len(references),
+        )
+    batch = cfg.global_batch_size(world)
+    if len(train_ex) < batch:
+        raise DataError(f"{len(train_ex)} training comparisons are fewer than one global batch of {batch}", path=cfg.data.comparisons)
+    steps = global_batches(len(train_ex), batch, cfg.run.seed, cfg.epochs)
+    total_steps = min(len(steps), cfg.run.max_steps) if cfg.run.max_steps else len(steps)
+
+    run = RunDir(cfg.run.output_dir, overwrite=cfg.run.overwrite, is_main=is_main)
+    resume_from = run.latest_checkpoint() if cfg.run.resume else None
+    if resume_from is not None:
+        run.check_config_matches(cfg)
+    run.write_config(cfg)
+    if is_main:
+        (run.path / "data_report.json").write_text(json.dumps(report, indent=2) + "\n")
+
+    seed_everything(cfg.run.seed)
+    model = init_reward_model(cfg.model, tokenizer)
+    train_top_layers(model, cfg.train_layers)
+    model.to(accelerator.device)
+    trainable, total = count_parameters(model)
+    optimizer = build_optimizer(model.parameters(), cfg.optim, device_type=accelerator.device.type)
+    scheduler = build_scheduler(optimizer, cfg.optim, len(steps))
+    start = 0
+    if resume_from is not None:
+        start = load_checkpoint(resume_from, model, optimizer, scheduler)["step"]
+        run.truncate_logs(start)
+        if is_main:
+            log.info("resumed from %s (step %d)", resume_from, start)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if is_main:
+        log.info("reward model on %s: %d / %d trainable parameters; %d optimizer steps of %d pairs", cfg.model.path, trainable, total, total_steps, batch)
+
+    def evaluate() -> dict[str, Any]:
+        rewards = score_comparisons(
+            model, valid_ex, pad_token_id=pad, batch_size=cfg.eval_batch_size, shared_prompt=cfg.shared_prompt,
+            accelerator=accelerator, desc="held-out pairs", progress=cfg.run.progress and is_main,
+        )
+        m = comparison_metrics(rewards, [e.confidence for e in valid_ex])
+        return {f"valid/{k}": v for k, v in m.items() if not isinstance(v, dict)}
+
+    if start == 0 and cfg.run.eval_every:
+        run.log_metrics({"step": 0, **evaluate()})
+    model.train()
+    meter = Throughput()
+    bar = progress_bar(total_steps, start, "rm", is_main and cfg.run.progress)
+    step_start = time.perf_counter()
+    for step in range(start, total_steps):
+        global_idx = steps[step]
+        mine = shard(global_idx, accelerator.process_index, world)
+        chosen, rejected = [], []
+        chunks = list(micro_batches(mine, cfg.micro_batch_size))
+        for k, idx in enumerate(chunks):
+            mb = collate([train_ex[i] for i in idx], pad).to(accelerator.device)
+            b = len(idx)
+            sync = k == len(chunks) - 1
+            ctx = accelerator.no_sync(model) if not sync else contextlib.nullcontext()
+            with ctx, accelerator.autocast():
+                rewards = pair_rewards(model, mb, shared_prompt=cfg.shared_prompt)
+                # Mean over the global batch; DDP averages gradients over processes, hence / world.
+                loss, _ = pairwise_loss(rewards[:b], rewards[b:], num_pairs=len(global_idx) / world)
+                accelerator.backward(loss)
+            chosen.append(rewards[:b].detach().float())
+            rejected.append(rewards[b:].detach().float())
+            meter.add(int(mb.attention_mask.sum()), b)
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm) if cfg.optim.max_grad_norm > 0 else None
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        all_chosen = accelerator.gather(torch.cat(chosen))
+        all_rejected = accelerator.gather(torch.cat(rejected))
+        loss_value, m = pairwise_loss(all_chosen, all_rejected)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value.item():.4f}", acc=f"{m['accuracy'].item():.2f}")
+        if done % cfg.run.log_every == 0 or done == total_steps:
+            rates = meter.rates()
+            record = {
+                "step": done,
+                "loss/rm": loss_value.item(),
+                "rm/accuracy": m["accuracy"].item(),
+                "rm/margin": m["margin"].item(),
+                "rm/chosen_reward": m["chosen"].item(),
+                "rm/rejected_reward": m["rejected"].item(),
+                "lr": scheduler.get_last_lr()[0],
+                "epoch": done * batch / len(train_ex),
+                "perf/step_time_s": (time.perf_counter() - step_start) / cfg.run.log_every,
+                "perf/pairs_per_s": rates["perf/sequences_per_s"],
+                "perf/tokens_per_s": rates["perf/tokens_per_s"],
+            }
+            if grad_norm is not None:
+                record["grad_norm"] = float(grad_norm)
+            if cfg.run.eval_every and done % cfg.run.eval_every == 0 and done != total_steps:
+                record.update(evaluate())
+            run.log_metrics(record)
+            step_start = time.perf_counter()
+        if cfg.run.save_every and done % cfg.run.save_every == 0 and done != total_steps:
+            save_checkpoint(run, done, accelerator.unwrap_model(model), optimizer, scheduler, keep=cfg.run.keep_checkpoints)
+            accelerator.wait_for_everyone()
+    bar.close()
+
+    final = evaluate()
+    inner = accelerator.unwrap_model(model)
+    record: dict[str, Any] = {"step": total_steps, **final}
+    if references:
+        norm = normalize_rewards(
+            model, references, pad_token_id=pad, batch_size=cfg.eval_batch_size, accelerator=accelerator,
+            progress=cfg.run.progress and is_main, source={"source": cfg.norm.posts, "split": cfg.norm.split},
+        )
+        record.update({"norm/mean_before": norm["mean_before"], "norm/std_before": norm["std_before"], "norm/mean_after": norm["mean_after"], "norm/n": norm["n"]})
+        if is_main:
+            log.info("normalized on %d references: mean reward %.4f -> %.2e (std %.4f)", norm["n"], norm["mean_before"], norm["mean_after"], norm["std_before"])
+    record["perf/peak_memory_mb"] = peak_memory_mb(accelerator.device)
+    run.log_metrics(record)
+    accelerator.wait_for_everyone()
+    if is_main:
+        save_reward_model(inner, tokenizer, run.final_dir)
+        log.info("RM done: %s (held-out accuracy %.4f on %d pairs)", run.final_dir, final["valid/accuracy"], final["valid/n"])
+    accelerator.wait_for_everyone()
+    return str(run.final_dir)
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def _run_data(cfg: EvaluateRMConfig) -> tuple[RMDataArgs, str]:
+    """The held-out data settings: the training run's own (config.json next to final/) or cfg.data."""
+    run_cfg = Path(cfg.model).parent / "config.json"
+    if cfg.from_run and run_cfg.is_file():
+        try:
+            saved = from_dict(RMConfig, json.loads(run_cfg.read_text()))
+            return dataclasses.replace(saved.data, valid_limit=cfg.valid_limit), str(run_cfg)
+        except TypeError:
+            log.warning("%s is not a reward-model run config; using --data", run_cfg)
+    return dataclasses.replace(cfg.data, valid_limit=cfg.valid_limit), "--data"
+
+
+def evaluate(cfg: EvaluateRMConfig) -> dict[str, Any]:
+    """Measure a reward model; writes the JSON results and prints a table. Returns the results.
+
+    Sections (each with its example count and drop counts): ``heldout`` (TL;DR comparisons held out
+    from training, with accuracy by annotator confidence and calibration), ``cnndm`` (CNN/DM
+    comparisons, out of distribution), ``judge`` (agreement with the GPT-3.5 judge on OpenAI PPO
+    summary vs reference). Raises DataError / ModelLoadError before scoring anything.
+    """
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = load_tokenizer(cfg.model)
+    pad = tokenizer.pad_token_id
+    data, data_from = _run_data(cfg)
+
+    # Data first: every source is read and checked before the model is loaded.
+    _, heldout, report = load_rm_data(data, tokenizer, need_train=False)
+    cnndm: list[PreferenceExample] = []
+    cnndm_report: dict[str, Any] = {}
+    if cfg.cnndm:
+        comps, drops = load_comparisons(cfg.cnndm, "validation")
+        comps = [c for c in comps if c.is_cnndm]
+        if cfg.cnndm_limit:
+            comps = comps[: cfg.cnndm_limit]
+        notes = DropCounts()
+        cnndm, drops = build_preference_examples(comps, tokenizer, max_response_length=data.max_response_length, max_cnndm_query_length=cfg.max_cnndm_query_length, drops=drops, notes=notes)
+        cnndm_report = {"dropped": dict(drops.counts), "query_truncated": notes.counts.get("query_truncated", 0)}
+    judged: list[PreferenceExample] = []
+    judge_first: list[bool] = []
+    judge_report: dict[str, Any] = {}
+    if cfg.policy_samples:
+        samples, drops = load_judged_samples(cfg.policy_samples)
+        if cfg.judge_limit:
+            samples = samples[: cfg.judge_limit]
+        notes = DropCounts()
+        pairs = [Comparison(s.id, s.query_fields, s.response, s.reference) for s in samples]
+        judged, drops = build_preference_examples(pairs, tokenizer, max_query_length=data.max_query_length, max_response_length=data.max_response_length, drops=drops, notes=notes)
+        verdict = {s.id: s.judge_preferred for s in samples}
+        judge_first = [verdict[e.post_id] == "policy" for e in judged]
+        judge_report = {"dropped": dict(drops.counts), "query_truncated": notes.counts.get("query_truncated", 0), "judge": samples[0].judge if samples else ""}
+
+    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" and device.type == "cpu" else torch.float32
+    model = load_reward_model(cfg.model, dtype=dtype, tokenizer=tokenizer).to(device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and cfg.dtype in ("auto", "bfloat16") else contextlib.nullcontext()
+    kw = dict(pad_token_id=pad, batch_size=cfg.batch_size, progress=cfg.progress)
+    results: dict[str, Any] = {"model": cfg.model, "data_from": data_from, "normalization": model.config.normalization, "reward_offset": model.config.reward_offset}
+    t0 = time.perf_counter()
+    scores: list[dict[str, Any]] = []
+
+    def keep(name: str, examples: Sequence[PreferenceExample], r: torch.Tensor) -> None:
+        scores.extend({"set": name, "id": e.post_id, "confidence": e.confidence, "first": a, "second": b} for e, (a, b) in zip(examples, r.tolist()))
+
+    with autocast:
+        r = score_comparisons(model, heldout, desc="held-out TL;DR pairs", **kw)
+        results["heldout"] = {**comparison_metrics(r, [e.confidence for e in heldout], lengths=_lengths(heldout)), **report["valid"], "source": data.valid_comparisons or data.comparisons}
+        keep("heldout", heldout, r)
+        if cfg.cnndm:
+            r = score_comparisons(model, cnndm, desc="CNN/DM pairs", **kw)
+            results["cnndm"] = {**comparison_metrics(r, [e.confidence for e in cnndm], lengths=_lengths(cnndm)), **cnndm_report, "source": cfg.cnndm}
+            keep("cnndm", cnndm, r)
+        if cfg.policy_samples:
+            r = score_comparisons(model, judged, desc="judged PPO vs reference", **kw)
+            results["judge"] = {**judge_agreement(r, judge_first, lengths=_lengths(judged)), **judge_report, "source": cfg.policy_samples}
+            keep("judge", judged, r)
+    results["seconds"] = time.perf_counter() - t0
+    out = Path(cfg.output) if cfg.output else Path(cfg.model).parent / EVAL_FILE
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    # Per-pair rewards (first = chosen / PPO summary, second = rejected / reference) for further analysis.
+    out.with_suffix(".scores.jsonl").write_text("".join(json.dumps(x) + "\n" for x in scores))
+    print(format_table(results))
+    print(f"\nresults: {out}")
+    return results
+
+
+def _lengths(examples: Sequence[PreferenceExample]) -> torch.Tensor:
+    return torch.tensor([[len(e.chosen_ids), len(e.rejected_ids)] for e in examples], dtype=torch.long).reshape(-1, 2)
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """A readable table of ``evaluate`` results."""
+    lines = [f"reward model: {results['model']}", "", f"{'set':<31}{'n':>6}{'accuracy':>10}{'longer wins':>13}{'margin':>9}  dropped"]
+
+    def row(name: str, m: dict[str, Any], key: str = "accuracy", baseline: str = "longer_wins_accuracy") -> None:
+        dropped = ", ".join(f"{k} {v}" for k, v in sorted(m.get("dropped", {}).items())) or "none"
+        margin = f"{m['margin']:>9.3f}" if "margin" in m else " " * 9
+        base = f"{m[baseline]:>13.4f}" if baseline in m else " " * 13
+        lines.append(f"{name:<31}{m['n']:>6}{m[key]:>10.4f}{base}{margin}  {dropped}")
+
+    row("held-out TL;DR comparisons", results["heldout"])
+    if "cnndm" in results:
+        row("CNN/DM comparisons (OOD)", results["cnndm"])
+    if "judge" in results:
+        row("agreement with GPT-3.5 judge", results["judge"], "agreement", "longer_agreement")
+    lines.append("(longer wins: the baseline that always prefers the longer summary, on the same pairs)")
+    h = results["heldout"]
+    if h.get("accuracy_by_confidence"):
+        lines += ["", "held-out accuracy by annotator confidence:", "  " + "  ".join(f"{c}: {v['accuracy']:.2f} (n={v['n']})" for c, v in h["accuracy_by_confidence"].items())]
+    if h.get("calibration"):
+        lines += ["", f"calibration (model probability of its preferred summary; ECE {h['calibration']['ece']:.3f}):"]
+        lines += [f"  p in [{b['p_low']:.1f}, {b['p_high']:.1f}]: mean p {b['p_mean']:.3f}, accuracy {b['accuracy']:.3f} (n={b['n']})" for b in h["calibration"]["bins"]]
+    if "judge" in results:
+        j = results["judge"]
+        lines += ["", f"judge set: RM prefers the PPO summary {j['rm_policy_win_rate']:.3f}, judge {j['judge_policy_win_rate']:.3f}; kappa {j['cohen_kappa']:.3f}; "
+                  f"mean reward PPO {j['policy_reward']:.3f}, reference {j['reference_reward']:.3f}"]
+        if "rm_prefers_longer" in j:
+            lines.append(f"  prefers the longer summary: RM {j['rm_prefers_longer']:.3f}, judge {j['judge_prefers_longer']:.3f}")
+    if "rm_prefers_longer" in h:
+        lines.append(f"held-out: RM prefers the longer summary in {h['rm_prefers_longer']:.3f} of pairs of unequal length")
+    return "\n".join(lines)
