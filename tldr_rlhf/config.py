@@ -405,6 +405,161 @@ PPO_PRESETS: dict[str, PPOConfig] = {
 
 
 # ----------------------------------------------------------------------------------------------
+# Reward model
+
+
+@dataclass(frozen=True)
+class RMDataArgs:
+    """Human comparisons the reward model trains on, and the held-out ones it is scored on."""
+
+    comparisons: str = "openai/summarize_from_feedback"
+    """Training comparisons: OpenAI JSON-lines file or folder, or a hub dataset id
+    (openai/summarize_from_feedback, trl-lib/tldr-preference). CNN/DM rows are set aside (counted)."""
+    valid_comparisons: str = ""
+    """Held-out comparisons (same forms); empty = the hub's validation split, or for a local file
+    the posts held out by id (`valid_fraction`)."""
+    valid_fraction: float = 0.2
+    """When `valid_comparisons` is empty and `comparisons` is local: share of posts held out (by post id)."""
+    max_query_length: int = 512
+    """Query token cap with smart truncation (N+ detail 2); truncated queries are counted."""
+    max_response_length: int = 133
+    """Response token cap, EOS included; longer comparisons are dropped and counted (169 Pythia, 133 Qwen2.5)."""
+    limit: int = 0
+    """Use at most this many training comparisons (0 = all)."""
+    valid_limit: int = 2048
+    """Held-out comparisons scored during training (0 = all; `evaluate-rm` scores them all)."""
+
+
+@dataclass(frozen=True)
+class RewardNormArgs:
+    """Reward normalization after training (N+ detail 15): the head bias is shifted so that the mean
+    reward of (query, reference summary) pairs of the SFT posts is 0."""
+
+    posts: str = "vwxyzjn/summarize_from_feedback_tldr_3_filtered"
+    """SFT posts with reference summaries: JSON-lines file, folder with {split}.jsonl, or hub dataset id."""
+    split: str = "train"
+    """Split of `posts` (hub datasets / folders)."""
+    limit: int = 8192
+    """Posts scored for the mean (0 = all; 8192 gives the mean to about 1% of the reward std)."""
+    enabled: bool = True
+    """Normalize at the end of training."""
+
+
+@dataclass(frozen=True)
+class RMConfig:
+    """Reward model on human comparisons (Stiennon et al. 2020 sec. 3.4; N+ details 10-15)."""
+
+    model: ModelArgs = field(default_factory=ModelArgs)
+    """Backbone: a base or SFT causal LM (hub id, folder, .gguf) or a reward-model checkpoint to continue."""
+    data: RMDataArgs = field(default_factory=RMDataArgs)
+    norm: RewardNormArgs = field(default_factory=RewardNormArgs)
+    optim: OptimArgs = field(default_factory=OptimArgs)
+    run: RunArgs = field(default_factory=RunArgs)
+    epochs: int = 1
+    """Passes over the training comparisons (N+: 1; more overfits)."""
+    micro_batch_size: int = 8
+    """Comparisons (pairs) per forward pass per process; each pass scores 2x this many responses."""
+    gradient_accumulation_steps: int = 16
+    """Micro-batches per optimizer step."""
+    eval_batch_size: int = 16
+    """Comparisons per forward pass when scoring held-out pairs and normalization references."""
+    shared_prompt: bool = True
+    """Run each query once and both responses on its key/value cache (same scores, about half the
+    compute); False = chosen and rejected as two full rows of one forward pass."""
+    train_layers: int = 0
+    """Train only the top N transformer blocks (+ final norm and head); 0 = every weight (the papers).
+    A speed option for CPU demos."""
+
+    def global_batch_size(self, world_size: int = 1) -> int:
+        """Comparisons per optimizer step over all processes."""
+        return self.micro_batch_size * self.gradient_accumulation_steps * world_size
+
+
+_RM_SEED_OPTIM = OptimArgs(lr=5e-5, min_lr=5e-6, warmup_ratio=0.03, decay_steps=0, betas=(0.9, 0.95), weight_decay=0.1, max_grad_norm=1.0, optim_8bit="auto")
+
+RM_PRESETS: dict[str, RMConfig] = {
+    # Seed setup: base Qwen2.5-1.5B (beat the 0.5B SFT model), 1 epoch, 8 x 16 pairs, lr 5e-5 with 3%
+    # warmup and cosine decay, AdamW (0.9, 0.95), weight decay 0.1, clip 1, 8-bit AdamW on CUDA.
+    "seed": RMConfig(
+        model=ModelArgs(path="Qwen/Qwen2.5-1.5B"),
+        optim=_RM_SEED_OPTIM,
+        run=RunArgs(output_dir="runs/rm", eval_every=100, save_every=100),
+    ),
+    # The same from the 0.5B SFT checkpoint of `tldr-rlhf sft --preset seed`.
+    "seed-from-sft": RMConfig(
+        model=ModelArgs(path="runs/sft/final"),
+        optim=_RM_SEED_OPTIM,
+        run=RunArgs(output_dir="runs/rm-from-sft", eval_every=100, save_every=100),
+    ),
+    # Real SmolLM2-135M on the real local comparisons (posts held out by id), sized for minutes on
+    # 2 CPU cores: 256-token queries, the top 6 of 30 blocks trained (~15 s per step of 8 pairs),
+    # 30 steps (240 pairs), 64 held-out pairs at the end of training (`evaluate-rm` scores them all),
+    # normalization on 64 local SFT references. lr 1e-4 (higher than the seed's 5e-5: few steps).
+    "cpu-smol": RMConfig(
+        model=ModelArgs(path=SMOL_GGUF, dtype="float32"),
+        data=RMDataArgs(comparisons=LOCAL_COMPARISONS, max_query_length=256, max_response_length=133, valid_limit=64),
+        norm=RewardNormArgs(posts=LOCAL_POSTS, limit=64),
+        optim=OptimArgs(lr=1e-4, min_lr=1e-5, warmup_ratio=0.1, decay_steps=0),
+        run=RunArgs(output_dir="runs/rm-cpu-smol", eval_every=0, save_every=10, max_steps=30),
+        micro_batch_size=8,
+        gradient_accumulation_steps=1,
+        eval_batch_size=8,
+        train_layers=6,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class EvaluateRMConfig:
+    """Measure a reward model against humans and a judge: held-out accuracy, accuracy by annotator
+    confidence (calibration), CNN/DM accuracy (out of distribution), agreement with GPT-3.5."""
+
+    model: str = "runs/rm/final"
+    """Reward-model checkpoint (a run's final/)."""
+    data: RMDataArgs = field(default_factory=RMDataArgs)
+    """Held-out comparisons; replaced by the training run's own data settings (same split) when the
+    model sits in a run folder with a config.json and `from_run` is set."""
+    from_run: bool = True
+    """Take `data` from the run folder's config.json so the held-out set is exactly the training run's."""
+    cnndm: str = "openai/summarize_from_feedback"
+    """CNN/DM comparisons: OpenAI JSON-lines file, or the hub dataset (its validation CNN/DM rows); empty = skip."""
+    max_cnndm_query_length: int = 1919
+    """CNN/DM query cap (N+ detail 6)."""
+    policy_samples: str = str(SHARED / "data" / "tldr" / "policy_samples" / "openai_ppo_1.3b.jsonl")
+    """JSON-lines of (query, policy response, reference, judge_preferred): does the reward model prefer
+    the same summary as the judge? Empty = skip."""
+    valid_limit: int = 0
+    """Held-out TL;DR comparisons scored (0 = all)."""
+    cnndm_limit: int = 0
+    """CNN/DM comparisons scored (0 = all)."""
+    judge_limit: int = 0
+    """Judged policy samples scored (0 = all)."""
+    batch_size: int = 16
+    """Pairs per forward pass."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """auto = float32 on CPU, bfloat16 autocast on CUDA."""
+    output: str = ""
+    """Results JSON; empty = eval_rm.json in the run folder (or next to the model)."""
+    num_threads: int = 0
+    """torch CPU threads (0 = torch's default)."""
+    progress: bool = True
+    """Progress bars."""
+
+
+EVALUATE_RM_PRESETS: dict[str, EvaluateRMConfig] = {
+    "seed": EvaluateRMConfig(),
+    "cpu-smol": EvaluateRMConfig(
+        model="runs/rm-cpu-smol/final",
+        cnndm=str(SHARED / "data" / "tldr" / "comparisons" / "cnndm0.json"),
+        max_cnndm_query_length=512,
+        cnndm_limit=128,
+        judge_limit=256,
+        batch_size=8,
+    ),
+}
+
+
+# ----------------------------------------------------------------------------------------------
 # GRPO and RLOO
 
 
@@ -713,3 +868,94 @@ class ReportConfig:
     """Where report.md, report.html and the PNGs go; empty = RUN_DIR/report."""
     table_posts: int = 4
     """Held-out posts in the side-by-side table of summaries."""
+
+
+PIPELINE_STAGES = ("sft", "rm", "evaluate-rm", "dpo", "ppo", "grpo", "rloo", "evaluate", "report")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """SFT -> reward model -> {DPO, PPO, GRPO} -> evaluation -> report in one run folder. A stage whose
+    output exists (final/, eval.json) is skipped, so re-running the command resumes after a crash; a
+    stage stopped half-way resumes from its newest checkpoint. Each stage's flags are under its name
+    (--sft.optim.lr 1e-4, --ppo.run.max-steps 5); output folders and the SFT / reward-model paths of
+    later stages are set by the pipeline."""
+
+    run_dir: str = "runs/pipeline"
+    """Run folder: one subfolder per stage, pipeline.json (stage status and seconds), report/."""
+    stages: tuple[str, ...] = ("sft", "rm", "evaluate-rm", "dpo", "ppo", "grpo", "evaluate", "report")
+    """Stages to run, in pipeline order (also available: rloo)."""
+    rerun: tuple[str, ...] = ()
+    """Stages to run again from scratch although their output exists (later stages are not redone)."""
+    base_model: str = ""
+    """The untrained policy evaluated as `base`; empty = the SFT stage's starting model."""
+    rm_from_sft: bool = False
+    """Start the reward model from the SFT checkpoint instead of `rm.model.path`."""
+    num_threads: int = 0
+    """torch CPU threads for every stage (0 = each stage's own setting)."""
+    table_posts: int = 4
+    """Held-out posts in the report's side-by-side table."""
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    rm: RMConfig = field(default_factory=RMConfig)
+    evaluate_rm: EvaluateRMConfig = field(default_factory=EvaluateRMConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    rloo: RLOOConfig = field(default_factory=RLOOConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    """Evaluation settings; its policies, paths, data (the SFT stage's held-out split) and output
+    folder are set by the pipeline."""
+
+
+PIPELINE_PRESETS: dict[str, PipelineConfig] = {
+    # The seed setup: Qwen2.5-0.5B policy, Qwen2.5-1.5B reward model, hub data, each stage's seed preset.
+    "seed": PipelineConfig(
+        run_dir="runs/pipeline-seed",
+        sft=SFT_PRESETS["seed"], rm=RM_PRESETS["seed"], evaluate_rm=EVALUATE_RM_PRESETS["seed"], dpo=DPO_PRESETS["seed"],
+        ppo=PPO_PRESETS["seed"], grpo=GRPO_PRESETS["seed"], rloo=RLOO_PRESETS["default"], evaluate=EVALUATE_PRESETS["seed"],
+    ),
+    # Real SmolLM2-135M on the real local data, sized for 2 CPU cores in under 30 minutes. The stand-alone
+    # cpu-smol presets take over an hour together (on this shared machine: SFT ~50 s per step of 8,
+    # PPO 3-5 min per update), so each stage is cut to a small complete schedule: 192-token queries;
+    # SFT 80 posts (20 steps of 4); reward model 128 pairs (16 steps of 8, top 6 blocks), measured on
+    # 32 held-out + 16 CNN/DM + 32 judged pairs; DPO 32 pairs (4 steps of 8); PPO 3 updates of 8 prompts
+    # x 2 epochs; GRPO 4 rollouts of 2 prompts x 4; evaluation on 16 held-out posts, one summary of at
+    # most 53 tokens sampled at temperature 0.7 per post (it also serves the KL estimate).
+    "cpu-smol": PipelineConfig(
+        run_dir="runs/pipeline-cpu-smol",
+        sft=dataclasses.replace(
+            SFT_PRESETS["cpu-smol"], micro_batch_size=4, num_sample_posts=1,
+            data=dataclasses.replace(SFT_PRESETS["cpu-smol"].data, max_query_length=192, limit=80, valid_limit=16),
+            optim=dataclasses.replace(SFT_PRESETS["cpu-smol"].optim, warmup_steps=2),
+            run=dataclasses.replace(SFT_PRESETS["cpu-smol"].run, max_steps=0, eval_every=0, save_every=4),
+        ),
+        rm=dataclasses.replace(
+            RM_PRESETS["cpu-smol"],
+            data=dataclasses.replace(RM_PRESETS["cpu-smol"].data, max_query_length=192, limit=128, valid_limit=32),
+            norm=dataclasses.replace(RM_PRESETS["cpu-smol"].norm, limit=32),
+            run=dataclasses.replace(RM_PRESETS["cpu-smol"].run, max_steps=0, save_every=4),
+        ),
+        evaluate_rm=dataclasses.replace(EVALUATE_RM_PRESETS["cpu-smol"], valid_limit=32, cnndm_limit=16, max_cnndm_query_length=384, judge_limit=32),
+        dpo=dataclasses.replace(
+            DPO_PRESETS["cpu-smol"], num_sample_posts=0,
+            data=dataclasses.replace(DPO_PRESETS["cpu-smol"].data, max_query_length=192, limit=32, valid_limit=32),
+            run=dataclasses.replace(DPO_PRESETS["cpu-smol"].run, save_every=2),
+        ),
+        ppo=dataclasses.replace(
+            PPO_PRESETS["cpu-smol"], total_episodes=3 * 8, ppo_epochs=2,
+            data=dataclasses.replace(PPO_PRESETS["cpu-smol"].data, max_query_length=192),
+            run=dataclasses.replace(PPO_PRESETS["cpu-smol"].run, max_steps=0, save_every=2, eval_every=2),
+        ),
+        grpo=dataclasses.replace(
+            GRPO_PRESETS["cpu-smol"], total_episodes=4 * 2 * 4,
+            data=dataclasses.replace(GRPO_PRESETS["cpu-smol"].data, max_query_length=192),
+            run=dataclasses.replace(GRPO_PRESETS["cpu-smol"].run, max_steps=0, save_every=2),
+        ),
+        rloo=dataclasses.replace(
+            RLOO_PRESETS["cpu-smol"], total_episodes=4 * 2 * 4,
+            data=dataclasses.replace(RLOO_PRESETS["cpu-smol"].data, max_query_length=192),
+            run=dataclasses.replace(RLOO_PRESETS["cpu-smol"].run, max_steps=0, save_every=2),
+        ),
+        evaluate=dataclasses.replace(EVALUATE_PRESETS["cpu-smol"], num_posts=16, response_length=53, greedy=False),
+    ),
+}
