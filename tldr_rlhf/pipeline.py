@@ -1,0 +1,214 @@
+"""The whole reproduction in one command: SFT -> reward model (+ its evaluation) -> {DPO, PPO, GRPO,
+optionally RLOO} -> evaluation of every policy -> report, in one run folder:
+
+    RUN_DIR/pipeline.json        stage status (done / skipped / failed), seconds, output
+    RUN_DIR/pipeline_config.json the resolved configuration of this invocation
+    RUN_DIR/sft/ rm/ dpo/ ppo/ grpo/ rloo/   each a normal stage run folder (config.json, metrics.jsonl, final/)
+    RUN_DIR/rm/eval_rm.json      reward-model accuracy (held-out, CNN/DM, agreement with GPT-3.5)
+    RUN_DIR/evaluate/            eval.json, summaries.jsonl, eval_table.md
+    RUN_DIR/report/              report.md, report.html, *.png
+
+Each stage is the stage's own ``train(cfg)`` (or ``evaluate``) with its config taken from the
+pipeline config and wired: output folder ``RUN_DIR/<stage>``, the SFT checkpoint as DPO's and the RL
+stages' starting policy and as the KL reference, the reward model as the RL stages' reward and the
+evaluation's scorer, the SFT stage's held-out posts as the evaluation set.
+
+Resuming: a stage whose output exists (``final/`` for training stages, ``eval_rm.json`` /
+``eval.json`` for the evaluations) is skipped; a training stage that crashed part-way resumes from its
+newest checkpoint when the command is run again (the stages' own resume). The report is rebuilt on
+every run. ``--rerun STAGE`` redoes a finished stage from scratch (later stages are not redone: name
+them too). Seconds per stage accumulate in pipeline.json across invocations (a skipped stage keeps the
+time it took when it ran).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import importlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .config import PIPELINE_STAGES, PipelineConfig, ReportConfig, save_config
+from .errors import DataError
+
+log = logging.getLogger(__name__)
+STATE_FILE = "pipeline.json"
+CONFIG_FILE = "pipeline_config.json"
+
+# stage name -> "module:function"; tests may swap entries through ``run_pipeline(..., stage_functions=...)``
+STAGE_FUNCTIONS: dict[str, str] = {
+    "sft": "tldr_rlhf.train.sft:train",
+    "rm": "tldr_rlhf.train.rm:train",
+    "evaluate-rm": "tldr_rlhf.train.rm:evaluate",
+    "dpo": "tldr_rlhf.train.dpo:train",
+    "ppo": "tldr_rlhf.train.ppo:train",
+    "grpo": "tldr_rlhf.train.grpo:train",
+    "rloo": "tldr_rlhf.train.grpo:train_rloo",
+    "evaluate": "tldr_rlhf.evaluate:evaluate",
+    "report": "tldr_rlhf.report:build_report",
+}
+POLICY_STAGES = ("dpo", "ppo", "grpo", "rloo")
+
+
+def _resolve(target: str) -> Callable[[Any], Any]:
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _run(cfg_run, run_dir: Path, stage: str, threads: int, overwrite: bool):
+    return dataclasses.replace(cfg_run, output_dir=str(run_dir / stage), overwrite=overwrite, **({"num_threads": threads} if threads else {}))
+
+
+def final_dir(run_dir: str | Path, stage: str) -> Path:
+    """The checkpoint folder a training stage leaves in the run folder."""
+    return Path(run_dir) / stage / "final"
+
+
+def stage_output(run_dir: str | Path, stage: str) -> Path | None:
+    """What marks ``stage`` as finished: its final/ (training stages), eval_rm.json / eval.json
+    (evaluations); None for the report (always rebuilt)."""
+    run_dir = Path(run_dir)
+    if stage == "evaluate-rm":
+        return run_dir / "rm" / "eval_rm.json"
+    if stage == "evaluate":
+        return run_dir / "evaluate" / "eval.json"
+    if stage == "report":
+        return None
+    return final_dir(run_dir, stage)
+
+
+def check_stages(cfg: PipelineConfig) -> list[str]:
+    """The stages to run in pipeline order. Raises DataError for an unknown stage name (in `stages`
+    or `rerun`) or a stage whose inputs no earlier stage and no existing output provide."""
+    for field_name in ("stages", "rerun"):
+        for s in getattr(cfg, field_name):
+            if s not in PIPELINE_STAGES:
+                raise DataError(f"unknown stage '{s}'; stages are {', '.join(PIPELINE_STAGES)}", field=field_name)
+    stages = [s for s in PIPELINE_STAGES if s in cfg.stages]
+    run_dir = Path(cfg.run_dir)
+
+    def available(dep: str) -> bool:
+        return dep in stages or final_dir(run_dir, dep).exists()
+
+    needs = {"rm": ["sft"] if cfg.rm_from_sft else [], "evaluate-rm": ["rm"], "dpo": ["sft"], "ppo": ["sft", "rm"], "grpo": ["sft", "rm"], "rloo": ["sft", "rm"], "evaluate": ["sft"]}
+    for s in stages:
+        missing = [d for d in needs.get(s, []) if not available(d)]
+        if missing:
+            raise DataError(f"stage '{s}' needs the output of {', '.join(missing)}: add it to --stages or run it first", field="stages")
+    return stages
+
+
+def stage_configs(cfg: PipelineConfig) -> dict[str, Any]:
+    """Every stage's config wired into the run folder (see the module docstring). Pure: reads nothing
+    but ``cfg`` and which stage outputs exist in the run folder (for the evaluated policies)."""
+    run_dir = Path(cfg.run_dir)
+    t = cfg.num_threads
+    sft_final, rm_final = str(final_dir(run_dir, "sft")), str(final_dir(run_dir, "rm"))
+    redo = set(cfg.rerun)
+    out: dict[str, Any] = {}
+    out["sft"] = dataclasses.replace(cfg.sft, run=_run(cfg.sft.run, run_dir, "sft", t, "sft" in redo))
+    rm_model = dataclasses.replace(cfg.rm.model, path=sft_final) if cfg.rm_from_sft else cfg.rm.model
+    out["rm"] = dataclasses.replace(cfg.rm, model=rm_model, run=_run(cfg.rm.run, run_dir, "rm", t, "rm" in redo))
+    out["evaluate-rm"] = dataclasses.replace(cfg.evaluate_rm, model=rm_final, output="", from_run=True, **({"num_threads": t} if t else {}))
+    out["dpo"] = dataclasses.replace(cfg.dpo, sft_path=sft_final, tokenizer=None, run=_run(cfg.dpo.run, run_dir, "dpo", t, "dpo" in redo))
+    for name in ("ppo", "grpo", "rloo"):
+        stage_cfg = getattr(cfg, name)
+        out[name] = dataclasses.replace(stage_cfg, sft_path=sft_final, rm_path=rm_final, tokenizer=None, run=_run(stage_cfg.run, run_dir, name, t, name in redo))
+    policies = [f"base={cfg.base_model or cfg.sft.model.path}", f"sft={sft_final}"]
+    policies += [f"{s}={final_dir(run_dir, s)}" for s in POLICY_STAGES if s in cfg.stages or final_dir(run_dir, s).exists()]
+    rm_ok = "rm" in cfg.stages or Path(rm_final).exists()
+    out["evaluate"] = dataclasses.replace(
+        cfg.evaluate, policies=tuple(policies), sft_path=sft_final, rm_path=rm_final if rm_ok else "",
+        data=cfg.sft.data, output_dir=str(run_dir / "evaluate"), **({"num_threads": t} if t else {}),
+    )
+    out["report"] = ReportConfig(run_dir=str(run_dir), table_posts=cfg.table_posts)
+    return out
+
+
+def _load_state(path: Path) -> dict[str, Any]:
+    if path.is_file():
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError:
+            log.warning("%s is not valid JSON; starting a new stage record", path)
+    return {"stages": {}}
+
+
+def _save_state(path: Path, state: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def run_pipeline(cfg: PipelineConfig, *, stage_functions: dict[str, Callable[[Any], Any]] | None = None) -> dict[str, Any]:
+    """Run the pipeline; returns the state written to ``pipeline.json``: {"stages": {name: {status,
+    seconds, output, ...}}, "total_seconds"}.
+
+    Raises DataError for unknown stage names or missing inputs (before anything runs), and re-raises a
+    stage's own error after recording it as failed in pipeline.json.
+    """
+    stages = check_stages(cfg)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    save_config(cfg, run_dir / CONFIG_FILE)
+    state_path = run_dir / STATE_FILE
+    state = _load_state(state_path)
+    overrides = dict(stage_functions or {})
+    t_all = time.perf_counter()
+    for stage in stages:
+        configs = stage_configs(cfg)  # re-read after each stage: evaluated policies depend on what exists
+        marker = stage_output(run_dir, stage)
+        record = state["stages"].get(stage, {})
+        if marker is not None and marker.exists() and stage not in cfg.rerun:
+            log.info("pipeline: %s already done (%s); skipping", stage, marker)
+            state["stages"][stage] = {**record, "status": "skipped", "output": str(marker)}
+            _save_state(state_path, state)
+            continue
+        if stage in cfg.rerun and stage in ("evaluate-rm", "evaluate") and marker is not None and marker.exists():
+            marker.unlink()
+        log.info("pipeline: running %s", stage)
+        if stage != "report":  # the report reads pipeline.json: it shows the stages before it, not itself running
+            state["stages"][stage] = {"status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            _save_state(state_path, state)
+        t0 = time.perf_counter()
+        try:
+            fn = overrides.get(stage) or _resolve(STAGE_FUNCTIONS[stage])
+            fn(configs[stage])
+        except BaseException as e:
+            state["stages"][stage] = {"status": "failed", "seconds": round(time.perf_counter() - t0, 2), "error": f"{type(e).__name__}: {e}"}
+            _save_state(state_path, state)
+            raise
+        seconds = round(time.perf_counter() - t0, 2)
+        state["stages"][stage] = {"status": "done", "seconds": seconds, "output": str(marker) if marker is not None else str(run_dir / "report"), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        _save_state(state_path, state)
+        log.info("pipeline: %s done in %.1f s", stage, seconds)
+        if torch.cuda.is_available():  # hand the finished stage's GPU memory back before the next stage
+            gc.collect()
+            torch.cuda.empty_cache()
+    state["last_run_seconds"] = round(time.perf_counter() - t_all, 2)
+    state["total_seconds"] = round(sum(s.get("seconds", 0.0) for s in state["stages"].values()), 2)
+    _save_state(state_path, state)
+    return state
+
+
+def main(cfg: PipelineConfig) -> dict[str, Any]:
+    """``tldr-rlhf pipeline``: run, then print the stage times and where the report is."""
+    state = run_pipeline(cfg)
+    print(f"\npipeline {cfg.run_dir}:")
+    for name, s in state["stages"].items():
+        seconds = s.get("seconds")
+        print(f"  {name:<12} {s['status']:<8} {'' if seconds is None else f'{seconds / 60:6.1f} min'}")
+    print(f"  {'total':<12} {'':<8} {state['total_seconds'] / 60:6.1f} min")
+    report = Path(cfg.run_dir) / "report" / "report.md"
+    if report.exists():
+        print(f"\nreport: {report}")
+    return state
+
