@@ -1,0 +1,104 @@
+"""GRPO and RLOO stages end to end on tiny models built from a config (real tokenizer, real posts)."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tldr_rlhf.config import GRPO_PRESETS, GRPOConfig, OptimArgs, RLOO_PRESETS, RLOOConfig, RunArgs, TldrDataArgs
+from tldr_rlhf.train import grpo
+
+from rl_fixtures import POSTS, make_checkpoints, one_thread
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _threads():
+    with one_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def ckpts(qwen_tokenizer):
+    return make_checkpoints(qwen_tokenizer)
+
+
+def common(sft, rm, out):
+    return dict(
+        sft_path=sft, rm_path=rm, dtype="float32",
+        data=TldrDataArgs(train=POSTS, limit=8, max_query_length=64, valid_fraction=0.1),
+        optim=OptimArgs(lr=1e-3, min_lr=1e-4, warmup_steps=0, decay_steps=0, max_grad_norm=1.0),
+        run=RunArgs(output_dir=str(out), save_every=0, eval_every=1, progress=False, num_threads=1),
+        rollout_prompts=2, group_size=4, micro_batch_size=2, forward_batch_size=8, response_length=6, num_sample_posts=4,
+    )
+
+
+def _updates(out):
+    return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if "objective/scores" in l]
+
+
+@pytest.fixture(scope="module")
+def grpo_run(ckpts, tmp_path_factory):
+    out = tmp_path_factory.mktemp("grpo") / "run"
+    cfg = GRPOConfig(**common(*ckpts, out), total_episodes=8, mini_batch_size=4, update_per_rollout=2)
+    return out, grpo.train(cfg)
+
+
+def test_nplus_24_grpo_run_ratio_one_first_minibatch_and_weights_change(grpo_run, ckpts):
+    out, final = grpo_run
+    ups = _updates(out)
+    assert [u["step"] for u in ups] == [1]  # one rollout: 2 passes x 2 minibatches = 4 optimizer steps
+    first = ups[0]
+    # before the first optimizer step the training pass reproduces the rollout log-probs exactly
+    assert first["grpo/first_minibatch_ratio_max_abs_dev"] == 0.0 and first["grpo/ratio_max_abs_dev"] > 0.0
+    for key in ("grpo/clipfrac", "grpo/dual_clipfrac", "grpo/kl", "grpo/group_score_std", "objective/eos_rate", "objective/entropy", "loss/policy"):
+        assert key in first, key
+    before, after = load_file(f"{ckpts[0]}/model.safetensors"), load_file(f"{final}/model.safetensors")
+    assert sum(not torch.equal(before[k], after[k]) for k in before) > len(before) // 2
+    # samples: the first 4 rows are one prompt's group of G = 4 responses
+    samples = [json.loads(l) for l in (out / "samples.jsonl").read_text().splitlines()]
+    assert len({s["id"] for s in samples if s["step"] == 1}) == 1
+
+
+def test_nplus_25_grpo_with_rejection_sampling_keeps_high_scores(ckpts, tmp_path):
+    # beta tiny: the kept G = 2 of 6 candidates are each prompt's top 2, so their mean score is at
+    # least the candidates' mean
+    cfg = GRPOConfig(
+        **{**common(*ckpts, tmp_path / "rs"), "group_size": 2}, total_episodes=4, mini_batch_size=4, update_per_rollout=1,
+        rejection_sampling=True, rs_candidates=6, rs_temperature=1.0, rs_beta=1e-4, global_normalize=True,
+    )
+    grpo.train(cfg)
+    (u,) = _updates(tmp_path / "rs")
+    assert u["rs/kept_score_mean"] >= u["rs/candidate_score_mean"]
+    assert u["grpo/first_minibatch_ratio_max_abs_dev"] == 0.0
+
+
+def test_rloo_run(ckpts, tmp_path):
+    cfg = RLOOConfig(**common(*ckpts, tmp_path / "rloo"), total_episodes=8, mini_batch_size=8, update_per_rollout=1)
+    final = grpo.train_rloo(cfg)
+    (u,) = _updates(tmp_path / "rloo")
+    assert u["rloo/first_minibatch_ratio_max_abs_dev"] == 0.0 and u["rloo/clipfrac"] == 0.0
+    assert "objective/rlhf_reward" in u and "rloo/baseline_mean" in u
+    before, after = load_file(f"{ckpts[0]}/model.safetensors"), load_file(f"{final}/model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_nplus_24_grpo_seed_preset_matches_the_table():
+    c = GRPO_PRESETS["seed"]
+    assert (c.rollout_prompts, c.group_size, c.mini_batch_size, c.micro_batch_size, c.update_per_rollout) == (16, 8, 64, 8, 4)
+    assert (c.optim.lr, c.optim.warmup_ratio, c.clip_range, c.dual_clip, c.temperature, c.response_length) == (5e-5, 0.03, 0.2, 3.0, 0.7, 63)
+    assert (c.kl_coef, c.kl_estimator, c.loss_aggregation, c.no_eos_penalty) == (0.05, "k3", "seq-mean-token-mean", -1.0)
+    # 128 sequences per rollout / minibatch 64 = 2 optimizer steps per pass, 4 passes
+    assert c.optimizer_steps() == c.num_updates() * 8
+    with pytest.raises(ValueError, match="micro_batch_size"):
+        GRPOConfig(mini_batch_size=64, micro_batch_size=7).local_mini_batch_size()
+    assert RLOO_PRESETS["default"].group_size == 4
+
+
+def test_cli_grpo_and_rloo_commands():
+    from tldr_rlhf.cli import parse
+
+    _, cfg = parse(["grpo", "--preset", "dr-grpo", "--sft-path", "s", "--rm-path", "r"])
+    assert isinstance(cfg, GRPOConfig) and not cfg.scale_by_std and cfg.sft_path == "s"
+    _, cfg = parse(["rloo", "--sft-path", "s", "--rm-path", "r", "--group-size", "2"])
+    assert isinstance(cfg, RLOOConfig) and cfg.group_size == 2
