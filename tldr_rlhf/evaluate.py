@@ -75,6 +75,7 @@ def rouge_scores(predictions: Sequence[str], references: Sequence[str], *, use_s
         raise ValueError("rouge_scores needs at least one pair")
     from rouge_score import rouge_scorer
 
+    logging.getLogger("absl").setLevel(logging.WARNING)  # rouge-score logs "Using default tokenizer." per scorer
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=use_stemmer)
     sums = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
     for pred, ref in zip(predictions, references):
