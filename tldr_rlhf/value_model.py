@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .modeling import response_logits
-from .ops import first_true_index, position_ids_from_mask
+from .ops import position_ids_from_mask
+from .reward_model import ScalarRewardModel, last_real_index, score
 
 
 def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
@@ -55,21 +56,6 @@ def _apply_head(head: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden.float(), head.weight.float(), bias).squeeze(-1)
 
 
-def last_real_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Column of the last True of each row of a (B, L) mask -> (B,) int64 (the response's EOS in
-    ``[left-padded query | right-padded response]`` rows)."""
-    mask = attention_mask.bool()
-    return mask.shape[1] - 1 - first_true_index(mask.flip(-1))
-
-
-def _is_project_reward_model(model: nn.Module) -> bool:
-    try:
-        from .reward_model import ScalarRewardModel
-    except ImportError:  # pragma: no cover - the reward model module is optional here
-        return False
-    return isinstance(model, ScalarRewardModel)
-
-
 def score_at_last_token(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Scalar score of each row read at its last real token (the response's EOS; N+ detail 12),
     found from the mask. A ``reward_model.ScalarRewardModel`` scores itself (``reward_model.score``);
@@ -77,9 +63,7 @@ def score_at_last_token(model: nn.Module, input_ids: torch.Tensor, attention_mas
     attention_mask (B, L) -> (B,) float32. Raises ValueError for a row with no real token."""
     if not attention_mask.bool().any(-1).all():
         raise ValueError("a row of the attention mask has no real token")
-    if _is_project_reward_model(model):
-        from .reward_model import score
-
+    if isinstance(model, ScalarRewardModel):
         return score(model, input_ids, attention_mask).float()
     backbone, head = backbone_and_head(model)
     hidden = _hidden(backbone, input_ids, attention_mask)

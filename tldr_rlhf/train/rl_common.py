@@ -81,10 +81,7 @@ def load_reward_model(path: str, *, dtype: torch.dtype = torch.float32) -> nn.Mo
     """
     from transformers import AutoModelForSequenceClassification
 
-    try:
-        from .. import reward_model  # noqa: F401  (registers the tldr_rlhf_reward model type)
-    except ImportError:  # pragma: no cover
-        pass
+    from .. import reward_model  # noqa: F401  (registers the tldr_rlhf_reward model type)
 
     _check_exists(path)
     try:
