@@ -205,15 +205,17 @@ def format_cnndm_query(tokenizer, article: str, max_query_length: int = 1919) ->
 
 
 def build_sft_examples(
-    posts: Iterable[Post], tokenizer, *, max_query_length: int = 512, max_response_length: int = 63
+    posts: Iterable[Post], tokenizer, *, max_query_length: int = 512, max_response_length: int = 63, notes: DropCounts | None = None
 ) -> tuple[list[SFTExample], DropCounts]:
-    """Format posts into SFT examples. Responses longer than ``max_response_length`` tokens
-    (EOS included) are dropped and counted under ``response_too_long`` (N+ detail 4); posts whose
-    query cannot fit even with an empty post (a very long title) under ``query_does_not_fit``."""
+    """Format posts into (query, reference response) examples: SFT data, and the references that
+    reward normalization scores. Responses longer than ``max_response_length`` tokens (EOS
+    included) are dropped and counted under ``response_too_long`` (N+ detail 4); posts whose query
+    cannot fit even with an empty post (a very long title) under ``query_does_not_fit``. Kept posts
+    that were cut to fit are counted in ``notes`` (``query_truncated``) when given."""
     examples, drops = [], DropCounts()
     for p in posts:
         try:
-            _, q, _ = format_query(tokenizer, p.subreddit, p.title, p.post, max_query_length)
+            _, q, truncated = format_query(tokenizer, p.subreddit, p.title, p.post, max_query_length)
         except DataError:
             drops.add("query_does_not_fit")
             continue
@@ -221,6 +223,8 @@ def build_sft_examples(
         if len(r) > max_response_length:
             drops.add("response_too_long")
             continue
+        if truncated and notes is not None:
+            notes.add("query_truncated")
         examples.append(SFTExample(id=p.id, query_ids=q, response_ids=r))
     return examples, drops
 

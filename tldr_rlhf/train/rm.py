@@ -42,7 +42,7 @@ from torch import nn
 from ..config import EvaluateRMConfig, ModelArgs, RMConfig, RMDataArgs, RewardNormArgs, from_dict
 from ..data.batching import QueryResponseBatch, collate_pairs, collate_query_response
 from ..data.comparisons import Comparison, PreferenceExample, build_preference_examples, load_comparisons, load_judged_samples, split_by_post_id
-from ..data.tldr import DropCounts, format_query, format_response, load_posts
+from ..data.tldr import DropCounts, SFTExample, build_sft_examples, load_posts
 from ..errors import DataError, ModelLoadError
 from ..losses import pairwise_loss
 from ..modeling import _check_exists, count_parameters, disable_dropout, load_causal_lm, load_tokenizer
@@ -201,35 +201,19 @@ def load_rm_data(data: RMDataArgs, tokenizer, *, need_train: bool = True) -> tup
     return train_ex, valid_ex, report
 
 
-@dataclasses.dataclass(frozen=True)
-class ScoredText:
-    """A (query, response) pair to score once (normalization references)."""
-
-    id: str
-    query_ids: list[int]
-    response_ids: list[int]
+# (query, reference summary) pairs to score once for normalization: the SFT example format.
+ScoredText = SFTExample
 
 
 def load_references(norm: RewardNormArgs, tokenizer, *, max_query_length: int, max_response_length: int) -> tuple[list[ScoredText], dict[str, Any]]:
     """(query, reference summary) pairs of SFT posts for reward normalization, formatted like the
     training data; posts whose query cannot fit or whose reference is over the cap are dropped and counted."""
     posts = load_posts(norm.posts, norm.split, limit=norm.limit or None)
-    drops, truncated, out = DropCounts(), 0, []
-    for p in posts:
-        try:
-            _, q, t = format_query(tokenizer, p.subreddit, p.title, p.post, max_query_length)
-        except DataError:
-            drops.add("query_does_not_fit")
-            continue
-        r = format_response(tokenizer, p.summary)
-        if len(r) > max_response_length:
-            drops.add("response_too_long")
-            continue
-        truncated += t
-        out.append(ScoredText(p.id, q, r))
+    notes = DropCounts()
+    out, drops = build_sft_examples(posts, tokenizer, max_query_length=max_query_length, max_response_length=max_response_length, notes=notes)
     if not out:
         raise DataError("no reference summaries left for reward normalization", path=norm.posts)
-    return out, {"n": len(out), "dropped": dict(drops.counts), "query_truncated": truncated, "source": norm.posts, "split": norm.split}
+    return out, {"n": len(out), "dropped": dict(drops.counts), "query_truncated": notes.counts.get("query_truncated", 0), "source": norm.posts, "split": norm.split}
 
 
 def collate(examples: Sequence[PreferenceExample], pad_token_id: int) -> QueryResponseBatch:
