@@ -146,40 +146,48 @@ def load_hub_rows(name: str, split: str, config: str | None = None) -> Iterable[
 # Formatting
 
 
-def format_query(tokenizer, subreddit: str, title: str, post: str, max_query_length: int = 512) -> tuple[str, list[int], bool]:
-    """Format and tokenize a TL;DR query with smart truncation (N+ detail 2).
+def _smart_truncate(render, body: str, max_length: int, tokenizer, field: str) -> tuple[str, list[int], bool]:
+    """Tokenize ``render(body)``, cutting ``body`` until it fits in ``max_length`` tokens (N+ detail 2):
+    while too long, cut at the last newline (the newline and what follows go); with no newline left,
+    keep the longest prefix that fits (what cutting one character at a time reaches, found by
+    bisection). Returns ``(text, ids, truncated)``; raises DataError naming ``field`` when even an
+    empty body does not fit."""
 
-    Returns ``(text, ids, truncated)`` with ``len(ids) <= max_query_length``. While the query is too
-    long the post is cut at its last newline; when no newline is left the longest fitting prefix of
-    the post is kept (what cutting one character at a time reaches, found by bisection).
-    Raises DataError when even an empty post does not fit.
-    """
-
-    def encode(p: str) -> tuple[str, list[int]]:
-        text = QUERY_TEMPLATE.format(subreddit=subreddit, title=title, post=p)
+    def encode(b: str) -> tuple[str, list[int]]:
+        text = render(b)
         return text, tokenizer.encode(text, add_special_tokens=False)
 
-    text, ids = encode(post)
+    text, ids = encode(body)
     truncated = False
-    while len(ids) > max_query_length:
+    while len(ids) > max_length:
         truncated = True
-        cut = post.rfind("\n")
+        cut = body.rfind("\n")
         if cut >= 0:
-            post = post[:cut]
-            text, ids = encode(post)
+            body = body[:cut]
+            text, ids = encode(body)
             continue
-        lo, hi = 0, len(post) - 1  # longest prefix post[:n] that fits, n in [lo, hi]
-        if len(encode("")[1]) > max_query_length:
-            raise DataError(f"query does not fit in {max_query_length} tokens even with an empty post", field="title")
+        if len(encode("")[1]) > max_length:
+            raise DataError(f"query does not fit in {max_length} tokens even with an empty {field}", field=field)
+        lo, hi = 0, len(body) - 1  # longest prefix body[:n] that fits, n in [lo, hi]
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            if len(encode(post[:mid])[1]) <= max_query_length:
+            if len(encode(body[:mid])[1]) <= max_length:
                 lo = mid
             else:
                 hi = mid - 1
-        post = post[:lo]
-        text, ids = encode(post)
+        body = body[:lo]
+        text, ids = encode(body)
     return text, ids, truncated
+
+
+def format_query(tokenizer, subreddit: str, title: str, post: str, max_query_length: int = 512) -> tuple[str, list[int], bool]:
+    """Format and tokenize a TL;DR query with smart truncation of the post (N+ detail 2).
+
+    Returns ``(text, ids, truncated)`` with ``len(ids) <= max_query_length``. Raises DataError when
+    even an empty post does not fit (a title over the cap).
+    """
+    render = lambda p: QUERY_TEMPLATE.format(subreddit=subreddit, title=title, post=p)  # noqa: E731
+    return _smart_truncate(render, post, max_query_length, tokenizer, "post")
 
 
 def format_response(tokenizer, summary: str) -> list[int]:
@@ -188,20 +196,9 @@ def format_response(tokenizer, summary: str) -> list[int]:
 
 
 def format_cnndm_query(tokenizer, article: str, max_query_length: int = 1919) -> tuple[str, list[int], bool]:
-    """CNN/DM query ``Article:\\n{article}\\n\\nTL;DR:\\n`` cut back at newlines like TL;DR queries."""
-
-    def encode(a: str) -> tuple[str, list[int]]:
-        text = CNNDM_TEMPLATE.format(article=a)
-        return text, tokenizer.encode(text, add_special_tokens=False)
-
-    text, ids = encode(article)
-    truncated = False
-    while len(ids) > max_query_length:
-        truncated = True
-        cut = article.rfind("\n")
-        article = article[:cut] if cut >= 0 else article[: max(0, len(article) - max(1, len(article) // 20))]
-        text, ids = encode(article)
-    return text, ids, truncated
+    """CNN/DM query ``Article:\\n{article}\\n\\nTL;DR:\\n`` (N+ detail 6), the article cut back like a
+    TL;DR post. Returns ``(text, ids, truncated)``."""
+    return _smart_truncate(lambda a: CNNDM_TEMPLATE.format(article=a), article, max_query_length, tokenizer, "article")
 
 
 def build_sft_examples(
