@@ -45,9 +45,10 @@ from ..data.comparisons import Comparison, PreferenceExample, build_preference_e
 from ..data.tldr import DropCounts, SFTExample, build_sft_examples, load_posts
 from ..errors import DataError, ModelLoadError
 from ..losses import pairwise_loss
-from ..modeling import _check_exists, count_parameters, disable_dropout, load_causal_lm, load_tokenizer
+from ..modeling import count_parameters, disable_dropout, load_causal_lm, load_tokenizer
 from ..reward_model import MODEL_TYPE, RewardModelConfig, ScalarRewardModel, train_top_layers, uses_sliding_window
 from .common import make_accelerator, tokenizer_for
+from .rl_common import load_reward_model as load_sequence_classifier
 from .loop import (
     RunDir,
     Throughput,
@@ -92,20 +93,15 @@ def _dtype(model_args_dtype: str) -> torch.dtype:
 
 
 def load_reward_model(path: str, *, dtype: torch.dtype = torch.float32, tokenizer=None) -> ScalarRewardModel:
-    """A saved reward model (``tldr_rlhf_reward`` checkpoint) through the Auto classes, dropout off.
-    Raises ModelLoadError for a missing path or a checkpoint that is not a reward model."""
-    from transformers import AutoModelForSequenceClassification
-
-    _check_exists(path)
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype)
-    except Exception as e:  # noqa: BLE001
-        raise ModelLoadError(f"cannot load reward model from '{path}' ({type(e).__name__}: {e})") from e
+    """A saved reward model (``tldr_rlhf_reward`` checkpoint) through the Auto classes, dropout off
+    (``rl_common.load_reward_model``, which also accepts other one-label classifiers as judges).
+    Raises ModelLoadError for a missing path or a checkpoint that is not a tldr-rlhf reward model."""
+    model = load_sequence_classifier(path, dtype=dtype)
     if not isinstance(model, ScalarRewardModel):
         raise ModelLoadError(f"'{path}' is a {type(model).__name__}, not a tldr-rlhf reward model (model_type {MODEL_TYPE})")
     if tokenizer is not None:
         _set_special_ids(model, tokenizer)
-    return disable_dropout(model)
+    return model
 
 
 def reward_model_from_causal_lm(path: str, *, dtype: torch.dtype = torch.float32, tokenizer=None) -> ScalarRewardModel:
