@@ -50,6 +50,7 @@ from .config import EvaluateConfig
 from .data.batching import collate_query_response
 from .data.tldr import Post, format_query, format_response, load_posts
 from .errors import DataError, ModelLoadError
+from .modeling import load_tokenizer_cached
 
 log = logging.getLogger(__name__)
 EVAL_FILE = "eval.json"
@@ -247,33 +248,6 @@ def held_out_posts(cfg: EvaluateConfig, tokenizers: Sequence = ()) -> tuple[list
 # ----------------------------------------------------------------------------------------------
 # Model passes
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja")
-_TOKENIZERS: dict[tuple[str, str], Any] = {}
-
-
-def load_tokenizer(path: str):
-    """``modeling.load_tokenizer`` memoized by content: checkpoint folders whose tokenizer files are
-    byte-identical (every policy of a pipeline) share one tokenizer, parsed once (a Qwen2.5
-    tokenizer takes ~1 s). Other paths (hub ids, .gguf files) are keyed by path. Callers must not
-    modify the tokenizer."""
-    import hashlib
-
-    from .modeling import load_tokenizer as load
-
-    p = Path(path)
-    key = ("path", path)
-    if p.is_dir():
-        h = hashlib.sha256()
-        for name in _TOKENIZER_FILES:
-            if (p / name).is_file():
-                h.update(name.encode() + b"\0" + (p / name).read_bytes())
-        key = ("content", h.hexdigest())
-    if key not in _TOKENIZERS:
-        _TOKENIZERS[key] = load(path)
-    return _TOKENIZERS[key]
-
-
-
 def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -339,7 +313,7 @@ def run_policy(name: str, path: str, posts: list[Post], cfg: EvaluateConfig, *, 
     from .rollout import plain_sampling_config
 
     t0 = time.perf_counter()
-    tok = load_tokenizer(path)
+    tok = load_tokenizer_cached(path)
     queries = [format_query(tok, p.subreddit, p.title, p.post, cfg.data.max_query_length)[1] for p in posts]
     device = _device()
     dtype = torch.bfloat16 if cfg.dtype == "bfloat16" and device.type == "cpu" else torch.float32
@@ -377,7 +351,7 @@ def kl_to_sft(runs: list[PolicyRun], posts: list[Post], cfg: EvaluateConfig) -> 
     todo = [r for r in runs if r.kl_responses is not None]
     if not todo:
         return {}
-    tok = load_tokenizer(cfg.sft_path)
+    tok = load_tokenizer_cached(cfg.sft_path)
     queries = [format_query(tok, p.subreddit, p.title, p.post, cfg.data.max_query_length)[1] for p in posts]
     device = _device()
     model = load_causal_lm(cfg.sft_path, dtype=torch.float32, tokenizer=tok).to(device)
@@ -420,7 +394,7 @@ def score_with(path: str, posts: list[Post], texts: dict[str, list[str]], cfg: E
     ``path`` (loaded once). Raises ModelLoadError for a path that is not a one-output reward model."""
     from .train.rl_common import freeze, load_reward_model
 
-    tok = load_tokenizer(path)
+    tok = load_tokenizer_cached(path)
     device = _device()
     model = freeze(load_reward_model(path, dtype=torch.float32)).to(device)
     out = {}
@@ -487,8 +461,8 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
             client.complete("Reply with the single word OK.")
         except JudgeError as e:
             raise JudgeError(f"the LLM judge (--judge.url {cfg.judge.url}, model {cfg.judge.model}) does not answer: {e}") from None
-    tokenizers = [load_tokenizer(p) for p in policies.values()]
-    tokenizers += [load_tokenizer(p) for p in (cfg.sft_path, cfg.rm_path, cfg.judge_rm_path) if p]
+    tokenizers = [load_tokenizer_cached(p) for p in policies.values()]
+    tokenizers += [load_tokenizer_cached(p) for p in (cfg.sft_path, cfg.rm_path, cfg.judge_rm_path) if p]
     posts, dropped = held_out_posts(cfg, tokenizers)
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -515,7 +489,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     # reference lengths in each policy's tokenizer (for the length-controlled win rate)
     ref_lengths: dict[str, list[int]] = {}
     for r in runs:
-        tok = load_tokenizer(r.path)
+        tok = load_tokenizer_cached(r.path)
         ref_lengths[r.name] = [len(format_response(tok, s)) - 1 for s in references]
 
     llm: dict[str, list] = {}

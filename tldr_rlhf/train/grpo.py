@@ -42,7 +42,8 @@ from ..ops import token_logprobs
 from ..rollout import Rollout, finish_rollout, plain_sampling_config, rollout, rollout_stats, sample_and_score, select_rows
 from .common import make_accelerator
 from .loop import RunDir, Throughput, build_optimizer, build_scheduler, load_checkpoint, peak_memory_mb, progress_bar, save_checkpoint, seed_everything, shard
-from .rl_common import freeze, load_tokenizer_cached, load_prompts, load_reference, load_reward_model, model_dtype, prompt_order, reward_score_fn, sample_records
+from ..modeling import load_tokenizer_cached
+from .rl_common import freeze, load_prompts, load_reference, load_reward_model, model_dtype, prompt_order, reward_score_fn, sample_records
 
 log = logging.getLogger(__name__)
 _MAX_METRICS = ("ratio_max", "ratio_max_abs_dev")

@@ -38,13 +38,13 @@ from ..advantages import explained_variance, gae, kl_shaped_rewards, whiten_adva
 from ..config import PPOConfig
 from ..errors import DataError
 from ..losses import ppo_policy_loss, value_loss
-from ..modeling import count_parameters, load_causal_lm, save_pretrained
+from ..modeling import count_parameters, load_causal_lm, load_tokenizer_cached, save_pretrained
 from ..ops import token_logprobs
 from ..rollout import Rollout, plain_sampling_config, rollout, rollout_stats
 from ..value_model import PolicyAndValue, ValueModel
 from .common import make_accelerator
 from .loop import RunDir, Throughput, build_optimizer, load_checkpoint, peak_memory_mb, progress_bar, save_checkpoint, seed_everything, shard
-from .rl_common import freeze, load_tokenizer_cached, linear_anneal, load_prompts, load_reference, load_reward_model, model_dtype, prompt_order, reward_score_fn, sample_records
+from .rl_common import freeze, linear_anneal, load_prompts, load_reference, load_reward_model, model_dtype, prompt_order, reward_score_fn, sample_records
 
 log = logging.getLogger(__name__)
 

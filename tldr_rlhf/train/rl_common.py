@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -18,7 +17,7 @@ from ..config import TldrDataArgs
 from ..data.tldr import format_query
 from ..errors import DataError, ModelLoadError
 from ..generation import decode_response
-from ..modeling import _check_exists, disable_dropout, load_causal_lm, load_tokenizer
+from ..modeling import _check_exists, disable_dropout, load_causal_lm
 from ..rollout import Rollout, ScoreFn
 from ..value_model import score_at_last_token
 from .common import load_post_splits
@@ -141,18 +140,6 @@ def sample_records(step: int, rollout: Rollout, prompts: list[Prompt], tokenizer
     return out
 
 
-_TOKENIZERS: dict[tuple[str, float], object] = {}
-
-
-def load_tokenizer_cached(path: str):
-    """``modeling.load_tokenizer``, memoized per process by path and the folder's modification time
-    (a Qwen2.5 tokenizer takes seconds to parse; RL stages run one after another in one process in
-    pipelines and tests). Callers must not modify the returned tokenizer."""
-    p = Path(path)
-    key = (str(p.resolve()) if p.exists() else path, p.stat().st_mtime if p.exists() else 0.0)
-    if key not in _TOKENIZERS:
-        _TOKENIZERS[key] = load_tokenizer(path)
-    return _TOKENIZERS[key]
 
 
 def model_dtype(dtype_name: str) -> torch.dtype:
