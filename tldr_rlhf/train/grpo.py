@@ -37,12 +37,11 @@ from ..advantages import group_advantages, rloo_advantages, rloo_baselines, sequ
 from ..config import GRPOConfig, ModelArgs, RLOOConfig
 from ..errors import DataError
 from ..losses import grpo_loss, kl_estimate, rloo_loss
-from ..modeling import count_parameters, load_causal_lm, response_logits, save_pretrained
+from ..modeling import count_parameters, load_causal_lm, load_tokenizer_cached, response_logits, save_pretrained
 from ..ops import token_logprobs
 from ..rollout import Rollout, finish_rollout, plain_sampling_config, rollout, rollout_stats, sample_and_score, select_rows
 from .common import make_accelerator
 from .loop import RunDir, Throughput, build_optimizer, build_scheduler, load_checkpoint, peak_memory_mb, progress_bar, save_checkpoint, seed_everything, shard
-from ..modeling import load_tokenizer_cached
 from .rl_common import freeze, load_prompts, load_reference, load_reward_model, model_dtype, prompt_order, reward_score_fn, sample_records
 
 log = logging.getLogger(__name__)
