@@ -564,8 +564,9 @@ EVALUATE_RM_PRESETS: dict[str, EvaluateRMConfig] = {
 
 
 @dataclass(frozen=True)
-class GRPOConfig:
-    """GRPO from an SFT policy against a frozen reward model (Shao et al. 2024; N+ details 24-25)."""
+class _GroupRLConfig:
+    """What GRPO and RLOO share: several sampled responses per prompt scored by a frozen reward
+    model, no value model. The subclasses set their own defaults and add their own fields."""
 
     sft_path: str = ""
     """SFT checkpoint: the policy and the frozen reference start from it (run folder final/, hub id, .gguf)."""
@@ -586,7 +587,7 @@ class GRPOConfig:
     rollout_prompts: int = 16
     """Prompts per rollout over all processes; each gets group_size responses."""
     group_size: int = 8
-    """Responses per prompt, G (N+ detail 24)."""
+    """Responses per prompt."""
     mini_batch_size: int = 64
     """Sequences per optimizer step over all processes."""
     micro_batch_size: int = 8
@@ -594,7 +595,7 @@ class GRPOConfig:
     forward_batch_size: int = 32
     """Sequences per sampling / no-grad forward pass per process during the rollout."""
     update_per_rollout: int = 4
-    """Passes over each rollout batch (N+ detail 24)."""
+    """Passes over each rollout batch."""
     response_length: int = 63
     """New tokens sampled per response; truncated after the first EOS."""
     temperature: float = 0.7
@@ -602,27 +603,11 @@ class GRPOConfig:
     no_eos_penalty: float = -1.0
     """Score of a response without EOS."""
     kl_coef: float = 0.05
-    """Coefficient of the KL-to-reference term in the loss."""
+    """KL coefficient."""
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
-    """Per-token KL estimator in the loss (k3 = exp(ref - logp) - (ref - logp) - 1)."""
+    """Per-token KL estimator."""
     clip_range: float = 0.2
     """Policy ratio clip."""
-    dual_clip: float = 3.0
-    """Dual-clip bound c (> 1) for negative advantages; 0 = off."""
-    loss_aggregation: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"] = "seq-mean-token-mean"
-    """How per-token losses reduce to one number."""
-    scale_by_std: bool = True
-    """Divide group advantages by the group's std; False = Dr. GRPO (mean removed only)."""
-    global_normalize: bool = False
-    """Normalize advantages over the whole rollout after the group normalization (seed GPT-2)."""
-    rejection_sampling: bool = False
-    """Statistical rejection sampling: sample rs_candidates per prompt at rs_temperature and keep group_size (N+ detail 25)."""
-    rs_candidates: int = 64
-    """Candidates sampled per prompt for rejection sampling."""
-    rs_temperature: float = 1.0
-    """Sampling temperature of the candidates (high, for diversity); log-probs still use `temperature`."""
-    rs_beta: float = 0.5
-    """Rejection-sampling temperature beta: small keeps the top scores, large keeps a uniform draw."""
     num_sample_posts: int = 4
     """Rollout responses written to samples.jsonl every `run.eval_every` rollouts."""
 
@@ -651,57 +636,53 @@ class GRPOConfig:
 
 
 @dataclass(frozen=True)
-class RLOOConfig:
+class GRPOConfig(_GroupRLConfig):
+    """GRPO from an SFT policy against a frozen reward model (Shao et al. 2024; N+ details 24-25)."""
+
+    group_size: int = 8
+    """Responses per prompt, G (N+ detail 24)."""
+    update_per_rollout: int = 4
+    """Passes over each rollout batch (N+ detail 24)."""
+    kl_coef: float = 0.05
+    """Coefficient of the KL-to-reference term in the loss."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    """Per-token KL estimator in the loss (k3 = exp(ref - logp) - (ref - logp) - 1)."""
+    dual_clip: float = 3.0
+    """Dual-clip bound c (> 1) for negative advantages; 0 = off."""
+    loss_aggregation: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"] = "seq-mean-token-mean"
+    """How per-token losses reduce to one number."""
+    scale_by_std: bool = True
+    """Divide group advantages by the group's std; False = Dr. GRPO (mean removed only)."""
+    global_normalize: bool = False
+    """Normalize advantages over the whole rollout after the group normalization (seed GPT-2)."""
+    rejection_sampling: bool = False
+    """Statistical rejection sampling: sample rs_candidates per prompt at rs_temperature and keep group_size (N+ detail 25)."""
+    rs_candidates: int = 64
+    """Candidates sampled per prompt for rejection sampling."""
+    rs_temperature: float = 1.0
+    """Sampling temperature of the candidates (high, for diversity); log-probs still use `temperature`."""
+    rs_beta: float = 0.5
+    """Rejection-sampling temperature beta: small keeps the top scores, large keeps a uniform draw."""
+
+
+@dataclass(frozen=True)
+class RLOOConfig(_GroupRLConfig):
     """RLOO (REINFORCE leave-one-out, Ahmadian et al. 2024) from an SFT policy against a reward model."""
 
-    sft_path: str = ""
-    """SFT checkpoint: the policy and the frozen reference start from it."""
-    rm_path: str = ""
-    """Reward model checkpoint (frozen)."""
-    tokenizer: str | None = None
-    """Tokenizer path or hub id; defaults to `sft_path`."""
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    """Weights dtype: auto = float32 on CPU, bfloat16 mixed precision on CUDA."""
-    data: TldrDataArgs = field(default_factory=TldrDataArgs)
-    """Prompts: the SFT training posts, reshuffled each time they run out."""
-    optim: OptimArgs = field(default_factory=OptimArgs)
-    """AdamW and the cosine-with-warmup schedule, stepped per optimizer step."""
-    run: RunArgs = field(default_factory=RunArgs)
-    """Run folder and cadence; steps are rollouts."""
-    total_episodes: int = 1_000_000
-    """Responses sampled over the whole run (prompts x k)."""
     rollout_prompts: int = 64
     """Prompts per rollout over all processes; each gets k responses."""
     group_size: int = 4
     """Responses per prompt, k (>= 2; each one's baseline is the mean of the other k - 1)."""
     mini_batch_size: int = 256
     """Sequences per optimizer step over all processes."""
-    micro_batch_size: int = 8
-    """Sequences per forward/backward pass per process."""
-    forward_batch_size: int = 32
-    """Sequences per sampling / no-grad forward pass per process during the rollout."""
     update_per_rollout: int = 1
     """Passes over each rollout batch (1 = plain REINFORCE; more passes clip the sequence ratio)."""
-    response_length: int = 63
-    """New tokens sampled per response; truncated after the first EOS."""
-    temperature: float = 0.7
-    """Sampling temperature; log-probs use the same temperature."""
-    no_eos_penalty: float = -1.0
-    """Score of a response without EOS."""
     kl_coef: float = 0.05
     """KL penalty coefficient in the sequence reward: score - kl_coef * sum_t KL_t."""
     kl_estimator: Literal["k1", "k2", "k3"] = "k1"
     """Per-token KL estimator summed into the reward."""
     clip_range: float = 0.2
     """Clip of the sequence ratio on passes after the first; 0 = unclipped."""
-    num_sample_posts: int = 4
-    """Rollout responses written to samples.jsonl every `run.eval_every` rollouts."""
-
-    # the same sizes as GRPO
-    num_updates = GRPOConfig.num_updates
-    local_prompts = GRPOConfig.local_prompts
-    local_mini_batch_size = GRPOConfig.local_mini_batch_size
-    optimizer_steps = GRPOConfig.optimizer_steps
 
 
 _GRPO_SEED_OPTIM = OptimArgs(lr=5e-5, min_lr=5e-6, warmup_ratio=0.03, decay_steps=0)
