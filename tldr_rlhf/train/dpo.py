@@ -64,6 +64,7 @@ from .loop import (
     save_checkpoint,
     seed_everything,
     shard,
+    sharded_scores,
 )
 
 log = logging.getLogger(__name__)
@@ -152,39 +153,21 @@ def score_pairs(
     No gradients, eval mode (restored after). Examples are batched in length order (less padding);
     with several processes each scores an interleaved share and the results are gathered.
     """
-    n = len(examples)
-    world = accelerator.num_processes if accelerator is not None else 1
-    rank = accelerator.process_index if accelerator is not None else 0
     device = accelerator.device if accelerator is not None else next(model.parameters()).device
-    order = sorted(range(n), key=lambda i: len(examples[i].query_ids) + max(len(examples[i].chosen_ids), len(examples[i].rejected_ids)))
-    per_rank = -(-n // world)
-    mine = order[rank::world]
-    out = torch.zeros(per_rank, 2)
-    idx = torch.full((per_rank,), -1, dtype=torch.long)
     was_training = model.training
     model.eval()
-    chunks = list(micro_batches(mine, batch_size))
-    bar = progress_bar(len(chunks), 0, desc or "scoring pairs", progress and rank == 0)
-    pos = 0
-    for chunk in chunks:
+
+    def chunk_scores(chunk: list[int]) -> torch.Tensor:
         batch = collate([examples[i] for i in chunk], pad_token_id).to(device)
-        autocast = accelerator.autocast() if accelerator is not None else contextlib.nullcontext()
-        with autocast:
+        with accelerator.autocast() if accelerator is not None else contextlib.nullcontext():
             lp = pair_logprobs(model, batch, shared_prompt=shared_prompt).float().cpu()
-        b = len(chunk)
-        out[pos : pos + b] = torch.stack([lp[:b], lp[b:]], 1)
-        idx[pos : pos + b] = torch.tensor(chunk)
-        pos += b
-        bar.update(1)
-    bar.close()
-    model.train(was_training)
-    if world > 1:
-        out = accelerator.gather(out.to(device)).cpu()
-        idx = accelerator.gather(idx.to(device)).cpu()
-    result = torch.zeros(n, 2)
-    keep = idx >= 0
-    result[idx[keep]] = out[keep]
-    return result
+        return torch.stack([lp[: len(chunk)], lp[len(chunk) :]], 1)
+
+    lengths = [len(e.query_ids) + max(len(e.chosen_ids), len(e.rejected_ids)) for e in examples]
+    try:
+        return sharded_scores(len(examples), lengths, 2, chunk_scores, batch_size=batch_size, accelerator=accelerator, desc=desc or "scoring pairs", progress=progress)
+    finally:
+        model.train(was_training)
 
 
 def reference_logprobs(model: nn.Module, examples: Sequence[PreferenceExample], **kwargs) -> torch.Tensor:

@@ -297,6 +297,35 @@ def progress_bar(total: int, initial: int, desc: str, enabled: bool):
     return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True)
 
 
+def sharded_scores(n: int, lengths: Sequence[int], width: int, score_chunk, *, batch_size: int, accelerator, desc: str, progress: bool) -> torch.Tensor:
+    """Run ``score_chunk(indices) -> (len(indices), width)`` over all n items in length order (less
+    padding), each process an interleaved share, gathered and put back in item order -> (n, width)
+    float32 on CPU. Used by every no-grad scoring pass (reward-model scores, DPO reference log-probs)."""
+    world = accelerator.num_processes if accelerator is not None else 1
+    rank = accelerator.process_index if accelerator is not None else 0
+    order = sorted(range(n), key=lambda i: lengths[i])
+    per_rank = -(-n // world)
+    mine = order[rank::world]
+    out = torch.zeros(per_rank, width)
+    idx = torch.full((per_rank,), -1, dtype=torch.long)
+    chunks = list(micro_batches(mine, batch_size))
+    bar = progress_bar(len(chunks), 0, desc, progress and rank == 0)
+    pos = 0
+    for chunk in chunks:
+        out[pos : pos + len(chunk)] = score_chunk(chunk)
+        idx[pos : pos + len(chunk)] = torch.tensor(chunk)
+        pos += len(chunk)
+        bar.update(1)
+    bar.close()
+    if world > 1:
+        device = accelerator.device
+        out, idx = accelerator.gather(out.to(device)).cpu(), accelerator.gather(idx.to(device)).cpu()
+    result = torch.zeros(n, width)
+    keep = idx >= 0
+    result[idx[keep]] = out[keep]
+    return result
+
+
 @torch.no_grad()
 def params_in_sync(model: torch.nn.Module, accelerator) -> bool:
     """True when every process holds the same weights: a position-weighted float64 checksum of all

@@ -62,6 +62,7 @@ from .loop import (
     save_checkpoint,
     seed_everything,
     shard,
+    sharded_scores,
 )
 
 log = logging.getLogger(__name__)
@@ -231,34 +232,6 @@ def pair_rewards(model: nn.Module, batch: QueryResponseBatch, *, shared_prompt: 
     return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **kwargs).rewards
 
 
-def _sharded_scores(n: int, lengths: Sequence[int], width: int, score_chunk, *, batch_size: int, accelerator, desc: str, progress: bool) -> torch.Tensor:
-    """Run ``score_chunk(indices) -> (len, width)`` over all n items in length order (less padding),
-    each process an interleaved share, gathered -> (n, width) on CPU."""
-    world = accelerator.num_processes if accelerator is not None else 1
-    rank = accelerator.process_index if accelerator is not None else 0
-    order = sorted(range(n), key=lambda i: lengths[i])
-    per_rank = -(-n // world)
-    mine = order[rank::world]
-    out = torch.zeros(per_rank, width)
-    idx = torch.full((per_rank,), -1, dtype=torch.long)
-    chunks = list(micro_batches(mine, batch_size))
-    bar = progress_bar(len(chunks), 0, desc, progress and rank == 0)
-    pos = 0
-    for chunk in chunks:
-        out[pos : pos + len(chunk)] = score_chunk(chunk)
-        idx[pos : pos + len(chunk)] = torch.tensor(chunk)
-        pos += len(chunk)
-        bar.update(1)
-    bar.close()
-    if world > 1:
-        device = accelerator.device
-        out, idx = accelerator.gather(out.to(device)).cpu(), accelerator.gather(idx.to(device)).cpu()
-    result = torch.zeros(n, width)
-    keep = idx >= 0
-    result[idx[keep]] = out[keep]
-    return result
-
-
 @torch.no_grad()
 def score_comparisons(
     model: nn.Module,
@@ -285,7 +258,7 @@ def score_comparisons(
 
     lengths = [len(e.query_ids) + max(len(e.chosen_ids), len(e.rejected_ids)) for e in examples]
     try:
-        return _sharded_scores(len(examples), lengths, 2, chunk_scores, batch_size=batch_size, accelerator=accelerator, desc=desc, progress=progress)
+        return sharded_scores(len(examples), lengths, 2, chunk_scores, batch_size=batch_size, accelerator=accelerator, desc=desc, progress=progress)
     finally:
         model.train(was_training)
 
@@ -305,7 +278,7 @@ def score_texts(model: nn.Module, items: Sequence[ScoredText], *, pad_token_id: 
 
     lengths = [len(x.query_ids) + len(x.response_ids) for x in items]
     try:
-        return _sharded_scores(len(items), lengths, 1, chunk_scores, batch_size=batch_size, accelerator=accelerator, desc=desc, progress=progress)[:, 0]
+        return sharded_scores(len(items), lengths, 1, chunk_scores, batch_size=batch_size, accelerator=accelerator, desc=desc, progress=progress)[:, 0]
     finally:
         model.train(was_training)
 
