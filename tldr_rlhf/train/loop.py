@@ -53,6 +53,18 @@ class RunDir:
         if is_main:
             (self.path / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
 
+    @classmethod
+    def open(cls, cfg: Any, *, is_main: bool = True) -> tuple["RunDir", Path | None]:
+        """Open ``cfg.run.output_dir`` for a stage config with a ``run: RunArgs`` field: returns the
+        run folder and the checkpoint to resume from (None for a fresh start). A resume must use the
+        same config outside ``run`` (RunDirError otherwise); the resolved config is then written."""
+        run = cls(cfg.run.output_dir, overwrite=cfg.run.overwrite, is_main=is_main)
+        resume_from = run.latest_checkpoint() if cfg.run.resume else None
+        if resume_from is not None:
+            run.check_config_matches(cfg)
+        run.write_config(cfg)
+        return run, resume_from
+
     @property
     def final_dir(self) -> Path:
         return self.path / FINAL

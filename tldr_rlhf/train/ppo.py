@@ -116,11 +116,7 @@ def train(cfg: PPOConfig) -> str:
     if is_main:
         log.info("PPO prompts: %d (%d queries cut to %d tokens); %d updates of %d prompts (%d run now)", len(prompts), truncated, cfg.data.max_query_length, num_updates, cfg.rollout_batch_size, total)
 
-    run = RunDir(cfg.run.output_dir, overwrite=cfg.run.overwrite, is_main=is_main)
-    resume_from = run.latest_checkpoint() if cfg.run.resume else None
-    if resume_from is not None:
-        run.check_config_matches(cfg)
-    run.write_config(cfg)
+    run, resume_from = RunDir.open(cfg, is_main=is_main)
 
     seed_everything(cfg.run.seed)
     device = accelerator.device

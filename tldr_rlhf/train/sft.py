@@ -114,11 +114,7 @@ def train(cfg: SFTConfig) -> str:
     steps = global_batches(len(train_ex), batch, cfg.run.seed, cfg.epochs)
     total_steps = min(len(steps), cfg.run.max_steps) if cfg.run.max_steps else len(steps)
 
-    run = RunDir(cfg.run.output_dir, overwrite=cfg.run.overwrite, is_main=is_main)
-    resume_from = run.latest_checkpoint() if cfg.run.resume else None
-    if resume_from is not None:
-        run.check_config_matches(cfg)
-    run.write_config(cfg)
+    run, resume_from = RunDir.open(cfg, is_main=is_main)
 
     seed_everything(cfg.run.seed)
     model = load_policy(cfg.model, tokenizer)
