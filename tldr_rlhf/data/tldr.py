@@ -57,8 +57,15 @@ class DropCounts:
 
     counts: dict[str, int] = field(default_factory=dict)
 
-    def add(self, reason: str) -> None:
-        self.counts[reason] = self.counts.get(reason, 0) + 1
+    def add(self, reason: str, n: int = 1) -> None:
+        self.counts[reason] = self.counts.get(reason, 0) + n
+
+    def update(self, *others: "DropCounts") -> "DropCounts":
+        """Add the counts of ``others`` to these (in place); returns self."""
+        for other in others:
+            for reason, n in other.counts.items():
+                self.add(reason, n)
+        return self
 
     @property
     def total(self) -> int:
