@@ -4,7 +4,9 @@
     tldr-rlhf generate --model runs/sft-cpu-smol/final --posts posts.jsonl --limit 4
     tldr-rlhf stats --tokenizer Qwen/Qwen2.5-0.5B --posts posts.jsonl
 
-``--preset NAME`` picks the defaults; any flag after it overrides one field.
+``--preset NAME`` picks the defaults; any flag after it overrides one field. ``--task ultrafeedback``
+(short for ``--data.task``) trains a stage on UltraFeedback instead of TL;DR; the ``uf-cpu-smol``
+presets set it with local data.
 """
 
 from __future__ import annotations
@@ -159,6 +161,8 @@ def parse(argv: list[str]):
             break
     if default is None and presets:
         default = next(iter(presets.values()))
+    if "data" in getattr(cls, "__dataclass_fields__", {}):  # --task X: short for --data.task X
+        rest = ["--data.task" if a == "--task" else ("--data.task=" + a.split("=", 1)[1] if a.startswith("--task=") else a) for a in rest]
     cfg = tyro.cli(cls, args=rest, default=default, prog=f"tldr-rlhf {name}", description=(cls.__doc__ or "") + (f"\nPresets (--preset NAME): {', '.join(presets)}; the first is the default." if presets else ""))
     return fn, cfg
 

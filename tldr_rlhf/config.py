@@ -87,7 +87,28 @@ class RunArgs:
 
 
 @dataclass(frozen=True)
-class TldrDataArgs:
+class TaskArgs:
+    """Which task the data is (every data section has these fields; TL;DR is the default)."""
+
+    task: Literal["tldr", "ultrafeedback"] = "tldr"
+    """tldr = Reddit TL;DR summarization; ultrafeedback = instruction following on UltraFeedback pairs
+    (the source fields then name an UltraFeedback file or hub id: raw openbmb, trl-lib binarized or
+    Argilla mean-rating rows; a TL;DR default becomes trl-lib/ultrafeedback_binarized)."""
+    template: Literal["auto", "chat", "plain"] = "auto"
+    """ultrafeedback: prompt format: the tokenizer's chat template when it has one (auto), or the plain
+    "### Instruction:/### Response:" template."""
+    min_score_gap: float = 2.0
+    """ultrafeedback, raw form: a pair's chosen completion scores at least this much higher (1-10 scale)."""
+    english_only: bool = True
+    """ultrafeedback, raw form: keep English instructions and responses only (lingua language id)."""
+    eval_fraction: float = 0.2
+    """ultrafeedback: share of prompts held out (seeded shuffle) when no separate held-out source is given."""
+    split_seed: int = 42
+    """ultrafeedback: seed of the prompt shuffle behind the train / held-out split (the same in every stage)."""
+
+
+@dataclass(frozen=True)
+class TldrDataArgs(TaskArgs):
     """Where TL;DR posts come from and how they are cut (N+ details 1-4)."""
 
     train: str = "vwxyzjn/summarize_from_feedback_tldr_3_filtered"
@@ -180,7 +201,7 @@ def save_config(cfg: Any, path: str | Path) -> None:
 
 
 @dataclass(frozen=True)
-class DPODataArgs:
+class DPODataArgs(TaskArgs):
     """Human comparisons for DPO and the held-out comparisons its implicit rewards are scored on."""
 
     comparisons: str = "openai/summarize_from_feedback"
@@ -409,7 +430,7 @@ PPO_PRESETS: dict[str, PPOConfig] = {
 
 
 @dataclass(frozen=True)
-class RMDataArgs:
+class RMDataArgs(TaskArgs):
     """Human comparisons the reward model trains on, and the held-out ones it is scored on."""
 
     comparisons: str = "openai/summarize_from_feedback"
@@ -940,3 +961,37 @@ PIPELINE_PRESETS: dict[str, PipelineConfig] = {
         evaluate=dataclasses.replace(EVALUATE_PRESETS["cpu-smol"], num_posts=16, response_length=53, greedy=False),
     ),
 }
+
+
+# ----------------------------------------------------------------------------------------------
+# The second task: UltraFeedback (instruction following) presets, `--preset uf-cpu-smol` on every stage.
+# Real SmolLM2-135M on the real trl-lib binarized sample (1,000 training rows; the 200-row eval file,
+# no prompt in both, is the held-out side); chat template, prompts and responses capped at 256 tokens
+# (over-long ones dropped and counted: about 270 training and 57 held-out pairs are left).
+
+UF_DATA = SHARED / "data" / "ultrafeedback"
+_UF_CAPS = dict(task="ultrafeedback", max_query_length=256, max_response_length=256)
+_UF_POSTS = TldrDataArgs(train=str(UF_DATA / "binarized_train_1k.jsonl"), valid=str(UF_DATA / "binarized_eval_200.jsonl"), valid_limit=32, **_UF_CAPS)
+_UF_PAIRS = dict(comparisons=_UF_POSTS.train, valid_comparisons=_UF_POSTS.valid, **_UF_CAPS)
+
+SFT_PRESETS["uf-cpu-smol"] = dataclasses.replace(
+    SFT_PRESETS["cpu-smol"], data=_UF_POSTS, run=dataclasses.replace(SFT_PRESETS["cpu-smol"].run, output_dir="runs/sft-uf-cpu-smol", max_steps=30)
+)
+RM_PRESETS["uf-cpu-smol"] = dataclasses.replace(
+    RM_PRESETS["cpu-smol"], data=RMDataArgs(**_UF_PAIRS, valid_limit=0), run=dataclasses.replace(RM_PRESETS["cpu-smol"].run, output_dir="runs/rm-uf-cpu-smol")
+)
+EVALUATE_RM_PRESETS["uf-cpu-smol"] = EvaluateRMConfig(model="runs/rm-uf-cpu-smol/final", valid_limit=0, batch_size=8)
+DPO_PRESETS["uf-cpu-smol"] = dataclasses.replace(
+    DPO_PRESETS["cpu-smol"], sft_path="runs/sft-uf-cpu-smol/final", data=DPODataArgs(**_UF_PAIRS, limit=80, valid_limit=0),
+    run=dataclasses.replace(DPO_PRESETS["cpu-smol"].run, output_dir="runs/dpo-uf-cpu-smol"), sample_max_new_tokens=128,
+)
+_UF_RL = dict(sft_path="runs/sft-uf-cpu-smol/final", rm_path="runs/rm-uf-cpu-smol/final", data=dataclasses.replace(_UF_POSTS, valid_limit=0), response_length=128)
+PPO_PRESETS["uf-cpu-smol"] = dataclasses.replace(PPO_PRESETS["cpu-smol"], **_UF_RL, run=dataclasses.replace(PPO_PRESETS["cpu-smol"].run, output_dir="runs/ppo-uf-cpu-smol"))
+GRPO_PRESETS["uf-cpu-smol"] = dataclasses.replace(GRPO_PRESETS["cpu-smol"], **_UF_RL, run=dataclasses.replace(GRPO_PRESETS["cpu-smol"].run, output_dir="runs/grpo-uf-cpu-smol"))
+RLOO_PRESETS["uf-cpu-smol"] = dataclasses.replace(RLOO_PRESETS["cpu-smol"], **_UF_RL, run=dataclasses.replace(RLOO_PRESETS["cpu-smol"].run, output_dir="runs/rloo-uf-cpu-smol"))
+EVALUATE_PRESETS["uf-cpu-smol"] = dataclasses.replace(
+    EVALUATE_PRESETS["cpu-smol"],
+    policies=(f"base={SMOL_GGUF}", "sft=runs/sft-uf-cpu-smol/final", "dpo=runs/dpo-uf-cpu-smol/final"),
+    sft_path="runs/sft-uf-cpu-smol/final", rm_path="runs/rm-uf-cpu-smol/final", data=_UF_POSTS, num_posts=16, response_length=192,
+    output_dir="runs/evaluate-uf-cpu-smol",
+)

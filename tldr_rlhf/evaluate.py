@@ -48,7 +48,7 @@ import torch
 
 from .config import EvaluateConfig
 from .data.batching import collate_query_response
-from .data.tldr import Post, format_query, format_response, load_posts
+from .tasks import held_out_items, query_ids, query_text, reference_of, response_ids
 from .errors import DataError, ModelLoadError
 from .modeling import load_tokenizer_cached
 
@@ -213,29 +213,22 @@ def parse_policies(entries: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def held_out_posts(cfg: EvaluateConfig, tokenizers: Sequence = ()) -> tuple[list[Post], int]:
-    """The posts to evaluate on and how many were left out: ``data.valid`` when given; for a local
+def held_out_posts(cfg: EvaluateConfig, tokenizers: Sequence = ()) -> tuple[list, int]:
+    """The held-out items to evaluate on (TL;DR posts, or UltraFeedback instructions with
+    ``data.task ultrafeedback``) and how many were left out: ``data.valid`` when given; for a local
     ``data.train`` file the posts held out from SFT by id (``data.valid_fraction``, the SFT stage's own
-    split); else the hub dataset's 'validation' split. Posts whose query cannot fit in
-    ``data.max_query_length`` tokens with one of ``tokenizers`` (a very long title) are skipped and
-    counted; the first ``num_posts`` that fit are kept (0 = all). Raises DataError for bad records or
-    no posts."""
-    from .train.common import load_post_splits
-
+    split; UltraFeedback: the prompts of its seeded split); else the hub dataset's 'validation' split.
+    Items whose query cannot fit in ``data.max_query_length`` tokens with one of ``tokenizers`` (a
+    very long title or prompt) are skipped and counted; the first ``num_posts`` that fit are kept
+    (0 = all). Raises DataError for bad records or no items."""
     data = cfg.data
-    if data.valid:
-        posts = load_posts(data.valid, "validation")
-    elif Path(data.train).exists():
-        posts = load_post_splits(dataclasses.replace(data, limit=0))[1]
-    else:
-        posts = load_posts(data.train, "validation")
     kept, dropped = [], 0
-    for p in posts:
+    for p in held_out_items(data):
         if cfg.num_posts and len(kept) >= cfg.num_posts:
             break
         try:
             for tok in tokenizers:
-                format_query(tok, p.subreddit, p.title, p.post, data.max_query_length)
+                query_ids(tok, p, data)
         except DataError:
             dropped += 1
             continue
@@ -305,7 +298,7 @@ def _summed_logprobs(model, queries, responses, pad: int, cfg: EvaluateConfig) -
     return lp.cpu(), batch.response_mask
 
 
-def run_policy(name: str, path: str, posts: list[Post], cfg: EvaluateConfig, *, seed: int) -> PolicyRun:
+def run_policy(name: str, path: str, posts: list, cfg: EvaluateConfig, *, seed: int) -> PolicyRun:
     """Generate the summaries of one policy (and its KL sample with log-probs) on ``posts``.
     Raises ModelLoadError for a path that does not load."""
     from .generation import decode_response
@@ -314,7 +307,7 @@ def run_policy(name: str, path: str, posts: list[Post], cfg: EvaluateConfig, *, 
 
     t0 = time.perf_counter()
     tok = load_tokenizer_cached(path)
-    queries = [format_query(tok, p.subreddit, p.title, p.post, cfg.data.max_query_length)[1] for p in posts]
+    queries = [query_ids(tok, p, cfg.data) for p in posts]
     device = _device()
     dtype = torch.bfloat16 if cfg.dtype == "bfloat16" and device.type == "cpu" else torch.float32
     model = load_causal_lm(path, dtype=dtype, tokenizer=tok).to(device)
@@ -343,7 +336,7 @@ def run_policy(name: str, path: str, posts: list[Post], cfg: EvaluateConfig, *, 
     return run
 
 
-def kl_to_sft(runs: list[PolicyRun], posts: list[Post], cfg: EvaluateConfig) -> dict[str, dict[str, Any]]:
+def kl_to_sft(runs: list[PolicyRun], posts: list, cfg: EvaluateConfig) -> dict[str, dict[str, Any]]:
     """KL(pi || pi_sft) of every policy run that has a KL sample, with the SFT model loaded once.
     A policy whose tokenizer gives other query ids than the SFT tokenizer gets {"kl": None, "note"}."""
     from .modeling import load_causal_lm
@@ -352,7 +345,7 @@ def kl_to_sft(runs: list[PolicyRun], posts: list[Post], cfg: EvaluateConfig) -> 
     if not todo:
         return {}
     tok = load_tokenizer_cached(cfg.sft_path)
-    queries = [format_query(tok, p.subreddit, p.title, p.post, cfg.data.max_query_length)[1] for p in posts]
+    queries = [query_ids(tok, p, cfg.data) for p in posts]
     device = _device()
     model = load_causal_lm(cfg.sft_path, dtype=torch.float32, tokenizer=tok).to(device)
     out: dict[str, dict[str, Any]] = {}
@@ -369,15 +362,16 @@ def kl_to_sft(runs: list[PolicyRun], posts: list[Post], cfg: EvaluateConfig) -> 
 
 
 @torch.no_grad()
-def score_summaries(model, tok, posts: Sequence[Post], summaries: Sequence[str], *, max_query_length: int, batch_size: int = 16) -> list[float]:
-    """Reward of each (post, summary) under a scalar-head reward model, read at the EOS of
-    ``" " + summary + EOS`` after the formatted query (the layout the reward model trained on; N+
-    details 2-3, 12-13). Rows are scored in length order (less padding). Returns N floats."""
+def score_summaries(model, tok, posts: Sequence, summaries: Sequence[str], *, data, batch_size: int = 16) -> list[float]:
+    """Reward of each (post, summary) under a scalar-head reward model, read at the EOS of the
+    response formatted as the task trains it (TL;DR ``" " + summary + EOS``) after the formatted query
+    (the layout the reward model trained on; N+ details 2-3, 12-13). ``data`` is the evaluation data
+    section (task, caps). Rows are scored in length order (less padding). Returns N floats."""
     from .value_model import score_at_last_token
 
     device = next(model.parameters()).device
-    queries = [format_query(tok, p.subreddit, p.title, p.post, max_query_length)[1] for p in posts]
-    responses = [format_response(tok, s) for s in summaries]
+    queries = [query_ids(tok, p, data) for p in posts]
+    responses = [response_ids(tok, s, data) for s in summaries]
     order = sorted(range(len(posts)), key=lambda i: len(queries[i]) + len(responses[i]))
     out = [0.0] * len(posts)
     for k in range(0, len(order), batch_size):
@@ -389,9 +383,13 @@ def score_summaries(model, tok, posts: Sequence[Post], summaries: Sequence[str],
     return out
 
 
-def score_with(path: str, posts: list[Post], texts: dict[str, list[str]], cfg: EvaluateConfig) -> dict[str, list[float]]:
+def score_with(path: str, posts: list, texts: dict[str, list[str]], cfg: EvaluateConfig, *, pair_metrics: dict | None = None) -> dict[str, list[float]]:
     """Scores of every list of summaries in ``texts`` ({name: N summaries}) by the reward model at
-    ``path`` (loaded once). Raises ModelLoadError for a path that is not a one-output reward model."""
+    ``path`` (loaded once). With ``pair_metrics`` (a dict) and a task whose source holds held-out
+    preference pairs (UltraFeedback), the reward model's accuracy on them is stored in it
+    (``train.rm.comparison_metrics``: accuracy, n, longer-wins baseline, ...). Raises ModelLoadError
+    for a path that is not a one-output reward model."""
+    from .tasks import held_out_pairs
     from .train.rl_common import freeze, load_reward_model
 
     tok = load_tokenizer_cached(path)
@@ -400,7 +398,13 @@ def score_with(path: str, posts: list[Post], texts: dict[str, list[str]], cfg: E
     out = {}
     with _autocast(device, cfg.dtype):
         for name, summaries in texts.items():
-            out[name] = score_summaries(model, tok, posts, summaries, max_query_length=cfg.data.max_query_length, batch_size=cfg.batch_size)
+            out[name] = score_summaries(model, tok, posts, summaries, data=cfg.data, batch_size=cfg.batch_size)
+        pairs = held_out_pairs(cfg.data, tok) if pair_metrics is not None else None
+        if pairs:
+            from .train.rm import _lengths, comparison_metrics, score_comparisons
+
+            r = score_comparisons(model, pairs, pad_token_id=tok.pad_token_id, batch_size=cfg.batch_size, desc="held-out pairs")
+            pair_metrics.update(comparison_metrics(r, lengths=_lengths(pairs)))
     del model
     _free()
     return out
@@ -431,6 +435,8 @@ def _check(cfg: EvaluateConfig, policies: dict[str, str]) -> None:
                 _check_exists(path)
             except ModelLoadError as e:
                 raise ModelLoadError(f"--{field_name.replace('_', '-')}: {e}") from None
+    if cfg.judge.url and cfg.data.task != "tldr":
+        raise DataError("the LLM judge asks the N+ TL;DR summarization question; it has no prompt for the ultrafeedback task", field="judge.url")
     if not cfg.greedy and cfg.temperature <= 0:
         raise DataError(f"temperature must be > 0 for sampling, got {cfg.temperature}", field="temperature")
 
@@ -466,7 +472,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     posts, dropped = held_out_posts(cfg, tokenizers)
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    references = [p.summary.strip() for p in posts]
+    references = [reference_of(p).strip() for p in posts]
     log.info("evaluating %d policies on %d held-out posts", len(policies), len(posts))
     t_start = time.perf_counter()
 
@@ -479,7 +485,8 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
 
     texts = {r.name: r.texts for r in runs}
     texts["reference"] = references
-    rm_scores = score_with(cfg.rm_path, posts, texts, cfg) if cfg.rm_path else {}
+    rm_pairs: dict[str, Any] = {}
+    rm_scores = score_with(cfg.rm_path, posts, texts, cfg, pair_metrics=rm_pairs) if cfg.rm_path else {}
     judge_path = cfg.judge_rm_path or cfg.rm_path
     if judge_path and judge_path != cfg.rm_path:
         judge_scores = score_with(judge_path, posts, texts, cfg)
@@ -490,21 +497,22 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     ref_lengths: dict[str, list[int]] = {}
     for r in runs:
         tok = load_tokenizer_cached(r.path)
-        ref_lengths[r.name] = [len(format_response(tok, s)) - 1 for s in references]
+        ref_lengths[r.name] = [len(response_ids(tok, s, cfg.data)) - 1 for s in references]
 
     llm: dict[str, list] = {}
     if client is not None:
         from .judge import judge_pairs
 
         k = cfg.judge.limit or len(posts)
-        judged_posts = [format_query_text(p) for p in posts[:k]]
+        judged_posts = [query_text(p) for p in posts[:k]]
         for i, r in enumerate(runs):
             llm[r.name] = judge_pairs(client, judged_posts, r.texts[:k], references[:k], seed=cfg.seed * 1000 + i, max_parallel=cfg.judge.max_parallel)
 
     results: dict[str, Any] = {
-        "posts": {"n": len(posts), "source": cfg.data.valid or cfg.data.train, "max_query_length": cfg.data.max_query_length, "query_does_not_fit": dropped},
+        "posts": {"n": len(posts), "task": cfg.data.task, "source": cfg.data.valid or cfg.data.train, "max_query_length": cfg.data.max_query_length, "query_does_not_fit": dropped},
         "decoding": {"greedy": cfg.greedy, "temperature": cfg.temperature, "response_length": cfg.response_length},
         "rm_path": cfg.rm_path,
+        "rm_heldout_pairs": {k: rm_pairs[k] for k in ("accuracy", "n", "ties", "longer_wins_accuracy", "rm_prefers_longer") if k in rm_pairs} or None,
         "judge_rm_path": judge_path,
         "judge_is_training_rm": bool(judge_path) and judge_path == cfg.rm_path,
         "sft_path": cfg.sft_path,
@@ -542,7 +550,8 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     (out_dir / EVAL_FILE).write_text(json.dumps(results, indent=2) + "\n")
     with (out_dir / SUMMARIES_FILE).open("w") as f:
         for i, p in enumerate(posts):
-            rec: dict[str, Any] = {"id": p.id, "subreddit": p.subreddit, "title": p.title, "post": p.post, "reference": references[i], "summaries": {}}
+            fields = {"subreddit": p.subreddit, "title": p.title, "post": p.post} if hasattr(p, "post") else {"prompt": p.prompt}
+            rec: dict[str, Any] = {"id": p.id, **fields, "reference": references[i], "summaries": {}}
             if rm_scores:
                 rec["reference_rm_score"] = rm_scores["reference"][i]
             for r in runs:
@@ -562,11 +571,6 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     print(table)
     print(f"\nresults: {out_dir / EVAL_FILE}")
     return results
-
-
-def format_query_text(p: Post) -> str:
-    """The post as the LLM judge sees it (N+: the formatted query)."""
-    return f"SUBREDDIT: r/{p.subreddit}\n\nTITLE: {p.title}\n\nPOST: {p.post}"
 
 
 def _fmt(v: Any, spec: str = ".3f") -> str:
@@ -617,6 +621,12 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 def format_table(results: dict[str, Any]) -> str:
     """A readable Markdown table of ``evaluate`` results: one row per policy and the reference."""
     p = results["posts"]
-    head = (f"{p['n']} held-out posts from {p['source']}; win rates against the human reference; lengths in tokens (EOS excluded); "
-            "* = length-controlled win rate extrapolated (every summary longer, or every one shorter, than its reference)")
+    tldr = p.get("task", "tldr") == "tldr"
+    items, reference = ("posts", "the human reference") if tldr else ("prompts", "the chosen (best-scored) response")
+    head = (f"{p['n']} held-out {items} from {p['source']}; win rates against {reference}; lengths in tokens (EOS excluded); "
+            "* = length-controlled win rate extrapolated (every response longer, or every one shorter, than its reference)")
+    pairs = results.get("rm_heldout_pairs")
+    if pairs:
+        head += (f"\n\nreward model accuracy on {pairs['n']} held-out preference pairs: {_fmt(pairs['accuracy'])} "
+                 f"(\"longer response wins\" baseline {_fmt(pairs.get('longer_wins_accuracy'))})")
     return head + "\n\n" + markdown_table(*metrics_rows(results))

@@ -50,6 +50,7 @@ from ..generation import decode_response, generate
 from ..lm_head import response_token_logprobs
 from ..losses import dpo_loss
 from ..modeling import count_parameters, save_pretrained
+from ..tasks import is_tldr, ultrafeedback_preferences
 from .common import load_policy, make_accelerator, tokenizer_for
 from .loop import (
     RunDir,
@@ -81,8 +82,11 @@ def load_dpo_data(data: DPODataArgs, tokenizer) -> tuple[list[PreferenceExample]
 
     Held-out comparisons come from ``valid_comparisons``, else (local file) the posts held out by id,
     else (hub) the dataset's validation split. Raises DataError for malformed files (file, line,
-    field) and for an empty held-out set.
+    field) and for an empty held-out set. Another task's pairs come from ``tasks`` (same types).
     """
+    if not is_tldr(data):
+        train_ex, valid_ex, report = ultrafeedback_preferences(data, tokenizer)
+        return train_ex, valid_ex, {side: ", ".join(f"{k}: {v}" for k, v in sorted(report[side]["dropped"].items())) or "none" for side in ("train", "valid")}
     comps, drops = load_comparisons(data.comparisons, "train")
     vdrops = DropCounts()
     if data.valid_comparisons:

@@ -20,6 +20,7 @@ from ..generation import decode_response
 from ..modeling import _check_exists, disable_dropout, load_causal_lm
 from ..rollout import Rollout, ScoreFn
 from ..value_model import score_at_last_token
+from ..tasks import is_tldr, ultrafeedback_prompts
 from .common import load_post_splits
 from .loop import global_batches
 
@@ -38,7 +39,10 @@ class Prompt:
 def load_prompts(data: TldrDataArgs, tokenizer) -> tuple[list[Prompt], int]:
     """The SFT training posts as RL prompts (N+ detail 17), formatted with smart truncation
     (detail 2). Returns (prompts, number of queries truncated). Raises DataError for malformed
-    records (file, line, field) or an empty prompt set; nothing is loaded but the tokenizer."""
+    records (file, line, field) or an empty prompt set; nothing is loaded but the tokenizer.
+    Another task's prompts come from ``tasks`` (the count is then of prompts dropped as too long)."""
+    if not is_tldr(data):
+        return ultrafeedback_prompts(data, tokenizer)
     posts, _ = load_post_splits(data)
     if not posts:
         raise DataError("no training posts", path=data.train)

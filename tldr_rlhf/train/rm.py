@@ -47,6 +47,7 @@ from ..errors import DataError, ModelLoadError
 from ..losses import pairwise_loss
 from ..modeling import count_parameters, disable_dropout, load_causal_lm, load_tokenizer
 from ..reward_model import MODEL_TYPE, RewardModelConfig, ScalarRewardModel, train_top_layers, uses_sliding_window
+from ..tasks import is_tldr, reference_examples, ultrafeedback_preferences
 from .common import make_accelerator, tokenizer_for
 from .rl_common import load_reward_model as load_sequence_classifier
 from .loop import (
@@ -165,8 +166,10 @@ def load_rm_data(data: RMDataArgs, tokenizer, *, need_train: bool = True) -> tup
     Held-out comparisons come from ``valid_comparisons``, else (local file) the posts held out by id,
     else (hub) the dataset's validation split. CNN/DM comparisons found among them are set aside and
     counted (they are the out-of-distribution set). Raises DataError for malformed files (file, line,
-    field) and for an empty held-out set.
+    field) and for an empty held-out set. Another task's pairs come from ``tasks`` (same types).
     """
+    if not is_tldr(data):
+        return ultrafeedback_preferences(data, tokenizer, need_train=need_train)
     local = Path(data.comparisons).exists()
     comps: list[Comparison] = []
     drops, vdrops = DropCounts(), DropCounts()
@@ -440,7 +443,10 @@ def train(cfg: RMConfig) -> str:
     train_ex, valid_ex, report = load_rm_data(cfg.data, tokenizer)
     references, ref_report = ([], {})
     if cfg.norm.enabled:
-        references, ref_report = load_references(cfg.norm, tokenizer, max_query_length=cfg.data.max_query_length, max_response_length=cfg.data.max_response_length)
+        if is_tldr(cfg.data):
+            references, ref_report = load_references(cfg.norm, tokenizer, max_query_length=cfg.data.max_query_length, max_response_length=cfg.data.max_response_length)
+        else:  # the best response of each training prompt, formatted like the training pairs
+            references, ref_report = reference_examples(cfg.data, tokenizer, limit=cfg.norm.limit)
     report["normalization"] = ref_report
     if is_main:
         log.info(
@@ -598,7 +604,8 @@ def evaluate(cfg: EvaluateRMConfig) -> dict[str, Any]:
     _, heldout, report = load_rm_data(data, tokenizer, need_train=False)
     cnndm: list[PreferenceExample] = []
     cnndm_report: dict[str, Any] = {}
-    if cfg.cnndm:
+    ood = is_tldr(data)  # CNN/DM and the GPT-3.5-judged samples are TL;DR sets
+    if cfg.cnndm and ood:
         comps, drops = load_comparisons(cfg.cnndm, "validation")
         comps = [c for c in comps if c.is_cnndm]
         if cfg.cnndm_limit:
@@ -609,7 +616,7 @@ def evaluate(cfg: EvaluateRMConfig) -> dict[str, Any]:
     judged: list[PreferenceExample] = []
     judge_first: list[bool] = []
     judge_report: dict[str, Any] = {}
-    if cfg.policy_samples:
+    if cfg.policy_samples and ood:
         samples, drops = load_judged_samples(cfg.policy_samples)
         if cfg.judge_limit:
             samples = samples[: cfg.judge_limit]
@@ -632,14 +639,14 @@ def evaluate(cfg: EvaluateRMConfig) -> dict[str, Any]:
         scores.extend({"set": name, "id": e.post_id, "confidence": e.confidence, "first": a, "second": b} for e, (a, b) in zip(examples, r.tolist()))
 
     with autocast:
-        r = score_comparisons(model, heldout, desc="held-out TL;DR pairs", **kw)
+        r = score_comparisons(model, heldout, desc=f"held-out {data.task} pairs", **kw)
         results["heldout"] = {**comparison_metrics(r, [e.confidence for e in heldout], lengths=_lengths(heldout)), **report["valid"], "source": data.valid_comparisons or data.comparisons}
         keep("heldout", heldout, r)
-        if cfg.cnndm:
+        if cnndm:
             r = score_comparisons(model, cnndm, desc="CNN/DM pairs", **kw)
             results["cnndm"] = {**comparison_metrics(r, [e.confidence for e in cnndm], lengths=_lengths(cnndm)), **cnndm_report, "source": cfg.cnndm}
             keep("cnndm", cnndm, r)
-        if cfg.policy_samples:
+        if judged:
             r = score_comparisons(model, judged, desc="judged PPO vs reference", **kw)
             results["judge"] = {**judge_agreement(r, judge_first, lengths=_lengths(judged)), **judge_report, "source": cfg.policy_samples}
             keep("judge", judged, r)

@@ -1,4 +1,4 @@
-"""Supervised fine-tuning on reference TL;DRs (Stiennon et al. 2020 sec. 3.4; N+ sec. 4, details 1-5, 7-8).
+"""Supervised fine-tuning on reference TL;DRs (or UltraFeedback demonstrations, ``data.task``) (Stiennon et al. 2020 sec. 3.4; N+ sec. 4, details 1-5, 7-8).
 
 Objective: token-level cross-entropy of the reference response ``" " + summary + EOS`` given the
 query, averaged over the response tokens of the whole global batch (so gradient accumulation and
@@ -21,13 +21,14 @@ import torch
 
 from ..config import SFTConfig
 from ..data.batching import QueryResponseBatch, collate_query_response
-from ..data.tldr import SFTExample, build_sft_examples
+from ..data.tldr import SFTExample
 from ..errors import DataError
 from ..generation import decode_response, generate
 from ..losses import sft_loss
 from ..modeling import count_parameters, response_logits, save_pretrained
 from ..ops import position_ids_from_mask, token_logprobs
-from .common import load_policy, load_post_splits, make_accelerator, tokenizer_for
+from ..tasks import sft_examples
+from .common import load_policy, make_accelerator, tokenizer_for
 from .loop import (
     RunDir,
     Throughput,
@@ -103,9 +104,7 @@ def train(cfg: SFTConfig) -> str:
     tokenizer = tokenizer_for(cfg.model)
 
     # Data first: every bad record is reported before a model is loaded or a folder touched.
-    train_posts, valid_posts = load_post_splits(cfg.data)
-    train_ex, drops = build_sft_examples(train_posts, tokenizer, max_query_length=cfg.data.max_query_length, max_response_length=cfg.data.max_response_length)
-    valid_ex, vdrops = build_sft_examples(valid_posts[: cfg.data.valid_limit or None], tokenizer, max_query_length=cfg.data.max_query_length, max_response_length=cfg.data.max_response_length)
+    train_ex, valid_ex, drops, vdrops = sft_examples(cfg.data, tokenizer)
     if is_main:
         log.info("SFT data: %d train / %d valid examples; dropped train: %s; valid: %s", len(train_ex), len(valid_ex), drops, vdrops)
     batch = cfg.global_batch_size(accelerator.num_processes)
