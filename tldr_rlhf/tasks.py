@@ -122,10 +122,11 @@ def ultrafeedback_prompts(data: TaskArgs, tokenizer) -> tuple[list, int]:
 
 def reference_examples(data: TaskArgs, tokenizer, *, limit: int) -> tuple[list[SFTExample], dict[str, Any]]:
     """UltraFeedback (prompt, best response) pairs of the training prompts for reward normalization,
-    formatted like the training data; over-long ones dropped and counted."""
+    formatted like the training data; over-long ones dropped and counted, then the first ``limit`` kept."""
     train_data, _, source = ultrafeedback_splits(data)
     demos = [uf.Demonstration(i.id, i.prompt, i.reference) for i in train_data.instructions]
-    out, drops = uf.build_sft_examples(demos[: limit or None], tokenizer, **_caps(data))
+    out, drops = uf.build_sft_examples(demos, tokenizer, **_caps(data))
+    out = out[: limit or None]
     if not out:
         raise DataError("no reference responses left for reward normalization", path=source)
     return out, {"n": len(out), "dropped": dict(drops.counts), "source": source}
