@@ -365,20 +365,28 @@ def response_ids(tokenizer, response: str) -> list[int]:
     return tokenizer.encode(response.strip(), add_special_tokens=False) + [tokenizer.eos_token_id]
 
 
+def _within_caps(tokenizer, prompt: str, responses: list[str], drops: DropCounts, *, template: Template, max_query_length: int, max_response_length: int) -> tuple[list[int], list[list[int]]] | None:
+    """(prompt ids, response ids) when the prompt and every response fit their caps; else None,
+    counted in ``drops`` as ``prompt_too_long`` or ``response_too_long`` (EOS included)."""
+    q = prompt_ids(tokenizer, prompt, template)
+    if len(q) > max_query_length:
+        drops.add("prompt_too_long")
+        return None
+    rs = [response_ids(tokenizer, r) for r in responses]
+    if max(len(r) for r in rs) > max_response_length:
+        drops.add("response_too_long")
+        return None
+    return q, rs
+
+
 def build_sft_examples(demos: Iterable[Demonstration], tokenizer, *, template: Template = "auto", max_query_length: int = 512, max_response_length: int = 512) -> tuple[list[SFTExample], DropCounts]:
     """Tokenized demonstrations; over-long prompts (``prompt_too_long``) and responses
     (``response_too_long``, EOS included) are dropped and counted."""
     out, drops = [], DropCounts()
+    caps = dict(template=template, max_query_length=max_query_length, max_response_length=max_response_length)
     for d in demos:
-        q = prompt_ids(tokenizer, d.prompt, template)
-        if len(q) > max_query_length:
-            drops.add("prompt_too_long")
-            continue
-        r = response_ids(tokenizer, d.response)
-        if len(r) > max_response_length:
-            drops.add("response_too_long")
-            continue
-        out.append(SFTExample(id=d.prompt_id, query_ids=q, response_ids=r))
+        if fit := _within_caps(tokenizer, d.prompt, [d.response], drops, **caps):
+            out.append(SFTExample(id=d.prompt_id, query_ids=fit[0], response_ids=fit[1][0]))
     return out, drops
 
 
@@ -386,14 +394,8 @@ def build_preference_examples(pairs: Iterable[Pair], tokenizer, *, template: Tem
     """Tokenized pairs; a pair with an over-long prompt or either response over the cap is dropped
     and counted (``prompt_too_long`` / ``response_too_long``)."""
     out, drops = [], DropCounts()
+    caps = dict(template=template, max_query_length=max_query_length, max_response_length=max_response_length)
     for p in pairs:
-        q = prompt_ids(tokenizer, p.prompt, template)
-        if len(q) > max_query_length:
-            drops.add("prompt_too_long")
-            continue
-        ch, rj = response_ids(tokenizer, p.chosen), response_ids(tokenizer, p.rejected)
-        if max(len(ch), len(rj)) > max_response_length:
-            drops.add("response_too_long")
-            continue
-        out.append(PreferenceExample(p.prompt_id, q, ch, rj))
+        if fit := _within_caps(tokenizer, p.prompt, [p.chosen, p.rejected], drops, **caps):
+            out.append(PreferenceExample(p.prompt_id, fit[0], *fit[1]))
     return out, drops
