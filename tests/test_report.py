@@ -125,3 +125,13 @@ def test_cli_report_command(tmp_path):
     assert main(["report", str(run), "--table-posts", "1"]) == 0
     assert "### Post 1:" in (run / "report" / "report.md").read_text() and "### Post 2:" not in (run / "report" / "report.md").read_text()
     assert main(["report", str(tmp_path / "nope")]) == 2
+
+
+def test_side_by_side_shows_an_ultrafeedback_prompt_and_its_chosen_response():
+    from tldr_rlhf.report import side_by_side_blocks
+
+    rec = {"id": "a1", "prompt": "Name a color.", "reference": "Blue.", "reference_rm_score": 0.5,
+           "summaries": {"sft": {"text": "Red", "length": 1, "reference_length": 2, "eos": False, "rm_score": -0.25}}}
+    blocks = side_by_side_blocks([rec], 1)
+    assert blocks[0] == ("h3", "Prompt 1") and blocks[1] == ("quote", "Name a color.")
+    assert blocks[2] == ("table", ["model", "summary", "tokens", "RM score"], [["chosen response", "Blue.", "2", "0.50"], ["sft", "Red [no EOS]", "1", "-0.25"]])

@@ -333,12 +333,16 @@ def side_by_side_blocks(summaries: Sequence[dict[str, Any]], k: int) -> list[tup
     the reference and every policy's summary with its length and reward-model score."""
     blocks: list[tuple] = []
     for i, rec in enumerate(summaries[:k]):
-        post = rec.get("post", "")
-        blocks.append(("h3", f"Post {i + 1}: r/{rec.get('subreddit', '?')}: {rec.get('title', '')}"))
+        if "prompt" in rec:  # an UltraFeedback instruction
+            post = rec["prompt"]
+            blocks.append(("h3", f"Prompt {i + 1}"))
+        else:
+            post = rec.get("post", "")
+            blocks.append(("h3", f"Post {i + 1}: r/{rec.get('subreddit', '?')}: {rec.get('title', '')}"))
         blocks.append(("quote", post[:700] + (" [...]" if len(post) > 700 else "")))
         first = next(iter(rec.get("summaries", {}).values()), {})
         ref_score = rec.get("reference_rm_score")
-        rows = [["human reference", rec.get("reference", ""), str(first.get("reference_length", "-")), f"{ref_score:.2f}" if _number(ref_score) else "-"]]
+        rows = [["chosen response" if "prompt" in rec else "human reference", rec.get("reference", ""), str(first.get("reference_length", "-")), f"{ref_score:.2f}" if _number(ref_score) else "-"]]
         for name, s in rec.get("summaries", {}).items():
             text = s.get("text", "") + ("" if s.get("eos", True) else " [no EOS]")
             rows.append([name, text, str(s.get("length", "-")), f"{s['rm_score']:.2f}" if _number(s.get("rm_score")) else "-"])
