@@ -640,7 +640,7 @@ def evaluate(cfg: EvaluateRMConfig) -> dict[str, Any]:
 
     with autocast:
         r = score_comparisons(model, heldout, desc=f"held-out {data.task} pairs", **kw)
-        results["heldout"] = {**comparison_metrics(r, [e.confidence for e in heldout], lengths=_lengths(heldout)), **report["valid"], "source": data.valid_comparisons or data.comparisons}
+        results["heldout"] = {**comparison_metrics(r, [e.confidence for e in heldout], lengths=_lengths(heldout)), **report["valid"], "source": data.valid_comparisons or data.comparisons, "task": data.task}
         keep("heldout", heldout, r)
         if cnndm:
             r = score_comparisons(model, cnndm, desc="CNN/DM pairs", **kw)
@@ -674,12 +674,12 @@ def format_table(results: dict[str, Any]) -> str:
         base = f"{m[baseline]:>13.4f}" if baseline in m else " " * 13
         lines.append(f"{name:<31}{m['n']:>6}{m[key]:>10.4f}{base}{margin}  {dropped}")
 
-    row("held-out TL;DR comparisons", results["heldout"])
+    row("held-out TL;DR comparisons" if results["heldout"].get("task", "tldr") == "tldr" else "held-out preference pairs", results["heldout"])
     if "cnndm" in results:
         row("CNN/DM comparisons (OOD)", results["cnndm"])
     if "judge" in results:
         row("agreement with GPT-3.5 judge", results["judge"], "agreement", "longer_agreement")
-    lines.append("(longer wins: the baseline that always prefers the longer summary, on the same pairs)")
+    lines.append("(longer wins: the baseline that always prefers the longer response, on the same pairs)")
     h = results["heldout"]
     if h.get("accuracy_by_confidence"):
         lines += ["", "held-out accuracy by annotator confidence:", "  " + "  ".join(f"{c}: {v['accuracy']:.2f} (n={v['n']})" for c, v in h["accuracy_by_confidence"].items())]
