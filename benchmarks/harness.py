@@ -57,10 +57,10 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_side(script: str, side: str, settings: dict[str, Any]) -> dict[str, Any]:
-    """Run one side in a fresh process; returns its JSON result."""
+def run_side(script: str, side: str, settings: dict[str, Any], python: str | None = None) -> dict[str, Any]:
+    """Run one side in a fresh process (``python``, default this interpreter); returns its JSON result."""
     env = dict(os.environ, OMP_NUM_THREADS=str(settings.get("threads", 2)), TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run([sys.executable, script, "--side", side, "--settings", json.dumps(settings)], capture_output=True, text=True, env=env)
+    proc = subprocess.run([python or sys.executable, script, "--side", side, "--settings", json.dumps(settings)], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
         raise SystemExit(f"{side} side failed (exit {proc.returncode})")
