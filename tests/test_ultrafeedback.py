@@ -235,3 +235,25 @@ def test_stage_data_for_ultrafeedback_share_one_split(qwen_tokenizer):
     assert e.chosen_ids[-1] == EOS and qwen_tokenizer.decode(e.query_ids).startswith("### Instruction:\n")
     # the default TL;DR source becomes the UltraFeedback hub set for this task
     assert tasks.sources(RMDataArgs(task="ultrafeedback")) == ("trl-lib/ultrafeedback_binarized", "")
+
+
+def test_hub_layouts_load_through_datasets_from_a_local_parquet_folder(tmp_path):
+    """The hub path (``datasets.load_dataset``) on local parquet shards in the hub's layouts: raw
+    openbmb rows, and trl-lib rows whose chosen / rejected are chat messages with top-level scores."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    raw = tmp_path / "raw" / "data"
+    raw.mkdir(parents=True)
+    record = raw_record("Name a prime number larger than ten.", [("gpt-4", "Eleven is prime and larger than ten.", 9.0), ("alpaca-7b", "Twelve is prime.", 3.0)])
+    pq.write_table(pa.Table.from_pylist([record]), raw / "train-00000-of-00001.parquet")
+    data = load_ultrafeedback(str(tmp_path / "raw"), english_only=False)
+    assert [(p.chosen, p.rejected, p.score_chosen) for p in data.pairs] == [("Eleven is prime and larger than ten.", "Twelve is prime.", 9.0)]
+
+    binarized = tmp_path / "bin" / "data"
+    binarized.mkdir(parents=True)
+    msgs = lambda answer: [{"role": "user", "content": "Say yes."}, {"role": "assistant", "content": answer}]  # noqa: E731
+    rows = [{"prompt": "Say yes.", "prompt_id": "x", "chosen": msgs("Yes."), "rejected": msgs("No."), "score_chosen": 8.0, "score_rejected": 2.0}]
+    pq.write_table(pa.Table.from_pylist(rows), binarized / "test-00000-of-00001.parquet")
+    data = load_ultrafeedback(str(tmp_path / "bin"), "test")
+    assert [(p.prompt, p.chosen, p.rejected) for p in data.pairs] == [("Say yes.", "Yes.", "No.")]
