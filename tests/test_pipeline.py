@@ -196,3 +196,13 @@ def test_cli_pipeline_preset_and_overrides():
     fn, cfg = parse(["pipeline", "--preset", "cpu-smol", "--num-threads", "1", "--ppo.run.max-steps", "3", "--stages", "sft", "rm"])
     assert (cfg.num_threads, cfg.ppo.run.max_steps, cfg.stages) == (1, 3, ("sft", "rm"))
     assert cfg.sft.model.path.endswith("SmolLM2-135M-Instruct.Q4_1.gguf") and cfg.evaluate.num_posts == 16 and not cfg.evaluate.greedy
+
+
+def test_ultrafeedback_pipeline_preset_trains_and_evaluates_every_stage_on_the_task(tmp_path):
+    cfg = PIPELINE_PRESETS["uf-cpu-smol"]
+    w = stage_configs(PipelineConfig(**{**cfg.__dict__, "run_dir": str(tmp_path / "uf")}))
+    for stage in ("sft", "rm", "dpo", "ppo", "grpo", "rloo", "evaluate"):
+        assert w[stage].data.task == "ultrafeedback", stage
+    assert w["evaluate"].data == cfg.sft.data and w["evaluate"].data.valid.endswith("binarized_eval_200.jsonl")
+    assert w["rm"].data.valid_comparisons == w["dpo"].data.valid_comparisons == w["evaluate"].data.valid  # one held-out set
+    assert w["ppo"].sft_path == str(tmp_path / "uf" / "sft" / "final")

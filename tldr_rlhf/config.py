@@ -995,3 +995,10 @@ EVALUATE_PRESETS["uf-cpu-smol"] = dataclasses.replace(
     sft_path="runs/sft-uf-cpu-smol/final", rm_path="runs/rm-uf-cpu-smol/final", data=_UF_POSTS, num_posts=16, response_length=192,
     output_dir="runs/evaluate-uf-cpu-smol",
 )
+# The whole chain on UltraFeedback: each stage's uf-cpu-smol preset in one run folder (several CPU hours
+# on 2 cores with 256-token prompts and responses; the stand-alone stages are the quicker demonstration).
+PIPELINE_PRESETS["uf-cpu-smol"] = PipelineConfig(
+    run_dir="runs/pipeline-uf-cpu-smol",
+    sft=SFT_PRESETS["uf-cpu-smol"], rm=RM_PRESETS["uf-cpu-smol"], evaluate_rm=EVALUATE_RM_PRESETS["uf-cpu-smol"], dpo=DPO_PRESETS["uf-cpu-smol"],
+    ppo=PPO_PRESETS["uf-cpu-smol"], grpo=GRPO_PRESETS["uf-cpu-smol"], rloo=RLOO_PRESETS["uf-cpu-smol"], evaluate=EVALUATE_PRESETS["uf-cpu-smol"],
+)
