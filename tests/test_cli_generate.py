@@ -76,3 +76,19 @@ def test_no_sampling_randomness_leaks_into_greedy(tiny_model):
     torch.manual_seed(2)
     b = generate(tiny_model, [[5, 6, 7]], eos_token_id=EOS, pad_token_id=EOS, max_new_tokens=4, greedy=True)
     assert a == b
+
+
+def test_generate_answers_an_instruction_in_the_ultrafeedback_prompt_format(tiny_model_dir, tmp_path, qwen_tokenizer):
+    from tldr_rlhf.data.ultrafeedback import prompt_ids
+    from tldr_rlhf.generation import decode_response
+    from tldr_rlhf.modeling import load_causal_lm
+
+    out = tmp_path / "answers.jsonl"
+    rc = cli.main(["generate", "--model", str(tiny_model_dir), "--instruction", "Name a color.", "--max-new-tokens", "3", "--greedy", "--output", str(out)])
+    assert rc == 0
+    record = json.loads(out.read_text())
+    query = prompt_ids(qwen_tokenizer, "Name a color.")  # plain template: this tokenizer has no chat template
+    assert qwen_tokenizer.decode(query) == "### Instruction:\nName a color.\n\n### Response:\n"
+    expected = generate(load_causal_lm(str(tiny_model_dir)), [query], eos_token_id=EOS, pad_token_id=EOS, max_new_tokens=3, greedy=True)[0]
+    assert record["id"] == "instruction" and record["summary"] == decode_response(qwen_tokenizer, expected)
+    assert cli.main(["generate", "--model", str(tiny_model_dir), "--instruction", "x", "--post", "y"]) == 2

@@ -35,6 +35,9 @@ class GenerateArgs:
     """Title of --post."""
     subreddit: str = "AskReddit"
     """Subreddit of --post."""
+    instruction: str = ""
+    """One instruction to answer instead (UltraFeedback task format: the tokenizer's chat template, else
+    the plain "### Instruction:" template)."""
     tokenizer: str = ""
     """Tokenizer (default: the model's)."""
     limit: int = 8
@@ -74,16 +77,23 @@ def run_generate(args: GenerateArgs) -> list[dict[str, Any]]:
     import torch
 
     from .data.tldr import Post, format_query, load_posts
+    from .data.ultrafeedback import prompt_ids
     from .generation import decode_response, generate
     from .modeling import load_causal_lm, load_tokenizer
 
-    if bool(args.posts) == bool(args.post):
-        raise TldrRlhfError("give exactly one of --posts FILE or --post TEXT")
-    posts = load_posts(args.posts, "validation", need_summary=False, limit=args.limit or None) if args.posts else [Post("post", args.subreddit, args.title, args.post)]
+    if sum(map(bool, (args.posts, args.post, args.instruction))) != 1:
+        raise TldrRlhfError("give exactly one of --posts FILE, --post TEXT or --instruction TEXT")
+    if args.posts:
+        posts = load_posts(args.posts, "validation", need_summary=False, limit=args.limit or None)
+    else:
+        posts = [Post("instruction", "", "", args.instruction) if args.instruction else Post("post", args.subreddit, args.title, args.post)]
     tok = load_tokenizer(args.tokenizer or args.model)
     model = load_causal_lm(args.model, tokenizer=tok)
     torch.manual_seed(args.seed)
-    queries = [format_query(tok, p.subreddit, p.title, p.post, args.max_query_length)[1] for p in posts]
+    if args.instruction:
+        queries = [prompt_ids(tok, args.instruction)]
+    else:
+        queries = [format_query(tok, p.subreddit, p.title, p.post, args.max_query_length)[1] for p in posts]
     responses = generate(model, queries, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, max_new_tokens=args.max_new_tokens, temperature=args.temperature, greedy=args.greedy, batch_size=args.batch_size)
     records = [{"id": p.id, "title": p.title, "summary": decode_response(tok, r), "reference": p.summary.strip()} for p, r in zip(posts, responses)]
     for r in records:
