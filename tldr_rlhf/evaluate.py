@@ -473,14 +473,14 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     references = [reference_of(p).strip() for p in posts]
-    log.info("evaluating %d policies on %d held-out posts", len(policies), len(posts))
+    log.info("evaluating %d policies on %d held-out %s", len(policies), len(posts), "posts" if cfg.data.task == "tldr" else "prompts")
     t_start = time.perf_counter()
 
     runs: list[PolicyRun] = []
     for name, path in policies.items():
         log.info("policy %s: %s", name, path)
         runs.append(run_policy(name, path, posts, cfg, seed=cfg.seed))
-        log.info("policy %s: %d summaries in %.1f s (mean length %.1f tokens, EOS rate %.2f)", name, len(posts), runs[-1].seconds, _mean(runs[-1].lengths), _mean(runs[-1].has_eos))
+        log.info("policy %s: %d responses in %.1f s (mean length %.1f tokens, EOS rate %.2f)", name, len(posts), runs[-1].seconds, _mean(runs[-1].lengths), _mean(runs[-1].has_eos))
     kls = kl_to_sft(runs, posts, cfg) if cfg.kl and cfg.sft_path else {}
 
     texts = {r.name: r.texts for r in runs}
