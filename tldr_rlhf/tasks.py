@@ -45,13 +45,14 @@ def sources(data: TaskArgs) -> tuple[str, str]:
 
 def ultrafeedback_splits(data: TaskArgs) -> tuple[uf.UltraFeedbackData, uf.UltraFeedbackData, str]:
     """(train, held-out) UltraFeedback data of a data section and the source's name. The held-out
-    side is the held-out source when one is given (its 'test' split on the hub), else the prompts
+    side is the held-out source when one is given (a file, or a folder's / hub dataset's 'test'
+    split), else the prompts
     split off by ``split_by_prompt``. Raises DataError for bad records (file, line, field)."""
     train_src, valid_src = sources(data)
     opts = dict(min_score_gap=data.min_score_gap, english_only=data.english_only)
     full = uf.load_ultrafeedback(train_src, "train", **opts)
     if valid_src:
-        held = uf.load_ultrafeedback(valid_src, "test" if not Path(valid_src).exists() else "train", **opts)
+        held = uf.load_ultrafeedback(valid_src, "test", **opts)
         return full, held, train_src
     train, held = uf.split_by_prompt(full, data.eval_fraction, data.split_seed)
     return train, held, train_src
@@ -114,7 +115,7 @@ def ultrafeedback_prompts(data: TaskArgs, tokenizer) -> tuple[list, int]:
             dropped += 1
             continue
         prompts.append(Prompt(item.id, ids, item.reference.strip()))
-    prompts = prompts[: data.limit or None] if hasattr(data, "limit") else prompts
+    prompts = prompts[: data.limit or None]
     if not prompts:
         raise DataError("no training prompts fit in max_query_length", path=source)
     return prompts, dropped
