@@ -56,6 +56,7 @@ def test_ppo_run_folder_metrics_and_samples(first_run):
         assert key in updates[0], key
     # linear anneal: update 1 at the full lr, update 2 at lr * (1 - 1/2)
     assert updates[0]["lr"] == pytest.approx(1e-3) and updates[1]["lr"] == pytest.approx(5e-4)
+    assert isinstance(records[-1]["health/collapse_signals"], list)  # N+ detail 23: checked at the end of every run
     samples = [json.loads(l) for l in (out / "samples.jsonl").read_text().splitlines()]
     assert {s["step"] for s in samples} == {1, 2} and all({"query", "response", "score", "has_eos"} <= set(s) for s in samples)
 

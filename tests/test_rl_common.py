@@ -43,3 +43,25 @@ def test_load_prompts_reports_bad_records(tmp_path, qwen_tokenizer):
     prompts, truncated = load_prompts(TldrDataArgs(train=POSTS, limit=3, max_query_length=64, valid_fraction=0.0), qwen_tokenizer)
     assert len(prompts) == 3 and all(len(p.query_ids) <= 64 for p in prompts) and truncated >= 1
     assert qwen_tokenizer.decode(prompts[0].query_ids).startswith("SUBREDDIT: r/")
+
+
+def _updates(scores, kls, eos=1.0, entropy=1.0):
+    return [{"step": i + 1, "objective/scores": s, "objective/kl": k, "objective/eos_rate": eos, "objective/entropy": entropy} for i, (s, k) in enumerate(zip(scores, kls))]
+
+
+def test_nplus_23_collapse_signals_on_hand_made_runs():
+    from tldr_rlhf.train.rl_common import collapse_signals
+
+    healthy = _updates([0.0, 0.1, 0.2, 0.1, 0.3, 0.4, 0.5, 0.4, 0.6, 0.7], [0, 1, 1, 2, 2, 3, 3, 3, 4, 4])
+    assert collapse_signals(healthy) == []
+    # score falls below the first window's mean by more than its spread (0.4) while KL rises
+    fell = _updates([0.0, 0.4, 0.2, 0.1, 0.3, -0.3, -0.4, -0.2, -0.3, -0.5], [0, 1, 1, 2, 2, 5, 6, 6, 7, 8])
+    assert collapse_signals(fell) == ["score fell from 0.200 to -0.340 while KL rose from 1.20 to 6.40"]
+    # runaway length: last 5 EOS rates average 0.1; KL over the limit; deterministic sampling
+    bad = _updates([0.0] * 6, [30.0] * 6, eos=0.1, entropy=0.01)
+    assert collapse_signals(bad) == [
+        "EOS rate 0.10 over the last 5 updates (< 0.2): responses run to the length cap",
+        "KL to the reference 30.0 nats over the last 5 updates (> 25.0)",
+        "entropy 0.010 nats/token over the last 5 updates (< 0.05): degenerate sampling",
+    ]
+    assert collapse_signals([]) == [] and collapse_signals([{"objective/scores": 1.0}]) == []

@@ -42,7 +42,7 @@ from ..ops import token_logprobs
 from ..rollout import Rollout, finish_rollout, plain_sampling_config, rollout, rollout_stats, sample_and_score, select_rows
 from .common import make_accelerator
 from .loop import RunDir, Throughput, build_optimizer, build_scheduler, load_checkpoint, peak_memory_mb, progress_bar, save_checkpoint, seed_everything, shard
-from .rl_common import freeze, load_prompts, load_reference, load_reward_model, model_dtype, prompt_order, reward_score_fn, sample_records
+from .rl_common import check_collapse, freeze, load_prompts, load_reference, load_reward_model, model_dtype, prompt_order, reward_score_fn, sample_records
 
 log = logging.getLogger(__name__)
 _MAX_METRICS = ("ratio_max", "ratio_max_abs_dev")
@@ -224,7 +224,7 @@ def _train(cfg: GRPOConfig | RLOOConfig, name: str) -> str:
             save_checkpoint(run, done, accelerator.unwrap_model(model), optimizer, scheduler, keep=cfg.run.keep_checkpoints)
             accelerator.wait_for_everyone()
     bar.close()
-    run.log_metrics({"step": total, "perf/peak_memory_mb": peak_memory_mb(device)})
+    run.log_metrics({"step": total, "perf/peak_memory_mb": peak_memory_mb(device), "health/collapse_signals": check_collapse(run.path, name=name.upper()) if is_main else []})
     accelerator.wait_for_everyone()
     if is_main:
         save_pretrained(accelerator.unwrap_model(model), tokenizer, run.final_dir)

@@ -44,7 +44,7 @@ from ..rollout import Rollout, plain_sampling_config, rollout, rollout_stats
 from ..value_model import PolicyAndValue, ValueModel
 from .common import make_accelerator
 from .loop import RunDir, Throughput, build_optimizer, load_checkpoint, peak_memory_mb, progress_bar, save_checkpoint, seed_everything, shard
-from .rl_common import freeze, linear_anneal, load_prompts, load_reference, load_reward_model, model_dtype, prompt_order, reward_score_fn, sample_records
+from .rl_common import check_collapse, freeze, linear_anneal, load_prompts, load_reference, load_reward_model, model_dtype, prompt_order, reward_score_fn, sample_records
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +223,7 @@ def train(cfg: PPOConfig) -> str:
             save_checkpoint(run, done, accelerator.unwrap_model(model), optimizer, scheduler, keep=cfg.run.keep_checkpoints)
             accelerator.wait_for_everyone()
     bar.close()
-    run.log_metrics({"step": total, "perf/peak_memory_mb": peak_memory_mb(device)})
+    run.log_metrics({"step": total, "perf/peak_memory_mb": peak_memory_mb(device), "health/collapse_signals": check_collapse(run.path, name="PPO") if is_main else []})
     accelerator.wait_for_everyone()
     if is_main:
         save_pretrained(accelerator.unwrap_model(model).policy, tokenizer, run.final_dir)
