@@ -205,4 +205,4 @@ def test_ultrafeedback_pipeline_preset_trains_and_evaluates_every_stage_on_the_t
         assert w[stage].data.task == "ultrafeedback", stage
     assert w["evaluate"].data == cfg.sft.data and w["evaluate"].data.valid.endswith("binarized_eval_200.jsonl")
     assert w["rm"].data.valid_comparisons == w["dpo"].data.valid_comparisons == w["evaluate"].data.valid  # one held-out set
-    assert w["ppo"].sft_path == str(tmp_path / "uf" / "sft" / "final")
+    assert w["ppo"].sft_path == w["rm"].model.path == str(tmp_path / "uf" / "sft" / "final")  # the RM starts from the SFT model

@@ -977,8 +977,13 @@ _UF_PAIRS = dict(comparisons=_UF_POSTS.train, valid_comparisons=_UF_POSTS.valid,
 SFT_PRESETS["uf-cpu-smol"] = dataclasses.replace(
     SFT_PRESETS["cpu-smol"], data=_UF_POSTS, run=dataclasses.replace(SFT_PRESETS["cpu-smol"].run, output_dir="runs/sft-uf-cpu-smol", max_steps=30)
 )
+# The reward model starts from the UltraFeedback SFT model and trains every weight for 2 epochs at 3e-5: on
+# this sample that reached 0.58 held-out accuracy where the TL;DR CPU recipe (base model, top 6 blocks,
+# 1e-4, 30 steps) stayed at chance (0.49).
 RM_PRESETS["uf-cpu-smol"] = dataclasses.replace(
-    RM_PRESETS["cpu-smol"], data=RMDataArgs(**_UF_PAIRS, valid_limit=0), run=dataclasses.replace(RM_PRESETS["cpu-smol"].run, output_dir="runs/rm-uf-cpu-smol")
+    RM_PRESETS["cpu-smol"], model=ModelArgs(path="runs/sft-uf-cpu-smol/final", dtype="float32"), data=RMDataArgs(**_UF_PAIRS, valid_limit=0),
+    optim=OptimArgs(lr=3e-5, min_lr=3e-6, warmup_ratio=0.1, decay_steps=0), epochs=2, train_layers=0,
+    run=dataclasses.replace(RM_PRESETS["cpu-smol"].run, output_dir="runs/rm-uf-cpu-smol", max_steps=0, save_every=20),
 )
 EVALUATE_RM_PRESETS["uf-cpu-smol"] = EvaluateRMConfig(model="runs/rm-uf-cpu-smol/final", valid_limit=0, batch_size=8)
 DPO_PRESETS["uf-cpu-smol"] = dataclasses.replace(
@@ -998,7 +1003,7 @@ EVALUATE_PRESETS["uf-cpu-smol"] = dataclasses.replace(
 # The whole chain on UltraFeedback: each stage's uf-cpu-smol preset in one run folder (several CPU hours
 # on 2 cores with 256-token prompts and responses; the stand-alone stages are the quicker demonstration).
 PIPELINE_PRESETS["uf-cpu-smol"] = PipelineConfig(
-    run_dir="runs/pipeline-uf-cpu-smol",
+    run_dir="runs/pipeline-uf-cpu-smol", rm_from_sft=True,
     sft=SFT_PRESETS["uf-cpu-smol"], rm=RM_PRESETS["uf-cpu-smol"], evaluate_rm=EVALUATE_RM_PRESETS["uf-cpu-smol"], dpo=DPO_PRESETS["uf-cpu-smol"],
     ppo=PPO_PRESETS["uf-cpu-smol"], grpo=GRPO_PRESETS["uf-cpu-smol"], rloo=RLOO_PRESETS["uf-cpu-smol"], evaluate=EVALUATE_PRESETS["uf-cpu-smol"],
 )
