@@ -136,7 +136,7 @@ def _train(cfg: GRPOConfig | RLOOConfig, name: str) -> str:
     order = prompt_order(len(prompts), cfg.rollout_prompts, cfg.run.seed, num_updates)
     total = min(num_updates, cfg.run.max_steps) if cfg.run.max_steps else num_updates
     if is_main:
-        log.info("%s prompts: %d (%d queries cut to %d tokens); %d rollouts of %d prompts x %d (%d run now)", name.upper(), len(prompts), truncated, cfg.data.max_query_length, num_updates, cfg.rollout_prompts, cfg.group_size, total)
+        log.info("%s prompts: %d (%d queries over %d tokens: cut for TL;DR, dropped for UltraFeedback); %d rollouts of %d prompts x %d (%d run now)", name.upper(), len(prompts), truncated, cfg.data.max_query_length, num_updates, cfg.rollout_prompts, cfg.group_size, total)
 
     run, resume_from = RunDir.open(cfg, is_main=is_main)
 

@@ -114,7 +114,7 @@ def train(cfg: PPOConfig) -> str:
     order = prompt_order(len(prompts), cfg.rollout_batch_size, cfg.run.seed, num_updates)
     total = min(num_updates, cfg.run.max_steps) if cfg.run.max_steps else num_updates
     if is_main:
-        log.info("PPO prompts: %d (%d queries cut to %d tokens); %d updates of %d prompts (%d run now)", len(prompts), truncated, cfg.data.max_query_length, num_updates, cfg.rollout_batch_size, total)
+        log.info("PPO prompts: %d (%d queries over %d tokens: cut for TL;DR, dropped for UltraFeedback); %d updates of %d prompts (%d run now)", len(prompts), truncated, cfg.data.max_query_length, num_updates, cfg.rollout_batch_size, total)
 
     run, resume_from = RunDir.open(cfg, is_main=is_main)
 
