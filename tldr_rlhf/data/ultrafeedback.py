@@ -168,8 +168,7 @@ def _number(value: Any) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def _from_raw(record: dict[str, Any], out: UltraFeedbackData, *, path: str, line: int, min_score_gap: float, english_only: bool) -> None:
-    prompt = require(record, "instruction", path=path, line=line)
+def _from_raw(record: dict[str, Any], prompt: str, out: UltraFeedbackData, *, path: str, line: int, min_score_gap: float, english_only: bool) -> None:
     completions = require(record, "completions", path=path, line=line, kind=list)
     if not prompt.strip():
         out.drops.add("empty_prompt")
@@ -249,8 +248,7 @@ def _scores(record: dict[str, Any], *, path: str, line: int) -> tuple[float, flo
     raise DataError("no scores: expected score_chosen/score_rejected or rating_chosen/rating_rejected (top level or under metadata)", path=path, line=line, field="score_chosen")
 
 
-def _from_binarized(record: dict[str, Any], out: UltraFeedbackData, *, path: str, line: int) -> None:
-    prompt = _prompt_text(record, path=path, line=line)
+def _from_binarized(record: dict[str, Any], prompt: str, out: UltraFeedbackData, *, path: str, line: int) -> None:
     chosen = _text(record["chosen"], path=path, line=line, field="chosen")
     rejected = _text(record["rejected"], path=path, line=line, field="rejected")
     sc, sr = _scores(record, path=path, line=line)
@@ -301,19 +299,18 @@ def load_ultrafeedback(source: str | Path, split: str = "train", *, min_score_ga
     for n, (path, line, record) in enumerate(_records(source, split)):
         if limit is not None and n >= limit:
             break
-        if "completions" in record and "instruction" in record:
-            key = record["instruction"]
-            handler = lambda: _from_raw(record, out, path=path, line=line, min_score_gap=min_score_gap, english_only=english_only)  # noqa: E731
-        elif "chosen" in record and "rejected" in record:
-            key = _prompt_text(record, path=path, line=line)
-            handler = lambda: _from_binarized(record, out, path=path, line=line)  # noqa: E731
-        else:
+        raw = "completions" in record and "instruction" in record
+        if not raw and not ("chosen" in record and "rejected" in record):
             raise DataError("not an UltraFeedback record: expected instruction + completions (raw) or prompt + chosen + rejected (binarized)", path=path, line=line, field="instruction")
-        if isinstance(key, str) and key in seen:
+        prompt = require(record, "instruction", path=path, line=line) if raw else _prompt_text(record, path=path, line=line)
+        if prompt in seen:
             out.drops.add("duplicate_prompt")
             continue
-        seen.add(key)
-        handler()
+        seen.add(prompt)
+        if raw:
+            _from_raw(record, prompt, out, path=path, line=line, min_score_gap=min_score_gap, english_only=english_only)
+        else:
+            _from_binarized(record, prompt, out, path=path, line=line)
     return out
 
 
