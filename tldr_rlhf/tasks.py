@@ -18,6 +18,7 @@ every stage loads the whole source before splitting and limiting.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -43,16 +44,29 @@ def sources(data: TaskArgs) -> tuple[str, str]:
     return train, valid
 
 
+@functools.lru_cache(maxsize=4)
+def _load_ultrafeedback(source: str, split: str, min_score_gap: float, english_only: bool, mtime_ns: int | None) -> uf.UltraFeedbackData:
+    """One parse per process of a source: a stage asks for its pairs, references and prompts
+    separately, and on raw data every parse runs language identification over every text. A local
+    file's modification time is part of the key, so an edited file is read again. Callers must not
+    mutate the result."""
+    return uf.load_ultrafeedback(source, split, min_score_gap=min_score_gap, english_only=english_only)
+
+
+def _load(source: str, split: str, data: TaskArgs) -> uf.UltraFeedbackData:
+    path = Path(source)
+    return _load_ultrafeedback(source, split, data.min_score_gap, data.english_only, path.stat().st_mtime_ns if path.exists() else None)
+
+
 def ultrafeedback_splits(data: TaskArgs) -> tuple[uf.UltraFeedbackData, uf.UltraFeedbackData, str]:
     """(train, held-out) UltraFeedback data of a data section and the source's name. The held-out
     side is the held-out source when one is given (a file, or a folder's / hub dataset's 'test'
     split), else the prompts
     split off by ``split_by_prompt``. Raises DataError for bad records (file, line, field)."""
     train_src, valid_src = sources(data)
-    opts = dict(min_score_gap=data.min_score_gap, english_only=data.english_only)
-    full = uf.load_ultrafeedback(train_src, "train", **opts)
+    full = _load(train_src, "train", data)
     if valid_src:
-        held = uf.load_ultrafeedback(valid_src, "test", **opts)
+        held = _load(valid_src, "test", data)
         return full, held, train_src
     train, held = uf.split_by_prompt(full, data.eval_fraction, data.split_seed)
     return train, held, train_src
