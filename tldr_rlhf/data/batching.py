@@ -57,3 +57,9 @@ def collate_pairs(queries: list[list[int]], chosen: list[list[int]], rejected: l
     """Chosen and rejected responses in one batch of 2B rows: rows [0, B) chosen, [B, 2B) rejected,
     so one forward pass scores both (reward model, DPO)."""
     return collate_query_response(queries + queries, chosen + rejected, pad_token_id)
+
+
+def collate_preferences(examples, pad_token_id: int) -> QueryResponseBatch:
+    """``collate_pairs`` of preference examples (anything with ``query_ids``, ``chosen_ids`` and
+    ``rejected_ids``): 2B rows, chosen responses in [0, B), rejected in [B, 2B), each after its query."""
+    return collate_pairs([e.query_ids for e in examples], [e.chosen_ids for e in examples], [e.rejected_ids for e in examples], pad_token_id)

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from ..config import DPOConfig, DPODataArgs
-from ..data.batching import QueryResponseBatch, collate_pairs
+from ..data.batching import QueryResponseBatch, collate_preferences
 from ..data.comparisons import PreferenceExample, build_preference_examples, load_comparisons, split_by_post_id
 from ..data.tldr import DropCounts
 from ..errors import DataError
@@ -65,7 +65,7 @@ from .loop import (
     save_checkpoint,
     seed_everything,
     shard,
-    sharded_scores,
+    score_preference_pairs,
 )
 
 log = logging.getLogger(__name__)
@@ -107,9 +107,7 @@ def load_dpo_data(data: DPODataArgs, tokenizer) -> tuple[list[PreferenceExample]
     return train_ex, valid_ex, {"train": str(drops), "valid": str(vdrops)}
 
 
-def collate(examples: Sequence[PreferenceExample], pad_token_id: int) -> QueryResponseBatch:
-    """2B rows: chosen responses in rows [0, B), rejected in [B, 2B), each after its query."""
-    return collate_pairs([e.query_ids for e in examples], [e.chosen_ids for e in examples], [e.rejected_ids for e in examples], pad_token_id)
+collate = collate_preferences  # 2B rows: chosen in [0, B), rejected in [B, 2B)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -157,21 +155,7 @@ def score_pairs(
     No gradients, eval mode (restored after). Examples are batched in length order (less padding);
     with several processes each scores an interleaved share and the results are gathered.
     """
-    device = accelerator.device if accelerator is not None else next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-
-    def chunk_scores(chunk: list[int]) -> torch.Tensor:
-        batch = collate([examples[i] for i in chunk], pad_token_id).to(device)
-        with accelerator.autocast() if accelerator is not None else contextlib.nullcontext():
-            lp = pair_logprobs(model, batch, shared_prompt=shared_prompt).float().cpu()
-        return torch.stack([lp[: len(chunk)], lp[len(chunk) :]], 1)
-
-    lengths = [len(e.query_ids) + max(len(e.chosen_ids), len(e.rejected_ids)) for e in examples]
-    try:
-        return sharded_scores(len(examples), lengths, 2, chunk_scores, batch_size=batch_size, accelerator=accelerator, desc=desc or "scoring pairs", progress=progress)
-    finally:
-        model.train(was_training)
+    return score_preference_pairs(model, examples, pair_logprobs, pad_token_id=pad_token_id, batch_size=batch_size, shared_prompt=shared_prompt, accelerator=accelerator, desc=desc or "scoring pairs", progress=progress)
 
 
 def reference_logprobs(model: nn.Module, examples: Sequence[PreferenceExample], **kwargs) -> torch.Tensor:

@@ -339,6 +339,33 @@ def sharded_scores(n: int, lengths: Sequence[int], width: int, score_chunk, *, b
 
 
 @torch.no_grad()
+def score_preference_pairs(model: torch.nn.Module, examples: Sequence, pair_fn, *, pad_token_id: int, batch_size: int = 16, shared_prompt: bool = True, accelerator=None, desc: str = "scoring pairs", progress: bool = False) -> torch.Tensor:
+    """Score every preference example's chosen and rejected response -> (N, 2) float32 on CPU, with
+    ``pair_fn(model, batch, shared_prompt=...) -> (2B,)`` on ``collate_preferences`` batches (the
+    reward model's rewards, DPO's summed log-probs). No gradients, eval mode (restored after), length
+    order and a share per process through ``sharded_scores``, under the accelerator's autocast."""
+    import contextlib
+
+    from ..data.batching import collate_preferences
+
+    device = accelerator.device if accelerator is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+
+    def chunk_scores(chunk: list[int]) -> torch.Tensor:
+        batch = collate_preferences([examples[i] for i in chunk], pad_token_id).to(device)
+        with accelerator.autocast() if accelerator is not None else contextlib.nullcontext():
+            s = pair_fn(model, batch, shared_prompt=shared_prompt).float().cpu()
+        return torch.stack([s[: len(chunk)], s[len(chunk) :]], 1)
+
+    lengths = [len(e.query_ids) + max(len(e.chosen_ids), len(e.rejected_ids)) for e in examples]
+    try:
+        return sharded_scores(len(examples), lengths, 2, chunk_scores, batch_size=batch_size, accelerator=accelerator, desc=desc, progress=progress)
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
 def params_in_sync(model: torch.nn.Module, accelerator) -> bool:
     """True when every process holds the same weights: a position-weighted float64 checksum of all
     parameters is gathered from each process and compared (one small all-gather)."""

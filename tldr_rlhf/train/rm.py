@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from ..config import EvaluateRMConfig, ModelArgs, RMConfig, RMDataArgs, RewardNormArgs, from_dict
-from ..data.batching import QueryResponseBatch, collate_pairs, collate_query_response
+from ..data.batching import QueryResponseBatch, collate_preferences, collate_query_response
 from ..data.comparisons import Comparison, PreferenceExample, build_preference_examples, load_comparisons, load_judged_samples, split_by_post_id
 from ..data.tldr import DropCounts, SFTExample, build_sft_examples, load_posts
 from ..errors import DataError, ModelLoadError
@@ -63,6 +63,7 @@ from .loop import (
     save_checkpoint,
     seed_everything,
     shard,
+    score_preference_pairs,
     sharded_scores,
 )
 
@@ -216,9 +217,7 @@ def load_references(norm: RewardNormArgs, tokenizer, *, max_query_length: int, m
     return out, {"n": len(out), "dropped": dict(drops.counts), "query_truncated": notes.counts.get("query_truncated", 0), "source": norm.posts, "split": norm.split}
 
 
-def collate(examples: Sequence[PreferenceExample], pad_token_id: int) -> QueryResponseBatch:
-    """2B rows: chosen responses in rows [0, B), rejected in [B, 2B), each after its query."""
-    return collate_pairs([e.query_ids for e in examples], [e.chosen_ids for e in examples], [e.rejected_ids for e in examples], pad_token_id)
+collate = collate_preferences  # 2B rows: chosen in [0, B), rejected in [B, 2B)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -249,21 +248,7 @@ def score_comparisons(
 ) -> torch.Tensor:
     """Rewards of every example's chosen and rejected response: (N, 2) float32 on CPU. Eval mode
     (restored after), no gradients; several processes each score a share and gather."""
-    device = accelerator.device if accelerator is not None else next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-
-    def chunk_scores(chunk: list[int]) -> torch.Tensor:
-        batch = collate([examples[i] for i in chunk], pad_token_id).to(device)
-        with accelerator.autocast() if accelerator is not None else contextlib.nullcontext():
-            r = pair_rewards(model, batch, shared_prompt=shared_prompt).float().cpu()
-        return torch.stack([r[: len(chunk)], r[len(chunk) :]], 1)
-
-    lengths = [len(e.query_ids) + max(len(e.chosen_ids), len(e.rejected_ids)) for e in examples]
-    try:
-        return sharded_scores(len(examples), lengths, 2, chunk_scores, batch_size=batch_size, accelerator=accelerator, desc=desc, progress=progress)
-    finally:
-        model.train(was_training)
+    return score_preference_pairs(model, examples, pair_rewards, pad_token_id=pad_token_id, batch_size=batch_size, shared_prompt=shared_prompt, accelerator=accelerator, desc=desc, progress=progress)
 
 
 @torch.no_grad()
