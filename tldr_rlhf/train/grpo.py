@@ -37,12 +37,12 @@ from ..advantages import group_advantages, rloo_advantages, rloo_baselines, sequ
 from ..config import GRPOConfig, ModelArgs, RLOOConfig
 from ..errors import DataError
 from ..losses import grpo_loss, kl_estimate, rloo_loss
-from ..modeling import count_parameters, load_causal_lm, load_tokenizer_cached, response_logits, save_pretrained
+from ..modeling import count_parameters, load_tokenizer_cached, response_logits, save_pretrained
 from ..ops import token_logprobs
-from ..rollout import Rollout, finish_rollout, plain_sampling_config, rollout, rollout_stats, sample_and_score, select_rows
+from ..rollout import Rollout, finish_rollout, rollout, rollout_stats, sample_and_score, select_rows
 from .common import make_accelerator
 from .loop import RunDir, Throughput, build_optimizer, build_scheduler, load_checkpoint, peak_memory_mb, progress_bar, save_checkpoint, seed_everything, shard
-from .rl_common import check_collapse, freeze, load_prompts, load_reference, load_reward_model, model_dtype, prompt_order, reward_score_fn, sample_records
+from .rl_common import check_collapse, load_prompts, load_rl_models, model_dtype, prompt_order, reward_score_fn, sample_records
 
 log = logging.getLogger(__name__)
 _MAX_METRICS = ("ratio_max", "ratio_max_abs_dev")
@@ -144,10 +144,7 @@ def _train(cfg: GRPOConfig | RLOOConfig, name: str) -> str:
     device = accelerator.device
     frozen_dtype = model_dtype(cfg.dtype)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    policy = load_causal_lm(cfg.sft_path, dtype=torch.float32, tokenizer=tokenizer)
-    plain_sampling_config(policy, eos_token_id=eos, pad_token_id=pad)
-    ref = load_reference(cfg.sft_path, tokenizer, dtype=frozen_dtype).to(device)
-    reward_model = freeze(load_reward_model(cfg.rm_path, dtype=frozen_dtype)).to(device)
+    policy, ref, reward_model = load_rl_models(cfg.sft_path, cfg.rm_path, tokenizer, dtype=frozen_dtype, device=device)
     trainable, total_params = count_parameters(policy)
     optimizer = build_optimizer(policy.parameters(), cfg.optim, device_type=device.type)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.optimizer_steps(world))

@@ -38,13 +38,13 @@ from ..advantages import explained_variance, gae, kl_shaped_rewards, whiten_adva
 from ..config import PPOConfig
 from ..errors import DataError
 from ..losses import ppo_policy_loss, value_loss
-from ..modeling import count_parameters, load_causal_lm, load_tokenizer_cached, save_pretrained
+from ..modeling import count_parameters, load_tokenizer_cached, save_pretrained
 from ..ops import token_logprobs
-from ..rollout import Rollout, plain_sampling_config, rollout, rollout_stats
+from ..rollout import Rollout, rollout, rollout_stats
 from ..value_model import PolicyAndValue, ValueModel
 from .common import make_accelerator
 from .loop import RunDir, Throughput, build_optimizer, load_checkpoint, peak_memory_mb, progress_bar, save_checkpoint, seed_everything, shard
-from .rl_common import check_collapse, freeze, linear_anneal, load_prompts, load_reference, load_reward_model, model_dtype, prompt_order, reward_score_fn, sample_records
+from .rl_common import check_collapse, linear_anneal, load_prompts, load_rl_models, model_dtype, prompt_order, reward_score_fn, sample_records
 
 log = logging.getLogger(__name__)
 
@@ -122,10 +122,7 @@ def train(cfg: PPOConfig) -> str:
     device = accelerator.device
     frozen_dtype = model_dtype(cfg.dtype)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    policy = load_causal_lm(cfg.sft_path, dtype=torch.float32, tokenizer=tokenizer)
-    plain_sampling_config(policy, eos_token_id=eos, pad_token_id=pad)
-    ref = load_reference(cfg.sft_path, tokenizer, dtype=frozen_dtype).to(device)
-    reward_model = freeze(load_reward_model(cfg.rm_path, dtype=frozen_dtype)).to(device)
+    policy, ref, reward_model = load_rl_models(cfg.sft_path, cfg.rm_path, tokenizer, dtype=frozen_dtype, device=device)
     value = ValueModel.from_scalar_model(reward_model).float()
     model = PolicyAndValue(policy, value)
     trainable, total_params = count_parameters(model)

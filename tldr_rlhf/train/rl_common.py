@@ -117,6 +117,21 @@ def load_reference(path: str, tokenizer, *, dtype: torch.dtype = torch.float32) 
     return freeze(load_causal_lm(path, dtype=dtype, tokenizer=tokenizer))
 
 
+def load_rl_models(sft_path: str, rm_path: str, tokenizer, *, dtype: torch.dtype, device: torch.device) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """(policy, reference, reward model) of an RL stage: the trainable policy from the SFT checkpoint
+    in float32 master weights on the CPU (the accelerator moves it), sampling config reset to plain
+    sampling with explicit EOS / pad (N+ detail 19); the frozen reference (same checkpoint) and
+    frozen reward model in ``dtype`` on ``device``, dropout off (N+ detail 7). Raises ModelLoadError
+    for a path that does not load."""
+    from ..rollout import plain_sampling_config
+
+    policy = load_causal_lm(sft_path, dtype=torch.float32, tokenizer=tokenizer)
+    plain_sampling_config(policy, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    ref = load_reference(sft_path, tokenizer, dtype=dtype).to(device)
+    reward_model = freeze(load_reward_model(rm_path, dtype=dtype)).to(device)
+    return policy, ref, reward_model
+
+
 def linear_anneal(optimizer: torch.optim.Optimizer, num_updates: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Learning rate ``lr * (1 - u / num_updates)`` during update u = 0, 1, ... (N+ detail 16: linear
     anneal to 0); step it once per update, not per optimizer step."""
