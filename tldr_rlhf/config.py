@@ -311,13 +311,15 @@ DPO_PRESETS: dict[str, DPOConfig] = {
 
 
 @dataclass(frozen=True)
-class PPOConfig:
-    """PPO from an SFT policy against a frozen reward model (Stiennon et al. 2020; N+ details 16-23)."""
+class _RLConfig:
+    """What every RL stage (PPO, GRPO, RLOO) shares: a policy and a frozen reference from the SFT
+    checkpoint, a frozen reward model, prompts from the SFT posts, temperature sampling with the EOS
+    trick. The stages add their own fields and defaults."""
 
     sft_path: str = ""
     """SFT checkpoint: the policy and the frozen reference start from it (run folder final/, hub id, .gguf)."""
     rm_path: str = ""
-    """Reward model checkpoint (frozen); the value model starts as a copy of it (N+ detail 18)."""
+    """Reward model checkpoint (frozen; PPO's value model starts as a copy of it, N+ detail 18)."""
     tokenizer: str | None = None
     """Tokenizer path or hub id; defaults to `sft_path`."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
@@ -325,28 +327,39 @@ class PPOConfig:
     data: TldrDataArgs = field(default_factory=TldrDataArgs)
     """Prompts: the SFT training posts, reshuffled each time they run out (N+ detail 17)."""
     optim: OptimArgs = field(default_factory=OptimArgs)
-    """AdamW; the learning rate anneals linearly to 0 over the updates (warmup, min_lr and decay_steps
-    are not used). The presets set N+'s optimizer: betas (0.9, 0.999), weight decay 0.01, no clipping."""
+    """AdamW. PPO anneals the learning rate linearly to 0 over the updates (warmup, min_lr and
+    decay_steps unused; the presets set N+'s betas (0.9, 0.999), weight decay 0.01, no clipping);
+    GRPO / RLOO use the cosine-with-warmup schedule, stepped per optimizer step."""
     run: RunArgs = field(default_factory=RunArgs)
-    """Run folder and cadence; steps are PPO updates (one rollout batch each)."""
+    """Run folder and cadence; steps are updates (one rollout batch each)."""
     total_episodes: int = 1_000_000
     """Responses sampled over the whole run (N+ detail 16: 1M, ~8.56 passes over the SFT prompts)."""
+    forward_batch_size: int = 32
+    """Sequences per sampling / no-grad forward pass per process during the rollout."""
+    temperature: float = 0.7
+    """Sampling temperature; log-probs use the same temperature (N+ detail 21)."""
+    no_eos_penalty: float = -1.0
+    """Score of a response without EOS (the EOS trick, N+ detail 23)."""
+    clip_range: float = 0.2
+    """Policy ratio clip."""
+    num_sample_posts: int = 4
+    """Rollout responses written to samples.jsonl every `run.eval_every` updates."""
+
+
+@dataclass(frozen=True)
+class PPOConfig(_RLConfig):
+    """PPO from an SFT policy against a frozen reward model (Stiennon et al. 2020; N+ details 16-23)."""
+
     rollout_batch_size: int = 512
     """Prompts per PPO update over all processes (one response each)."""
     num_mini_batches: int = 1
     """Minibatches (optimizer steps) per PPO epoch over the rollout batch."""
     micro_batch_size: int = 16
     """Sequences per forward/backward pass per process (gradient accumulation inside a minibatch)."""
-    forward_batch_size: int = 32
-    """Sequences per sampling / no-grad forward pass per process during the rollout."""
     ppo_epochs: int = 4
     """Passes over each rollout batch (N+ detail 16)."""
     response_length: int = 53
     """New tokens sampled per response; truncated after the first EOS (53 Pythia, 63 Qwen2.5)."""
-    temperature: float = 0.7
-    """Sampling temperature; log-probs use the same temperature (N+ detail 21)."""
-    no_eos_penalty: float = -1.0
-    """Score of a response without EOS (the EOS trick, N+ detail 23)."""
     kl_coef: float = 0.05
     """Per-token KL penalty coefficient in the reward, fixed (N+ detail 16)."""
     kl_estimator: Literal["k1", "k3"] = "k1"
@@ -355,8 +368,6 @@ class PPOConfig:
     """Discount."""
     lam: float = 0.95
     """GAE lambda."""
-    clip_range: float = 0.2
-    """Policy ratio clip."""
     vf_clip_range: float = 0.2
     """Value clip around the rollout values."""
     vf_coef: float = 0.1
@@ -365,8 +376,6 @@ class PPOConfig:
     """Dual-clip bound c (> 1) for negative advantages; 0 = off."""
     whiten_rewards: bool = False
     """Whiten the shaped rewards over real tokens before GAE (off in the released N+ runs, detail 22)."""
-    num_sample_posts: int = 4
-    """Rollout responses written to samples.jsonl every `run.eval_every` updates."""
 
     def num_updates(self) -> int:
         """PPO updates in the whole run (``total_episodes // rollout_batch_size``); ValueError if 0."""
@@ -585,26 +594,10 @@ EVALUATE_RM_PRESETS: dict[str, EvaluateRMConfig] = {
 
 
 @dataclass(frozen=True)
-class _GroupRLConfig:
+class _GroupRLConfig(_RLConfig):
     """What GRPO and RLOO share: several sampled responses per prompt scored by a frozen reward
     model, no value model. The subclasses set their own defaults and add their own fields."""
 
-    sft_path: str = ""
-    """SFT checkpoint: the policy and the frozen reference start from it (run folder final/, hub id, .gguf)."""
-    rm_path: str = ""
-    """Reward model checkpoint (frozen)."""
-    tokenizer: str | None = None
-    """Tokenizer path or hub id; defaults to `sft_path`."""
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    """Weights dtype: auto = float32 on CPU, bfloat16 mixed precision on CUDA."""
-    data: TldrDataArgs = field(default_factory=TldrDataArgs)
-    """Prompts: the SFT training posts, reshuffled each time they run out."""
-    optim: OptimArgs = field(default_factory=OptimArgs)
-    """AdamW and the cosine-with-warmup schedule, stepped per optimizer step."""
-    run: RunArgs = field(default_factory=RunArgs)
-    """Run folder and cadence; steps are rollouts (one batch of prompts each)."""
-    total_episodes: int = 1_000_000
-    """Responses sampled over the whole run (prompts x group_size)."""
     rollout_prompts: int = 16
     """Prompts per rollout over all processes; each gets group_size responses."""
     group_size: int = 8
@@ -613,24 +606,14 @@ class _GroupRLConfig:
     """Sequences per optimizer step over all processes."""
     micro_batch_size: int = 8
     """Sequences per forward/backward pass per process."""
-    forward_batch_size: int = 32
-    """Sequences per sampling / no-grad forward pass per process during the rollout."""
     update_per_rollout: int = 4
     """Passes over each rollout batch."""
     response_length: int = 63
     """New tokens sampled per response; truncated after the first EOS."""
-    temperature: float = 0.7
-    """Sampling temperature; log-probs use the same temperature."""
-    no_eos_penalty: float = -1.0
-    """Score of a response without EOS."""
     kl_coef: float = 0.05
     """KL coefficient."""
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     """Per-token KL estimator."""
-    clip_range: float = 0.2
-    """Policy ratio clip."""
-    num_sample_posts: int = 4
-    """Rollout responses written to samples.jsonl every `run.eval_every` rollouts."""
 
     def num_updates(self) -> int:
         """Rollouts in the whole run; ValueError when fewer than one."""
