@@ -66,20 +66,12 @@ def _data(settings):
 
 def _pairs(settings):
     """The training pairs our run uses, in the order and micro-batches it uses them."""
-    from tldr_rlhf.modeling import load_tokenizer
-    from tldr_rlhf.train.loop import global_batches
     from tldr_rlhf.train.rm import load_rm_data
 
-    tok = load_tokenizer(settings["model"])
-    train_ex, _, _ = load_rm_data(_data(settings), tok)
-    batch = settings["micro_batch_size"] * settings["gradient_accumulation_steps"]
-    order = [i for step in global_batches(len(train_ex), batch, 42, 1)[: settings["steps"]] for i in step]
-    return tok, [train_ex[i] for i in order]
+    return harness.pairs_in_training_order(settings, _data(settings), load_rm_data)
 
 
-def _tokens(pairs) -> int:
-    """Tokens of the full rows (query + chosen, query + rejected), the same count for every side."""
-    return sum(2 * len(e.query_ids) + len(e.chosen_ids) + len(e.rejected_ids) for e in pairs)
+_tokens = harness.pair_tokens
 
 
 def init_checkpoint(model_dir: str, path: Path) -> str:

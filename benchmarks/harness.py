@@ -131,3 +131,22 @@ class StepTimer:
 
     def stop(self) -> None:
         self.times.append(time.perf_counter() - self._t)
+
+
+def pairs_in_training_order(settings: dict[str, Any], data_args, load) -> tuple[Any, list]:
+    """(tokenizer, the training pairs our run uses, in the order and micro-batches it uses them) for
+    the preference benchmarks: ``load(data_args, tokenizer) -> (train, valid, report)`` is the stage's
+    loader (``load_rm_data``, ``load_dpo_data``); seed 42, one epoch, ``settings["steps"]`` batches."""
+    from tldr_rlhf.modeling import load_tokenizer
+    from tldr_rlhf.train.loop import global_batches
+
+    tok = load_tokenizer(settings["model"])
+    train_ex, _, _ = load(data_args, tok)
+    batch = settings["micro_batch_size"] * settings["gradient_accumulation_steps"]
+    order = [i for step in global_batches(len(train_ex), batch, 42, 1)[: settings["steps"]] for i in step]
+    return tok, [train_ex[i] for i in order]
+
+
+def pair_tokens(pairs) -> int:
+    """Tokens of the full rows (query + chosen, query + rejected), the same count for every side."""
+    return sum(2 * len(e.query_ids) + len(e.chosen_ids) + len(e.rejected_ids) for e in pairs)
