@@ -1,0 +1,49 @@
+# One command each, on a fresh machine: `make pipeline` (the main job), `make test` (the test suite).
+# Both build the virtual environment .venv from the tested lock (constraints.txt) on first use, and
+# again whenever pyproject.toml or constraints.txt change; nothing installed elsewhere is used.
+PYTHON ?= python3
+VENV ?= .venv
+# The CPU build lies on this kind of machine; on a CUDA machine the same pin is PyPI's CUDA build.
+TORCH ?= torch==2.13.0
+EXTRAS ?= test
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install test test-quick pipeline lock clean-venv
+
+$(STAMP): pyproject.toml constraints.txt
+	rm -rf $(VENV)
+	$(PYTHON) -m venv $(VENV)
+	# torch first: a bare `torch` requirement would pull several GB of CUDA packages on a CPU machine
+	$(BIN)/python -m pip install --quiet -c constraints.txt "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[$(EXTRAS)]"
+	touch $@
+
+install: $(STAMP)
+
+# README: "Run the tests"
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+# Without the slow real-model and 2-process checks (about a minute less)
+test-quick: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow and not gpu"
+
+# README: "Run the main job": the whole reproduction on the real SmolLM2-135M, 2 CPU cores
+pipeline: $(STAMP)
+	$(BIN)/tldr-rlhf pipeline --preset cpu-smol
+
+# A new lock: the newest versions pip resolves today into a throw-away venv, the full test suite
+# run there, and constraints.txt rewritten only when it passes.
+lock:
+	rm -rf .venv-lock
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install --quiet "$(TORCH)"
+	.venv-lock/bin/python -m pip install --quiet -e ".[test]"
+	.venv-lock/bin/python -m pytest -q
+	{ sed -n '/^#/p' constraints.txt; .venv-lock/bin/python -m pip freeze --exclude-editable | sed 's/^\(torch==[^+]*\)+.*/\1/'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+	rm -rf .venv-lock
+
+clean-venv:
+	rm -rf $(VENV)
