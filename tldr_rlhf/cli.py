@@ -177,16 +177,67 @@ def parse(argv: list[str]):
     return fn, cfg
 
 
+def _resume_hint() -> str:
+    """Where the run(s) this process opened can be resumed from, for the Ctrl-C / crash line."""
+    from .train.loop import _ACTIVE
+
+    if not _ACTIVE:
+        return ""
+    run = _ACTIVE[-1]
+    ckpt = run.latest_checkpoint()
+    if ckpt is None:
+        return f"; {run.path} has no checkpoint yet: rerun the same command to start it again"
+    return f"; newest checkpoint {ckpt}: rerun the same command to resume from step {ckpt.name.split('-')[1]}"
+
+
+def _restore_replaced_runs() -> None:
+    """A run started with --run.overwrite that stopped before its first checkpoint gives the old run back."""
+    from .train.loop import _ACTIVE
+
+    for run in _ACTIVE:
+        run.restore_replaced()
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``tldr-rlhf``. Exit codes: 0 done, 2 a user error (one line naming the flag,
+    file, line or field; ``--debug`` adds the traceback), 1 an OS error such as a full disk (one line
+    and where to resume), 130 interrupted by Ctrl-C (one line and where to resume)."""
+    import os
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("TLDR_RLHF_DEBUG") == "1"
+    argv = [a for a in argv if a != "--debug"]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "urllib3", "huggingface_hub", "datasets", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    fn, cfg = parse(sys.argv[1:] if argv is None else argv)
+    fn, cfg = parse(argv)
     try:
+        from .validation import validate_config
+
+        # a pipeline's stage inputs come from its earlier stages: each stage checks its paths when it starts
+        validate_config(cfg, check_paths=type(cfg).__name__ != "PipelineConfig")
         fn(cfg)
     except TldrRlhfError as e:
+        _restore_replaced_runs()
+        if debug:
+            raise
         print(f"tldr-rlhf: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        _restore_replaced_runs()
+        if debug:
+            raise
+        print(f"\ntldr-rlhf: interrupted{_resume_hint()}", file=sys.stderr)
+        return 130
+    except OSError as e:
+        _restore_replaced_runs()
+        if debug:
+            raise
+        print(f"tldr-rlhf: error: {e}{_resume_hint()} (--debug shows the traceback)", file=sys.stderr)
+        return 1
+    except BaseException:
+        _restore_replaced_runs()
+        raise
     return 0
 
 

@@ -26,3 +26,8 @@ class ModelLoadError(TldrRlhfError, ValueError):
 
 class RunDirError(TldrRlhfError, RuntimeError):
     """A run folder that would be overwritten, or a resume that does not match the run."""
+
+
+class ConfigError(TldrRlhfError, ValueError):
+    """A config value out of range, batch sizes that do not divide, or an input path that does not
+    exist. Names the flag, e.g. ``--optim.lr -1.0: must be > 0``."""

@@ -36,6 +36,8 @@ import torch
 
 from .config import PIPELINE_STAGES, PipelineConfig, ReportConfig, save_config
 from .errors import DataError
+from .train.loop import final_is_complete
+from .validation import validate_config
 
 log = logging.getLogger(__name__)
 STATE_FILE = "pipeline.json"
@@ -83,6 +85,16 @@ def stage_output(run_dir: str | Path, stage: str) -> Path | None:
     return final_dir(run_dir, stage)
 
 
+def stage_done(run_dir: str | Path, stage: str) -> bool:
+    """Whether ``stage``'s output is complete: a training stage's final/ with its completeness marker
+    (a final/ left half-written by a crash or a full disk does not count), an evaluation's results
+    file; the report is never done (always rebuilt)."""
+    marker = stage_output(run_dir, stage)
+    if marker is None:
+        return False
+    return final_is_complete(marker) if marker.name == "final" else marker.exists()
+
+
 def check_stages(cfg: PipelineConfig) -> list[str]:
     """The stages to run in pipeline order. Raises DataError for an unknown stage name (in `stages`
     or `rerun`) or a stage whose inputs no earlier stage and no existing output provide."""
@@ -94,7 +106,7 @@ def check_stages(cfg: PipelineConfig) -> list[str]:
     run_dir = Path(cfg.run_dir)
 
     def available(dep: str) -> bool:
-        return dep in stages or final_dir(run_dir, dep).exists()
+        return dep in stages or stage_done(run_dir, dep)
 
     needs = {"rm": ["sft"] if cfg.rm_from_sft else [], "evaluate-rm": ["rm"], "dpo": ["sft"], "ppo": ["sft", "rm"], "grpo": ["sft", "rm"], "rloo": ["sft", "rm"], "evaluate": ["sft"]}
     for s in stages:
@@ -121,8 +133,8 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, Any]:
         stage_cfg = getattr(cfg, name)
         out[name] = dataclasses.replace(stage_cfg, sft_path=sft_final, rm_path=rm_final, tokenizer=None, run=_run(stage_cfg.run, run_dir, name, t, name in redo))
     policies = [f"base={cfg.base_model or cfg.sft.model.path}", f"sft={sft_final}"]
-    policies += [f"{s}={final_dir(run_dir, s)}" for s in POLICY_STAGES if s in cfg.stages or final_dir(run_dir, s).exists()]
-    rm_ok = "rm" in cfg.stages or Path(rm_final).exists()
+    policies += [f"{s}={final_dir(run_dir, s)}" for s in POLICY_STAGES if s in cfg.stages or stage_done(run_dir, s)]
+    rm_ok = "rm" in cfg.stages or stage_done(run_dir, "rm")
     out["evaluate"] = dataclasses.replace(
         cfg.evaluate, policies=tuple(policies), sft_path=sft_final, rm_path=rm_final if rm_ok else "",
         data=cfg.sft.data, output_dir=str(run_dir / "evaluate"), **({"num_threads": t} if t else {}),
@@ -154,6 +166,8 @@ def run_pipeline(cfg: PipelineConfig, *, stage_functions: dict[str, Callable[[An
     stage's own error after recording it as failed in pipeline.json.
     """
     stages = check_stages(cfg)
+    for stage_cfg in stage_configs(cfg).values():  # every value, before anything on disk is touched
+        validate_config(stage_cfg, check_paths=False)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.num_threads:
@@ -167,7 +181,7 @@ def run_pipeline(cfg: PipelineConfig, *, stage_functions: dict[str, Callable[[An
         configs = stage_configs(cfg)  # re-read after each stage: evaluated policies depend on what exists
         marker = stage_output(run_dir, stage)
         record = state["stages"].get(stage, {})
-        if marker is not None and marker.exists() and stage not in cfg.rerun:
+        if stage_done(run_dir, stage) and stage not in cfg.rerun:
             log.info("pipeline: %s already done (%s); skipping", stage, marker)
             state["stages"][stage] = {**record, "status": "skipped", "output": str(marker)}
             _save_state(state_path, state)

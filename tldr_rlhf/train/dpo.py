@@ -320,7 +320,8 @@ def train(cfg: DPOConfig) -> str:
     scheduler = build_scheduler(optimizer, cfg.optim, len(steps))
     start = 0
     if resume_from is not None:
-        start = load_checkpoint(resume_from, model, optimizer, scheduler)["step"]
+        state = load_checkpoint(resume_from, model, optimizer, scheduler)
+        start, resume_from = state["step"], state["path"]
         run.truncate_logs(start)
         if is_main:
             log.info("resumed from %s (step %d)", resume_from, start)
@@ -416,7 +417,7 @@ def train(cfg: DPOConfig) -> str:
     if is_main:
         summary = {"step": total_steps, "beta": cfg.beta, "loss_type": cfg.loss_type, "label_smoothing": cfg.label_smoothing, "held_out": result, "dropped": drops}
         (run.path / EVAL_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-        save_pretrained(accelerator.unwrap_model(scorer).model, tokenizer, run.final_dir)
+        run.write_final(lambda tmp: save_pretrained(accelerator.unwrap_model(scorer).model, tokenizer, tmp), step=total_steps, stage="dpo")
         log.info("DPO done: %s (held-out implicit-reward accuracy %.4f over %d comparisons)", run.final_dir, result["accuracy"], result["n"])
     accelerator.wait_for_everyone()
     return str(run.final_dir)

@@ -150,7 +150,8 @@ def _train(cfg: GRPOConfig | RLOOConfig, name: str) -> str:
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.optimizer_steps(world))
     start = 0
     if resume_from is not None:
-        start = load_checkpoint(resume_from, policy, optimizer, scheduler)["step"]
+        state = load_checkpoint(resume_from, policy, optimizer, scheduler)
+        start, resume_from = state["step"], state["path"]
         run.truncate_logs(start)
         if is_main:
             log.info("resumed from %s (rollout %d)", resume_from, start)
@@ -224,7 +225,7 @@ def _train(cfg: GRPOConfig | RLOOConfig, name: str) -> str:
     run.log_metrics({"step": total, "perf/peak_memory_mb": peak_memory_mb(device), "health/collapse_signals": check_collapse(run.path, name=name.upper()) if is_main else []})
     accelerator.wait_for_everyone()
     if is_main:
-        save_pretrained(accelerator.unwrap_model(model), tokenizer, run.final_dir)
+        run.write_final(lambda tmp: save_pretrained(accelerator.unwrap_model(model), tokenizer, tmp), step=total, stage=name)
         log.info("%s done: %s", name.upper(), run.final_dir)
     accelerator.wait_for_everyone()
     return str(run.final_dir)

@@ -130,7 +130,8 @@ def train(cfg: PPOConfig) -> str:
     scheduler = linear_anneal(optimizer, num_updates)
     start = 0
     if resume_from is not None:
-        start = load_checkpoint(resume_from, model, optimizer, scheduler)["step"]
+        state = load_checkpoint(resume_from, model, optimizer, scheduler)
+        start, resume_from = state["step"], state["path"]
         run.truncate_logs(start)
         if is_main:
             log.info("resumed from %s (update %d)", resume_from, start)
@@ -223,7 +224,7 @@ def train(cfg: PPOConfig) -> str:
     run.log_metrics({"step": total, "perf/peak_memory_mb": peak_memory_mb(device), "health/collapse_signals": check_collapse(run.path, name="PPO") if is_main else []})
     accelerator.wait_for_everyone()
     if is_main:
-        save_pretrained(accelerator.unwrap_model(model).policy, tokenizer, run.final_dir)
+        run.write_final(lambda tmp: save_pretrained(accelerator.unwrap_model(model).policy, tokenizer, tmp), step=total, stage="ppo")
         log.info("PPO done: %s", run.final_dir)
     accelerator.wait_for_everyone()
     return str(run.final_dir)

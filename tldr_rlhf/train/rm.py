@@ -457,7 +457,8 @@ def train(cfg: RMConfig) -> str:
     scheduler = build_scheduler(optimizer, cfg.optim, len(steps))
     start = 0
     if resume_from is not None:
-        start = load_checkpoint(resume_from, model, optimizer, scheduler)["step"]
+        state = load_checkpoint(resume_from, model, optimizer, scheduler)
+        start, resume_from = state["step"], state["path"]
         run.truncate_logs(start)
         if is_main:
             log.info("resumed from %s (step %d)", resume_from, start)
@@ -548,7 +549,7 @@ def train(cfg: RMConfig) -> str:
     run.log_metrics(record)
     accelerator.wait_for_everyone()
     if is_main:
-        save_reward_model(inner, tokenizer, run.final_dir)
+        run.write_final(lambda tmp: save_reward_model(inner, tokenizer, tmp), step=total_steps, stage="rm")
         log.info("RM done: %s (held-out accuracy %.4f on %d pairs)", run.final_dir, final["valid/accuracy"], final["valid/n"])
     accelerator.wait_for_everyone()
     return str(run.final_dir)

@@ -122,7 +122,8 @@ def train(cfg: SFTConfig) -> str:
     scheduler = build_scheduler(optimizer, cfg.optim, len(steps))
     start = 0
     if resume_from is not None:
-        start = load_checkpoint(resume_from, model, optimizer, scheduler)["step"]
+        state = load_checkpoint(resume_from, model, optimizer, scheduler)
+        start, resume_from = state["step"], state["path"]
         run.truncate_logs(start)
         if is_main:
             log.info("resumed from %s (step %d)", resume_from, start)
@@ -202,7 +203,7 @@ def train(cfg: SFTConfig) -> str:
         raise RuntimeError("data-parallel processes ended with different weights")
     accelerator.wait_for_everyone()
     if is_main:
-        save_pretrained(accelerator.unwrap_model(model), tokenizer, run.final_dir)
+        run.write_final(lambda tmp: save_pretrained(accelerator.unwrap_model(model), tokenizer, tmp), step=total_steps, stage="sft")
         log.info("SFT done: %s (valid loss %s)", run.final_dir, final_metrics.get("valid/loss"))
     accelerator.wait_for_everyone()
     return str(run.final_dir)

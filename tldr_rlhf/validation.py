@@ -1,0 +1,161 @@
+"""Check a stage's config before anything runs: every value in range, derived batch sizes that divide,
+every input path present. Each problem is one ConfigError line naming the flag, e.g.
+
+    --optim.lr -1.0: must be > 0
+    --sft-path runs/sft/final: no such file or folder
+    --sft-path runs/sft/final: the run's final/ is incomplete (its save did not finish); rerun that stage
+
+The CLI calls ``validate_config`` right after parsing and every stage calls it again when it opens its
+run folder (``RunDir.open``), so library use gets the same checks before anything on disk is touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import ConfigError
+
+# field name -> (rule, what it must be). A field of the same name means the same thing in every stage.
+_Rule = tuple[Callable[[Any], bool], str]
+_GT0: _Rule = (lambda v: v > 0, "must be > 0")
+_GE0: _Rule = (lambda v: v >= 0, "must be >= 0")
+_UNIT: _Rule = (lambda v: 0 <= v <= 1, "must be in [0, 1]")
+_OPEN_UNIT: _Rule = (lambda v: 0 < v < 1, "must be in (0, 1)")
+RULES: dict[str, _Rule] = {
+    **dict.fromkeys(
+        (
+            "lr", "eps", "micro_batch_size", "gradient_accumulation_steps", "epochs", "batch_size", "eval_batch_size",
+            "forward_batch_size", "rollout_batch_size", "num_mini_batches", "ppo_epochs", "response_length",
+            "max_query_length", "max_response_length", "max_cnndm_query_length", "total_episodes", "rollout_prompts",
+            "mini_batch_size", "update_per_rollout", "log_every", "keep_checkpoints", "beta", "max_parallel",
+            "timeout_s", "sample_max_new_tokens", "max_new_tokens", "rs_candidates", "rs_temperature", "rs_beta",
+            "lora_alpha", "temperature",
+        ),
+        _GT0,
+    ),
+    **dict.fromkeys(
+        (
+            "min_lr", "warmup_steps", "decay_steps", "weight_decay", "max_grad_norm", "eval_every", "save_every",
+            "max_steps", "num_threads", "limit", "valid_limit", "num_sample_posts", "lora_r", "kl_coef", "vf_coef",
+            "vf_clip_range", "clip_range", "cnndm_limit", "judge_limit", "table_posts", "train_layers", "min_score_gap",
+            "retries", "num_posts",
+        ),
+        _GE0,
+    ),
+    **dict.fromkeys(("gamma", "lam"), _UNIT),
+    **dict.fromkeys(("valid_fraction", "eval_fraction"), _OPEN_UNIT),
+    "warmup_ratio": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "label_smoothing": (lambda v: 0 <= v < 0.5, "must be in [0, 0.5)"),
+    "dual_clip": (lambda v: v == 0 or v > 1, "must be 0 (off) or > 1"),
+    "group_size": (lambda v: v >= 2, "must be >= 2 (a group baseline needs two responses)"),
+    "betas": (lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "must be two numbers in [0, 1)"),
+}
+# (config class name, field) -> rule, where one class means something else by a common name
+CLASS_RULES: dict[tuple[str, str], _Rule] = {
+    ("JudgeArgs", "temperature"): (lambda v: v < 0 or v >= 0, "must be a number (< 0 sends none)"),
+    ("GenerateArgs", "limit"): _GE0,
+}
+# fields naming an input: a local file or folder, or a hub id
+INPUT_FIELDS = {
+    "path", "tokenizer", "sft_path", "rm_path", "judge_rm_path", "train", "valid", "comparisons",
+    "valid_comparisons", "cnndm", "policy_samples", "posts",
+}
+# classes whose `model` field is an input path rather than a nested config or a judge's model name
+MODEL_PATH_CLASSES = {"EvaluateRMConfig", "GenerateArgs"}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_FILE_SUFFIXES = (".json", ".jsonl", ".gguf", ".parquet", ".safetensors", ".bin", ".pt", ".csv", ".txt")
+
+
+def flag(path: tuple[str, ...]) -> str:
+    """The command-line flag of a (nested) field: ("optim", "lr") -> "--optim.lr",
+    ("micro_batch_size",) -> "--micro-batch-size"."""
+    return "--" + ".".join(p.replace("_", "-") for p in path)
+
+
+def check_input(value: str, name: str) -> None:
+    """Raise ConfigError when ``value`` (the input of flag ``name``) is neither an existing path nor a
+    plausible hub id, or is a run's ``final/`` whose save never completed."""
+    from .train.loop import final_is_complete
+
+    if not value:
+        return
+    p = Path(value)
+    if p.exists():
+        if p.is_dir() and p.name == "final" and (p.parent / "config.json").is_file() and not final_is_complete(p):
+            raise ConfigError(f"{name} {value}: the run's final/ is incomplete (its save did not finish); rerun that stage to complete it")
+        return
+    first = p.parts[0] if p.parts else ""
+    looks_local = (
+        p.is_absolute() or first in (".", "..", "~") or value.endswith(_FILE_SUFFIXES) or not _HUB_ID.match(value) or Path(first).is_dir()
+    )
+    if looks_local:
+        raise ConfigError(f"{name} {value}: no such file or folder")
+
+
+def _check_value(cls_name: str, name: str, value: Any, where: tuple[str, ...]) -> None:
+    rule = CLASS_RULES.get((cls_name, name)) or RULES.get(name)
+    if isinstance(value, bool) or value is None:
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{flag(where)} {value}: must be a finite number")
+    if rule is not None and isinstance(value, (int, float, tuple)) and not rule[0](value):
+        shown = " ".join(map(str, value)) if isinstance(value, tuple) else value
+        raise ConfigError(f"{flag(where)} {shown}: {rule[1]}")
+
+
+def _walk(cfg: Any, prefix: tuple[str, ...], check_paths: bool) -> None:
+    cls_name = type(cfg).__name__
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        where = prefix + (f.name,)
+        if dataclasses.is_dataclass(value):
+            _walk(value, where, check_paths)
+            continue
+        _check_value(cls_name, f.name, value, where)
+        if not check_paths:
+            continue
+        if f.name == "policies":
+            for item in value:
+                pname, sep, ppath = item.partition("=")
+                if not sep or not pname or not ppath:
+                    raise ConfigError(f"{flag(where)} {item}: expected NAME=PATH")
+                check_input(ppath, f"{flag(where)} {pname}=")
+        elif isinstance(value, str) and (f.name in INPUT_FIELDS or (f.name == "model" and cls_name in MODEL_PATH_CLASSES)):
+            check_input(value, flag(where))
+    # cross-field rules
+    optim_lr, min_lr = getattr(cfg, "lr", None), getattr(cfg, "min_lr", None)
+    if isinstance(optim_lr, float) and isinstance(min_lr, float) and min_lr > optim_lr:
+        raise ConfigError(f"{flag(prefix + ('min_lr',))} {min_lr}: must not exceed {flag(prefix + ('lr',))} {optim_lr}")
+
+
+def _check_sizes(cfg: Any, prefix: tuple[str, ...], world: int) -> None:
+    """Derived batch sizes must divide exactly (the config's own properties raise ValueError)."""
+    calls = [m for m in ("num_updates", "gradient_accumulation_steps", "optimizer_steps", "global_batch_size") if callable(getattr(cfg, m, None))]
+    for m in calls:
+        fn = getattr(cfg, m)
+        try:
+            fn() if m == "num_updates" else fn(world)
+        except ValueError as e:
+            where = f" ({'.'.join(prefix)})" if prefix else ""
+            raise ConfigError(f"batch sizes{where}: {e} with {world} process{'es' if world > 1 else ''}; check --total-episodes, the batch-size flags and --micro-batch-size") from e
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_sizes(value, prefix + (f.name,), world)
+
+
+def validate_config(cfg: Any, *, check_paths: bool = True, world_size: int | None = None) -> None:
+    """Check every field of a (nested) config dataclass: ranges (``RULES``), finite floats, derived
+    batch sizes for ``world_size`` processes (default: the launcher's WORLD_SIZE, else 1) and, with
+    ``check_paths``, every input path. Raises ConfigError naming the flag; returns None when all is
+    well. Pure: reads the file system only to see whether inputs exist."""
+    if not dataclasses.is_dataclass(cfg):
+        return
+    world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    _walk(cfg, (), check_paths)
+    _check_sizes(cfg, (), world)
