@@ -211,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "urllib3", "huggingface_hub", "datasets", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     fn, cfg = parse(argv)
+    from .train.loop import _ACTIVE
+
+    _ACTIVE.clear()  # the run folders of this invocation only
     try:
         from .validation import validate_config
 
