@@ -85,7 +85,7 @@ def _is_reward_checkpoint(path: str) -> bool:
     try:
         from transformers import AutoConfig
 
-        return AutoConfig.from_pretrained(path).model_type == MODEL_TYPE
+        return AutoConfig.from_pretrained(path, trust_remote_code=False).model_type == MODEL_TYPE
     except Exception:  # noqa: BLE001 - not reachable / not a config: treat as a causal LM path
         return False
 
