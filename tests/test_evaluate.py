@@ -212,3 +212,25 @@ def test_evaluate_refuses_bad_inputs_before_loading_any_model(tmp_path):
     with pytest.raises(JudgeError, match="does not answer"):
         evaluate(EvaluateConfig(policies=(f"base={SMOL_GGUF}",), judge=dead, **base))
     assert not (tmp_path / "ev").exists()
+
+
+def test_evaluate_refuses_a_model_of_the_wrong_kind_before_generating_anything(tmp_path, qwen_tokenizer, monkeypatch):
+    """A policy as --rm-path (or a reward model among the policies) is named with its flag and what it
+    is, from config.json, before any summary is generated or anything is written."""
+    from rl_fixtures import make_checkpoints
+
+    from tldr_rlhf import evaluate as ev
+    from tldr_rlhf.errors import ModelLoadError
+
+    sft, rm = make_checkpoints(qwen_tokenizer)
+    monkeypatch.setattr(ev, "run_policy", lambda *a, **k: pytest.fail("generated summaries before checking the models"))
+    base = dict(data=TldrDataArgs(train=str(POSTS), max_query_length=128), num_posts=2, output_dir=str(tmp_path / "ev"))
+    with pytest.raises(ModelLoadError, match=rf"^--rm-path {sft} is a causal LM policy, not a reward model$"):
+        ev.evaluate(EvaluateConfig(policies=(f"a={sft}", f"b={sft}"), rm_path=sft, **base))
+    with pytest.raises(ModelLoadError, match=rf"^--judge-rm-path {sft} is a causal LM policy, not a reward model$"):
+        ev.evaluate(EvaluateConfig(policies=(f"a={sft}",), rm_path=rm, judge_rm_path=sft, **base))
+    with pytest.raises(ModelLoadError, match=rf"^--policies b={rm} is a reward model, not a policy$"):
+        ev.evaluate(EvaluateConfig(policies=(f"a={sft}", f"b={rm}"), rm_path=rm, **base))
+    with pytest.raises(ModelLoadError, match=rf"^--sft-path {rm} is a reward model, not a policy$"):
+        ev.evaluate(EvaluateConfig(policies=(f"a={sft}",), sft_path=rm, **base))
+    assert not (tmp_path / "ev").exists()

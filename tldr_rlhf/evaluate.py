@@ -419,7 +419,10 @@ def _mean(xs: Sequence[float]) -> float:
 
 
 def _check(cfg: EvaluateConfig, policies: dict[str, str]) -> None:
-    from .modeling import _check_exists
+    """Refuse bad inputs before any model is loaded or summary generated: missing paths, and a model
+    of the wrong kind for its flag (read from config.json: a reward model among the policies, a
+    policy as --rm-path)."""
+    from .modeling import _check_exists, require_kind
 
     if not policies:
         raise DataError("no policies to evaluate: give --policies NAME=PATH ...", field="policies")
@@ -435,6 +438,11 @@ def _check(cfg: EvaluateConfig, policies: dict[str, str]) -> None:
                 _check_exists(path)
             except ModelLoadError as e:
                 raise ModelLoadError(f"--{field_name.replace('_', '-')}: {e}") from None
+    for name, path in policies.items():
+        require_kind(path, "policy", f"--policies {name}=")
+    for field_name, kind in (("sft_path", "policy"), ("rm_path", "reward_model"), ("judge_rm_path", "reward_model")):
+        if getattr(cfg, field_name):
+            require_kind(getattr(cfg, field_name), kind, f"--{field_name.replace('_', '-')}")
     if cfg.judge.url and cfg.data.task != "tldr":
         raise DataError("the LLM judge asks the N+ TL;DR summarization question; it has no prompt for the ultrafeedback task", field="judge.url")
     if not cfg.greedy and cfg.temperature <= 0:

@@ -103,11 +103,13 @@ def checkpoint_kind(path: str) -> str:
 def require_kind(path: str, kind: str, flag: str) -> None:
     """Raise ModelLoadError "FLAG PATH is a reward model, not a policy" (or the other way round)
     when ``checkpoint_kind(path)`` is known and is not ``kind`` ("policy" or "reward_model");
-    an unknown kind passes (the loader decides)."""
+    an unknown kind passes (the loader decides). A ``flag`` ending in "=" is joined to the path
+    without a space (``--policies ppo=PATH``)."""
     found = checkpoint_kind(path)
     if found != "unknown" and found != kind:
         want = "a policy" if kind == "policy" else "a reward model"
-        raise ModelLoadError(f"{flag} {path} is {_KIND_WORDS[found]}, not {want}")
+        where = flag + ("" if flag.endswith("=") else " ") + str(path)
+        raise ModelLoadError(f"{where} is {_KIND_WORDS[found]}, not {want}")
 
 
 def load_tokenizer(path: str, *, padding_side: str = "left"):
