@@ -576,7 +576,9 @@ def evaluate(cfg: EvaluateRMConfig) -> dict[str, Any]:
     Sections (each with its example count and drop counts): ``heldout`` (TL;DR comparisons held out
     from training, with accuracy by annotator confidence and calibration), ``cnndm`` (CNN/DM
     comparisons, out of distribution), ``judge`` (agreement with the GPT-3.5 judge on OpenAI PPO
-    summary vs reference). Raises DataError / ModelLoadError before scoring anything.
+    summary vs reference). A set asked for that yields no example (every record dropped) is kept
+    with n 0, its drop counts and a ``note``, printed too; a TL;DR-only set asked for with another
+    task is listed under ``skipped``. Raises DataError / ModelLoadError before scoring anything.
     """
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -592,12 +594,16 @@ def evaluate(cfg: EvaluateRMConfig) -> dict[str, Any]:
     ood = is_tldr(data)  # CNN/DM and the GPT-3.5-judged samples are TL;DR sets
     if cfg.cnndm and ood:
         comps, drops = load_comparisons(cfg.cnndm, "validation")
+        not_cnndm = sum(not c.is_cnndm for c in comps)  # TL;DR rows of the hub's validation split: not drops
         comps = [c for c in comps if c.is_cnndm]
         if cfg.cnndm_limit:
             comps = comps[: cfg.cnndm_limit]
         notes = DropCounts()
         cnndm, drops = build_preference_examples(comps, tokenizer, max_response_length=data.max_response_length, max_cnndm_query_length=cfg.max_cnndm_query_length, drops=drops, notes=notes)
         cnndm_report = {"dropped": dict(drops.counts), "query_truncated": notes.counts.get("query_truncated", 0)}
+        if not cnndm:
+            cnndm_report["not_cnndm"] = not_cnndm
+            cnndm_report["note"] = _nothing_left("CNN/DM comparison", cnndm_report["dropped"], {"not CNN/DM (TL;DR) records": not_cnndm})
     judged: list[PreferenceExample] = []
     judge_first: list[bool] = []
     judge_report: dict[str, Any] = {}
@@ -611,12 +617,17 @@ def evaluate(cfg: EvaluateRMConfig) -> dict[str, Any]:
         verdict = {s.id: s.judge_preferred for s in samples}
         judge_first = [verdict[e.post_id] == "policy" for e in judged]
         judge_report = {"dropped": dict(drops.counts), "query_truncated": notes.counts.get("query_truncated", 0), "judge": samples[0].judge if samples else ""}
+        if not judged:
+            judge_report["note"] = _nothing_left("judged (policy summary, reference) pair", judge_report["dropped"])
+    skipped = {name: f"a TL;DR set; the task is {data.task}" for name, asked in (("cnndm", cfg.cnndm), ("judge", cfg.policy_samples)) if asked and not ood}
 
     dtype = torch.bfloat16 if cfg.dtype == "bfloat16" and device.type == "cpu" else torch.float32
     model = load_reward_model(cfg.model, dtype=dtype, tokenizer=tokenizer).to(device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and cfg.dtype in ("auto", "bfloat16") else contextlib.nullcontext()
     kw = dict(pad_token_id=pad, batch_size=cfg.batch_size, progress=cfg.progress)
     results: dict[str, Any] = {"model": cfg.model, "data_from": data_from, "normalization": model.config.normalization, "reward_offset": model.config.reward_offset}
+    if skipped:
+        results["skipped"] = skipped
     t0 = time.perf_counter()
     scores: list[dict[str, Any]] = []
 
@@ -631,10 +642,14 @@ def evaluate(cfg: EvaluateRMConfig) -> dict[str, Any]:
             r = score_comparisons(model, cnndm, desc="CNN/DM pairs", **kw)
             results["cnndm"] = {**comparison_metrics(r, [e.confidence for e in cnndm], lengths=_lengths(cnndm)), **cnndm_report, "source": cfg.cnndm}
             keep("cnndm", cnndm, r)
+        elif cnndm_report:  # asked for, nothing left: said, not left out
+            results["cnndm"] = {"n": 0, **cnndm_report, "source": cfg.cnndm}
         if judged:
             r = score_comparisons(model, judged, desc="judged PPO vs reference", **kw)
             results["judge"] = {**judge_agreement(r, judge_first, lengths=_lengths(judged)), **judge_report, "source": cfg.policy_samples}
             keep("judge", judged, r)
+        elif judge_report:
+            results["judge"] = {"n": 0, **judge_report, "source": cfg.policy_samples}
     results["seconds"] = time.perf_counter() - t0
     out = Path(cfg.output) if cfg.output else Path(cfg.model).parent / EVAL_FILE
     out.write_text(json.dumps(results, indent=2) + "\n")
@@ -643,6 +658,15 @@ def evaluate(cfg: EvaluateRMConfig) -> dict[str, Any]:
     print(format_table(results))
     print(f"\nresults: {out}")
     return results
+
+
+def _nothing_left(what: str, dropped: dict[str, int], other: dict[str, int] | None = None) -> str:
+    """The note of an asked-for evaluation set that yields no example: why, with the counts."""
+    counts = {k.replace("_", " "): v for k, v in sorted(dropped.items())}
+    counts.update({k: v for k, v in (other or {}).items() if v})
+    if not counts:
+        return f"no {what} to score: the source has no records"
+    return f"no {what} left to score: all {sum(counts.values())} records were dropped (" + ", ".join(f"{k} {v}" for k, v in counts.items()) + ")"
 
 
 def _lengths(examples: Sequence[PreferenceExample]) -> torch.Tensor:
@@ -657,7 +681,8 @@ def format_table(results: dict[str, Any]) -> str:
         dropped = ", ".join(f"{k} {v}" for k, v in sorted(m.get("dropped", {}).items())) or "none"
         margin = f"{m['margin']:>9.3f}" if "margin" in m else " " * 9
         base = f"{m[baseline]:>13.4f}" if baseline in m else " " * 13
-        lines.append(f"{name:<31}{m['n']:>6}{m[key]:>10.4f}{base}{margin}  {dropped}")
+        value = f"{m[key]:>10.4f}" if key in m else f"{'-':>10}"
+        lines.append(f"{name:<31}{m['n']:>6}{value}{base}{margin}  {dropped}")
 
     row("held-out TL;DR comparisons" if results["heldout"].get("task", "tldr") == "tldr" else "held-out preference pairs", results["heldout"])
     if "cnndm" in results:
@@ -665,13 +690,18 @@ def format_table(results: dict[str, Any]) -> str:
     if "judge" in results:
         row("agreement with GPT-3.5 judge", results["judge"], "agreement", "longer_agreement")
     lines.append("(longer wins: the baseline that always prefers the longer response, on the same pairs)")
+    for key, label in (("cnndm", "CNN/DM comparisons"), ("judge", "agreement with GPT-3.5 judge")):
+        if key in results and results[key].get("note"):
+            lines.append(f"{label}: {results[key]['note']}")
+        if key in results.get("skipped", {}):
+            lines.append(f"{label}: skipped ({results['skipped'][key]})")
     h = results["heldout"]
     if h.get("accuracy_by_confidence"):
         lines += ["", "held-out accuracy by annotator confidence:", "  " + "  ".join(f"{c}: {v['accuracy']:.2f} (n={v['n']})" for c, v in h["accuracy_by_confidence"].items())]
     if h.get("calibration"):
         lines += ["", f"calibration (model probability of its preferred summary; ECE {h['calibration']['ece']:.3f}):"]
         lines += [f"  p in [{b['p_low']:.1f}, {b['p_high']:.1f}]: mean p {b['p_mean']:.3f}, accuracy {b['accuracy']:.3f} (n={b['n']})" for b in h["calibration"]["bins"]]
-    if "judge" in results:
+    if results.get("judge", {}).get("n"):
         j = results["judge"]
         lines += ["", f"judge set: RM prefers the PPO summary {j['rm_policy_win_rate']:.3f}, judge {j['judge_policy_win_rate']:.3f}; kappa {j['cohen_kappa']:.3f}; "
                   f"mean reward PPO {j['policy_reward']:.3f}, reference {j['reference_reward']:.3f}"]
