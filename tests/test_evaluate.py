@@ -170,6 +170,9 @@ def test_metrics_table():
     assert rows[2][0] == "reference" and rows[2][4] == "0.000" and rows[2][11] == "20.5"
     table = format_table(results)
     assert table.startswith("2 held-out posts from posts.jsonl") and "| ppo | 0.300 |" in table
+    # a KL asked for but not measured is said under the table, not just shown as "-"
+    results["policies"]["base"].update(kl_to_sft=None, kl_to_sft_note="tokenizer differs from the SFT policy's")
+    assert format_table(results).endswith("\n\nKL to SFT of base not measured: tokenizer differs from the SFT policy's")
 
 
 @pytest.mark.slow

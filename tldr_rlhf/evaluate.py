@@ -673,6 +673,8 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         if r.name in kls:
             m["kl_to_sft"] = kls[r.name].get("kl")
             m["kl_to_sft_std"] = kls[r.name].get("kl_std")
+            if kls[r.name].get("note"):  # asked for but not measured: say why
+                m["kl_to_sft_note"] = kls[r.name]["note"]
         m["seconds"] = r.seconds
         if r.name in reused:
             m["summaries_reused"] = str(policy_file(out_dir, r.name))
@@ -763,4 +765,5 @@ def format_table(results: dict[str, Any]) -> str:
     if pairs:
         head += (f"\n\nreward model accuracy on {pairs['n']} held-out preference pairs: {_fmt(pairs['accuracy'])} "
                  f"(\"longer response wins\" baseline {_fmt(pairs.get('longer_wins_accuracy'))})")
-    return head + "\n\n" + markdown_table(*metrics_rows(results))
+    notes = [f"KL to SFT of {name} not measured: {m['kl_to_sft_note']}" for name, m in results["policies"].items() if m.get("kl_to_sft_note")]
+    return head + "\n\n" + markdown_table(*metrics_rows(results)) + "".join("\n\n" + n for n in notes)
