@@ -399,10 +399,37 @@ def test_evaluate_rm_says_when_an_asked_for_set_yields_nothing(qwen_tokenizer, t
         policy_samples=str(samples), output=str(out), progress=False, batch_size=4,
     ))
     judge_note = "no judged (policy summary, reference) pair left to score: all 5 records were dropped (no judge verdict 5)"
-    cnndm_note = "no CNN/DM comparison left to score: all 3 records were dropped (not CNN/DM (TL;DR) records 3)"
+    cnndm_note = "no CNN/DM comparison left to score: all 3 records were dropped (not CNN/DM 3)"
     assert res["judge"] == {"n": 0, "dropped": {"no_judge_verdict": 5}, "query_truncated": 0, "judge": "", "note": judge_note, "source": str(samples)}
     assert res["cnndm"]["n"] == 0 and res["cnndm"]["not_cnndm"] == 3 and res["cnndm"]["note"] == cnndm_note
     saved = json.loads(out.read_text())
     assert saved["judge"] == res["judge"] and saved["cnndm"]["note"] == cnndm_note and saved["heldout"]["n"] == res["heldout"]["n"] > 0
     printed = capsys.readouterr().out
     assert f"agreement with GPT-3.5 judge: {judge_note}" in printed and f"CNN/DM comparisons: {cnndm_note}" in printed
+
+
+def test_no_usable_comparisons_names_the_file_and_the_drop_counts(qwen_tokenizer, tmp_path):
+    """Every comparison dropped (choice 2 everywhere, or every held-out response over the cap): the
+    error names the file and the counts by reason, for the reward model and DPO alike, instead of
+    blaming valid_fraction."""
+    from tldr_rlhf.config import DPODataArgs
+    from tldr_rlhf.errors import DataError
+    from tldr_rlhf.train.dpo import load_dpo_data
+
+    bad = tmp_path / "choice2.json"
+    bad.write_text("".join(json.dumps({**json.loads(line), "choice": 2}) + "\n" for line in COMPARISONS.read_text().splitlines()[:40]))
+    expected = f"{bad}: no usable comparisons: 0 of 40 kept; dropped: invalid choice 40"
+    for need_train in (True, False):
+        with pytest.raises(DataError) as e:
+            rm.load_rm_data(RMDataArgs(comparisons=str(bad), max_query_length=64), qwen_tokenizer, need_train=need_train)
+        assert str(e.value) == expected
+    with pytest.raises(DataError) as e:
+        rm.load_rm_data(RMDataArgs(comparisons=str(COMPARISONS), valid_comparisons=str(bad), max_query_length=64), qwen_tokenizer, need_train=False)
+    assert str(e.value) == expected
+    with pytest.raises(DataError) as e:
+        load_dpo_data(DPODataArgs(comparisons=str(bad), max_query_length=64), qwen_tokenizer)
+    assert str(e.value) == expected
+    # a filter rule: every held-out response over a 2-token cap
+    with pytest.raises(DataError) as e:
+        rm.load_rm_data(RMDataArgs(comparisons=str(COMPARISONS), max_response_length=2, valid_limit=10), qwen_tokenizer, need_train=False)
+    assert str(e.value) == f"{COMPARISONS}: no usable held-out comparisons: 0 of 10 kept; dropped: response too long 10"

@@ -41,7 +41,7 @@ from torch import nn
 
 from ..config import EvaluateRMConfig, ModelArgs, RMConfig, RMDataArgs, RewardNormArgs, from_dict
 from ..data.batching import QueryResponseBatch, collate_preferences, collate_query_response
-from ..data.comparisons import Comparison, PreferenceExample, build_preference_examples, load_comparisons, load_judged_samples, split_by_post_id
+from ..data.comparisons import Comparison, PreferenceExample, build_preference_examples, describe_drops, load_comparisons, load_judged_samples, no_usable_comparisons, split_by_post_id
 from ..data.tldr import DropCounts, SFTExample, build_sft_examples, load_posts
 from ..errors import DataError, ModelLoadError
 from ..losses import pairwise_loss
@@ -167,22 +167,28 @@ def load_rm_data(data: RMDataArgs, tokenizer, *, need_train: bool = True) -> tup
     Held-out comparisons come from ``valid_comparisons``, else (local file) the posts held out by id,
     else (hub) the dataset's validation split. CNN/DM comparisons found among them are set aside and
     counted (they are the out-of-distribution set). Raises DataError for malformed files (file, line,
-    field) and for an empty held-out set. Another task's pairs come from ``tasks`` (same types).
+    field), and for no usable held-out (or, with ``need_train``, training) comparisons, naming the
+    drop counts by reason. Another task's pairs come from ``tasks`` (same types).
     """
     if not is_tldr(data):
         return ultrafeedback_preferences(data, tokenizer, need_train=need_train)
     local = Path(data.comparisons).exists()
+    split_locally = local and not data.valid_comparisons
     comps: list[Comparison] = []
     drops, vdrops = DropCounts(), DropCounts()
-    if need_train or (local and not data.valid_comparisons):
+    if need_train or split_locally:
         comps, drops = load_comparisons(data.comparisons, "train")
     if data.valid_comparisons:
         valid, vdrops = load_comparisons(data.valid_comparisons, "validation")
     elif local:
         comps, valid = split_by_post_id(comps, data.valid_fraction)
+        if comps and not valid:
+            raise DataError(f"no held-out comparisons: valid_fraction {data.valid_fraction} holds out none of the posts of the {len(comps)} usable comparisons (raise it or give valid_comparisons)", path=data.comparisons)
     else:
         valid, vdrops = load_comparisons(data.comparisons, "validation")
     comps, valid = _tldr_only(comps, drops), _tldr_only(valid, vdrops)
+    if split_locally and not comps and not valid:  # every record of the file dropped or set aside
+        raise no_usable_comparisons(data.comparisons, 0, DropCounts().update(drops, vdrops))
     if not need_train:
         comps = []
     if data.limit:
@@ -194,7 +200,9 @@ def load_rm_data(data: RMDataArgs, tokenizer, *, need_train: bool = True) -> tup
     train_ex, drops = build_preference_examples(comps, tokenizer, drops=drops, notes=notes, **caps)
     valid_ex, vdrops = build_preference_examples(valid, tokenizer, drops=vdrops, notes=vnotes, **caps)
     if not valid_ex:
-        raise DataError("no held-out comparisons left to evaluate on (check valid_comparisons / valid_fraction)", path=data.valid_comparisons or data.comparisons)
+        raise no_usable_comparisons(data.valid_comparisons or data.comparisons, 0, vdrops, "held-out comparisons" if split_locally else "comparisons")
+    if need_train and not train_ex:
+        raise no_usable_comparisons(data.comparisons, 0, drops, "training comparisons")
     report = {
         "train": {"n": len(train_ex), "dropped": dict(drops.counts), "query_truncated": notes.counts.get("query_truncated", 0)},
         "valid": {"n": len(valid_ex), "dropped": dict(vdrops.counts), "query_truncated": vnotes.counts.get("query_truncated", 0)},
@@ -440,7 +448,7 @@ def train(cfg: RMConfig) -> str:
         )
     batch = cfg.global_batch_size(world)
     if len(train_ex) < batch:
-        raise DataError(f"{len(train_ex)} training comparisons are fewer than one global batch of {batch}", path=cfg.data.comparisons)
+        raise DataError(f"{len(train_ex)} training comparisons are fewer than one global batch of {batch} (dropped: {describe_drops(report['train']['dropped'])})", path=cfg.data.comparisons)
     steps = global_batches(len(train_ex), batch, cfg.run.seed, cfg.epochs)
     total_steps = min(len(steps), cfg.run.max_steps) if cfg.run.max_steps else len(steps)
 
@@ -603,7 +611,7 @@ def evaluate(cfg: EvaluateRMConfig) -> dict[str, Any]:
         cnndm_report = {"dropped": dict(drops.counts), "query_truncated": notes.counts.get("query_truncated", 0)}
         if not cnndm:
             cnndm_report["not_cnndm"] = not_cnndm
-            cnndm_report["note"] = _nothing_left("CNN/DM comparison", cnndm_report["dropped"], {"not CNN/DM (TL;DR) records": not_cnndm})
+            cnndm_report["note"] = _nothing_left("CNN/DM comparison", {**cnndm_report["dropped"], "not_cnndm": not_cnndm})
     judged: list[PreferenceExample] = []
     judge_first: list[bool] = []
     judge_report: dict[str, Any] = {}
@@ -660,13 +668,12 @@ def evaluate(cfg: EvaluateRMConfig) -> dict[str, Any]:
     return results
 
 
-def _nothing_left(what: str, dropped: dict[str, int], other: dict[str, int] | None = None) -> str:
+def _nothing_left(what: str, counts: dict[str, int]) -> str:
     """The note of an asked-for evaluation set that yields no example: why, with the counts."""
-    counts = {k.replace("_", " "): v for k, v in sorted(dropped.items())}
-    counts.update({k: v for k, v in (other or {}).items() if v})
-    if not counts:
+    total = sum(counts.values())
+    if not total:
         return f"no {what} to score: the source has no records"
-    return f"no {what} left to score: all {sum(counts.values())} records were dropped (" + ", ".join(f"{k} {v}" for k, v in counts.items()) + ")"
+    return f"no {what} left to score: all {total} records were dropped ({describe_drops(counts)})"
 
 
 def _lengths(examples: Sequence[PreferenceExample]) -> torch.Tensor:
