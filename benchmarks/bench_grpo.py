@@ -123,7 +123,7 @@ def trl(settings):
         disable_dropout=True, shuffle_dataset=False,
     )
     model = AutoModelForCausalLM.from_pretrained(settings["model"])
-    rm = AutoModelForSequenceClassification.from_pretrained(settings["rm"])
+    rm = AutoModelForSequenceClassification.from_pretrained(settings["rm"], trust_remote_code=False)
     trainer = trainer_cls(model=model, reward_funcs=[rm], args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
                           reward_processing_classes=[tok], callbacks=[Timer()])
     trainer.train()

@@ -112,8 +112,8 @@ def trl(settings):
     )
     policy = AutoModelForCausalLM.from_pretrained(settings["model"])
     ref = AutoModelForCausalLM.from_pretrained(settings["model"])
-    rm = AutoModelForSequenceClassification.from_pretrained(settings["rm"])
-    value = AutoModelForSequenceClassification.from_pretrained(settings["rm"])
+    rm = AutoModelForSequenceClassification.from_pretrained(settings["rm"], trust_remote_code=False)
+    value = AutoModelForSequenceClassification.from_pretrained(settings["rm"], trust_remote_code=False)
     trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=rm, value_model=value,
                          train_dataset=Dataset.from_list([{"input_ids": p.query_ids} for p in prompts]), callbacks=[Timer()])
     trainer.train()

@@ -92,3 +92,42 @@ def test_generate_answers_an_instruction_in_the_ultrafeedback_prompt_format(tiny
     expected = generate(load_causal_lm(str(tiny_model_dir)), [query], eos_token_id=EOS, pad_token_id=EOS, max_new_tokens=3, greedy=True)[0]
     assert record["id"] == "instruction" and record["summary"] == decode_response(qwen_tokenizer, expected)
     assert cli.main(["generate", "--model", str(tiny_model_dir), "--instruction", "x", "--post", "y"]) == 2
+
+
+def test_generate_refuses_a_reward_model_without_asking_on_stdin(qwen_tokenizer, monkeypatch, capsys):
+    """A reward model's final/ given to generate: one error line, exit 2, before anything loads, and
+    never transformers' "Do you wish to run the custom code? [y/N]" waiting on stdin."""
+    import io
+
+    from rl_fixtures import make_checkpoints
+
+    sft, rm = make_checkpoints(qwen_tokenizer)
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    rc = cli.main(["generate", "--model", rm, "--post", "hello", "--max-new-tokens", "2"])
+    captured = capsys.readouterr()
+    assert rc == 2
+    assert captured.err.strip().splitlines()[-1] == f"tldr-rlhf: error: --model {rm} is a reward model, not a policy"
+    assert "custom code" not in captured.out + captured.err
+
+
+def test_loading_a_reward_model_folder_as_a_policy_raises_instead_of_prompting(qwen_tokenizer):
+    """In a fresh process (the reward model class not registered), the loaders pass
+    trust_remote_code=False: transformers raises (a ModelLoadError for the user) instead of asking
+    on stdin whether to run the checkpoint's reward_model.py."""
+    import subprocess
+    import sys
+
+    from rl_fixtures import make_checkpoints
+
+    sft, rm = make_checkpoints(qwen_tokenizer)
+    code = (
+        "import sys\n"
+        "from tldr_rlhf.errors import ModelLoadError\n"
+        "from tldr_rlhf.modeling import load_causal_lm\n"
+        f"try:\n    load_causal_lm({rm!r})\nexcept ModelLoadError as e:\n    print('ModelLoadError', e)\n"
+        "assert 'tldr_rlhf.reward_model' not in sys.modules\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "ModelLoadError cannot load model from" in out.stdout and "trust_remote_code" in out.stdout
+    assert "Do you wish to run the custom code" not in out.stdout + out.stderr

@@ -170,6 +170,9 @@ def test_metrics_table():
     assert rows[2][0] == "reference" and rows[2][4] == "0.000" and rows[2][11] == "20.5"
     table = format_table(results)
     assert table.startswith("2 held-out posts from posts.jsonl") and "| ppo | 0.300 |" in table
+    # a KL asked for but not measured is said under the table, not just shown as "-"
+    results["policies"]["base"].update(kl_to_sft=None, kl_to_sft_note="tokenizer differs from the SFT policy's")
+    assert format_table(results).endswith("\n\nKL to SFT of base not measured: tokenizer differs from the SFT policy's")
 
 
 @pytest.mark.slow
@@ -212,3 +215,83 @@ def test_evaluate_refuses_bad_inputs_before_loading_any_model(tmp_path):
     with pytest.raises(JudgeError, match="does not answer"):
         evaluate(EvaluateConfig(policies=(f"base={SMOL_GGUF}",), judge=dead, **base))
     assert not (tmp_path / "ev").exists()
+
+
+def test_evaluate_refuses_a_model_of_the_wrong_kind_before_generating_anything(tmp_path, qwen_tokenizer, monkeypatch):
+    """A policy as --rm-path (or a reward model among the policies) is named with its flag and what it
+    is, from config.json, before any summary is generated or anything is written."""
+    from rl_fixtures import make_checkpoints
+
+    from tldr_rlhf import evaluate as ev
+    from tldr_rlhf.errors import ModelLoadError
+
+    sft, rm = make_checkpoints(qwen_tokenizer)
+    monkeypatch.setattr(ev, "run_policy", lambda *a, **k: pytest.fail("generated summaries before checking the models"))
+    base = dict(data=TldrDataArgs(train=str(POSTS), max_query_length=128), num_posts=2, output_dir=str(tmp_path / "ev"))
+    with pytest.raises(ModelLoadError, match=rf"^--rm-path {sft} is a causal LM policy, not a reward model$"):
+        ev.evaluate(EvaluateConfig(policies=(f"a={sft}", f"b={sft}"), rm_path=sft, **base))
+    with pytest.raises(ModelLoadError, match=rf"^--judge-rm-path {sft} is a causal LM policy, not a reward model$"):
+        ev.evaluate(EvaluateConfig(policies=(f"a={sft}",), rm_path=rm, judge_rm_path=sft, **base))
+    with pytest.raises(ModelLoadError, match=rf"^--policies b={rm} is a reward model, not a policy$"):
+        ev.evaluate(EvaluateConfig(policies=(f"a={sft}", f"b={rm}"), rm_path=rm, **base))
+    with pytest.raises(ModelLoadError, match=rf"^--sft-path {rm} is a reward model, not a policy$"):
+        ev.evaluate(EvaluateConfig(policies=(f"a={sft}",), sft_path=rm, **base))
+    assert not (tmp_path / "ev").exists()
+
+
+def test_a_crash_keeps_the_summaries_of_the_policies_done_and_a_rerun_reuses_them(tmp_path, qwen_tokenizer, monkeypatch):
+    """A crash while evaluating policy 2 leaves policy 1's summaries on disk; the rerun generates only
+    policies 2 and 3 and gives exactly the results of an uninterrupted run. A changed checkpoint or
+    changed settings are generated again."""
+    import os
+    import shutil
+
+    from rl_fixtures import make_checkpoints
+
+    from tldr_rlhf import evaluate as ev
+
+    sft, _ = make_checkpoints(qwen_tokenizer)
+    a = tmp_path / "a"
+    shutil.copytree(sft, a)
+    real = ev.run_policy
+    calls: list[str] = []
+
+    def counting(name, *args, crash_on=None, **kw):
+        calls.append(name)
+        if name == crash_on:
+            raise RuntimeError("killed")
+        return real(name, *args, **kw)
+
+    base = dict(
+        policies=(f"a={a}", f"b={sft}", f"c={sft}"), sft_path=sft, data=TldrDataArgs(train=str(POSTS), valid_fraction=0.1, max_query_length=64),
+        num_posts=2, response_length=3, batch_size=2, greedy=True, num_threads=1,
+    )
+    out = tmp_path / "ev"
+    monkeypatch.setattr(ev, "run_policy", lambda name, *x, **k: counting(name, *x, crash_on="b", **k))
+    with pytest.raises(RuntimeError, match="killed"):
+        ev.evaluate(EvaluateConfig(**base, output_dir=str(out)))
+    assert calls == ["a", "b"] and not (out / "eval.json").exists()
+    assert sorted(f.name for f in (out / "policies").iterdir()) == ["a.jsonl"]  # no half-written file of b
+    lines = (out / "policies" / "a.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and json.loads(lines[0])["policy"] == "a"
+    assert all(json.loads(line)["response"] and "kl_logprobs" in json.loads(line) for line in lines[1:])
+
+    calls.clear()
+    monkeypatch.setattr(ev, "run_policy", counting)
+    resumed = ev.evaluate(EvaluateConfig(**base, output_dir=str(out)))
+    assert calls == ["b", "c"]  # a's summaries (and KL sample) were not generated again
+    assert resumed["policies"]["a"]["summaries_reused"] == str(out / "policies" / "a.jsonl") and "summaries_reused" not in resumed["policies"]["b"]
+    fresh = ev.evaluate(EvaluateConfig(**base, output_dir=str(tmp_path / "fresh")))
+    strip = lambda res: {n: {k: v for k, v in m.items() if k not in ("seconds", "summaries_reused")} for n, m in res["policies"].items()}
+    assert strip(resumed) == strip(fresh)  # reused summaries and KL log-probs give the uninterrupted run's results
+    assert (out / "summaries.jsonl").read_text() == (tmp_path / "fresh" / "summaries.jsonl").read_text()
+
+    calls.clear()
+    ev.evaluate(EvaluateConfig(**base, output_dir=str(out)))
+    assert calls == []  # everything reused
+    os.utime(a / "model.safetensors", ns=(1, 1))  # a's checkpoint changed
+    ev.evaluate(EvaluateConfig(**base, output_dir=str(out)))
+    assert calls == ["a"]
+    calls.clear()
+    ev.evaluate(EvaluateConfig(**{**base, "response_length": 4}, output_dir=str(out)))  # other settings
+    assert calls == ["a", "b", "c"]

@@ -117,3 +117,24 @@ def test_nplus_8_adamw_settings():
     assert g[1]["weight_decay"] == 0.0 and all(p.ndim < 2 for p in g[1]["params"])  # norms and biases: no decay
     with pytest.raises(RuntimeError, match="8-bit AdamW is unavailable"):
         build_optimizer(model.parameters(), OptimArgs(optim_8bit="on"))  # no CUDA here
+
+
+def test_checkpoint_kind_from_config_json_alone(tmp_path, qwen_tokenizer):
+    """Policy or reward model, told from config.json (no weights loaded); unknown passes."""
+    from rl_fixtures import make_checkpoints
+
+    from tldr_rlhf.modeling import checkpoint_kind, kind_from_config, require_kind
+
+    sft, rm = make_checkpoints(qwen_tokenizer)
+    assert checkpoint_kind(sft) == "policy" and checkpoint_kind(rm) == "reward_model"
+    assert checkpoint_kind(str(SMOL_GGUF)) == "policy"
+    assert checkpoint_kind(str(tmp_path / "missing")) == "unknown" and checkpoint_kind(str(tmp_path)) == "unknown"
+    assert kind_from_config({"architectures": ["Qwen2ForSequenceClassification"], "model_type": "qwen2"}) == "reward_model"
+    assert kind_from_config({"architectures": ["GPT2LMHeadModel"]}) == "policy"
+    assert kind_from_config({"model_type": "qwen2"}) == "unknown"
+    require_kind(sft, "policy", "--model")
+    require_kind(str(tmp_path), "policy", "--model")  # unknown: the loader decides
+    with pytest.raises(ModelLoadError, match=rf"^--rm-path {sft} is a causal LM policy, not a reward model$"):
+        require_kind(sft, "reward_model", "--rm-path")
+    with pytest.raises(ModelLoadError, match=rf"^--model {rm} is a reward model, not a policy$"):
+        require_kind(rm, "policy", "--model")

@@ -379,3 +379,57 @@ def test_rm_cli_parses_presets():
     assert seed.optim.max_grad_norm == 1.0 and seed.optim.optim_8bit == "auto" and seed.epochs == 1
     _, ev = parse(["evaluate-rm", "--preset", "cpu-smol"])
     assert isinstance(ev, EvaluateRMConfig) and ev.judge_limit == 256
+
+
+def test_evaluate_rm_says_when_an_asked_for_set_yields_nothing(qwen_tokenizer, tmp_path, capsys):
+    """A judge file with no verdict at all and a --cnndm file with no CNN/DM record: each asked-for
+    set is reported with n 0, its drop counts and a note, in eval_rm.json and in the printout,
+    instead of vanishing."""
+    from rl_fixtures import make_checkpoints
+
+    _, rm_dir = make_checkpoints(qwen_tokenizer)
+    rows = [json.loads(line) for line in POLICY_SAMPLES.read_text().splitlines()[:5]]
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text("".join(json.dumps({**r, "judge_preferred": None}) + "\n" for r in rows))
+    tldr_only = tmp_path / "not_cnndm.jsonl"  # TL;DR comparisons given as --cnndm
+    tldr_only.write_text("".join(line + "\n" for line in COMPARISONS.read_text().splitlines()[:3]))
+    out = tmp_path / "eval_rm.json"
+    res = rm.evaluate(EvaluateRMConfig(
+        model=rm_dir, data=RMDataArgs(comparisons=str(COMPARISONS), max_query_length=64), valid_limit=4, cnndm=str(tldr_only),
+        policy_samples=str(samples), output=str(out), progress=False, batch_size=4,
+    ))
+    judge_note = "no judged (policy summary, reference) pair left to score: all 5 records were dropped (no judge verdict 5)"
+    cnndm_note = "no CNN/DM comparison left to score: all 3 records were dropped (not CNN/DM 3)"
+    assert res["judge"] == {"n": 0, "dropped": {"no_judge_verdict": 5}, "query_truncated": 0, "judge": "", "note": judge_note, "source": str(samples)}
+    assert res["cnndm"]["n"] == 0 and res["cnndm"]["not_cnndm"] == 3 and res["cnndm"]["note"] == cnndm_note
+    saved = json.loads(out.read_text())
+    assert saved["judge"] == res["judge"] and saved["cnndm"]["note"] == cnndm_note and saved["heldout"]["n"] == res["heldout"]["n"] > 0
+    printed = capsys.readouterr().out
+    assert f"agreement with GPT-3.5 judge: {judge_note}" in printed and f"CNN/DM comparisons: {cnndm_note}" in printed
+
+
+def test_no_usable_comparisons_names_the_file_and_the_drop_counts(qwen_tokenizer, tmp_path):
+    """Every comparison dropped (choice 2 everywhere, or every held-out response over the cap): the
+    error names the file and the counts by reason, for the reward model and DPO alike, instead of
+    blaming valid_fraction."""
+    from tldr_rlhf.config import DPODataArgs
+    from tldr_rlhf.errors import DataError
+    from tldr_rlhf.train.dpo import load_dpo_data
+
+    bad = tmp_path / "choice2.json"
+    bad.write_text("".join(json.dumps({**json.loads(line), "choice": 2}) + "\n" for line in COMPARISONS.read_text().splitlines()[:40]))
+    expected = f"{bad}: no usable comparisons: 0 of 40 kept; dropped: invalid choice 40"
+    for need_train in (True, False):
+        with pytest.raises(DataError) as e:
+            rm.load_rm_data(RMDataArgs(comparisons=str(bad), max_query_length=64), qwen_tokenizer, need_train=need_train)
+        assert str(e.value) == expected
+    with pytest.raises(DataError) as e:
+        rm.load_rm_data(RMDataArgs(comparisons=str(COMPARISONS), valid_comparisons=str(bad), max_query_length=64), qwen_tokenizer, need_train=False)
+    assert str(e.value) == expected
+    with pytest.raises(DataError) as e:
+        load_dpo_data(DPODataArgs(comparisons=str(bad), max_query_length=64), qwen_tokenizer)
+    assert str(e.value) == expected
+    # a filter rule: every held-out response over a 2-token cap
+    with pytest.raises(DataError) as e:
+        rm.load_rm_data(RMDataArgs(comparisons=str(COMPARISONS), max_response_length=2, valid_limit=10), qwen_tokenizer, need_train=False)
+    assert str(e.value) == f"{COMPARISONS}: no usable held-out comparisons: 0 of 10 kept; dropped: response too long 10"

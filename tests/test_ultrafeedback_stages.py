@@ -94,3 +94,4 @@ def test_evaluate_reports_rm_pair_accuracy_and_win_rate_against_chosen(stages, t
     assert "held-out preference pairs" in (tmp_path / "eval_table.md").read_text()
     # evaluate-rm takes the run's own data settings: held-out UltraFeedback pairs, no TL;DR OOD sets
     assert rm_res["heldout"]["n"] == 6 and "cnndm" not in rm_res and "judge" not in rm_res
+    assert rm_res["skipped"] == {"cnndm": "a TL;DR set; the task is ultrafeedback", "judge": "a TL;DR set; the task is ultrafeedback"}  # said, not silent

@@ -79,10 +79,11 @@ def run_generate(args: GenerateArgs) -> list[dict[str, Any]]:
     from .data.tldr import Post, format_query, load_posts
     from .data.ultrafeedback import prompt_ids
     from .generation import decode_response, generate
-    from .modeling import load_causal_lm, load_tokenizer
+    from .modeling import load_causal_lm, load_tokenizer, require_kind
 
     if sum(map(bool, (args.posts, args.post, args.instruction))) != 1:
         raise TldrRlhfError("give exactly one of --posts FILE, --post TEXT or --instruction TEXT")
+    require_kind(args.model, "policy", "--model")  # a reward model's final/ is refused before anything loads
     if args.posts:
         posts = load_posts(args.posts, "validation", need_summary=False, limit=args.limit or None)
     else:

@@ -814,7 +814,9 @@ class EvaluateConfig:
     """auto = float32 on CPU, bfloat16 autocast on CUDA."""
     judge: JudgeArgs = field(default_factory=JudgeArgs)
     output_dir: str = "runs/evaluate"
-    """Folder for eval.json, summaries.jsonl and eval_table.md."""
+    """Folder for eval.json, summaries.jsonl, eval_table.md and policies/NAME.jsonl (each policy's
+    summaries, written as soon as they exist; a rerun with the same checkpoint, posts and settings
+    reuses them instead of generating again)."""
     seed: int = 42
     """Sampling seed (the same for every policy)."""
     num_threads: int = 0

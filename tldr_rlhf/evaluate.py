@@ -29,6 +29,12 @@ score text: each summary is formatted again with the reward model's own tokenize
 judge need not share a tokenizer. Writes ``eval.json``, ``summaries.jsonl`` (one record per post with
 every policy's summary) and ``eval_table.md``.
 
+Each policy's summaries (and its KL sample with log-probs) are written to ``policies/NAME.jsonl`` in
+the output folder as soon as they exist, so a crash or Ctrl-C keeps the policies already done. A
+rerun reuses such a file when its header matches: the checkpoint path with each of its files' size
+and modification time (a retrained checkpoint does not match), the posts' ids and query tokens,
+and the decoding settings (greedy, temperature, length, seed, batch size, KL sample, dtype, device).
+
 Shapes: N posts (or responses), T response tokens.
 """
 
@@ -37,9 +43,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import hashlib
 import json
 import logging
 import math
+import os
+import re
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -56,6 +65,8 @@ log = logging.getLogger(__name__)
 EVAL_FILE = "eval.json"
 SUMMARIES_FILE = "summaries.jsonl"
 TABLE_FILE = "eval_table.md"
+POLICY_DIR = "policies"  # one file of summaries per policy, written as each policy finishes
+_POLICY_FORMAT = 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -336,6 +347,107 @@ def run_policy(name: str, path: str, posts: list, cfg: EvaluateConfig, *, seed: 
     return run
 
 
+# ----------------------------------------------------------------------------------------------
+# Per-policy summaries on disk: written as each policy finishes, reused by a rerun
+
+
+def _checkpoint_fingerprint(path: str) -> list | str | None:
+    """[name, size, mtime_ns] of every file of a checkpoint folder (or of a .gguf file): a retrained
+    or replaced checkpoint gives another fingerprint. A hub id: its cached snapshot, else None."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        files = [p]
+    elif p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.is_file())
+    else:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(path, "config.json")
+            return str(Path(cached).parent) if isinstance(cached, str) else None
+        except Exception:  # noqa: BLE001
+            return None
+    return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+
+
+def policy_file(out_dir: str | Path, name: str) -> Path:
+    """Where ``evaluate`` keeps one policy's summaries: ``OUT/policies/NAME.jsonl`` (a name with
+    other characters than letters, digits, ``._-`` gets them replaced and a short hash added)."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", name)
+    if safe != name or not safe.strip("."):
+        safe = f"{safe}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+    return Path(out_dir) / POLICY_DIR / f"{safe}.jsonl"
+
+
+def generation_key(path: str, posts: list, cfg: EvaluateConfig, *, seed: int) -> dict[str, Any]:
+    """What a policy's summaries depend on: the checkpoint (path and file fingerprint), the posts
+    (ids and query tokens in the policy's tokenizer) and the decoding settings. Equal keys give the
+    same summaries, so a rerun may reuse them."""
+    tok = load_tokenizer_cached(path)
+    queries = [[str(p.id), query_ids(tok, p, cfg.data)] for p in posts]
+    return {
+        "format": _POLICY_FORMAT,
+        "path": str(path),
+        "checkpoint": _checkpoint_fingerprint(path),
+        "posts": hashlib.sha256(json.dumps(queries).encode()).hexdigest(),
+        "n": len(posts),
+        "settings": {
+            "greedy": cfg.greedy, "temperature": cfg.temperature, "response_length": cfg.response_length, "seed": seed,
+            "batch_size": cfg.batch_size, "kl_sample": bool(cfg.kl and cfg.sft_path), "dtype": cfg.dtype, "device": _device().type,
+        },
+    }
+
+
+def save_policy_run(file: Path, run: PolicyRun, key: dict[str, Any], post_ids: Sequence[str]) -> None:
+    """Write one policy's summaries (token ids and text, KL sample and its log-probs) to ``file``
+    (JSON lines: a header with ``key``, then one record per post), through a temporary name."""
+    file.parent.mkdir(parents=True, exist_ok=True)
+    lp = run.kl_logprobs
+    header = {"policy": run.name, "key": key, "seconds": run.seconds, "kl_width": None if lp is None else int(lp.shape[1]), "kl_dtype": None if lp is None else str(lp.dtype).removeprefix("torch.")}
+    tmp = file.with_name(file.name + ".tmp")
+    with tmp.open("w") as f:
+        f.write(json.dumps(header) + "\n")
+        for i, pid in enumerate(post_ids):
+            rec: dict[str, Any] = {"id": pid, "text": run.texts[i], "response": run.responses[i]}
+            if run.kl_responses is not None and lp is not None:
+                rec["kl_response"] = run.kl_responses[i]
+                rec["kl_logprobs"] = lp[i, : len(run.kl_responses[i])].tolist()
+            f.write(json.dumps(rec) + "\n")
+    os.replace(tmp, file)
+
+
+def load_policy_run(file: Path, name: str, path: str, key: dict[str, Any], posts: list, cfg: EvaluateConfig) -> PolicyRun | None:
+    """The PolicyRun saved in ``file`` when its header's key equals ``key`` and it holds every post
+    in order; else None (missing, other settings or checkpoint, unreadable)."""
+    try:
+        lines = file.read_text().splitlines()
+        header = json.loads(lines[0])
+        records = [json.loads(line) for line in lines[1:]]
+    except (OSError, ValueError, IndexError):
+        return None
+    if header.get("key") != key or [r.get("id") for r in records] != [str(p.id) for p in posts]:
+        return None
+    tok = load_tokenizer_cached(path)
+    eos = tok.eos_token_id
+    responses = [r["response"] for r in records]
+    run = PolicyRun(
+        name=name, path=path, queries=[query_ids(tok, p, cfg.data) for p in posts], responses=responses,
+        texts=[r["text"] for r in records],
+        lengths=[len(r) - (1 if r and r[-1] == eos else 0) for r in responses],
+        has_eos=[bool(r) and r[-1] == eos for r in responses],
+        seconds=float(header.get("seconds") or 0.0),
+    )
+    if key["settings"]["kl_sample"]:
+        if header.get("kl_width") is None or not all("kl_logprobs" in r for r in records):
+            return None
+        lp = torch.zeros(len(records), int(header["kl_width"]), dtype=getattr(torch, header["kl_dtype"]))
+        for i, r in enumerate(records):
+            lp[i, : len(r["kl_logprobs"])] = torch.tensor(r["kl_logprobs"], dtype=lp.dtype)
+        run.kl_responses = [r["kl_response"] for r in records]
+        run.kl_logprobs = lp
+    return run
+
+
 def kl_to_sft(runs: list[PolicyRun], posts: list, cfg: EvaluateConfig) -> dict[str, dict[str, Any]]:
     """KL(pi || pi_sft) of every policy run that has a KL sample, with the SFT model loaded once.
     A policy whose tokenizer gives other query ids than the SFT tokenizer gets {"kl": None, "note"}."""
@@ -419,7 +531,10 @@ def _mean(xs: Sequence[float]) -> float:
 
 
 def _check(cfg: EvaluateConfig, policies: dict[str, str]) -> None:
-    from .modeling import _check_exists
+    """Refuse bad inputs before any model is loaded or summary generated: missing paths, and a model
+    of the wrong kind for its flag (read from config.json: a reward model among the policies, a
+    policy as --rm-path)."""
+    from .modeling import _check_exists, require_kind
 
     if not policies:
         raise DataError("no policies to evaluate: give --policies NAME=PATH ...", field="policies")
@@ -435,6 +550,11 @@ def _check(cfg: EvaluateConfig, policies: dict[str, str]) -> None:
                 _check_exists(path)
             except ModelLoadError as e:
                 raise ModelLoadError(f"--{field_name.replace('_', '-')}: {e}") from None
+    for name, path in policies.items():
+        require_kind(path, "policy", f"--policies {name}=")
+    for field_name, kind in (("sft_path", "policy"), ("rm_path", "reward_model"), ("judge_rm_path", "reward_model")):
+        if getattr(cfg, field_name):
+            require_kind(getattr(cfg, field_name), kind, f"--{field_name.replace('_', '-')}")
     if cfg.judge.url and cfg.data.task != "tldr":
         raise DataError("the LLM judge asks the N+ TL;DR summarization question; it has no prompt for the ultrafeedback task", field="judge.url")
     if not cfg.greedy and cfg.temperature <= 0:
@@ -444,7 +564,8 @@ def _check(cfg: EvaluateConfig, policies: dict[str, str]) -> None:
 def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     """Evaluate every policy of ``cfg.policies`` on the same held-out posts; writes ``eval.json``,
     ``summaries.jsonl`` and ``eval_table.md`` to ``cfg.output_dir``, prints the table and returns the
-    results.
+    results. Each policy's summaries go to ``policies/NAME.jsonl`` there as soon as they exist, and a
+    rerun reuses them when the checkpoint, posts and settings are the same (``summaries_reused``).
 
     Per policy: ``rouge1/rouge2/rougeL``; ``rm_score`` (mean training reward model score, and
     ``rm_win_rate`` against the reference by that model); ``judge`` (win rate against the reference by
@@ -477,10 +598,21 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     t_start = time.perf_counter()
 
     runs: list[PolicyRun] = []
+    reused: set[str] = set()
+    post_ids = [str(p.id) for p in posts]
     for name, path in policies.items():
-        log.info("policy %s: %s", name, path)
-        runs.append(run_policy(name, path, posts, cfg, seed=cfg.seed))
-        log.info("policy %s: %d responses in %.1f s (mean length %.1f tokens, EOS rate %.2f)", name, len(posts), runs[-1].seconds, _mean(runs[-1].lengths), _mean(runs[-1].has_eos))
+        file = policy_file(out_dir, name)
+        key = generation_key(path, posts, cfg, seed=cfg.seed)
+        run = load_policy_run(file, name, path, key, posts, cfg)
+        if run is not None:
+            reused.add(name)
+            log.info("policy %s: reusing its %d summaries in %s (same checkpoint, posts and settings)", name, len(posts), file)
+        else:
+            log.info("policy %s: %s", name, path)
+            run = run_policy(name, path, posts, cfg, seed=cfg.seed)
+            save_policy_run(file, run, key, post_ids)
+            log.info("policy %s: %d responses in %.1f s (mean length %.1f tokens, EOS rate %.2f); written to %s", name, len(posts), run.seconds, _mean(run.lengths), _mean(run.has_eos), file)
+        runs.append(run)
     kls = kl_to_sft(runs, posts, cfg) if cfg.kl and cfg.sft_path else {}
 
     texts = {r.name: r.texts for r in runs}
@@ -541,7 +673,11 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         if r.name in kls:
             m["kl_to_sft"] = kls[r.name].get("kl")
             m["kl_to_sft_std"] = kls[r.name].get("kl_std")
+            if kls[r.name].get("note"):  # asked for but not measured: say why
+                m["kl_to_sft_note"] = kls[r.name]["note"]
         m["seconds"] = r.seconds
+        if r.name in reused:
+            m["summaries_reused"] = str(policy_file(out_dir, r.name))
         results["policies"][r.name] = m
     if runs:
         results["reference"]["mean_length"] = results["policies"][runs[0].name]["reference_mean_length"]
@@ -629,4 +765,5 @@ def format_table(results: dict[str, Any]) -> str:
     if pairs:
         head += (f"\n\nreward model accuracy on {pairs['n']} held-out preference pairs: {_fmt(pairs['accuracy'])} "
                  f"(\"longer response wins\" baseline {_fmt(pairs.get('longer_wins_accuracy'))})")
-    return head + "\n\n" + markdown_table(*metrics_rows(results))
+    notes = [f"KL to SFT of {name} not measured: {m['kl_to_sft_note']}" for name, m in results["policies"].items() if m.get("kl_to_sft_note")]
+    return head + "\n\n" + markdown_table(*metrics_rows(results)) + "".join("\n\n" + n for n in notes)

@@ -2,11 +2,16 @@
 
 A model path is a hub id, a local Hugging Face folder, or a ``.gguf`` file (llama.cpp format,
 dequantized by transformers on load; it then saves as an ordinary safetensors checkpoint).
+``checkpoint_kind`` / ``require_kind`` tell a policy from a reward model by its config.json alone,
+so a command can refuse a model given to the wrong flag before it loads or generates anything.
+Every Auto-class load passes ``trust_remote_code=False``: a checkpoint's own code (our reward
+model's ``auto_map``) is never run, and transformers raises instead of asking on stdin.
 Shapes: B batch, P query tokens (left-padded), T response tokens, V vocabulary.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -39,6 +44,74 @@ def _check_exists(path: str) -> None:
         raise ModelLoadError(f"model path does not exist: {path}")
 
 
+# Architecture name endings of the Hugging Face classes each kind loads as.
+_POLICY_ARCHS = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+_REWARD_ARCHS = ("ForSequenceClassification", "ScalarRewardModel")
+_KIND_WORDS = {"policy": "a causal LM policy", "reward_model": "a reward model"}
+
+
+def _hub_config(repo_id: str) -> dict | None:
+    """A hub model's config.json: from the local cache, else downloaded; None when unreadable."""
+    try:
+        from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+        f = try_to_load_from_cache(repo_id, "config.json")
+        if not isinstance(f, str):
+            f = hf_hub_download(repo_id, "config.json", etag_timeout=5)
+        return json.loads(Path(f).read_text())
+    except Exception:  # noqa: BLE001 - offline, gated, not a model repo: the loader will say
+        return None
+
+
+def kind_from_config(config: dict) -> str:
+    """"policy", "reward_model" or "unknown" from a config.json dict: our reward model's
+    ``model_type`` or an ``auto_map`` / ``architectures`` entry of a sequence classifier is a reward
+    model; a ``...ForCausalLM`` (or ``LMHeadModel``, ``ForConditionalGeneration``) architecture is a
+    policy; anything else (no architectures, an encoder) is unknown."""
+    from .reward_model import MODEL_TYPE
+
+    if config.get("model_type") == MODEL_TYPE or "AutoModelForSequenceClassification" in (config.get("auto_map") or {}):
+        return "reward_model"
+    archs = [str(a) for a in config.get("architectures") or []]
+    if any(a.endswith(_REWARD_ARCHS) for a in archs):
+        return "reward_model"
+    if any(a.endswith(_POLICY_ARCHS) for a in archs) or "AutoModelForCausalLM" in (config.get("auto_map") or {}):
+        return "policy"
+    return "unknown"
+
+
+def checkpoint_kind(path: str) -> str:
+    """What a model path holds, read from its config.json without loading weights: "policy" (a
+    causal LM), "reward_model" (a sequence classifier, ours or another) or "unknown" (no readable
+    config, a missing path, an unreachable hub). A ``.gguf`` file is a policy; a hub id is looked
+    up in the hub cache, else downloaded (config.json only)."""
+    p = Path(path).expanduser()
+    if p.suffix == ".gguf":
+        return "policy"
+    if p.is_dir():
+        try:
+            config = json.loads((p / "config.json").read_text())
+        except (OSError, ValueError):
+            return "unknown"
+    elif _looks_local(path) or p.exists():
+        return "unknown"
+    else:
+        config = _hub_config(path)
+    return kind_from_config(config) if isinstance(config, dict) else "unknown"
+
+
+def require_kind(path: str, kind: str, flag: str) -> None:
+    """Raise ModelLoadError "FLAG PATH is a reward model, not a policy" (or the other way round)
+    when ``checkpoint_kind(path)`` is known and is not ``kind`` ("policy" or "reward_model");
+    an unknown kind passes (the loader decides). A ``flag`` ending in "=" is joined to the path
+    without a space (``--policies ppo=PATH``)."""
+    found = checkpoint_kind(path)
+    if found != "unknown" and found != kind:
+        want = "a policy" if kind == "policy" else "a reward model"
+        where = flag + ("" if flag.endswith("=") else " ") + str(path)
+        raise ModelLoadError(f"{where} is {_KIND_WORDS[found]}, not {want}")
+
+
 def load_tokenizer(path: str, *, padding_side: str = "left"):
     """Load a tokenizer from a hub id, folder or .gguf file and make padding safe.
 
@@ -51,7 +124,7 @@ def load_tokenizer(path: str, *, padding_side: str = "left"):
     _check_exists(path)
     where, kw = _split_gguf(path)
     try:
-        tok = AutoTokenizer.from_pretrained(where, **kw)
+        tok = AutoTokenizer.from_pretrained(where, trust_remote_code=False, **kw)
     except Exception as e:  # noqa: BLE001
         raise ModelLoadError(f"cannot load tokenizer from '{path}' ({type(e).__name__}: {e})") from e
     if tok.eos_token_id is None:
@@ -128,7 +201,7 @@ def load_causal_lm(path: str, *, dtype: torch.dtype = torch.float32, tokenizer=N
     _check_exists(path)
     where, kw = _split_gguf(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kw)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, trust_remote_code=False, **kw)
     except Exception as e:  # noqa: BLE001
         raise ModelLoadError(f"cannot load model from '{path}' ({type(e).__name__}: {e})") from e
     if kw:

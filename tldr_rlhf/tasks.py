@@ -107,7 +107,9 @@ def ultrafeedback_preferences(data: TaskArgs, tokenizer, *, need_train: bool = T
     vdrops.update(held.drops, held.pair_drops)
     train, valid = train[: data.limit or None], valid[: data.valid_limit or None]
     if not valid:
-        raise DataError("no held-out pairs left to evaluate on (check the length caps and eval_fraction)", path=source)
+        from .data.comparisons import describe_drops
+
+        raise DataError(f"no held-out pairs left to evaluate on (dropped: {describe_drops(vdrops.counts)}; check the length caps and eval_fraction)", path=source)
     report = {
         "train": {"n": len(train), "dropped": dict(drops.counts), "query_truncated": 0},
         "valid": {"n": len(valid), "dropped": dict(vdrops.counts), "query_truncated": 0},

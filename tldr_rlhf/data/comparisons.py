@@ -125,6 +125,21 @@ def load_comparisons(source: str | Path, split: str = "train", *, limit: int | N
     return out, drops
 
 
+# How a drop reason reads in a message (other reasons: their name with spaces).
+_DROP_WORDS = {"choice_not_0_or_1": "invalid choice", "cnndm_set_aside": "CNN/DM set aside", "not_cnndm": "not CNN/DM"}
+
+
+def describe_drops(counts: dict[str, int]) -> str:
+    """Drop counts as words for a message: "invalid choice 40, identical summaries 2" ("none")."""
+    return ", ".join(f"{_DROP_WORDS.get(k, k.replace('_', ' '))} {v}" for k, v in sorted(counts.items()) if v) or "none"
+
+
+def no_usable_comparisons(source: str | Path, kept: int, drops: DropCounts, what: str = "comparisons") -> DataError:
+    """The error for a source whose comparisons were all dropped, naming the counts by reason:
+    "SOURCE: no usable comparisons: 0 of 40 kept; dropped: invalid choice 40"."""
+    return DataError(f"no usable {what}: {kept} of {kept + drops.total} kept; dropped: {describe_drops(drops.counts)}", path=str(source))
+
+
 def split_by_post_id(items: Iterable[Comparison], valid_fraction: float = 0.2, salt: str = "tldr-rlhf") -> tuple[list[Comparison], list[Comparison]]:
     """Deterministic train/validation split by post id: a post's comparisons all land on one side.
 

@@ -43,7 +43,7 @@ from torch import nn
 
 from ..config import DPOConfig, DPODataArgs
 from ..data.batching import QueryResponseBatch, collate_preferences
-from ..data.comparisons import PreferenceExample, build_preference_examples, load_comparisons, split_by_post_id
+from ..data.comparisons import PreferenceExample, build_preference_examples, load_comparisons, no_usable_comparisons, split_by_post_id
 from ..data.tldr import DropCounts
 from ..errors import DataError
 from ..generation import decode_response, generate
@@ -89,10 +89,15 @@ def load_dpo_data(data: DPODataArgs, tokenizer) -> tuple[list[PreferenceExample]
         return train_ex, valid_ex, {side: ", ".join(f"{k}: {v}" for k, v in sorted(report[side]["dropped"].items())) or "none" for side in ("train", "valid")}
     comps, drops = load_comparisons(data.comparisons, "train")
     vdrops = DropCounts()
+    split_locally = Path(data.comparisons).exists() and not data.valid_comparisons
+    if not comps:  # every record of the training source dropped
+        raise no_usable_comparisons(data.comparisons, 0, drops)
     if data.valid_comparisons:
         valid, vdrops = load_comparisons(data.valid_comparisons, "validation")
-    elif Path(data.comparisons).exists():
+    elif split_locally:
         comps, valid = split_by_post_id(comps, data.valid_fraction)
+        if not valid:
+            raise DataError(f"no held-out comparisons: valid_fraction {data.valid_fraction} holds out none of the posts of the {len(comps)} usable comparisons (raise it or give valid_comparisons)", path=data.comparisons)
     else:
         valid, vdrops = load_comparisons(data.comparisons, "validation")
     if data.limit:
@@ -103,7 +108,9 @@ def load_dpo_data(data: DPODataArgs, tokenizer) -> tuple[list[PreferenceExample]
     train_ex, drops = build_preference_examples(comps, tokenizer, drops=drops, **caps)
     valid_ex, vdrops = build_preference_examples(valid, tokenizer, drops=vdrops, **caps)
     if not valid_ex:
-        raise DataError("no held-out comparisons left to evaluate on (check valid_comparisons / valid_fraction)", path=data.valid_comparisons or data.comparisons)
+        raise no_usable_comparisons(data.valid_comparisons or data.comparisons, 0, vdrops, "held-out comparisons" if split_locally else "comparisons")
+    if not train_ex:
+        raise no_usable_comparisons(data.comparisons, 0, drops, "training comparisons")
     return train_ex, valid_ex, {"train": str(drops), "valid": str(vdrops)}
 
 
@@ -284,7 +291,7 @@ def train(cfg: DPOConfig) -> str:
         log.info("DPO data: %d train / %d held-out comparisons; dropped train: %s; held-out: %s", len(train_ex), len(valid_ex), drops["train"], drops["valid"])
     batch = cfg.global_batch_size(world)
     if len(train_ex) < batch:
-        raise DataError(f"{len(train_ex)} training comparisons are fewer than one global batch of {batch}", path=cfg.data.comparisons)
+        raise DataError(f"{len(train_ex)} training comparisons are fewer than one global batch of {batch} (dropped: {drops['train']})", path=cfg.data.comparisons)
     steps = global_batches(len(train_ex), batch, cfg.run.seed, cfg.epochs)
     total_steps = min(len(steps), cfg.run.max_steps) if cfg.run.max_steps else len(steps)
 

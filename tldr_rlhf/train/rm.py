@@ -41,7 +41,7 @@ from torch import nn
 
 from ..config import EvaluateRMConfig, ModelArgs, RMConfig, RMDataArgs, RewardNormArgs, from_dict
 from ..data.batching import QueryResponseBatch, collate_preferences, collate_query_response
-from ..data.comparisons import Comparison, PreferenceExample, build_preference_examples, load_comparisons, load_judged_samples, split_by_post_id
+from ..data.comparisons import Comparison, PreferenceExample, build_preference_examples, describe_drops, load_comparisons, load_judged_samples, no_usable_comparisons, split_by_post_id
 from ..data.tldr import DropCounts, SFTExample, build_sft_examples, load_posts
 from ..errors import DataError, ModelLoadError
 from ..losses import pairwise_loss
@@ -85,7 +85,7 @@ def _is_reward_checkpoint(path: str) -> bool:
     try:
         from transformers import AutoConfig
 
-        return AutoConfig.from_pretrained(path).model_type == MODEL_TYPE
+        return AutoConfig.from_pretrained(path, trust_remote_code=False).model_type == MODEL_TYPE
     except Exception:  # noqa: BLE001 - not reachable / not a config: treat as a causal LM path
         return False
 
@@ -167,22 +167,28 @@ def load_rm_data(data: RMDataArgs, tokenizer, *, need_train: bool = True) -> tup
     Held-out comparisons come from ``valid_comparisons``, else (local file) the posts held out by id,
     else (hub) the dataset's validation split. CNN/DM comparisons found among them are set aside and
     counted (they are the out-of-distribution set). Raises DataError for malformed files (file, line,
-    field) and for an empty held-out set. Another task's pairs come from ``tasks`` (same types).
+    field), and for no usable held-out (or, with ``need_train``, training) comparisons, naming the
+    drop counts by reason. Another task's pairs come from ``tasks`` (same types).
     """
     if not is_tldr(data):
         return ultrafeedback_preferences(data, tokenizer, need_train=need_train)
     local = Path(data.comparisons).exists()
+    split_locally = local and not data.valid_comparisons
     comps: list[Comparison] = []
     drops, vdrops = DropCounts(), DropCounts()
-    if need_train or (local and not data.valid_comparisons):
+    if need_train or split_locally:
         comps, drops = load_comparisons(data.comparisons, "train")
     if data.valid_comparisons:
         valid, vdrops = load_comparisons(data.valid_comparisons, "validation")
     elif local:
         comps, valid = split_by_post_id(comps, data.valid_fraction)
+        if comps and not valid:
+            raise DataError(f"no held-out comparisons: valid_fraction {data.valid_fraction} holds out none of the posts of the {len(comps)} usable comparisons (raise it or give valid_comparisons)", path=data.comparisons)
     else:
         valid, vdrops = load_comparisons(data.comparisons, "validation")
     comps, valid = _tldr_only(comps, drops), _tldr_only(valid, vdrops)
+    if split_locally and not comps and not valid:  # every record of the file dropped or set aside
+        raise no_usable_comparisons(data.comparisons, 0, DropCounts().update(drops, vdrops))
     if not need_train:
         comps = []
     if data.limit:
@@ -194,7 +200,9 @@ def load_rm_data(data: RMDataArgs, tokenizer, *, need_train: bool = True) -> tup
     train_ex, drops = build_preference_examples(comps, tokenizer, drops=drops, notes=notes, **caps)
     valid_ex, vdrops = build_preference_examples(valid, tokenizer, drops=vdrops, notes=vnotes, **caps)
     if not valid_ex:
-        raise DataError("no held-out comparisons left to evaluate on (check valid_comparisons / valid_fraction)", path=data.valid_comparisons or data.comparisons)
+        raise no_usable_comparisons(data.valid_comparisons or data.comparisons, 0, vdrops, "held-out comparisons" if split_locally else "comparisons")
+    if need_train and not train_ex:
+        raise no_usable_comparisons(data.comparisons, 0, drops, "training comparisons")
     report = {
         "train": {"n": len(train_ex), "dropped": dict(drops.counts), "query_truncated": notes.counts.get("query_truncated", 0)},
         "valid": {"n": len(valid_ex), "dropped": dict(vdrops.counts), "query_truncated": vnotes.counts.get("query_truncated", 0)},
@@ -440,7 +448,7 @@ def train(cfg: RMConfig) -> str:
         )
     batch = cfg.global_batch_size(world)
     if len(train_ex) < batch:
-        raise DataError(f"{len(train_ex)} training comparisons are fewer than one global batch of {batch}", path=cfg.data.comparisons)
+        raise DataError(f"{len(train_ex)} training comparisons are fewer than one global batch of {batch} (dropped: {describe_drops(report['train']['dropped'])})", path=cfg.data.comparisons)
     steps = global_batches(len(train_ex), batch, cfg.run.seed, cfg.epochs)
     total_steps = min(len(steps), cfg.run.max_steps) if cfg.run.max_steps else len(steps)
 
@@ -577,7 +585,9 @@ def evaluate(cfg: EvaluateRMConfig) -> dict[str, Any]:
     Sections (each with its example count and drop counts): ``heldout`` (TL;DR comparisons held out
     from training, with accuracy by annotator confidence and calibration), ``cnndm`` (CNN/DM
     comparisons, out of distribution), ``judge`` (agreement with the GPT-3.5 judge on OpenAI PPO
-    summary vs reference). Raises DataError / ModelLoadError before scoring anything.
+    summary vs reference). A set asked for that yields no example (every record dropped) is kept
+    with n 0, its drop counts and a ``note``, printed too; a TL;DR-only set asked for with another
+    task is listed under ``skipped``. Raises DataError / ModelLoadError before scoring anything.
     """
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -593,12 +603,16 @@ def evaluate(cfg: EvaluateRMConfig) -> dict[str, Any]:
     ood = is_tldr(data)  # CNN/DM and the GPT-3.5-judged samples are TL;DR sets
     if cfg.cnndm and ood:
         comps, drops = load_comparisons(cfg.cnndm, "validation")
+        not_cnndm = sum(not c.is_cnndm for c in comps)  # TL;DR rows of the hub's validation split: not drops
         comps = [c for c in comps if c.is_cnndm]
         if cfg.cnndm_limit:
             comps = comps[: cfg.cnndm_limit]
         notes = DropCounts()
         cnndm, drops = build_preference_examples(comps, tokenizer, max_response_length=data.max_response_length, max_cnndm_query_length=cfg.max_cnndm_query_length, drops=drops, notes=notes)
         cnndm_report = {"dropped": dict(drops.counts), "query_truncated": notes.counts.get("query_truncated", 0)}
+        if not cnndm:
+            cnndm_report["not_cnndm"] = not_cnndm
+            cnndm_report["note"] = _nothing_left("CNN/DM comparison", {**cnndm_report["dropped"], "not_cnndm": not_cnndm})
     judged: list[PreferenceExample] = []
     judge_first: list[bool] = []
     judge_report: dict[str, Any] = {}
@@ -612,12 +626,17 @@ def evaluate(cfg: EvaluateRMConfig) -> dict[str, Any]:
         verdict = {s.id: s.judge_preferred for s in samples}
         judge_first = [verdict[e.post_id] == "policy" for e in judged]
         judge_report = {"dropped": dict(drops.counts), "query_truncated": notes.counts.get("query_truncated", 0), "judge": samples[0].judge if samples else ""}
+        if not judged:
+            judge_report["note"] = _nothing_left("judged (policy summary, reference) pair", judge_report["dropped"])
+    skipped = {name: f"a TL;DR set; the task is {data.task}" for name, asked in (("cnndm", cfg.cnndm), ("judge", cfg.policy_samples)) if asked and not ood}
 
     dtype = torch.bfloat16 if cfg.dtype == "bfloat16" and device.type == "cpu" else torch.float32
     model = load_reward_model(cfg.model, dtype=dtype, tokenizer=tokenizer).to(device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and cfg.dtype in ("auto", "bfloat16") else contextlib.nullcontext()
     kw = dict(pad_token_id=pad, batch_size=cfg.batch_size, progress=cfg.progress)
     results: dict[str, Any] = {"model": cfg.model, "data_from": data_from, "normalization": model.config.normalization, "reward_offset": model.config.reward_offset}
+    if skipped:
+        results["skipped"] = skipped
     t0 = time.perf_counter()
     scores: list[dict[str, Any]] = []
 
@@ -632,10 +651,14 @@ def evaluate(cfg: EvaluateRMConfig) -> dict[str, Any]:
             r = score_comparisons(model, cnndm, desc="CNN/DM pairs", **kw)
             results["cnndm"] = {**comparison_metrics(r, [e.confidence for e in cnndm], lengths=_lengths(cnndm)), **cnndm_report, "source": cfg.cnndm}
             keep("cnndm", cnndm, r)
+        elif cnndm_report:  # asked for, nothing left: said, not left out
+            results["cnndm"] = {"n": 0, **cnndm_report, "source": cfg.cnndm}
         if judged:
             r = score_comparisons(model, judged, desc="judged PPO vs reference", **kw)
             results["judge"] = {**judge_agreement(r, judge_first, lengths=_lengths(judged)), **judge_report, "source": cfg.policy_samples}
             keep("judge", judged, r)
+        elif judge_report:
+            results["judge"] = {"n": 0, **judge_report, "source": cfg.policy_samples}
     results["seconds"] = time.perf_counter() - t0
     out = Path(cfg.output) if cfg.output else Path(cfg.model).parent / EVAL_FILE
     out.write_text(json.dumps(results, indent=2) + "\n")
@@ -644,6 +667,14 @@ def evaluate(cfg: EvaluateRMConfig) -> dict[str, Any]:
     print(format_table(results))
     print(f"\nresults: {out}")
     return results
+
+
+def _nothing_left(what: str, counts: dict[str, int]) -> str:
+    """The note of an asked-for evaluation set that yields no example: why, with the counts."""
+    total = sum(counts.values())
+    if not total:
+        return f"no {what} to score: the source has no records"
+    return f"no {what} left to score: all {total} records were dropped ({describe_drops(counts)})"
 
 
 def _lengths(examples: Sequence[PreferenceExample]) -> torch.Tensor:
@@ -658,7 +689,8 @@ def format_table(results: dict[str, Any]) -> str:
         dropped = ", ".join(f"{k} {v}" for k, v in sorted(m.get("dropped", {}).items())) or "none"
         margin = f"{m['margin']:>9.3f}" if "margin" in m else " " * 9
         base = f"{m[baseline]:>13.4f}" if baseline in m else " " * 13
-        lines.append(f"{name:<31}{m['n']:>6}{m[key]:>10.4f}{base}{margin}  {dropped}")
+        value = f"{m[key]:>10.4f}" if key in m else f"{'-':>10}"
+        lines.append(f"{name:<31}{m['n']:>6}{value}{base}{margin}  {dropped}")
 
     row("held-out TL;DR comparisons" if results["heldout"].get("task", "tldr") == "tldr" else "held-out preference pairs", results["heldout"])
     if "cnndm" in results:
@@ -666,13 +698,18 @@ def format_table(results: dict[str, Any]) -> str:
     if "judge" in results:
         row("agreement with GPT-3.5 judge", results["judge"], "agreement", "longer_agreement")
     lines.append("(longer wins: the baseline that always prefers the longer response, on the same pairs)")
+    for key, label in (("cnndm", "CNN/DM comparisons"), ("judge", "agreement with GPT-3.5 judge")):
+        if key in results and results[key].get("note"):
+            lines.append(f"{label}: {results[key]['note']}")
+        if key in results.get("skipped", {}):
+            lines.append(f"{label}: skipped ({results['skipped'][key]})")
     h = results["heldout"]
     if h.get("accuracy_by_confidence"):
         lines += ["", "held-out accuracy by annotator confidence:", "  " + "  ".join(f"{c}: {v['accuracy']:.2f} (n={v['n']})" for c, v in h["accuracy_by_confidence"].items())]
     if h.get("calibration"):
         lines += ["", f"calibration (model probability of its preferred summary; ECE {h['calibration']['ece']:.3f}):"]
         lines += [f"  p in [{b['p_low']:.1f}, {b['p_high']:.1f}]: mean p {b['p_mean']:.3f}, accuracy {b['accuracy']:.3f} (n={b['n']})" for b in h["calibration"]["bins"]]
-    if "judge" in results:
+    if results.get("judge", {}).get("n"):
         j = results["judge"]
         lines += ["", f"judge set: RM prefers the PPO summary {j['rm_policy_win_rate']:.3f}, judge {j['judge_policy_win_rate']:.3f}; kappa {j['cohen_kappa']:.3f}; "
                   f"mean reward PPO {j['policy_reward']:.3f}, reference {j['reference_reward']:.3f}"]
