@@ -193,8 +193,8 @@ def test_overwrite_with_a_bad_value_or_a_failing_model_keeps_the_old_final(refer
         (["--micro-batch-size", "0"], "--micro-batch-size 0: must be > 0"),
         (["--data.valid-fraction", "1.5"], "--data.valid-fraction 1.5: must be in (0, 1)"),
         (["--optim.min-lr", "0.5"], "--optim.min-lr 0.5: must not exceed --optim.lr 0.001"),
-        (["--model.path", "/nonexistent/model"], "--model.path /nonexistent/model: no such file or folder"),
-        (["--data.train", "data/posts.jsonl"], "--data.train data/posts.jsonl: no such file or folder"),
+        (["--model.path", "/nonexistent/model"], "--model.path /nonexistent/model: model path does not exist"),
+        (["--data.train", "data/posts.jsonl"], "--data.train data/posts.jsonl: file or folder does not exist"),
     ],
 )
 def test_bad_sft_input_is_one_line_naming_the_flag(stage_args, message, tiny_model_dir, tmp_path, capsys):
@@ -218,12 +218,29 @@ def test_bad_sft_input_is_one_line_naming_the_flag(stage_args, message, tiny_mod
         (["rloo", "--group-size", "1"], "--group-size 1: must be >= 2 (a group baseline needs two responses)"),
     ],
 )
-def test_rl_batch_sizes_that_do_not_divide_are_one_line(argv, message, tiny_model_dir, tmp_path, capsys):
+def test_rl_batch_sizes_that_do_not_divide_are_one_line(argv, message, qwen_tokenizer, tmp_path, capsys):
+    from rl_fixtures import make_checkpoints
+
+    sft, rm = make_checkpoints(qwen_tokenizer)
+    capsys.readouterr()  # the checkpoints' own save output
     out = tmp_path / "run"
-    paths = ["--sft-path", str(tiny_model_dir), "--rm-path", str(tiny_model_dir), "--data.train", str(POSTS), "--run.output-dir", str(out)]
+    paths = ["--sft-path", sft, "--rm-path", rm, "--data.train", str(POSTS), "--run.output-dir", str(out)]
     assert cli.main([argv[0], *paths, *argv[1:]]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"tldr-rlhf: error: {message}") and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_a_model_of_the_wrong_kind_is_one_line(qwen_tokenizer, tmp_path, capsys):
+    from rl_fixtures import make_checkpoints
+
+    sft, rm = make_checkpoints(qwen_tokenizer)
+    capsys.readouterr()  # the checkpoints' own save output
+    out = tmp_path / "run"
+    assert cli.main(["ppo", "--sft-path", sft, "--rm-path", sft, "--data.train", str(POSTS), "--run.output-dir", str(out)]) == 2
+    assert capsys.readouterr().err == f"tldr-rlhf: error: --rm-path {sft} is a causal LM policy, not a reward model\n"
+    assert cli.main(["grpo", "--sft-path", rm, "--rm-path", rm, "--data.train", str(POSTS), "--run.output-dir", str(out)]) == 2
+    assert capsys.readouterr().err == f"tldr-rlhf: error: --sft-path {rm} is a reward model, not a policy\n"
     assert not out.exists()
 
 

@@ -575,10 +575,13 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     Raises DataError / ModelLoadError for bad inputs, and JudgeError for an LLM judge that does not
     answer a first request, before any model is loaded.
     """
+    from .validation import validate_config
+
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     policies = parse_policies(cfg.policies)
     _check(cfg, policies)
+    validate_config(cfg)  # every value, and no run's final/ that its save left incomplete
     client = None
     if cfg.judge.url:  # fail fast, before any summary is generated, when the judge does not answer
         from .judge import ChatClient, JudgeError

@@ -2,8 +2,9 @@
 every input path present. Each problem is one ConfigError line naming the flag, e.g.
 
     --optim.lr -1.0: must be > 0
-    --sft-path runs/sft/final: no such file or folder
+    --sft-path runs/sft/final: model path does not exist
     --sft-path runs/sft/final: the run's final/ is incomplete (its save did not finish); rerun that stage
+    --rm-path runs/sft/final is a causal LM policy, not a reward model
 
 The CLI calls ``validate_config`` right after parsing and every stage calls it again when it opens its
 run folder (``RunDir.open``), so library use gets the same checks before anything on disk is touched.
@@ -65,8 +66,12 @@ INPUT_FIELDS = {
     "path", "tokenizer", "sft_path", "rm_path", "judge_rm_path", "train", "valid", "comparisons",
     "valid_comparisons", "cnndm", "policy_samples", "posts",
 }
+MODEL_FIELDS = {"path", "tokenizer", "sft_path", "rm_path", "judge_rm_path"}
 # classes whose `model` field is an input path rather than a nested config or a judge's model name
 MODEL_PATH_CLASSES = {"EvaluateRMConfig", "GenerateArgs"}
+# input fields that must hold one kind of model (checked from a local folder's config.json)
+KIND_FIELDS = {"sft_path": "policy", "rm_path": "reward_model", "judge_rm_path": "reward_model"}
+KIND_CLASS_FIELDS = {("EvaluateRMConfig", "model"): "reward_model", ("GenerateArgs", "model"): "policy"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _FILE_SUFFIXES = (".json", ".jsonl", ".gguf", ".parquet", ".safetensors", ".bin", ".pt", ".csv", ".txt")
 
@@ -77,24 +82,25 @@ def flag(path: tuple[str, ...]) -> str:
     return "--" + ".".join(p.replace("_", "-") for p in path)
 
 
-def check_input(value: str, name: str) -> None:
+def check_input(value: str, name: str, what: str = "file or folder") -> None:
     """Raise ConfigError when ``value`` (the input of flag ``name``) is neither an existing path nor a
     plausible hub id, or is a run's ``final/`` whose save never completed."""
     from .train.loop import final_is_complete
 
     if not value:
         return
+    name = name if name.endswith("=") else name + " "  # "--policies ppo=PATH", "--sft-path PATH"
     p = Path(value)
     if p.exists():
         if p.is_dir() and p.name == "final" and (p.parent / "config.json").is_file() and not final_is_complete(p):
-            raise ConfigError(f"{name} {value}: the run's final/ is incomplete (its save did not finish); rerun that stage to complete it")
+            raise ConfigError(f"{name}{value}: the run's final/ is incomplete (its save did not finish); rerun that stage to complete it")
         return
     first = p.parts[0] if p.parts else ""
     looks_local = (
         p.is_absolute() or first in (".", "..", "~") or value.endswith(_FILE_SUFFIXES) or not _HUB_ID.match(value) or Path(first).is_dir()
     )
     if looks_local:
-        raise ConfigError(f"{name} {value}: no such file or folder")
+        raise ConfigError(f"{name}{value}: {what} does not exist")
 
 
 def _check_value(cls_name: str, name: str, value: Any, where: tuple[str, ...]) -> None:
@@ -124,9 +130,18 @@ def _walk(cfg: Any, prefix: tuple[str, ...], check_paths: bool) -> None:
                 pname, sep, ppath = item.partition("=")
                 if not sep or not pname or not ppath:
                     raise ConfigError(f"{flag(where)} {item}: expected NAME=PATH")
-                check_input(ppath, f"{flag(where)} {pname}=")
+                check_input(ppath, f"{flag(where)} {pname}=", "model path")
+                if Path(ppath).is_dir():
+                    from .modeling import require_kind
+
+                    require_kind(ppath, "policy", f"{flag(where)} {pname}=")
         elif isinstance(value, str) and (f.name in INPUT_FIELDS or (f.name == "model" and cls_name in MODEL_PATH_CLASSES)):
-            check_input(value, flag(where))
+            check_input(value, flag(where), "model path" if f.name in MODEL_FIELDS or f.name == "model" else "file or folder")
+            kind = KIND_CLASS_FIELDS.get((cls_name, f.name)) or KIND_FIELDS.get(f.name)
+            if kind and value and Path(value).is_dir():  # a policy where a reward model belongs, or the reverse
+                from .modeling import require_kind
+
+                require_kind(value, kind, flag(where))
     # cross-field rules
     optim_lr, min_lr = getattr(cfg, "lr", None), getattr(cfg, "min_lr", None)
     if isinstance(optim_lr, float) and isinstance(min_lr, float) and min_lr > optim_lr:
