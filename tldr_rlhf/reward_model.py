@@ -151,6 +151,14 @@ class ScalarRewardModel(PreTrainedModel):
         self.score = nn.Linear(d, 1, bias=True)
         self.post_init()
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """``PreTrainedModel.from_pretrained`` (the Auto classes call it too), then every CPU weight
+        not at the allocator's alignment is copied into memory of its own: see ``_own_misaligned``."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        _own_misaligned(loaded[0] if isinstance(loaded, tuple) else loaded)  # output_loading_info=True
+        return loaded
+
     # -- initialization -------------------------------------------------------------------------
 
     def head_std(self) -> float:
@@ -263,6 +271,25 @@ class ScalarRewardModel(PreTrainedModel):
         if not response_mask.any(-1).all():
             raise ValueError("shared prompt: every row needs at least one response token (its EOS)")
         return h, last_real_index(response_mask)
+
+
+_CPU_ALIGNMENT = 64  # bytes: where PyTorch's CPU allocator places every tensor it allocates
+
+
+@torch.no_grad()
+def _own_misaligned(model: nn.Module) -> None:
+    """Copy each CPU parameter and buffer that is not 64-byte aligned into freshly allocated memory
+    (in place: ties and optimizer references stay valid).
+
+    transformers >= 5 leaves safetensors weights where they lie in the memory-mapped checkpoint, at
+    the file's byte offsets. In a reward-model file the 1-element ``score.bias`` comes just before
+    ``score.weight``, which therefore starts on a 4-byte boundary, and the CPU matrix-vector kernel
+    behind the head sums a vector that is not 16-byte aligned in another order (scores 1 ulp apart).
+    Aligned like the saved model's, the reloaded weights go through the same kernel path and give
+    the same scores bit for bit."""
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.device.type == "cpu" and t.numel() and t.data_ptr() % _CPU_ALIGNMENT:
+            t.data = t.data.clone()
 
 
 def uses_sliding_window(model: nn.Module) -> bool:
