@@ -28,6 +28,7 @@ Shapes: B batch, L sequence length, P query width, T response width, K scores pe
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -263,10 +264,10 @@ class ScalarRewardModel(PreTrainedModel):
         # backward instead of one per backbone call (a dense V x d fill and add each).
         embeds = self.backbone.get_input_embeddings()(torch.cat([input_ids[:q, :p].reshape(-1), input_ids[:, p:].reshape(-1)]))
         query_embeds, response_embeds = embeds[: q * p].view(q, p, -1), embeds[q * p :].view(rows, t, -1)
-        out = self.backbone(inputs_embeds=query_embeds, attention_mask=mask[:q, :p], position_ids=position_ids[:q, :p], past_key_values=DynamicCache(), use_cache=True)
-        cache = out.past_key_values
+        cache = DynamicCache()
+        self.backbone(inputs_embeds=query_embeds, attention_mask=mask[:q, :p], position_ids=position_ids[:q, :p], use_cache=True, **_kv_cache_kwargs(self.backbone, cache))
         cache.batch_select_indices(torch.arange(q, device=input_ids.device).repeat(rows // q))
-        h = self.backbone(inputs_embeds=response_embeds, attention_mask=mask, position_ids=position_ids[:, p:], past_key_values=cache, use_cache=True).last_hidden_state
+        h = self.backbone(inputs_embeds=response_embeds, attention_mask=mask, position_ids=position_ids[:, p:], use_cache=True, **_kv_cache_kwargs(self.backbone, cache)).last_hidden_state
         response_mask = attention_mask[:, p:].bool()
         if not response_mask.any(-1).all():
             raise ValueError("shared prompt: every row needs at least one response token (its EOS)")
@@ -290,6 +291,12 @@ def _own_misaligned(model: nn.Module) -> None:
     for t in [*model.parameters(), *model.buffers()]:
         if t.device.type == "cpu" and t.numel() and t.data_ptr() % _CPU_ALIGNMENT:
             t.data = t.data.clone()
+
+
+def _kv_cache_kwargs(model: nn.Module, cache) -> dict[str, Any]:
+    # modeling.kv_cache_kwargs, repeated because this file imports only torch and transformers: the
+    # forward takes the cache as ``cache`` from transformers 5.24 on, as ``past_key_values`` before.
+    return {"cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values": cache}
 
 
 def uses_sliding_window(model: nn.Module) -> bool:
