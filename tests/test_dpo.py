@@ -78,7 +78,7 @@ def test_chunked_target_logprobs_matches_log_softmax_values_and_gradients():
             assert torch.allclose(a, r, atol=1e-5)
 
 
-@pytest.mark.parametrize("make", [tiny_qwen, lambda: GPT2LMHeadModel(GPT2Config(vocab_size=300, n_embd=32, n_layer=2, n_head=4)).eval()])
+@pytest.mark.parametrize("make", [tiny_qwen, lambda: GPT2LMHeadModel(GPT2Config(vocab_size=300, n_embd=32, n_layer=2, n_head=4, bos_token_id=299, eos_token_id=299)).eval()])
 def test_shared_prompt_and_chunked_head_equal_full_rows_values_and_gradients(make):
     model = make()
     batch = collate(examples(), pad_token_id=0)
