@@ -43,7 +43,7 @@ def test_tokenizer_without_eos_is_refused(tmp_path):
 def test_nplus_7_dropout_disabled_everywhere():
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, resid_pdrop=0.3, embd_pdrop=0.3, attn_pdrop=0.3))
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, bos_token_id=99, eos_token_id=99, resid_pdrop=0.3, embd_pdrop=0.3, attn_pdrop=0.3))
     disable_dropout(model)
     assert model.config.resid_pdrop == model.config.embd_pdrop == model.config.attn_pdrop == 0.0
     assert all(m.p == 0.0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
@@ -94,7 +94,7 @@ def test_nplus_9_position_ids_from_mask_for_left_padded_absolute_positions():
     from tldr_rlhf.modeling import response_logits
 
     torch.manual_seed(0)
-    model = disable_dropout(GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100))).eval()
+    model = disable_dropout(GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, bos_token_id=99, eos_token_id=99))).eval()
     batch = collate_query_response([[5, 6, 7, 8], [9]], [[10, 11], [12, 13]], pad_token_id=0)
     assert batch.input_ids[1].tolist() == [0, 0, 0, 9, 12, 13]
     padded = response_logits(model, batch.input_ids, batch.attention_mask, batch.query_width)

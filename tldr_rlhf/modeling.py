@@ -11,6 +11,8 @@ Shapes: B batch, P query tokens (left-padded), T response tokens, V vocabulary.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import logging
 from pathlib import Path
@@ -264,6 +266,19 @@ def response_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
         use_cache=False,
     )
     return out.logits
+
+
+def kv_cache_kwargs(model: nn.Module, cache) -> dict[str, Any]:
+    """``{keyword: cache}`` that hands a key/value cache (a ``transformers.Cache``, filled in place)
+    to ``model.forward``: ``cache`` from transformers 5.24 on, where ``past_key_values`` is deprecated
+    (to be removed in 5.40), ``past_key_values`` before. Read from the forward's signature, so model
+    classes of either age (remote code too) get the name they know."""
+    return {_kv_cache_keyword(type(model)): cache}
+
+
+@functools.cache
+def _kv_cache_keyword(cls: type) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -28,6 +28,7 @@ Shapes: B batch, L sequence length, P query width, T response width, K scores pe
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -151,6 +152,14 @@ class ScalarRewardModel(PreTrainedModel):
         self.score = nn.Linear(d, 1, bias=True)
         self.post_init()
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """``PreTrainedModel.from_pretrained`` (the Auto classes call it too), then every CPU weight
+        not at the allocator's alignment is copied into memory of its own: see ``_own_misaligned``."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        _own_misaligned(loaded[0] if isinstance(loaded, tuple) else loaded)  # output_loading_info=True
+        return loaded
+
     # -- initialization -------------------------------------------------------------------------
 
     def head_std(self) -> float:
@@ -255,14 +264,39 @@ class ScalarRewardModel(PreTrainedModel):
         # backward instead of one per backbone call (a dense V x d fill and add each).
         embeds = self.backbone.get_input_embeddings()(torch.cat([input_ids[:q, :p].reshape(-1), input_ids[:, p:].reshape(-1)]))
         query_embeds, response_embeds = embeds[: q * p].view(q, p, -1), embeds[q * p :].view(rows, t, -1)
-        out = self.backbone(inputs_embeds=query_embeds, attention_mask=mask[:q, :p], position_ids=position_ids[:q, :p], past_key_values=DynamicCache(), use_cache=True)
-        cache = out.past_key_values
+        cache = DynamicCache()
+        self.backbone(inputs_embeds=query_embeds, attention_mask=mask[:q, :p], position_ids=position_ids[:q, :p], use_cache=True, **_kv_cache_kwargs(self.backbone, cache))
         cache.batch_select_indices(torch.arange(q, device=input_ids.device).repeat(rows // q))
-        h = self.backbone(inputs_embeds=response_embeds, attention_mask=mask, position_ids=position_ids[:, p:], past_key_values=cache, use_cache=True).last_hidden_state
+        h = self.backbone(inputs_embeds=response_embeds, attention_mask=mask, position_ids=position_ids[:, p:], use_cache=True, **_kv_cache_kwargs(self.backbone, cache)).last_hidden_state
         response_mask = attention_mask[:, p:].bool()
         if not response_mask.any(-1).all():
             raise ValueError("shared prompt: every row needs at least one response token (its EOS)")
         return h, last_real_index(response_mask)
+
+
+_CPU_ALIGNMENT = 64  # bytes: where PyTorch's CPU allocator places every tensor it allocates
+
+
+@torch.no_grad()
+def _own_misaligned(model: nn.Module) -> None:
+    """Copy each CPU parameter and buffer that is not 64-byte aligned into freshly allocated memory
+    (in place: ties and optimizer references stay valid).
+
+    transformers >= 5 leaves safetensors weights where they lie in the memory-mapped checkpoint, at
+    the file's byte offsets. In a reward-model file the 1-element ``score.bias`` comes just before
+    ``score.weight``, which therefore starts on a 4-byte boundary, and the CPU matrix-vector kernel
+    behind the head sums a vector that is not 16-byte aligned in another order (scores 1 ulp apart).
+    Aligned like the saved model's, the reloaded weights go through the same kernel path and give
+    the same scores bit for bit."""
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.device.type == "cpu" and t.numel() and t.data_ptr() % _CPU_ALIGNMENT:
+            t.data = t.data.clone()
+
+
+def _kv_cache_kwargs(model: nn.Module, cache) -> dict[str, Any]:
+    # modeling.kv_cache_kwargs, repeated because this file imports only torch and transformers: the
+    # forward takes the cache as ``cache`` from transformers 5.24 on, as ``past_key_values`` before.
+    return {"cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values": cache}
 
 
 def uses_sliding_window(model: nn.Module) -> bool:
