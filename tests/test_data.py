@@ -33,7 +33,29 @@ def test_nplus_3_response_is_space_summary_eos(qwen_tokenizer):
     assert ids == [21927, 1879, EOS]  # " Hello" " world" <|endoftext|>
     # OpenAI's files already carry a leading space; exactly one survives.
     assert format_response(qwen_tokenizer, " Hello world") == ids
-    assert format_response(qwen_tokenizer, "  Hello world\n") == ids
+    assert format_response(qwen_tokenizer, "  Hello world") == ids
+    # Trailing whitespace stays, as in N+'s f" {summary}<|endoftext|>": "\n" is 198, " \n" 715
+    assert format_response(qwen_tokenizer, "  Hello world\n") == [21927, 1879, 198, EOS]
+    assert format_response(qwen_tokenizer, "Hello world \n") == [21927, 1879, 715, EOS]
+
+
+def test_nplus_3_response_keeps_trailing_whitespace_of_real_references(qwen_tokenizer):
+    # oai1b-0058's reference ends in "Need a way to go. ": the space is a token (220) before EOS,
+    # as N+ tokenized f" {summary}<|endoftext|>" (the hub copy has no leading space).
+    posts = load_posts(POSTS)
+    p = next(p for p in posts if p.id == "oai1b-0058")
+    assert p.summary.endswith("Need a way to go. ") and p.summary.startswith(" really")
+    assert format_response(qwen_tokenizer, p.summary) == [
+        2167, 11272, 291, 705, 714, 1366, 4297, 311, 387, 1182, 311, 4622, 320, 14801, 279, 45652, 4357, 8, 659, 4841,
+        287, 311, 653, 4113, 13, 14656, 264, 1616, 311, 728, 13, 220, EOS,
+    ]  # " really" " cock" "ed" " up" ... " Need" " a" " way" " to" " go" "." " " <|endoftext|>
+    # Every shared post: exactly N+'s string tokenized whole; 58 of the 1,600 references end in
+    # whitespace (52 " ", 5 "  ", 1 of 17 spaces), and only those differ from the stripped summary.
+    enc = lambda s: qwen_tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+    assert all(format_response(qwen_tokenizer, p.summary) == enc(f" {p.summary.lstrip()}<|endoftext|>") for p in posts)
+    changed = [p.id for p in posts if format_response(qwen_tokenizer, p.summary) != enc(" " + p.summary.strip()) + [EOS]]
+    assert len(changed) == 58 and "oai1b-0058" in changed
+    assert changed == [p.id for p in posts if p.summary != p.summary.rstrip()]
 
 
 def test_nplus_2_smart_truncation_cuts_at_last_newline(qwen_tokenizer):

@@ -6,9 +6,12 @@ Implements N+ details 1-5 (Huang et al. 2024, section 3):
   space, at most ``max_query_length`` (512) tokens; while too long the post is cut back to its last
   ``\\n`` (the newline and what follows are dropped), and only when no newline is left is it cut
   character by character (smart truncation, detail 2);
-* response ``" " + summary + EOS`` (detail 3). OpenAI's files store summaries with a leading space
-  already and some pipelines added a second one; we strip the summary and add exactly one space,
-  so the response always starts with the single-space token the model sees after ``TL;DR:``;
+* response ``" " + summary + EOS`` (detail 3), as N+ built it (``f" {summary}<|endoftext|>"`` from
+  the hub copy, whose summaries have no leading space). OpenAI's files store summaries with a
+  leading space already and some pipelines added a second one, so leading whitespace is replaced
+  by exactly one space (the single-space token the model sees after ``TL;DR:``); trailing
+  whitespace is kept as N+ kept it (58 of the 1,600 shared references end in spaces, which then
+  come before the EOS);
 * a response-length cap (detail 4): examples over the cap are dropped and counted, never cut.
 
 Shapes are Python lists of token ids here; batching into tensors lives in ``data.batching``.
@@ -236,8 +239,10 @@ def format_query(tokenizer, subreddit: str, title: str, post: str, max_query_len
 
 
 def format_response(tokenizer, summary: str) -> list[int]:
-    """Token ids of ``" " + summary.strip()`` followed by the EOS id (N+ detail 3)."""
-    return tokenizer.encode(" " + summary.strip(), add_special_tokens=False) + [tokenizer.eos_token_id]
+    """Token ids of ``" " + summary.lstrip()`` followed by the EOS id (N+ detail 3): N+'s
+    ``f" {summary}<|endoftext|>"`` for a summary without leading whitespace; trailing whitespace is
+    kept, as in N+."""
+    return tokenizer.encode(" " + summary.lstrip(), add_special_tokens=False) + [tokenizer.eos_token_id]
 
 
 def format_cnndm_query(tokenizer, article: str, max_query_length: int = 1919) -> tuple[str, list[int], bool]:
