@@ -10,11 +10,13 @@ from tldr_rlhf.advantages import (
     explained_variance,
     gae,
     group_advantages,
+    group_std,
     kl_shaped_rewards,
     rloo_advantages,
     rloo_baselines,
     sequence_rlhf_rewards,
     statistical_rejection_sampling,
+    tied_groups,
     whiten_advantages,
     whiten_rewards,
 )
@@ -163,6 +165,50 @@ def test_rloo_baselines_hand_worked_and_loop():
             assert base[b, i].item() == pytest.approx(sum(others) / 3, abs=1e-12)
     with pytest.raises(ValueError, match="k >= 2"):
         rloo_baselines(torch.ones(2, 1))
+
+
+@pytest.mark.parametrize("value", [1.7, 2.3456789])
+@pytest.mark.parametrize("g", [4, 8])
+def test_group_advantages_tied_group_is_exactly_zero(value, g):
+    # G equal float32 scores that are not exact binary fractions: the float32 mean of 8 x 1.7 is
+    # not 1.7, and (r - mean) / (std + 1e-6) with both ~1e-7 gave +0.106 (+0.19 at 2.3456789) to
+    # every member. A tied group has no signal: exactly 0, with and without the std division, and
+    # it does not move the other group's values under global normalization.
+    r = torch.tensor([[value] * g, [1.0] + [0.0] * (g - 1)])
+    for kw in ({}, {"scale_by_std": False}):
+        a = group_advantages(r, **kw)
+        assert a.dtype == torch.float32 and torch.equal(a[0], torch.zeros(g))
+    # the other group: mean 1/g, std sqrt(1/g) (unbiased: ((1 - 1/g)^2 + (g - 1)/g^2) / (g - 1) = 1/g)
+    torch.testing.assert_close(group_advantages(r)[1, 0], torch.tensor((1 - 1 / g) * math.sqrt(g)), atol=1e-4, rtol=0)
+    assert torch.equal(group_advantages(r[:1], global_normalize=True), torch.zeros(1, g))
+    # a batch of one tied group (the float32 layout that gave +0.106 / +0.19)
+    assert torch.equal(group_advantages(r[:1]), torch.zeros(1, g))
+    # the same for float64 input (ties detected on the values, not on a computed std)
+    assert torch.equal(group_advantages(r.double())[0], torch.zeros(g))
+
+
+def test_tied_groups_decided_on_values():
+    # max == min exactly; a group 1 ulp apart is not tied; float64 std of a tied group is exactly 0
+    for dtype in (torch.float32, torch.float64):
+        x = torch.tensor(1.7, dtype=dtype)
+        up = torch.nextafter(x, torch.tensor(2.0, dtype=dtype))
+        r = torch.stack([x.repeat(8), torch.cat([x.repeat(7), up[None]])])
+        assert tied_groups(r).tolist() == [True, False]
+        assert group_std(r)[0].item() == 0.0 and group_std(r)[1].item() > 0
+
+
+@pytest.mark.parametrize("value", [1.7, 2.3456789])
+@pytest.mark.parametrize("g", [4, 8])
+def test_rloo_tied_group_advantage_is_exactly_zero(value, g):
+    # float32 (sum - r) / (k - 1) of k x 1.7 left +-1.2e-7 as the advantage; a tied group's baseline
+    # is the reward itself. Dtype kept; the untied group keeps the leave-one-out mean.
+    for dtype in (torch.float32, torch.float64):
+        r = torch.tensor([[value] * g, [float(g - 1)] + [0.0] * (g - 1)], dtype=dtype)
+        assert rloo_baselines(r).dtype == dtype
+        assert torch.equal(rloo_baselines(r)[0], r[0])
+        assert torch.equal(rloo_advantages(r)[0], torch.zeros(g, dtype=dtype))
+        # untied: baselines 0 for the first, (g - 1) / (g - 1) = 1 for the others
+        assert rloo_baselines(r)[1].tolist() == [0.0] + [1.0] * (g - 1)
 
 
 def test_rloo_kl_in_the_reward():

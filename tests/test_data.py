@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import unicodedata
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from conftest import CNNDM, COMPARISONS, EOS, POSTS
 
 from tldr_rlhf.data.batching import collate_pairs, collate_query_response, collate_queries
 from tldr_rlhf.data.comparisons import build_preference_examples, load_comparisons, split_by_post_id
-from tldr_rlhf.data.tldr import Post, build_sft_examples, format_cnndm_query, format_query, format_response, load_posts, token_length_report
+from tldr_rlhf.data.tldr import QUERY_TEMPLATE, Post, build_sft_examples, format_cnndm_query, format_query, format_response, load_posts, token_length_report
 from tldr_rlhf.errors import DataError
 
 
@@ -32,7 +33,29 @@ def test_nplus_3_response_is_space_summary_eos(qwen_tokenizer):
     assert ids == [21927, 1879, EOS]  # " Hello" " world" <|endoftext|>
     # OpenAI's files already carry a leading space; exactly one survives.
     assert format_response(qwen_tokenizer, " Hello world") == ids
-    assert format_response(qwen_tokenizer, "  Hello world\n") == ids
+    assert format_response(qwen_tokenizer, "  Hello world") == ids
+    # Trailing whitespace stays, as in N+'s f" {summary}<|endoftext|>": "\n" is 198, " \n" 715
+    assert format_response(qwen_tokenizer, "  Hello world\n") == [21927, 1879, 198, EOS]
+    assert format_response(qwen_tokenizer, "Hello world \n") == [21927, 1879, 715, EOS]
+
+
+def test_nplus_3_response_keeps_trailing_whitespace_of_real_references(qwen_tokenizer):
+    # oai1b-0058's reference ends in "Need a way to go. ": the space is a token (220) before EOS,
+    # as N+ tokenized f" {summary}<|endoftext|>" (the hub copy has no leading space).
+    posts = load_posts(POSTS)
+    p = next(p for p in posts if p.id == "oai1b-0058")
+    assert p.summary.endswith("Need a way to go. ") and p.summary.startswith(" really")
+    assert format_response(qwen_tokenizer, p.summary) == [
+        2167, 11272, 291, 705, 714, 1366, 4297, 311, 387, 1182, 311, 4622, 320, 14801, 279, 45652, 4357, 8, 659, 4841,
+        287, 311, 653, 4113, 13, 14656, 264, 1616, 311, 728, 13, 220, EOS,
+    ]  # " really" " cock" "ed" " up" ... " Need" " a" " way" " to" " go" "." " " <|endoftext|>
+    # Every shared post: exactly N+'s string tokenized whole; 58 of the 1,600 references end in
+    # whitespace (52 " ", 5 "  ", 1 of 17 spaces), and only those differ from the stripped summary.
+    enc = lambda s: qwen_tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+    assert all(format_response(qwen_tokenizer, p.summary) == enc(f" {p.summary.lstrip()}<|endoftext|>") for p in posts)
+    changed = [p.id for p in posts if format_response(qwen_tokenizer, p.summary) != enc(" " + p.summary.strip()) + [EOS]]
+    assert len(changed) == 58 and "oai1b-0058" in changed
+    assert changed == [p.id for p in posts if p.summary != p.summary.rstrip()]
 
 
 def test_nplus_2_smart_truncation_cuts_at_last_newline(qwen_tokenizer):
@@ -59,6 +82,121 @@ def test_nplus_2_hard_cut_only_without_newline(qwen_tokenizer):
     # the longest prefix that fits: one more character would not fit
     longer = post[: len(kept) + 1]
     assert len(format_query(qwen_tokenizer, "sub", "t", longer, 10_000)[1]) > empty + 20
+
+
+def test_nplus_2_hard_cut_is_first_fit_from_the_top_oai1b_0027(qwen_tokenizer):
+    # Post oai1b-0027 has no newline (1,129 characters). Qwen2.5 token counts of its query with the
+    # post cut to 884..888 characters: 256, 257, 256, 256, 257; every longer cut has more than 256.
+    # Cutting one character at a time from the end (OpenAI / N+) first fits at 887 characters;
+    # a bisection that assumes monotone counts stopped at 884 (the 257 at 885 hid 886 and 887).
+    p = next(p for p in load_posts(POSTS) if p.id == "oai1b-0027")
+    assert "\n" not in p.post and len(p.post) == 1129
+    n_tokens = lambda n: len(qwen_tokenizer.encode(QUERY_TEMPLATE.format(subreddit=p.subreddit, title=p.title, post=p.post[:n])))  # noqa: E731
+    assert [n_tokens(n) for n in range(884, 889)] == [256, 257, 256, 256, 257]
+    text, ids, truncated = format_query(qwen_tokenizer, p.subreddit, p.title, p.post, 256)
+    assert truncated and len(ids) == 256
+    assert text.endswith("POST: " + p.post[:887] + "\n\nTL;DR:") and p.post[:887].endswith("my grandma ")
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table (byte-level BPE token strings use it)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + list(range(ord("\xae"), ord("\xff") + 1))
+    cs, extra = bs[:], 0
+    for b in range(256):
+        if b not in bs:  # bytes that print badly map to 256, 257, ...
+            bs.append(b)
+            cs.append(256 + extra)
+            extra += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+@pytest.fixture(scope="module")
+def byte_vocab(qwen_tokenizer):
+    """Qwen2.5's tokens as byte strings, all their prefixes, and the byte strings that a token can
+    carry before the query's closing ``\\n\\nTL;DR:`` when it straddles the end of the post
+    (``t[:-k]`` for every token t ending with the first k >= 1 bytes of it), with their suffixes."""
+    dec = {c: b for b, c in _bytes_to_unicode().items()}
+    added = qwen_tokenizer.get_added_vocab()
+    vocab = {bytes(dec[c] for c in t) for t in qwen_tokenizer.get_vocab() if t not in added} | {t.encode() for t in added}
+    prefixes = {t[:i] for t in vocab for i in range(1, len(t) + 1)}
+    tail = b"\n\nTL;DR:"
+    before_tail = {t[:-k] for t in vocab for k in range(1, len(tail) + 1) if len(t) > k and t.endswith(tail[:k])}
+    suffixes = {e[-i:] for e in before_tail for i in range(1, len(e) + 1)}
+    return vocab, prefixes, before_tail, suffixes
+
+
+def _fewest_tokens(s: bytes, vocab, prefixes) -> list[int]:
+    """opt[j]: the fewest vocabulary tokens whose concatenation is s[:j] (dynamic programming)."""
+    opt = [len(s) + 1] * (len(s) + 1)
+    opt[0] = 0
+    for i in range(len(s)):
+        for j in range(i + 1, len(s) + 1):
+            piece = s[i:j]
+            if piece not in prefixes:
+                break
+            if piece in vocab:
+                opt[j] = min(opt[j], opt[i] + 1)
+    return opt
+
+
+def _reference_query_ids(tok, p, cap, byte_vocab) -> list[int]:
+    """OpenAI's / N+'s truncation loop: while the query is over ``cap`` tokens, cut the post at its
+    last newline, or with none left remove its last character. The character-at-a-time part starts
+    at a length ``start`` proven to be at or above where that loop stops, instead of the post's
+    full length (which takes minutes for all posts):
+
+    Byte-level BPE token ids partition the bytes of the text (ASCII text, or text that NFC leaves
+    unchanged, the normalizer being NFC). With S = header + post[:m] of X bytes and
+    T = "\\n\\nTL;DR:", the token covering T's first byte starts at some i <= X and its bytes are
+    S[i:X] + T[:k]; the tokens before it are a split of S[:i] into vocabulary tokens, at least
+    opt[i] of them. So count(m) >= 1 + min(opt[X], opt[X - l] for every l with S[X - l:X] in
+    ``before_tail``) =: bound(m). Every length m above ``start``, the largest m with bound(m) <= cap,
+    is over the cap, so removing characters one at a time passes it, and the loop below from
+    ``start`` down stops where the loop from the full length would."""
+    vocab, prefixes, before_tail, suffixes = byte_vocab
+    render = lambda b: QUERY_TEMPLATE.format(subreddit=p.subreddit, title=p.title, post=b)  # noqa: E731
+    count = lambda b: len(tok.encode(render(b), add_special_tokens=False))  # noqa: E731
+    body = p.post
+    while count(body) > cap and "\n" in body:
+        body = body[: body.rindex("\n")]
+    if count(body) <= cap:
+        return tok.encode(render(body), add_special_tokens=False)
+    header = render("\0").split("\0")[0]
+    s = (header + body).encode()
+    opt = _fewest_tokens(s, vocab, prefixes)
+    x = len(header.encode())
+    ends = [x]  # ends[m]: byte length of header + body[:m]
+    for ch in body:
+        x += len(ch.encode())
+        ends.append(x)
+
+    def bound(m: int) -> int:
+        x, best, l = ends[m], opt[ends[m]], 1
+        while l <= x and s[x - l : x] in suffixes:
+            if s[x - l : x] in before_tail:
+                best = min(best, opt[x - l])
+            l += 1
+        return best + 1
+
+    start = len(body) - 1
+    while bound(start) > cap:
+        start -= 1
+    if not (render(body) + "\n").isascii() and not all(unicodedata.is_normalized("NFC", render(body[:m])) for m in range(start + 1, len(body))):
+        start = len(body) - 1  # the byte argument needs NFC to leave the text alone: scan from the top
+    n = start
+    while count(body[:n]) > cap:
+        n -= 1
+    return tok.encode(render(body[:n]), add_special_tokens=False)
+
+
+@pytest.mark.parametrize("cap", [512, 256, 128])
+def test_nplus_2_truncation_matches_the_reference_loop_on_all_shared_posts(qwen_tokenizer, byte_vocab, cap):
+    # Token for token against OpenAI's / N+'s loop (``_reference_query_ids``) on the 1,600 shared
+    # posts. The bisection that assumed monotone counts differed on 0 / 11 / 66 posts at 512 / 256 / 128.
+    posts = [p for path in sorted(POSTS.parent.glob("*.jsonl")) for p in load_posts(path)]
+    assert len(posts) == 1600
+    differ = [p.id for p in posts if format_query(qwen_tokenizer, p.subreddit, p.title, p.post, cap)[1] != _reference_query_ids(qwen_tokenizer, p, cap, byte_vocab)]
+    assert not differ, f"{len(differ)} of {len(posts)} posts differ at {cap} tokens: {differ[:8]}"
 
 
 def test_nplus_4_response_cap_drops_and_counts(qwen_tokenizer):

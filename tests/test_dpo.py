@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-from conftest import COMPARISONS, QWEN_TOKENIZER, make_tiny_qwen2
+from conftest import COMPARISONS, EOS, QWEN_TOKENIZER, make_tiny_qwen2
 from tldr_rlhf.config import DPOConfig, DPODataArgs, OptimArgs, RunArgs
 from tldr_rlhf.data.comparisons import PreferenceExample
 from tldr_rlhf.errors import DataError
@@ -245,6 +245,65 @@ def test_cached_reference_logprobs_equal_freshly_computed(finished_run, sft_dir,
     assert len(used) == 2 * 4  # 2 steps of 4 pairs; the pairs this run never sees are not scored
     fresh_train = score_pairs(sft, [train_ex[i] for i in used], pad_token_id=tok.pad_token_id, batch_size=3, shared_prompt=False)
     assert torch.allclose(cache["train"][used], fresh_train, atol=1e-4)
+
+
+def test_reference_cache_is_recomputed_when_the_sft_weights_at_its_path_change(tmp_path, qwen_tokenizer, monkeypatch):
+    # A run folder holds the reference log-probs of the SFT weights; the SFT model is then retrained
+    # at the same path (same file names and sizes, other values). The cache must not be reused for
+    # the new weights, and must be reused while the weights stay the same.
+    from types import SimpleNamespace
+
+    sft = tmp_path / "sft"
+    make_tiny_qwen2(seed=0).save_pretrained(sft)
+    qwen_tokenizer.save_pretrained(sft)
+    run = SimpleNamespace(path=tmp_path / "run", is_main=True)
+    run.path.mkdir()
+    cfg = dpo_cfg(str(sft), run.path)
+    ex = examples()
+    calls = []
+    real = dpo.reference_logprobs
+    monkeypatch.setattr(dpo, "reference_logprobs", lambda model, exs, **k: calls.append(len(exs)) or real(model, exs, **k))
+
+    def cached(model):
+        return dpo.cached_reference_logprobs(run, cfg, model, ex, [0, 2], ex[1:], pad_token_id=EOS, accelerator=None)
+
+    old = load_causal_lm(str(sft), tokenizer=qwen_tokenizer)
+    train0, valid0 = cached(old)
+    assert calls == [2, 2] and (run.path / dpo.REFERENCE_CACHE).exists()  # 2 used training pairs, 2 held-out
+    train0_again, valid0_again = cached(old)
+    assert calls == [2, 2] and torch.equal(valid0_again, valid0)  # same weights: read from the cache
+
+    size = (sft / "model.safetensors").stat().st_size
+    make_tiny_qwen2(seed=1).save_pretrained(sft)  # retrained at the same path
+    assert (sft / "model.safetensors").stat().st_size == size
+    new = load_causal_lm(str(sft), tokenizer=qwen_tokenizer)
+    train1, valid1 = cached(new)
+    assert calls == [2, 2, 2, 2]  # recomputed, with the new weights
+    torch.testing.assert_close(valid1, score_pairs(new, ex[1:], pad_token_id=EOS), atol=1e-5, rtol=0)
+    assert (valid1 - valid0).abs().min() > 1e-3
+    cached(new)
+    assert calls == [2, 2, 2, 2]  # and the new cache is read back while they stay
+
+
+def test_checkpoint_fingerprint_follows_contents(tmp_path):
+    # a folder: any file's content; a single (.gguf) file: its content; a hub id: id + cached commit
+    from tldr_rlhf.modeling import checkpoint_fingerprint
+
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"\x00" * 64)
+    (folder / "config.json").write_text("{}")
+    a = checkpoint_fingerprint(str(folder))
+    assert checkpoint_fingerprint(str(folder)) == a
+    (folder / "model.safetensors").write_bytes(b"\x00" * 63 + b"\x01")  # same size, one byte changed
+    assert checkpoint_fingerprint(str(folder)) != a
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF1")
+    b = checkpoint_fingerprint(str(gguf))
+    gguf.write_bytes(b"GGUF2")
+    assert checkpoint_fingerprint(str(gguf)) != b
+    hub = checkpoint_fingerprint("nobody-here/not-a-cached-model")
+    assert hub == checkpoint_fingerprint("nobody-here/not-a-cached-model") != checkpoint_fingerprint("nobody-here/other-model")
 
 
 def test_resume_from_checkpoint_reproduces_the_uninterrupted_run(finished_run, monkeypatch):

@@ -83,6 +83,29 @@ def test_rloo_run(ckpts, tmp_path):
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.parametrize("value", [1.7, 2.3456789])
+@pytest.mark.parametrize("g", [4, 8])
+def test_tied_groups_get_zero_advantage_and_count_as_zero_std(value, g):
+    # 3 groups of g: tied at a value float32 cannot represent, tied at 0, and [1, 0, ..., 0].
+    # The tied groups give exactly 0 advantage and are 2 of 3 zero-std groups; before, 8 x 1.7 gave
+    # +0.119 per member here (+0.106 alone, where its float32 std was 1.3e-7 and it was not counted).
+    from types import SimpleNamespace
+
+    scores = torch.tensor([value] * g + [0.0] * g + [1.0] + [0.0] * (g - 1))
+    for global_normalize in (False, True):
+        cfg = GRPOConfig(group_size=g, global_normalize=global_normalize)
+        adv, m = grpo.sequence_advantages(SimpleNamespace(scores=scores), cfg)
+        assert m["grpo/zero_std_groups"] == pytest.approx(2 / 3)
+        if not global_normalize:
+            assert torch.equal(adv[: 2 * g], torch.zeros(2 * g))
+    # group_score_std: only the third group's sqrt(1/g), averaged over 3 groups
+    assert m["grpo/group_score_std"] == pytest.approx((1 / g) ** 0.5 / 3)
+    # one tied group alone (float32 std of 8 x 1.7 is 1.3e-7 in this layout, 0 in the one above)
+    adv, m = grpo.sequence_advantages(SimpleNamespace(scores=torch.full((g,), value)), GRPOConfig(group_size=g))
+    assert torch.equal(adv, torch.zeros(g))
+    assert m["grpo/zero_std_groups"] == 1.0 and m["grpo/group_score_std"] == 0.0
+
+
 def test_nplus_24_grpo_seed_preset_matches_the_table():
     c = GRPO_PRESETS["seed"]
     assert (c.rollout_prompts, c.group_size, c.mini_batch_size, c.micro_batch_size, c.update_per_rollout) == (16, 8, 64, 8, 4)

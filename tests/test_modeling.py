@@ -138,3 +138,27 @@ def test_checkpoint_kind_from_config_json_alone(tmp_path, qwen_tokenizer):
         require_kind(sft, "reward_model", "--rm-path")
     with pytest.raises(ModelLoadError, match=rf"^--model {rm} is a reward model, not a policy$"):
         require_kind(rm, "policy", "--model")
+
+
+@pytest.mark.parametrize("argv", [["ppo", "--preset", "nplus"], ["ppo", "--preset", "seed"], ["dpo", "--preset", "nplus"]])
+def test_nplus_8_presets_use_plain_adamw_on_cuda_with_bitsandbytes(argv, monkeypatch):
+    # N+ used plain AdamW. The N+ presets (and PPO's seed preset, which takes N+'s optimizer) say
+    # so with optim_8bit="off": with bitsandbytes importable and a CUDA device type, "auto" would
+    # pick its 8-bit AdamW (the fake below stands in for it); "off" keeps torch AdamW.
+    import dataclasses
+    import sys
+    import types
+
+    from tldr_rlhf.cli import parse
+    from tldr_rlhf.train.loop import build_optimizer
+
+    class FakeAdamW8bit:
+        def __init__(self, *args, **kwargs):
+            pass
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", types.SimpleNamespace(optim=types.SimpleNamespace(AdamW8bit=FakeAdamW8bit)))
+    optim = parse(argv)[1].optim
+    assert optim.optim_8bit == "off"
+    params = list(torch.nn.Linear(4, 4).parameters())
+    assert type(build_optimizer(params, optim, device_type="cuda")) is torch.optim.AdamW
+    assert type(build_optimizer(params, dataclasses.replace(optim, optim_8bit="auto"), device_type="cuda")) is FakeAdamW8bit

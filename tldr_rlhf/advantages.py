@@ -130,6 +130,21 @@ def whiten_advantages(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Ten
     return masked_whiten(advantages, mask, shift_mean=True)
 
 
+def tied_groups(rewards: torch.Tensor) -> torch.Tensor:
+    """Groups whose G rewards are all exactly equal (``max == min``): (B, G) -> (B,) bool.
+
+    Decided on the values themselves, never on a computed std: the float32 mean of 8 copies of 1.7
+    is not 1.7, so ``r - mean`` and ``std`` of a tied group are rounding residue (~1e-7), not 0."""
+    return rewards.amax(1) == rewards.amin(1)
+
+
+def group_std(rewards: torch.Tensor) -> torch.Tensor:
+    """Unbiased (Bessel) standard deviation of each group, computed in float64 and exactly 0 for a
+    tied group (``tied_groups``). Shapes: rewards (B, G) -> (B,) float64."""
+    std = rewards.double().std(1)
+    return std.masked_fill(tied_groups(rewards), 0.0)
+
+
 def group_advantages(
     rewards: torch.Tensor, *, scale_by_std: bool = True, eps: float = 1e-6, global_normalize: bool = False
 ) -> torch.Tensor:
@@ -143,34 +158,45 @@ def group_advantages(
     group advantages are then normalized once more over the whole batch (B * G values; seed GPT-2
     GRPO): ``(A - mean(A)) / (std(A) + eps)``.
 
-    Shapes: rewards (B, G) -> (B, G). Example: rewards [1, 0] give +-0.7071 (std sqrt(0.5)) and
-    +-0.5 without the std. Raises ValueError for G < 2 (no group baseline) or a non-2-D input.
+    A tied group (all G rewards exactly equal) gets exactly 0 before the global step: it carries
+    no signal. The group statistics are computed in float64 and ties are detected on the values
+    (``tied_groups``), because in float32 the rounding residue of the mean divided by
+    ``std + eps`` (both ~1e-7) is not small: 8 rewards of 1.7 gave +0.106 each, of 2.3456789 +0.19.
+
+    Shapes: rewards (B, G) -> (B, G) float32. Example: rewards [1, 0] give +-0.7071 (std sqrt(0.5))
+    and +-0.5 without the std. Raises ValueError for G < 2 (no group baseline) or a non-2-D input.
     """
     if rewards.ndim != 2:
         raise ValueError(f"rewards must have shape (B, G), got {tuple(rewards.shape)}")
     if rewards.shape[1] < 2:
         raise ValueError(f"group size G must be at least 2 for a group baseline, got {rewards.shape[1]}")
-    rewards = rewards.float()
-    adv = rewards - rewards.mean(1, keepdim=True)
+    r = rewards.double()
+    adv = r - r.mean(1, keepdim=True)
     if scale_by_std:
-        adv = adv / (rewards.std(1, keepdim=True) + eps)
+        adv = adv / (group_std(r)[:, None] + eps)
+    adv = adv.masked_fill(tied_groups(r)[:, None], 0.0)
     if global_normalize:
         if adv.numel() < 2:
             raise ValueError("global normalization needs at least 2 advantages")
         adv = (adv - adv.mean()) / (adv.std() + eps)
-    return adv
+    return adv.float()
 
 
 def rloo_baselines(rewards: torch.Tensor) -> torch.Tensor:
     """Leave-one-out baselines (Kool et al. 2019; Ahmadian et al. 2024, RLOO):
     ``b_{b,i} = (sum_j r_{b,j} - r_{b,i}) / (k - 1)``, the mean reward of the other k - 1 samples of
-    the same prompt. Shapes: rewards (B, k) -> (B, k). Raises ValueError for k < 2."""
+    the same prompt. Computed in float64 and returned in the rewards' dtype; in a tied group (all k
+    rewards exactly equal, ``tied_groups``) the baseline is the reward itself, so the advantage is
+    exactly 0 (in float32 the sum-minus-self residue gave +-1.2e-7 for k rewards of 1.7).
+    Shapes: rewards (B, k) -> (B, k). Raises ValueError for k < 2."""
     if rewards.ndim != 2:
         raise ValueError(f"rewards must have shape (B, k), got {tuple(rewards.shape)}")
     k = rewards.shape[1]
     if k < 2:
         raise ValueError(f"RLOO needs k >= 2 samples per prompt, got {k}")
-    return (rewards.sum(1, keepdim=True) - rewards) / (k - 1)
+    r = rewards.double()
+    base = ((r.sum(1, keepdim=True) - r) / (k - 1)).to(rewards.dtype)
+    return torch.where(tied_groups(rewards)[:, None], rewards, base)
 
 
 def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:

@@ -283,11 +283,12 @@ DPO_PRESETS: dict[str, DPOConfig] = {
         optim=OptimArgs(lr=5e-5, min_lr=5e-6, warmup_ratio=0.03, decay_steps=0),
         run=RunArgs(output_dir="runs/dpo", eval_every=0),
     ),
-    # N+ paper: beta 0.05, lr 3e-6, plain DPO (no label smoothing); the rest as the seed preset.
+    # N+ paper: beta 0.05, lr 3e-6, plain DPO (no label smoothing), plain torch AdamW (8-bit off);
+    # the rest as the seed preset.
     "nplus": DPOConfig(
         beta=0.05,
         label_smoothing=0.0,
-        optim=OptimArgs(lr=3e-6, min_lr=3e-7, warmup_ratio=0.03, decay_steps=0),
+        optim=OptimArgs(lr=3e-6, min_lr=3e-7, warmup_ratio=0.03, decay_steps=0, optim_8bit="off"),
         run=RunArgs(output_dir="runs/dpo-nplus", eval_every=0),
     ),
     # Real SmolLM2-135M SFT checkpoint (tldr-rlhf sft --preset cpu-smol) on the real local comparisons,
@@ -403,7 +404,8 @@ def _exact_div(a: int, b: int, what: str, by: str) -> int:
     return a // b
 
 
-_NPLUS_PPO_OPTIM = OptimArgs(lr=3e-6, betas=(0.9, 0.999), weight_decay=0.01, eps=1e-5, max_grad_norm=0.0)
+# N+ trained with plain torch AdamW: 8-bit AdamW off, also on CUDA with bitsandbytes installed.
+_NPLUS_PPO_OPTIM = OptimArgs(lr=3e-6, betas=(0.9, 0.999), weight_decay=0.01, eps=1e-5, max_grad_norm=0.0, optim_8bit="off")
 
 PPO_PRESETS: dict[str, PPOConfig] = {
     # N+ paper (Pythia 1B-6.9B): 1M episodes, batch 512, 1 minibatch, 4 epochs, lr 3e-6 annealed

@@ -161,6 +161,42 @@ def load_tokenizer_cached(path: str):
     return _TOKENIZERS[key]
 
 
+def checkpoint_fingerprint(path: str) -> str:
+    """A sha256 hex digest of what is stored at a model or tokenizer ``path``, for cache keys that
+    must change when the weights do (a checkpoint retrained at the same path):
+
+    * a local folder: the name, size and content of every file directly in it (weights, configs,
+      tokenizer files);
+    * a local file (a ``.gguf``): its name, size and content;
+    * a hub id: the commit of its locally cached snapshot (what ``from_pretrained`` loads offline),
+      or the id alone when no snapshot is cached.
+
+    Contents, not modification times: a rewrite of a file with the same size within one clock
+    tick keeps its mtime. Hashing reads the weights once more (about a second per GB).
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    p = Path(path).expanduser()
+    files = sorted(f for f in p.iterdir() if f.is_file()) if p.is_dir() else [p] if p.is_file() else []
+    if files:
+        for f in files:
+            h.update(f"{f.name}\0{f.stat().st_size}\0".encode())
+            with f.open("rb") as fh:
+                while chunk := fh.read(1 << 24):
+                    h.update(chunk)
+        return h.hexdigest()
+    revision = None
+    try:
+        from huggingface_hub import snapshot_download
+
+        revision = Path(snapshot_download(path, local_files_only=True)).name
+    except Exception:  # noqa: BLE001 -- not a cached hub model (or not a valid id)
+        pass
+    h.update(f"hub\0{path}\0{revision}".encode())
+    return h.hexdigest()
+
+
 def disable_dropout(model: nn.Module) -> nn.Module:
     """Set every dropout probability to 0, in modules and in the config (N+ detail 7). In place."""
     for module in model.modules():

@@ -6,9 +6,12 @@ Implements N+ details 1-5 (Huang et al. 2024, section 3):
   space, at most ``max_query_length`` (512) tokens; while too long the post is cut back to its last
   ``\\n`` (the newline and what follows are dropped), and only when no newline is left is it cut
   character by character (smart truncation, detail 2);
-* response ``" " + summary + EOS`` (detail 3). OpenAI's files store summaries with a leading space
-  already and some pipelines added a second one; we strip the summary and add exactly one space,
-  so the response always starts with the single-space token the model sees after ``TL;DR:``;
+* response ``" " + summary + EOS`` (detail 3), as N+ built it (``f" {summary}<|endoftext|>"`` from
+  the hub copy, whose summaries have no leading space). OpenAI's files store summaries with a
+  leading space already and some pipelines added a second one, so leading whitespace is replaced
+  by exactly one space (the single-space token the model sees after ``TL;DR:``); trailing
+  whitespace is kept as N+ kept it (58 of the 1,600 shared references end in spaces, which then
+  come before the EOS);
 * a response-length cap (detail 4): examples over the cap are dropped and counted, never cut.
 
 Shapes are Python lists of token ids here; batching into tensors lives in ``data.batching``.
@@ -153,12 +156,50 @@ def load_hub_rows(name: str, split: str, config: str | None = None) -> Iterable[
 # Formatting
 
 
+# How far a token count may fall when text is appended (BPE counts are not monotone in the prefix
+# length: post oai1b-0027 gives 256, 257, 256, 256 Qwen2.5 tokens at 884..887 characters). On the
+# 1,600 shared posts the count of a longer prefix is never more than 3 below a shorter one's; 8
+# is the margin the hard cut relies on (see ``_hard_cut``).
+_COUNT_DROP_SLACK = 8
+
+
+def _hard_cut(count, n_full: int, max_length: int) -> int:
+    """The prefix length that cutting one character at a time from the end reaches (N+ detail 2,
+    OpenAI's reference loop): the first ``n`` in ``n_full - 1, n_full - 2, ...`` with
+    ``count(n) <= max_length``, where ``count(n)`` is the token count of the query with the body
+    cut to its first ``n`` characters; ``count(0) <= max_length`` must hold.
+
+    Plain bisection is not this: counts are not monotone in ``n``, so it can stop at a boundary
+    below the first fitting length from the top (11 of the 1,600 shared posts at 256 tokens, 66 at
+    128). Instead: bisect for an adjacent pair with ``count(lo) <= max_length + slack <
+    count(lo + 1)``; every length above ``lo`` then exceeds ``max_length`` as long as a longer
+    prefix never has more than ``slack`` (``_COUNT_DROP_SLACK``) tokens fewer than a shorter one,
+    so the reference loop would pass them all; walk down one character at a time from ``lo``
+    (from ``n_full - 1`` when the full body is within the slack) to the first length that fits.
+    About log2(n_full) + 4 * slack token counts instead of ``n_full - n``.
+    """
+    limit = max_length + _COUNT_DROP_SLACK
+    n = n_full - 1
+    if count(n_full) > limit:
+        lo, hi = 0, n_full  # count(lo) <= limit < count(hi)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if count(mid) <= limit:
+                lo = mid
+            else:
+                hi = mid
+        n = lo
+    while count(n) > max_length:
+        n -= 1
+    return n
+
+
 def _smart_truncate(render, body: str, max_length: int, tokenizer, field: str) -> tuple[str, list[int], bool]:
     """Tokenize ``render(body)``, cutting ``body`` until it fits in ``max_length`` tokens (N+ detail 2):
     while too long, cut at the last newline (the newline and what follows go); with no newline left,
-    keep the longest prefix that fits (what cutting one character at a time reaches, found by
-    bisection). Returns ``(text, ids, truncated)``; raises DataError naming ``field`` when even an
-    empty body does not fit."""
+    cut one character at a time from the end until it fits (``_hard_cut``, the same result found
+    with far fewer tokenizer calls). Returns ``(text, ids, truncated)``; raises DataError naming
+    ``field`` when even an empty body does not fit."""
 
     def encode(b: str) -> tuple[str, list[int]]:
         text = render(b)
@@ -175,14 +216,14 @@ def _smart_truncate(render, body: str, max_length: int, tokenizer, field: str) -
             continue
         if len(encode("")[1]) > max_length:
             raise DataError(f"query does not fit in {max_length} tokens even with an empty {field}", field=field)
-        lo, hi = 0, len(body) - 1  # longest prefix body[:n] that fits, n in [lo, hi]
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if len(encode(body[:mid])[1]) <= max_length:
-                lo = mid
-            else:
-                hi = mid - 1
-        body = body[:lo]
+        counts = {len(body): len(ids)}
+
+        def count(n: int) -> int:
+            if n not in counts:
+                counts[n] = len(encode(body[:n])[1])
+            return counts[n]
+
+        body = body[: _hard_cut(count, len(body), max_length)]
         text, ids = encode(body)
     return text, ids, truncated
 
@@ -198,8 +239,10 @@ def format_query(tokenizer, subreddit: str, title: str, post: str, max_query_len
 
 
 def format_response(tokenizer, summary: str) -> list[int]:
-    """Token ids of ``" " + summary.strip()`` followed by the EOS id (N+ detail 3)."""
-    return tokenizer.encode(" " + summary.strip(), add_special_tokens=False) + [tokenizer.eos_token_id]
+    """Token ids of ``" " + summary.lstrip()`` followed by the EOS id (N+ detail 3): N+'s
+    ``f" {summary}<|endoftext|>"`` for a summary without leading whitespace; trailing whitespace is
+    kept, as in N+."""
+    return tokenizer.encode(" " + summary.lstrip(), add_special_tokens=False) + [tokenizer.eos_token_id]
 
 
 def format_cnndm_query(tokenizer, article: str, max_query_length: int = 1919) -> tuple[str, list[int], bool]:

@@ -7,9 +7,11 @@ Objective (``losses.dpo_loss``): ``-log sigmoid(beta * ((log pi(y_c|x) - log pi_
 
 The reference is the SFT checkpoint the policy starts from. Its log-probs are computed once, by the
 freshly loaded policy before any update (with LoRA: adapters disabled), for the training pairs the run
-will use and the held-out pairs, and cached in ``reference_logprobs.pt`` in the run folder; no
-second model is ever loaded or held during training. A resumed run reads the cache (or recomputes
-it before loading the checkpoint weights, which gives the same numbers).
+will use and the held-out pairs, and cached in ``reference_logprobs.pt`` in the run folder under a
+key of the SFT weights' contents (a checkpoint retrained at the same path is not mistaken for the
+old one), the tokenizer, the dtype and the pairs' token ids; no second model is ever loaded or held
+during training. A resumed run reads the cache (or recomputes it before loading the checkpoint
+weights, which gives the same numbers).
 
 Chosen and rejected responses of a micro-batch go through the policy as one batch of 2B rows
 (``collate_pairs``: rows [0, B) chosen, [B, 2B) rejected). By default (``shared_prompt``) the B
@@ -49,7 +51,7 @@ from ..errors import DataError
 from ..generation import decode_response, generate
 from ..lm_head import response_token_logprobs
 from ..losses import dpo_loss
-from ..modeling import count_parameters, save_pretrained
+from ..modeling import checkpoint_fingerprint, count_parameters, save_pretrained
 from ..tasks import is_tldr, ultrafeedback_preferences
 from .common import load_policy, make_accelerator, tokenizer_for
 from .loop import (
@@ -226,9 +228,14 @@ def implicit_reward_accuracy(
 
 
 def _reference_key(cfg: DPOConfig, train_ex: Sequence[PreferenceExample], used: Sequence[int], valid_ex: Sequence[PreferenceExample]) -> str:
+    """Cache key of the reference log-probs: the SFT weights (``checkpoint_fingerprint``: contents,
+    so a checkpoint retrained at the same path gives a new key), the tokenizer when it is loaded
+    from elsewhere, the dtype, and the token ids of the scored pairs."""
     h = hashlib.sha256()
     sft = Path(cfg.sft_path)
-    h.update(json.dumps([str(sft.resolve()) if sft.exists() else cfg.sft_path, cfg.dtype, list(used)]).encode())
+    tokenizer = cfg.tokenizer if cfg.tokenizer and cfg.tokenizer != cfg.sft_path else None  # the SFT folder's is in its fingerprint
+    fingerprints = [checkpoint_fingerprint(cfg.sft_path), checkpoint_fingerprint(tokenizer) if tokenizer else None]
+    h.update(json.dumps([str(sft.resolve()) if sft.exists() else cfg.sft_path, fingerprints, cfg.dtype, list(used)]).encode())
     for e in [train_ex[i] for i in used] + list(valid_ex):
         h.update(json.dumps([e.query_ids, e.chosen_ids, e.rejected_ids]).encode())
     return h.hexdigest()
@@ -236,8 +243,9 @@ def _reference_key(cfg: DPOConfig, train_ex: Sequence[PreferenceExample], used: 
 
 def cached_reference_logprobs(run: RunDir, cfg: DPOConfig, model, train_ex, used: list[int], valid_ex, *, pad_token_id: int, accelerator) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference log-probs of the training pairs this run uses (rows of the others are NaN) and of the
-    held-out pairs, read from ``reference_logprobs.pt`` when its key (SFT path, dtype, token ids)
-    matches, else computed with ``model`` (which must still hold the SFT weights) and saved."""
+    held-out pairs, read from ``reference_logprobs.pt`` when its key (SFT weights and tokenizer
+    fingerprints, dtype, token ids; ``_reference_key``) matches, else computed with ``model`` (which
+    must still hold the SFT weights) and saved."""
     key = _reference_key(cfg, train_ex, used, valid_ex)
     path = run.path / REFERENCE_CACHE
     if path.exists():

@@ -33,7 +33,7 @@ from collections import defaultdict
 
 import torch
 
-from ..advantages import group_advantages, rloo_advantages, rloo_baselines, sequence_rlhf_rewards, statistical_rejection_sampling
+from ..advantages import group_advantages, group_std, rloo_advantages, rloo_baselines, sequence_rlhf_rewards, statistical_rejection_sampling, tied_groups
 from ..config import GRPOConfig, ModelArgs, RLOOConfig
 from ..errors import DataError
 from ..losses import grpo_loss, kl_estimate, rloo_loss
@@ -82,8 +82,8 @@ def sequence_advantages(r: Rollout, cfg) -> tuple[torch.Tensor, dict[str, float]
         return adv, {"objective/rlhf_reward": rewards.mean().item(), "rloo/baseline_mean": rloo_baselines(grouped).mean().item()}
     grouped = r.scores.view(-1, g)
     adv = group_advantages(grouped, scale_by_std=cfg.scale_by_std, global_normalize=cfg.global_normalize).flatten()
-    std = grouped.std(1)
-    return adv, {"grpo/group_score_std": std.mean().item(), "grpo/zero_std_groups": (std == 0).float().mean().item()}
+    # ties decided on the scores (max == min), not on a float32 std that is rounding residue for them
+    return adv, {"grpo/group_score_std": group_std(grouped).mean().item(), "grpo/zero_std_groups": tied_groups(grouped).float().mean().item()}
 
 
 def minibatch_step(model, r: Rollout, adv: torch.Tensor, rows: list[int], cfg, accelerator) -> dict[str, float]:
