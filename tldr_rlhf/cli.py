@@ -191,6 +191,18 @@ def _resume_hint() -> str:
     return f"; newest checkpoint {ckpt}: rerun the same command to resume from step {ckpt.name.split('-')[1]}"
 
 
+def _failure_line(e: BaseException) -> tuple[str, int] | None:
+    """The one line and exit code ``main`` ends with for an expected failure; None for a bug (the
+    traceback is shown)."""
+    if isinstance(e, TldrRlhfError):
+        return f"tldr-rlhf: error: {e}", 2
+    if isinstance(e, KeyboardInterrupt):
+        return f"\ntldr-rlhf: interrupted{_resume_hint()}", 130
+    if isinstance(e, OSError):  # a full disk, a folder that vanished: the run can be resumed
+        return f"tldr-rlhf: error: {e}{_resume_hint()} (--debug shows the traceback)", 1
+    return None
+
+
 def _restore_replaced_runs() -> None:
     """A run started with --run.overwrite that stopped before its first checkpoint gives the old run back."""
     from .train.loop import _ACTIVE
@@ -221,27 +233,13 @@ def main(argv: list[str] | None = None) -> int:
         # a pipeline's stage inputs come from its earlier stages: each stage checks its paths when it starts
         validate_config(cfg, check_paths=type(cfg).__name__ != "PipelineConfig")
         fn(cfg)
-    except TldrRlhfError as e:
+    except BaseException as e:
         _restore_replaced_runs()
-        if debug:
+        failure = _failure_line(e)
+        if debug or failure is None:
             raise
-        print(f"tldr-rlhf: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        _restore_replaced_runs()
-        if debug:
-            raise
-        print(f"\ntldr-rlhf: interrupted{_resume_hint()}", file=sys.stderr)
-        return 130
-    except OSError as e:
-        _restore_replaced_runs()
-        if debug:
-            raise
-        print(f"tldr-rlhf: error: {e}{_resume_hint()} (--debug shows the traceback)", file=sys.stderr)
-        return 1
-    except BaseException:
-        _restore_replaced_runs()
-        raise
+        print(failure[0], file=sys.stderr)
+        return failure[1]
     return 0
 
 
