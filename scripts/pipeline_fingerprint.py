@@ -7,7 +7,8 @@ It runs tests/test_pipeline.py's tiny pipeline (tiny Qwen2 models built from a c
 Qwen2.5 tokenizer, real posts and comparisons; sft, rm, evaluate-rm, dpo, ppo, grpo, rloo, evaluate)
 on one thread and records every stage's metrics.jsonl and samples.jsonl, eval_rm.json, eval.json,
 summaries.jsonl and a SHA-256 of every final/ weight file. Wall-clock fields (perf/*, seconds,
-timestamps) and the run folder's own path are left out, since they differ between any two runs.
+timestamps, evaluate's per-policy cache keys with file mtimes) and the temporary folders' paths (the run
+folder, the tiny models) are left out or replaced, since they differ between any two runs.
 """
 
 from __future__ import annotations
@@ -22,26 +23,32 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 VOLATILE = ("perf/", "seconds", "started", "finished", "time", "peak_memory")
+VOLATILE_KEYS = {"key"}  # evaluate/policies/NAME.jsonl: the reuse key holds checkpoint files' mtimes
 
 
-def _clean(obj, run_dir: str):
+def _clean(obj, paths: dict[str, str]):
     if isinstance(obj, dict):
-        return {k: _clean(v, run_dir) for k, v in obj.items() if not any(k.startswith(p) or k.endswith(p) for p in VOLATILE)}
+        return {k: _clean(v, paths) for k, v in obj.items() if k not in VOLATILE_KEYS and not any(k.startswith(p) or k.endswith(p) for p in VOLATILE)}
     if isinstance(obj, list):
-        return [_clean(v, run_dir) for v in obj]
+        return [_clean(v, paths) for v in obj]
     if isinstance(obj, str):
-        return obj.replace(run_dir, "RUN")
+        for path, name in paths.items():
+            obj = obj.replace(path, name)
+        return obj
     return obj
 
 
-def fingerprint(run_dir: Path) -> dict:
+def fingerprint(run_dir: Path, models_dir: str = "") -> dict:
+    """The numbers of a finished pipeline run folder; ``models_dir`` (the tiny models' temporary
+    folder) is written as MODELS."""
+    paths = {str(run_dir): "RUN", **({models_dir: "MODELS"} if models_dir else {})}
     out: dict = {}
     for f in sorted(run_dir.rglob("*")):
         rel = str(f.relative_to(run_dir))
         if f.suffix == ".jsonl" and "checkpoints" not in rel:
-            out[rel] = [_clean(json.loads(line), str(run_dir)) for line in f.read_text().splitlines() if line.strip()]
+            out[rel] = [_clean(json.loads(line), paths) for line in f.read_text().splitlines() if line.strip()]
         elif f.name in ("eval.json", "eval_rm.json", "config.json") and "final" not in rel and "checkpoints" not in rel:
-            out[rel] = _clean(json.loads(f.read_text()), str(run_dir))
+            out[rel] = _clean(json.loads(f.read_text()), paths)
         elif f.suffix == ".safetensors" and "/final/" in f"/{rel}":
             out[rel] = hashlib.sha256(f.read_bytes()).hexdigest()
     return out
@@ -73,8 +80,9 @@ def main() -> None:
     )
     cfg = dataclasses.replace(cfg, rloo=rloo)
     run_pipeline(cfg)
-    target.write_text(json.dumps(fingerprint(run_dir), indent=1, sort_keys=True) + "\n")
-    print(f"{target}: {len(fingerprint(run_dir))} files fingerprinted from {run_dir}")
+    numbers = fingerprint(run_dir, str(Path(base).parent))
+    target.write_text(json.dumps(numbers, indent=1, sort_keys=True) + "\n")
+    print(f"{target}: {len(numbers)} files fingerprinted from {run_dir}")
 
 
 if __name__ == "__main__":
