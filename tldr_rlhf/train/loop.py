@@ -424,6 +424,43 @@ def _step_of(checkpoint: Path) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
+# Loop bookends: what every stage's loop does around its own micro-batch body
+
+
+def resume(run: RunDir, resume_from: Path | None, model, optimizer, scheduler, *, unit: str = "step") -> int:
+    """Restore the newest readable checkpoint (``load_checkpoint``: weights, optimizer, scheduler,
+    RNG) and drop the log records after it; returns the step to start from (0 for a fresh start)."""
+    if resume_from is None:
+        return 0
+    state = load_checkpoint(resume_from, model, optimizer, scheduler)
+    run.truncate_logs(state["step"])
+    if run.is_main:
+        log.info("resumed from %s (%s %d)", state["path"], unit, state["step"])
+    return state["step"]
+
+
+def optimizer_step(model, optimizer, scheduler, accelerator, max_grad_norm: float) -> float | None:
+    """One optimizer step: clip the global gradient norm when ``max_grad_norm`` > 0, step, advance the
+    lr schedule (``scheduler`` None: the stage steps it itself, as PPO does once per update), clear
+    the gradients. Returns the gradient norm before clipping, or None without clipping."""
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm) if max_grad_norm > 0 else None
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return None if grad_norm is None else float(grad_norm)
+
+
+def due(done: int, every: int, total: int, *, last: bool) -> bool:
+    """Whether something done every ``every`` steps (0 = never) happens after step ``done`` of
+    ``total``. ``last=True`` also fires on the last step (metrics records); ``last=False`` never does
+    (evaluations and checkpoints, which the end of the run does anyway)."""
+    if done == total:
+        return last
+    return bool(every) and done % every == 0
+
+
+# ----------------------------------------------------------------------------------------------
 # Progress and throughput
 
 

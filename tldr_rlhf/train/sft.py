@@ -34,12 +34,14 @@ from .loop import (
     Throughput,
     build_optimizer,
     build_scheduler,
+    due,
     global_batches,
-    load_checkpoint,
     micro_batches,
+    optimizer_step,
     params_in_sync,
     peak_memory_mb,
     progress_bar,
+    resume,
     save_checkpoint,
     seed_everything,
     shard,
@@ -120,13 +122,7 @@ def train(cfg: SFTConfig) -> str:
     trainable, total = count_parameters(model)
     optimizer = build_optimizer(model.parameters(), cfg.optim, device_type=accelerator.device.type)
     scheduler = build_scheduler(optimizer, cfg.optim, len(steps))
-    start = 0
-    if resume_from is not None:
-        state = load_checkpoint(resume_from, model, optimizer, scheduler)
-        start, resume_from = state["step"], state["path"]
-        run.truncate_logs(start)
-        if is_main:
-            log.info("resumed from %s (step %d)", resume_from, start)
+    start = resume(run, resume_from, model, optimizer, scheduler)
     model, optimizer = accelerator.prepare(model, optimizer)
     if is_main:
         log.info("model %s: %d / %d trainable parameters; %d optimizer steps of %d sequences", cfg.model.path, trainable, total, total_steps, batch)
@@ -167,16 +163,13 @@ def train(cfg: SFTConfig) -> str:
                 accelerator.backward(loss)
             loss_sum += loss.detach()
             meter.add(int(mb.attention_mask.sum()), len(idx))
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm) if cfg.optim.max_grad_norm > 0 else None
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = optimizer_step(model, optimizer, scheduler, accelerator, cfg.optim.max_grad_norm)
         done = step + 1
         # each process's loss is scaled by the world size for DDP's gradient mean; undo it here
         loss_value = accelerator.reduce(loss_sum, reduction="sum").item() / accelerator.num_processes
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.4f}")
-        if done % cfg.run.log_every == 0 or done == total_steps:
+        if due(done, cfg.run.log_every, total_steps, last=True):
             record = {
                 "step": done,
                 "loss/sft": loss_value,
@@ -186,12 +179,12 @@ def train(cfg: SFTConfig) -> str:
                 **meter.rates(),
             }
             if grad_norm is not None:
-                record["grad_norm"] = float(grad_norm)
-            if cfg.run.eval_every and done % cfg.run.eval_every == 0 and done != total_steps:
+                record["grad_norm"] = grad_norm
+            if due(done, cfg.run.eval_every, total_steps, last=False):
                 record.update(evaluate(done))
             run.log_metrics(record)
             step_start = time.perf_counter()
-        if cfg.run.save_every and done % cfg.run.save_every == 0 and done != total_steps:
+        if due(done, cfg.run.save_every, total_steps, last=False):
             save_checkpoint(run, done, accelerator.unwrap_model(model), optimizer, scheduler, keep=cfg.run.keep_checkpoints)
             accelerator.wait_for_everyone()
     bar.close()
