@@ -19,7 +19,7 @@ from tldr_rlhf.config import (
     DPOConfig, EvaluateConfig, EvaluateRMConfig, GRPOConfig, PipelineConfig, PPOConfig, ReportConfig, RLOOConfig, RMConfig,
     SFTConfig, from_dict, to_dict,
 )
-from tldr_rlhf import config as P
+from tldr_rlhf import presets as P
 
 from conftest import SHARED
 

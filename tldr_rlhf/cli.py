@@ -124,20 +124,21 @@ def _lazy(target: str) -> Callable[[Any], Any]:
 def _stages() -> dict[str, tuple[type, dict[str, Any], Callable[[Any], Any], str]]:
     """name -> (config class, presets, function, one-line help). Stages register here."""
     from . import config as c
+    from . import presets as p
 
     return {
-        "sft": (c.SFTConfig, c.SFT_PRESETS, _lazy("tldr_rlhf.train.sft:train"), "supervised fine-tuning on reference TL;DRs"),
-        "rm": (c.RMConfig, c.RM_PRESETS, _lazy("tldr_rlhf.train.rm:train"), "reward model on human comparisons, normalized on SFT references"),
-        "evaluate-rm": (c.EvaluateRMConfig, c.EVALUATE_RM_PRESETS, _lazy("tldr_rlhf.train.rm:evaluate"), "reward-model accuracy (held-out, by confidence, CNN/DM) and judge agreement"),
-        "dpo": (c.DPOConfig, c.DPO_PRESETS, _lazy("tldr_rlhf.train.dpo:train"), "direct preference optimization from an SFT policy (DPO / cDPO / IPO)"),
-        "ppo": (c.PPOConfig, c.PPO_PRESETS, _lazy("tldr_rlhf.train.ppo:train"), "PPO from an SFT policy against a reward model (N+ details 16-23)"),
-        "grpo": (c.GRPOConfig, c.GRPO_PRESETS, _lazy("tldr_rlhf.train.grpo:train"), "GRPO / Dr. GRPO from an SFT policy against a reward model (N+ details 24-25)"),
-        "rloo": (c.RLOOConfig, c.RLOO_PRESETS, _lazy("tldr_rlhf.train.grpo:train_rloo"), "RLOO (REINFORCE leave-one-out) from an SFT policy against a reward model"),
+        "sft": (c.SFTConfig, p.SFT_PRESETS, _lazy("tldr_rlhf.train.sft:train"), "supervised fine-tuning on reference TL;DRs"),
+        "rm": (c.RMConfig, p.RM_PRESETS, _lazy("tldr_rlhf.train.rm:train"), "reward model on human comparisons, normalized on SFT references"),
+        "evaluate-rm": (c.EvaluateRMConfig, p.EVALUATE_RM_PRESETS, _lazy("tldr_rlhf.train.rm:evaluate"), "reward-model accuracy (held-out, by confidence, CNN/DM) and judge agreement"),
+        "dpo": (c.DPOConfig, p.DPO_PRESETS, _lazy("tldr_rlhf.train.dpo:train"), "direct preference optimization from an SFT policy (DPO / cDPO / IPO)"),
+        "ppo": (c.PPOConfig, p.PPO_PRESETS, _lazy("tldr_rlhf.train.ppo:train"), "PPO from an SFT policy against a reward model (N+ details 16-23)"),
+        "grpo": (c.GRPOConfig, p.GRPO_PRESETS, _lazy("tldr_rlhf.train.grpo:train"), "GRPO / Dr. GRPO from an SFT policy against a reward model (N+ details 24-25)"),
+        "rloo": (c.RLOOConfig, p.RLOO_PRESETS, _lazy("tldr_rlhf.train.grpo:train_rloo"), "RLOO (REINFORCE leave-one-out) from an SFT policy against a reward model"),
         "generate": (GenerateArgs, {}, run_generate, "summarize posts with a checkpoint"),
         "stats": (StatsArgs, {}, run_stats, "token-length statistics of queries and responses"),
-        "evaluate": (c.EvaluateConfig, c.EVALUATE_PRESETS, _lazy("tldr_rlhf.evaluate:evaluate"), "ROUGE, RM score, win rate (+ length-controlled) vs the reference, KL to SFT, length, EOS rate"),
+        "evaluate": (c.EvaluateConfig, p.EVALUATE_PRESETS, _lazy("tldr_rlhf.evaluate:evaluate"), "ROUGE, RM score, win rate (+ length-controlled) vs the reference, KL to SFT, length, EOS rate"),
         "report": (c.ReportConfig, {}, _lazy("tldr_rlhf.report:build_report"), "Markdown + HTML report with plots of a pipeline run folder: tldr-rlhf report RUN_DIR"),
-        "pipeline": (c.PipelineConfig, c.PIPELINE_PRESETS, _lazy("tldr_rlhf.pipeline:main"), "SFT -> RM -> {DPO, PPO, GRPO} -> evaluate -> report in one resumable run folder"),
+        "pipeline": (c.PipelineConfig, p.PIPELINE_PRESETS, _lazy("tldr_rlhf.pipeline:main"), "SFT -> RM -> {DPO, PPO, GRPO} -> evaluate -> report in one resumable run folder"),
     }
 
 
