@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from conftest import COMPARISONS, EOS, QWEN_TOKENIZER, make_tiny_qwen2
-from tldr_rlhf.config import DPOConfig, DPODataArgs, OptimArgs, RunArgs
+from tldr_rlhf.config import DPOConfig, PreferenceDataArgs as DPODataArgs, OptimArgs, RunArgs
 from tldr_rlhf.data.comparisons import PreferenceExample
 from tldr_rlhf.errors import DataError
 from tldr_rlhf.lm_head import chunked_target_logprobs

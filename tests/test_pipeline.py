@@ -10,8 +10,8 @@ import shutil
 import pytest
 
 from tldr_rlhf.config import (
-    DPOConfig, DPODataArgs, EvaluateConfig, EvaluateRMConfig, GRPOConfig, JudgeArgs, ModelArgs, OptimArgs, PipelineConfig, PPOConfig,
-    RewardNormArgs, RMConfig, RMDataArgs, RunArgs, SFTConfig, TldrDataArgs,
+    DPOConfig, PreferenceDataArgs as DPODataArgs, EvaluateConfig, EvaluateRMConfig, GRPOConfig, JudgeArgs, ModelArgs, OptimArgs, PipelineConfig, PPOConfig,
+    RewardNormArgs, RMConfig, PreferenceDataArgs as RMDataArgs, RunArgs, SFTConfig, TldrDataArgs,
 )
 from tldr_rlhf.errors import DataError
 from tldr_rlhf.pipeline import check_stages, run_pipeline, stage_configs

@@ -135,47 +135,31 @@ class TldrDataArgs(TaskArgs):
 
 
 @dataclass(frozen=True)
-class DPODataArgs(TaskArgs):
-    """Human comparisons for DPO and the held-out comparisons its implicit rewards are scored on."""
+class PreferenceDataArgs(TaskArgs):
+    """Human comparisons a stage trains on (reward model, DPO) and the held-out ones it is scored on."""
 
     comparisons: str = "openai/summarize_from_feedback"
     """Training comparisons: OpenAI JSON-lines file or folder, or a hub dataset id
-    (openai/summarize_from_feedback, trl-lib/tldr-preference)."""
+    (openai/summarize_from_feedback, trl-lib/tldr-preference). The reward model sets CNN/DM rows aside (counted)."""
     valid_comparisons: str = ""
     """Held-out comparisons (same forms); empty = the hub's validation split, or for a local file
     the posts held out by id (`valid_fraction`)."""
     valid_fraction: float = 0.2
     """When `valid_comparisons` is empty and `comparisons` is local: share of posts held out (by post id)."""
     max_query_length: int = 512
-    """Query token cap with smart truncation (N+ detail 2)."""
+    """Query token cap with smart truncation (N+ detail 2); the reward model counts truncated queries."""
     max_response_length: int = 133
     """Response token cap, EOS included; longer comparisons are dropped and counted (169 Pythia, 133 Qwen2.5)."""
     limit: int = 0
     """Use at most this many training comparisons (0 = all)."""
     valid_limit: int = 0
-    """Score at most this many held-out comparisons (0 = all)."""
+    """Score at most this many held-out comparisons (0 = all): DPO's implicit-reward accuracy, the reward
+    model's accuracy during training (its default 2048; `evaluate-rm` scores them all)."""
 
 
-@dataclass(frozen=True)
-class RMDataArgs(TaskArgs):
-    """Human comparisons the reward model trains on, and the held-out ones it is scored on."""
-
-    comparisons: str = "openai/summarize_from_feedback"
-    """Training comparisons: OpenAI JSON-lines file or folder, or a hub dataset id
-    (openai/summarize_from_feedback, trl-lib/tldr-preference). CNN/DM rows are set aside (counted)."""
-    valid_comparisons: str = ""
-    """Held-out comparisons (same forms); empty = the hub's validation split, or for a local file
-    the posts held out by id (`valid_fraction`)."""
-    valid_fraction: float = 0.2
-    """When `valid_comparisons` is empty and `comparisons` is local: share of posts held out (by post id)."""
-    max_query_length: int = 512
-    """Query token cap with smart truncation (N+ detail 2); truncated queries are counted."""
-    max_response_length: int = 133
-    """Response token cap, EOS included; longer comparisons are dropped and counted (169 Pythia, 133 Qwen2.5)."""
-    limit: int = 0
-    """Use at most this many training comparisons (0 = all)."""
-    valid_limit: int = 2048
-    """Held-out comparisons scored during training (0 = all; `evaluate-rm` scores them all)."""
+def _rm_data() -> PreferenceDataArgs:
+    """The reward model's comparisons: 2048 held-out pairs scored during training (DPO's default: all)."""
+    return PreferenceDataArgs(valid_limit=2048)
 
 
 @dataclass(frozen=True)
@@ -249,7 +233,8 @@ class RMConfig:
 
     model: ModelArgs = field(default_factory=ModelArgs)
     """Backbone: a base or SFT causal LM (hub id, folder, .gguf) or a reward-model checkpoint to continue."""
-    data: RMDataArgs = field(default_factory=RMDataArgs)
+    data: PreferenceDataArgs = field(default_factory=_rm_data)
+    """Human comparisons the reward model trains on, and the held-out ones it is scored on."""
     norm: RewardNormArgs = field(default_factory=RewardNormArgs)
     optim: OptimArgs = field(default_factory=OptimArgs)
     run: RunArgs = field(default_factory=RunArgs)
@@ -280,7 +265,7 @@ class EvaluateRMConfig:
 
     model: str = "runs/rm/final"
     """Reward-model checkpoint (a run's final/)."""
-    data: RMDataArgs = field(default_factory=RMDataArgs)
+    data: PreferenceDataArgs = field(default_factory=_rm_data)
     """Held-out comparisons; replaced by the training run's own data settings (same split) when the
     model sits in a run folder with a config.json and `from_run` is set."""
     from_run: bool = True
@@ -325,7 +310,8 @@ class DPOConfig:
     """LoRA rank; 0 trains every weight. With LoRA the reference is the SFT model with adapters disabled."""
     lora_alpha: int = 32
     """LoRA alpha (scale = alpha / r)."""
-    data: DPODataArgs = field(default_factory=DPODataArgs)
+    data: PreferenceDataArgs = field(default_factory=PreferenceDataArgs)
+    """Human comparisons for DPO and the held-out comparisons its implicit rewards are scored on."""
     optim: OptimArgs = field(default_factory=OptimArgs)
     """Optimizer and schedule (the presets set the DPO values: seed lr 5e-5, N+ 3e-6)."""
     run: RunArgs = field(default_factory=RunArgs)
@@ -459,24 +445,25 @@ def _exact_div(a: int, b: int, what: str, by: str) -> int:
 @dataclass(frozen=True)
 class _GroupRLConfig(_RLConfig):
     """What GRPO and RLOO share: several sampled responses per prompt scored by a frozen reward
-    model, no value model. The subclasses set their own defaults and add their own fields."""
+    model, no value model. The defaults and their help are GRPO's (N+ detail 24); RLOO redeclares the
+    fields it changes, and each subclass adds its own fields."""
 
     rollout_prompts: int = 16
     """Prompts per rollout over all processes; each gets group_size responses."""
     group_size: int = 8
-    """Responses per prompt."""
+    """Responses per prompt, G (N+ detail 24)."""
     mini_batch_size: int = 64
     """Sequences per optimizer step over all processes."""
     micro_batch_size: int = 8
     """Sequences per forward/backward pass per process."""
     update_per_rollout: int = 4
-    """Passes over each rollout batch."""
+    """Passes over each rollout batch (N+ detail 24)."""
     response_length: int = 63
     """New tokens sampled per response; truncated after the first EOS."""
     kl_coef: float = 0.05
-    """KL coefficient."""
+    """Coefficient of the KL-to-reference term in the loss."""
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
-    """Per-token KL estimator."""
+    """Per-token KL estimator in the loss (k3 = exp(ref - logp) - (ref - logp) - 1)."""
 
     def num_updates(self) -> int:
         """Rollouts in the whole run; ValueError when fewer than one."""
@@ -506,14 +493,6 @@ class _GroupRLConfig(_RLConfig):
 class GRPOConfig(_GroupRLConfig):
     """GRPO from an SFT policy against a frozen reward model (Shao et al. 2024; N+ details 24-25)."""
 
-    group_size: int = 8
-    """Responses per prompt, G (N+ detail 24)."""
-    update_per_rollout: int = 4
-    """Passes over each rollout batch (N+ detail 24)."""
-    kl_coef: float = 0.05
-    """Coefficient of the KL-to-reference term in the loss."""
-    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
-    """Per-token KL estimator in the loss (k3 = exp(ref - logp) - (ref - logp) - 1)."""
     dual_clip: float = 3.0
     """Dual-clip bound c (> 1) for negative advantages; 0 = off."""
     loss_aggregation: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"] = "seq-mean-token-mean"
@@ -655,20 +634,29 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def from_dict(cls: type, data: dict[str, Any]):
-    """Rebuild a (nested) config dataclass from ``to_dict`` output; unknown keys raise TypeError."""
-    kwargs = {}
-    hints = {f.name: f for f in dataclasses.fields(cls)}
+def _field_values(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` as keyword arguments of ``cls``: a nested section becomes its dataclass (the field's
+    default instance with the saved values on top), a list a tuple. TypeError for a key that is no field."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
     for key, value in data.items():
-        if key not in hints:
+        if key not in fields:
             raise TypeError(f"{cls.__name__} has no field '{key}'")
-        ftype = hints[key].default_factory if hints[key].default_factory is not dataclasses.MISSING else None
-        if isinstance(value, dict) and ftype is not None and dataclasses.is_dataclass(ftype):
-            value = from_dict(ftype, value)
+        factory = fields[key].default_factory
+        default = factory() if factory is not dataclasses.MISSING else None
+        if isinstance(value, dict) and dataclasses.is_dataclass(default):
+            value = dataclasses.replace(default, **_field_values(type(default), value))
         elif isinstance(value, list):
             value = tuple(value)
-        kwargs[key] = value
-    return cls(**kwargs)
+        values[key] = value
+    return values
+
+
+def from_dict(cls: type, data: dict[str, Any]):
+    """Rebuild a (nested) config dataclass from ``to_dict`` output (a run's config.json). A key missing
+    from ``data`` keeps its default, for a nested section the one its stage gives it (the reward model's
+    2048 held-out pairs). Raises TypeError for a key the config has no field for."""
+    return cls(**_field_values(cls, data))
 
 
 def save_config(cfg: Any, path: str | Path) -> None:

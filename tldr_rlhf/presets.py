@@ -16,7 +16,7 @@ from dataclasses import replace
 
 from .config import (
     SHARED, DPOConfig, EvaluateConfig, EvaluateRMConfig, GRPOConfig, ModelArgs, OptimArgs, PipelineConfig, PPOConfig,
-    RewardNormArgs, RLOOConfig, RMConfig, RMDataArgs, DPODataArgs, RunArgs, SFTConfig, TldrDataArgs,
+    PreferenceDataArgs, RewardNormArgs, RLOOConfig, RMConfig, RunArgs, SFTConfig, TldrDataArgs,
 )
 
 SMOL_GGUF = str(SHARED / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -67,7 +67,7 @@ _RM_SEED_OPTIM = OptimArgs(lr=5e-5, min_lr=5e-6, warmup_ratio=0.03, decay_steps=
 # normalization on 64 local SFT references. lr 1e-4 (higher than the seed's 5e-5: few steps).
 _RM_CPU_SMOL = RMConfig(
     model=ModelArgs(path=SMOL_GGUF, dtype="float32"),
-    data=RMDataArgs(comparisons=LOCAL_COMPARISONS, max_query_length=256, max_response_length=133, valid_limit=64),
+    data=PreferenceDataArgs(comparisons=LOCAL_COMPARISONS, max_query_length=256, max_response_length=133, valid_limit=64),
     norm=RewardNormArgs(posts=LOCAL_POSTS, limit=64),
     optim=OptimArgs(lr=1e-4, min_lr=1e-5, warmup_ratio=0.1, decay_steps=0),
     run=RunArgs(output_dir="runs/rm-cpu-smol", eval_every=0, save_every=10, max_steps=30),
@@ -96,7 +96,7 @@ RM_PRESETS: dict[str, RMConfig] = {
     # that reached 0.58 held-out accuracy where the TL;DR CPU recipe (base model, top 6 blocks, 1e-4,
     # 30 steps) stayed at chance (0.49).
     "uf-cpu-smol": replace(
-        _RM_CPU_SMOL, model=ModelArgs(path="runs/sft-uf-cpu-smol/final", dtype="float32"), data=RMDataArgs(**_UF_PAIRS, valid_limit=0),
+        _RM_CPU_SMOL, model=ModelArgs(path="runs/sft-uf-cpu-smol/final", dtype="float32"), data=PreferenceDataArgs(**_UF_PAIRS, valid_limit=0),
         optim=OptimArgs(lr=3e-5, min_lr=3e-6, warmup_ratio=0.1, decay_steps=0), epochs=2, train_layers=0,
         run=replace(_RM_CPU_SMOL.run, output_dir="runs/rm-uf-cpu-smol", max_steps=0, save_every=20),
     ),
@@ -125,7 +125,7 @@ EVALUATE_RM_PRESETS: dict[str, EvaluateRMConfig] = {
 _DPO_CPU_SMOL = DPOConfig(
     sft_path="runs/sft-cpu-smol/final",
     dtype="float32",
-    data=DPODataArgs(comparisons=LOCAL_COMPARISONS, max_query_length=256, max_response_length=64, limit=80, valid_limit=64),
+    data=PreferenceDataArgs(comparisons=LOCAL_COMPARISONS, max_query_length=256, max_response_length=64, limit=80, valid_limit=64),
     optim=OptimArgs(lr=5e-5, min_lr=5e-6, warmup_ratio=0.1, decay_steps=0),
     run=RunArgs(output_dir="runs/dpo-cpu-smol", eval_every=0, save_every=5),
     micro_batch_size=4,
@@ -149,7 +149,7 @@ DPO_PRESETS: dict[str, DPOConfig] = {
     ),
     "cpu-smol": _DPO_CPU_SMOL,
     "uf-cpu-smol": replace(
-        _DPO_CPU_SMOL, sft_path="runs/sft-uf-cpu-smol/final", data=DPODataArgs(**_UF_PAIRS, limit=80, valid_limit=0),
+        _DPO_CPU_SMOL, sft_path="runs/sft-uf-cpu-smol/final", data=PreferenceDataArgs(**_UF_PAIRS, limit=80, valid_limit=0),
         run=replace(_DPO_CPU_SMOL.run, output_dir="runs/dpo-uf-cpu-smol"), sample_max_new_tokens=128,
     ),
 }
