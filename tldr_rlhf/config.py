@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 from tyro.conf import Positional
 
+from .stages import DEFAULT_PIPELINE_STAGES
+
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 
@@ -588,9 +590,6 @@ class ReportConfig:
     """Held-out posts in the side-by-side table of summaries."""
 
 
-PIPELINE_STAGES = ("sft", "rm", "evaluate-rm", "dpo", "ppo", "grpo", "rloo", "evaluate", "report")
-
-
 @dataclass(frozen=True)
 class PipelineConfig:
     """SFT -> reward model -> {DPO, PPO, GRPO} -> evaluation -> report in one run folder. A stage whose
@@ -601,7 +600,7 @@ class PipelineConfig:
 
     run_dir: str = "runs/pipeline"
     """Run folder: one subfolder per stage, pipeline.json (stage status and seconds), report/."""
-    stages: tuple[str, ...] = ("sft", "rm", "evaluate-rm", "dpo", "ppo", "grpo", "evaluate", "report")
+    stages: tuple[str, ...] = DEFAULT_PIPELINE_STAGES
     """Stages to run, in pipeline order (also available: rloo)."""
     rerun: tuple[str, ...] = ()
     """Stages to run again from scratch although their output exists (later stages are not redone)."""

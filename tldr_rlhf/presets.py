@@ -197,27 +197,33 @@ PPO_PRESETS: dict[str, PPOConfig] = {
 # GRPO and RLOO
 
 _GRPO_SEED_OPTIM = OptimArgs(lr=5e-5, min_lr=5e-6, warmup_ratio=0.03, decay_steps=0)
-_RL_CPU_DATA = TldrDataArgs(train=LOCAL_POSTS, max_query_length=256, valid_fraction=0.1, valid_limit=0)
 
-# Real SmolLM2-135M SFT checkpoint and reward model on the real local posts, for 2 CPU cores:
-# 2 prompts x G 4 per rollout, 2 passes of one 8-sequence optimizer step, 53-token responses.
-_GRPO_CPU_SMOL = GRPOConfig(
-    sft_path="runs/sft-cpu-smol/final",
-    rm_path="runs/rm-cpu-smol/final",
-    dtype="float32",
-    data=_RL_CPU_DATA,
-    optim=OptimArgs(lr=2e-5, min_lr=2e-6, warmup_steps=1, decay_steps=0),
-    run=RunArgs(output_dir="runs/grpo-cpu-smol", eval_every=1, save_every=2, max_steps=6),
-    total_episodes=2 * 4 * 200,
-    rollout_prompts=2,
-    group_size=4,
-    mini_batch_size=8,
-    micro_batch_size=4,
-    forward_batch_size=8,
-    update_per_rollout=2,
-    response_length=53,
-    num_sample_posts=2,
-)
+
+def _group_cpu_smol(cls: type[GRPOConfig] | type[RLOOConfig], name: str, **changes) -> GRPOConfig | RLOOConfig:
+    """GRPO / RLOO from the real SmolLM2-135M SFT checkpoint and reward model (the cpu-smol presets of sft
+    and rm) on the real local posts, for 2 CPU cores: 2 prompts x 4 responses per rollout, one 8-sequence
+    optimizer step per pass, 53-token responses, a few rollouts; ``changes`` on top."""
+    return cls(
+        sft_path="runs/sft-cpu-smol/final",
+        rm_path="runs/rm-cpu-smol/final",
+        dtype="float32",
+        data=TldrDataArgs(train=LOCAL_POSTS, max_query_length=256, valid_fraction=0.1, valid_limit=0),
+        optim=OptimArgs(lr=2e-5, min_lr=2e-6, warmup_steps=1, decay_steps=0),
+        run=RunArgs(output_dir=f"runs/{name}-cpu-smol", eval_every=1, save_every=2, max_steps=6),
+        total_episodes=2 * 4 * 200,
+        rollout_prompts=2,
+        group_size=4,
+        mini_batch_size=8,
+        micro_batch_size=4,
+        forward_batch_size=8,
+        response_length=53,
+        num_sample_posts=2,
+        **changes,
+    )
+
+
+_GRPO_CPU_SMOL = _group_cpu_smol(GRPOConfig, "grpo", update_per_rollout=2)  # 2 passes over each rollout
+_RLOO_CPU_SMOL = _group_cpu_smol(RLOOConfig, "rloo")
 
 GRPO_PRESETS: dict[str, GRPOConfig] = {
     # The seed's table: 16 prompts x G 8 per rollout, minibatch 64, micro-batch 8, 4 updates per
@@ -238,23 +244,6 @@ GRPO_PRESETS: dict[str, GRPOConfig] = {
     "cpu-smol": _GRPO_CPU_SMOL,
     "uf-cpu-smol": replace(_GRPO_CPU_SMOL, **_UF_RL, run=replace(_GRPO_CPU_SMOL.run, output_dir="runs/grpo-uf-cpu-smol")),
 }
-
-_RLOO_CPU_SMOL = RLOOConfig(
-    sft_path="runs/sft-cpu-smol/final",
-    rm_path="runs/rm-cpu-smol/final",
-    dtype="float32",
-    data=_RL_CPU_DATA,
-    optim=OptimArgs(lr=2e-5, min_lr=2e-6, warmup_steps=1, decay_steps=0),
-    run=RunArgs(output_dir="runs/rloo-cpu-smol", eval_every=1, save_every=2, max_steps=6),
-    total_episodes=2 * 4 * 200,
-    rollout_prompts=2,
-    group_size=4,
-    mini_batch_size=8,
-    micro_batch_size=4,
-    forward_batch_size=8,
-    response_length=53,
-    num_sample_posts=2,
-)
 
 RLOO_PRESETS: dict[str, RLOOConfig] = {
     # Ahmadian et al. 2024 style: k 4, one REINFORCE pass per rollout, KL 0.05 in the reward.

@@ -47,6 +47,7 @@ from ..errors import DataError, ModelLoadError
 from ..losses import pairwise_loss
 from ..modeling import count_parameters, disable_dropout, load_causal_lm, load_tokenizer
 from ..reward_model import MODEL_TYPE, RewardModelConfig, ScalarRewardModel, train_top_layers, uses_sliding_window
+from ..stages import EVAL_RM_FILE as EVAL_FILE
 from ..tasks import is_tldr, reference_examples, ultrafeedback_preferences
 from .common import make_accelerator, tokenizer_for
 from .rl_common import load_reward_model as load_sequence_classifier
@@ -68,7 +69,6 @@ from .loop import (
 )
 
 log = logging.getLogger(__name__)
-EVAL_FILE = "eval_rm.json"
 
 
 # ----------------------------------------------------------------------------------------------
