@@ -46,9 +46,9 @@ SETTINGS = {
 
 
 def _data(settings):
-    from tldr_rlhf.config import DPODataArgs
+    from tldr_rlhf.config import PreferenceDataArgs
 
-    return DPODataArgs(
+    return PreferenceDataArgs(
         comparisons=harness.COMPARISONS,
         max_query_length=settings["max_query_length"],
         max_response_length=settings["max_response_length"],

@@ -53,9 +53,9 @@ REPEATS = 3
 
 
 def _data(settings):
-    from tldr_rlhf.config import RMDataArgs
+    from tldr_rlhf.config import PreferenceDataArgs
 
-    return RMDataArgs(
+    return PreferenceDataArgs(
         comparisons=harness.COMPARISONS,
         max_query_length=settings["max_query_length"],
         max_response_length=settings["max_response_length"],

@@ -3,7 +3,7 @@
 
 import sys
 
-from tldr_rlhf.config import DPOConfig, DPODataArgs, OptimArgs, RunArgs
+from tldr_rlhf.config import DPOConfig, PreferenceDataArgs as DPODataArgs, OptimArgs, RunArgs
 
 
 def make_config(model_dir: str, comparisons: str, out: str, accum: int) -> DPOConfig:

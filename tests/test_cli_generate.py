@@ -9,7 +9,7 @@ import torch
 from conftest import EOS, POSTS
 
 from tldr_rlhf import cli
-from tldr_rlhf.config import SFT_PRESETS
+from tldr_rlhf.presets import SFT_PRESETS
 from tldr_rlhf.generation import generate
 
 

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from conftest import COMPARISONS, EOS, QWEN_TOKENIZER, make_tiny_qwen2
-from tldr_rlhf.config import DPOConfig, DPODataArgs, OptimArgs, RunArgs
+from tldr_rlhf.config import DPOConfig, PreferenceDataArgs as DPODataArgs, OptimArgs, RunArgs
 from tldr_rlhf.data.comparisons import PreferenceExample
 from tldr_rlhf.errors import DataError
 from tldr_rlhf.lm_head import chunked_target_logprobs
@@ -368,7 +368,7 @@ def test_two_process_data_parallel_matches_one_process(tiny_model_dir, tmp_path)
 
 def test_cli_dpo_presets_and_flags():
     from tldr_rlhf.cli import parse
-    from tldr_rlhf.config import DPO_PRESETS
+    from tldr_rlhf.presets import DPO_PRESETS
 
     _, cfg = parse(["dpo", "--sft-path", "runs/sft/final"])  # the seed preset is the default
     assert (cfg.beta, cfg.label_smoothing, cfg.optim.lr, cfg.micro_batch_size, cfg.gradient_accumulation_steps, cfg.optim.warmup_ratio) == (0.1, 0.1, 5e-5, 8, 16, 0.03)

@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tldr_rlhf.config import GRPO_PRESETS, GRPOConfig, OptimArgs, RLOO_PRESETS, RLOOConfig, RunArgs, TldrDataArgs
+from tldr_rlhf.config import GRPOConfig, OptimArgs, RLOOConfig, RunArgs, TldrDataArgs
+from tldr_rlhf.presets import GRPO_PRESETS, RLOO_PRESETS
 from tldr_rlhf.train import grpo
 
 from rl_fixtures import POSTS, make_checkpoints, one_thread

@@ -10,11 +10,12 @@ import shutil
 import pytest
 
 from tldr_rlhf.config import (
-    DPOConfig, DPODataArgs, EvaluateConfig, EvaluateRMConfig, GRPOConfig, JudgeArgs, ModelArgs, OptimArgs, PipelineConfig, PPOConfig,
-    RewardNormArgs, RMConfig, RMDataArgs, RunArgs, SFTConfig, TldrDataArgs, PIPELINE_PRESETS,
+    DPOConfig, PreferenceDataArgs as DPODataArgs, EvaluateConfig, EvaluateRMConfig, GRPOConfig, JudgeArgs, ModelArgs, OptimArgs, PipelineConfig, PPOConfig,
+    RewardNormArgs, RMConfig, PreferenceDataArgs as RMDataArgs, RunArgs, SFTConfig, TldrDataArgs,
 )
 from tldr_rlhf.errors import DataError
 from tldr_rlhf.pipeline import check_stages, run_pipeline, stage_configs
+from tldr_rlhf.presets import PIPELINE_PRESETS
 
 from conftest import COMPARISONS
 from judge_server import JudgeServer

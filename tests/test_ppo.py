@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tldr_rlhf.config import PPO_PRESETS, OptimArgs, PPOConfig, RunArgs, TldrDataArgs
+from tldr_rlhf.config import OptimArgs, PPOConfig, RunArgs, TldrDataArgs
+from tldr_rlhf.presets import PPO_PRESETS
 from tldr_rlhf.errors import DataError, RunDirError
 from tldr_rlhf.train import ppo
 

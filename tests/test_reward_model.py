@@ -15,7 +15,7 @@ import torch
 from conftest import COMPARISONS, CNNDM, EOS, POLICY_SAMPLES, POSTS, make_tiny_qwen2
 from transformers import AutoModelForSequenceClassification
 
-from tldr_rlhf.config import EvaluateRMConfig, ModelArgs, OptimArgs, RMConfig, RMDataArgs, RewardNormArgs, RunArgs
+from tldr_rlhf.config import EvaluateRMConfig, ModelArgs, OptimArgs, RMConfig, PreferenceDataArgs as RMDataArgs, RewardNormArgs, RunArgs
 from tldr_rlhf.data.batching import collate_pairs, collate_query_response
 from tldr_rlhf.data.comparisons import build_preference_examples, load_comparisons, load_judged_samples
 from tldr_rlhf.data.tldr import DropCounts
@@ -412,7 +412,7 @@ def test_no_usable_comparisons_names_the_file_and_the_drop_counts(qwen_tokenizer
     """Every comparison dropped (choice 2 everywhere, or every held-out response over the cap): the
     error names the file and the counts by reason, for the reward model and DPO alike, instead of
     blaming valid_fraction."""
-    from tldr_rlhf.config import DPODataArgs
+    from tldr_rlhf.config import PreferenceDataArgs as DPODataArgs
     from tldr_rlhf.errors import DataError
     from tldr_rlhf.train.dpo import load_dpo_data
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tldr_rlhf.config import DPODataArgs, RMDataArgs, TldrDataArgs
+from tldr_rlhf.config import PreferenceDataArgs as DPODataArgs, PreferenceDataArgs as RMDataArgs, TldrDataArgs
 from tldr_rlhf.data import ultrafeedback as uf
 from tldr_rlhf.data.ultrafeedback import Completion, load_ultrafeedback, pair_completions
 from tldr_rlhf.errors import DataError

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from tldr_rlhf.config import (
-    DPOConfig, DPODataArgs, EvaluateConfig, EvaluateRMConfig, GRPOConfig, ModelArgs, OptimArgs, PPOConfig, RMConfig, RMDataArgs, RunArgs, SFTConfig,
+    DPOConfig, PreferenceDataArgs as DPODataArgs, EvaluateConfig, EvaluateRMConfig, GRPOConfig, ModelArgs, OptimArgs, PPOConfig, RMConfig, PreferenceDataArgs as RMDataArgs, RunArgs, SFTConfig,
     TldrDataArgs,
 )
 

@@ -11,14 +11,14 @@ presets set it with local data.
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from .errors import TldrRlhfError
+from .stages import COMMANDS, STAGES
 
 
 @dataclass(frozen=True)
@@ -116,50 +116,28 @@ def run_stats(args: StatsArgs) -> dict[str, Any]:
     return report
 
 
-def _lazy(target: str) -> Callable[[Any], Any]:
-    module, name = target.split(":")
-    return lambda cfg: getattr(importlib.import_module(module), name)(cfg)
-
-
-def _stages() -> dict[str, tuple[type, dict[str, Any], Callable[[Any], Any], str]]:
-    """name -> (config class, presets, function, one-line help). Stages register here."""
-    from . import config as c
-
-    return {
-        "sft": (c.SFTConfig, c.SFT_PRESETS, _lazy("tldr_rlhf.train.sft:train"), "supervised fine-tuning on reference TL;DRs"),
-        "rm": (c.RMConfig, c.RM_PRESETS, _lazy("tldr_rlhf.train.rm:train"), "reward model on human comparisons, normalized on SFT references"),
-        "evaluate-rm": (c.EvaluateRMConfig, c.EVALUATE_RM_PRESETS, _lazy("tldr_rlhf.train.rm:evaluate"), "reward-model accuracy (held-out, by confidence, CNN/DM) and judge agreement"),
-        "dpo": (c.DPOConfig, c.DPO_PRESETS, _lazy("tldr_rlhf.train.dpo:train"), "direct preference optimization from an SFT policy (DPO / cDPO / IPO)"),
-        "ppo": (c.PPOConfig, c.PPO_PRESETS, _lazy("tldr_rlhf.train.ppo:train"), "PPO from an SFT policy against a reward model (N+ details 16-23)"),
-        "grpo": (c.GRPOConfig, c.GRPO_PRESETS, _lazy("tldr_rlhf.train.grpo:train"), "GRPO / Dr. GRPO from an SFT policy against a reward model (N+ details 24-25)"),
-        "rloo": (c.RLOOConfig, c.RLOO_PRESETS, _lazy("tldr_rlhf.train.grpo:train_rloo"), "RLOO (REINFORCE leave-one-out) from an SFT policy against a reward model"),
-        "generate": (GenerateArgs, {}, run_generate, "summarize posts with a checkpoint"),
-        "stats": (StatsArgs, {}, run_stats, "token-length statistics of queries and responses"),
-        "evaluate": (c.EvaluateConfig, c.EVALUATE_PRESETS, _lazy("tldr_rlhf.evaluate:evaluate"), "ROUGE, RM score, win rate (+ length-controlled) vs the reference, KL to SFT, length, EOS rate"),
-        "report": (c.ReportConfig, {}, _lazy("tldr_rlhf.report:build_report"), "Markdown + HTML report with plots of a pipeline run folder: tldr-rlhf report RUN_DIR"),
-        "pipeline": (c.PipelineConfig, c.PIPELINE_PRESETS, _lazy("tldr_rlhf.pipeline:main"), "SFT -> RM -> {DPO, PPO, GRPO} -> evaluate -> report in one resumable run folder"),
-    }
-
-
-def _usage(stages) -> str:
+def _usage() -> str:
     lines = ["usage: tldr-rlhf COMMAND [--preset NAME] [flags]   (tldr-rlhf COMMAND --help for flags)", "", "commands:"]
-    for name, (_, presets, _, help_) in stages.items():
-        lines.append(f"  {name:<10} {help_}" + (f"  [presets: {', '.join(presets)}]" if presets else ""))
+    for stage in STAGES:
+        presets = stage.preset_table()
+        lines.append(f"  {stage.name:<10} {stage.help}" + (f"  [presets: {', '.join(presets)}]" if presets else ""))
     return "\n".join(lines)
 
 
 def parse(argv: list[str]):
-    """Parse ``argv`` (without the program name) into (function, config)."""
+    """Parse ``argv`` (without the program name) into (function, config): the command's row of
+    ``stages.STAGES``, its preset (``--preset NAME``, else the first) and the flags on top. Raises
+    SystemExit 2 for an unknown command or preset (0 for ``--help``)."""
     import tyro
 
-    stages = _stages()
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in stages:
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         if argv and argv[0] not in ("-h", "--help"):
             print(f"tldr-rlhf: unknown command '{argv[0]}'\n", file=sys.stderr)
-        print(_usage(stages), file=sys.stderr)
+        print(_usage(), file=sys.stderr)
         raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
     name, rest = argv[0], list(argv[1:])
-    cls, presets, fn, _ = stages[name]
+    stage = COMMANDS[name]
+    cls, presets = stage.config_class(), stage.preset_table()
     default = None
     for i, arg in enumerate(rest):
         if arg == "--preset" or arg.startswith("--preset="):
@@ -175,7 +153,7 @@ def parse(argv: list[str]):
     if "data" in getattr(cls, "__dataclass_fields__", {}):  # --task X: short for --data.task X
         rest = ["--data.task" if a == "--task" else ("--data.task=" + a.split("=", 1)[1] if a.startswith("--task=") else a) for a in rest]
     cfg = tyro.cli(cls, args=rest, default=default, prog=f"tldr-rlhf {name}", description=(cls.__doc__ or "") + (f"\nPresets (--preset NAME): {', '.join(presets)}; the first is the default." if presets else ""))
-    return fn, cfg
+    return (lambda c: stage.function()(c)), cfg  # the stage's module (torch and all) is imported when it runs
 
 
 def _resume_hint() -> str:

@@ -1,4 +1,5 @@
-"""Configuration: one frozen dataclass per concern, composed into one per stage; presets by name.
+"""Configuration: one frozen dataclass per concern, composed into one per stage (the schema; the presets
+by name are in ``presets.py``).
 
 Every field's docstring becomes its ``--help`` text (tyro). Defaults are the known-good TL;DR
 values of the N+ paper and the seed setup (Qwen2.5-0.5B on one DGX Spark). Derived sizes are
@@ -13,7 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from tyro.conf import Positional
+
+from .stages import DEFAULT_PIPELINE_STAGES
+
 SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared sections
 
 
 @dataclass(frozen=True)
@@ -128,6 +137,75 @@ class TldrDataArgs(TaskArgs):
 
 
 @dataclass(frozen=True)
+class PreferenceDataArgs(TaskArgs):
+    """Human comparisons a stage trains on (reward model, DPO) and the held-out ones it is scored on."""
+
+    comparisons: str = "openai/summarize_from_feedback"
+    """Training comparisons: OpenAI JSON-lines file or folder, or a hub dataset id
+    (openai/summarize_from_feedback, trl-lib/tldr-preference). The reward model sets CNN/DM rows aside (counted)."""
+    valid_comparisons: str = ""
+    """Held-out comparisons (same forms); empty = the hub's validation split, or for a local file
+    the posts held out by id (`valid_fraction`)."""
+    valid_fraction: float = 0.2
+    """When `valid_comparisons` is empty and `comparisons` is local: share of posts held out (by post id)."""
+    max_query_length: int = 512
+    """Query token cap with smart truncation (N+ detail 2); the reward model counts truncated queries."""
+    max_response_length: int = 133
+    """Response token cap, EOS included; longer comparisons are dropped and counted (169 Pythia, 133 Qwen2.5)."""
+    limit: int = 0
+    """Use at most this many training comparisons (0 = all)."""
+    valid_limit: int = 0
+    """Score at most this many held-out comparisons (0 = all): DPO's implicit-reward accuracy, the reward
+    model's accuracy during training (its default 2048; `evaluate-rm` scores them all)."""
+
+
+def _rm_data() -> PreferenceDataArgs:
+    """The reward model's comparisons: 2048 held-out pairs scored during training (DPO's default: all)."""
+    return PreferenceDataArgs(valid_limit=2048)
+
+
+@dataclass(frozen=True)
+class RewardNormArgs:
+    """Reward normalization after training (N+ detail 15): the head bias is shifted so that the mean
+    reward of (query, reference summary) pairs of the SFT posts is 0."""
+
+    posts: str = "vwxyzjn/summarize_from_feedback_tldr_3_filtered"
+    """SFT posts with reference summaries: JSON-lines file, folder with {split}.jsonl, or hub dataset id."""
+    split: str = "train"
+    """Split of `posts` (hub datasets / folders)."""
+    limit: int = 8192
+    """Posts scored for the mean (0 = all; 8192 gives the mean to about 1% of the reward std)."""
+    enabled: bool = True
+    """Normalize at the end of training."""
+
+
+@dataclass(frozen=True)
+class JudgeArgs:
+    """Optional LLM judge through an OpenAI-compatible chat-completions endpoint (N+ detail 27)."""
+
+    url: str = ""
+    """API base, e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1; empty = no LLM judge."""
+    model: str = "gpt-3.5-turbo-0125"
+    """Judge model name (N+: gpt-3.5-turbo-0125)."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """Environment variable holding the API key (no Authorization header when unset)."""
+    temperature: float = -1.0
+    """Sampling temperature sent to the judge; < 0 sends none (the server default, as N+ did)."""
+    max_parallel: int = 8
+    """Requests in flight at once."""
+    timeout_s: float = 60.0
+    """Seconds per request before it is retried."""
+    retries: int = 3
+    """Retries per request (connection errors, HTTP 429 and 5xx) before it counts as failed."""
+    limit: int = 0
+    """Posts judged per policy (the first ones; 0 = every evaluated post)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Stages
+
+
+@dataclass(frozen=True)
 class SFTConfig:
     """Supervised fine-tuning on reference TL;DRs (N+ section 4)."""
 
@@ -151,75 +229,72 @@ class SFTConfig:
         return self.micro_batch_size * self.gradient_accumulation_steps * world_size
 
 
-SMOL_GGUF = str(SHARED / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf")
-LOCAL_POSTS = str(SHARED / "data" / "tldr" / "posts" / "valid_sample.jsonl")
+@dataclass(frozen=True)
+class RMConfig:
+    """Reward model on human comparisons (Stiennon et al. 2020 sec. 3.4; N+ details 10-15)."""
 
-SFT_PRESETS: dict[str, SFTConfig] = {
-    # The seed setup: Qwen2.5-0.5B, 1 epoch, 16 x 8, lr 3e-6 -> 3e-7, warmup 10, decay 800, clip 1.
-    "seed": SFTConfig(),
-    # Real pretrained SmolLM2-135M on the real local posts, sized for 2 CPU cores in a few minutes.
-    "cpu-smol": SFTConfig(
-        model=ModelArgs(path=SMOL_GGUF, dtype="float32"),
-        data=TldrDataArgs(train=LOCAL_POSTS, max_query_length=256, valid_fraction=0.1, limit=0, valid_limit=32),
-        optim=OptimArgs(lr=1e-4, min_lr=1e-5, warmup_steps=5, decay_steps=0),
-        run=RunArgs(output_dir="runs/sft-cpu-smol", eval_every=10, save_every=10, max_steps=40),
-        micro_batch_size=8,
-        gradient_accumulation_steps=1,
-        num_sample_posts=2,
-    ),
-}
+    model: ModelArgs = field(default_factory=ModelArgs)
+    """Backbone: a base or SFT causal LM (hub id, folder, .gguf) or a reward-model checkpoint to continue."""
+    data: PreferenceDataArgs = field(default_factory=_rm_data)
+    """Human comparisons the reward model trains on, and the held-out ones it is scored on."""
+    norm: RewardNormArgs = field(default_factory=RewardNormArgs)
+    optim: OptimArgs = field(default_factory=OptimArgs)
+    run: RunArgs = field(default_factory=RunArgs)
+    epochs: int = 1
+    """Passes over the training comparisons (N+: 1; more overfits)."""
+    micro_batch_size: int = 8
+    """Comparisons (pairs) per forward pass per process; each pass scores 2x this many responses."""
+    gradient_accumulation_steps: int = 16
+    """Micro-batches per optimizer step."""
+    eval_batch_size: int = 16
+    """Comparisons per forward pass when scoring held-out pairs and normalization references."""
+    shared_prompt: bool = True
+    """Run each query once and both responses on its key/value cache (same scores, about half the
+    compute); False = chosen and rejected as two full rows of one forward pass."""
+    train_layers: int = 0
+    """Train only the top N transformer blocks (+ final norm and head); 0 = every weight (the papers).
+    A speed option for CPU demos."""
 
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    """JSON-ready dict of a config dataclass."""
-    return dataclasses.asdict(cfg)
-
-
-def from_dict(cls: type, data: dict[str, Any]):
-    """Rebuild a (nested) config dataclass from ``to_dict`` output; unknown keys raise TypeError."""
-    kwargs = {}
-    hints = {f.name: f for f in dataclasses.fields(cls)}
-    for key, value in data.items():
-        if key not in hints:
-            raise TypeError(f"{cls.__name__} has no field '{key}'")
-        ftype = hints[key].default_factory if hints[key].default_factory is not dataclasses.MISSING else None
-        if isinstance(value, dict) and ftype is not None and dataclasses.is_dataclass(ftype):
-            value = from_dict(ftype, value)
-        elif isinstance(value, list):
-            value = tuple(value)
-        kwargs[key] = value
-    return cls(**kwargs)
-
-
-def save_config(cfg: Any, path: str | Path) -> None:
-    """Write the resolved config as indented JSON."""
-    Path(path).write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
-
-
-# ----------------------------------------------------------------------------------------------
-# DPO
+    def global_batch_size(self, world_size: int = 1) -> int:
+        """Comparisons per optimizer step over all processes."""
+        return self.micro_batch_size * self.gradient_accumulation_steps * world_size
 
 
 @dataclass(frozen=True)
-class DPODataArgs(TaskArgs):
-    """Human comparisons for DPO and the held-out comparisons its implicit rewards are scored on."""
+class EvaluateRMConfig:
+    """Measure a reward model against humans and a judge: held-out accuracy, accuracy by annotator
+    confidence (calibration), CNN/DM accuracy (out of distribution), agreement with GPT-3.5."""
 
-    comparisons: str = "openai/summarize_from_feedback"
-    """Training comparisons: OpenAI JSON-lines file or folder, or a hub dataset id
-    (openai/summarize_from_feedback, trl-lib/tldr-preference)."""
-    valid_comparisons: str = ""
-    """Held-out comparisons (same forms); empty = the hub's validation split, or for a local file
-    the posts held out by id (`valid_fraction`)."""
-    valid_fraction: float = 0.2
-    """When `valid_comparisons` is empty and `comparisons` is local: share of posts held out (by post id)."""
-    max_query_length: int = 512
-    """Query token cap with smart truncation (N+ detail 2)."""
-    max_response_length: int = 133
-    """Response token cap, EOS included; longer comparisons are dropped and counted (169 Pythia, 133 Qwen2.5)."""
-    limit: int = 0
-    """Use at most this many training comparisons (0 = all)."""
+    model: str = "runs/rm/final"
+    """Reward-model checkpoint (a run's final/)."""
+    data: PreferenceDataArgs = field(default_factory=_rm_data)
+    """Held-out comparisons; replaced by the training run's own data settings (same split) when the
+    model sits in a run folder with a config.json and `from_run` is set."""
+    from_run: bool = True
+    """Take `data` from the run folder's config.json so the held-out set is exactly the training run's."""
+    cnndm: str = "openai/summarize_from_feedback"
+    """CNN/DM comparisons: OpenAI JSON-lines file, or the hub dataset (its validation CNN/DM rows); empty = skip."""
+    max_cnndm_query_length: int = 1919
+    """CNN/DM query cap (N+ detail 6)."""
+    policy_samples: str = str(SHARED / "data" / "tldr" / "policy_samples" / "openai_ppo_1.3b.jsonl")
+    """JSON-lines of (query, policy response, reference, judge_preferred): does the reward model prefer
+    the same summary as the judge? Empty = skip."""
     valid_limit: int = 0
-    """Score at most this many held-out comparisons (0 = all)."""
+    """Held-out TL;DR comparisons scored (0 = all)."""
+    cnndm_limit: int = 0
+    """CNN/DM comparisons scored (0 = all)."""
+    judge_limit: int = 0
+    """Judged policy samples scored (0 = all)."""
+    batch_size: int = 16
+    """Pairs per forward pass."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """auto = float32 on CPU, bfloat16 autocast on CUDA."""
+    output: str = ""
+    """Results JSON; empty = eval_rm.json in the run folder (or next to the model)."""
+    num_threads: int = 0
+    """torch CPU threads (0 = torch's default)."""
+    progress: bool = True
+    """Progress bars."""
 
 
 @dataclass(frozen=True)
@@ -237,7 +312,8 @@ class DPOConfig:
     """LoRA rank; 0 trains every weight. With LoRA the reference is the SFT model with adapters disabled."""
     lora_alpha: int = 32
     """LoRA alpha (scale = alpha / r)."""
-    data: DPODataArgs = field(default_factory=DPODataArgs)
+    data: PreferenceDataArgs = field(default_factory=PreferenceDataArgs)
+    """Human comparisons for DPO and the held-out comparisons its implicit rewards are scored on."""
     optim: OptimArgs = field(default_factory=OptimArgs)
     """Optimizer and schedule (the presets set the DPO values: seed lr 5e-5, N+ 3e-6)."""
     run: RunArgs = field(default_factory=RunArgs)
@@ -273,42 +349,6 @@ class DPOConfig:
     def model_args(self) -> ModelArgs:
         """The policy's ModelArgs: the SFT checkpoint with this run's dtype and LoRA settings."""
         return ModelArgs(path=self.sft_path, tokenizer=self.tokenizer, dtype=self.dtype, lora_r=self.lora_r, lora_alpha=self.lora_alpha)
-
-
-LOCAL_COMPARISONS = str(SHARED / "data" / "tldr" / "comparisons" / "batch13.json")
-
-DPO_PRESETS: dict[str, DPOConfig] = {
-    # Seed setup: beta 0.1, conservative DPO 0.1, lr 5e-5 (cosine to 5e-6), 8 x 16 pairs, warmup 3%.
-    "seed": DPOConfig(
-        optim=OptimArgs(lr=5e-5, min_lr=5e-6, warmup_ratio=0.03, decay_steps=0),
-        run=RunArgs(output_dir="runs/dpo", eval_every=0),
-    ),
-    # N+ paper: beta 0.05, lr 3e-6, plain DPO (no label smoothing), plain torch AdamW (8-bit off);
-    # the rest as the seed preset.
-    "nplus": DPOConfig(
-        beta=0.05,
-        label_smoothing=0.0,
-        optim=OptimArgs(lr=3e-6, min_lr=3e-7, warmup_ratio=0.03, decay_steps=0, optim_8bit="off"),
-        run=RunArgs(output_dir="runs/dpo-nplus", eval_every=0),
-    ),
-    # Real SmolLM2-135M SFT checkpoint (tldr-rlhf sft --preset cpu-smol) on the real local comparisons,
-    # sized for a few minutes on CPU: short queries, 80 training pairs = a whole (tiny) schedule of 10
-    # steps (1 warmup step, cosine 5e-5 -> 5e-6), 64 held-out comparisons.
-    "cpu-smol": DPOConfig(
-        sft_path="runs/sft-cpu-smol/final",
-        dtype="float32",
-        data=DPODataArgs(comparisons=LOCAL_COMPARISONS, max_query_length=256, max_response_length=64, limit=80, valid_limit=64),
-        optim=OptimArgs(lr=5e-5, min_lr=5e-6, warmup_ratio=0.1, decay_steps=0),
-        run=RunArgs(output_dir="runs/dpo-cpu-smol", eval_every=0, save_every=5),
-        micro_batch_size=4,
-        gradient_accumulation_steps=2,
-        eval_batch_size=8,
-    ),
-}
-
-
-# ----------------------------------------------------------------------------------------------
-# PPO
 
 
 @dataclass(frozen=True)
@@ -404,218 +444,28 @@ def _exact_div(a: int, b: int, what: str, by: str) -> int:
     return a // b
 
 
-# N+ trained with plain torch AdamW: 8-bit AdamW off, also on CUDA with bitsandbytes installed.
-_NPLUS_PPO_OPTIM = OptimArgs(lr=3e-6, betas=(0.9, 0.999), weight_decay=0.01, eps=1e-5, max_grad_norm=0.0, optim_8bit="off")
-
-PPO_PRESETS: dict[str, PPOConfig] = {
-    # N+ paper (Pythia 1B-6.9B): 1M episodes, batch 512, 1 minibatch, 4 epochs, lr 3e-6 annealed
-    # linearly, AdamW eps 1e-5 (torch defaults otherwise), no gradient clipping, response length 53.
-    "nplus": PPOConfig(optim=_NPLUS_PPO_OPTIM, run=RunArgs(output_dir="runs/ppo", eval_every=20, save_every=50)),
-    # Qwen2.5 seed lengths: responses up to 63 tokens.
-    "seed": PPOConfig(optim=_NPLUS_PPO_OPTIM, response_length=63, run=RunArgs(output_dir="runs/ppo-seed", eval_every=20, save_every=50)),
-    # Real SmolLM2-135M SFT checkpoint (sft --preset cpu-smol) and reward model (rm --preset
-    # cpu-smol) on the real local posts, sized for 2 CPU cores: 8 prompts per update, 1 minibatch,
-    # 2 PPO epochs (N+: 4), N+'s 53-token responses (32 cut most SFT summaries before their EOS),
-    # a few updates (~3-5 minutes each on one core).
-    "cpu-smol": PPOConfig(
-        sft_path="runs/sft-cpu-smol/final",
-        rm_path="runs/rm-cpu-smol/final",
-        dtype="float32",
-        data=TldrDataArgs(train=LOCAL_POSTS, max_query_length=256, valid_fraction=0.1, valid_limit=0),
-        optim=OptimArgs(lr=2e-5, betas=(0.9, 0.999), weight_decay=0.01, eps=1e-5, max_grad_norm=0.0),
-        run=RunArgs(output_dir="runs/ppo-cpu-smol", eval_every=1, save_every=2, max_steps=6),
-        total_episodes=8 * 200,
-        rollout_batch_size=8,
-        num_mini_batches=1,
-        micro_batch_size=4,
-        forward_batch_size=8,
-        ppo_epochs=2,
-        response_length=53,
-        num_sample_posts=2,
-    ),
-}
-
-
-# ----------------------------------------------------------------------------------------------
-# Reward model
-
-
-@dataclass(frozen=True)
-class RMDataArgs(TaskArgs):
-    """Human comparisons the reward model trains on, and the held-out ones it is scored on."""
-
-    comparisons: str = "openai/summarize_from_feedback"
-    """Training comparisons: OpenAI JSON-lines file or folder, or a hub dataset id
-    (openai/summarize_from_feedback, trl-lib/tldr-preference). CNN/DM rows are set aside (counted)."""
-    valid_comparisons: str = ""
-    """Held-out comparisons (same forms); empty = the hub's validation split, or for a local file
-    the posts held out by id (`valid_fraction`)."""
-    valid_fraction: float = 0.2
-    """When `valid_comparisons` is empty and `comparisons` is local: share of posts held out (by post id)."""
-    max_query_length: int = 512
-    """Query token cap with smart truncation (N+ detail 2); truncated queries are counted."""
-    max_response_length: int = 133
-    """Response token cap, EOS included; longer comparisons are dropped and counted (169 Pythia, 133 Qwen2.5)."""
-    limit: int = 0
-    """Use at most this many training comparisons (0 = all)."""
-    valid_limit: int = 2048
-    """Held-out comparisons scored during training (0 = all; `evaluate-rm` scores them all)."""
-
-
-@dataclass(frozen=True)
-class RewardNormArgs:
-    """Reward normalization after training (N+ detail 15): the head bias is shifted so that the mean
-    reward of (query, reference summary) pairs of the SFT posts is 0."""
-
-    posts: str = "vwxyzjn/summarize_from_feedback_tldr_3_filtered"
-    """SFT posts with reference summaries: JSON-lines file, folder with {split}.jsonl, or hub dataset id."""
-    split: str = "train"
-    """Split of `posts` (hub datasets / folders)."""
-    limit: int = 8192
-    """Posts scored for the mean (0 = all; 8192 gives the mean to about 1% of the reward std)."""
-    enabled: bool = True
-    """Normalize at the end of training."""
-
-
-@dataclass(frozen=True)
-class RMConfig:
-    """Reward model on human comparisons (Stiennon et al. 2020 sec. 3.4; N+ details 10-15)."""
-
-    model: ModelArgs = field(default_factory=ModelArgs)
-    """Backbone: a base or SFT causal LM (hub id, folder, .gguf) or a reward-model checkpoint to continue."""
-    data: RMDataArgs = field(default_factory=RMDataArgs)
-    norm: RewardNormArgs = field(default_factory=RewardNormArgs)
-    optim: OptimArgs = field(default_factory=OptimArgs)
-    run: RunArgs = field(default_factory=RunArgs)
-    epochs: int = 1
-    """Passes over the training comparisons (N+: 1; more overfits)."""
-    micro_batch_size: int = 8
-    """Comparisons (pairs) per forward pass per process; each pass scores 2x this many responses."""
-    gradient_accumulation_steps: int = 16
-    """Micro-batches per optimizer step."""
-    eval_batch_size: int = 16
-    """Comparisons per forward pass when scoring held-out pairs and normalization references."""
-    shared_prompt: bool = True
-    """Run each query once and both responses on its key/value cache (same scores, about half the
-    compute); False = chosen and rejected as two full rows of one forward pass."""
-    train_layers: int = 0
-    """Train only the top N transformer blocks (+ final norm and head); 0 = every weight (the papers).
-    A speed option for CPU demos."""
-
-    def global_batch_size(self, world_size: int = 1) -> int:
-        """Comparisons per optimizer step over all processes."""
-        return self.micro_batch_size * self.gradient_accumulation_steps * world_size
-
-
-_RM_SEED_OPTIM = OptimArgs(lr=5e-5, min_lr=5e-6, warmup_ratio=0.03, decay_steps=0, betas=(0.9, 0.95), weight_decay=0.1, max_grad_norm=1.0, optim_8bit="auto")
-
-RM_PRESETS: dict[str, RMConfig] = {
-    # Seed setup: base Qwen2.5-1.5B (beat the 0.5B SFT model), 1 epoch, 8 x 16 pairs, lr 5e-5 with 3%
-    # warmup and cosine decay, AdamW (0.9, 0.95), weight decay 0.1, clip 1, 8-bit AdamW on CUDA.
-    "seed": RMConfig(
-        model=ModelArgs(path="Qwen/Qwen2.5-1.5B"),
-        optim=_RM_SEED_OPTIM,
-        run=RunArgs(output_dir="runs/rm", eval_every=100, save_every=100),
-    ),
-    # The same from the 0.5B SFT checkpoint of `tldr-rlhf sft --preset seed`.
-    "seed-from-sft": RMConfig(
-        model=ModelArgs(path="runs/sft/final"),
-        optim=_RM_SEED_OPTIM,
-        run=RunArgs(output_dir="runs/rm-from-sft", eval_every=100, save_every=100),
-    ),
-    # Real SmolLM2-135M on the real local comparisons (posts held out by id), sized for minutes on
-    # 2 CPU cores: 256-token queries, the top 6 of 30 blocks trained (~15 s per step of 8 pairs),
-    # 30 steps (240 pairs), 64 held-out pairs at the end of training (`evaluate-rm` scores them all),
-    # normalization on 64 local SFT references. lr 1e-4 (higher than the seed's 5e-5: few steps).
-    "cpu-smol": RMConfig(
-        model=ModelArgs(path=SMOL_GGUF, dtype="float32"),
-        data=RMDataArgs(comparisons=LOCAL_COMPARISONS, max_query_length=256, max_response_length=133, valid_limit=64),
-        norm=RewardNormArgs(posts=LOCAL_POSTS, limit=64),
-        optim=OptimArgs(lr=1e-4, min_lr=1e-5, warmup_ratio=0.1, decay_steps=0),
-        run=RunArgs(output_dir="runs/rm-cpu-smol", eval_every=0, save_every=10, max_steps=30),
-        micro_batch_size=8,
-        gradient_accumulation_steps=1,
-        eval_batch_size=8,
-        train_layers=6,
-    ),
-}
-
-
-@dataclass(frozen=True)
-class EvaluateRMConfig:
-    """Measure a reward model against humans and a judge: held-out accuracy, accuracy by annotator
-    confidence (calibration), CNN/DM accuracy (out of distribution), agreement with GPT-3.5."""
-
-    model: str = "runs/rm/final"
-    """Reward-model checkpoint (a run's final/)."""
-    data: RMDataArgs = field(default_factory=RMDataArgs)
-    """Held-out comparisons; replaced by the training run's own data settings (same split) when the
-    model sits in a run folder with a config.json and `from_run` is set."""
-    from_run: bool = True
-    """Take `data` from the run folder's config.json so the held-out set is exactly the training run's."""
-    cnndm: str = "openai/summarize_from_feedback"
-    """CNN/DM comparisons: OpenAI JSON-lines file, or the hub dataset (its validation CNN/DM rows); empty = skip."""
-    max_cnndm_query_length: int = 1919
-    """CNN/DM query cap (N+ detail 6)."""
-    policy_samples: str = str(SHARED / "data" / "tldr" / "policy_samples" / "openai_ppo_1.3b.jsonl")
-    """JSON-lines of (query, policy response, reference, judge_preferred): does the reward model prefer
-    the same summary as the judge? Empty = skip."""
-    valid_limit: int = 0
-    """Held-out TL;DR comparisons scored (0 = all)."""
-    cnndm_limit: int = 0
-    """CNN/DM comparisons scored (0 = all)."""
-    judge_limit: int = 0
-    """Judged policy samples scored (0 = all)."""
-    batch_size: int = 16
-    """Pairs per forward pass."""
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    """auto = float32 on CPU, bfloat16 autocast on CUDA."""
-    output: str = ""
-    """Results JSON; empty = eval_rm.json in the run folder (or next to the model)."""
-    num_threads: int = 0
-    """torch CPU threads (0 = torch's default)."""
-    progress: bool = True
-    """Progress bars."""
-
-
-EVALUATE_RM_PRESETS: dict[str, EvaluateRMConfig] = {
-    "seed": EvaluateRMConfig(),
-    "cpu-smol": EvaluateRMConfig(
-        model="runs/rm-cpu-smol/final",
-        cnndm=str(SHARED / "data" / "tldr" / "comparisons" / "cnndm0.json"),
-        max_cnndm_query_length=512,
-        cnndm_limit=128,
-        judge_limit=256,
-        batch_size=8,
-    ),
-}
-
-
-# ----------------------------------------------------------------------------------------------
-# GRPO and RLOO
-
-
 @dataclass(frozen=True)
 class _GroupRLConfig(_RLConfig):
     """What GRPO and RLOO share: several sampled responses per prompt scored by a frozen reward
-    model, no value model. The subclasses set their own defaults and add their own fields."""
+    model, no value model. The defaults and their help are GRPO's (N+ detail 24); RLOO redeclares the
+    fields it changes, and each subclass adds its own fields."""
 
     rollout_prompts: int = 16
     """Prompts per rollout over all processes; each gets group_size responses."""
     group_size: int = 8
-    """Responses per prompt."""
+    """Responses per prompt, G (N+ detail 24)."""
     mini_batch_size: int = 64
     """Sequences per optimizer step over all processes."""
     micro_batch_size: int = 8
     """Sequences per forward/backward pass per process."""
     update_per_rollout: int = 4
-    """Passes over each rollout batch."""
+    """Passes over each rollout batch (N+ detail 24)."""
     response_length: int = 63
     """New tokens sampled per response; truncated after the first EOS."""
     kl_coef: float = 0.05
-    """KL coefficient."""
+    """Coefficient of the KL-to-reference term in the loss."""
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
-    """Per-token KL estimator."""
+    """Per-token KL estimator in the loss (k3 = exp(ref - logp) - (ref - logp) - 1)."""
 
     def num_updates(self) -> int:
         """Rollouts in the whole run; ValueError when fewer than one."""
@@ -645,14 +495,6 @@ class _GroupRLConfig(_RLConfig):
 class GRPOConfig(_GroupRLConfig):
     """GRPO from an SFT policy against a frozen reward model (Shao et al. 2024; N+ details 24-25)."""
 
-    group_size: int = 8
-    """Responses per prompt, G (N+ detail 24)."""
-    update_per_rollout: int = 4
-    """Passes over each rollout batch (N+ detail 24)."""
-    kl_coef: float = 0.05
-    """Coefficient of the KL-to-reference term in the loss."""
-    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
-    """Per-token KL estimator in the loss (k3 = exp(ref - logp) - (ref - logp) - 1)."""
     dual_clip: float = 3.0
     """Dual-clip bound c (> 1) for negative advantages; 0 = off."""
     loss_aggregation: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"] = "seq-mean-token-mean"
@@ -689,96 +531,6 @@ class RLOOConfig(_GroupRLConfig):
     """Per-token KL estimator summed into the reward."""
     clip_range: float = 0.2
     """Clip of the sequence ratio on passes after the first; 0 = unclipped."""
-
-
-_GRPO_SEED_OPTIM = OptimArgs(lr=5e-5, min_lr=5e-6, warmup_ratio=0.03, decay_steps=0)
-_RL_CPU_DATA = TldrDataArgs(train=LOCAL_POSTS, max_query_length=256, valid_fraction=0.1, valid_limit=0)
-
-GRPO_PRESETS: dict[str, GRPOConfig] = {
-    # The seed's table: 16 prompts x G 8 per rollout, minibatch 64, micro-batch 8, 4 updates per
-    # rollout, lr 5e-5 with 3% warmup, clip 0.2, dual clip 3, k3 KL 0.05 in the loss,
-    # seq-mean-token-mean, temperature 0.7, response length 63, no-EOS penalty -1.
-    "seed": GRPOConfig(optim=_GRPO_SEED_OPTIM, run=RunArgs(output_dir="runs/grpo", eval_every=20, save_every=50)),
-    # Dr. GRPO: no std division, token-sum aggregation over sequences.
-    "dr-grpo": GRPOConfig(
-        optim=_GRPO_SEED_OPTIM, run=RunArgs(output_dir="runs/dr-grpo", eval_every=20, save_every=50),
-        scale_by_std=False, loss_aggregation="seq-mean-token-sum",
-    ),
-    # Seed GPT-2 GRPO: statistical rejection sampling (64 candidates at temperature 1, keep 8),
-    # global advantage normalization after the group normalization.
-    "rejection-sampling": GRPOConfig(
-        optim=_GRPO_SEED_OPTIM, run=RunArgs(output_dir="runs/grpo-rs", eval_every=20, save_every=50),
-        rejection_sampling=True, global_normalize=True,
-    ),
-    # Real SmolLM2-135M SFT checkpoint and reward model on the real local posts, for 2 CPU cores:
-    # 2 prompts x G 4 per rollout, 2 passes of one 8-sequence optimizer step, 53-token responses.
-    "cpu-smol": GRPOConfig(
-        sft_path="runs/sft-cpu-smol/final",
-        rm_path="runs/rm-cpu-smol/final",
-        dtype="float32",
-        data=_RL_CPU_DATA,
-        optim=OptimArgs(lr=2e-5, min_lr=2e-6, warmup_steps=1, decay_steps=0),
-        run=RunArgs(output_dir="runs/grpo-cpu-smol", eval_every=1, save_every=2, max_steps=6),
-        total_episodes=2 * 4 * 200,
-        rollout_prompts=2,
-        group_size=4,
-        mini_batch_size=8,
-        micro_batch_size=4,
-        forward_batch_size=8,
-        update_per_rollout=2,
-        response_length=53,
-        num_sample_posts=2,
-    ),
-}
-
-RLOO_PRESETS: dict[str, RLOOConfig] = {
-    # Ahmadian et al. 2024 style: k 4, one REINFORCE pass per rollout, KL 0.05 in the reward.
-    "default": RLOOConfig(optim=_GRPO_SEED_OPTIM, run=RunArgs(output_dir="runs/rloo", eval_every=20, save_every=50)),
-    "cpu-smol": RLOOConfig(
-        sft_path="runs/sft-cpu-smol/final",
-        rm_path="runs/rm-cpu-smol/final",
-        dtype="float32",
-        data=_RL_CPU_DATA,
-        optim=OptimArgs(lr=2e-5, min_lr=2e-6, warmup_steps=1, decay_steps=0),
-        run=RunArgs(output_dir="runs/rloo-cpu-smol", eval_every=1, save_every=2, max_steps=6),
-        total_episodes=2 * 4 * 200,
-        rollout_prompts=2,
-        group_size=4,
-        mini_batch_size=8,
-        micro_batch_size=4,
-        forward_batch_size=8,
-        response_length=53,
-        num_sample_posts=2,
-    ),
-}
-
-
-# ----------------------------------------------------------------------------------------------
-# Evaluation, report and the one-command pipeline
-
-from tyro.conf import Positional  # noqa: E402  (the report's RUN_DIR argument)
-
-
-@dataclass(frozen=True)
-class JudgeArgs:
-    """Optional LLM judge through an OpenAI-compatible chat-completions endpoint (N+ detail 27)."""
-
-    url: str = ""
-    """API base, e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1; empty = no LLM judge."""
-    model: str = "gpt-3.5-turbo-0125"
-    """Judge model name (N+: gpt-3.5-turbo-0125)."""
-    api_key_env: str = "OPENAI_API_KEY"
-    """Environment variable holding the API key (no Authorization header when unset)."""
-    temperature: float = -1.0
-    """Sampling temperature sent to the judge; < 0 sends none (the server default, as N+ did)."""
-    max_parallel: int = 8
-    """Requests in flight at once."""
-    timeout_s: float = 60.0
-    """Seconds per request before it is retried."""
-    retries: int = 3
-    """Retries per request (connection errors, HTTP 429 and 5xx) before it counts as failed."""
-    limit: int = 0
-    """Posts judged per policy (the first ones; 0 = every evaluated post)."""
 
 
 @dataclass(frozen=True)
@@ -825,27 +577,6 @@ class EvaluateConfig:
     """torch CPU threads (0 = torch's default)."""
 
 
-_CPU_EVAL_DATA = TldrDataArgs(train=LOCAL_POSTS, max_query_length=256, valid_fraction=0.1)
-
-EVALUATE_PRESETS: dict[str, EvaluateConfig] = {
-    # The stand-alone seed runs (tldr-rlhf sft/rm/dpo/ppo/grpo --preset seed), Qwen2.5-0.5B as the base.
-    "seed": EvaluateConfig(
-        policies=("base=Qwen/Qwen2.5-0.5B", "sft=runs/sft/final", "dpo=runs/dpo/final", "ppo=runs/ppo-seed/final", "grpo=runs/grpo/final"),
-        sft_path="runs/sft/final",
-        rm_path="runs/rm/final",
-    ),
-    # The stand-alone cpu-smol runs on 32 of the local posts held out from SFT.
-    "cpu-smol": EvaluateConfig(
-        policies=(f"base={SMOL_GGUF}", "sft=runs/sft-cpu-smol/final", "dpo=runs/dpo-cpu-smol/final", "ppo=runs/ppo-cpu-smol/final", "grpo=runs/grpo-cpu-smol/final"),
-        sft_path="runs/sft-cpu-smol/final",
-        rm_path="runs/rm-cpu-smol/final",
-        data=_CPU_EVAL_DATA,
-        num_posts=32,
-        output_dir="runs/evaluate-cpu-smol",
-    ),
-}
-
-
 @dataclass(frozen=True)
 class ReportConfig:
     """Markdown + HTML report of a pipeline run folder: training curves, reward vs KL, win rate and
@@ -859,9 +590,6 @@ class ReportConfig:
     """Held-out posts in the side-by-side table of summaries."""
 
 
-PIPELINE_STAGES = ("sft", "rm", "evaluate-rm", "dpo", "ppo", "grpo", "rloo", "evaluate", "report")
-
-
 @dataclass(frozen=True)
 class PipelineConfig:
     """SFT -> reward model -> {DPO, PPO, GRPO} -> evaluation -> report in one run folder. A stage whose
@@ -872,7 +600,7 @@ class PipelineConfig:
 
     run_dir: str = "runs/pipeline"
     """Run folder: one subfolder per stage, pipeline.json (stage status and seconds), report/."""
-    stages: tuple[str, ...] = ("sft", "rm", "evaluate-rm", "dpo", "ppo", "grpo", "evaluate", "report")
+    stages: tuple[str, ...] = DEFAULT_PIPELINE_STAGES
     """Stages to run, in pipeline order (also available: rloo)."""
     rerun: tuple[str, ...] = ()
     """Stages to run again from scratch although their output exists (later stages are not redone)."""
@@ -896,101 +624,40 @@ class PipelineConfig:
     folder are set by the pipeline."""
 
 
-PIPELINE_PRESETS: dict[str, PipelineConfig] = {
-    # The seed setup: Qwen2.5-0.5B policy, Qwen2.5-1.5B reward model, hub data, each stage's seed preset.
-    "seed": PipelineConfig(
-        run_dir="runs/pipeline-seed",
-        sft=SFT_PRESETS["seed"], rm=RM_PRESETS["seed"], evaluate_rm=EVALUATE_RM_PRESETS["seed"], dpo=DPO_PRESETS["seed"],
-        ppo=PPO_PRESETS["seed"], grpo=GRPO_PRESETS["seed"], rloo=RLOO_PRESETS["default"], evaluate=EVALUATE_PRESETS["seed"],
-    ),
-    # Real SmolLM2-135M on the real local data, sized for 2 CPU cores in under 30 minutes. The stand-alone
-    # cpu-smol presets take over an hour together (on this shared machine: SFT ~50 s per step of 8,
-    # PPO 3-5 min per update), so each stage is cut to a small complete schedule: 192-token queries;
-    # SFT 80 posts (20 steps of 4); reward model 128 pairs (16 steps of 8, top 6 blocks), measured on
-    # 32 held-out + 16 CNN/DM + 32 judged pairs; DPO 32 pairs (4 steps of 8); PPO 3 updates of 8 prompts
-    # x 2 epochs; GRPO 4 rollouts of 2 prompts x 4; evaluation on 16 held-out posts, one summary of at
-    # most 53 tokens sampled at temperature 0.7 per post (it also serves the KL estimate).
-    "cpu-smol": PipelineConfig(
-        run_dir="runs/pipeline-cpu-smol",
-        sft=dataclasses.replace(
-            SFT_PRESETS["cpu-smol"], micro_batch_size=4, num_sample_posts=1,
-            data=dataclasses.replace(SFT_PRESETS["cpu-smol"].data, max_query_length=192, limit=80, valid_limit=16),
-            optim=dataclasses.replace(SFT_PRESETS["cpu-smol"].optim, warmup_steps=2),
-            run=dataclasses.replace(SFT_PRESETS["cpu-smol"].run, max_steps=0, eval_every=0, save_every=4),
-        ),
-        rm=dataclasses.replace(
-            RM_PRESETS["cpu-smol"],
-            data=dataclasses.replace(RM_PRESETS["cpu-smol"].data, max_query_length=192, limit=128, valid_limit=32),
-            norm=dataclasses.replace(RM_PRESETS["cpu-smol"].norm, limit=32),
-            run=dataclasses.replace(RM_PRESETS["cpu-smol"].run, max_steps=0, save_every=4),
-        ),
-        evaluate_rm=dataclasses.replace(EVALUATE_RM_PRESETS["cpu-smol"], valid_limit=32, cnndm_limit=16, max_cnndm_query_length=384, judge_limit=32),
-        dpo=dataclasses.replace(
-            DPO_PRESETS["cpu-smol"], num_sample_posts=0,
-            data=dataclasses.replace(DPO_PRESETS["cpu-smol"].data, max_query_length=192, limit=32, valid_limit=32),
-            run=dataclasses.replace(DPO_PRESETS["cpu-smol"].run, save_every=2),
-        ),
-        ppo=dataclasses.replace(
-            PPO_PRESETS["cpu-smol"], total_episodes=3 * 8, ppo_epochs=2,
-            data=dataclasses.replace(PPO_PRESETS["cpu-smol"].data, max_query_length=192),
-            run=dataclasses.replace(PPO_PRESETS["cpu-smol"].run, max_steps=0, save_every=2, eval_every=2),
-        ),
-        grpo=dataclasses.replace(
-            GRPO_PRESETS["cpu-smol"], total_episodes=4 * 2 * 4,
-            data=dataclasses.replace(GRPO_PRESETS["cpu-smol"].data, max_query_length=192),
-            run=dataclasses.replace(GRPO_PRESETS["cpu-smol"].run, max_steps=0, save_every=2),
-        ),
-        rloo=dataclasses.replace(
-            RLOO_PRESETS["cpu-smol"], total_episodes=4 * 2 * 4,
-            data=dataclasses.replace(RLOO_PRESETS["cpu-smol"].data, max_query_length=192),
-            run=dataclasses.replace(RLOO_PRESETS["cpu-smol"].run, max_steps=0, save_every=2),
-        ),
-        evaluate=dataclasses.replace(EVALUATE_PRESETS["cpu-smol"], num_posts=16, response_length=53, greedy=False),
-    ),
-}
-
-
 # ----------------------------------------------------------------------------------------------
-# The second task: UltraFeedback (instruction following) presets, `--preset uf-cpu-smol` on every stage.
-# Real SmolLM2-135M on the real trl-lib binarized sample (1,000 training rows; the 200-row eval file,
-# no prompt in both, is the held-out side); chat template, prompts and responses capped at 256 tokens
-# (over-long ones dropped and counted: about 270 training and 57 held-out pairs are left).
+# Saving and loading (a run's config.json)
 
-UF_DATA = SHARED / "data" / "ultrafeedback"
-_UF_CAPS = dict(task="ultrafeedback", max_query_length=256, max_response_length=256)
-_UF_POSTS = TldrDataArgs(train=str(UF_DATA / "binarized_train_1k.jsonl"), valid=str(UF_DATA / "binarized_eval_200.jsonl"), valid_limit=32, **_UF_CAPS)
-_UF_PAIRS = dict(comparisons=_UF_POSTS.train, valid_comparisons=_UF_POSTS.valid, **_UF_CAPS)
 
-SFT_PRESETS["uf-cpu-smol"] = dataclasses.replace(
-    SFT_PRESETS["cpu-smol"], data=_UF_POSTS, run=dataclasses.replace(SFT_PRESETS["cpu-smol"].run, output_dir="runs/sft-uf-cpu-smol", max_steps=30)
-)
-# The reward model starts from the UltraFeedback SFT model and trains every weight for 2 epochs at 3e-5: on
-# this sample that reached 0.58 held-out accuracy where the TL;DR CPU recipe (base model, top 6 blocks,
-# 1e-4, 30 steps) stayed at chance (0.49).
-RM_PRESETS["uf-cpu-smol"] = dataclasses.replace(
-    RM_PRESETS["cpu-smol"], model=ModelArgs(path="runs/sft-uf-cpu-smol/final", dtype="float32"), data=RMDataArgs(**_UF_PAIRS, valid_limit=0),
-    optim=OptimArgs(lr=3e-5, min_lr=3e-6, warmup_ratio=0.1, decay_steps=0), epochs=2, train_layers=0,
-    run=dataclasses.replace(RM_PRESETS["cpu-smol"].run, output_dir="runs/rm-uf-cpu-smol", max_steps=0, save_every=20),
-)
-EVALUATE_RM_PRESETS["uf-cpu-smol"] = EvaluateRMConfig(model="runs/rm-uf-cpu-smol/final", valid_limit=0, batch_size=8)
-DPO_PRESETS["uf-cpu-smol"] = dataclasses.replace(
-    DPO_PRESETS["cpu-smol"], sft_path="runs/sft-uf-cpu-smol/final", data=DPODataArgs(**_UF_PAIRS, limit=80, valid_limit=0),
-    run=dataclasses.replace(DPO_PRESETS["cpu-smol"].run, output_dir="runs/dpo-uf-cpu-smol"), sample_max_new_tokens=128,
-)
-_UF_RL = dict(sft_path="runs/sft-uf-cpu-smol/final", rm_path="runs/rm-uf-cpu-smol/final", data=dataclasses.replace(_UF_POSTS, valid_limit=0), response_length=128)
-PPO_PRESETS["uf-cpu-smol"] = dataclasses.replace(PPO_PRESETS["cpu-smol"], **_UF_RL, run=dataclasses.replace(PPO_PRESETS["cpu-smol"].run, output_dir="runs/ppo-uf-cpu-smol"))
-GRPO_PRESETS["uf-cpu-smol"] = dataclasses.replace(GRPO_PRESETS["cpu-smol"], **_UF_RL, run=dataclasses.replace(GRPO_PRESETS["cpu-smol"].run, output_dir="runs/grpo-uf-cpu-smol"))
-RLOO_PRESETS["uf-cpu-smol"] = dataclasses.replace(RLOO_PRESETS["cpu-smol"], **_UF_RL, run=dataclasses.replace(RLOO_PRESETS["cpu-smol"].run, output_dir="runs/rloo-uf-cpu-smol"))
-EVALUATE_PRESETS["uf-cpu-smol"] = dataclasses.replace(
-    EVALUATE_PRESETS["cpu-smol"],
-    policies=(f"base={SMOL_GGUF}", "sft=runs/sft-uf-cpu-smol/final", "dpo=runs/dpo-uf-cpu-smol/final"),
-    sft_path="runs/sft-uf-cpu-smol/final", rm_path="runs/rm-uf-cpu-smol/final", data=_UF_POSTS, num_posts=16, response_length=192,
-    output_dir="runs/evaluate-uf-cpu-smol",
-)
-# The whole chain on UltraFeedback: each stage's uf-cpu-smol preset in one run folder (several CPU hours
-# on 2 cores with 256-token prompts and responses; the stand-alone stages are the quicker demonstration).
-PIPELINE_PRESETS["uf-cpu-smol"] = PipelineConfig(
-    run_dir="runs/pipeline-uf-cpu-smol", rm_from_sft=True,
-    sft=SFT_PRESETS["uf-cpu-smol"], rm=RM_PRESETS["uf-cpu-smol"], evaluate_rm=EVALUATE_RM_PRESETS["uf-cpu-smol"], dpo=DPO_PRESETS["uf-cpu-smol"],
-    ppo=PPO_PRESETS["uf-cpu-smol"], grpo=GRPO_PRESETS["uf-cpu-smol"], rloo=RLOO_PRESETS["uf-cpu-smol"], evaluate=EVALUATE_PRESETS["uf-cpu-smol"],
-)
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """JSON-ready dict of a config dataclass."""
+    return dataclasses.asdict(cfg)
+
+
+def _field_values(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` as keyword arguments of ``cls``: a nested section becomes its dataclass (the field's
+    default instance with the saved values on top), a list a tuple. TypeError for a key that is no field."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise TypeError(f"{cls.__name__} has no field '{key}'")
+        factory = fields[key].default_factory
+        default = factory() if factory is not dataclasses.MISSING else None
+        if isinstance(value, dict) and dataclasses.is_dataclass(default):
+            value = dataclasses.replace(default, **_field_values(type(default), value))
+        elif isinstance(value, list):
+            value = tuple(value)
+        values[key] = value
+    return values
+
+
+def from_dict(cls: type, data: dict[str, Any]):
+    """Rebuild a (nested) config dataclass from ``to_dict`` output (a run's config.json). A key missing
+    from ``data`` keeps its default, for a nested section the one its stage gives it (the reward model's
+    2048 held-out pairs). Raises TypeError for a key the config has no field for."""
+    return cls(**_field_values(cls, data))
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write the resolved config as indented JSON."""
+    Path(path).write_text(json.dumps(to_dict(cfg), indent=2) + "\n")

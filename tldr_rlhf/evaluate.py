@@ -60,9 +60,9 @@ from .data.batching import collate_query_response
 from .tasks import held_out_items, query_ids, query_text, reference_of, response_ids
 from .errors import DataError, ModelLoadError
 from .modeling import load_tokenizer_cached
+from .stages import EVAL_FILE
 
 log = logging.getLogger(__name__)
-EVAL_FILE = "eval.json"
 SUMMARIES_FILE = "summaries.jsonl"
 TABLE_FILE = "eval_table.md"
 POLICY_DIR = "policies"  # one file of summaries per policy, written as each policy finishes

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import importlib
 import json
 import logging
 import time
@@ -34,33 +33,15 @@ from typing import Any, Callable
 
 import torch
 
-from .config import PIPELINE_STAGES, PipelineConfig, ReportConfig, save_config
+from .config import PipelineConfig, ReportConfig, save_config
 from .errors import DataError
-from .train.loop import final_is_complete
+from .stages import COMMANDS, PIPELINE_STAGES, POLICY_STAGES, RL_STAGES
+from .train.loop import FINAL, final_is_complete
 from .validation import validate_config
 
 log = logging.getLogger(__name__)
 STATE_FILE = "pipeline.json"
 CONFIG_FILE = "pipeline_config.json"
-
-# stage name -> "module:function"; tests may swap entries through ``run_pipeline(..., stage_functions=...)``
-STAGE_FUNCTIONS: dict[str, str] = {
-    "sft": "tldr_rlhf.train.sft:train",
-    "rm": "tldr_rlhf.train.rm:train",
-    "evaluate-rm": "tldr_rlhf.train.rm:evaluate",
-    "dpo": "tldr_rlhf.train.dpo:train",
-    "ppo": "tldr_rlhf.train.ppo:train",
-    "grpo": "tldr_rlhf.train.grpo:train",
-    "rloo": "tldr_rlhf.train.grpo:train_rloo",
-    "evaluate": "tldr_rlhf.evaluate:evaluate",
-    "report": "tldr_rlhf.report:build_report",
-}
-POLICY_STAGES = ("dpo", "ppo", "grpo", "rloo")
-
-
-def _resolve(target: str) -> Callable[[Any], Any]:
-    module, name = target.split(":")
-    return getattr(importlib.import_module(module), name)
 
 
 def _run(cfg_run, run_dir: Path, stage: str, threads: int, overwrite: bool):
@@ -69,20 +50,16 @@ def _run(cfg_run, run_dir: Path, stage: str, threads: int, overwrite: bool):
 
 def final_dir(run_dir: str | Path, stage: str) -> Path:
     """The checkpoint folder a training stage leaves in the run folder."""
-    return Path(run_dir) / stage / "final"
+    return Path(run_dir) / stage / FINAL
 
 
 def stage_output(run_dir: str | Path, stage: str) -> Path | None:
-    """What marks ``stage`` as finished: its final/ (training stages), eval_rm.json / eval.json
-    (evaluations); None for the report (always rebuilt)."""
-    run_dir = Path(run_dir)
-    if stage == "evaluate-rm":
-        return run_dir / "rm" / "eval_rm.json"
-    if stage == "evaluate":
-        return run_dir / "evaluate" / "eval.json"
-    if stage == "report":
-        return None
-    return final_dir(run_dir, stage)
+    """What marks ``stage`` as finished: its final/ (training stages, or any run folder named ``stage``),
+    its results file (evaluations: ``stages.Stage.output``); None for the report (always rebuilt)."""
+    row = COMMANDS.get(stage)
+    if row is None or row.train:
+        return final_dir(run_dir, stage)
+    return Path(run_dir) / row.output if row.output else None
 
 
 def stage_done(run_dir: str | Path, stage: str) -> bool:
@@ -92,7 +69,7 @@ def stage_done(run_dir: str | Path, stage: str) -> bool:
     marker = stage_output(run_dir, stage)
     if marker is None:
         return False
-    return final_is_complete(marker) if marker.name == "final" else marker.exists()
+    return final_is_complete(marker) if marker.name == FINAL else marker.exists()
 
 
 def check_stages(cfg: PipelineConfig) -> list[str]:
@@ -108,9 +85,8 @@ def check_stages(cfg: PipelineConfig) -> list[str]:
     def available(dep: str) -> bool:
         return dep in stages or stage_done(run_dir, dep)
 
-    needs = {"rm": ["sft"] if cfg.rm_from_sft else [], "evaluate-rm": ["rm"], "dpo": ["sft"], "ppo": ["sft", "rm"], "grpo": ["sft", "rm"], "rloo": ["sft", "rm"], "evaluate": ["sft"]}
     for s in stages:
-        missing = [d for d in needs.get(s, []) if not available(d)]
+        missing = [d for d in COMMANDS[s].needs(cfg) if not available(d)]
         if missing:
             raise DataError(f"stage '{s}' needs the output of {', '.join(missing)}: add it to --stages or run it first", field="stages")
     return stages
@@ -129,7 +105,7 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, Any]:
     out["rm"] = dataclasses.replace(cfg.rm, model=rm_model, run=_run(cfg.rm.run, run_dir, "rm", t, "rm" in redo))
     out["evaluate-rm"] = dataclasses.replace(cfg.evaluate_rm, model=rm_final, output="", from_run=True, **({"num_threads": t} if t else {}))
     out["dpo"] = dataclasses.replace(cfg.dpo, sft_path=sft_final, tokenizer=None, run=_run(cfg.dpo.run, run_dir, "dpo", t, "dpo" in redo))
-    for name in ("ppo", "grpo", "rloo"):
+    for name in RL_STAGES:
         stage_cfg = getattr(cfg, name)
         out[name] = dataclasses.replace(stage_cfg, sft_path=sft_final, rm_path=rm_final, tokenizer=None, run=_run(stage_cfg.run, run_dir, name, t, name in redo))
     policies = [f"base={cfg.base_model or cfg.sft.model.path}", f"sft={sft_final}"]
@@ -186,7 +162,7 @@ def run_pipeline(cfg: PipelineConfig, *, stage_functions: dict[str, Callable[[An
             state["stages"][stage] = {**record, "status": "skipped", "output": str(marker)}
             _save_state(state_path, state)
             continue
-        if stage in cfg.rerun and stage in ("evaluate-rm", "evaluate") and marker is not None and marker.exists():
+        if stage in cfg.rerun and COMMANDS[stage].output and marker.exists():  # an evaluation redone: its results go first
             marker.unlink()
         log.info("pipeline: running %s", stage)
         if stage != "report":  # the report reads pipeline.json: it shows the stages before it, not itself running
@@ -194,7 +170,7 @@ def run_pipeline(cfg: PipelineConfig, *, stage_functions: dict[str, Callable[[An
             _save_state(state_path, state)
         t0 = time.perf_counter()
         try:
-            fn = overrides.get(stage) or _resolve(STAGE_FUNCTIONS[stage])
+            fn = overrides.get(stage) or COMMANDS[stage].function()  # tests swap stages through ``stage_functions``
             fn(configs[stage])
         except BaseException as e:
             state["stages"][stage] = {"status": "failed", "seconds": round(time.perf_counter() - t0, 2), "error": f"{type(e).__name__}: {e}"}

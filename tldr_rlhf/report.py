@@ -30,12 +30,13 @@ from typing import Any, Sequence
 from .config import ReportConfig
 from .data.io import read_jsonl
 from .errors import DataError
-from .evaluate import EVAL_FILE, SUMMARIES_FILE, markdown_table, metrics_rows
+from .evaluate import SUMMARIES_FILE, markdown_table, metrics_rows
+from .pipeline import STATE_FILE
+from .stages import COMMANDS, RL_STAGES, TRAIN_STAGES
+from .train.dpo import EVAL_FILE as DPO_EVAL_FILE
 
 log = logging.getLogger(__name__)
 
-TRAIN_STAGES = ("sft", "rm", "dpo", "ppo", "grpo", "rloo")
-RL_STAGES = ("ppo", "grpo", "rloo")
 STAGE_CURVES: dict[str, tuple[str, ...]] = {
     "sft": ("loss/sft", "valid/loss"),
     "rm": ("loss/rm", "rm/accuracy", "valid/accuracy"),
@@ -358,13 +359,13 @@ def build_report(cfg: ReportConfig) -> Path:
         raise DataError("run folder not found", path=str(run_dir))
     out = Path(cfg.output_dir) if cfg.output_dir else run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
-    state = _read_json(run_dir / "pipeline.json") or {}
+    state = _read_json(run_dir / STATE_FILE) or {}
     metrics = {s: read_records(run_dir / s / "metrics.jsonl") for s in TRAIN_STAGES}
     metrics = {s: r for s, r in metrics.items() if r}
-    eval_results = _read_json(run_dir / "evaluate" / EVAL_FILE)
+    eval_results = _read_json(run_dir / COMMANDS["evaluate"].output)
     summaries = read_records(run_dir / "evaluate" / SUMMARIES_FILE)
-    eval_rm = _read_json(run_dir / "rm" / "eval_rm.json")
-    dpo_eval = _read_json(run_dir / "dpo" / "eval.json")
+    eval_rm = _read_json(run_dir / COMMANDS["evaluate-rm"].output)
+    dpo_eval = _read_json(run_dir / "dpo" / DPO_EVAL_FILE)
     if not (state or metrics or eval_results or summaries):
         raise DataError("nothing to report: no pipeline.json, stage metrics.jsonl or evaluate/eval.json", path=str(run_dir))
 

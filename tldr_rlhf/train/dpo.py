@@ -43,7 +43,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..config import DPOConfig, DPODataArgs
+from ..config import DPOConfig, PreferenceDataArgs
 from ..data.batching import QueryResponseBatch, collate_preferences
 from ..data.comparisons import PreferenceExample, build_preference_examples, load_comparisons, no_usable_comparisons, split_by_post_id
 from ..data.tldr import DropCounts
@@ -79,7 +79,7 @@ EVAL_FILE = "eval.json"
 # Data
 
 
-def load_dpo_data(data: DPODataArgs, tokenizer) -> tuple[list[PreferenceExample], list[PreferenceExample], dict[str, str]]:
+def load_dpo_data(data: PreferenceDataArgs, tokenizer) -> tuple[list[PreferenceExample], list[PreferenceExample], dict[str, str]]:
     """(train, held-out) tokenized comparisons and the drop counts of each, as text.
 
     Held-out comparisons come from ``valid_comparisons``, else (local file) the posts held out by id,

@@ -39,7 +39,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..config import EvaluateRMConfig, ModelArgs, RMConfig, RMDataArgs, RewardNormArgs, from_dict
+from ..config import EvaluateRMConfig, ModelArgs, PreferenceDataArgs, RMConfig, RewardNormArgs, from_dict
 from ..data.batching import QueryResponseBatch, collate_preferences, collate_query_response
 from ..data.comparisons import Comparison, PreferenceExample, build_preference_examples, describe_drops, load_comparisons, load_judged_samples, no_usable_comparisons, split_by_post_id
 from ..data.tldr import DropCounts, SFTExample, build_sft_examples, load_posts
@@ -47,6 +47,7 @@ from ..errors import DataError, ModelLoadError
 from ..losses import pairwise_loss
 from ..modeling import count_parameters, disable_dropout, load_causal_lm, load_tokenizer
 from ..reward_model import MODEL_TYPE, RewardModelConfig, ScalarRewardModel, train_top_layers, uses_sliding_window
+from ..stages import EVAL_RM_FILE as EVAL_FILE
 from ..tasks import is_tldr, reference_examples, ultrafeedback_preferences
 from .common import make_accelerator, tokenizer_for
 from .rl_common import load_reward_model as load_sequence_classifier
@@ -68,7 +69,6 @@ from .loop import (
 )
 
 log = logging.getLogger(__name__)
-EVAL_FILE = "eval_rm.json"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -161,7 +161,7 @@ def _tldr_only(comps: list[Comparison], drops: DropCounts) -> list[Comparison]:
     return out
 
 
-def load_rm_data(data: RMDataArgs, tokenizer, *, need_train: bool = True) -> tuple[list[PreferenceExample], list[PreferenceExample], dict[str, Any]]:
+def load_rm_data(data: PreferenceDataArgs, tokenizer, *, need_train: bool = True) -> tuple[list[PreferenceExample], list[PreferenceExample], dict[str, Any]]:
     """(train, held-out) tokenized TL;DR comparisons and a report of what was dropped or truncated.
 
     Held-out comparisons come from ``valid_comparisons``, else (local file) the posts held out by id,
@@ -567,7 +567,7 @@ def train(cfg: RMConfig) -> str:
 # Evaluation
 
 
-def _run_data(cfg: EvaluateRMConfig) -> tuple[RMDataArgs, str]:
+def _run_data(cfg: EvaluateRMConfig) -> tuple[PreferenceDataArgs, str]:
     """The held-out data settings: the training run's own (config.json next to final/) or cfg.data."""
     run_cfg = Path(cfg.model).parent / "config.json"
     if cfg.from_run and run_cfg.is_file():

@@ -1,0 +1,139 @@
+"""Every ``tldr-rlhf`` command and its role in the pipeline, in one table (``STAGES``).
+
+A row names the command, its help line, its config class, its presets and the function it runs, each as a
+``"module:attribute"`` reference imported only when used: the training code pulls in torch (``tldr-rlhf
+--help`` does not need it), and ``config.PipelineConfig`` takes its stage names from this table, so the
+table cannot import the config classes. A pipeline stage also names the stages whose outputs it needs and
+what marks it finished. ``cli`` (commands, usage), ``pipeline`` (order, inputs, outputs, functions),
+``config.PipelineConfig`` (the default ``--stages``) and ``report`` (which run folders hold training
+curves) all read it; a new stage is one row here, plus its config class, presets, function and its wiring
+in ``pipeline.stage_configs``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+# Results files that mark an evaluation finished (the evaluations write them, the pipeline and the report read them)
+EVAL_RM_FILE = "eval_rm.json"  # evaluate-rm's results, next to the reward model's final/
+EVAL_FILE = "eval.json"  # evaluate's results in its output folder
+
+
+def resolve(target: str) -> Any:
+    """The object a ``"module:attribute"`` reference names, importing the module. Raises ImportError /
+    AttributeError when either does not exist."""
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One command of ``tldr-rlhf`` (one row of ``STAGES``)."""
+
+    name: str
+    """Command name, and the stage's subfolder of a pipeline run folder."""
+    help: str
+    """One line for ``tldr-rlhf --help``."""
+    config: str
+    """Its config class, "module:Class"."""
+    entry: str
+    """The function run with the parsed config, "module:function"."""
+    presets: str = ""
+    """Its presets by name, "module:TABLE" (the first is the default); empty = none."""
+    pipeline: bool = False
+    """A stage of ``tldr-rlhf pipeline``, run in table order."""
+    optional: bool = False
+    """A pipeline stage left out of the default ``--stages`` (run when named)."""
+    inputs: tuple[str, ...] = ()
+    """Pipeline stages whose outputs it needs."""
+    inputs_when: tuple[tuple[str, str], ...] = ()
+    """(PipelineConfig flag, stage): a further input while the flag is set."""
+    output: str = ""
+    """The results file that marks an evaluation finished, relative to the pipeline run folder (a
+    training stage is finished when its final/ is complete; the report is always rebuilt)."""
+    train: bool = False
+    """Trains a model: RUN_DIR/<name>/ is a run folder with metrics.jsonl and final/."""
+    policy: bool = False
+    """Trains a policy from the SFT one; the pipeline evaluates it beside SFT."""
+
+    def config_class(self) -> type:
+        """The config dataclass the command's flags fill."""
+        return resolve(self.config)
+
+    def preset_table(self) -> dict[str, Any]:
+        """Presets by name ({} when the command has none)."""
+        return resolve(self.presets) if self.presets else {}
+
+    def function(self) -> Callable[[Any], Any]:
+        """The function that runs the stage (imports its module)."""
+        return resolve(self.entry)
+
+    def needs(self, pipeline_cfg: Any) -> tuple[str, ...]:
+        """The stages whose outputs this one needs under a PipelineConfig (its flags add inputs)."""
+        return self.inputs + tuple(stage for flag, stage in self.inputs_when if getattr(pipeline_cfg, flag))
+
+
+_RL_INPUTS = ("sft", "rm")
+
+STAGES: tuple[Stage, ...] = (
+    Stage(
+        "sft", "supervised fine-tuning on reference TL;DRs",
+        "tldr_rlhf.config:SFTConfig", "tldr_rlhf.train.sft:train", "tldr_rlhf.presets:SFT_PRESETS",
+        pipeline=True, train=True,
+    ),
+    Stage(
+        "rm", "reward model on human comparisons, normalized on SFT references",
+        "tldr_rlhf.config:RMConfig", "tldr_rlhf.train.rm:train", "tldr_rlhf.presets:RM_PRESETS",
+        pipeline=True, inputs_when=(("rm_from_sft", "sft"),), train=True,
+    ),
+    Stage(
+        "evaluate-rm", "reward-model accuracy (held-out, by confidence, CNN/DM) and judge agreement",
+        "tldr_rlhf.config:EvaluateRMConfig", "tldr_rlhf.train.rm:evaluate", "tldr_rlhf.presets:EVALUATE_RM_PRESETS",
+        pipeline=True, inputs=("rm",), output=f"rm/{EVAL_RM_FILE}",
+    ),
+    Stage(
+        "dpo", "direct preference optimization from an SFT policy (DPO / cDPO / IPO)",
+        "tldr_rlhf.config:DPOConfig", "tldr_rlhf.train.dpo:train", "tldr_rlhf.presets:DPO_PRESETS",
+        pipeline=True, inputs=("sft",), train=True, policy=True,
+    ),
+    Stage(
+        "ppo", "PPO from an SFT policy against a reward model (N+ details 16-23)",
+        "tldr_rlhf.config:PPOConfig", "tldr_rlhf.train.ppo:train", "tldr_rlhf.presets:PPO_PRESETS",
+        pipeline=True, inputs=_RL_INPUTS, train=True, policy=True,
+    ),
+    Stage(
+        "grpo", "GRPO / Dr. GRPO from an SFT policy against a reward model (N+ details 24-25)",
+        "tldr_rlhf.config:GRPOConfig", "tldr_rlhf.train.grpo:train", "tldr_rlhf.presets:GRPO_PRESETS",
+        pipeline=True, inputs=_RL_INPUTS, train=True, policy=True,
+    ),
+    Stage(
+        "rloo", "RLOO (REINFORCE leave-one-out) from an SFT policy against a reward model",
+        "tldr_rlhf.config:RLOOConfig", "tldr_rlhf.train.grpo:train_rloo", "tldr_rlhf.presets:RLOO_PRESETS",
+        pipeline=True, optional=True, inputs=_RL_INPUTS, train=True, policy=True,
+    ),
+    Stage("generate", "summarize posts with a checkpoint", "tldr_rlhf.cli:GenerateArgs", "tldr_rlhf.cli:run_generate"),
+    Stage("stats", "token-length statistics of queries and responses", "tldr_rlhf.cli:StatsArgs", "tldr_rlhf.cli:run_stats"),
+    Stage(
+        "evaluate", "ROUGE, RM score, win rate (+ length-controlled) vs the reference, KL to SFT, length, EOS rate",
+        "tldr_rlhf.config:EvaluateConfig", "tldr_rlhf.evaluate:evaluate", "tldr_rlhf.presets:EVALUATE_PRESETS",
+        pipeline=True, inputs=("sft",), output=f"evaluate/{EVAL_FILE}",
+    ),
+    Stage(
+        "report", "Markdown + HTML report with plots of a pipeline run folder: tldr-rlhf report RUN_DIR",
+        "tldr_rlhf.config:ReportConfig", "tldr_rlhf.report:build_report",
+        pipeline=True,
+    ),
+    Stage(
+        "pipeline", "SFT -> RM -> {DPO, PPO, GRPO} -> evaluate -> report in one resumable run folder",
+        "tldr_rlhf.config:PipelineConfig", "tldr_rlhf.pipeline:main", "tldr_rlhf.presets:PIPELINE_PRESETS",
+    ),
+)
+
+COMMANDS: dict[str, Stage] = {s.name: s for s in STAGES}
+PIPELINE_STAGES = tuple(s.name for s in STAGES if s.pipeline)  # in pipeline order
+DEFAULT_PIPELINE_STAGES = tuple(s.name for s in STAGES if s.pipeline and not s.optional)
+TRAIN_STAGES = tuple(s.name for s in STAGES if s.train)
+POLICY_STAGES = tuple(s.name for s in STAGES if s.policy)
+RL_STAGES = tuple(s.name for s in STAGES if s.policy and "rm" in s.inputs)  # policies trained against the reward model
