@@ -53,12 +53,12 @@ def reward_model(workdir: Path, policy: str) -> str:
 def _prompts(settings):
     from tldr_rlhf.config import TldrDataArgs
     from tldr_rlhf.modeling import load_tokenizer
-    from tldr_rlhf.train.rl_common import load_prompts
+    from tldr_rlhf.tasks import rl_prompts
 
     n = settings["steps"] * settings["prompts"]
     data = TldrDataArgs(train=harness.POSTS, max_query_length=settings["max_query_length"], limit=n, valid_fraction=0.05)
     tok = load_tokenizer(settings["model"])
-    prompts, _ = load_prompts(data, tok)
+    prompts, _ = rl_prompts(data, tok)
     return data, tok, prompts[:n]
 
 

@@ -40,9 +40,10 @@ from ..losses import grpo_loss, kl_estimate, rloo_loss
 from ..modeling import count_parameters, load_tokenizer_cached, response_logits, save_pretrained
 from ..ops import token_logprobs
 from ..rollout import Rollout, finish_rollout, rollout, rollout_stats, sample_and_score, select_rows
+from ..tasks import rl_prompts
 from .common import make_accelerator
 from .loop import RunDir, Throughput, build_optimizer, build_scheduler, load_checkpoint, peak_memory_mb, progress_bar, save_checkpoint, seed_everything, shard
-from .rl_common import check_collapse, load_prompts, load_rl_models, model_dtype, prompt_order, reward_score_fn, sample_records
+from .rl_common import check_collapse, load_rl_models, model_dtype, prompt_order, reward_score_fn, sample_records
 
 log = logging.getLogger(__name__)
 _MAX_METRICS = ("ratio_max", "ratio_max_abs_dev")
@@ -132,7 +133,7 @@ def _train(cfg: GRPOConfig | RLOOConfig, name: str) -> str:
         raise ValueError(f"group_size must be >= 2 (a group baseline needs two responses), got {cfg.group_size}")
     tokenizer = load_tokenizer_cached(cfg.tokenizer or cfg.sft_path)
 
-    prompts, truncated = load_prompts(cfg.data, tokenizer)
+    prompts, truncated = rl_prompts(cfg.data, tokenizer)
     order = prompt_order(len(prompts), cfg.rollout_prompts, cfg.run.seed, num_updates)
     total = min(num_updates, cfg.run.max_steps) if cfg.run.max_steps else num_updates
     if is_main:

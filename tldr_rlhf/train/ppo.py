@@ -41,10 +41,11 @@ from ..losses import ppo_policy_loss, value_loss
 from ..modeling import count_parameters, load_tokenizer_cached, save_pretrained
 from ..ops import token_logprobs
 from ..rollout import Rollout, rollout, rollout_stats
+from ..tasks import rl_prompts
 from ..value_model import PolicyAndValue, ValueModel
 from .common import make_accelerator
 from .loop import RunDir, Throughput, build_optimizer, load_checkpoint, peak_memory_mb, progress_bar, save_checkpoint, seed_everything, shard
-from .rl_common import check_collapse, linear_anneal, load_prompts, load_rl_models, model_dtype, prompt_order, reward_score_fn, sample_records
+from .rl_common import check_collapse, linear_anneal, load_rl_models, model_dtype, prompt_order, reward_score_fn, sample_records
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ def train(cfg: PPOConfig) -> str:
     cfg.gradient_accumulation_steps(world)  # raises on inexact division
     tokenizer = load_tokenizer_cached(cfg.tokenizer or cfg.sft_path)
 
-    prompts, truncated = load_prompts(cfg.data, tokenizer)
+    prompts, truncated = rl_prompts(cfg.data, tokenizer)
     order = prompt_order(len(prompts), cfg.rollout_batch_size, cfg.run.seed, num_updates)
     total = min(num_updates, cfg.run.max_steps) if cfg.run.max_steps else num_updates
     if is_main:

@@ -1,57 +1,30 @@
-"""Set-up the RL stages (PPO, GRPO, RLOO) share: prompts, frozen models, the reward model's score
-function, the prompt order, the linear learning-rate anneal and sample records.
+"""Set-up the RL stages (PPO, GRPO, RLOO) share: frozen models, the reward model's score function,
+the prompt order, the linear learning-rate anneal and sample records (the prompts themselves come
+from ``tasks.rl_prompts``).
 
 Shapes: B sequences, P query width, T response width.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import math
-from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..config import TldrDataArgs
-from ..data.tldr import format_query
+from ..data.tldr import Prompt
 from ..errors import DataError, ModelLoadError
 from ..generation import decode_response
 from ..modeling import _check_exists, disable_dropout, load_causal_lm
 from ..rollout import Rollout, ScoreFn
 from ..value_model import score_at_last_token
-from ..tasks import is_tldr, ultrafeedback_prompts
-from .common import load_post_splits
 from .loop import global_batches
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Prompt:
-    """One RL prompt: the post id, its formatted query ids (unpadded) and the human reference TL;DR."""
-
-    id: str
-    query_ids: list[int]
-    reference: str
-
-
-def load_prompts(data: TldrDataArgs, tokenizer) -> tuple[list[Prompt], int]:
-    """The SFT training posts as RL prompts (N+ detail 17), formatted with smart truncation
-    (detail 2). Returns (prompts, number of queries truncated). Raises DataError for malformed
-    records (file, line, field) or an empty prompt set; nothing is loaded but the tokenizer.
-    Another task's prompts come from ``tasks`` (the count is then of prompts dropped as too long)."""
-    if not is_tldr(data):
-        return ultrafeedback_prompts(data, tokenizer)
-    posts, _ = load_post_splits(data)
-    if not posts:
-        raise DataError("no training posts", path=data.train)
-    prompts, truncated = [], 0
-    for p in posts:
-        _, ids, cut = format_query(tokenizer, p.subreddit, p.title, p.post, data.max_query_length)
-        truncated += cut
-        prompts.append(Prompt(p.id, ids, p.summary.strip()))
-    return prompts, truncated
 
 
 def prompt_order(n: int, batch: int, seed: int, num_updates: int) -> list[list[int]]:
@@ -104,8 +77,6 @@ def reward_score_fn(reward_model: nn.Module, device: torch.device, autocast=None
 
     @torch.no_grad()
     def score(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        import contextlib
-
         with autocast() if autocast is not None else contextlib.nullcontext():
             return score_at_last_token(reward_model, input_ids.to(device), attention_mask.to(device)).float().cpu()
 
@@ -157,8 +128,6 @@ def sample_records(step: int, rollout: Rollout, prompts: list[Prompt], tokenizer
             "length": n,
         })
     return out
-
-
 
 
 def model_dtype(dtype_name: str) -> torch.dtype:
@@ -214,9 +183,6 @@ def collapse_signals(updates: list[dict], *, window: int = 5, min_eos_rate: floa
 
 def check_collapse(run_path, *, name: str) -> list[str]:
     """``collapse_signals`` of the run folder's ``metrics.jsonl``, each logged as a warning."""
-    import json
-    from pathlib import Path
-
     path = Path(run_path) / "metrics.jsonl"
     updates = [r for r in map(json.loads, path.read_text().splitlines()) if "objective/scores" in r] if path.is_file() else []
     signals = collapse_signals(updates)
