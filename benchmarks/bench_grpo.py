@@ -69,7 +69,8 @@ def _tokens(prompts, settings) -> int:
 
 def ours(settings):
     from tldr_rlhf.config import GRPOConfig, OptimArgs, RLOOConfig, RunArgs
-    from tldr_rlhf.train.grpo import train, train_rloo
+    from tldr_rlhf.train.grpo import train
+    from tldr_rlhf.train.rloo import train as train_rloo
 
     algo = settings["algo"]
     config_cls, train_fn, extra = (GRPOConfig, train, {"dual_clip": 0.0}) if algo == "grpo" else (RLOOConfig, train_rloo, {})
