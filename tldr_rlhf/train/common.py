@@ -35,5 +35,6 @@ def load_policy(model_args: ModelArgs, tokenizer):
 
 
 def tokenizer_for(model_args: ModelArgs):
+    """The tokenizer of ``model_args.tokenizer``, else of the model path."""
     return load_tokenizer(model_args.tokenizer or model_args.path)
 

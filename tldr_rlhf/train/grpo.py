@@ -7,7 +7,7 @@ Each rollout (the loop is ``group_rl.train``, which GRPO and RLOO share):
 
 1. G responses per prompt (8), sampled at temperature 0.7 (top_k 0, top_p 1), truncated after the
    first EOS, scored by the reward model at the EOS, -1 without EOS (``group_rl.group_rollout``);
-   optionally statistical rejection sampling (Liu et al. 2023, ``sample``): 64 candidates per
+   optionally statistical rejection sampling (Liu et al. 2023, ``sample_groups``): 64 candidates per
    prompt at a high temperature, G kept by rejection against their scores with temperature beta,
    log-probs of the kept ones at the training temperature;
 2. advantages ``(r - mean_group) / std_group`` (``sequence_advantages``; without the std division =
@@ -35,7 +35,7 @@ from . import group_rl
 from .rloo import train as train_rloo  # noqa: F401  (the CLI / pipeline entry "tldr_rlhf.train.grpo:train_rloo")
 
 
-def sample(policy, ref, score_fn, queries: list[list[int]], cfg: GRPOConfig, *, eos: int, pad: int, generator: torch.Generator | None = None) -> tuple[Rollout, dict[str, float]]:
+def sample_groups(policy, ref, score_fn, queries: list[list[int]], cfg: GRPOConfig, *, eos: int, pad: int, generator: torch.Generator | None = None) -> tuple[Rollout, dict[str, float]]:
     """Step 1: ``group_rl.group_rollout``, or with ``cfg.rejection_sampling``: ``rs_candidates``
     responses per query sampled at ``rs_temperature``, scored (no-EOS penalty applied before the
     rejection), G kept per query by ``statistical_rejection_sampling`` with ``rs_beta`` (draws from
@@ -83,4 +83,4 @@ def train(cfg: GRPOConfig) -> str:
     Raises DataError for bad prompts (before any model loads), ValueError for sizes that do not
     divide, ModelLoadError for bad model paths, RunDirError for a finished run folder.
     """
-    return group_rl.train(cfg, "grpo", advantages=sequence_advantages, loss=token_loss, sample=sample)
+    return group_rl.train(cfg, "grpo", advantages=sequence_advantages, loss=token_loss, sample=sample_groups)
