@@ -53,12 +53,12 @@ def reward_model(workdir: Path, policy: str) -> str:
 def _prompts(settings):
     from tldr_rlhf.config import TldrDataArgs
     from tldr_rlhf.modeling import load_tokenizer
-    from tldr_rlhf.train.rl_common import load_prompts
+    from tldr_rlhf.tasks import rl_prompts
 
     n = settings["steps"] * settings["prompts"]
     data = TldrDataArgs(train=harness.POSTS, max_query_length=settings["max_query_length"], limit=n, valid_fraction=0.05)
     tok = load_tokenizer(settings["model"])
-    prompts, _ = load_prompts(data, tok)
+    prompts, _ = rl_prompts(data, tok)
     return data, tok, prompts[:n]
 
 
@@ -69,7 +69,8 @@ def _tokens(prompts, settings) -> int:
 
 def ours(settings):
     from tldr_rlhf.config import GRPOConfig, OptimArgs, RLOOConfig, RunArgs
-    from tldr_rlhf.train.grpo import train, train_rloo
+    from tldr_rlhf.train.grpo import train
+    from tldr_rlhf.train.rloo import train as train_rloo
 
     algo = settings["algo"]
     config_cls, train_fn, extra = (GRPOConfig, train, {"dual_clip": 0.0}) if algo == "grpo" else (RLOOConfig, train_rloo, {})

@@ -29,7 +29,7 @@ def _examples(settings):
     from tldr_rlhf.config import TldrDataArgs
     from tldr_rlhf.data.tldr import build_sft_examples
     from tldr_rlhf.modeling import load_tokenizer
-    from tldr_rlhf.train.common import load_post_splits
+    from tldr_rlhf.data.tldr import load_post_splits
 
     n = settings["steps"] * settings["micro_batch_size"] * settings["gradient_accumulation_steps"]
     data = TldrDataArgs(train=harness.POSTS, max_query_length=settings["max_query_length"], limit=n, valid_limit=8, valid_fraction=0.05)

@@ -128,7 +128,7 @@ def test_parse_policies():
 
 
 def test_held_out_posts_are_the_sft_split_and_queries_that_cannot_fit_are_counted(qwen_tokenizer):
-    from tldr_rlhf.train.common import load_post_splits
+    from tldr_rlhf.data.tldr import load_post_splits
 
     data = TldrDataArgs(train=str(POSTS), valid_fraction=0.1, max_query_length=64)
     train, valid = load_post_splits(data)

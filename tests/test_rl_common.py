@@ -5,7 +5,8 @@ import torch
 
 from tldr_rlhf.config import TldrDataArgs
 from tldr_rlhf.errors import DataError
-from tldr_rlhf.train.rl_common import linear_anneal, load_prompts, prompt_order
+from tldr_rlhf.tasks import rl_prompts as load_prompts
+from tldr_rlhf.train.rl_common import linear_anneal, prompt_order
 
 from rl_fixtures import POSTS
 

@@ -217,7 +217,7 @@ def test_length_caps_drop_and_count(qwen_tokenizer):
 def test_stage_data_for_ultrafeedback_share_one_split(qwen_tokenizer):
     from tldr_rlhf import tasks
     from tldr_rlhf.train.dpo import load_dpo_data
-    from tldr_rlhf.train.rl_common import load_prompts
+    from tldr_rlhf.tasks import rl_prompts as load_prompts
     from tldr_rlhf.train.rm import load_rm_data
 
     caps = dict(task="ultrafeedback", max_query_length=256, max_response_length=256)

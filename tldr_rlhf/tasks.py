@@ -18,13 +18,14 @@ every stage loads the whole source before splitting and limiting.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from pathlib import Path
 from typing import Any, Sequence
 
 from .config import TaskArgs, TldrDataArgs
 from .data import ultrafeedback as uf
-from .data.tldr import SFT_DATASET, DropCounts, Post, SFTExample, build_sft_examples, format_query, format_response
+from .data.tldr import SFT_DATASET, DropCounts, Post, Prompt, SFTExample, build_prompts, build_sft_examples, format_query, format_response, load_post_splits, load_posts
 from .errors import DataError
 
 _TLDR_DEFAULTS = (SFT_DATASET, "openai/summarize_from_feedback")
@@ -82,8 +83,6 @@ def sft_examples(data: TldrDataArgs, tokenizer) -> tuple[list[SFTExample], list[
     binarized rows, unpaired completions of raw ones), over-long ones dropped. ``limit`` caps the
     training side, ``valid_limit`` the held-out side (both counted after the drops). Raises DataError for bad records."""
     if is_tldr(data):
-        from .train.common import load_post_splits
-
         train_posts, valid_posts = load_post_splits(data)
         caps = dict(max_query_length=data.max_query_length, max_response_length=data.max_response_length)
         train, drops = build_sft_examples(train_posts, tokenizer, **caps)
@@ -118,11 +117,23 @@ def ultrafeedback_preferences(data: TaskArgs, tokenizer, *, need_train: bool = T
     return train, valid, report
 
 
-def ultrafeedback_prompts(data: TaskArgs, tokenizer) -> tuple[list, int]:
+def rl_prompts(data: TaskArgs, tokenizer) -> tuple[list[Prompt], int]:
+    """The training prompts of an RL stage (PPO, GRPO, RLOO) and a count: TL;DR's SFT training posts
+    (N+ detail 17) with smart truncation (detail 2), counting the queries truncated; UltraFeedback's
+    training prompts (``ultrafeedback_prompts``), counting those dropped as over ``max_query_length``.
+    Raises DataError for malformed records (file, line, field) or an empty prompt set; nothing is
+    loaded but the tokenizer."""
+    if not is_tldr(data):
+        return ultrafeedback_prompts(data, tokenizer)
+    posts, _ = load_post_splits(data)
+    if not posts:
+        raise DataError("no training posts", path=data.train)
+    return build_prompts(posts, tokenizer, max_query_length=data.max_query_length)
+
+
+def ultrafeedback_prompts(data: TaskArgs, tokenizer) -> tuple[list[Prompt], int]:
     """The training prompts as RL ``Prompt``s (reference = best-scored response) and how many were
     dropped for a prompt over ``max_query_length``. Raises DataError when none is left."""
-    from .train.rl_common import Prompt
-
     train_data, _, source = ultrafeedback_splits(data)
     prompts, dropped = [], 0
     for item in train_data.instructions:
@@ -157,11 +168,6 @@ def held_out_items(data: TldrDataArgs) -> list:
     """Every held-out item of a data section: TL;DR posts (the SFT stage's split) or UltraFeedback
     instructions (the held-out prompts, reference = the chosen / best response)."""
     if is_tldr(data):
-        import dataclasses
-
-        from .data.tldr import load_posts
-        from .train.common import load_post_splits
-
         if data.valid:
             return load_posts(data.valid, "validation")
         if Path(data.train).exists():

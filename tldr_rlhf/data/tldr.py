@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from ..config import TldrDataArgs
 from ..errors import DataError
-from .io import check_local_source, read_jsonl, require
+from .io import check_local_source, in_valid_split, read_jsonl, require
 
 QUERY_TEMPLATE = "SUBREDDIT: r/{subreddit}\n\nTITLE: {title}\n\nPOST: {post}\n\nTL;DR:"
 CNNDM_TEMPLATE = "Article:\n{article}\n\nTL;DR:\n"
@@ -52,6 +53,16 @@ class SFTExample:
     id: str
     query_ids: list[int]
     response_ids: list[int]
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One RL prompt: the item id, its formatted query ids (unpadded) and the reference response text
+    (the human TL;DR of a post, or UltraFeedback's best-scored response)."""
+
+    id: str
+    query_ids: list[int]
+    reference: str
 
 
 @dataclass
@@ -150,6 +161,21 @@ def load_hub_rows(name: str, split: str, config: str | None = None) -> Iterable[
             "file nor a folder, and the Hugging Face hub could not provide it (offline? wrong id?)",
             path=name,
         ) from e
+
+
+def load_post_splits(data: TldrDataArgs) -> tuple[list[Post], list[Post]]:
+    """(train, valid) posts of a data section. With no ``valid`` source: a local file is split by post
+    id (``valid_fraction``, ``io.in_valid_split``); a hub dataset uses its 'validation' split.
+    ``limit`` caps the training side. Raises DataError for malformed records (file, line, field)."""
+    limit = data.limit or None
+    if data.valid:
+        return load_posts(data.train, "train", limit=limit), load_posts(data.valid, "validation")
+    if Path(data.train).exists():
+        posts = load_posts(data.train, "train")
+        train = [p for p in posts if not in_valid_split(p.id, data.valid_fraction)]
+        valid = [p for p in posts if in_valid_split(p.id, data.valid_fraction)]
+        return (train[:limit] if limit else train), valid
+    return load_posts(data.train, "train", limit=limit), load_posts(data.train, "validation")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -274,6 +300,18 @@ def build_sft_examples(
             notes.add("query_truncated")
         examples.append(SFTExample(id=p.id, query_ids=q, response_ids=r))
     return examples, drops
+
+
+def build_prompts(posts: Iterable[Post], tokenizer, *, max_query_length: int = 512) -> tuple[list[Prompt], int]:
+    """RL prompts of posts (N+ detail 17: the SFT training posts), each query formatted with smart
+    truncation (detail 2) and the stripped summary as its reference. Returns (prompts, number of
+    queries truncated). Raises DataError for a post whose query cannot fit even when empty."""
+    prompts, truncated = [], 0
+    for p in posts:
+        _, ids, cut = format_query(tokenizer, p.subreddit, p.title, p.post, max_query_length)
+        truncated += cut
+        prompts.append(Prompt(p.id, ids, p.summary.strip()))
+    return prompts, truncated
 
 
 def length_stats(lengths: list[int]) -> dict[str, float]:

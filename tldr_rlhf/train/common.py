@@ -1,15 +1,12 @@
-"""Set-up every stage shares: accelerator, dtype, policy loading with optional LoRA, post splits."""
+"""Set-up every stage shares: accelerator, dtype, policy loading with optional LoRA."""
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import torch
 
-from ..config import ModelArgs, RunArgs, TldrDataArgs
-from ..data.io import in_valid_split
-from ..data.tldr import Post, load_posts
+from ..config import ModelArgs, RunArgs
 from ..modeling import apply_lora, load_causal_lm, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -38,18 +35,6 @@ def load_policy(model_args: ModelArgs, tokenizer):
 
 
 def tokenizer_for(model_args: ModelArgs):
+    """The tokenizer of ``model_args.tokenizer``, else of the model path."""
     return load_tokenizer(model_args.tokenizer or model_args.path)
 
-
-def load_post_splits(data: TldrDataArgs) -> tuple[list[Post], list[Post]]:
-    """(train, valid) posts. With no ``valid`` source: a local file is split by post id
-    (``valid_fraction``); a hub dataset uses its 'validation' split."""
-    limit = data.limit or None
-    if data.valid:
-        return load_posts(data.train, "train", limit=limit), load_posts(data.valid, "validation")
-    if Path(data.train).exists():
-        posts = load_posts(data.train, "train")
-        train = [p for p in posts if not in_valid_split(p.id, data.valid_fraction)]
-        valid = [p for p in posts if in_valid_split(p.id, data.valid_fraction)]
-        return (train[:limit] if limit else train), valid
-    return load_posts(data.train, "train", limit=limit), load_posts(data.train, "validation")

@@ -1,57 +1,40 @@
-"""Set-up the RL stages (PPO, GRPO, RLOO) share: prompts, frozen models, the reward model's score
-function, the prompt order, the linear learning-rate anneal and sample records.
+"""What the RL stages (PPO, GRPO, RLOO) share: frozen models, the reward model's score function, the
+prompt order, the linear learning-rate anneal, sample records, collapse signals; and the parts of
+every RL loop around a stage's own rollout and loss: set-up and resume (``RLRun``), the update
+passes with their optimizer steps, the per-update logging and checkpoints, the end of the run. The
+prompts themselves come from ``tasks.rl_prompts``.
 
-Shapes: B sequences, P query width, T response width.
+Shapes: B sequences, P query width, T response width; b sequences of a micro-batch.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import math
-from dataclasses import dataclass
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 
-from ..config import TldrDataArgs
-from ..data.tldr import format_query
+from ..config import ModelArgs
+from ..data.tldr import Prompt
 from ..errors import DataError, ModelLoadError
 from ..generation import decode_response
-from ..modeling import _check_exists, disable_dropout, load_causal_lm
+from ..modeling import _check_exists, count_parameters, disable_dropout, load_causal_lm, load_tokenizer_cached, save_pretrained
 from ..rollout import Rollout, ScoreFn
+from ..tasks import rl_prompts
 from ..value_model import score_at_last_token
-from ..tasks import is_tldr, ultrafeedback_prompts
-from .common import load_post_splits
-from .loop import global_batches
+from .common import make_accelerator
+from .loop import RunDir, Throughput, global_batches, load_checkpoint, peak_memory_mb, progress_bar, save_checkpoint, seed_everything, shard
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Prompt:
-    """One RL prompt: the post id, its formatted query ids (unpadded) and the human reference TL;DR."""
-
-    id: str
-    query_ids: list[int]
-    reference: str
-
-
-def load_prompts(data: TldrDataArgs, tokenizer) -> tuple[list[Prompt], int]:
-    """The SFT training posts as RL prompts (N+ detail 17), formatted with smart truncation
-    (detail 2). Returns (prompts, number of queries truncated). Raises DataError for malformed
-    records (file, line, field) or an empty prompt set; nothing is loaded but the tokenizer.
-    Another task's prompts come from ``tasks`` (the count is then of prompts dropped as too long)."""
-    if not is_tldr(data):
-        return ultrafeedback_prompts(data, tokenizer)
-    posts, _ = load_post_splits(data)
-    if not posts:
-        raise DataError("no training posts", path=data.train)
-    prompts, truncated = [], 0
-    for p in posts:
-        _, ids, cut = format_query(tokenizer, p.subreddit, p.title, p.post, data.max_query_length)
-        truncated += cut
-        prompts.append(Prompt(p.id, ids, p.summary.strip()))
-    return prompts, truncated
+_MAX_METRICS = ("ratio_max", "ratio_max_abs_dev")  # metrics kept as a maximum over a minibatch and an update
 
 
 def prompt_order(n: int, batch: int, seed: int, num_updates: int) -> list[list[int]]:
@@ -104,8 +87,6 @@ def reward_score_fn(reward_model: nn.Module, device: torch.device, autocast=None
 
     @torch.no_grad()
     def score(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        import contextlib
-
         with autocast() if autocast is not None else contextlib.nullcontext():
             return score_at_last_token(reward_model, input_ids.to(device), attention_mask.to(device)).float().cpu()
 
@@ -157,8 +138,6 @@ def sample_records(step: int, rollout: Rollout, prompts: list[Prompt], tokenizer
             "length": n,
         })
     return out
-
-
 
 
 def model_dtype(dtype_name: str) -> torch.dtype:
@@ -214,12 +193,213 @@ def collapse_signals(updates: list[dict], *, window: int = 5, min_eos_rate: floa
 
 def check_collapse(run_path, *, name: str) -> list[str]:
     """``collapse_signals`` of the run folder's ``metrics.jsonl``, each logged as a warning."""
-    import json
-    from pathlib import Path
-
     path = Path(run_path) / "metrics.jsonl"
     updates = [r for r in map(json.loads, path.read_text().splitlines()) if "objective/scores" in r] if path.is_file() else []
     signals = collapse_signals(updates)
     for s in signals:
         log.warning("%s run may have collapsed (N+ detail 23: run several seeds): %s", name, s)
     return signals
+
+
+# ----------------------------------------------------------------------------------------------
+# What every RL loop does around its own rollout and loss: set-up, update passes, logging, the end
+
+
+@dataclass
+class RLRun:
+    """An RL stage's run once set up (``open_rl_run``): its config and name, the accelerator, the
+    tokenizer, the prompts and every update's prompt indices (``order``), the updates run now
+    (``total``: ``run.max_steps`` caps the planned ones), ``batch`` prompts per update with ``group``
+    responses each, the run folder and the checkpoint to resume from, the trainable policy (CPU, not
+    yet prepared) and the frozen reference and reward model. ``start_updates`` adds the throughput
+    meter and progress bar."""
+
+    cfg: Any
+    name: str
+    accelerator: Any
+    tokenizer: Any
+    prompts: list[Prompt]
+    order: list[list[int]]
+    total: int
+    batch: int
+    group: int
+    run: RunDir
+    resume_from: Path | None
+    policy: nn.Module
+    ref: nn.Module
+    reward_model: nn.Module
+    meter: Throughput = field(default_factory=Throughput)
+    bar: Any = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+
+def rl_accelerator(cfg, name: str):
+    """The stage's accelerator (``common.make_accelerator`` with its dtype and run arguments).
+    Raises DataError, before anything loads, when ``sft_path`` or ``rm_path`` is missing."""
+    if not cfg.sft_path or not cfg.rm_path:
+        raise DataError(f"{name.upper()} needs --sft-path (policy and reference) and --rm-path (reward model)")
+    return make_accelerator(ModelArgs(path=cfg.sft_path, dtype=cfg.dtype), cfg.run)
+
+
+def open_rl_run(cfg, name: str, accelerator, *, batch: int, group: int, num_updates: int, plan: str) -> RLRun:
+    """Set-up after the stage has checked its sizes: tokenizer, prompts (``tasks.rl_prompts``) and
+    their order over ``num_updates`` batches of ``batch`` prompts, the run folder, the seed, then the
+    policy, reference and reward model (``load_rl_models``). ``plan`` describes the updates in the
+    log line. Raises DataError for bad prompts (before any model loads), RunDirError for a finished
+    run folder, ModelLoadError for a model path that does not load."""
+    tokenizer = load_tokenizer_cached(cfg.tokenizer or cfg.sft_path)
+    prompts, truncated = rl_prompts(cfg.data, tokenizer)
+    order = prompt_order(len(prompts), batch, cfg.run.seed, num_updates)
+    total = min(num_updates, cfg.run.max_steps) if cfg.run.max_steps else num_updates
+    if accelerator.is_main_process:
+        log.info("%s prompts: %d (%d queries over %d tokens: cut for TL;DR, dropped for UltraFeedback); %s (%d run now)", name.upper(), len(prompts), truncated, cfg.data.max_query_length, plan, total)
+    run, resume_from = RunDir.open(cfg, is_main=accelerator.is_main_process)
+    seed_everything(cfg.run.seed)
+    policy, ref, reward_model = load_rl_models(cfg.sft_path, cfg.rm_path, tokenizer, dtype=model_dtype(cfg.dtype), device=accelerator.device)
+    return RLRun(cfg, name, accelerator, tokenizer, prompts, order, total, batch, group, run, resume_from, policy, ref, reward_model)
+
+
+def start_updates(rl: RLRun, model: nn.Module, optimizer, scheduler, *, unit: str, describe: str, steps: str) -> tuple[int, nn.Module, Any, ScoreFn]:
+    """The end of the set-up: restores the checkpoint ``RunDir.open`` found into model, optimizer and
+    scheduler (logs past it truncated), prepares model and optimizer for the accelerator, and starts
+    the progress bar and throughput meter. ``unit`` names an update, ``describe`` the trainable model
+    and ``steps`` its optimizer steps in the log lines. Returns (first update, prepared model, prepared optimizer, the reward
+    model's score function)."""
+    trainable, total_params = count_parameters(model)
+    start = 0
+    if rl.resume_from is not None:
+        state = load_checkpoint(rl.resume_from, model, optimizer, scheduler)
+        start = state["step"]
+        rl.run.truncate_logs(start)
+        if rl.is_main:
+            log.info("resumed from %s (%s %d)", state["path"], unit, start)
+    model, optimizer = rl.accelerator.prepare(model, optimizer)
+    score_fn = reward_score_fn(rl.reward_model, rl.device, rl.accelerator.autocast)
+    if rl.is_main:
+        log.info("%s: %d / %d trainable parameters; %s", describe, trainable, total_params, steps)
+    rl.meter = Throughput()
+    rl.bar = progress_bar(rl.total, start, rl.name, rl.is_main and rl.cfg.run.progress)
+    return start, model, optimizer, score_fn
+
+
+def update_prompts(rl: RLRun, update: int) -> list[Prompt]:
+    """This process's share of the prompts of update ``update`` (0-based)."""
+    mine = shard(rl.order[update], rl.accelerator.process_index, rl.accelerator.num_processes)
+    return [rl.prompts[i] for i in mine]
+
+
+def micro_batches(rows: list[int], size: int, accelerator, model: nn.Module) -> Iterator[tuple[list[int], Any]]:
+    """A minibatch's rows in micro-batches of ``size``, each with the context its forward/backward
+    runs in: ``no_sync`` (no gradient all-reduce) on all but the last, so that the accumulated
+    gradient is reduced once per minibatch."""
+    chunks = [rows[i : i + size] for i in range(0, len(rows), size)]
+    for k, idx in enumerate(chunks):
+        yield idx, (accelerator.no_sync(model) if k < len(chunks) - 1 else contextlib.nullcontext())
+
+
+def add_micro_metrics(sums: dict[str, float], prefix: str, metrics: dict[str, torch.Tensor], weight: float, new_logprobs: torch.Tensor, mb: Rollout) -> None:
+    """Adds one micro-batch's loss metrics to its minibatch's ``sums`` (in place) as
+    ``{prefix}/{name}``: each weighted by the micro-batch's share of the minibatch (``weight``),
+    ``ratio_max`` as a running maximum; and ``{prefix}/ratio_max_abs_dev``, the running maximum of
+    ``|exp(new - old) - 1|`` over real tokens (exactly 0 before the first optimizer step: the update
+    pass reproduces the rollout's log-probs). Shapes: new_logprobs (b, T) against ``mb.logprobs``."""
+    for name, v in metrics.items():
+        if name == "ratio_max":
+            sums[f"{prefix}/ratio_max"] = max(sums[f"{prefix}/ratio_max"], v.item())
+        else:
+            sums[f"{prefix}/{name}"] += weight * v.item()
+    dev = (torch.exp(new_logprobs.detach() - mb.logprobs) - 1).abs()[mb.mask].max().item()
+    sums[f"{prefix}/ratio_max_abs_dev"] = max(sums[f"{prefix}/ratio_max_abs_dev"], dev)
+
+
+def update_passes(
+    model: nn.Module, optimizer, accelerator, minibatch_step: Callable[[list[int]], dict[str, float]], *,
+    passes: int, n_rows: int, mini: int, generator: torch.Generator, max_grad_norm: float, prefix: str, scheduler=None,
+) -> dict[str, float]:
+    """The update step of every RL stage: ``passes`` passes over the rollout's ``n_rows`` local rows,
+    each in a fresh order drawn from ``generator``, in minibatches of ``mini`` rows; each minibatch's
+    gradient comes from ``minibatch_step(rows)`` (which returns its metrics), then one optimizer step
+    with gradient clipping at ``max_grad_norm`` (0 = none) and, when given, one ``scheduler`` step.
+
+    Returns the metrics averaged over the optimizer steps (``*ratio_max*``: the maximum), the mean
+    ``grad_norm`` (when clipping) and ``{prefix}/first_minibatch_ratio_max_abs_dev`` (0 when the
+    update pass reproduces the rollout's log-probs, N+ detail 16's check)."""
+    model.train()
+    totals: dict[str, float] = defaultdict(float)
+    n_steps, first_dev = 0, None
+    for _ in range(passes):
+        perm = torch.randperm(n_rows, generator=generator).tolist()
+        for s in range(0, n_rows, mini):
+            m = minibatch_step(perm[s : s + mini])
+            if first_dev is None:
+                first_dev = m[f"{prefix}/ratio_max_abs_dev"]
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm) if max_grad_norm > 0 else None
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            for k, v in m.items():
+                totals[k] = max(totals[k], v) if k.endswith(_MAX_METRICS) else totals[k] + v
+            if grad_norm is not None:
+                totals["grad_norm"] += float(grad_norm)
+            n_steps += 1
+    stats = {k: (v if k.endswith(_MAX_METRICS) else v / n_steps) for k, v in totals.items()}
+    stats[f"{prefix}/first_minibatch_ratio_max_abs_dev"] = first_dev
+    return stats
+
+
+def log_update(rl: RLRun, done: int, r: Rollout, prompts: list[Prompt], stats: dict[str, float], *, lr: float, t0: float, t_rollout: float) -> None:
+    """The logging step of every RL stage after update ``done`` (1-based) of rollout ``r`` made from
+    this process's ``prompts``: ``stats`` averaged over the processes, the progress bar, and every
+    ``log_every`` updates (and at the last) one metrics record: step, episodes, epoch, learning rate
+    ``lr``, rollout and update seconds (since ``t0``), the stats and the throughput. The main process
+    writes the first ``num_sample_posts`` rows to samples.jsonl at the first and last update and
+    every ``eval_every``."""
+    cfg = rl.cfg
+    rl.meter.add(int(r.batch.attention_mask.sum()), len(r))
+    stats = {k: rl.accelerator.reduce(torch.tensor(v, device=rl.device), reduction="mean").item() for k, v in sorted(stats.items())}
+    rl.bar.update(1)
+    rl.bar.set_postfix(score=f"{stats['objective/scores']:.3f}", kl=f"{stats['objective/kl']:.3f}")
+    if done % cfg.run.log_every == 0 or done == rl.total:
+        rl.run.log_metrics({
+            "step": done,
+            "episodes": done * rl.batch * rl.group,
+            "epoch": done * rl.batch / len(rl.prompts),
+            "lr": lr,
+            "perf/rollout_time_s": t_rollout,
+            "perf/update_time_s": time.perf_counter() - t0,
+            **stats,
+            **rl.meter.rates(),
+        })
+    if rl.is_main and cfg.num_sample_posts and (done == 1 or done == rl.total or (cfg.run.eval_every and done % cfg.run.eval_every == 0)):
+        rows = [p for p in prompts for _ in range(rl.group)]  # one per rollout row: [p0] * group + [p1] * group + ...
+        rl.run.log_samples(sample_records(done, r, rows, rl.tokenizer, cfg.num_sample_posts))
+
+
+def checkpoint_if_due(rl: RLRun, done: int, model: nn.Module, optimizer, scheduler) -> None:
+    """A checkpoint after update ``done`` every ``save_every`` updates (not after the last: ``final/``
+    follows), every process waiting for it."""
+    if rl.cfg.run.save_every and done % rl.cfg.run.save_every == 0 and done != rl.total:
+        save_checkpoint(rl.run, done, rl.accelerator.unwrap_model(model), optimizer, scheduler, keep=rl.cfg.run.keep_checkpoints)
+        rl.accelerator.wait_for_everyone()
+
+
+def finish_rl_run(rl: RLRun, final_model: nn.Module) -> str:
+    """The end of every RL stage: a last metrics record (peak memory, ``collapse_signals``), then the
+    main process writes ``final_model`` and the tokenizer to ``final/``. Returns its path."""
+    rl.bar.close()
+    name = rl.name.upper()
+    rl.run.log_metrics({"step": rl.total, "perf/peak_memory_mb": peak_memory_mb(rl.device), "health/collapse_signals": check_collapse(rl.run.path, name=name) if rl.is_main else []})
+    rl.accelerator.wait_for_everyone()
+    if rl.is_main:
+        rl.run.write_final(lambda tmp: save_pretrained(final_model, rl.tokenizer, tmp), step=rl.total, stage=rl.name)
+        log.info("%s done: %s", name, rl.run.final_dir)
+    rl.accelerator.wait_for_everyone()
+    return str(rl.run.final_dir)
