@@ -20,6 +20,7 @@ from tldr_rlhf.data.batching import collate_pairs, collate_query_response
 from tldr_rlhf.data.comparisons import build_preference_examples, load_comparisons, load_judged_samples
 from tldr_rlhf.data.tldr import DropCounts
 from tldr_rlhf.losses import pairwise_loss
+from tldr_rlhf.metrics import comparison_metrics, judge_agreement
 from tldr_rlhf.modeling import save_pretrained
 from tldr_rlhf.ops import left_pad, right_pad
 from tldr_rlhf.reward_model import RewardModelConfig, ScalarRewardModel, last_real_index, response_values, score, train_top_layers
@@ -273,7 +274,7 @@ def test_judged_samples_real_file():
 
 def test_comparison_metrics_by_hand():
     rewards = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 2.0], [3.0, 0.0]])
-    m = rm.comparison_metrics(rewards, [9, 9, 1, None], calibration_bins=5)
+    m = comparison_metrics(rewards, [9, 9, 1, None], calibration_bins=5)
     assert m["accuracy"] == 0.5 and m["n"] == 4 and m["ties"] == 1
     assert m["margin"] == pytest.approx((1 - 1 + 0 + 3) / 4)
     # loss = mean softplus(-diff): softplus(-1) = 0.313262, softplus(1) = 1.313262, log 2 = 0.693147,
@@ -290,11 +291,11 @@ def test_comparison_metrics_by_hand():
 def test_length_baselines_by_hand():
     rewards = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 1.0], [0.5, 0.4]])  # RM prefers: first, second, first, first
     lengths = torch.tensor([[10, 5], [10, 5], [3, 8], [4, 4]])  # first is longer, longer, shorter, equal
-    m = rm.comparison_metrics(rewards, lengths=lengths)
+    m = comparison_metrics(rewards, lengths=lengths)
     assert m["longer_wins_accuracy"] == 0.5  # the chosen (first) is longer in rows 0, 1; equal length counts as wrong
     # unequal rows 0-2: the RM picks the longer one in row 0 only (row 1: the shorter second; row 2: the shorter first)
     assert m["rm_prefers_longer"] == pytest.approx(1 / 3)
-    j = rm.judge_agreement(rewards, [True, False, False, True], lengths=lengths)
+    j = judge_agreement(rewards, [True, False, False, True], lengths=lengths)
     assert j["longer_agreement"] == 0.5  # "longer first" T, T, F, F vs the judge T, F, F, T
     assert j["judge_prefers_longer"] == pytest.approx(2 / 3)  # rows 0 (first, longer) and 2 (second, longer)
     assert j["rm_prefers_longer"] == pytest.approx(1 / 3)
@@ -302,7 +303,7 @@ def test_length_baselines_by_hand():
 
 def test_judge_agreement_by_hand():
     rewards = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 1.0], [0.5, 0.5]])  # RM prefers policy: T, F, T, F (tie)
-    j = rm.judge_agreement(rewards, [True, True, False, False])
+    j = judge_agreement(rewards, [True, True, False, False])
     assert j["agreement"] == 0.5 and j["n"] == 4 and j["ties"] == 1
     assert j["rm_policy_win_rate"] == 0.5 and j["judge_policy_win_rate"] == 0.5
     assert j["cohen_kappa"] == pytest.approx(0.0)  # (0.5 - 0.5) / (1 - 0.5)

@@ -51,6 +51,7 @@ from ..errors import DataError
 from ..generation import decode_response, generate
 from ..lm_head import response_token_logprobs
 from ..losses import dpo_loss
+from ..metrics import comparison_metrics
 from ..modeling import checkpoint_fingerprint, count_parameters, save_pretrained
 from ..tasks import is_tldr, ultrafeedback_preferences
 from .common import load_policy, make_accelerator, tokenizer_for
@@ -181,25 +182,22 @@ def implicit_reward_metrics(policy: torch.Tensor, reference: torch.Tensor, *, be
     Shapes: policy and reference (N, 2) summed log-probs (chosen, rejected). Reward ``r = beta *
     (log pi - log pi_ref)``; a comparison is right when r_chosen > r_rejected (ties, e.g. policy ==
     reference, count as wrong and are counted in ``ties``). Returns {accuracy, n, ties, reward_margin,
-    chosen_reward, rejected_reward, accuracy_by_confidence {confidence: {accuracy, n}}}.
+    chosen_reward, rejected_reward, accuracy_by_confidence {confidence: {accuracy, n}}}: the
+    ``metrics.comparison_metrics`` of these rewards under DPO's names.
     """
     rewards = beta * (policy - reference).double()
-    right = rewards[:, 0] > rewards[:, 1]
-    n = rewards.shape[0]
+    m = comparison_metrics(rewards, confidences)
+    nan = float("nan")
     out: dict[str, Any] = {
-        "accuracy": right.double().mean().item() if n else float("nan"),
-        "n": n,
-        "ties": int((rewards[:, 0] == rewards[:, 1]).sum()),
-        "reward_margin": (rewards[:, 0] - rewards[:, 1]).mean().item() if n else float("nan"),
-        "chosen_reward": rewards[:, 0].mean().item() if n else float("nan"),
-        "rejected_reward": rewards[:, 1].mean().item() if n else float("nan"),
+        "accuracy": m["accuracy"],
+        "n": m["n"],
+        "ties": m.get("ties", 0),
+        "reward_margin": m.get("margin", nan),
+        "chosen_reward": m.get("chosen_reward", nan),
+        "rejected_reward": m.get("rejected_reward", nan),
     }
     if confidences is not None:
-        by: dict[str, list[bool]] = {}
-        for c, ok in zip(confidences, right.tolist()):
-            if c is not None:
-                by.setdefault(str(c), []).append(ok)
-        out["accuracy_by_confidence"] = {k: {"accuracy": sum(v) / len(v), "n": len(v)} for k, v in sorted(by.items(), key=lambda kv: int(kv[0]))}
+        out["accuracy_by_confidence"] = m.get("accuracy_by_confidence", {})
     return out
 
 

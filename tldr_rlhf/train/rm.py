@@ -45,6 +45,7 @@ from ..data.comparisons import Comparison, PreferenceExample, build_preference_e
 from ..data.tldr import DropCounts, SFTExample, build_sft_examples, load_posts
 from ..errors import DataError, ModelLoadError
 from ..losses import pairwise_loss
+from ..metrics import comparison_metrics, judge_agreement, pair_lengths
 from ..modeling import count_parameters, disable_dropout, load_causal_lm, load_tokenizer
 from ..reward_model import MODEL_TYPE, RewardModelConfig, ScalarRewardModel, train_top_layers, uses_sliding_window
 from ..tasks import is_tldr, reference_examples, ultrafeedback_preferences
@@ -277,111 +278,6 @@ def score_texts(model: nn.Module, items: Sequence[ScoredText], *, pad_token_id: 
         return sharded_scores(len(items), lengths, 1, chunk_scores, batch_size=batch_size, accelerator=accelerator, desc=desc, progress=progress)[:, 0]
     finally:
         model.train(was_training)
-
-
-# ----------------------------------------------------------------------------------------------
-# Metrics
-
-
-def comparison_metrics(
-    rewards: torch.Tensor, confidences: Sequence[int | None] | None = None, *, lengths: torch.Tensor | None = None, calibration_bins: int = 5
-) -> dict[str, Any]:
-    """Reward-model accuracy on comparisons.
-
-    ``rewards`` (N, 2): (chosen, rejected). A comparison is right when r_chosen > r_rejected (a tie is
-    wrong and counted in ``ties``). Returns {accuracy, n, ties, loss (mean -log sigmoid margin), margin,
-    chosen_reward, rejected_reward, accuracy_by_confidence {c: {accuracy, n}} (annotator confidence),
-    calibration {bins: [{p_mean, accuracy, n}], ece}} where p = sigmoid(|r_chosen - r_rejected|) is
-    the model's probability for the summary it prefers (Bradley-Terry), binned in [0.5, 1].
-    With ``lengths`` (N, 2) response token counts: ``longer_wins_accuracy`` (the baseline "the
-    longer summary is better"; equal lengths count as wrong) and ``rm_prefers_longer`` (share of
-    pairs of unequal length where the model prefers the longer one): humans and judges favour length,
-    so an accuracy is only informative next to this baseline.
-    """
-    n = int(rewards.shape[0])
-    if n == 0:
-        return {"n": 0, "accuracy": float("nan")}
-    r = rewards.double()
-    diff = r[:, 0] - r[:, 1]
-    right = diff > 0
-    out: dict[str, Any] = {
-        "accuracy": right.double().mean().item(),
-        "n": n,
-        "ties": int((diff == 0).sum()),
-        "loss": torch.nn.functional.softplus(-diff).mean().item(),
-        "margin": diff.mean().item(),
-        "chosen_reward": r[:, 0].mean().item(),
-        "rejected_reward": r[:, 1].mean().item(),
-    }
-    if confidences is not None:
-        by: dict[int, list[bool]] = {}
-        for c, ok in zip(confidences, right.tolist()):
-            if c is not None:
-                by.setdefault(int(c), []).append(ok)
-        out["accuracy_by_confidence"] = {str(k): {"accuracy": sum(v) / len(v), "n": len(v)} for k, v in sorted(by.items())}
-    if lengths is not None:
-        out.update(_length_stats(lengths, diff > 0))
-        out["longer_wins_accuracy"] = (lengths[:, 0] > lengths[:, 1]).double().mean().item()
-    p = torch.sigmoid(diff.abs())
-    bins, ece = [], 0.0
-    edges = torch.linspace(0.5, 1.0, calibration_bins + 1, dtype=torch.float64)
-    for i in range(calibration_bins):
-        inside = (p >= edges[i]) & ((p < edges[i + 1]) if i < calibration_bins - 1 else (p <= edges[i + 1]))
-        k = int(inside.sum())
-        if k == 0:
-            continue
-        acc = right[inside].double().mean().item()
-        pm = p[inside].mean().item()
-        bins.append({"p_low": round(edges[i].item(), 3), "p_high": round(edges[i + 1].item(), 3), "p_mean": pm, "accuracy": acc, "n": k})
-        ece += k / n * abs(acc - pm)
-    out["calibration"] = {"bins": bins, "ece": ece}
-    return out
-
-
-def _length_stats(lengths: torch.Tensor, first_preferred: torch.Tensor) -> dict[str, Any]:
-    """Share of pairs of unequal length where the first-preferred choice is the longer response."""
-    unequal = lengths[:, 0] != lengths[:, 1]
-    longer_first = lengths[:, 0] > lengths[:, 1]
-    k = int(unequal.sum())
-    return {"rm_prefers_longer": ((first_preferred == longer_first) & unequal).double().sum().item() / k if k else float("nan")}
-
-
-def judge_agreement(rewards: torch.Tensor, judge_prefers_first: Sequence[bool], *, lengths: torch.Tensor | None = None) -> dict[str, Any]:
-    """Agreement of the reward model with a judge on (policy summary, reference) pairs.
-
-    ``rewards`` (N, 2): (policy, reference). The model prefers the policy summary when r_policy >
-    r_reference (a tie counts as preferring the reference, and is counted). Returns {agreement, n,
-    ties, rm_policy_win_rate, judge_policy_win_rate, cohen_kappa, policy_reward, reference_reward};
-    with ``lengths`` (N, 2) also the length baseline's agreement with the judge
-    (``longer_agreement``) and how often the model / the judge prefer the longer summary."""
-    n = int(rewards.shape[0])
-    if n == 0:
-        return {"n": 0, "agreement": float("nan")}
-    rm = (rewards[:, 0] > rewards[:, 1]).tolist()
-    judge = [bool(j) for j in judge_prefers_first]
-    agree = sum(a == b for a, b in zip(rm, judge)) / n
-    p_rm, p_judge = sum(rm) / n, sum(judge) / n
-    expected = p_rm * p_judge + (1 - p_rm) * (1 - p_judge)
-    kappa = (agree - expected) / (1 - expected) if expected < 1 else float("nan")
-    extra: dict[str, Any] = {}
-    if lengths is not None:
-        longer_first = (lengths[:, 0] > lengths[:, 1]).tolist()
-        extra = {
-            "longer_agreement": sum(a == b for a, b in zip(longer_first, judge)) / n,
-            "rm_prefers_longer": _length_stats(lengths, torch.tensor(rm))["rm_prefers_longer"],
-            "judge_prefers_longer": _length_stats(lengths, torch.tensor(judge))["rm_prefers_longer"],
-        }
-    return {
-        **extra,
-        "agreement": agree,
-        "n": n,
-        "ties": int((rewards[:, 0] == rewards[:, 1]).sum()),
-        "rm_policy_win_rate": p_rm,
-        "judge_policy_win_rate": p_judge,
-        "cohen_kappa": kappa,
-        "policy_reward": rewards[:, 0].double().mean().item(),
-        "reference_reward": rewards[:, 1].double().mean().item(),
-    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -645,17 +541,17 @@ def evaluate(cfg: EvaluateRMConfig) -> dict[str, Any]:
 
     with autocast:
         r = score_comparisons(model, heldout, desc=f"held-out {data.task} pairs", **kw)
-        results["heldout"] = {**comparison_metrics(r, [e.confidence for e in heldout], lengths=_lengths(heldout)), **report["valid"], "source": data.valid_comparisons or data.comparisons, "task": data.task}
+        results["heldout"] = {**comparison_metrics(r, [e.confidence for e in heldout], lengths=pair_lengths(heldout)), **report["valid"], "source": data.valid_comparisons or data.comparisons, "task": data.task}
         keep("heldout", heldout, r)
         if cnndm:
             r = score_comparisons(model, cnndm, desc="CNN/DM pairs", **kw)
-            results["cnndm"] = {**comparison_metrics(r, [e.confidence for e in cnndm], lengths=_lengths(cnndm)), **cnndm_report, "source": cfg.cnndm}
+            results["cnndm"] = {**comparison_metrics(r, [e.confidence for e in cnndm], lengths=pair_lengths(cnndm)), **cnndm_report, "source": cfg.cnndm}
             keep("cnndm", cnndm, r)
         elif cnndm_report:  # asked for, nothing left: said, not left out
             results["cnndm"] = {"n": 0, **cnndm_report, "source": cfg.cnndm}
         if judged:
             r = score_comparisons(model, judged, desc="judged PPO vs reference", **kw)
-            results["judge"] = {**judge_agreement(r, judge_first, lengths=_lengths(judged)), **judge_report, "source": cfg.policy_samples}
+            results["judge"] = {**judge_agreement(r, judge_first, lengths=pair_lengths(judged)), **judge_report, "source": cfg.policy_samples}
             keep("judge", judged, r)
         elif judge_report:
             results["judge"] = {"n": 0, **judge_report, "source": cfg.policy_samples}
@@ -675,10 +571,6 @@ def _nothing_left(what: str, counts: dict[str, int]) -> str:
     if not total:
         return f"no {what} to score: the source has no records"
     return f"no {what} left to score: all {total} records were dropped ({describe_drops(counts)})"
-
-
-def _lengths(examples: Sequence[PreferenceExample]) -> torch.Tensor:
-    return torch.tensor([[len(e.chosen_ids), len(e.rejected_ids)] for e in examples], dtype=torch.long).reshape(-1, 2)
 
 
 def format_table(results: dict[str, Any]) -> str:
