@@ -21,7 +21,7 @@ from tldr_rlhf.data.comparisons import build_preference_examples, load_compariso
 from tldr_rlhf.data.tldr import DropCounts
 from tldr_rlhf.losses import pairwise_loss
 from tldr_rlhf.metrics import comparison_metrics, judge_agreement
-from tldr_rlhf.modeling import save_pretrained
+from tldr_rlhf.modeling import build_reward_model, load_reward_checkpoint, save_pretrained, save_reward_model
 from tldr_rlhf.ops import left_pad, right_pad
 from tldr_rlhf.reward_model import RewardModelConfig, ScalarRewardModel, last_real_index, response_values, score, train_top_layers
 from tldr_rlhf.train import rm
@@ -47,7 +47,7 @@ def lm_dir(tmp_path_factory, qwen_tokenizer):
 def reward_model(lm_dir, qwen_tokenizer):
     """A reward model built the way the stage builds it: backbone of a saved causal LM + fresh head."""
     torch.manual_seed(0)
-    return rm.reward_model_from_causal_lm(lm_dir, tokenizer=qwen_tokenizer).eval()
+    return build_reward_model(lm_dir, tokenizer=qwen_tokenizer).eval()
 
 
 # query / response token lists: responses end in EOS, which is also the pad id (Qwen).
@@ -166,17 +166,17 @@ def test_nplus_14_normalization_makes_mean_reference_reward_zero(reward_model, q
     assert reward_model.config.reward_offset == pytest.approx(record["mean_before"])
     assert reward_model.config.normalization["n"] == len(refs)
     # The offset and the shifted bias travel with the checkpoint.
-    rm.save_reward_model(reward_model, qwen_tokenizer, tmp_path / "rm")
+    save_reward_model(reward_model, qwen_tokenizer, tmp_path / "rm")
     saved = json.loads((tmp_path / "rm" / "config.json").read_text())
     assert saved["reward_offset"] == pytest.approx(record["mean_before"]) and saved["normalization"]["n"] == len(refs)
-    reloaded = rm.load_reward_model(str(tmp_path / "rm")).eval()
+    reloaded = load_reward_checkpoint(str(tmp_path / "rm")).eval()
     assert abs(rm.score_texts(reloaded, refs, pad_token_id=EOS).mean().item()) < 1e-4
 
 
 @torch.no_grad()
 def test_save_load_through_auto_classes_gives_identical_scores(reward_model, qwen_tokenizer, tmp_path):
     path = tmp_path / "rm"
-    rm.save_reward_model(reward_model, qwen_tokenizer, path)
+    save_reward_model(reward_model, qwen_tokenizer, path)
     assert (path / "reward_model.py").is_file()
     cfg = json.loads((path / "config.json").read_text())
     assert cfg["model_type"] == "tldr_rlhf_reward" and cfg["auto_map"]["AutoModelForSequenceClassification"] == "reward_model.ScalarRewardModel"
@@ -341,8 +341,8 @@ def test_rm_training_run_resume_and_evaluate(lm_dir, qwen_tokenizer, tmp_path):
     assert abs(last["norm/mean_after"]) < 1e-4 and last["norm/n"] == report["normalization"]["n"]
 
     # Weights moved away from the causal LM's.
-    model = rm.load_reward_model(final)
-    lm = rm.reward_model_from_causal_lm(lm_dir)
+    model = load_reward_checkpoint(final)
+    lm = build_reward_model(lm_dir)
     assert not torch.equal(model.backbone.layers[1].mlp.up_proj.weight, lm.backbone.layers[1].mlp.up_proj.weight)
     assert model.config.normalization["n"] == report["normalization"]["n"]
 

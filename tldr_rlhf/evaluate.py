@@ -24,7 +24,6 @@ Shapes: N posts (or responses), T response tokens.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import gc
 import hashlib
@@ -44,7 +43,7 @@ from .data.batching import collate_query_response
 from .tasks import held_out_items, query_ids, query_text, reference_of, response_ids
 from .errors import DataError, ModelLoadError
 from .metrics import comparison_metrics, kl_from_logprobs, length_controlled_win_rate, outcomes_from_scores, pair_lengths, rouge_scores, win_rate
-from .modeling import load_tokenizer_cached
+from .modeling import bf16_autocast, load_frozen_reward_model, load_tokenizer_cached, master_weights_dtype
 
 log = logging.getLogger(__name__)
 EVAL_FILE = "eval.json"
@@ -110,12 +109,6 @@ def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _autocast(device: torch.device, dtype: str):
-    if device.type == "cuda" and dtype in ("auto", "bfloat16"):
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def _free() -> None:
     """Return a deleted model's accelerator memory (CPU memory goes back when the last reference dies)."""
     if torch.cuda.is_available():
@@ -174,11 +167,10 @@ def run_policy(name: str, path: str, posts: list, cfg: EvaluateConfig, *, seed: 
     tok = load_tokenizer_cached(path)
     queries = [query_ids(tok, p, cfg.data) for p in posts]
     device = _device()
-    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" and device.type == "cpu" else torch.float32
-    model = load_causal_lm(path, dtype=dtype, tokenizer=tok).to(device)
+    model = load_causal_lm(path, dtype=master_weights_dtype(cfg.dtype), tokenizer=tok).to(device)
     plain_sampling_config(model, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     eos = tok.eos_token_id
-    with _autocast(device, cfg.dtype):
+    with bf16_autocast(device, cfg.dtype):
         torch.manual_seed(seed)
         responses = _sorted_generate(model, queries, tok, cfg, greedy=cfg.greedy)
         run = PolicyRun(
@@ -315,7 +307,7 @@ def kl_to_sft(runs: list[PolicyRun], posts: list, cfg: EvaluateConfig) -> dict[s
     device = _device()
     model = load_causal_lm(cfg.sft_path, dtype=torch.float32, tokenizer=tok).to(device)
     out: dict[str, dict[str, Any]] = {}
-    with _autocast(device, cfg.dtype):
+    with bf16_autocast(device, cfg.dtype):
         for r in todo:
             if r.queries != queries:
                 out[r.name] = {"kl": None, "note": "tokenizer differs from the SFT policy's"}
@@ -356,13 +348,12 @@ def score_with(path: str, posts: list, texts: dict[str, list[str]], cfg: Evaluat
     (``metrics.comparison_metrics``: accuracy, n, longer-wins baseline, ...). Raises ModelLoadError
     for a path that is not a one-output reward model."""
     from .tasks import held_out_pairs
-    from .train.rl_common import freeze, load_reward_model
 
     tok = load_tokenizer_cached(path)
     device = _device()
-    model = freeze(load_reward_model(path, dtype=torch.float32)).to(device)
+    model = load_frozen_reward_model(path, dtype=torch.float32).to(device)
     out = {}
-    with _autocast(device, cfg.dtype):
+    with bf16_autocast(device, cfg.dtype):
         for name, summaries in texts.items():
             out[name] = score_summaries(model, tok, posts, summaries, data=cfg.data, batch_size=cfg.batch_size)
         pairs = held_out_pairs(cfg.data, tok) if pair_metrics is not None else None

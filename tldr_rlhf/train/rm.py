@@ -39,18 +39,17 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..config import EvaluateRMConfig, ModelArgs, RMConfig, RMDataArgs, RewardNormArgs, from_dict
+from ..config import EvaluateRMConfig, RMConfig, RMDataArgs, RewardNormArgs, from_dict
 from ..data.batching import QueryResponseBatch, collate_preferences, collate_query_response
 from ..data.comparisons import Comparison, PreferenceExample, build_preference_examples, describe_drops, load_comparisons, load_judged_samples, no_usable_comparisons, split_by_post_id
 from ..data.tldr import DropCounts, SFTExample, build_sft_examples, load_posts
-from ..errors import DataError, ModelLoadError
+from ..errors import DataError
 from ..losses import pairwise_loss
 from ..metrics import comparison_metrics, judge_agreement, pair_lengths
-from ..modeling import count_parameters, disable_dropout, load_causal_lm, load_tokenizer
-from ..reward_model import MODEL_TYPE, RewardModelConfig, ScalarRewardModel, train_top_layers, uses_sliding_window
+from ..modeling import bf16_autocast, count_parameters, init_reward_model, load_reward_checkpoint, load_tokenizer, master_weights_dtype, save_reward_model
+from ..reward_model import ScalarRewardModel, train_top_layers, uses_sliding_window
 from ..tasks import is_tldr, reference_examples, ultrafeedback_preferences
 from .common import make_accelerator, tokenizer_for
-from .rl_common import load_reward_model as load_sequence_classifier
 from .loop import (
     RunDir,
     Throughput,
@@ -70,85 +69,6 @@ from .loop import (
 
 log = logging.getLogger(__name__)
 EVAL_FILE = "eval_rm.json"
-
-
-# ----------------------------------------------------------------------------------------------
-# Model
-
-
-def _is_reward_checkpoint(path: str) -> bool:
-    p = Path(path)
-    if p.suffix == ".gguf":
-        return False
-    if p.is_dir():
-        f = p / "config.json"
-        return f.is_file() and json.loads(f.read_text()).get("model_type") == MODEL_TYPE
-    try:
-        from transformers import AutoConfig
-
-        return AutoConfig.from_pretrained(path, trust_remote_code=False).model_type == MODEL_TYPE
-    except Exception:  # noqa: BLE001 - not reachable / not a config: treat as a causal LM path
-        return False
-
-
-def _dtype(model_args_dtype: str) -> torch.dtype:
-    # float32 master weights (bf16 autocast on CUDA); bf16 weights only when asked on CPU.
-    return torch.bfloat16 if model_args_dtype == "bfloat16" and not torch.cuda.is_available() else torch.float32
-
-
-def load_reward_model(path: str, *, dtype: torch.dtype = torch.float32, tokenizer=None) -> ScalarRewardModel:
-    """A saved reward model (``tldr_rlhf_reward`` checkpoint) through the Auto classes, dropout off
-    (``rl_common.load_reward_model``, which also accepts other one-label classifiers as judges).
-    Raises ModelLoadError for a missing path or a checkpoint that is not a tldr-rlhf reward model."""
-    model = load_sequence_classifier(path, dtype=dtype)
-    if not isinstance(model, ScalarRewardModel):
-        raise ModelLoadError(f"'{path}' is a {type(model).__name__}, not a tldr-rlhf reward model (model_type {MODEL_TYPE})")
-    if tokenizer is not None:
-        _set_special_ids(model, tokenizer)
-    return model
-
-
-def reward_model_from_causal_lm(path: str, *, dtype: torch.dtype = torch.float32, tokenizer=None) -> ScalarRewardModel:
-    """A new reward model: the backbone of a base or SFT causal LM (hub id, folder, .gguf file; its LM
-    head is dropped) and a fresh head N(0, 1/sqrt(d_model + 1)), bias 0 (N+ detail 11)."""
-    lm = load_causal_lm(path, dtype=dtype, tokenizer=tokenizer)
-    backbone = lm.base_model
-    if backbone is lm:
-        raise ModelLoadError(f"cannot find the backbone of '{path}' ({type(lm).__name__} has no base model)")
-    text_config = backbone.config
-    config = RewardModelConfig(text_config=text_config, pad_token_id=text_config.pad_token_id, eos_token_id=text_config.eos_token_id)
-    config.name_or_path = str(path)
-    model = ScalarRewardModel(config, backbone=backbone)
-    model.reset_head()
-    del lm
-    return disable_dropout(model.to(dtype))
-
-
-def init_reward_model(model_args: ModelArgs, tokenizer) -> ScalarRewardModel:
-    """The model a run starts from: a reward-model checkpoint as it is (to continue training), or a
-    new reward model on the backbone of a causal LM."""
-    if model_args.lora_r > 0:
-        raise DataError("LoRA is not supported for the reward model (the seeds train every weight); use --model.lora-r 0 or --train-layers", field="model.lora_r")
-    dtype = _dtype(model_args.dtype)
-    if _is_reward_checkpoint(model_args.path):
-        return load_reward_model(model_args.path, dtype=dtype, tokenizer=tokenizer)
-    return reward_model_from_causal_lm(model_args.path, dtype=dtype, tokenizer=tokenizer)
-
-
-def _set_special_ids(model: ScalarRewardModel, tokenizer) -> None:
-    for cfg in (model.config, model.config.text_config):
-        cfg.pad_token_id = tokenizer.pad_token_id
-        cfg.eos_token_id = tokenizer.eos_token_id
-
-
-def save_reward_model(model: ScalarRewardModel, tokenizer, path: str | Path) -> None:
-    """Save a Hugging Face checkpoint (safetensors, config with auto_map, this package's
-    reward_model.py, tokenizer) that ``AutoModelForSequenceClassification`` loads back."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    _set_special_ids(model, tokenizer)
-    model.save_pretrained(path, safe_serialization=True)
-    tokenizer.save_pretrained(path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -526,9 +446,8 @@ def evaluate(cfg: EvaluateRMConfig) -> dict[str, Any]:
             judge_report["note"] = _nothing_left("judged (policy summary, reference) pair", judge_report["dropped"])
     skipped = {name: f"a TL;DR set; the task is {data.task}" for name, asked in (("cnndm", cfg.cnndm), ("judge", cfg.policy_samples)) if asked and not ood}
 
-    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" and device.type == "cpu" else torch.float32
-    model = load_reward_model(cfg.model, dtype=dtype, tokenizer=tokenizer).to(device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and cfg.dtype in ("auto", "bfloat16") else contextlib.nullcontext()
+    model = load_reward_checkpoint(cfg.model, dtype=master_weights_dtype(cfg.dtype), tokenizer=tokenizer).to(device)
+    autocast = bf16_autocast(device, cfg.dtype)
     kw = dict(pad_token_id=pad, batch_size=cfg.batch_size, progress=cfg.progress)
     results: dict[str, Any] = {"model": cfg.model, "data_from": data_from, "normalization": model.config.normalization, "reward_offset": model.config.reward_offset}
     if skipped:
