@@ -66,9 +66,9 @@ def _data(settings):
 
 def _pairs(settings):
     """The training pairs our run uses, in the order and micro-batches it uses them."""
-    from tldr_rlhf.train.rm import load_rm_data
+    from tldr_rlhf.tasks import rm_pairs
 
-    return harness.pairs_in_training_order(settings, _data(settings), load_rm_data)
+    return harness.pairs_in_training_order(settings, _data(settings), rm_pairs)
 
 
 _tokens = harness.pair_tokens

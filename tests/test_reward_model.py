@@ -24,6 +24,7 @@ from tldr_rlhf.metrics import comparison_metrics, judge_agreement
 from tldr_rlhf.modeling import build_reward_model, load_reward_checkpoint, save_pretrained, save_reward_model
 from tldr_rlhf.ops import left_pad, right_pad
 from tldr_rlhf.reward_model import RewardModelConfig, ScalarRewardModel, last_real_index, response_values, score, train_top_layers
+from tldr_rlhf.tasks import load_references, rm_pairs as load_rm_data
 from tldr_rlhf.train import rm
 
 
@@ -153,7 +154,7 @@ def test_shared_prompt_gives_the_same_scores_and_gradients_as_full_rows(reward_m
 
 
 def test_nplus_14_normalization_makes_mean_reference_reward_zero(reward_model, qwen_tokenizer, tmp_path):
-    refs, report = rm.load_references(RewardNormArgs(posts=str(POSTS), limit=12), qwen_tokenizer, max_query_length=96, max_response_length=133)
+    refs, report = load_references(RewardNormArgs(posts=str(POSTS), limit=12), qwen_tokenizer, max_query_length=96, max_response_length=133)
     assert report["n"] == len(refs) > 0 and report["query_truncated"] > 0
     before = rm.score_texts(reward_model, refs, pad_token_id=EOS, batch_size=5)
     bias_before = reward_model.score.bias.item()
@@ -251,13 +252,13 @@ def test_bad_comparisons_are_counted_and_labels_follow_choice(tmp_path, qwen_tok
 
 def test_load_rm_data_splits_real_comparisons_by_post(qwen_tokenizer):
     data = RMDataArgs(comparisons=str(COMPARISONS), max_query_length=128, valid_limit=0)
-    train, valid, report = rm.load_rm_data(data, qwen_tokenizer)
+    train, valid, report = load_rm_data(data, qwen_tokenizer)
     assert not {e.post_id for e in train} & {e.post_id for e in valid}
     assert report["train"]["n"] == len(train) and report["valid"]["n"] == len(valid)
     assert 0.1 < len(valid) / (len(train) + len(valid)) < 0.3
     assert report["train"]["query_truncated"] > 0  # real posts are longer than 128 tokens
     assert all(e.chosen_ids[-1] == EOS and e.rejected_ids[-1] == EOS for e in train + valid)
-    _, valid2, _ = rm.load_rm_data(data, qwen_tokenizer, need_train=False)
+    _, valid2, _ = load_rm_data(data, qwen_tokenizer, need_train=False)
     assert [e.post_id for e in valid2] == [e.post_id for e in valid]
 
 
@@ -415,22 +416,22 @@ def test_no_usable_comparisons_names_the_file_and_the_drop_counts(qwen_tokenizer
     blaming valid_fraction."""
     from tldr_rlhf.config import DPODataArgs
     from tldr_rlhf.errors import DataError
-    from tldr_rlhf.train.dpo import load_dpo_data
+    from tldr_rlhf.tasks import dpo_pairs as load_dpo_data
 
     bad = tmp_path / "choice2.json"
     bad.write_text("".join(json.dumps({**json.loads(line), "choice": 2}) + "\n" for line in COMPARISONS.read_text().splitlines()[:40]))
     expected = f"{bad}: no usable comparisons: 0 of 40 kept; dropped: invalid choice 40"
     for need_train in (True, False):
         with pytest.raises(DataError) as e:
-            rm.load_rm_data(RMDataArgs(comparisons=str(bad), max_query_length=64), qwen_tokenizer, need_train=need_train)
+            load_rm_data(RMDataArgs(comparisons=str(bad), max_query_length=64), qwen_tokenizer, need_train=need_train)
         assert str(e.value) == expected
     with pytest.raises(DataError) as e:
-        rm.load_rm_data(RMDataArgs(comparisons=str(COMPARISONS), valid_comparisons=str(bad), max_query_length=64), qwen_tokenizer, need_train=False)
+        load_rm_data(RMDataArgs(comparisons=str(COMPARISONS), valid_comparisons=str(bad), max_query_length=64), qwen_tokenizer, need_train=False)
     assert str(e.value) == expected
     with pytest.raises(DataError) as e:
         load_dpo_data(DPODataArgs(comparisons=str(bad), max_query_length=64), qwen_tokenizer)
     assert str(e.value) == expected
     # a filter rule: every held-out response over a 2-token cap
     with pytest.raises(DataError) as e:
-        rm.load_rm_data(RMDataArgs(comparisons=str(COMPARISONS), max_response_length=2, valid_limit=10), qwen_tokenizer, need_train=False)
+        load_rm_data(RMDataArgs(comparisons=str(COMPARISONS), max_response_length=2, valid_limit=10), qwen_tokenizer, need_train=False)
     assert str(e.value) == f"{COMPARISONS}: no usable held-out comparisons: 0 of 10 kept; dropped: response too long 10"

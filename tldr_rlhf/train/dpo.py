@@ -43,17 +43,16 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..config import DPOConfig, DPODataArgs
+from ..config import DPOConfig
 from ..data.batching import QueryResponseBatch, collate_preferences
-from ..data.comparisons import PreferenceExample, build_preference_examples, load_comparisons, no_usable_comparisons, split_by_post_id
-from ..data.tldr import DropCounts
+from ..data.comparisons import PreferenceExample
 from ..errors import DataError
 from ..generation import decode_response, generate
 from ..lm_head import response_token_logprobs
 from ..losses import dpo_loss
 from ..metrics import comparison_metrics
 from ..modeling import checkpoint_fingerprint, count_parameters, save_pretrained
-from ..tasks import is_tldr, ultrafeedback_preferences
+from .. import tasks
 from .common import load_policy, make_accelerator, tokenizer_for
 from .loop import (
     RunDir,
@@ -77,44 +76,7 @@ EVAL_FILE = "eval.json"
 
 
 # ----------------------------------------------------------------------------------------------
-# Data
-
-
-def load_dpo_data(data: DPODataArgs, tokenizer) -> tuple[list[PreferenceExample], list[PreferenceExample], dict[str, str]]:
-    """(train, held-out) tokenized comparisons and the drop counts of each, as text.
-
-    Held-out comparisons come from ``valid_comparisons``, else (local file) the posts held out by id,
-    else (hub) the dataset's validation split. Raises DataError for malformed files (file, line,
-    field) and for an empty held-out set. Another task's pairs come from ``tasks`` (same types).
-    """
-    if not is_tldr(data):
-        train_ex, valid_ex, report = ultrafeedback_preferences(data, tokenizer)
-        return train_ex, valid_ex, {side: ", ".join(f"{k}: {v}" for k, v in sorted(report[side]["dropped"].items())) or "none" for side in ("train", "valid")}
-    comps, drops = load_comparisons(data.comparisons, "train")
-    vdrops = DropCounts()
-    split_locally = Path(data.comparisons).exists() and not data.valid_comparisons
-    if not comps:  # every record of the training source dropped
-        raise no_usable_comparisons(data.comparisons, 0, drops)
-    if data.valid_comparisons:
-        valid, vdrops = load_comparisons(data.valid_comparisons, "validation")
-    elif split_locally:
-        comps, valid = split_by_post_id(comps, data.valid_fraction)
-        if not valid:
-            raise DataError(f"no held-out comparisons: valid_fraction {data.valid_fraction} holds out none of the posts of the {len(comps)} usable comparisons (raise it or give valid_comparisons)", path=data.comparisons)
-    else:
-        valid, vdrops = load_comparisons(data.comparisons, "validation")
-    if data.limit:
-        comps = comps[: data.limit]
-    if data.valid_limit:
-        valid = valid[: data.valid_limit]
-    caps = dict(max_query_length=data.max_query_length, max_response_length=data.max_response_length)
-    train_ex, drops = build_preference_examples(comps, tokenizer, drops=drops, **caps)
-    valid_ex, vdrops = build_preference_examples(valid, tokenizer, drops=vdrops, **caps)
-    if not valid_ex:
-        raise no_usable_comparisons(data.valid_comparisons or data.comparisons, 0, vdrops, "held-out comparisons" if split_locally else "comparisons")
-    if not train_ex:
-        raise no_usable_comparisons(data.comparisons, 0, drops, "training comparisons")
-    return train_ex, valid_ex, {"train": str(drops), "valid": str(vdrops)}
+# Data (pairs from ``tasks.dpo_pairs``)
 
 
 collate = collate_preferences  # 2B rows: chosen in [0, B), rejected in [B, 2B)
@@ -292,7 +254,7 @@ def train(cfg: DPOConfig) -> str:
     pad = tokenizer.pad_token_id
 
     # Data first: every bad record is reported before a model is loaded or a folder touched.
-    train_ex, valid_ex, drops = load_dpo_data(cfg.data, tokenizer)
+    train_ex, valid_ex, drops = tasks.dpo_pairs(cfg.data, tokenizer)
     if is_main:
         log.info("DPO data: %d train / %d held-out comparisons; dropped train: %s; held-out: %s", len(train_ex), len(valid_ex), drops["train"], drops["valid"])
     batch = cfg.global_batch_size(world)

@@ -39,16 +39,16 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..config import EvaluateRMConfig, RMConfig, RMDataArgs, RewardNormArgs, from_dict
+from ..config import EvaluateRMConfig, RMConfig, RMDataArgs, from_dict
 from ..data.batching import QueryResponseBatch, collate_preferences, collate_query_response
-from ..data.comparisons import Comparison, PreferenceExample, build_preference_examples, describe_drops, load_comparisons, load_judged_samples, no_usable_comparisons, split_by_post_id
-from ..data.tldr import DropCounts, SFTExample, build_sft_examples, load_posts
+from ..data.comparisons import Comparison, PreferenceExample, build_preference_examples, describe_drops, load_comparisons, load_judged_samples
+from ..data.tldr import DropCounts, SFTExample
 from ..errors import DataError
 from ..losses import pairwise_loss
 from ..metrics import comparison_metrics, judge_agreement, pair_lengths
 from ..modeling import bf16_autocast, count_parameters, init_reward_model, load_reward_checkpoint, load_tokenizer, master_weights_dtype, save_reward_model
 from ..reward_model import ScalarRewardModel, train_top_layers, uses_sliding_window
-from ..tasks import is_tldr, reference_examples, ultrafeedback_preferences
+from .. import tasks
 from .common import make_accelerator, tokenizer_for
 from .loop import (
     RunDir,
@@ -72,78 +72,11 @@ EVAL_FILE = "eval_rm.json"
 
 
 # ----------------------------------------------------------------------------------------------
-# Data
-
-
-def _tldr_only(comps: list[Comparison], drops: DropCounts) -> list[Comparison]:
-    out = [c for c in comps if not c.is_cnndm]
-    if len(out) < len(comps):
-        drops.counts["cnndm_set_aside"] = drops.counts.get("cnndm_set_aside", 0) + len(comps) - len(out)
-    return out
-
-
-def load_rm_data(data: RMDataArgs, tokenizer, *, need_train: bool = True) -> tuple[list[PreferenceExample], list[PreferenceExample], dict[str, Any]]:
-    """(train, held-out) tokenized TL;DR comparisons and a report of what was dropped or truncated.
-
-    Held-out comparisons come from ``valid_comparisons``, else (local file) the posts held out by id,
-    else (hub) the dataset's validation split. CNN/DM comparisons found among them are set aside and
-    counted (they are the out-of-distribution set). Raises DataError for malformed files (file, line,
-    field), and for no usable held-out (or, with ``need_train``, training) comparisons, naming the
-    drop counts by reason. Another task's pairs come from ``tasks`` (same types).
-    """
-    if not is_tldr(data):
-        return ultrafeedback_preferences(data, tokenizer, need_train=need_train)
-    local = Path(data.comparisons).exists()
-    split_locally = local and not data.valid_comparisons
-    comps: list[Comparison] = []
-    drops, vdrops = DropCounts(), DropCounts()
-    if need_train or split_locally:
-        comps, drops = load_comparisons(data.comparisons, "train")
-    if data.valid_comparisons:
-        valid, vdrops = load_comparisons(data.valid_comparisons, "validation")
-    elif local:
-        comps, valid = split_by_post_id(comps, data.valid_fraction)
-        if comps and not valid:
-            raise DataError(f"no held-out comparisons: valid_fraction {data.valid_fraction} holds out none of the posts of the {len(comps)} usable comparisons (raise it or give valid_comparisons)", path=data.comparisons)
-    else:
-        valid, vdrops = load_comparisons(data.comparisons, "validation")
-    comps, valid = _tldr_only(comps, drops), _tldr_only(valid, vdrops)
-    if split_locally and not comps and not valid:  # every record of the file dropped or set aside
-        raise no_usable_comparisons(data.comparisons, 0, DropCounts().update(drops, vdrops))
-    if not need_train:
-        comps = []
-    if data.limit:
-        comps = comps[: data.limit]
-    if data.valid_limit:
-        valid = valid[: data.valid_limit]
-    caps = dict(max_query_length=data.max_query_length, max_response_length=data.max_response_length)
-    notes, vnotes = DropCounts(), DropCounts()
-    train_ex, drops = build_preference_examples(comps, tokenizer, drops=drops, notes=notes, **caps)
-    valid_ex, vdrops = build_preference_examples(valid, tokenizer, drops=vdrops, notes=vnotes, **caps)
-    if not valid_ex:
-        raise no_usable_comparisons(data.valid_comparisons or data.comparisons, 0, vdrops, "held-out comparisons" if split_locally else "comparisons")
-    if need_train and not train_ex:
-        raise no_usable_comparisons(data.comparisons, 0, drops, "training comparisons")
-    report = {
-        "train": {"n": len(train_ex), "dropped": dict(drops.counts), "query_truncated": notes.counts.get("query_truncated", 0)},
-        "valid": {"n": len(valid_ex), "dropped": dict(vdrops.counts), "query_truncated": vnotes.counts.get("query_truncated", 0)},
-    }
-    return train_ex, valid_ex, report
+# Data (from ``tasks``: rm_pairs, normalization_references)
 
 
 # (query, reference summary) pairs to score once for normalization: the SFT example format.
 ScoredText = SFTExample
-
-
-def load_references(norm: RewardNormArgs, tokenizer, *, max_query_length: int, max_response_length: int) -> tuple[list[ScoredText], dict[str, Any]]:
-    """(query, reference summary) pairs of SFT posts for reward normalization, formatted like the
-    training data; posts whose query cannot fit or whose reference is over the cap are dropped and counted."""
-    posts = load_posts(norm.posts, norm.split, limit=norm.limit or None)
-    notes = DropCounts()
-    out, drops = build_sft_examples(posts, tokenizer, max_query_length=max_query_length, max_response_length=max_response_length, notes=notes)
-    if not out:
-        raise DataError("no reference summaries left for reward normalization", path=norm.posts)
-    return out, {"n": len(out), "dropped": dict(drops.counts), "query_truncated": notes.counts.get("query_truncated", 0), "source": norm.posts, "split": norm.split}
 
 
 collate = collate_preferences  # 2B rows: chosen in [0, B), rejected in [B, 2B)
@@ -249,13 +182,8 @@ def train(cfg: RMConfig) -> str:
     pad = tokenizer.pad_token_id
 
     # Data first: every bad record is reported before a model is loaded or a folder touched.
-    train_ex, valid_ex, report = load_rm_data(cfg.data, tokenizer)
-    references, ref_report = ([], {})
-    if cfg.norm.enabled:
-        if is_tldr(cfg.data):
-            references, ref_report = load_references(cfg.norm, tokenizer, max_query_length=cfg.data.max_query_length, max_response_length=cfg.data.max_response_length)
-        else:  # the best response of each training prompt, formatted like the training pairs
-            references, ref_report = reference_examples(cfg.data, tokenizer, limit=cfg.norm.limit)
+    train_ex, valid_ex, report = tasks.rm_pairs(cfg.data, tokenizer)
+    references, ref_report = tasks.normalization_references(cfg.norm, cfg.data, tokenizer) if cfg.norm.enabled else ([], {})
     report["normalization"] = ref_report
     if is_main:
         log.info(
@@ -413,11 +341,11 @@ def evaluate(cfg: EvaluateRMConfig) -> dict[str, Any]:
     data, data_from = _run_data(cfg)
 
     # Data first: every source is read and checked before the model is loaded.
-    _, heldout, report = load_rm_data(data, tokenizer, need_train=False)
+    _, heldout, report = tasks.rm_pairs(data, tokenizer, need_train=False)
     cnndm: list[PreferenceExample] = []
     cnndm_report: dict[str, Any] = {}
-    ood = is_tldr(data)  # CNN/DM and the GPT-3.5-judged samples are TL;DR sets
-    if cfg.cnndm and ood:
+    ood = tasks.ood_sets(data)  # the out-of-distribution sets that exist for the task
+    if cfg.cnndm and "cnndm" in ood:
         comps, drops = load_comparisons(cfg.cnndm, "validation")
         not_cnndm = sum(not c.is_cnndm for c in comps)  # TL;DR rows of the hub's validation split: not drops
         comps = [c for c in comps if c.is_cnndm]
@@ -432,7 +360,7 @@ def evaluate(cfg: EvaluateRMConfig) -> dict[str, Any]:
     judged: list[PreferenceExample] = []
     judge_first: list[bool] = []
     judge_report: dict[str, Any] = {}
-    if cfg.policy_samples and ood:
+    if cfg.policy_samples and "judge" in ood:
         samples, drops = load_judged_samples(cfg.policy_samples)
         if cfg.judge_limit:
             samples = samples[: cfg.judge_limit]
@@ -444,7 +372,7 @@ def evaluate(cfg: EvaluateRMConfig) -> dict[str, Any]:
         judge_report = {"dropped": dict(drops.counts), "query_truncated": notes.counts.get("query_truncated", 0), "judge": samples[0].judge if samples else ""}
         if not judged:
             judge_report["note"] = _nothing_left("judged (policy summary, reference) pair", judge_report["dropped"])
-    skipped = {name: f"a TL;DR set; the task is {data.task}" for name, asked in (("cnndm", cfg.cnndm), ("judge", cfg.policy_samples)) if asked and not ood}
+    skipped = {name: f"a TL;DR set; the task is {data.task}" for name, asked in (("cnndm", cfg.cnndm), ("judge", cfg.policy_samples)) if asked and name not in ood}
 
     model = load_reward_checkpoint(cfg.model, dtype=master_weights_dtype(cfg.dtype), tokenizer=tokenizer).to(device)
     autocast = bf16_autocast(device, cfg.dtype)
