@@ -15,6 +15,7 @@ import torch
 from conftest import COMPARISONS, CNNDM, EOS, POLICY_SAMPLES, POSTS, make_tiny_qwen2
 from transformers import AutoModelForSequenceClassification
 
+from tldr_rlhf import evaluate_rm
 from tldr_rlhf.config import EvaluateRMConfig, ModelArgs, OptimArgs, RMConfig, RMDataArgs, RewardNormArgs, RunArgs
 from tldr_rlhf.data.batching import collate_pairs, collate_query_response
 from tldr_rlhf.data.comparisons import build_preference_examples, load_comparisons, load_judged_samples
@@ -24,6 +25,7 @@ from tldr_rlhf.metrics import comparison_metrics, judge_agreement
 from tldr_rlhf.modeling import build_reward_model, load_reward_checkpoint, save_pretrained, save_reward_model
 from tldr_rlhf.ops import left_pad, right_pad
 from tldr_rlhf.reward_model import RewardModelConfig, ScalarRewardModel, last_real_index, response_values, score, train_top_layers
+from tldr_rlhf.reward_scoring import pair_rewards, score_texts
 from tldr_rlhf.tasks import load_references, rm_pairs as load_rm_data
 from tldr_rlhf.train import rm
 
@@ -142,7 +144,7 @@ def test_shared_prompt_gives_the_same_scores_and_gradients_as_full_rows(reward_m
     grads, scores = [], []
     for shared in (False, True):
         reward_model.zero_grad()
-        r = rm.pair_rewards(reward_model, batch, shared_prompt=shared)
+        r = pair_rewards(reward_model, batch, shared_prompt=shared)
         loss, _ = pairwise_loss(r[:3], r[3:])
         loss.backward()
         scores.append(r.detach())
@@ -156,10 +158,10 @@ def test_shared_prompt_gives_the_same_scores_and_gradients_as_full_rows(reward_m
 def test_nplus_14_normalization_makes_mean_reference_reward_zero(reward_model, qwen_tokenizer, tmp_path):
     refs, report = load_references(RewardNormArgs(posts=str(POSTS), limit=12), qwen_tokenizer, max_query_length=96, max_response_length=133)
     assert report["n"] == len(refs) > 0 and report["query_truncated"] > 0
-    before = rm.score_texts(reward_model, refs, pad_token_id=EOS, batch_size=5)
+    before = score_texts(reward_model, refs, pad_token_id=EOS, batch_size=5)
     bias_before = reward_model.score.bias.item()
     record = rm.normalize_rewards(reward_model, refs, pad_token_id=EOS, batch_size=5)
-    after = rm.score_texts(reward_model, refs, pad_token_id=EOS, batch_size=4)  # other batching: same scores
+    after = score_texts(reward_model, refs, pad_token_id=EOS, batch_size=4)  # other batching: same scores
     assert abs(after.mean().item()) < 1e-4
     assert record["mean_before"] == pytest.approx(before.double().mean().item(), abs=1e-6)
     assert reward_model.score.bias.item() == pytest.approx(bias_before - record["mean_before"], abs=1e-6)
@@ -171,7 +173,7 @@ def test_nplus_14_normalization_makes_mean_reference_reward_zero(reward_model, q
     saved = json.loads((tmp_path / "rm" / "config.json").read_text())
     assert saved["reward_offset"] == pytest.approx(record["mean_before"]) and saved["normalization"]["n"] == len(refs)
     reloaded = load_reward_checkpoint(str(tmp_path / "rm")).eval()
-    assert abs(rm.score_texts(reloaded, refs, pad_token_id=EOS).mean().item()) < 1e-4
+    assert abs(score_texts(reloaded, refs, pad_token_id=EOS).mean().item()) < 1e-4
 
 
 @torch.no_grad()
@@ -360,7 +362,7 @@ def test_rm_training_run_resume_and_evaluate(lm_dir, qwen_tokenizer, tmp_path):
     assert resumed[3] == first[3] and resumed[4] == first[4]
 
     # evaluate-rm on the same held-out split (read from the run's config.json), CNN/DM and the judge set.
-    res = rm.evaluate(EvaluateRMConfig(model=final, cnndm=str(CNNDM), max_cnndm_query_length=128, cnndm_limit=6, judge_limit=6, progress=False, batch_size=4))
+    res = evaluate_rm.evaluate(EvaluateRMConfig(model=final, cnndm=str(CNNDM), max_cnndm_query_length=128, cnndm_limit=6, judge_limit=6, progress=False, batch_size=4))
     assert res["data_from"].endswith("config.json")
     assert res["heldout"]["n"] > 16 and res["cnndm"]["n"] == 6 and res["judge"]["n"] == 6
     assert res["cnndm"]["dropped"] == {"empty_summary": 12}
@@ -396,7 +398,7 @@ def test_evaluate_rm_says_when_an_asked_for_set_yields_nothing(qwen_tokenizer, t
     tldr_only = tmp_path / "not_cnndm.jsonl"  # TL;DR comparisons given as --cnndm
     tldr_only.write_text("".join(line + "\n" for line in COMPARISONS.read_text().splitlines()[:3]))
     out = tmp_path / "eval_rm.json"
-    res = rm.evaluate(EvaluateRMConfig(
+    res = evaluate_rm.evaluate(EvaluateRMConfig(
         model=rm_dir, data=RMDataArgs(comparisons=str(COMPARISONS), max_query_length=64), valid_limit=4, cnndm=str(tldr_only),
         policy_samples=str(samples), output=str(out), progress=False, batch_size=4,
     ))

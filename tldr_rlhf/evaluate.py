@@ -358,7 +358,7 @@ def score_with(path: str, posts: list, texts: dict[str, list[str]], cfg: Evaluat
             out[name] = score_summaries(model, tok, posts, summaries, data=cfg.data, batch_size=cfg.batch_size)
         pairs = held_out_pairs(cfg.data, tok) if pair_metrics is not None else None
         if pairs:
-            from .train.rm import score_comparisons
+            from .reward_scoring import score_comparisons  # imports transformers: only when there are pairs
 
             r = score_comparisons(model, pairs, pad_token_id=tok.pad_token_id, batch_size=cfg.batch_size, desc="held-out pairs")
             pair_metrics.update(comparison_metrics(r, lengths=pair_lengths(pairs)))
