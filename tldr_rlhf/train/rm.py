@@ -238,8 +238,7 @@ def train(cfg: RMConfig) -> str:
         for k, idx in enumerate(chunks):
             mb = collate([train_ex[i] for i in idx], pad).to(accelerator.device)
             b = len(idx)
-            sync = k == len(chunks) - 1
-            ctx = accelerator.no_sync(model) if not sync else contextlib.nullcontext()
+            ctx = accelerator.no_sync(model) if k < len(chunks) - 1 else contextlib.nullcontext()  # sync on the last
             with ctx, accelerator.autocast():
                 rewards = pair_rewards(model, mb, shared_prompt=cfg.shared_prompt)
                 # Mean over the global batch; DDP averages gradients over processes, hence / world.
