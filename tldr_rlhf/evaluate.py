@@ -363,6 +363,10 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     return results
 
 
+# ----------------------------------------------------------------------------------------------
+# The table (eval_table.md; the report's metrics table)
+
+
 def _fmt(v: Any, spec: str = ".3f") -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
