@@ -59,9 +59,9 @@ def _data(settings):
 
 def _pairs(settings):
     """The training pairs our run uses, in the order and micro-batches it uses them."""
-    from tldr_rlhf.train.dpo import load_dpo_data
+    from tldr_rlhf.tasks import dpo_pairs
 
-    return harness.pairs_in_training_order(settings, _data(settings), load_dpo_data)
+    return harness.pairs_in_training_order(settings, _data(settings), dpo_pairs)
 
 
 _tokens = harness.pair_tokens

@@ -66,9 +66,9 @@ def _data(settings):
 
 def _pairs(settings):
     """The training pairs our run uses, in the order and micro-batches it uses them."""
-    from tldr_rlhf.train.rm import load_rm_data
+    from tldr_rlhf.tasks import rm_pairs
 
-    return harness.pairs_in_training_order(settings, _data(settings), load_rm_data)
+    return harness.pairs_in_training_order(settings, _data(settings), rm_pairs)
 
 
 _tokens = harness.pair_tokens
@@ -78,14 +78,13 @@ def init_checkpoint(model_dir: str, path: Path) -> str:
     """The shared starting point: tiny LM backbone + head N(0, 1/sqrt(d + 1)), saved as a reward model."""
     import torch
 
-    from tldr_rlhf.modeling import load_tokenizer
-    from tldr_rlhf.train.rm import reward_model_from_causal_lm, save_reward_model
+    from tldr_rlhf.modeling import build_reward_model, load_tokenizer, save_reward_model
 
     if (path / "config.json").exists():
         return str(path)
     torch.manual_seed(0)
     tok = load_tokenizer(model_dir)
-    save_reward_model(reward_model_from_causal_lm(model_dir, tokenizer=tok), tok, path)
+    save_reward_model(build_reward_model(model_dir, tokenizer=tok), tok, path)
     return str(path)
 
 

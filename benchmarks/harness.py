@@ -136,7 +136,7 @@ class StepTimer:
 def pairs_in_training_order(settings: dict[str, Any], data_args, load) -> tuple[Any, list]:
     """(tokenizer, the training pairs our run uses, in the order and micro-batches it uses them) for
     the preference benchmarks: ``load(data_args, tokenizer) -> (train, valid, report)`` is the stage's
-    loader (``load_rm_data``, ``load_dpo_data``); seed 42, one epoch, ``settings["steps"]`` batches."""
+    loader (``tasks.rm_pairs``, ``tasks.dpo_pairs``); seed 42, one epoch, ``settings["steps"]`` batches."""
     from tldr_rlhf.modeling import load_tokenizer
     from tldr_rlhf.train.loop import global_batches
 

@@ -18,11 +18,11 @@ from tldr_rlhf.errors import DataError
 from tldr_rlhf.lm_head import chunked_target_logprobs
 from tldr_rlhf.modeling import apply_lora, load_causal_lm
 from tldr_rlhf.train import dpo
+from tldr_rlhf.tasks import dpo_pairs as load_dpo_data
 from tldr_rlhf.train.dpo import (
     collate,
     implicit_reward_accuracy,
     implicit_reward_metrics,
-    load_dpo_data,
     pair_logprobs,
     reference_logprobs,
     score_pairs,

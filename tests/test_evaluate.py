@@ -10,10 +10,8 @@ import torch
 
 from tldr_rlhf.config import EvaluateConfig, TldrDataArgs
 from tldr_rlhf.errors import DataError
-from tldr_rlhf.evaluate import (
-    format_table, held_out_posts, kl_from_logprobs, length_controlled_win_rate, metrics_rows, outcomes_from_scores, parse_policies,
-    rouge_scores, win_rate,
-)
+from tldr_rlhf.evaluate import format_table, held_out_posts, metrics_rows, parse_policies
+from tldr_rlhf.metrics import kl_from_logprobs, length_controlled_win_rate, outcomes_from_scores, rouge_scores, win_rate
 
 from conftest import POSTS
 

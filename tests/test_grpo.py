@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from tldr_rlhf.config import GRPOConfig, OptimArgs, RLOOConfig, RunArgs, TldrDataArgs
 from tldr_rlhf.presets import GRPO_PRESETS, RLOO_PRESETS
-from tldr_rlhf.train import grpo
+from tldr_rlhf.train import grpo, rloo
 
 from rl_fixtures import POSTS, make_checkpoints, one_thread
 
@@ -76,7 +76,7 @@ def test_nplus_25_grpo_with_rejection_sampling_keeps_high_scores(ckpts, tmp_path
 
 def test_rloo_run(ckpts, tmp_path):
     cfg = RLOOConfig(**common(*ckpts, tmp_path / "rloo"), total_episodes=8, mini_batch_size=8, update_per_rollout=1)
-    final = grpo.train_rloo(cfg)
+    final = rloo.train(cfg)
     (u,) = _updates(tmp_path / "rloo")
     assert u["rloo/first_minibatch_ratio_max_abs_dev"] == 0.0 and u["rloo/clipfrac"] == 0.0
     assert "objective/rlhf_reward" in u and "rloo/baseline_mean" in u

@@ -15,14 +15,18 @@ import torch
 from conftest import COMPARISONS, CNNDM, EOS, POLICY_SAMPLES, POSTS, make_tiny_qwen2
 from transformers import AutoModelForSequenceClassification
 
+from tldr_rlhf import evaluate_rm
 from tldr_rlhf.config import EvaluateRMConfig, ModelArgs, OptimArgs, RMConfig, PreferenceDataArgs as RMDataArgs, RewardNormArgs, RunArgs
 from tldr_rlhf.data.batching import collate_pairs, collate_query_response
 from tldr_rlhf.data.comparisons import build_preference_examples, load_comparisons, load_judged_samples
 from tldr_rlhf.data.tldr import DropCounts
 from tldr_rlhf.losses import pairwise_loss
-from tldr_rlhf.modeling import save_pretrained
+from tldr_rlhf.metrics import comparison_metrics, judge_agreement
+from tldr_rlhf.modeling import build_reward_model, load_reward_checkpoint, save_pretrained, save_reward_model
 from tldr_rlhf.ops import left_pad, right_pad
 from tldr_rlhf.reward_model import RewardModelConfig, ScalarRewardModel, last_real_index, response_values, score, train_top_layers
+from tldr_rlhf.reward_scoring import pair_rewards, score_texts
+from tldr_rlhf.tasks import load_references, rm_pairs as load_rm_data
 from tldr_rlhf.train import rm
 
 
@@ -46,7 +50,7 @@ def lm_dir(tmp_path_factory, qwen_tokenizer):
 def reward_model(lm_dir, qwen_tokenizer):
     """A reward model built the way the stage builds it: backbone of a saved causal LM + fresh head."""
     torch.manual_seed(0)
-    return rm.reward_model_from_causal_lm(lm_dir, tokenizer=qwen_tokenizer).eval()
+    return build_reward_model(lm_dir, tokenizer=qwen_tokenizer).eval()
 
 
 # query / response token lists: responses end in EOS, which is also the pad id (Qwen).
@@ -140,7 +144,7 @@ def test_shared_prompt_gives_the_same_scores_and_gradients_as_full_rows(reward_m
     grads, scores = [], []
     for shared in (False, True):
         reward_model.zero_grad()
-        r = rm.pair_rewards(reward_model, batch, shared_prompt=shared)
+        r = pair_rewards(reward_model, batch, shared_prompt=shared)
         loss, _ = pairwise_loss(r[:3], r[3:])
         loss.backward()
         scores.append(r.detach())
@@ -152,12 +156,12 @@ def test_shared_prompt_gives_the_same_scores_and_gradients_as_full_rows(reward_m
 
 
 def test_nplus_14_normalization_makes_mean_reference_reward_zero(reward_model, qwen_tokenizer, tmp_path):
-    refs, report = rm.load_references(RewardNormArgs(posts=str(POSTS), limit=12), qwen_tokenizer, max_query_length=96, max_response_length=133)
+    refs, report = load_references(RewardNormArgs(posts=str(POSTS), limit=12), qwen_tokenizer, max_query_length=96, max_response_length=133)
     assert report["n"] == len(refs) > 0 and report["query_truncated"] > 0
-    before = rm.score_texts(reward_model, refs, pad_token_id=EOS, batch_size=5)
+    before = score_texts(reward_model, refs, pad_token_id=EOS, batch_size=5)
     bias_before = reward_model.score.bias.item()
     record = rm.normalize_rewards(reward_model, refs, pad_token_id=EOS, batch_size=5)
-    after = rm.score_texts(reward_model, refs, pad_token_id=EOS, batch_size=4)  # other batching: same scores
+    after = score_texts(reward_model, refs, pad_token_id=EOS, batch_size=4)  # other batching: same scores
     assert abs(after.mean().item()) < 1e-4
     assert record["mean_before"] == pytest.approx(before.double().mean().item(), abs=1e-6)
     assert reward_model.score.bias.item() == pytest.approx(bias_before - record["mean_before"], abs=1e-6)
@@ -165,17 +169,17 @@ def test_nplus_14_normalization_makes_mean_reference_reward_zero(reward_model, q
     assert reward_model.config.reward_offset == pytest.approx(record["mean_before"])
     assert reward_model.config.normalization["n"] == len(refs)
     # The offset and the shifted bias travel with the checkpoint.
-    rm.save_reward_model(reward_model, qwen_tokenizer, tmp_path / "rm")
+    save_reward_model(reward_model, qwen_tokenizer, tmp_path / "rm")
     saved = json.loads((tmp_path / "rm" / "config.json").read_text())
     assert saved["reward_offset"] == pytest.approx(record["mean_before"]) and saved["normalization"]["n"] == len(refs)
-    reloaded = rm.load_reward_model(str(tmp_path / "rm")).eval()
-    assert abs(rm.score_texts(reloaded, refs, pad_token_id=EOS).mean().item()) < 1e-4
+    reloaded = load_reward_checkpoint(str(tmp_path / "rm")).eval()
+    assert abs(score_texts(reloaded, refs, pad_token_id=EOS).mean().item()) < 1e-4
 
 
 @torch.no_grad()
 def test_save_load_through_auto_classes_gives_identical_scores(reward_model, qwen_tokenizer, tmp_path):
     path = tmp_path / "rm"
-    rm.save_reward_model(reward_model, qwen_tokenizer, path)
+    save_reward_model(reward_model, qwen_tokenizer, path)
     assert (path / "reward_model.py").is_file()
     cfg = json.loads((path / "config.json").read_text())
     assert cfg["model_type"] == "tldr_rlhf_reward" and cfg["auto_map"]["AutoModelForSequenceClassification"] == "reward_model.ScalarRewardModel"
@@ -250,13 +254,13 @@ def test_bad_comparisons_are_counted_and_labels_follow_choice(tmp_path, qwen_tok
 
 def test_load_rm_data_splits_real_comparisons_by_post(qwen_tokenizer):
     data = RMDataArgs(comparisons=str(COMPARISONS), max_query_length=128, valid_limit=0)
-    train, valid, report = rm.load_rm_data(data, qwen_tokenizer)
+    train, valid, report = load_rm_data(data, qwen_tokenizer)
     assert not {e.post_id for e in train} & {e.post_id for e in valid}
     assert report["train"]["n"] == len(train) and report["valid"]["n"] == len(valid)
     assert 0.1 < len(valid) / (len(train) + len(valid)) < 0.3
     assert report["train"]["query_truncated"] > 0  # real posts are longer than 128 tokens
     assert all(e.chosen_ids[-1] == EOS and e.rejected_ids[-1] == EOS for e in train + valid)
-    _, valid2, _ = rm.load_rm_data(data, qwen_tokenizer, need_train=False)
+    _, valid2, _ = load_rm_data(data, qwen_tokenizer, need_train=False)
     assert [e.post_id for e in valid2] == [e.post_id for e in valid]
 
 
@@ -273,7 +277,7 @@ def test_judged_samples_real_file():
 
 def test_comparison_metrics_by_hand():
     rewards = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 2.0], [3.0, 0.0]])
-    m = rm.comparison_metrics(rewards, [9, 9, 1, None], calibration_bins=5)
+    m = comparison_metrics(rewards, [9, 9, 1, None], calibration_bins=5)
     assert m["accuracy"] == 0.5 and m["n"] == 4 and m["ties"] == 1
     assert m["margin"] == pytest.approx((1 - 1 + 0 + 3) / 4)
     # loss = mean softplus(-diff): softplus(-1) = 0.313262, softplus(1) = 1.313262, log 2 = 0.693147,
@@ -290,11 +294,11 @@ def test_comparison_metrics_by_hand():
 def test_length_baselines_by_hand():
     rewards = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 1.0], [0.5, 0.4]])  # RM prefers: first, second, first, first
     lengths = torch.tensor([[10, 5], [10, 5], [3, 8], [4, 4]])  # first is longer, longer, shorter, equal
-    m = rm.comparison_metrics(rewards, lengths=lengths)
+    m = comparison_metrics(rewards, lengths=lengths)
     assert m["longer_wins_accuracy"] == 0.5  # the chosen (first) is longer in rows 0, 1; equal length counts as wrong
     # unequal rows 0-2: the RM picks the longer one in row 0 only (row 1: the shorter second; row 2: the shorter first)
     assert m["rm_prefers_longer"] == pytest.approx(1 / 3)
-    j = rm.judge_agreement(rewards, [True, False, False, True], lengths=lengths)
+    j = judge_agreement(rewards, [True, False, False, True], lengths=lengths)
     assert j["longer_agreement"] == 0.5  # "longer first" T, T, F, F vs the judge T, F, F, T
     assert j["judge_prefers_longer"] == pytest.approx(2 / 3)  # rows 0 (first, longer) and 2 (second, longer)
     assert j["rm_prefers_longer"] == pytest.approx(1 / 3)
@@ -302,7 +306,7 @@ def test_length_baselines_by_hand():
 
 def test_judge_agreement_by_hand():
     rewards = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 1.0], [0.5, 0.5]])  # RM prefers policy: T, F, T, F (tie)
-    j = rm.judge_agreement(rewards, [True, True, False, False])
+    j = judge_agreement(rewards, [True, True, False, False])
     assert j["agreement"] == 0.5 and j["n"] == 4 and j["ties"] == 1
     assert j["rm_policy_win_rate"] == 0.5 and j["judge_policy_win_rate"] == 0.5
     assert j["cohen_kappa"] == pytest.approx(0.0)  # (0.5 - 0.5) / (1 - 0.5)
@@ -340,8 +344,8 @@ def test_rm_training_run_resume_and_evaluate(lm_dir, qwen_tokenizer, tmp_path):
     assert abs(last["norm/mean_after"]) < 1e-4 and last["norm/n"] == report["normalization"]["n"]
 
     # Weights moved away from the causal LM's.
-    model = rm.load_reward_model(final)
-    lm = rm.reward_model_from_causal_lm(lm_dir)
+    model = load_reward_checkpoint(final)
+    lm = build_reward_model(lm_dir)
     assert not torch.equal(model.backbone.layers[1].mlp.up_proj.weight, lm.backbone.layers[1].mlp.up_proj.weight)
     assert model.config.normalization["n"] == report["normalization"]["n"]
 
@@ -358,7 +362,7 @@ def test_rm_training_run_resume_and_evaluate(lm_dir, qwen_tokenizer, tmp_path):
     assert resumed[3] == first[3] and resumed[4] == first[4]
 
     # evaluate-rm on the same held-out split (read from the run's config.json), CNN/DM and the judge set.
-    res = rm.evaluate(EvaluateRMConfig(model=final, cnndm=str(CNNDM), max_cnndm_query_length=128, cnndm_limit=6, judge_limit=6, progress=False, batch_size=4))
+    res = evaluate_rm.evaluate(EvaluateRMConfig(model=final, cnndm=str(CNNDM), max_cnndm_query_length=128, cnndm_limit=6, judge_limit=6, progress=False, batch_size=4))
     assert res["data_from"].endswith("config.json")
     assert res["heldout"]["n"] > 16 and res["cnndm"]["n"] == 6 and res["judge"]["n"] == 6
     assert res["cnndm"]["dropped"] == {"empty_summary": 12}
@@ -394,7 +398,7 @@ def test_evaluate_rm_says_when_an_asked_for_set_yields_nothing(qwen_tokenizer, t
     tldr_only = tmp_path / "not_cnndm.jsonl"  # TL;DR comparisons given as --cnndm
     tldr_only.write_text("".join(line + "\n" for line in COMPARISONS.read_text().splitlines()[:3]))
     out = tmp_path / "eval_rm.json"
-    res = rm.evaluate(EvaluateRMConfig(
+    res = evaluate_rm.evaluate(EvaluateRMConfig(
         model=rm_dir, data=RMDataArgs(comparisons=str(COMPARISONS), max_query_length=64), valid_limit=4, cnndm=str(tldr_only),
         policy_samples=str(samples), output=str(out), progress=False, batch_size=4,
     ))
@@ -414,22 +418,22 @@ def test_no_usable_comparisons_names_the_file_and_the_drop_counts(qwen_tokenizer
     blaming valid_fraction."""
     from tldr_rlhf.config import PreferenceDataArgs as DPODataArgs
     from tldr_rlhf.errors import DataError
-    from tldr_rlhf.train.dpo import load_dpo_data
+    from tldr_rlhf.tasks import dpo_pairs as load_dpo_data
 
     bad = tmp_path / "choice2.json"
     bad.write_text("".join(json.dumps({**json.loads(line), "choice": 2}) + "\n" for line in COMPARISONS.read_text().splitlines()[:40]))
     expected = f"{bad}: no usable comparisons: 0 of 40 kept; dropped: invalid choice 40"
     for need_train in (True, False):
         with pytest.raises(DataError) as e:
-            rm.load_rm_data(RMDataArgs(comparisons=str(bad), max_query_length=64), qwen_tokenizer, need_train=need_train)
+            load_rm_data(RMDataArgs(comparisons=str(bad), max_query_length=64), qwen_tokenizer, need_train=need_train)
         assert str(e.value) == expected
     with pytest.raises(DataError) as e:
-        rm.load_rm_data(RMDataArgs(comparisons=str(COMPARISONS), valid_comparisons=str(bad), max_query_length=64), qwen_tokenizer, need_train=False)
+        load_rm_data(RMDataArgs(comparisons=str(COMPARISONS), valid_comparisons=str(bad), max_query_length=64), qwen_tokenizer, need_train=False)
     assert str(e.value) == expected
     with pytest.raises(DataError) as e:
         load_dpo_data(DPODataArgs(comparisons=str(bad), max_query_length=64), qwen_tokenizer)
     assert str(e.value) == expected
     # a filter rule: every held-out response over a 2-token cap
     with pytest.raises(DataError) as e:
-        rm.load_rm_data(RMDataArgs(comparisons=str(COMPARISONS), max_response_length=2, valid_limit=10), qwen_tokenizer, need_train=False)
+        load_rm_data(RMDataArgs(comparisons=str(COMPARISONS), max_response_length=2, valid_limit=10), qwen_tokenizer, need_train=False)
     assert str(e.value) == f"{COMPARISONS}: no usable held-out comparisons: 0 of 10 kept; dropped: response too long 10"

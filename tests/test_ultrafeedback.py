@@ -216,9 +216,9 @@ def test_length_caps_drop_and_count(qwen_tokenizer):
 
 def test_stage_data_for_ultrafeedback_share_one_split(qwen_tokenizer):
     from tldr_rlhf import tasks
-    from tldr_rlhf.train.dpo import load_dpo_data
+    from tldr_rlhf.tasks import dpo_pairs as load_dpo_data
     from tldr_rlhf.tasks import rl_prompts as load_prompts
-    from tldr_rlhf.train.rm import load_rm_data
+    from tldr_rlhf.tasks import rm_pairs as load_rm_data
 
     caps = dict(task="ultrafeedback", max_query_length=256, max_response_length=256)
     sft_train, sft_valid, drops, _ = tasks.sft_examples(TldrDataArgs(train=str(ARGILLA), valid_limit=0, **caps), qwen_tokenizer)

@@ -73,7 +73,7 @@ def test_dpo_on_ultrafeedback_moves_the_policy(stages):
 
 def test_evaluate_reports_rm_pair_accuracy_and_win_rate_against_chosen(stages, tmp_path):
     from tldr_rlhf.evaluate import evaluate
-    from tldr_rlhf.train import rm
+    from tldr_rlhf import evaluate_rm
 
     cfg = EvaluateConfig(
         policies=(f"sft={stages['sft'][1]}", f"dpo={stages['dpo'][1]}"), sft_path=stages["sft"][1], rm_path=stages["rm"][1],
@@ -81,7 +81,7 @@ def test_evaluate_reports_rm_pair_accuracy_and_win_rate_against_chosen(stages, t
     )
     with one_thread():
         res = evaluate(cfg)
-        rm_res = rm.evaluate(EvaluateRMConfig(model=stages["rm"][1], progress=False, batch_size=4, valid_limit=6))
+        rm_res = evaluate_rm.evaluate(EvaluateRMConfig(model=stages["rm"][1], progress=False, batch_size=4, valid_limit=6))
     assert res["posts"]["task"] == "ultrafeedback" and res["posts"]["n"] == 3
     pairs = res["rm_heldout_pairs"]
     assert pairs["n"] == 5 and 0.0 <= pairs["accuracy"] <= 1.0

@@ -2,23 +2,7 @@
 reference (by a reward-model judge, optionally by an LLM judge), length-controlled win rate, KL to
 the SFT policy, summary length and EOS rate (N+ details 27-28; Stiennon et al. 2020 sec. 4).
 
-Metric functions are pure (lists / tensors and scalars in, numbers out) and tested by hand:
-
-* ``rouge_scores``: mean ROUGE-1/2/L F1 of summaries against the references (rouge-score, Porter
-  stemming; the N+ paper reports SFT ROUGE-L ~0.25);
-* ``outcomes_from_scores`` and ``win_rate``: a summary wins against the reference when the judge
-  scores it higher (a tie is half a win); unparseable LLM verdicts are counted, never guessed;
-* ``length_controlled_win_rate``: PPO lengthens summaries (~31 -> ~44 tokens in N+) and judges favour
-  length, so a raw win rate mixes quality with length. We fit a logistic regression of the outcome on
-  the length difference, ``P(win) = sigmoid(a + b * d / s)`` with ``d = len(summary) - len(reference)``
-  in tokens and ``s`` the standard deviation of d, and report ``sigmoid(a)``: the predicted win rate
-  of a summary exactly as long as the reference. (Chosen over length buckets because it uses every
-  pair; a small evaluation set leaves buckets nearly empty.) A weak Gaussian prior on the slope (L2
-  ``l2 = 1`` per standard deviation of d) keeps the fit finite when wins separate perfectly by length;
-  with ``l2 = 0`` it is the plain maximum-likelihood fit;
-* ``kl_from_logprobs``: KL(pi || pi_sft) estimated on responses sampled from pi as the mean over
-  responses of ``sum_t log pi(y_t) - log pi_sft(y_t)`` (the k1 estimator the RL stages log as
-  ``objective/kl``), both with logits divided by the sampling temperature (N+ detail 21).
+The metric functions (ROUGE, win rate, length-controlled win rate, KL) are in ``metrics.py``.
 
 ``evaluate(cfg)`` (``tldr-rlhf evaluate``) runs every policy on the same held-out posts, one model in
 memory at a time: summaries (greedy by default), a second sample at the sampling temperature for the
@@ -30,25 +14,17 @@ judge need not share a tokenizer. Writes ``eval.json``, ``summaries.jsonl`` (one
 every policy's summary) and ``eval_table.md``.
 
 Each policy's summaries (and its KL sample with log-probs) are written to ``policies/NAME.jsonl`` in
-the output folder as soon as they exist, so a crash or Ctrl-C keeps the policies already done. A
-rerun reuses such a file when its header matches: the checkpoint path with each of its files' size
-and modification time (a retrained checkpoint does not match), the posts' ids and query tokens,
-and the decoding settings (greedy, temperature, length, seed, batch size, KL sample, dtype, device).
+the output folder as soon as they exist, so a crash or Ctrl-C keeps the policies already done, and a
+rerun with the same checkpoint, posts and settings reuses them (``summaries.py``).
 
 Shapes: N posts (or responses), T response tokens.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import gc
-import hashlib
 import json
 import logging
 import math
-import os
-import re
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -59,145 +35,14 @@ from .config import EvaluateConfig
 from .data.batching import collate_query_response
 from .tasks import held_out_items, query_ids, query_text, reference_of, response_ids
 from .errors import DataError, ModelLoadError
-from .modeling import load_tokenizer_cached
+from .metrics import comparison_metrics, length_controlled_win_rate, outcomes_from_scores, pair_lengths, rouge_scores, win_rate
+from .modeling import bf16_autocast, load_frozen_reward_model, load_tokenizer_cached
+from .summaries import PolicyRun, eval_device, free_memory, generation_key, kl_to_sft, load_policy_run, policy_file, run_policy, save_policy_run
 from .stages import EVAL_FILE
 
 log = logging.getLogger(__name__)
 SUMMARIES_FILE = "summaries.jsonl"
 TABLE_FILE = "eval_table.md"
-POLICY_DIR = "policies"  # one file of summaries per policy, written as each policy finishes
-_POLICY_FORMAT = 1
-
-
-# ----------------------------------------------------------------------------------------------
-# Pure metrics
-
-
-def rouge_scores(predictions: Sequence[str], references: Sequence[str], *, use_stemmer: bool = True) -> dict[str, float]:
-    """Mean ROUGE-1, ROUGE-2 and ROUGE-L F1 (Lin 2004) of ``predictions`` against ``references``.
-
-    Computed with Google's rouge-score (lower-cased, non-alphanumerics dropped, Porter stemming when
-    ``use_stemmer``); ROUGE-L is the sentence-level longest common subsequence. Returns {"rouge1",
-    "rouge2", "rougeL"} in [0, 1], each the mean over the N pairs. An empty prediction scores 0.
-    Raises ValueError for lists of different lengths or no pairs.
-    """
-    if len(predictions) != len(references):
-        raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
-    if not predictions:
-        raise ValueError("rouge_scores needs at least one pair")
-    from rouge_score import rouge_scorer
-
-    logging.getLogger("absl").setLevel(logging.WARNING)  # rouge-score logs "Using default tokenizer." per scorer
-    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=use_stemmer)
-    sums = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
-    for pred, ref in zip(predictions, references):
-        s = scorer.score(ref, pred)  # rouge-score's order: (target, prediction)
-        for k in sums:
-            sums[k] += float(s[k].fmeasure)
-    return {k: v / len(predictions) for k, v in sums.items()}
-
-
-def outcomes_from_scores(policy_scores: Sequence[float], reference_scores: Sequence[float]) -> list[float]:
-    """Per-pair outcome of a score judge: 1.0 when the policy summary scores higher than the
-    reference, 0.0 when lower, 0.5 for an exact tie. Shapes: two length-N sequences -> N floats.
-    Raises ValueError for different lengths."""
-    if len(policy_scores) != len(reference_scores):
-        raise ValueError(f"{len(policy_scores)} policy scores but {len(reference_scores)} reference scores")
-    return [1.0 if p > r else 0.0 if p < r else 0.5 for p, r in zip(policy_scores, reference_scores)]
-
-
-def win_rate(outcomes: Sequence[float | None]) -> dict[str, Any]:
-    """Win rate against the reference (Stiennon et al. 2020 fig. 1; N+ detail 27).
-
-    ``outcomes``: per pair 1.0 (win), 0.0 (loss), 0.5 (tie) or None (no verdict: an unparseable or
-    failed judgement). None is counted in ``unparseable`` and left out of the rate, never guessed.
-    Returns {win_rate (nan when nothing was judged), n (judged pairs), wins, losses, ties, unparseable}.
-    Raises ValueError for an outcome outside {0, 0.5, 1, None}.
-    """
-    wins = losses = ties = missing = 0
-    for o in outcomes:
-        if o is None:
-            missing += 1
-        elif o == 1.0:
-            wins += 1
-        elif o == 0.0:
-            losses += 1
-        elif o == 0.5:
-            ties += 1
-        else:
-            raise ValueError(f"outcome must be 0, 0.5, 1 or None, got {o!r}")
-    n = wins + losses + ties
-    return {"win_rate": (wins + 0.5 * ties) / n if n else float("nan"), "n": n, "wins": wins, "losses": losses, "ties": ties, "unparseable": missing}
-
-
-def length_controlled_win_rate(
-    outcomes: Sequence[float | None],
-    policy_lengths: Sequence[int],
-    reference_lengths: Sequence[int],
-    *,
-    l2: float = 1.0,
-    max_iter: int = 100,
-    tol: float = 1e-12,
-) -> dict[str, Any]:
-    """Win rate at matched length: logistic regression of the outcome on the length difference,
-    evaluated at zero difference.
-
-    Model: ``P(win_i) = sigmoid(a + b * x_i)`` with ``x_i = d_i / s``, ``d_i = policy_lengths[i] -
-    reference_lengths[i]`` (tokens) and ``s`` the population standard deviation of d over the judged
-    pairs. Fitted by Newton's method on the Bernoulli log-likelihood ``sum y log p + (1 - y) log(1 - p)``
-    (a tie, y = 0.5, is half a win) minus ``l2 / 2 * b**2`` (a N(0, 1/l2) prior on the slope per standard
-    deviation of d; the intercept is not penalized). Pairs with outcome None are dropped. Returns
-    {lc_win_rate = sigmoid(a), intercept a, slope_per_token b / s, n, mean_length_diff (tokens),
-    raw_win_rate, extrapolated: True when every summary is longer, or every one shorter, than its
-    reference, so that zero difference lies outside the data}. Special cases: no judged pair gives nan; all outcomes equal give that value
-    (the intercept is infinite); lengths that do not vary fix b = 0 (nothing to extrapolate with).
-    Raises ValueError for sequences of different lengths.
-    """
-    if not len(outcomes) == len(policy_lengths) == len(reference_lengths):
-        raise ValueError(f"lengths differ: {len(outcomes)} outcomes, {len(policy_lengths)} policy lengths, {len(reference_lengths)} reference lengths")
-    rows = [(float(o), float(p) - float(r)) for o, p, r in zip(outcomes, policy_lengths, reference_lengths) if o is not None]
-    n = len(rows)
-    if n == 0:
-        return {"lc_win_rate": float("nan"), "intercept": float("nan"), "slope_per_token": float("nan"), "n": 0, "mean_length_diff": float("nan"), "raw_win_rate": float("nan"), "extrapolated": False}
-    y = torch.tensor([r[0] for r in rows], dtype=torch.float64)
-    d = torch.tensor([r[1] for r in rows], dtype=torch.float64)
-    raw = y.mean().item()
-    out = {"n": n, "mean_length_diff": d.mean().item(), "raw_win_rate": raw, "extrapolated": not (d.min().item() <= 0.0 <= d.max().item())}
-    if raw in (0.0, 1.0):
-        return {**out, "lc_win_rate": raw, "intercept": math.copysign(math.inf, raw - 0.5), "slope_per_token": 0.0}
-    s = d.std(unbiased=False).item()
-    if s == 0.0:  # no length variation: the slope is not identified
-        a = math.log(raw / (1 - raw))
-        return {**out, "lc_win_rate": raw, "intercept": a, "slope_per_token": 0.0}
-    x = torch.stack([torch.ones_like(d), d / s], 1)  # (N, 2)
-    penalty = torch.diag(torch.tensor([0.0, l2], dtype=torch.float64))
-    w = torch.tensor([math.log(raw / (1 - raw)), 0.0], dtype=torch.float64)
-    for _ in range(max_iter):
-        p = torch.sigmoid(x @ w)
-        grad = x.T @ (y - p) - penalty @ w
-        hess = (x.T * (p * (1 - p))) @ x + penalty
-        step = torch.linalg.solve(hess, grad)
-        w = w + step
-        if step.abs().max().item() < tol:
-            break
-    a, b = w.tolist()
-    return {**out, "lc_win_rate": 1.0 / (1.0 + math.exp(-a)), "intercept": a, "slope_per_token": b / s}
-
-
-def kl_from_logprobs(policy_logprobs: torch.Tensor, sft_logprobs: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
-    """KL(pi || pi_sft) in nats per response, k1 estimator on responses sampled from pi.
-
-    Shapes: policy_logprobs, sft_logprobs (N, T) log-probs of the sampled tokens (same temperature);
-    mask (N, T) bool, True on real response tokens. Per response ``kl_i = sum_t mask * (lp_pi -
-    lp_sft)``; returns {kl (mean over N), kl_std, n}. The mean is unbiased for the sequence KL; single
-    values can be negative. Raises ValueError for mismatched shapes or N = 0.
-    """
-    if policy_logprobs.shape != sft_logprobs.shape or policy_logprobs.shape != mask.shape:
-        raise ValueError(f"shapes differ: {tuple(policy_logprobs.shape)}, {tuple(sft_logprobs.shape)}, {tuple(mask.shape)}")
-    if policy_logprobs.shape[0] == 0:
-        raise ValueError("kl_from_logprobs needs at least one response")
-    per = ((policy_logprobs.double() - sft_logprobs.double()) * mask.double()).sum(-1)
-    return {"kl": per.mean().item(), "kl_std": per.std(unbiased=False).item(), "n": int(per.shape[0])}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -250,227 +95,7 @@ def held_out_posts(cfg: EvaluateConfig, tokenizers: Sequence = ()) -> tuple[list
 
 
 # ----------------------------------------------------------------------------------------------
-# Model passes
-
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _autocast(device: torch.device, dtype: str):
-    if device.type == "cuda" and dtype in ("auto", "bfloat16"):
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def _free() -> None:
-    """Return a deleted model's accelerator memory (CPU memory goes back when the last reference dies)."""
-    if torch.cuda.is_available():
-        gc.collect()
-        torch.cuda.empty_cache()
-
-
-@dataclasses.dataclass
-class PolicyRun:
-    """What one policy produced: greedy (or sampled) summaries and, for the KL, a sample with its
-    log-probs. ``queries`` are the policy tokenizer's query ids."""
-
-    name: str
-    path: str
-    queries: list[list[int]]
-    responses: list[list[int]]
-    texts: list[str]
-    lengths: list[int]
-    has_eos: list[bool]
-    kl_responses: list[list[int]] | None = None
-    kl_logprobs: torch.Tensor | None = None
-    seconds: float = 0.0
-
-
-def _sorted_generate(model, queries, tok, cfg: EvaluateConfig, *, greedy: bool) -> list[list[int]]:
-    from .generation import generate
-
-    order = sorted(range(len(queries)), key=lambda i: len(queries[i]))
-    out = generate(
-        model, [queries[i] for i in order], eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-        max_new_tokens=cfg.response_length, temperature=cfg.temperature, greedy=greedy, batch_size=cfg.batch_size,
-    )
-    result: list[list[int]] = [[] for _ in queries]
-    for i, r in zip(order, out):
-        result[i] = r
-    return result
-
-
-def _summed_logprobs(model, queries, responses, pad: int, cfg: EvaluateConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, T) log-probs at the sampling temperature and the (N, T) response mask."""
-    from .rollout import response_logprobs
-
-    batch = collate_query_response(queries, responses, pad)
-    lp, _ = response_logprobs(model, batch, temperature=cfg.temperature, batch_size=cfg.batch_size)
-    return lp.cpu(), batch.response_mask
-
-
-def run_policy(name: str, path: str, posts: list, cfg: EvaluateConfig, *, seed: int) -> PolicyRun:
-    """Generate the summaries of one policy (and its KL sample with log-probs) on ``posts``.
-    Raises ModelLoadError for a path that does not load."""
-    from .generation import decode_response
-    from .modeling import load_causal_lm
-    from .rollout import plain_sampling_config
-
-    t0 = time.perf_counter()
-    tok = load_tokenizer_cached(path)
-    queries = [query_ids(tok, p, cfg.data) for p in posts]
-    device = _device()
-    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" and device.type == "cpu" else torch.float32
-    model = load_causal_lm(path, dtype=dtype, tokenizer=tok).to(device)
-    plain_sampling_config(model, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    eos = tok.eos_token_id
-    with _autocast(device, cfg.dtype):
-        torch.manual_seed(seed)
-        responses = _sorted_generate(model, queries, tok, cfg, greedy=cfg.greedy)
-        run = PolicyRun(
-            name=name, path=path, queries=queries, responses=responses,
-            texts=[decode_response(tok, r) for r in responses],
-            lengths=[len(r) - (1 if r and r[-1] == eos else 0) for r in responses],
-            has_eos=[bool(r) and r[-1] == eos for r in responses],
-        )
-        if cfg.kl and cfg.sft_path:
-            if cfg.greedy:
-                torch.manual_seed(seed + 1)
-                kl_responses = _sorted_generate(model, queries, tok, cfg, greedy=False)
-            else:
-                kl_responses = responses
-            run.kl_responses = kl_responses
-            run.kl_logprobs, _ = _summed_logprobs(model, queries, kl_responses, tok.pad_token_id, cfg)
-    del model
-    _free()
-    run.seconds = time.perf_counter() - t0
-    return run
-
-
-# ----------------------------------------------------------------------------------------------
-# Per-policy summaries on disk: written as each policy finishes, reused by a rerun
-
-
-def _checkpoint_fingerprint(path: str) -> list | str | None:
-    """[name, size, mtime_ns] of every file of a checkpoint folder (or of a .gguf file): a retrained
-    or replaced checkpoint gives another fingerprint. A hub id: its cached snapshot, else None."""
-    p = Path(path).expanduser()
-    if p.is_file():
-        files = [p]
-    elif p.is_dir():
-        files = sorted(f for f in p.iterdir() if f.is_file())
-    else:
-        try:
-            from huggingface_hub import try_to_load_from_cache
-
-            cached = try_to_load_from_cache(path, "config.json")
-            return str(Path(cached).parent) if isinstance(cached, str) else None
-        except Exception:  # noqa: BLE001
-            return None
-    return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
-
-
-def policy_file(out_dir: str | Path, name: str) -> Path:
-    """Where ``evaluate`` keeps one policy's summaries: ``OUT/policies/NAME.jsonl`` (a name with
-    other characters than letters, digits, ``._-`` gets them replaced and a short hash added)."""
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", name)
-    if safe != name or not safe.strip("."):
-        safe = f"{safe}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
-    return Path(out_dir) / POLICY_DIR / f"{safe}.jsonl"
-
-
-def generation_key(path: str, posts: list, cfg: EvaluateConfig, *, seed: int) -> dict[str, Any]:
-    """What a policy's summaries depend on: the checkpoint (path and file fingerprint), the posts
-    (ids and query tokens in the policy's tokenizer) and the decoding settings. Equal keys give the
-    same summaries, so a rerun may reuse them."""
-    tok = load_tokenizer_cached(path)
-    queries = [[str(p.id), query_ids(tok, p, cfg.data)] for p in posts]
-    return {
-        "format": _POLICY_FORMAT,
-        "path": str(path),
-        "checkpoint": _checkpoint_fingerprint(path),
-        "posts": hashlib.sha256(json.dumps(queries).encode()).hexdigest(),
-        "n": len(posts),
-        "settings": {
-            "greedy": cfg.greedy, "temperature": cfg.temperature, "response_length": cfg.response_length, "seed": seed,
-            "batch_size": cfg.batch_size, "kl_sample": bool(cfg.kl and cfg.sft_path), "dtype": cfg.dtype, "device": _device().type,
-        },
-    }
-
-
-def save_policy_run(file: Path, run: PolicyRun, key: dict[str, Any], post_ids: Sequence[str]) -> None:
-    """Write one policy's summaries (token ids and text, KL sample and its log-probs) to ``file``
-    (JSON lines: a header with ``key``, then one record per post), through a temporary name."""
-    file.parent.mkdir(parents=True, exist_ok=True)
-    lp = run.kl_logprobs
-    header = {"policy": run.name, "key": key, "seconds": run.seconds, "kl_width": None if lp is None else int(lp.shape[1]), "kl_dtype": None if lp is None else str(lp.dtype).removeprefix("torch.")}
-    tmp = file.with_name(file.name + ".tmp")
-    with tmp.open("w") as f:
-        f.write(json.dumps(header) + "\n")
-        for i, pid in enumerate(post_ids):
-            rec: dict[str, Any] = {"id": pid, "text": run.texts[i], "response": run.responses[i]}
-            if run.kl_responses is not None and lp is not None:
-                rec["kl_response"] = run.kl_responses[i]
-                rec["kl_logprobs"] = lp[i, : len(run.kl_responses[i])].tolist()
-            f.write(json.dumps(rec) + "\n")
-    os.replace(tmp, file)
-
-
-def load_policy_run(file: Path, name: str, path: str, key: dict[str, Any], posts: list, cfg: EvaluateConfig) -> PolicyRun | None:
-    """The PolicyRun saved in ``file`` when its header's key equals ``key`` and it holds every post
-    in order; else None (missing, other settings or checkpoint, unreadable)."""
-    try:
-        lines = file.read_text().splitlines()
-        header = json.loads(lines[0])
-        records = [json.loads(line) for line in lines[1:]]
-    except (OSError, ValueError, IndexError):
-        return None
-    if header.get("key") != key or [r.get("id") for r in records] != [str(p.id) for p in posts]:
-        return None
-    tok = load_tokenizer_cached(path)
-    eos = tok.eos_token_id
-    responses = [r["response"] for r in records]
-    run = PolicyRun(
-        name=name, path=path, queries=[query_ids(tok, p, cfg.data) for p in posts], responses=responses,
-        texts=[r["text"] for r in records],
-        lengths=[len(r) - (1 if r and r[-1] == eos else 0) for r in responses],
-        has_eos=[bool(r) and r[-1] == eos for r in responses],
-        seconds=float(header.get("seconds") or 0.0),
-    )
-    if key["settings"]["kl_sample"]:
-        if header.get("kl_width") is None or not all("kl_logprobs" in r for r in records):
-            return None
-        lp = torch.zeros(len(records), int(header["kl_width"]), dtype=getattr(torch, header["kl_dtype"]))
-        for i, r in enumerate(records):
-            lp[i, : len(r["kl_logprobs"])] = torch.tensor(r["kl_logprobs"], dtype=lp.dtype)
-        run.kl_responses = [r["kl_response"] for r in records]
-        run.kl_logprobs = lp
-    return run
-
-
-def kl_to_sft(runs: list[PolicyRun], posts: list, cfg: EvaluateConfig) -> dict[str, dict[str, Any]]:
-    """KL(pi || pi_sft) of every policy run that has a KL sample, with the SFT model loaded once.
-    A policy whose tokenizer gives other query ids than the SFT tokenizer gets {"kl": None, "note"}."""
-    from .modeling import load_causal_lm
-
-    todo = [r for r in runs if r.kl_responses is not None]
-    if not todo:
-        return {}
-    tok = load_tokenizer_cached(cfg.sft_path)
-    queries = [query_ids(tok, p, cfg.data) for p in posts]
-    device = _device()
-    model = load_causal_lm(cfg.sft_path, dtype=torch.float32, tokenizer=tok).to(device)
-    out: dict[str, dict[str, Any]] = {}
-    with _autocast(device, cfg.dtype):
-        for r in todo:
-            if r.queries != queries:
-                out[r.name] = {"kl": None, "note": "tokenizer differs from the SFT policy's"}
-                continue
-            sft_lp, mask = _summed_logprobs(model, queries, r.kl_responses, tok.pad_token_id, cfg)
-            out[r.name] = kl_from_logprobs(r.kl_logprobs, sft_lp, mask)
-    del model
-    _free()
-    return out
+# Reward-model scores of summaries
 
 
 @torch.no_grad()
@@ -499,26 +124,25 @@ def score_with(path: str, posts: list, texts: dict[str, list[str]], cfg: Evaluat
     """Scores of every list of summaries in ``texts`` ({name: N summaries}) by the reward model at
     ``path`` (loaded once). With ``pair_metrics`` (a dict) and a task whose source holds held-out
     preference pairs (UltraFeedback), the reward model's accuracy on them is stored in it
-    (``train.rm.comparison_metrics``: accuracy, n, longer-wins baseline, ...). Raises ModelLoadError
+    (``metrics.comparison_metrics``: accuracy, n, longer-wins baseline, ...). Raises ModelLoadError
     for a path that is not a one-output reward model."""
     from .tasks import held_out_pairs
-    from .train.rl_common import freeze, load_reward_model
 
     tok = load_tokenizer_cached(path)
-    device = _device()
-    model = freeze(load_reward_model(path, dtype=torch.float32)).to(device)
+    device = eval_device()
+    model = load_frozen_reward_model(path, dtype=torch.float32).to(device)
     out = {}
-    with _autocast(device, cfg.dtype):
+    with bf16_autocast(device, cfg.dtype):
         for name, summaries in texts.items():
             out[name] = score_summaries(model, tok, posts, summaries, data=cfg.data, batch_size=cfg.batch_size)
         pairs = held_out_pairs(cfg.data, tok) if pair_metrics is not None else None
         if pairs:
-            from .train.rm import _lengths, comparison_metrics, score_comparisons
+            from .reward_scoring import score_comparisons  # imports transformers: only when there are pairs
 
             r = score_comparisons(model, pairs, pad_token_id=tok.pad_token_id, batch_size=cfg.batch_size, desc="held-out pairs")
-            pair_metrics.update(comparison_metrics(r, lengths=_lengths(pairs)))
+            pair_metrics.update(comparison_metrics(r, lengths=pair_lengths(pairs)))
     del model
-    _free()
+    free_memory()
     return out
 
 
@@ -561,6 +185,106 @@ def _check(cfg: EvaluateConfig, policies: dict[str, str]) -> None:
         raise DataError(f"temperature must be > 0 for sampling, got {cfg.temperature}", field="temperature")
 
 
+def _judge_client(cfg: EvaluateConfig):
+    """The LLM judge's client when ``judge.url`` is set (else None), checked with a first request so
+    that a judge that does not answer fails before any summary is generated. Raises JudgeError."""
+    if not cfg.judge.url:
+        return None
+    from .judge import ChatClient, JudgeError
+
+    client = ChatClient(cfg.judge.url, cfg.judge.model, api_key_env=cfg.judge.api_key_env, timeout_s=cfg.judge.timeout_s, retries=cfg.judge.retries, temperature=cfg.judge.temperature)
+    try:
+        client.complete("Reply with the single word OK.")
+    except JudgeError as e:
+        raise JudgeError(f"the LLM judge (--judge.url {cfg.judge.url}, model {cfg.judge.model}) does not answer: {e}") from None
+    return client
+
+
+def _policy_runs(policies: dict[str, str], posts: list, cfg: EvaluateConfig, out_dir: Path) -> tuple[list[PolicyRun], set[str]]:
+    """Every policy's summaries, in order: read back from ``policies/NAME.jsonl`` when its key matches
+    (those names are returned as reused), else generated by ``run_policy`` and written there at once."""
+    runs: list[PolicyRun] = []
+    reused: set[str] = set()
+    post_ids = [str(p.id) for p in posts]
+    for name, path in policies.items():
+        file = policy_file(out_dir, name)
+        key = generation_key(path, posts, cfg, seed=cfg.seed)
+        run = load_policy_run(file, name, path, key, posts, cfg)
+        if run is not None:
+            reused.add(name)
+            log.info("policy %s: reusing its %d summaries in %s (same checkpoint, posts and settings)", name, len(posts), file)
+        else:
+            log.info("policy %s: %s", name, path)
+            run = run_policy(name, path, posts, cfg, seed=cfg.seed)
+            save_policy_run(file, run, key, post_ids)
+            log.info("policy %s: %d responses in %.1f s (mean length %.1f tokens, EOS rate %.2f); written to %s", name, len(posts), run.seconds, _mean(run.lengths), _mean(run.has_eos), file)
+        runs.append(run)
+    return runs, reused
+
+
+def _llm_verdicts(client, runs: list[PolicyRun], posts: list, references: list[str], cfg: EvaluateConfig) -> dict[str, list]:
+    """The LLM judge's verdicts on the first ``judge.limit`` posts (all when 0) of every policy
+    ({name: verdicts}); {} without a judge."""
+    if client is None:
+        return {}
+    from .judge import judge_pairs
+
+    k = cfg.judge.limit or len(posts)
+    judged_posts = [query_text(p) for p in posts[:k]]
+    return {r.name: judge_pairs(client, judged_posts, r.texts[:k], references[:k], seed=cfg.seed * 1000 + i, max_parallel=cfg.judge.max_parallel) for i, r in enumerate(runs)}
+
+
+def _policy_metrics(r: PolicyRun, references: list[str], ref_lengths: list[int], rm_scores: dict, judge_scores: dict, verdicts: list | None, kl: dict | None) -> dict[str, Any]:
+    """One policy's entry of ``eval.json`` (see ``evaluate``) from its summaries, the reference
+    lengths in its tokenizer, the reward models' scores ({} when absent), its LLM verdicts and KL."""
+    m: dict[str, Any] = {"path": r.path, **rouge_scores(r.texts, references)}
+    m["mean_length"] = _mean(r.lengths)
+    m["reference_mean_length"] = _mean(ref_lengths)
+    m["eos_rate"] = _mean([float(e) for e in r.has_eos])
+    if rm_scores:
+        m["rm_score"] = _mean(rm_scores[r.name])
+        m["rm_win_rate"] = win_rate(outcomes_from_scores(rm_scores[r.name], rm_scores["reference"]))["win_rate"]
+    if judge_scores:
+        outcomes = outcomes_from_scores(judge_scores[r.name], judge_scores["reference"])
+        m["judge"] = {**win_rate(outcomes), "score": _mean(judge_scores[r.name])}
+        m["judge"]["lc"] = length_controlled_win_rate(outcomes, r.lengths, ref_lengths)
+    if verdicts is not None:
+        outcomes = [v.outcome for v in verdicts]
+        k = len(verdicts)
+        m["llm_judge"] = {**win_rate(outcomes), "failed": sum(v.error is not None for v in verdicts), "lc": length_controlled_win_rate(outcomes, r.lengths[:k], ref_lengths[:k])}
+        m["llm_judge"]["unparseable"] -= m["llm_judge"]["failed"]
+    if kl is not None:
+        m["kl_to_sft"] = kl.get("kl")
+        m["kl_to_sft_std"] = kl.get("kl_std")
+        if kl.get("note"):  # asked for but not measured: say why
+            m["kl_to_sft_note"] = kl["note"]
+    m["seconds"] = r.seconds
+    return m
+
+
+def _write_summaries(path: Path, posts: list, references: list[str], runs: list[PolicyRun], ref_lengths: dict[str, list[int]], rm_scores: dict, judge_scores: dict, llm: dict[str, list]) -> None:
+    """``summaries.jsonl``: per post its fields, the reference and every policy's summary with its
+    length, EOS, scores and LLM verdict."""
+    with path.open("w") as f:
+        for i, p in enumerate(posts):
+            fields = {"subreddit": p.subreddit, "title": p.title, "post": p.post} if hasattr(p, "post") else {"prompt": p.prompt}
+            rec: dict[str, Any] = {"id": p.id, **fields, "reference": references[i], "summaries": {}}
+            if rm_scores:
+                rec["reference_rm_score"] = rm_scores["reference"][i]
+            for r in runs:
+                s: dict[str, Any] = {"text": r.texts[i], "length": r.lengths[i], "reference_length": ref_lengths[r.name][i], "eos": r.has_eos[i]}
+                if rm_scores:
+                    s["rm_score"] = rm_scores[r.name][i]
+                if judge_scores is not rm_scores and judge_scores:
+                    s["judge_score"] = judge_scores[r.name][i]
+                if r.name in llm and i < len(llm[r.name]):
+                    v = llm[r.name][i]
+                    s["llm_verdict"] = v.preferred
+                    s["llm_policy_first"] = v.policy_first
+                rec["summaries"][r.name] = s
+            f.write(json.dumps(rec) + "\n")
+
+
 def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     """Evaluate every policy of ``cfg.policies`` on the same held-out posts; writes ``eval.json``,
     ``summaries.jsonl`` and ``eval_table.md`` to ``cfg.output_dir``, prints the table and returns the
@@ -579,18 +303,11 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
 
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
+    # 1. Inputs: every path, kind and value checked, the judge asked once, the posts read.
     policies = parse_policies(cfg.policies)
     _check(cfg, policies)
     validate_config(cfg)  # every value, and no run's final/ that its save left incomplete
-    client = None
-    if cfg.judge.url:  # fail fast, before any summary is generated, when the judge does not answer
-        from .judge import ChatClient, JudgeError
-
-        client = ChatClient(cfg.judge.url, cfg.judge.model, api_key_env=cfg.judge.api_key_env, timeout_s=cfg.judge.timeout_s, retries=cfg.judge.retries, temperature=cfg.judge.temperature)
-        try:
-            client.complete("Reply with the single word OK.")
-        except JudgeError as e:
-            raise JudgeError(f"the LLM judge (--judge.url {cfg.judge.url}, model {cfg.judge.model}) does not answer: {e}") from None
+    client = _judge_client(cfg)
     tokenizers = [load_tokenizer_cached(p) for p in policies.values()]
     tokenizers += [load_tokenizer_cached(p) for p in (cfg.sft_path, cfg.rm_path, cfg.judge_rm_path) if p]
     posts, dropped = held_out_posts(cfg, tokenizers)
@@ -600,49 +317,22 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     log.info("evaluating %d policies on %d held-out %s", len(policies), len(posts), "posts" if cfg.data.task == "tldr" else "prompts")
     t_start = time.perf_counter()
 
-    runs: list[PolicyRun] = []
-    reused: set[str] = set()
-    post_ids = [str(p.id) for p in posts]
-    for name, path in policies.items():
-        file = policy_file(out_dir, name)
-        key = generation_key(path, posts, cfg, seed=cfg.seed)
-        run = load_policy_run(file, name, path, key, posts, cfg)
-        if run is not None:
-            reused.add(name)
-            log.info("policy %s: reusing its %d summaries in %s (same checkpoint, posts and settings)", name, len(posts), file)
-        else:
-            log.info("policy %s: %s", name, path)
-            run = run_policy(name, path, posts, cfg, seed=cfg.seed)
-            save_policy_run(file, run, key, post_ids)
-            log.info("policy %s: %d responses in %.1f s (mean length %.1f tokens, EOS rate %.2f); written to %s", name, len(posts), run.seconds, _mean(run.lengths), _mean(run.has_eos), file)
-        runs.append(run)
+    # 2. Summaries (generated or reused), then the KL sample's log-probs under the SFT policy.
+    runs, reused = _policy_runs(policies, posts, cfg, out_dir)
     kls = kl_to_sft(runs, posts, cfg) if cfg.kl and cfg.sft_path else {}
 
+    # 3. Scores: training reward model, judge reward model, LLM judge.
     texts = {r.name: r.texts for r in runs}
     texts["reference"] = references
     rm_pairs: dict[str, Any] = {}
     rm_scores = score_with(cfg.rm_path, posts, texts, cfg, pair_metrics=rm_pairs) if cfg.rm_path else {}
     judge_path = cfg.judge_rm_path or cfg.rm_path
-    if judge_path and judge_path != cfg.rm_path:
-        judge_scores = score_with(judge_path, posts, texts, cfg)
-    else:
-        judge_scores = rm_scores
-
+    judge_scores = score_with(judge_path, posts, texts, cfg) if judge_path and judge_path != cfg.rm_path else rm_scores
     # reference lengths in each policy's tokenizer (for the length-controlled win rate)
-    ref_lengths: dict[str, list[int]] = {}
-    for r in runs:
-        tok = load_tokenizer_cached(r.path)
-        ref_lengths[r.name] = [len(response_ids(tok, s, cfg.data)) - 1 for s in references]
+    ref_lengths = {r.name: [len(response_ids(load_tokenizer_cached(r.path), s, cfg.data)) - 1 for s in references] for r in runs}
+    llm = _llm_verdicts(client, runs, posts, references, cfg)
 
-    llm: dict[str, list] = {}
-    if client is not None:
-        from .judge import judge_pairs
-
-        k = cfg.judge.limit or len(posts)
-        judged_posts = [query_text(p) for p in posts[:k]]
-        for i, r in enumerate(runs):
-            llm[r.name] = judge_pairs(client, judged_posts, r.texts[:k], references[:k], seed=cfg.seed * 1000 + i, max_parallel=cfg.judge.max_parallel)
-
+    # 4. Metrics per policy, then eval.json, summaries.jsonl and the table.
     results: dict[str, Any] = {
         "posts": {"n": len(posts), "task": cfg.data.task, "source": cfg.data.valid or cfg.data.train, "max_query_length": cfg.data.max_query_length, "query_does_not_fit": dropped},
         "decoding": {"greedy": cfg.greedy, "temperature": cfg.temperature, "response_length": cfg.response_length},
@@ -656,29 +346,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         "policies": {},
     }
     for r in runs:
-        m: dict[str, Any] = {"path": r.path, **rouge_scores(r.texts, references)}
-        m["mean_length"] = _mean(r.lengths)
-        m["reference_mean_length"] = _mean(ref_lengths[r.name])
-        m["eos_rate"] = _mean([float(e) for e in r.has_eos])
-        if rm_scores:
-            m["rm_score"] = _mean(rm_scores[r.name])
-            m["rm_win_rate"] = win_rate(outcomes_from_scores(rm_scores[r.name], rm_scores["reference"]))["win_rate"]
-        if judge_scores:
-            outcomes = outcomes_from_scores(judge_scores[r.name], judge_scores["reference"])
-            m["judge"] = {**win_rate(outcomes), "score": _mean(judge_scores[r.name])}
-            m["judge"]["lc"] = length_controlled_win_rate(outcomes, r.lengths, ref_lengths[r.name])
-        if r.name in llm:
-            verdicts = llm[r.name]
-            outcomes = [v.outcome for v in verdicts]
-            k = len(verdicts)
-            m["llm_judge"] = {**win_rate(outcomes), "failed": sum(v.error is not None for v in verdicts), "lc": length_controlled_win_rate(outcomes, r.lengths[:k], ref_lengths[r.name][:k])}
-            m["llm_judge"]["unparseable"] -= m["llm_judge"]["failed"]
-        if r.name in kls:
-            m["kl_to_sft"] = kls[r.name].get("kl")
-            m["kl_to_sft_std"] = kls[r.name].get("kl_std")
-            if kls[r.name].get("note"):  # asked for but not measured: say why
-                m["kl_to_sft_note"] = kls[r.name]["note"]
-        m["seconds"] = r.seconds
+        m = _policy_metrics(r, references, ref_lengths[r.name], rm_scores, judge_scores, llm.get(r.name), kls.get(r.name))
         if r.name in reused:
             m["summaries_reused"] = str(policy_file(out_dir, r.name))
         results["policies"][r.name] = m
@@ -687,29 +355,16 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     results["seconds"] = time.perf_counter() - t_start
 
     (out_dir / EVAL_FILE).write_text(json.dumps(results, indent=2) + "\n")
-    with (out_dir / SUMMARIES_FILE).open("w") as f:
-        for i, p in enumerate(posts):
-            fields = {"subreddit": p.subreddit, "title": p.title, "post": p.post} if hasattr(p, "post") else {"prompt": p.prompt}
-            rec: dict[str, Any] = {"id": p.id, **fields, "reference": references[i], "summaries": {}}
-            if rm_scores:
-                rec["reference_rm_score"] = rm_scores["reference"][i]
-            for r in runs:
-                s: dict[str, Any] = {"text": r.texts[i], "length": r.lengths[i], "reference_length": ref_lengths[r.name][i], "eos": r.has_eos[i]}
-                if rm_scores:
-                    s["rm_score"] = rm_scores[r.name][i]
-                if judge_scores is not rm_scores and judge_scores:
-                    s["judge_score"] = judge_scores[r.name][i]
-                if r.name in llm and i < len(llm[r.name]):
-                    v = llm[r.name][i]
-                    s["llm_verdict"] = v.preferred
-                    s["llm_policy_first"] = v.policy_first
-                rec["summaries"][r.name] = s
-            f.write(json.dumps(rec) + "\n")
+    _write_summaries(out_dir / SUMMARIES_FILE, posts, references, runs, ref_lengths, rm_scores, judge_scores, llm)
     table = format_table(results)
     (out_dir / TABLE_FILE).write_text(table + "\n")
     print(table)
     print(f"\nresults: {out_dir / EVAL_FILE}")
     return results
+
+
+# ----------------------------------------------------------------------------------------------
+# The table (eval_table.md; the report's metrics table)
 
 
 def _fmt(v: Any, spec: str = ".3f") -> str:

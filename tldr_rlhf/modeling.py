@@ -1,4 +1,5 @@
-"""Loading and saving models and tokenizers; dropout off; LoRA; response-only logits.
+"""Loading and saving models and tokenizers; dropout off; LoRA; the precision rules; frozen
+reference and reward models; reward-model construction; response-only logits.
 
 A model path is a hub id, a local Hugging Face folder, or a ``.gguf`` file (llama.cpp format,
 dequantized by transformers on load; it then saves as an ordinary safetensors checkpoint).
@@ -11,6 +12,7 @@ Shapes: B batch, P query tokens (left-padded), T response tokens, V vocabulary.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import json
@@ -21,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ModelLoadError
+from .errors import DataError, ModelLoadError
 from .ops import position_ids_from_mask
 
 log = logging.getLogger(__name__)
@@ -281,6 +283,166 @@ def save_pretrained(model: nn.Module, tokenizer, path: str | Path) -> None:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     unwrap_for_save(model).save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Precision rules
+
+
+def master_weights_dtype(dtype_name: str) -> torch.dtype:
+    """Weights dtype of a model that is trained, or evaluated in the training regime: float32 master
+    weights (on CUDA ``bf16_autocast`` gives bf16 compute), bfloat16 weights only when ``dtype_name``
+    is "bfloat16" on a machine without CUDA."""
+    return torch.bfloat16 if dtype_name == "bfloat16" and not torch.cuda.is_available() else torch.float32
+
+
+def frozen_weights_dtype(dtype_name: str) -> torch.dtype:
+    """Weights dtype of the frozen models of an RL stage (reference policy, reward model): bfloat16
+    when asked, or with "auto" on CUDA (the precision of the policy's autocast rollout pass, so the
+    first update has KL 0 and ratio 1), else float32."""
+    if dtype_name == "bfloat16" or (dtype_name == "auto" and torch.cuda.is_available()):
+        return torch.bfloat16
+    return torch.float32
+
+
+def bf16_autocast(device: torch.device, dtype_name: str):
+    """bf16 autocast on a CUDA ``device`` when ``dtype_name`` is "auto" or "bfloat16", else a
+    context that does nothing."""
+    if device.type == "cuda" and dtype_name in ("auto", "bfloat16"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------------------------
+# Frozen models and reward models
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Eval mode, dropout off (N+ detail 7), no gradients. In place."""
+    disable_dropout(model)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def load_frozen_reference(path: str, tokenizer, *, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The frozen reference policy: the SFT checkpoint again (N+ section 4). Raises ModelLoadError
+    for a path that does not load."""
+    return freeze(load_causal_lm(path, dtype=dtype, tokenizer=tokenizer))
+
+
+def _load_reward_classifier(path: str, *, dtype: torch.dtype) -> nn.Module:
+    """A one-output sequence classifier through ``AutoModelForSequenceClassification`` (this
+    project's ``ScalarRewardModel`` checkpoints register themselves on import; other one-label
+    classifiers load as they are), dropout off. Raises ModelLoadError for a missing path or a
+    checkpoint that is not a one-output classifier."""
+    from transformers import AutoModelForSequenceClassification
+
+    from . import reward_model  # noqa: F401  (registers the tldr_rlhf_reward model type)
+
+    _check_exists(path)
+    try:
+        # trust_remote_code=False: the class registered in-process is used; a checkpoint's copy of
+        # reward_model.py (its auto_map) is never executed, and transformers does not stop to ask.
+        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype, trust_remote_code=False)
+    except Exception as e:  # noqa: BLE001
+        raise ModelLoadError(f"cannot load reward model from '{path}' ({type(e).__name__}: {e})") from e
+    if model.config.num_labels != 1:
+        raise ModelLoadError(f"reward model '{path}' has {model.config.num_labels} outputs; a reward model has 1")
+    return disable_dropout(model)
+
+
+def load_frozen_reward_model(path: str, *, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A reward model to score with (RL stages, ``evaluate``'s judges), frozen: a scalar-head
+    ``tldr_rlhf_reward`` checkpoint or any other one-label sequence classifier, from a Hugging Face
+    folder or hub id. Raises ModelLoadError for a missing path or a checkpoint that is not a
+    one-output classifier."""
+    return freeze(_load_reward_classifier(path, dtype=dtype))
+
+
+def load_reward_checkpoint(path: str, *, dtype: torch.dtype = torch.float32, tokenizer=None):
+    """A saved tldr-rlhf reward model (``tldr_rlhf_reward`` checkpoint, a ``ScalarRewardModel``)
+    through the Auto classes, dropout off, trainable; ``tokenizer`` (optional) supplies its pad and
+    EOS ids. Raises ModelLoadError for a missing path or a checkpoint that is not a tldr-rlhf reward
+    model (other classifiers load with ``load_frozen_reward_model``)."""
+    from .reward_model import MODEL_TYPE, ScalarRewardModel
+
+    model = _load_reward_classifier(path, dtype=dtype)
+    if not isinstance(model, ScalarRewardModel):
+        raise ModelLoadError(f"'{path}' is a {type(model).__name__}, not a tldr-rlhf reward model (model_type {MODEL_TYPE})")
+    if tokenizer is not None:
+        _set_reward_special_ids(model, tokenizer)
+    return model
+
+
+def build_reward_model(path: str, *, dtype: torch.dtype = torch.float32, tokenizer=None):
+    """A new ``ScalarRewardModel``: the backbone of a base or SFT causal LM (hub id, folder, .gguf
+    file; its LM head is dropped) and a fresh head N(0, 1/sqrt(d_model + 1)), bias 0 (N+ detail
+    11), dropout off. Raises ModelLoadError for a path that does not load or a model without a
+    backbone."""
+    from .reward_model import RewardModelConfig, ScalarRewardModel
+
+    lm = load_causal_lm(path, dtype=dtype, tokenizer=tokenizer)
+    backbone = lm.base_model
+    if backbone is lm:
+        raise ModelLoadError(f"cannot find the backbone of '{path}' ({type(lm).__name__} has no base model)")
+    text_config = backbone.config
+    config = RewardModelConfig(text_config=text_config, pad_token_id=text_config.pad_token_id, eos_token_id=text_config.eos_token_id)
+    config.name_or_path = str(path)
+    model = ScalarRewardModel(config, backbone=backbone)
+    model.reset_head()
+    del lm
+    return disable_dropout(model.to(dtype))
+
+
+def _is_reward_checkpoint(path: str) -> bool:
+    """Whether ``path`` holds a ``tldr_rlhf_reward`` checkpoint (its config's model_type); anything
+    unreadable counts as a causal LM path."""
+    from .reward_model import MODEL_TYPE
+
+    p = Path(path)
+    if p.suffix == ".gguf":
+        return False
+    if p.is_dir():
+        f = p / "config.json"
+        return f.is_file() and json.loads(f.read_text()).get("model_type") == MODEL_TYPE
+    try:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(path, trust_remote_code=False).model_type == MODEL_TYPE
+    except Exception:  # noqa: BLE001 - not reachable / not a config: treat as a causal LM path
+        return False
+
+
+def init_reward_model(model_args, tokenizer):
+    """The reward model a training run starts from (``model_args``: a ``config.ModelArgs``): a
+    reward-model checkpoint as it is (to continue training), or ``build_reward_model`` on the
+    backbone of a causal LM, in ``master_weights_dtype``. Raises DataError for LoRA (not supported
+    for the reward model), ModelLoadError for a path that does not load."""
+    if model_args.lora_r > 0:
+        raise DataError("LoRA is not supported for the reward model (the seeds train every weight); use --model.lora-r 0 or --train-layers", field="model.lora_r")
+    dtype = master_weights_dtype(model_args.dtype)
+    if _is_reward_checkpoint(model_args.path):
+        return load_reward_checkpoint(model_args.path, dtype=dtype, tokenizer=tokenizer)
+    return build_reward_model(model_args.path, dtype=dtype, tokenizer=tokenizer)
+
+
+def _set_reward_special_ids(model: nn.Module, tokenizer) -> None:
+    for cfg in (model.config, model.config.text_config):
+        cfg.pad_token_id = tokenizer.pad_token_id
+        cfg.eos_token_id = tokenizer.eos_token_id
+
+
+def save_reward_model(model: nn.Module, tokenizer, path: str | Path) -> None:
+    """Save a ``ScalarRewardModel`` as a Hugging Face checkpoint (safetensors, config with auto_map,
+    this package's reward_model.py, tokenizer, the tokenizer's pad and EOS ids) that
+    ``AutoModelForSequenceClassification`` loads back."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    _set_reward_special_ids(model, tokenizer)
+    model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
 
 

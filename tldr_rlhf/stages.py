@@ -90,7 +90,7 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "evaluate-rm", "reward-model accuracy (held-out, by confidence, CNN/DM) and judge agreement",
-        "tldr_rlhf.config:EvaluateRMConfig", "tldr_rlhf.train.rm:evaluate", "tldr_rlhf.presets:EVALUATE_RM_PRESETS",
+        "tldr_rlhf.config:EvaluateRMConfig", "tldr_rlhf.evaluate_rm:evaluate", "tldr_rlhf.presets:EVALUATE_RM_PRESETS",
         pipeline=True, inputs=("rm",), output=f"rm/{EVAL_RM_FILE}",
     ),
     Stage(
@@ -110,7 +110,7 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "rloo", "RLOO (REINFORCE leave-one-out) from an SFT policy against a reward model",
-        "tldr_rlhf.config:RLOOConfig", "tldr_rlhf.train.grpo:train_rloo", "tldr_rlhf.presets:RLOO_PRESETS",
+        "tldr_rlhf.config:RLOOConfig", "tldr_rlhf.train.rloo:train", "tldr_rlhf.presets:RLOO_PRESETS",
         pipeline=True, optional=True, inputs=_RL_INPUTS, train=True, policy=True,
     ),
     Stage("generate", "summarize posts with a checkpoint", "tldr_rlhf.cli:GenerateArgs", "tldr_rlhf.cli:run_generate"),

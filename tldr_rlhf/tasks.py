@@ -4,16 +4,19 @@ A stage never branches on the task; it calls one of these with its data section 
 gets the same types back for TL;DR and UltraFeedback:
 
 * ``sft_examples`` -> (train, held-out) ``SFTExample`` lists and their drop counts;
-* ``preference_examples`` -> (train, held-out) ``PreferenceExample`` lists and a report;
+* ``rm_pairs`` / ``dpo_pairs`` -> the reward model's / DPO's (train, held-out) ``PreferenceExample``
+  lists and a report;
+* ``normalization_references`` -> the reward model's normalization references; ``ood_sets`` -> which
+  out-of-distribution sets ``evaluate-rm`` scores;
 * ``rl_prompts`` -> the training prompts (``Prompt``: id, query ids, reference text);
-* ``reference_examples`` -> (query, reference response) pairs for reward normalization;
 * ``held_out_items`` / ``query_ids`` / ``response_ids`` / ``query_text`` / ``reference_of`` for
   ``evaluate``, which works on items (TL;DR ``Post`` or UltraFeedback ``Instruction``).
 
 TL;DR keeps its loaders where they were (data/tldr.py, data/comparisons.py and the stages'
-``load_*`` functions); UltraFeedback's are in data/ultrafeedback.py. The UltraFeedback split is by
-prompt with a seeded shuffle (``eval_fraction``, ``split_seed``), identical in every stage because
-every stage loads the whole source before splitting and limiting.
+``load_*`` functions; the reward model's and DPO's comparisons are split here); UltraFeedback's are
+in data/ultrafeedback.py. The UltraFeedback split is by prompt with a seeded shuffle
+(``eval_fraction``, ``split_seed``), identical in every stage because every stage loads the whole
+source before splitting and limiting.
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ import functools
 from pathlib import Path
 from typing import Any, Sequence
 
-from .config import TaskArgs, TldrDataArgs
+from .config import PreferenceDataArgs, RewardNormArgs, TaskArgs, TldrDataArgs
 from .data import ultrafeedback as uf
+from .data.comparisons import Comparison, PreferenceExample, build_preference_examples, load_comparisons, no_usable_comparisons, split_by_post_id
 from .data.tldr import SFT_DATASET, DropCounts, Post, Prompt, SFTExample, build_prompts, build_sft_examples, format_query, format_response, load_post_splits, load_posts
 from .errors import DataError
 
@@ -158,6 +162,133 @@ def reference_examples(data: TaskArgs, tokenizer, *, limit: int) -> tuple[list[S
     if not out:
         raise DataError("no reference responses left for reward normalization", path=source)
     return out, {"n": len(out), "dropped": dict(drops.counts), "source": source}
+
+
+# ----------------------------------------------------------------------------------------------
+# Preference pairs of the reward model and DPO, the reward model's normalization references and
+# out-of-distribution sets
+
+
+def rm_pairs(data: PreferenceDataArgs, tokenizer, *, need_train: bool = True) -> tuple[list[PreferenceExample], list[PreferenceExample], dict[str, Any]]:
+    """The reward model's (train, held-out) tokenized pairs and a report of what was dropped or
+    truncated (``{"train": {"n", "dropped", "query_truncated"}, "valid": {...}}``).
+
+    TL;DR: held-out comparisons come from ``valid_comparisons``, else (local file) the posts held
+    out by id, else (hub) the dataset's validation split; CNN/DM comparisons found among them are
+    set aside and counted (they are ``evaluate-rm``'s out-of-distribution set). UltraFeedback:
+    ``ultrafeedback_preferences``. Raises DataError for malformed files (file, line, field), and for
+    no usable held-out (or, with ``need_train``, training) pairs, naming the drop counts by reason.
+    """
+    if not is_tldr(data):
+        return ultrafeedback_preferences(data, tokenizer, need_train=need_train)
+    split_locally = Path(data.comparisons).exists() and not data.valid_comparisons
+    comps: list[Comparison] = []
+    drops = DropCounts()
+    if need_train or split_locally:
+        comps, drops = load_comparisons(data.comparisons, "train")
+    comps, valid, vdrops = _held_out_comparisons(data, comps)
+    comps, valid = _tldr_only(comps, drops), _tldr_only(valid, vdrops)
+    if split_locally and not comps and not valid:  # every record of the file dropped or set aside
+        raise no_usable_comparisons(data.comparisons, 0, DropCounts().update(drops, vdrops))
+    if not need_train:
+        comps = []
+    train_ex, valid_ex, (notes, vnotes) = _tokenized_pairs(data, tokenizer, comps, valid, drops, vdrops, need_train=need_train)
+    return train_ex, valid_ex, {
+        "train": {"n": len(train_ex), "dropped": dict(drops.counts), "query_truncated": notes.counts.get("query_truncated", 0)},
+        "valid": {"n": len(valid_ex), "dropped": dict(vdrops.counts), "query_truncated": vnotes.counts.get("query_truncated", 0)},
+    }
+
+
+def dpo_pairs(data: PreferenceDataArgs, tokenizer) -> tuple[list[PreferenceExample], list[PreferenceExample], dict[str, str]]:
+    """DPO's (train, held-out) tokenized pairs and the drop counts of each side, as text.
+
+    TL;DR: held-out comparisons come from ``valid_comparisons``, else (local file) the posts held
+    out by id, else (hub) the dataset's validation split (CNN/DM comparisons are kept). UltraFeedback:
+    ``ultrafeedback_preferences``. Raises DataError for malformed files (file, line, field), no
+    usable training comparisons and an empty held-out set.
+    """
+    if not is_tldr(data):
+        train_ex, valid_ex, report = ultrafeedback_preferences(data, tokenizer)
+        return train_ex, valid_ex, {side: ", ".join(f"{k}: {v}" for k, v in sorted(report[side]["dropped"].items())) or "none" for side in ("train", "valid")}
+    comps, drops = load_comparisons(data.comparisons, "train")
+    if not comps:  # every record of the training source dropped
+        raise no_usable_comparisons(data.comparisons, 0, drops)
+    comps, valid, vdrops = _held_out_comparisons(data, comps)
+    train_ex, valid_ex, _ = _tokenized_pairs(data, tokenizer, comps, valid, drops, vdrops, need_train=True)
+    return train_ex, valid_ex, {"train": str(drops), "valid": str(vdrops)}
+
+
+def _held_out_comparisons(data: PreferenceDataArgs, comps: list[Comparison]) -> tuple[list[Comparison], list[Comparison], DropCounts]:
+    """(training, held-out) TL;DR comparisons and the held-out source's drops: ``valid_comparisons``,
+    else (local file) the posts of ``comps`` held out by id, else (hub) the validation split. Raises
+    DataError when a local split holds out none of the posts."""
+    vdrops = DropCounts()
+    if data.valid_comparisons:
+        valid, vdrops = load_comparisons(data.valid_comparisons, "validation")
+    elif Path(data.comparisons).exists():
+        comps, valid = split_by_post_id(comps, data.valid_fraction)
+        if comps and not valid:
+            raise DataError(f"no held-out comparisons: valid_fraction {data.valid_fraction} holds out none of the posts of the {len(comps)} usable comparisons (raise it or give valid_comparisons)", path=data.comparisons)
+    else:
+        valid, vdrops = load_comparisons(data.comparisons, "validation")
+    return comps, valid, vdrops
+
+
+def _tokenized_pairs(data, tokenizer, comps, valid, drops: DropCounts, vdrops: DropCounts, *, need_train: bool):
+    """Both sides' comparisons limited (``limit``, ``valid_limit``) and tokenized (drops counted into
+    ``drops`` / ``vdrops``) -> (train, held-out, (notes, held-out notes)). Raises DataError when no
+    held-out pair (or, with ``need_train``, no training pair) is left."""
+    if data.limit:
+        comps = comps[: data.limit]
+    if data.valid_limit:
+        valid = valid[: data.valid_limit]
+    caps = dict(max_query_length=data.max_query_length, max_response_length=data.max_response_length)
+    notes, vnotes = DropCounts(), DropCounts()
+    train_ex, drops = build_preference_examples(comps, tokenizer, drops=drops, notes=notes, **caps)
+    valid_ex, vdrops = build_preference_examples(valid, tokenizer, drops=vdrops, notes=vnotes, **caps)
+    if not valid_ex:
+        split_locally = Path(data.comparisons).exists() and not data.valid_comparisons
+        raise no_usable_comparisons(data.valid_comparisons or data.comparisons, 0, vdrops, "held-out comparisons" if split_locally else "comparisons")
+    if need_train and not train_ex:
+        raise no_usable_comparisons(data.comparisons, 0, drops, "training comparisons")
+    return train_ex, valid_ex, (notes, vnotes)
+
+
+def _tldr_only(comps: list[Comparison], drops: DropCounts) -> list[Comparison]:
+    """The TL;DR comparisons of ``comps``; CNN/DM ones are counted in ``drops`` as ``cnndm_set_aside``."""
+    out = [c for c in comps if not c.is_cnndm]
+    if len(out) < len(comps):
+        drops.counts["cnndm_set_aside"] = drops.counts.get("cnndm_set_aside", 0) + len(comps) - len(out)
+    return out
+
+
+def load_references(norm: RewardNormArgs, tokenizer, *, max_query_length: int, max_response_length: int) -> tuple[list[SFTExample], dict[str, Any]]:
+    """(query, reference summary) pairs of SFT posts for reward normalization, formatted like the
+    training data; posts whose query cannot fit or whose reference is over the cap are dropped and
+    counted. Raises DataError when none is left."""
+    posts = load_posts(norm.posts, norm.split, limit=norm.limit or None)
+    notes = DropCounts()
+    out, drops = build_sft_examples(posts, tokenizer, max_query_length=max_query_length, max_response_length=max_response_length, notes=notes)
+    if not out:
+        raise DataError("no reference summaries left for reward normalization", path=norm.posts)
+    return out, {"n": len(out), "dropped": dict(drops.counts), "query_truncated": notes.counts.get("query_truncated", 0), "source": norm.posts, "split": norm.split}
+
+
+def normalization_references(norm: RewardNormArgs, data: PreferenceDataArgs, tokenizer) -> tuple[list[SFTExample], dict[str, Any]]:
+    """The (query, reference response) pairs the reward model is normalized on (N+ detail 15) and a
+    report of them. TL;DR: the reference summaries of ``norm``'s SFT posts (``load_references``);
+    UltraFeedback: the best response of each training prompt (``reference_examples``, ``norm.limit``
+    of them), formatted like the training pairs. Raises DataError when none is left."""
+    if is_tldr(data):
+        return load_references(norm, tokenizer, max_query_length=data.max_query_length, max_response_length=data.max_response_length)
+    return reference_examples(data, tokenizer, limit=norm.limit)
+
+
+def ood_sets(data: TaskArgs) -> tuple[str, ...]:
+    """The out-of-distribution sets of ``evaluate-rm`` that exist for the task of ``data``: "cnndm"
+    (OpenAI's CNN/DM comparisons) and "judge" (GPT-3.5-judged PPO summaries against the reference)
+    are TL;DR sets; another task has none."""
+    return ("cnndm", "judge") if is_tldr(data) else ()
 
 
 # ----------------------------------------------------------------------------------------------

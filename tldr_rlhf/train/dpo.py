@@ -19,10 +19,22 @@ queries run first and the 2B responses continue from their key/value cache; this
 log-probs and gradients as 2B full rows (tested) while computing each query once. Only real response
 tokens go through the LM head, in blocks (``lm_head.chunked_target_logprobs``).
 
+Steps of ``train`` (its step comments carry these numbers):
+
+1. data: the tokenized comparisons (``tasks.dpo_pairs``), every bad record reported before a model is
+   loaded or a folder touched;
+2. the policy from the SFT checkpoint (LoRA optional), and the reference log-probs, once, while it
+   still is the SFT model;
+3. optimizer, scheduler and a resumed checkpoint; a fresh run logs the SFT policy's samples;
+4. optimizer steps: each micro-batch's pairs through the policy and the DPO loss; the step's metrics
+   are summed by name over the micro-batches and reduced over processes in one call;
+5. held-out implicit-reward accuracy, the DPO policy's samples, eval.json and final/.
+
 Evaluation: implicit-reward accuracy on held-out comparisons, reward ``beta * (log pi - log
-pi_ref)`` (``implicit_reward_accuracy``, reusable by the evaluate stage; seeds report 0.61-0.62
-for GPT-2, N+ 0.62-0.67 for Pythia 1B-6.9B), and greedy summaries of held-out posts by the SFT policy
-(before training) and the DPO policy (after) in samples.jsonl.
+pi_ref)`` (``implicit_reward_accuracy``, the ``metrics.comparison_metrics`` of these rewards, reusable
+by the evaluate stage; seeds report 0.61-0.62 for GPT-2, N+ 0.62-0.67 for Pythia 1B-6.9B), and
+greedy summaries of held-out posts by the SFT policy (before training) and the DPO policy (after) in
+samples.jsonl.
 
 Departures from the reference code: batches are padded to their own longest query and response, not
 to fixed lengths; a step's loss is the mean over its global batch of pairs, whatever the split into
@@ -43,16 +55,16 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..config import DPOConfig, PreferenceDataArgs
+from ..config import DPOConfig
 from ..data.batching import QueryResponseBatch, collate_preferences
-from ..data.comparisons import PreferenceExample, build_preference_examples, load_comparisons, no_usable_comparisons, split_by_post_id
-from ..data.tldr import DropCounts
+from ..data.comparisons import PreferenceExample
 from ..errors import DataError
 from ..generation import decode_response, generate
 from ..lm_head import response_token_logprobs
 from ..losses import dpo_loss
+from ..metrics import comparison_metrics
 from ..modeling import checkpoint_fingerprint, count_parameters, save_pretrained
-from ..tasks import is_tldr, ultrafeedback_preferences
+from .. import tasks
 from .common import load_policy, make_accelerator, tokenizer_for
 from .loop import (
     RunDir,
@@ -76,44 +88,7 @@ EVAL_FILE = "eval.json"
 
 
 # ----------------------------------------------------------------------------------------------
-# Data
-
-
-def load_dpo_data(data: PreferenceDataArgs, tokenizer) -> tuple[list[PreferenceExample], list[PreferenceExample], dict[str, str]]:
-    """(train, held-out) tokenized comparisons and the drop counts of each, as text.
-
-    Held-out comparisons come from ``valid_comparisons``, else (local file) the posts held out by id,
-    else (hub) the dataset's validation split. Raises DataError for malformed files (file, line,
-    field) and for an empty held-out set. Another task's pairs come from ``tasks`` (same types).
-    """
-    if not is_tldr(data):
-        train_ex, valid_ex, report = ultrafeedback_preferences(data, tokenizer)
-        return train_ex, valid_ex, {side: ", ".join(f"{k}: {v}" for k, v in sorted(report[side]["dropped"].items())) or "none" for side in ("train", "valid")}
-    comps, drops = load_comparisons(data.comparisons, "train")
-    vdrops = DropCounts()
-    split_locally = Path(data.comparisons).exists() and not data.valid_comparisons
-    if not comps:  # every record of the training source dropped
-        raise no_usable_comparisons(data.comparisons, 0, drops)
-    if data.valid_comparisons:
-        valid, vdrops = load_comparisons(data.valid_comparisons, "validation")
-    elif split_locally:
-        comps, valid = split_by_post_id(comps, data.valid_fraction)
-        if not valid:
-            raise DataError(f"no held-out comparisons: valid_fraction {data.valid_fraction} holds out none of the posts of the {len(comps)} usable comparisons (raise it or give valid_comparisons)", path=data.comparisons)
-    else:
-        valid, vdrops = load_comparisons(data.comparisons, "validation")
-    if data.limit:
-        comps = comps[: data.limit]
-    if data.valid_limit:
-        valid = valid[: data.valid_limit]
-    caps = dict(max_query_length=data.max_query_length, max_response_length=data.max_response_length)
-    train_ex, drops = build_preference_examples(comps, tokenizer, drops=drops, **caps)
-    valid_ex, vdrops = build_preference_examples(valid, tokenizer, drops=vdrops, **caps)
-    if not valid_ex:
-        raise no_usable_comparisons(data.valid_comparisons or data.comparisons, 0, vdrops, "held-out comparisons" if split_locally else "comparisons")
-    if not train_ex:
-        raise no_usable_comparisons(data.comparisons, 0, drops, "training comparisons")
-    return train_ex, valid_ex, {"train": str(drops), "valid": str(vdrops)}
+# Data (pairs from ``tasks.dpo_pairs``)
 
 
 collate = collate_preferences  # 2B rows: chosen in [0, B), rejected in [B, 2B)
@@ -181,25 +156,22 @@ def implicit_reward_metrics(policy: torch.Tensor, reference: torch.Tensor, *, be
     Shapes: policy and reference (N, 2) summed log-probs (chosen, rejected). Reward ``r = beta *
     (log pi - log pi_ref)``; a comparison is right when r_chosen > r_rejected (ties, e.g. policy ==
     reference, count as wrong and are counted in ``ties``). Returns {accuracy, n, ties, reward_margin,
-    chosen_reward, rejected_reward, accuracy_by_confidence {confidence: {accuracy, n}}}.
+    chosen_reward, rejected_reward, accuracy_by_confidence {confidence: {accuracy, n}}}: the
+    ``metrics.comparison_metrics`` of these rewards under DPO's names.
     """
     rewards = beta * (policy - reference).double()
-    right = rewards[:, 0] > rewards[:, 1]
-    n = rewards.shape[0]
+    m = comparison_metrics(rewards, confidences)
+    nan = float("nan")
     out: dict[str, Any] = {
-        "accuracy": right.double().mean().item() if n else float("nan"),
-        "n": n,
-        "ties": int((rewards[:, 0] == rewards[:, 1]).sum()),
-        "reward_margin": (rewards[:, 0] - rewards[:, 1]).mean().item() if n else float("nan"),
-        "chosen_reward": rewards[:, 0].mean().item() if n else float("nan"),
-        "rejected_reward": rewards[:, 1].mean().item() if n else float("nan"),
+        "accuracy": m["accuracy"],
+        "n": m["n"],
+        "ties": m.get("ties", 0),
+        "reward_margin": m.get("margin", nan),
+        "chosen_reward": m.get("chosen_reward", nan),
+        "rejected_reward": m.get("rejected_reward", nan),
     }
     if confidences is not None:
-        by: dict[str, list[bool]] = {}
-        for c, ok in zip(confidences, right.tolist()):
-            if c is not None:
-                by.setdefault(str(c), []).append(ok)
-        out["accuracy_by_confidence"] = {k: {"accuracy": sum(v) / len(v), "n": len(v)} for k, v in sorted(by.items(), key=lambda kv: int(kv[0]))}
+        out["accuracy_by_confidence"] = m.get("accuracy_by_confidence", {})
     return out
 
 
@@ -277,6 +249,127 @@ def _check(cfg: DPOConfig) -> None:
         raise DataError("label_smoothing is for the sigmoid (DPO) loss; set --label-smoothing 0 with --loss-type ipo", field="label_smoothing")
 
 
+def _load_data(cfg: DPOConfig, tokenizer, *, batch: int, is_main: bool) -> tuple[list[PreferenceExample], list[PreferenceExample], dict[str, str]]:
+    """Step 1: (train, held-out) pairs and their drops as text (``tasks.dpo_pairs``), logged on the
+    main process. Raises DataError for bad data or fewer training pairs than one global ``batch``."""
+    train_ex, valid_ex, drops = tasks.dpo_pairs(cfg.data, tokenizer)
+    if is_main:
+        log.info("DPO data: %d train / %d held-out comparisons; dropped train: %s; held-out: %s", len(train_ex), len(valid_ex), drops["train"], drops["valid"])
+    if len(train_ex) < batch:
+        raise DataError(f"{len(train_ex)} training comparisons are fewer than one global batch of {batch} (dropped: {drops['train']})", path=cfg.data.comparisons)
+    return train_ex, valid_ex, drops
+
+
+def _optimizer_and_start(cfg: DPOConfig, run: RunDir, model: nn.Module, resume_from, *, num_steps: int, device_type: str):
+    """Step 3: (optimizer, scheduler, first step): fresh ones at step 0, or the state of the checkpoint
+    ``resume_from`` (the logs past its step cut off)."""
+    optimizer = build_optimizer(model.parameters(), cfg.optim, device_type=device_type)
+    scheduler = build_scheduler(optimizer, cfg.optim, num_steps)
+    start = 0
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, model, optimizer, scheduler)
+        start = state["step"]
+        run.truncate_logs(start)
+        if run.is_main:
+            log.info("resumed from %s (step %d)", state["path"], start)
+    return optimizer, scheduler, start
+
+
+def _sample_examples(valid_ex: Sequence[PreferenceExample], n: int) -> list[PreferenceExample]:
+    """The first ``n`` held-out posts, one comparison each: the queries samples.jsonl shows."""
+    out: list[PreferenceExample] = []
+    for e in valid_ex:
+        if len(out) < n and e.post_id not in {s.post_id for s in out}:
+            out.append(e)
+    return out
+
+
+def _log_samples(run: RunDir, policy: nn.Module, sample_ex: Sequence[PreferenceExample], tokenizer, cfg: DPOConfig, *, step: int, name: str) -> None:
+    """Greedy responses of ``policy`` (the SFT model before training, the DPO one after) to the
+    sample queries, to samples.jsonl with the chosen summary (main process only)."""
+    if not sample_ex or not run.is_main:
+        return
+    responses = generate(policy, [e.query_ids for e in sample_ex], eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, max_new_tokens=cfg.sample_max_new_tokens, greedy=True)
+    run.log_samples([
+        {"step": step, "model": name, "id": e.post_id, "query": tokenizer.decode(e.query_ids), "response": decode_response(tokenizer, r), "chosen": decode_response(tokenizer, e.chosen_ids)}
+        for e, r in zip(sample_ex, responses)
+    ])
+
+
+def _held_out(scorer: nn.Module, valid_ex: Sequence[PreferenceExample], ref_valid: torch.Tensor, cfg: DPOConfig, accelerator, *, pad_token_id: int) -> dict[str, Any]:
+    """``implicit_reward_accuracy`` of the policy inside the (prepared) ``scorer`` on the held-out pairs."""
+    return implicit_reward_accuracy(
+        accelerator.unwrap_model(scorer).model, valid_ex, ref_valid, beta=cfg.beta, pad_token_id=pad_token_id, batch_size=cfg.eval_batch_size,
+        shared_prompt=cfg.shared_prompt, accelerator=accelerator, progress=cfg.run.progress and accelerator.is_main_process,
+    )
+
+
+def _eval_record(result: dict[str, Any]) -> dict[str, float]:
+    """The scalar held-out metrics as ``valid/*`` record fields (accuracy as ``valid/implicit_reward_accuracy``)."""
+    return {f"valid/implicit_reward_{k}" if k == "accuracy" else f"valid/{k}": v for k, v in result.items() if not isinstance(v, dict)}
+
+
+def _global_means(sums: dict[str, torch.Tensor], pairs: int, accelerator) -> dict[str, float]:
+    """Means over the global batch of pair-weighted metric sums: ``sums`` {name: () tensor, the sum
+    over this process's micro-batches of metric * pairs}, ``pairs`` this process's pair count (every
+    process has the same names: each has micro-batches). One all-reduce of the values stacked in
+    sorted name order with the pair count last, then each sum divided by the global count."""
+    names = sorted(sums)
+    count = torch.tensor(float(pairs), device=accelerator.device)
+    total = accelerator.reduce(torch.stack([sums[k] for k in names] + [count]), reduction="sum")
+    return dict(zip(names, (total[:-1] / total[-1]).tolist()))
+
+
+# metrics.jsonl names of the per-step means, in record order
+_RECORD_NAMES = {
+    "loss": "loss/dpo",
+    "chosen_reward": "rewards/chosen",
+    "rejected_reward": "rewards/rejected",
+    "reward_margin": "rewards/margin",
+    "reward_accuracy": "rewards/accuracy",
+    "logps_chosen": "logps/chosen",
+    "logps_rejected": "logps/rejected",
+}
+
+
+def _step_record(done: int, means: dict[str, float], *, lr: float, epoch: float, step_time_s: float, pairs: int, tokens: int, grad_norm) -> dict[str, Any]:
+    """The metrics.jsonl record of optimizer step ``done``: the global batch's ``means``, learning
+    rate, epoch, throughput (``pairs`` and ``tokens`` of the global batch per ``step_time_s``) and the
+    gradient norm."""
+    record = {
+        "step": done,
+        **{key: means[name] for name, key in _RECORD_NAMES.items()},
+        "lr": lr,
+        "epoch": epoch,
+        "perf/step_time_s": step_time_s,
+        "perf/pairs_per_s": pairs / step_time_s,
+        "perf/tokens_per_s": tokens / step_time_s,
+    }
+    if grad_norm is not None:
+        record["grad_norm"] = float(grad_norm)
+    return record
+
+
+def _finish(cfg: DPOConfig, run: RunDir, scorer: nn.Module, tokenizer, accelerator, *, valid_ex, ref_valid: torch.Tensor, sample_ex, drops: dict[str, str], total_steps: int) -> None:
+    """Step 5: held-out implicit-reward accuracy and the weights' agreement across processes logged
+    (RuntimeError when processes ended with different weights), the DPO policy's samples, and on the
+    main process eval.json and final/."""
+    result = _held_out(scorer, valid_ex, ref_valid, cfg, accelerator, pad_token_id=tokenizer.pad_token_id)
+    in_sync = params_in_sync(scorer, accelerator)
+    run.log_metrics({"step": total_steps, **_eval_record(result), "perf/peak_memory_mb": peak_memory_mb(accelerator.device), "dist/params_in_sync": in_sync})
+    if not in_sync:
+        raise RuntimeError("data-parallel processes ended with different weights")
+    policy = accelerator.unwrap_model(scorer).model
+    _log_samples(run, policy, sample_ex, tokenizer, cfg, step=total_steps, name="dpo")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        summary = {"step": total_steps, "beta": cfg.beta, "loss_type": cfg.loss_type, "label_smoothing": cfg.label_smoothing, "held_out": result, "dropped": drops}
+        (run.path / EVAL_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        run.write_final(lambda tmp: save_pretrained(policy, tokenizer, tmp), step=total_steps, stage="dpo")
+        log.info("DPO done: %s (held-out implicit-reward accuracy %.4f over %d comparisons)", run.final_dir, result["accuracy"], result["n"])
+    accelerator.wait_for_everyone()
+
+
 def train(cfg: DPOConfig) -> str:
     """Run DPO; returns the path of the final Hugging Face checkpoint.
 
@@ -293,86 +386,47 @@ def train(cfg: DPOConfig) -> str:
     tokenizer = tokenizer_for(cfg.model_args)
     pad = tokenizer.pad_token_id
 
-    # Data first: every bad record is reported before a model is loaded or a folder touched.
-    train_ex, valid_ex, drops = load_dpo_data(cfg.data, tokenizer)
-    if is_main:
-        log.info("DPO data: %d train / %d held-out comparisons; dropped train: %s; held-out: %s", len(train_ex), len(valid_ex), drops["train"], drops["valid"])
+    # 1. Data first: every bad record is reported before a model is loaded or a folder touched.
     batch = cfg.global_batch_size(world)
-    if len(train_ex) < batch:
-        raise DataError(f"{len(train_ex)} training comparisons are fewer than one global batch of {batch} (dropped: {drops['train']})", path=cfg.data.comparisons)
+    train_ex, valid_ex, drops = _load_data(cfg, tokenizer, batch=batch, is_main=is_main)
     steps = global_batches(len(train_ex), batch, cfg.run.seed, cfg.epochs)
     total_steps = min(len(steps), cfg.run.max_steps) if cfg.run.max_steps else len(steps)
-
     run, resume_from = RunDir.open(cfg, is_main=is_main)
 
+    # 2. The policy, and the reference log-probs once, while it still is the SFT model (before any checkpoint loads).
     seed_everything(cfg.run.seed)
-    model = load_policy(cfg.model_args, tokenizer)
-    model.to(accelerator.device)
+    model = load_policy(cfg.model_args, tokenizer).to(accelerator.device)
     trainable, total = count_parameters(model)
-
-    # Reference log-probs, once, while the policy still is the SFT model (before any checkpoint loads).
     used = sorted({i for s in steps[:total_steps] for i in s})
     t0 = time.perf_counter()
     ref_train, ref_valid = cached_reference_logprobs(run, cfg, model, train_ex, used, valid_ex, pad_token_id=pad, accelerator=accelerator)
     ref_time = time.perf_counter() - t0
 
-    sample_ex: list[PreferenceExample] = []  # the first held-out posts, one comparison each
-    for e in valid_ex:
-        if len(sample_ex) < cfg.num_sample_posts and e.post_id not in {s.post_id for s in sample_ex}:
-            sample_ex.append(e)
-
-    def log_samples(step: int, name: str) -> None:
-        if not sample_ex or not is_main:
-            return
-        policy = accelerator.unwrap_model(scorer).model if step else model
-        responses = generate(policy, [e.query_ids for e in sample_ex], eos_token_id=tokenizer.eos_token_id, pad_token_id=pad, max_new_tokens=cfg.sample_max_new_tokens, greedy=True)
-        run.log_samples([
-            {"step": step, "model": name, "id": e.post_id, "query": tokenizer.decode(e.query_ids), "response": decode_response(tokenizer, r), "chosen": decode_response(tokenizer, e.chosen_ids)}
-            for e, r in zip(sample_ex, responses)
-        ])
-
-    optimizer = build_optimizer(model.parameters(), cfg.optim, device_type=accelerator.device.type)
-    scheduler = build_scheduler(optimizer, cfg.optim, len(steps))
-    start = 0
-    if resume_from is not None:
-        state = load_checkpoint(resume_from, model, optimizer, scheduler)
-        start, resume_from = state["step"], state["path"]
-        run.truncate_logs(start)
-        if is_main:
-            log.info("resumed from %s (step %d)", resume_from, start)
-    else:
-        log_samples(0, "sft")
-    scorer = PairScorer(model, cfg.shared_prompt)
-    scorer, optimizer = accelerator.prepare(scorer, optimizer)
+    # 3. Optimizer and a resumed checkpoint; a fresh run logs the SFT policy's samples first.
+    sample_ex = _sample_examples(valid_ex, cfg.num_sample_posts)
+    optimizer, scheduler, start = _optimizer_and_start(cfg, run, model, resume_from, num_steps=len(steps), device_type=accelerator.device.type)
+    if resume_from is None:
+        _log_samples(run, model, sample_ex, tokenizer, cfg, step=0, name="sft")
+    scorer, optimizer = accelerator.prepare(PairScorer(model, cfg.shared_prompt), optimizer)
     if is_main:
         log.info("policy %s: %d / %d trainable parameters; %d optimizer steps of %d pairs; reference log-probs in %.1f s", cfg.sft_path, trainable, total, total_steps, batch, ref_time)
 
-    def evaluate() -> dict[str, Any]:
-        return implicit_reward_accuracy(
-            accelerator.unwrap_model(scorer).model, valid_ex, ref_valid, beta=cfg.beta, pad_token_id=pad, batch_size=cfg.eval_batch_size,
-            shared_prompt=cfg.shared_prompt, accelerator=accelerator, progress=cfg.run.progress and is_main,
-        )
-
-    def eval_record(result: dict[str, Any]) -> dict[str, float]:
-        return {f"valid/implicit_reward_{k}" if k == "accuracy" else f"valid/{k}": v for k, v in result.items() if not isinstance(v, dict)}
-
+    # 4. Optimizer steps: the DPO loss over micro-batches of the global batch of pairs.
     ipo_lengths = cfg.loss_type == "ipo" and cfg.ipo_length_normalized
-    metric_names = ["loss", "chosen_reward", "rejected_reward", "reward_margin", "reward_accuracy", "logps_chosen", "logps_rejected"]
     model.train()
     bar = progress_bar(total_steps, start, "dpo", is_main and cfg.run.progress)
     step_start = time.perf_counter()
     for step in range(start, total_steps):
         global_idx = steps[step]
         mine = shard(global_idx, accelerator.process_index, world)
-        sums = torch.zeros(len(metric_names) + 1, device=accelerator.device)
+        sums: dict[str, torch.Tensor] = {}  # metric name -> sum over this process's pairs of metric * pairs
         tokens = 0
         chunks = list(micro_batches(mine, cfg.micro_batch_size))
         for k, idx in enumerate(chunks):
             mb = collate([train_ex[i] for i in idx], pad).to(accelerator.device)
             ref = ref_train[idx].to(accelerator.device)
             b = len(idx)
-            sync = k == len(chunks) - 1
-            ctx = accelerator.no_sync(scorer) if not sync else contextlib.nullcontext()
+            ctx = accelerator.no_sync(scorer) if k < len(chunks) - 1 else contextlib.nullcontext()  # sync on the last
             with ctx, accelerator.autocast():
                 lp = scorer(mb.input_ids, mb.attention_mask, mb.response_mask, mb.query_width)
                 lengths = mb.response_mask.sum(1) if ipo_lengths else None
@@ -382,39 +436,22 @@ def train(cfg: DPOConfig) -> str:
                 )
                 # Mean over the global batch; DDP averages gradients over processes, hence the world factor.
                 accelerator.backward(loss * b * world / len(global_idx))
-            sums += torch.stack([loss.detach().float(), *[m[n].float() for n in metric_names[1:]], torch.ones((), device=loss.device)]) * b
+            for name, value in {"loss": loss.detach(), **m}.items():
+                sums[name] = sums.get(name, 0) + value.float() * b
             tokens += int(mb.attention_mask.sum())
         grad_norm = accelerator.clip_grad_norm_(scorer.parameters(), cfg.optim.max_grad_norm) if cfg.optim.max_grad_norm > 0 else None
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
-        sums = accelerator.reduce(sums, reduction="sum")
-        means = dict(zip(metric_names, (sums[:-1] / sums[-1]).tolist()))
+        means = _global_means(sums, len(mine), accelerator)
         bar.update(1)
         bar.set_postfix(loss=f"{means['loss']:.4f}", acc=f"{means['reward_accuracy']:.2f}")
         if done % cfg.run.log_every == 0 or done == total_steps:
-            dt = time.perf_counter() - step_start
-            steps_logged = cfg.run.log_every if done % cfg.run.log_every == 0 else 1
-            record = {
-                "step": done,
-                "loss/dpo": means["loss"],
-                "rewards/chosen": means["chosen_reward"],
-                "rewards/rejected": means["rejected_reward"],
-                "rewards/margin": means["reward_margin"],
-                "rewards/accuracy": means["reward_accuracy"],
-                "logps/chosen": means["logps_chosen"],
-                "logps/rejected": means["logps_rejected"],
-                "lr": scheduler.get_last_lr()[0],
-                "epoch": done * batch / len(train_ex),
-                "perf/step_time_s": dt / steps_logged,
-                "perf/pairs_per_s": len(global_idx) / (dt / steps_logged),
-                "perf/tokens_per_s": tokens * world / (dt / steps_logged),
-            }
-            if grad_norm is not None:
-                record["grad_norm"] = float(grad_norm)
+            dt = (time.perf_counter() - step_start) / (cfg.run.log_every if done % cfg.run.log_every == 0 else 1)
+            record = _step_record(done, means, lr=scheduler.get_last_lr()[0], epoch=done * batch / len(train_ex), step_time_s=dt, pairs=len(global_idx), tokens=tokens * world, grad_norm=grad_norm)
             if cfg.run.eval_every and done % cfg.run.eval_every == 0 and done != total_steps:
-                record.update(eval_record(evaluate()))
+                record.update(_eval_record(_held_out(scorer, valid_ex, ref_valid, cfg, accelerator, pad_token_id=pad)))
             run.log_metrics(record)
             step_start = time.perf_counter()
         if cfg.run.save_every and done % cfg.run.save_every == 0 and done != total_steps:
@@ -422,17 +459,6 @@ def train(cfg: DPOConfig) -> str:
             accelerator.wait_for_everyone()
     bar.close()
 
-    result = evaluate()
-    in_sync = params_in_sync(scorer, accelerator)
-    run.log_metrics({"step": total_steps, **eval_record(result), "perf/peak_memory_mb": peak_memory_mb(accelerator.device), "dist/params_in_sync": in_sync})
-    if not in_sync:
-        raise RuntimeError("data-parallel processes ended with different weights")
-    log_samples(total_steps, "dpo")
-    accelerator.wait_for_everyone()
-    if is_main:
-        summary = {"step": total_steps, "beta": cfg.beta, "loss_type": cfg.loss_type, "label_smoothing": cfg.label_smoothing, "held_out": result, "dropped": drops}
-        (run.path / EVAL_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-        run.write_final(lambda tmp: save_pretrained(accelerator.unwrap_model(scorer).model, tokenizer, tmp), step=total_steps, stage="dpo")
-        log.info("DPO done: %s (held-out implicit-reward accuracy %.4f over %d comparisons)", run.final_dir, result["accuracy"], result["n"])
-    accelerator.wait_for_everyone()
+    # 5. Held-out implicit-reward accuracy, the DPO policy's samples, eval.json and final/.
+    _finish(cfg, run, scorer, tokenizer, accelerator, valid_ex=valid_ex, ref_valid=ref_valid, sample_ex=sample_ex, drops=drops, total_steps=total_steps)
     return str(run.final_dir)

@@ -32,7 +32,6 @@ from ..config import GRPOConfig
 from ..losses import grpo_loss
 from ..rollout import Rollout, finish_rollout, sample_and_score, select_rows
 from . import group_rl
-from .rloo import train as train_rloo  # noqa: F401  (the CLI / pipeline entry "tldr_rlhf.train.grpo:train_rloo")
 
 
 def sample_groups(policy, ref, score_fn, queries: list[list[int]], cfg: GRPOConfig, *, eos: int, pad: int, generator: torch.Generator | None = None) -> tuple[Rollout, dict[str, float]]:

@@ -24,9 +24,10 @@ from torch import nn
 
 from ..config import ModelArgs
 from ..data.tldr import Prompt
-from ..errors import DataError, ModelLoadError
+from ..errors import DataError
 from ..generation import decode_response
-from ..modeling import _check_exists, count_parameters, disable_dropout, load_causal_lm, load_tokenizer_cached, save_pretrained
+from ..modeling import count_parameters, load_causal_lm, load_frozen_reference, load_frozen_reward_model, load_tokenizer_cached, save_pretrained
+from ..modeling import frozen_weights_dtype as model_dtype  # noqa: F401  (ppo, grpo: the frozen models' dtype)
 from ..rollout import Rollout, ScoreFn
 from ..tasks import rl_prompts
 from ..value_model import score_at_last_token
@@ -48,39 +49,6 @@ def prompt_order(n: int, batch: int, seed: int, num_updates: int) -> list[list[i
     return global_batches(n, batch, seed, math.ceil(num_updates / per_pass))[:num_updates]
 
 
-def freeze(model: nn.Module) -> nn.Module:
-    """Eval mode, dropout off (N+ detail 7), no gradients. In place."""
-    disable_dropout(model)
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
-
-
-def load_reward_model(path: str, *, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """A scalar-head reward model from a Hugging Face folder or hub id, loaded through
-    ``AutoModelForSequenceClassification`` (this project's ``reward_model.ScalarRewardModel``
-    checkpoints register themselves on import; other one-label classifiers load as they are),
-    dropout off.
-
-    Raises ModelLoadError for a missing path or a checkpoint that is not a one-output classifier.
-    """
-    from transformers import AutoModelForSequenceClassification
-
-    from .. import reward_model  # noqa: F401  (registers the tldr_rlhf_reward model type)
-
-    _check_exists(path)
-    try:
-        # trust_remote_code=False: the class registered in-process is used; a checkpoint's copy of
-        # reward_model.py (its auto_map) is never executed, and transformers does not stop to ask.
-        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype, trust_remote_code=False)
-    except Exception as e:  # noqa: BLE001
-        raise ModelLoadError(f"cannot load reward model from '{path}' ({type(e).__name__}: {e})") from e
-    if model.config.num_labels != 1:
-        raise ModelLoadError(f"reward model '{path}' has {model.config.num_labels} outputs; a reward model has 1")
-    return disable_dropout(model)
-
-
 def reward_score_fn(reward_model: nn.Module, device: torch.device, autocast=None) -> ScoreFn:
     """``score_fn`` for ``rollout``: the reward model's score at the last real token (N+ detail 12),
     computed on ``device`` without gradients, returned on the CPU as float32."""
@@ -93,11 +61,6 @@ def reward_score_fn(reward_model: nn.Module, device: torch.device, autocast=None
     return score
 
 
-def load_reference(path: str, tokenizer, *, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The frozen reference policy: the SFT checkpoint again (N+ section 4)."""
-    return freeze(load_causal_lm(path, dtype=dtype, tokenizer=tokenizer))
-
-
 def load_rl_models(sft_path: str, rm_path: str, tokenizer, *, dtype: torch.dtype, device: torch.device) -> tuple[nn.Module, nn.Module, nn.Module]:
     """(policy, reference, reward model) of an RL stage: the trainable policy from the SFT checkpoint
     in float32 master weights on the CPU (the accelerator moves it), sampling config reset to plain
@@ -108,8 +71,8 @@ def load_rl_models(sft_path: str, rm_path: str, tokenizer, *, dtype: torch.dtype
 
     policy = load_causal_lm(sft_path, dtype=torch.float32, tokenizer=tokenizer)
     plain_sampling_config(policy, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    ref = load_reference(sft_path, tokenizer, dtype=dtype).to(device)
-    reward_model = freeze(load_reward_model(rm_path, dtype=dtype)).to(device)
+    ref = load_frozen_reference(sft_path, tokenizer, dtype=dtype).to(device)
+    reward_model = load_frozen_reward_model(rm_path, dtype=dtype).to(device)
     return policy, ref, reward_model
 
 
@@ -140,11 +103,6 @@ def sample_records(step: int, rollout: Rollout, prompts: list[Prompt], tokenizer
     return out
 
 
-def model_dtype(dtype_name: str) -> torch.dtype:
-    """Weights dtype for frozen models: bfloat16 when asked (or auto on CUDA), else float32."""
-    if dtype_name == "bfloat16" or (dtype_name == "auto" and torch.cuda.is_available()):
-        return torch.bfloat16
-    return torch.float32
 
 
 def collapse_signals(updates: list[dict], *, window: int = 5, min_eos_rate: float = 0.2, max_kl: float = 25.0, min_entropy: float = 0.05) -> list[str]:

@@ -15,10 +15,13 @@ Normalization (detail 15): after training, the (query, reference summary) pairs 
 scored and the head bias is shifted so that their mean reward is 0; the shift is stored in the
 checkpoint config (``reward_offset``, ``normalization``).
 
-Evaluation (``evaluate``, ``tldr-rlhf evaluate-rm``): accuracy on held-out TL;DR comparisons, accuracy
-by annotator confidence and the model's own calibration, accuracy on OpenAI's CNN/DM comparisons (out
-of distribution, detail 6 and 15), and agreement with gpt-3.5-turbo judgements of OpenAI's 1.3B PPO
-summary against the human reference. Results to JSON and a table.
+Steps of ``train``: (1) data: tokenized pairs and normalization references from ``tasks``, every
+bad record reported before a model loads; (2) the model (``modeling.init_reward_model``), optimizer
+and a resumed checkpoint; (3) optimizer steps over the global batches of pairs; (4) held-out
+accuracy, normalization and ``final/``.
+
+Evaluation (``tldr-rlhf evaluate-rm``) is its own command: ``evaluate_rm.py``. Scoring passes are in
+``reward_scoring.py``, model construction and saving in ``modeling.py``, data from ``tasks``.
 
 Departures: batches are padded to their own longest query and response, not to fixed lengths;
 ``train_layers`` can freeze the lower blocks (a CPU-demo speed option; the papers train every weight).
@@ -29,7 +32,6 @@ query that does not fit) are dropped and counted; truncated queries are counted;
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import time
@@ -37,20 +39,18 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from torch import nn
 
-from ..config import EvaluateRMConfig, ModelArgs, PreferenceDataArgs, RMConfig, RewardNormArgs, from_dict
-from ..data.batching import QueryResponseBatch, collate_preferences, collate_query_response
-from ..data.comparisons import Comparison, PreferenceExample, build_preference_examples, describe_drops, load_comparisons, load_judged_samples, no_usable_comparisons, split_by_post_id
-from ..data.tldr import DropCounts, SFTExample, build_sft_examples, load_posts
-from ..errors import DataError, ModelLoadError
+from .. import tasks
+from ..config import RMConfig
+from ..data.batching import collate_preferences
+from ..data.comparisons import describe_drops
+from ..errors import DataError
 from ..losses import pairwise_loss
-from ..modeling import count_parameters, disable_dropout, load_causal_lm, load_tokenizer
-from ..reward_model import MODEL_TYPE, RewardModelConfig, ScalarRewardModel, train_top_layers, uses_sliding_window
-from ..stages import EVAL_RM_FILE as EVAL_FILE
-from ..tasks import is_tldr, reference_examples, ultrafeedback_preferences
+from ..metrics import comparison_metrics
+from ..modeling import count_parameters, init_reward_model, save_reward_model
+from ..reward_model import ScalarRewardModel, train_top_layers
+from ..reward_scoring import ScoredText, pair_rewards, score_comparisons, score_texts
 from .common import make_accelerator, tokenizer_for
-from .rl_common import load_reward_model as load_sequence_classifier
 from .loop import (
     RunDir,
     Throughput,
@@ -64,324 +64,16 @@ from .loop import (
     save_checkpoint,
     seed_everything,
     shard,
-    score_preference_pairs,
-    sharded_scores,
 )
 
 log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------
-# Model
-
-
-def _is_reward_checkpoint(path: str) -> bool:
-    p = Path(path)
-    if p.suffix == ".gguf":
-        return False
-    if p.is_dir():
-        f = p / "config.json"
-        return f.is_file() and json.loads(f.read_text()).get("model_type") == MODEL_TYPE
-    try:
-        from transformers import AutoConfig
-
-        return AutoConfig.from_pretrained(path, trust_remote_code=False).model_type == MODEL_TYPE
-    except Exception:  # noqa: BLE001 - not reachable / not a config: treat as a causal LM path
-        return False
-
-
-def _dtype(model_args_dtype: str) -> torch.dtype:
-    # float32 master weights (bf16 autocast on CUDA); bf16 weights only when asked on CPU.
-    return torch.bfloat16 if model_args_dtype == "bfloat16" and not torch.cuda.is_available() else torch.float32
-
-
-def load_reward_model(path: str, *, dtype: torch.dtype = torch.float32, tokenizer=None) -> ScalarRewardModel:
-    """A saved reward model (``tldr_rlhf_reward`` checkpoint) through the Auto classes, dropout off
-    (``rl_common.load_reward_model``, which also accepts other one-label classifiers as judges).
-    Raises ModelLoadError for a missing path or a checkpoint that is not a tldr-rlhf reward model."""
-    model = load_sequence_classifier(path, dtype=dtype)
-    if not isinstance(model, ScalarRewardModel):
-        raise ModelLoadError(f"'{path}' is a {type(model).__name__}, not a tldr-rlhf reward model (model_type {MODEL_TYPE})")
-    if tokenizer is not None:
-        _set_special_ids(model, tokenizer)
-    return model
-
-
-def reward_model_from_causal_lm(path: str, *, dtype: torch.dtype = torch.float32, tokenizer=None) -> ScalarRewardModel:
-    """A new reward model: the backbone of a base or SFT causal LM (hub id, folder, .gguf file; its LM
-    head is dropped) and a fresh head N(0, 1/sqrt(d_model + 1)), bias 0 (N+ detail 11)."""
-    lm = load_causal_lm(path, dtype=dtype, tokenizer=tokenizer)
-    backbone = lm.base_model
-    if backbone is lm:
-        raise ModelLoadError(f"cannot find the backbone of '{path}' ({type(lm).__name__} has no base model)")
-    text_config = backbone.config
-    config = RewardModelConfig(text_config=text_config, pad_token_id=text_config.pad_token_id, eos_token_id=text_config.eos_token_id)
-    config.name_or_path = str(path)
-    model = ScalarRewardModel(config, backbone=backbone)
-    model.reset_head()
-    del lm
-    return disable_dropout(model.to(dtype))
-
-
-def init_reward_model(model_args: ModelArgs, tokenizer) -> ScalarRewardModel:
-    """The model a run starts from: a reward-model checkpoint as it is (to continue training), or a
-    new reward model on the backbone of a causal LM."""
-    if model_args.lora_r > 0:
-        raise DataError("LoRA is not supported for the reward model (the seeds train every weight); use --model.lora-r 0 or --train-layers", field="model.lora_r")
-    dtype = _dtype(model_args.dtype)
-    if _is_reward_checkpoint(model_args.path):
-        return load_reward_model(model_args.path, dtype=dtype, tokenizer=tokenizer)
-    return reward_model_from_causal_lm(model_args.path, dtype=dtype, tokenizer=tokenizer)
-
-
-def _set_special_ids(model: ScalarRewardModel, tokenizer) -> None:
-    for cfg in (model.config, model.config.text_config):
-        cfg.pad_token_id = tokenizer.pad_token_id
-        cfg.eos_token_id = tokenizer.eos_token_id
-
-
-def save_reward_model(model: ScalarRewardModel, tokenizer, path: str | Path) -> None:
-    """Save a Hugging Face checkpoint (safetensors, config with auto_map, this package's
-    reward_model.py, tokenizer) that ``AutoModelForSequenceClassification`` loads back."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    _set_special_ids(model, tokenizer)
-    model.save_pretrained(path, safe_serialization=True)
-    tokenizer.save_pretrained(path)
-
-
-# ----------------------------------------------------------------------------------------------
-# Data
-
-
-def _tldr_only(comps: list[Comparison], drops: DropCounts) -> list[Comparison]:
-    out = [c for c in comps if not c.is_cnndm]
-    if len(out) < len(comps):
-        drops.counts["cnndm_set_aside"] = drops.counts.get("cnndm_set_aside", 0) + len(comps) - len(out)
-    return out
-
-
-def load_rm_data(data: PreferenceDataArgs, tokenizer, *, need_train: bool = True) -> tuple[list[PreferenceExample], list[PreferenceExample], dict[str, Any]]:
-    """(train, held-out) tokenized TL;DR comparisons and a report of what was dropped or truncated.
-
-    Held-out comparisons come from ``valid_comparisons``, else (local file) the posts held out by id,
-    else (hub) the dataset's validation split. CNN/DM comparisons found among them are set aside and
-    counted (they are the out-of-distribution set). Raises DataError for malformed files (file, line,
-    field), and for no usable held-out (or, with ``need_train``, training) comparisons, naming the
-    drop counts by reason. Another task's pairs come from ``tasks`` (same types).
-    """
-    if not is_tldr(data):
-        return ultrafeedback_preferences(data, tokenizer, need_train=need_train)
-    local = Path(data.comparisons).exists()
-    split_locally = local and not data.valid_comparisons
-    comps: list[Comparison] = []
-    drops, vdrops = DropCounts(), DropCounts()
-    if need_train or split_locally:
-        comps, drops = load_comparisons(data.comparisons, "train")
-    if data.valid_comparisons:
-        valid, vdrops = load_comparisons(data.valid_comparisons, "validation")
-    elif local:
-        comps, valid = split_by_post_id(comps, data.valid_fraction)
-        if comps and not valid:
-            raise DataError(f"no held-out comparisons: valid_fraction {data.valid_fraction} holds out none of the posts of the {len(comps)} usable comparisons (raise it or give valid_comparisons)", path=data.comparisons)
-    else:
-        valid, vdrops = load_comparisons(data.comparisons, "validation")
-    comps, valid = _tldr_only(comps, drops), _tldr_only(valid, vdrops)
-    if split_locally and not comps and not valid:  # every record of the file dropped or set aside
-        raise no_usable_comparisons(data.comparisons, 0, DropCounts().update(drops, vdrops))
-    if not need_train:
-        comps = []
-    if data.limit:
-        comps = comps[: data.limit]
-    if data.valid_limit:
-        valid = valid[: data.valid_limit]
-    caps = dict(max_query_length=data.max_query_length, max_response_length=data.max_response_length)
-    notes, vnotes = DropCounts(), DropCounts()
-    train_ex, drops = build_preference_examples(comps, tokenizer, drops=drops, notes=notes, **caps)
-    valid_ex, vdrops = build_preference_examples(valid, tokenizer, drops=vdrops, notes=vnotes, **caps)
-    if not valid_ex:
-        raise no_usable_comparisons(data.valid_comparisons or data.comparisons, 0, vdrops, "held-out comparisons" if split_locally else "comparisons")
-    if need_train and not train_ex:
-        raise no_usable_comparisons(data.comparisons, 0, drops, "training comparisons")
-    report = {
-        "train": {"n": len(train_ex), "dropped": dict(drops.counts), "query_truncated": notes.counts.get("query_truncated", 0)},
-        "valid": {"n": len(valid_ex), "dropped": dict(vdrops.counts), "query_truncated": vnotes.counts.get("query_truncated", 0)},
-    }
-    return train_ex, valid_ex, report
-
-
-# (query, reference summary) pairs to score once for normalization: the SFT example format.
-ScoredText = SFTExample
-
-
-def load_references(norm: RewardNormArgs, tokenizer, *, max_query_length: int, max_response_length: int) -> tuple[list[ScoredText], dict[str, Any]]:
-    """(query, reference summary) pairs of SFT posts for reward normalization, formatted like the
-    training data; posts whose query cannot fit or whose reference is over the cap are dropped and counted."""
-    posts = load_posts(norm.posts, norm.split, limit=norm.limit or None)
-    notes = DropCounts()
-    out, drops = build_sft_examples(posts, tokenizer, max_query_length=max_query_length, max_response_length=max_response_length, notes=notes)
-    if not out:
-        raise DataError("no reference summaries left for reward normalization", path=norm.posts)
-    return out, {"n": len(out), "dropped": dict(drops.counts), "query_truncated": notes.counts.get("query_truncated", 0), "source": norm.posts, "split": norm.split}
+# Data (from ``tasks``: rm_pairs, normalization_references)
 
 
 collate = collate_preferences  # 2B rows: chosen in [0, B), rejected in [B, 2B)
-
-
-# ----------------------------------------------------------------------------------------------
-# Scoring
-
-
-def pair_rewards(model: nn.Module, batch: QueryResponseBatch, *, shared_prompt: bool = True) -> torch.Tensor:
-    """Rewards of a ``collate_pairs`` batch (2B rows) in one forward pass -> (2B,) float32:
-    [0, B) chosen, [B, 2B) rejected. ``shared_prompt`` runs each query once (same scores)."""
-    b = batch.input_ids.shape[0] // 2
-    inner = model.module if hasattr(model, "module") else model
-    share = shared_prompt and isinstance(inner, ScalarRewardModel) and not uses_sliding_window(inner)
-    kwargs = dict(num_queries=b, query_width=batch.query_width) if share else {}
-    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **kwargs).rewards
-
-
-@torch.no_grad()
-def score_comparisons(
-    model: nn.Module,
-    examples: Sequence[PreferenceExample],
-    *,
-    pad_token_id: int,
-    batch_size: int = 16,
-    shared_prompt: bool = True,
-    accelerator=None,
-    desc: str = "scoring pairs",
-    progress: bool = False,
-) -> torch.Tensor:
-    """Rewards of every example's chosen and rejected response: (N, 2) float32 on CPU. Eval mode
-    (restored after), no gradients; several processes each score a share and gather."""
-    return score_preference_pairs(model, examples, pair_rewards, pad_token_id=pad_token_id, batch_size=batch_size, shared_prompt=shared_prompt, accelerator=accelerator, desc=desc, progress=progress)
-
-
-@torch.no_grad()
-def score_texts(model: nn.Module, items: Sequence[ScoredText], *, pad_token_id: int, batch_size: int = 16, accelerator=None, desc: str = "scoring", progress: bool = False) -> torch.Tensor:
-    """Reward of each (query, response): (N,) float32 on CPU (``[left-padded query | right-padded
-    response]`` rows, read at each response's EOS)."""
-    device = accelerator.device if accelerator is not None else next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-
-    def chunk_scores(chunk: list[int]) -> torch.Tensor:
-        batch = collate_query_response([items[i].query_ids for i in chunk], [items[i].response_ids for i in chunk], pad_token_id).to(device)
-        with accelerator.autocast() if accelerator is not None else contextlib.nullcontext():
-            return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).rewards.float().cpu()[:, None]
-
-    lengths = [len(x.query_ids) + len(x.response_ids) for x in items]
-    try:
-        return sharded_scores(len(items), lengths, 1, chunk_scores, batch_size=batch_size, accelerator=accelerator, desc=desc, progress=progress)[:, 0]
-    finally:
-        model.train(was_training)
-
-
-# ----------------------------------------------------------------------------------------------
-# Metrics
-
-
-def comparison_metrics(
-    rewards: torch.Tensor, confidences: Sequence[int | None] | None = None, *, lengths: torch.Tensor | None = None, calibration_bins: int = 5
-) -> dict[str, Any]:
-    """Reward-model accuracy on comparisons.
-
-    ``rewards`` (N, 2): (chosen, rejected). A comparison is right when r_chosen > r_rejected (a tie is
-    wrong and counted in ``ties``). Returns {accuracy, n, ties, loss (mean -log sigmoid margin), margin,
-    chosen_reward, rejected_reward, accuracy_by_confidence {c: {accuracy, n}} (annotator confidence),
-    calibration {bins: [{p_mean, accuracy, n}], ece}} where p = sigmoid(|r_chosen - r_rejected|) is
-    the model's probability for the summary it prefers (Bradley-Terry), binned in [0.5, 1].
-    With ``lengths`` (N, 2) response token counts: ``longer_wins_accuracy`` (the baseline "the
-    longer summary is better"; equal lengths count as wrong) and ``rm_prefers_longer`` (share of
-    pairs of unequal length where the model prefers the longer one): humans and judges favour length,
-    so an accuracy is only informative next to this baseline.
-    """
-    n = int(rewards.shape[0])
-    if n == 0:
-        return {"n": 0, "accuracy": float("nan")}
-    r = rewards.double()
-    diff = r[:, 0] - r[:, 1]
-    right = diff > 0
-    out: dict[str, Any] = {
-        "accuracy": right.double().mean().item(),
-        "n": n,
-        "ties": int((diff == 0).sum()),
-        "loss": torch.nn.functional.softplus(-diff).mean().item(),
-        "margin": diff.mean().item(),
-        "chosen_reward": r[:, 0].mean().item(),
-        "rejected_reward": r[:, 1].mean().item(),
-    }
-    if confidences is not None:
-        by: dict[int, list[bool]] = {}
-        for c, ok in zip(confidences, right.tolist()):
-            if c is not None:
-                by.setdefault(int(c), []).append(ok)
-        out["accuracy_by_confidence"] = {str(k): {"accuracy": sum(v) / len(v), "n": len(v)} for k, v in sorted(by.items())}
-    if lengths is not None:
-        out.update(_length_stats(lengths, diff > 0))
-        out["longer_wins_accuracy"] = (lengths[:, 0] > lengths[:, 1]).double().mean().item()
-    p = torch.sigmoid(diff.abs())
-    bins, ece = [], 0.0
-    edges = torch.linspace(0.5, 1.0, calibration_bins + 1, dtype=torch.float64)
-    for i in range(calibration_bins):
-        inside = (p >= edges[i]) & ((p < edges[i + 1]) if i < calibration_bins - 1 else (p <= edges[i + 1]))
-        k = int(inside.sum())
-        if k == 0:
-            continue
-        acc = right[inside].double().mean().item()
-        pm = p[inside].mean().item()
-        bins.append({"p_low": round(edges[i].item(), 3), "p_high": round(edges[i + 1].item(), 3), "p_mean": pm, "accuracy": acc, "n": k})
-        ece += k / n * abs(acc - pm)
-    out["calibration"] = {"bins": bins, "ece": ece}
-    return out
-
-
-def _length_stats(lengths: torch.Tensor, first_preferred: torch.Tensor) -> dict[str, Any]:
-    """Share of pairs of unequal length where the first-preferred choice is the longer response."""
-    unequal = lengths[:, 0] != lengths[:, 1]
-    longer_first = lengths[:, 0] > lengths[:, 1]
-    k = int(unequal.sum())
-    return {"rm_prefers_longer": ((first_preferred == longer_first) & unequal).double().sum().item() / k if k else float("nan")}
-
-
-def judge_agreement(rewards: torch.Tensor, judge_prefers_first: Sequence[bool], *, lengths: torch.Tensor | None = None) -> dict[str, Any]:
-    """Agreement of the reward model with a judge on (policy summary, reference) pairs.
-
-    ``rewards`` (N, 2): (policy, reference). The model prefers the policy summary when r_policy >
-    r_reference (a tie counts as preferring the reference, and is counted). Returns {agreement, n,
-    ties, rm_policy_win_rate, judge_policy_win_rate, cohen_kappa, policy_reward, reference_reward};
-    with ``lengths`` (N, 2) also the length baseline's agreement with the judge
-    (``longer_agreement``) and how often the model / the judge prefer the longer summary."""
-    n = int(rewards.shape[0])
-    if n == 0:
-        return {"n": 0, "agreement": float("nan")}
-    rm = (rewards[:, 0] > rewards[:, 1]).tolist()
-    judge = [bool(j) for j in judge_prefers_first]
-    agree = sum(a == b for a, b in zip(rm, judge)) / n
-    p_rm, p_judge = sum(rm) / n, sum(judge) / n
-    expected = p_rm * p_judge + (1 - p_rm) * (1 - p_judge)
-    kappa = (agree - expected) / (1 - expected) if expected < 1 else float("nan")
-    extra: dict[str, Any] = {}
-    if lengths is not None:
-        longer_first = (lengths[:, 0] > lengths[:, 1]).tolist()
-        extra = {
-            "longer_agreement": sum(a == b for a, b in zip(longer_first, judge)) / n,
-            "rm_prefers_longer": _length_stats(lengths, torch.tensor(rm))["rm_prefers_longer"],
-            "judge_prefers_longer": _length_stats(lengths, torch.tensor(judge))["rm_prefers_longer"],
-        }
-    return {
-        **extra,
-        "agreement": agree,
-        "n": n,
-        "ties": int((rewards[:, 0] == rewards[:, 1]).sum()),
-        "rm_policy_win_rate": p_rm,
-        "judge_policy_win_rate": p_judge,
-        "cohen_kappa": kappa,
-        "policy_reward": rewards[:, 0].double().mean().item(),
-        "reference_reward": rewards[:, 1].double().mean().item(),
-    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -417,6 +109,74 @@ def _check(cfg: RMConfig) -> None:
         raise DataError(f"valid_fraction must be in (0, 1) to hold out posts of a local file, got {cfg.data.valid_fraction}", field="data.valid_fraction")
 
 
+def _load_data(cfg: RMConfig, tokenizer, *, is_main: bool) -> tuple[list, list, list[ScoredText], dict[str, Any]]:
+    """Step 1: (train, held-out) pairs, normalization references (none with normalization off) and
+    the data report (drops and truncations of each), logged on the main process."""
+    train_ex, valid_ex, report = tasks.rm_pairs(cfg.data, tokenizer)
+    references, ref_report = tasks.normalization_references(cfg.norm, cfg.data, tokenizer) if cfg.norm.enabled else ([], {})
+    report["normalization"] = ref_report
+    if is_main:
+        log.info(
+            "RM data: %d train / %d held-out comparisons; train dropped %s, %d queries truncated; held-out dropped %s; %d normalization references",
+            len(train_ex), len(valid_ex), report["train"]["dropped"] or "none", report["train"]["query_truncated"], report["valid"]["dropped"] or "none", len(references),
+        )
+    return train_ex, valid_ex, references, report
+
+
+def _held_out_record(model, valid_ex, cfg: RMConfig, accelerator, *, pad_token_id: int) -> dict[str, Any]:
+    """Held-out accuracy and the other scalar ``comparison_metrics`` as ``valid/*`` record fields."""
+    rewards = score_comparisons(
+        model, valid_ex, pad_token_id=pad_token_id, batch_size=cfg.eval_batch_size, shared_prompt=cfg.shared_prompt,
+        accelerator=accelerator, desc="held-out pairs", progress=cfg.run.progress and accelerator.is_main_process,
+    )
+    m = comparison_metrics(rewards, [e.confidence for e in valid_ex])
+    return {f"valid/{k}": v for k, v in m.items() if not isinstance(v, dict)}
+
+
+def _step_record(done: int, loss: torch.Tensor, m: dict[str, torch.Tensor], *, lr: float, epoch: float, step_time_s: float, rates: dict[str, float], grad_norm) -> dict[str, Any]:
+    """The metrics.jsonl record of optimizer step ``done``: ``pairwise_loss`` of the global batch
+    (loss ``loss``, metrics ``m``), learning rate, epoch, throughput and the gradient norm."""
+    record = {
+        "step": done,
+        "loss/rm": loss.item(),
+        "rm/accuracy": m["accuracy"].item(),
+        "rm/margin": m["margin"].item(),
+        "rm/chosen_reward": m["chosen"].item(),
+        "rm/rejected_reward": m["rejected"].item(),
+        "lr": lr,
+        "epoch": epoch,
+        "perf/step_time_s": step_time_s,
+        "perf/pairs_per_s": rates["perf/sequences_per_s"],
+        "perf/tokens_per_s": rates["perf/tokens_per_s"],
+    }
+    if grad_norm is not None:
+        record["grad_norm"] = float(grad_norm)
+    return record
+
+
+def _normalize_and_save(cfg: RMConfig, run: RunDir, model, tokenizer, references: list[ScoredText], accelerator, *, final: dict[str, Any], total_steps: int) -> None:
+    """Step 4: normalize the rewards on ``references`` (when there are any), log the last record
+    (``final`` held-out metrics, norm/*, peak memory) and write final/ on the main process."""
+    is_main = accelerator.is_main_process
+    inner = accelerator.unwrap_model(model)
+    record: dict[str, Any] = {"step": total_steps, **final}
+    if references:
+        norm = normalize_rewards(
+            model, references, pad_token_id=tokenizer.pad_token_id, batch_size=cfg.eval_batch_size, accelerator=accelerator,
+            progress=cfg.run.progress and is_main, source={"source": cfg.norm.posts, "split": cfg.norm.split},
+        )
+        record.update({"norm/mean_before": norm["mean_before"], "norm/std_before": norm["std_before"], "norm/mean_after": norm["mean_after"], "norm/n": norm["n"]})
+        if is_main:
+            log.info("normalized on %d references: mean reward %.4f -> %.2e (std %.4f)", norm["n"], norm["mean_before"], norm["mean_after"], norm["std_before"])
+    record["perf/peak_memory_mb"] = peak_memory_mb(accelerator.device)
+    run.log_metrics(record)
+    accelerator.wait_for_everyone()
+    if is_main:
+        run.write_final(lambda tmp: save_reward_model(inner, tokenizer, tmp), step=total_steps, stage="rm")
+        log.info("RM done: %s (held-out accuracy %.4f on %d pairs)", run.final_dir, final["valid/accuracy"], final["valid/n"])
+    accelerator.wait_for_everyone()
+
+
 def train(cfg: RMConfig) -> str:
     """Train a reward model; returns the path of the final (normalized) Hugging Face checkpoint.
 
@@ -432,30 +192,18 @@ def train(cfg: RMConfig) -> str:
     tokenizer = tokenizer_for(cfg.model)
     pad = tokenizer.pad_token_id
 
-    # Data first: every bad record is reported before a model is loaded or a folder touched.
-    train_ex, valid_ex, report = load_rm_data(cfg.data, tokenizer)
-    references, ref_report = ([], {})
-    if cfg.norm.enabled:
-        if is_tldr(cfg.data):
-            references, ref_report = load_references(cfg.norm, tokenizer, max_query_length=cfg.data.max_query_length, max_response_length=cfg.data.max_response_length)
-        else:  # the best response of each training prompt, formatted like the training pairs
-            references, ref_report = reference_examples(cfg.data, tokenizer, limit=cfg.norm.limit)
-    report["normalization"] = ref_report
-    if is_main:
-        log.info(
-            "RM data: %d train / %d held-out comparisons; train dropped %s, %d queries truncated; held-out dropped %s; %d normalization references",
-            len(train_ex), len(valid_ex), report["train"]["dropped"] or "none", report["train"]["query_truncated"], report["valid"]["dropped"] or "none", len(references),
-        )
+    # 1. Data first: every bad record is reported before a model is loaded or a folder touched.
+    train_ex, valid_ex, references, report = _load_data(cfg, tokenizer, is_main=is_main)
     batch = cfg.global_batch_size(world)
     if len(train_ex) < batch:
         raise DataError(f"{len(train_ex)} training comparisons are fewer than one global batch of {batch} (dropped: {describe_drops(report['train']['dropped'])})", path=cfg.data.comparisons)
     steps = global_batches(len(train_ex), batch, cfg.run.seed, cfg.epochs)
     total_steps = min(len(steps), cfg.run.max_steps) if cfg.run.max_steps else len(steps)
-
     run, resume_from = RunDir.open(cfg, is_main=is_main)
     if is_main:
         (run.path / "data_report.json").write_text(json.dumps(report, indent=2) + "\n")
 
+    # 2. The model (a new head on the backbone, or a checkpoint to continue), optimizer, resume.
     seed_everything(cfg.run.seed)
     model = init_reward_model(cfg.model, tokenizer)
     train_top_layers(model, cfg.train_layers)
@@ -473,17 +221,10 @@ def train(cfg: RMConfig) -> str:
     model, optimizer = accelerator.prepare(model, optimizer)
     if is_main:
         log.info("reward model on %s: %d / %d trainable parameters; %d optimizer steps of %d pairs", cfg.model.path, trainable, total, total_steps, batch)
-
-    def evaluate() -> dict[str, Any]:
-        rewards = score_comparisons(
-            model, valid_ex, pad_token_id=pad, batch_size=cfg.eval_batch_size, shared_prompt=cfg.shared_prompt,
-            accelerator=accelerator, desc="held-out pairs", progress=cfg.run.progress and is_main,
-        )
-        m = comparison_metrics(rewards, [e.confidence for e in valid_ex])
-        return {f"valid/{k}": v for k, v in m.items() if not isinstance(v, dict)}
-
     if start == 0 and cfg.run.eval_every:
-        run.log_metrics({"step": 0, **evaluate()})
+        run.log_metrics({"step": 0, **_held_out_record(model, valid_ex, cfg, accelerator, pad_token_id=pad)})
+
+    # 3. Optimizer steps: the pairwise loss over micro-batches of the global batch of pairs.
     model.train()
     meter = Throughput()
     bar = progress_bar(total_steps, start, "rm", is_main and cfg.run.progress)
@@ -496,8 +237,7 @@ def train(cfg: RMConfig) -> str:
         for k, idx in enumerate(chunks):
             mb = collate([train_ex[i] for i in idx], pad).to(accelerator.device)
             b = len(idx)
-            sync = k == len(chunks) - 1
-            ctx = accelerator.no_sync(model) if not sync else contextlib.nullcontext()
+            ctx = accelerator.no_sync(model) if k < len(chunks) - 1 else contextlib.nullcontext()  # sync on the last
             with ctx, accelerator.autocast():
                 rewards = pair_rewards(model, mb, shared_prompt=cfg.shared_prompt)
                 # Mean over the global batch; DDP averages gradients over processes, hence / world.
@@ -511,30 +251,18 @@ def train(cfg: RMConfig) -> str:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
-        all_chosen = accelerator.gather(torch.cat(chosen))
-        all_rejected = accelerator.gather(torch.cat(rejected))
-        loss_value, m = pairwise_loss(all_chosen, all_rejected)
+        # The global batch's loss and accuracy, gathered from every process.
+        loss_value, m = pairwise_loss(accelerator.gather(torch.cat(chosen)), accelerator.gather(torch.cat(rejected)))
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value.item():.4f}", acc=f"{m['accuracy'].item():.2f}")
         if done % cfg.run.log_every == 0 or done == total_steps:
             rates = meter.rates()
-            record = {
-                "step": done,
-                "loss/rm": loss_value.item(),
-                "rm/accuracy": m["accuracy"].item(),
-                "rm/margin": m["margin"].item(),
-                "rm/chosen_reward": m["chosen"].item(),
-                "rm/rejected_reward": m["rejected"].item(),
-                "lr": scheduler.get_last_lr()[0],
-                "epoch": done * batch / len(train_ex),
-                "perf/step_time_s": (time.perf_counter() - step_start) / cfg.run.log_every,
-                "perf/pairs_per_s": rates["perf/sequences_per_s"],
-                "perf/tokens_per_s": rates["perf/tokens_per_s"],
-            }
-            if grad_norm is not None:
-                record["grad_norm"] = float(grad_norm)
+            record = _step_record(
+                done, loss_value, m, lr=scheduler.get_last_lr()[0], epoch=done * batch / len(train_ex),
+                step_time_s=(time.perf_counter() - step_start) / cfg.run.log_every, rates=rates, grad_norm=grad_norm,
+            )
             if cfg.run.eval_every and done % cfg.run.eval_every == 0 and done != total_steps:
-                record.update(evaluate())
+                record.update(_held_out_record(model, valid_ex, cfg, accelerator, pad_token_id=pad))
             run.log_metrics(record)
             step_start = time.perf_counter()
         if cfg.run.save_every and done % cfg.run.save_every == 0 and done != total_steps:
@@ -542,179 +270,7 @@ def train(cfg: RMConfig) -> str:
             accelerator.wait_for_everyone()
     bar.close()
 
-    final = evaluate()
-    inner = accelerator.unwrap_model(model)
-    record: dict[str, Any] = {"step": total_steps, **final}
-    if references:
-        norm = normalize_rewards(
-            model, references, pad_token_id=pad, batch_size=cfg.eval_batch_size, accelerator=accelerator,
-            progress=cfg.run.progress and is_main, source={"source": cfg.norm.posts, "split": cfg.norm.split},
-        )
-        record.update({"norm/mean_before": norm["mean_before"], "norm/std_before": norm["std_before"], "norm/mean_after": norm["mean_after"], "norm/n": norm["n"]})
-        if is_main:
-            log.info("normalized on %d references: mean reward %.4f -> %.2e (std %.4f)", norm["n"], norm["mean_before"], norm["mean_after"], norm["std_before"])
-    record["perf/peak_memory_mb"] = peak_memory_mb(accelerator.device)
-    run.log_metrics(record)
-    accelerator.wait_for_everyone()
-    if is_main:
-        run.write_final(lambda tmp: save_reward_model(inner, tokenizer, tmp), step=total_steps, stage="rm")
-        log.info("RM done: %s (held-out accuracy %.4f on %d pairs)", run.final_dir, final["valid/accuracy"], final["valid/n"])
-    accelerator.wait_for_everyone()
+    # 4. Held-out accuracy, normalization (N+ detail 15), final/.
+    final = _held_out_record(model, valid_ex, cfg, accelerator, pad_token_id=pad)
+    _normalize_and_save(cfg, run, model, tokenizer, references, accelerator, final=final, total_steps=total_steps)
     return str(run.final_dir)
-
-
-# ----------------------------------------------------------------------------------------------
-# Evaluation
-
-
-def _run_data(cfg: EvaluateRMConfig) -> tuple[PreferenceDataArgs, str]:
-    """The held-out data settings: the training run's own (config.json next to final/) or cfg.data."""
-    run_cfg = Path(cfg.model).parent / "config.json"
-    if cfg.from_run and run_cfg.is_file():
-        try:
-            saved = from_dict(RMConfig, json.loads(run_cfg.read_text()))
-            return dataclasses.replace(saved.data, valid_limit=cfg.valid_limit), str(run_cfg)
-        except TypeError:
-            log.warning("%s is not a reward-model run config; using --data", run_cfg)
-    return dataclasses.replace(cfg.data, valid_limit=cfg.valid_limit), "--data"
-
-
-def evaluate(cfg: EvaluateRMConfig) -> dict[str, Any]:
-    """Measure a reward model; writes the JSON results and prints a table. Returns the results.
-
-    Sections (each with its example count and drop counts): ``heldout`` (TL;DR comparisons held out
-    from training, with accuracy by annotator confidence and calibration), ``cnndm`` (CNN/DM
-    comparisons, out of distribution), ``judge`` (agreement with the GPT-3.5 judge on OpenAI PPO
-    summary vs reference). A set asked for that yields no example (every record dropped) is kept
-    with n 0, its drop counts and a ``note``, printed too; a TL;DR-only set asked for with another
-    task is listed under ``skipped``. Raises DataError / ModelLoadError before scoring anything.
-    """
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = load_tokenizer(cfg.model)
-    pad = tokenizer.pad_token_id
-    data, data_from = _run_data(cfg)
-
-    # Data first: every source is read and checked before the model is loaded.
-    _, heldout, report = load_rm_data(data, tokenizer, need_train=False)
-    cnndm: list[PreferenceExample] = []
-    cnndm_report: dict[str, Any] = {}
-    ood = is_tldr(data)  # CNN/DM and the GPT-3.5-judged samples are TL;DR sets
-    if cfg.cnndm and ood:
-        comps, drops = load_comparisons(cfg.cnndm, "validation")
-        not_cnndm = sum(not c.is_cnndm for c in comps)  # TL;DR rows of the hub's validation split: not drops
-        comps = [c for c in comps if c.is_cnndm]
-        if cfg.cnndm_limit:
-            comps = comps[: cfg.cnndm_limit]
-        notes = DropCounts()
-        cnndm, drops = build_preference_examples(comps, tokenizer, max_response_length=data.max_response_length, max_cnndm_query_length=cfg.max_cnndm_query_length, drops=drops, notes=notes)
-        cnndm_report = {"dropped": dict(drops.counts), "query_truncated": notes.counts.get("query_truncated", 0)}
-        if not cnndm:
-            cnndm_report["not_cnndm"] = not_cnndm
-            cnndm_report["note"] = _nothing_left("CNN/DM comparison", {**cnndm_report["dropped"], "not_cnndm": not_cnndm})
-    judged: list[PreferenceExample] = []
-    judge_first: list[bool] = []
-    judge_report: dict[str, Any] = {}
-    if cfg.policy_samples and ood:
-        samples, drops = load_judged_samples(cfg.policy_samples)
-        if cfg.judge_limit:
-            samples = samples[: cfg.judge_limit]
-        notes = DropCounts()
-        pairs = [Comparison(s.id, s.query_fields, s.response, s.reference) for s in samples]
-        judged, drops = build_preference_examples(pairs, tokenizer, max_query_length=data.max_query_length, max_response_length=data.max_response_length, drops=drops, notes=notes)
-        verdict = {s.id: s.judge_preferred for s in samples}
-        judge_first = [verdict[e.post_id] == "policy" for e in judged]
-        judge_report = {"dropped": dict(drops.counts), "query_truncated": notes.counts.get("query_truncated", 0), "judge": samples[0].judge if samples else ""}
-        if not judged:
-            judge_report["note"] = _nothing_left("judged (policy summary, reference) pair", judge_report["dropped"])
-    skipped = {name: f"a TL;DR set; the task is {data.task}" for name, asked in (("cnndm", cfg.cnndm), ("judge", cfg.policy_samples)) if asked and not ood}
-
-    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" and device.type == "cpu" else torch.float32
-    model = load_reward_model(cfg.model, dtype=dtype, tokenizer=tokenizer).to(device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and cfg.dtype in ("auto", "bfloat16") else contextlib.nullcontext()
-    kw = dict(pad_token_id=pad, batch_size=cfg.batch_size, progress=cfg.progress)
-    results: dict[str, Any] = {"model": cfg.model, "data_from": data_from, "normalization": model.config.normalization, "reward_offset": model.config.reward_offset}
-    if skipped:
-        results["skipped"] = skipped
-    t0 = time.perf_counter()
-    scores: list[dict[str, Any]] = []
-
-    def keep(name: str, examples: Sequence[PreferenceExample], r: torch.Tensor) -> None:
-        scores.extend({"set": name, "id": e.post_id, "confidence": e.confidence, "first": a, "second": b} for e, (a, b) in zip(examples, r.tolist()))
-
-    with autocast:
-        r = score_comparisons(model, heldout, desc=f"held-out {data.task} pairs", **kw)
-        results["heldout"] = {**comparison_metrics(r, [e.confidence for e in heldout], lengths=_lengths(heldout)), **report["valid"], "source": data.valid_comparisons or data.comparisons, "task": data.task}
-        keep("heldout", heldout, r)
-        if cnndm:
-            r = score_comparisons(model, cnndm, desc="CNN/DM pairs", **kw)
-            results["cnndm"] = {**comparison_metrics(r, [e.confidence for e in cnndm], lengths=_lengths(cnndm)), **cnndm_report, "source": cfg.cnndm}
-            keep("cnndm", cnndm, r)
-        elif cnndm_report:  # asked for, nothing left: said, not left out
-            results["cnndm"] = {"n": 0, **cnndm_report, "source": cfg.cnndm}
-        if judged:
-            r = score_comparisons(model, judged, desc="judged PPO vs reference", **kw)
-            results["judge"] = {**judge_agreement(r, judge_first, lengths=_lengths(judged)), **judge_report, "source": cfg.policy_samples}
-            keep("judge", judged, r)
-        elif judge_report:
-            results["judge"] = {"n": 0, **judge_report, "source": cfg.policy_samples}
-    results["seconds"] = time.perf_counter() - t0
-    out = Path(cfg.output) if cfg.output else Path(cfg.model).parent / EVAL_FILE
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    # Per-pair rewards (first = chosen / PPO summary, second = rejected / reference) for further analysis.
-    out.with_suffix(".scores.jsonl").write_text("".join(json.dumps(x) + "\n" for x in scores))
-    print(format_table(results))
-    print(f"\nresults: {out}")
-    return results
-
-
-def _nothing_left(what: str, counts: dict[str, int]) -> str:
-    """The note of an asked-for evaluation set that yields no example: why, with the counts."""
-    total = sum(counts.values())
-    if not total:
-        return f"no {what} to score: the source has no records"
-    return f"no {what} left to score: all {total} records were dropped ({describe_drops(counts)})"
-
-
-def _lengths(examples: Sequence[PreferenceExample]) -> torch.Tensor:
-    return torch.tensor([[len(e.chosen_ids), len(e.rejected_ids)] for e in examples], dtype=torch.long).reshape(-1, 2)
-
-
-def format_table(results: dict[str, Any]) -> str:
-    """A readable table of ``evaluate`` results."""
-    lines = [f"reward model: {results['model']}", "", f"{'set':<31}{'n':>6}{'accuracy':>10}{'longer wins':>13}{'margin':>9}  dropped"]
-
-    def row(name: str, m: dict[str, Any], key: str = "accuracy", baseline: str = "longer_wins_accuracy") -> None:
-        dropped = ", ".join(f"{k} {v}" for k, v in sorted(m.get("dropped", {}).items())) or "none"
-        margin = f"{m['margin']:>9.3f}" if "margin" in m else " " * 9
-        base = f"{m[baseline]:>13.4f}" if baseline in m else " " * 13
-        value = f"{m[key]:>10.4f}" if key in m else f"{'-':>10}"
-        lines.append(f"{name:<31}{m['n']:>6}{value}{base}{margin}  {dropped}")
-
-    row("held-out TL;DR comparisons" if results["heldout"].get("task", "tldr") == "tldr" else "held-out preference pairs", results["heldout"])
-    if "cnndm" in results:
-        row("CNN/DM comparisons (OOD)", results["cnndm"])
-    if "judge" in results:
-        row("agreement with GPT-3.5 judge", results["judge"], "agreement", "longer_agreement")
-    lines.append("(longer wins: the baseline that always prefers the longer response, on the same pairs)")
-    for key, label in (("cnndm", "CNN/DM comparisons"), ("judge", "agreement with GPT-3.5 judge")):
-        if key in results and results[key].get("note"):
-            lines.append(f"{label}: {results[key]['note']}")
-        if key in results.get("skipped", {}):
-            lines.append(f"{label}: skipped ({results['skipped'][key]})")
-    h = results["heldout"]
-    if h.get("accuracy_by_confidence"):
-        lines += ["", "held-out accuracy by annotator confidence:", "  " + "  ".join(f"{c}: {v['accuracy']:.2f} (n={v['n']})" for c, v in h["accuracy_by_confidence"].items())]
-    if h.get("calibration"):
-        lines += ["", f"calibration (model probability of its preferred summary; ECE {h['calibration']['ece']:.3f}):"]
-        lines += [f"  p in [{b['p_low']:.1f}, {b['p_high']:.1f}]: mean p {b['p_mean']:.3f}, accuracy {b['accuracy']:.3f} (n={b['n']})" for b in h["calibration"]["bins"]]
-    if results.get("judge", {}).get("n"):
-        j = results["judge"]
-        lines += ["", f"judge set: RM prefers the PPO summary {j['rm_policy_win_rate']:.3f}, judge {j['judge_policy_win_rate']:.3f}; kappa {j['cohen_kappa']:.3f}; "
-                  f"mean reward PPO {j['policy_reward']:.3f}, reference {j['reference_reward']:.3f}"]
-        if "rm_prefers_longer" in j:
-            lines.append(f"  prefers the longer summary: RM {j['rm_prefers_longer']:.3f}, judge {j['judge_prefers_longer']:.3f}")
-    if "rm_prefers_longer" in h:
-        lines.append(f"held-out: RM prefers the longer summary in {h['rm_prefers_longer']:.3f} of pairs of unequal length")
-    return "\n".join(lines)
