@@ -158,7 +158,7 @@ def parse(argv: list[str]):
 
 def _resume_hint() -> str:
     """Where the run(s) this process opened can be resumed from, for the Ctrl-C / crash line."""
-    from .train.loop import _ACTIVE
+    from .train.run_dir import _ACTIVE
 
     if not _ACTIVE:
         return ""
@@ -183,7 +183,7 @@ def _failure_line(e: BaseException) -> tuple[str, int] | None:
 
 def _restore_replaced_runs() -> None:
     """A run started with --run.overwrite that stopped before its first checkpoint gives the old run back."""
-    from .train.loop import _ACTIVE
+    from .train.run_dir import _ACTIVE
 
     for run in _ACTIVE:
         run.restore_replaced()
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "urllib3", "huggingface_hub", "datasets", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     fn, cfg = parse(argv)
-    from .train.loop import _ACTIVE
+    from .train.run_dir import _ACTIVE
 
     _ACTIVE.clear()  # the run folders of this invocation only
     try:

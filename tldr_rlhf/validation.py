@@ -85,7 +85,7 @@ def flag(path: tuple[str, ...]) -> str:
 def check_input(value: str, name: str, what: str = "file or folder") -> None:
     """Raise ConfigError when ``value`` (the input of flag ``name``) is neither an existing path nor a
     plausible hub id, or is a run's ``final/`` whose save never completed."""
-    from .train.loop import final_is_complete
+    from .train.run_dir import final_is_complete
 
     if not value:
         return

@@ -67,20 +67,18 @@ from ..modeling import checkpoint_fingerprint, count_parameters, save_pretrained
 from .. import tasks
 from .common import load_policy, make_accelerator, tokenizer_for
 from .loop import (
-    RunDir,
     build_optimizer,
     build_scheduler,
     global_batches,
-    load_checkpoint,
     micro_batches,
     params_in_sync,
     peak_memory_mb,
     progress_bar,
-    save_checkpoint,
     seed_everything,
     shard,
     score_preference_pairs,
 )
+from .run_dir import RunDir, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 REFERENCE_CACHE = "reference_logprobs.pt"

@@ -1,4 +1,6 @@
-"""Shared training machinery: run folders, optimizer and schedule, checkpoints, metrics, data order.
+"""Shared training machinery: optimizer and schedule, data order, the loop bookends (resume, optimizer
+step, "every n steps"), progress and throughput, sharded scoring. The run folder and its checkpoints
+are in ``run_dir.py``.
 
 No Trainer class: each stage's ``train(cfg)`` calls these helpers. Multi-process runs go through
 accelerate (``torchrun`` / ``accelerate launch``); every process sees the same global batch order
@@ -7,225 +9,21 @@ and takes its own slice of each micro-batch, so the data order does not depend o
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import random
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 
-from ..config import OptimArgs, save_config, to_dict
-from ..errors import RunDirError
+from ..config import OptimArgs
+from .run_dir import RunDir, load_checkpoint
 
 log = logging.getLogger(__name__)
-FINAL = "final"
-CHECKPOINTS = "checkpoints"
-
-
-# ----------------------------------------------------------------------------------------------
-# Run folder
-
-COMPLETE = "COMPLETE.json"  # written last into final/: a final/ without it is not a finished run
-_ACTIVE: list["RunDir"] = []  # run folders opened by this process (the CLI's Ctrl-C / error lines)
-
-
-def final_is_complete(path: str | Path) -> bool:
-    """True when ``path`` is a ``final/`` folder whose save finished (its completeness marker exists).
-    A ``final/`` left half-written by a crash or a full disk has no marker."""
-    return (Path(path) / COMPLETE).is_file()
-
-
-def _record_step(line: str) -> int | None:
-    """The ``step`` of one metrics / samples JSON line; None for a blank or torn line (a process killed
-    mid-write leaves a partial last line, which a resume drops)."""
-    try:
-        return int(json.loads(line).get("step", 0))
-    except (ValueError, AttributeError):
-        return None
-
-
-def _replaced_path(path: Path) -> Path:
-    """Where ``--run.overwrite`` keeps the old run until the new one has its first checkpoint."""
-    return path.parent / f".{path.name}.replaced"
-
-
-class RunDir:
-    """A run folder ``config.json metrics.jsonl samples.jsonl checkpoints/ final/``.
-
-    Nothing finished is lost:
-    - opening refuses a folder whose ``final/`` is complete (a finished run) unless ``overwrite``;
-    - with ``overwrite`` the old run is moved aside (``.NAME.replaced`` beside it) and deleted only
-      once the new run has its first checkpoint or its ``final/``; a run that fails before that gets
-      the old one back (``restore_replaced`` from the CLI, or the next open of the folder);
-    - ``final/`` is written under a temporary name, marked complete (``COMPLETE.json``) and renamed
-      into place, so a crash or full disk never leaves a ``final/`` that looks finished;
-    - a folder that cannot be written is a RunDirError naming ``--run.output-dir``.
-    Only the main process writes.
-    """
-
-    def __init__(self, path: str | Path, *, overwrite: bool = False, is_main: bool = True):
-        self.path = Path(path)
-        self.is_main = is_main
-        self.replaced: Path | None = None
-        if is_main:
-            self._restore_if_unfinished()
-        if final_is_complete(self.path / FINAL) and not overwrite:
-            raise RunDirError(
-                f"{self.path} already holds a finished run ({self.path / FINAL}); pass --run.overwrite to replace it "
-                "or choose another --run.output-dir"
-            )
-        if not is_main:
-            return
-        if (self.path / FINAL).exists() and not final_is_complete(self.path / FINAL):
-            log.warning("%s is incomplete (no %s: its save did not finish); the run resumes and writes it again", self.path / FINAL, COMPLETE)
-        try:
-            if overwrite and self.path.exists():
-                aside = _replaced_path(self.path)
-                shutil.rmtree(aside, ignore_errors=True)
-                os.replace(self.path, aside)
-                self.replaced = aside
-                log.info("--run.overwrite: the old run is kept in %s until the new one has its first checkpoint", aside)
-            (self.path / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
-            probe = self.path / ".write-test"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as e:
-            self.restore_replaced()
-            raise RunDirError(f"--run.output-dir {self.path}: cannot write there ({e.strerror or e})") from e
-        _ACTIVE.append(self)
-
-    def _has_progress(self) -> bool:
-        return final_is_complete(self.path / FINAL) or self.latest_checkpoint() is not None
-
-    def _restore_if_unfinished(self) -> None:
-        """Bring back a run that an earlier ``--run.overwrite`` moved aside when the run that replaced
-        it died before its first checkpoint (killed, or an error the CLI did not see)."""
-        aside = _replaced_path(self.path)
-        if aside.exists() and not self._has_progress():
-            shutil.rmtree(self.path, ignore_errors=True)
-            os.replace(aside, self.path)
-            log.warning("restored %s: the --run.overwrite run that replaced it stopped before its first checkpoint", self.path)
-
-    def restore_replaced(self) -> None:
-        """Put the run that ``--run.overwrite`` moved aside back in place, unless the new run already
-        has a checkpoint or a final/ (then the old one is gone for good)."""
-        if self.replaced is not None and self.replaced.exists() and not self._has_progress():
-            shutil.rmtree(self.path, ignore_errors=True)
-            os.replace(self.replaced, self.path)
-            log.warning("restored the previous run in %s (the --run.overwrite run stopped before its first checkpoint)", self.path)
-        self.replaced = None
-
-    def _drop_replaced(self) -> None:
-        """The new run has progress of its own: the old one it replaced can go."""
-        if self.replaced is not None:
-            shutil.rmtree(self.replaced, ignore_errors=True)
-            self.replaced = None
-
-    @classmethod
-    def open(cls, cfg: Any, *, is_main: bool = True) -> tuple["RunDir", Path | None]:
-        """Open ``cfg.run.output_dir`` for a stage config with a ``run: RunArgs`` field: returns the
-        run folder and the checkpoint to resume from (None for a fresh start). Every config value and
-        input path is checked first (ConfigError), before anything on disk is touched. A resume must
-        use the same config outside ``run`` (RunDirError otherwise); the resolved config is then
-        written. A fresh start drops the metrics and samples of an earlier attempt that never reached
-        a checkpoint."""
-        from ..validation import validate_config
-
-        validate_config(cfg)
-        run = cls(cfg.run.output_dir, overwrite=cfg.run.overwrite, is_main=is_main)
-        resume_from = run.latest_checkpoint() if cfg.run.resume else None
-        if resume_from is not None:
-            run.check_config_matches(cfg)
-        else:
-            run.truncate_logs(-1)
-        run.write_config(cfg)
-        return run, resume_from
-
-    @property
-    def final_dir(self) -> Path:
-        return self.path / FINAL
-
-    def write_final(self, save: Callable[[Path], None], *, step: int, stage: str) -> Path:
-        """Write ``final/`` atomically: ``save(tmp)`` fills a temporary folder, the completeness marker
-        (stage, step, files and sizes) is written last, then the folder is renamed to ``final/``.
-        Main process only; returns the final path."""
-        if not self.is_main:
-            return self.final_dir
-        tmp = self.path / f".{FINAL}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        save(tmp)
-        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-        (tmp / COMPLETE).write_text(json.dumps({"stage": stage, "step": step, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "files": files}, indent=2) + "\n")
-        old = self.path / f".{FINAL}.old"
-        if self.final_dir.exists():  # a final/ left incomplete by an earlier attempt
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(self.final_dir, old)
-        os.replace(tmp, self.final_dir)
-        shutil.rmtree(old, ignore_errors=True)
-        self._drop_replaced()
-        return self.final_dir
-
-    def write_config(self, cfg: Any) -> None:
-        if self.is_main:
-            save_config(cfg, self.path / "config.json")
-
-    def check_config_matches(self, cfg: Any) -> None:
-        """Raise RunDirError when resuming with a config that changes what was trained."""
-        f = self.path / "config.json"
-        if not f.exists():
-            return
-        old, new = json.loads(f.read_text()), json.loads(json.dumps(to_dict(cfg)))
-        ignore = {"run"}  # run cadence / resume flags may change between attempts
-        diff = sorted(k for k in set(old) | set(new) if k not in ignore and old.get(k) != new.get(k))
-        if diff:
-            raise RunDirError(f"{f}: resuming with a different config (fields {diff}); pass --run.overwrite to start afresh")
-
-    def log_metrics(self, record: dict[str, Any]) -> None:
-        if self.is_main:
-            with (self.path / "metrics.jsonl").open("a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    def log_samples(self, records: list[dict[str, Any]]) -> None:
-        if self.is_main:
-            with (self.path / "samples.jsonl").open("a") as f:
-                for r in records:
-                    f.write(json.dumps(r) + "\n")
-
-    def truncate_logs(self, step: int) -> None:
-        """Drop metric/sample records after ``step`` (a resume replays those steps)."""
-        if not self.is_main:
-            return
-        for name in ("metrics.jsonl", "samples.jsonl"):
-            f = self.path / name
-            if f.exists():
-                kept = [line for line in f.read_text().splitlines() if _record_step(line) is not None and _record_step(line) <= step]
-                f.write_text("".join(line + "\n" for line in kept))
-
-    def checkpoints(self) -> list[Path]:
-        """Checkpoint folders holding a ``state.pt``, oldest first."""
-        ckpts = sorted((self.path / CHECKPOINTS).glob("step-*"), key=_step_of)
-        return [c for c in ckpts if (c / "state.pt").exists()]
-
-    def latest_checkpoint(self) -> Path | None:
-        """The newest checkpoint folder, or None (``load_checkpoint`` falls back past a corrupt one)."""
-        ckpts = self.checkpoints()
-        return ckpts[-1] if ckpts else None
-
-    def prune_checkpoints(self, keep: int) -> None:
-        if not self.is_main:
-            return
-        ckpts = sorted((self.path / CHECKPOINTS).glob("step-*"), key=_step_of)
-        for old in ckpts[: max(0, len(ckpts) - keep)]:
-            shutil.rmtree(old, ignore_errors=True)
-
-
 # ----------------------------------------------------------------------------------------------
 # Optimizer and schedule
 
@@ -315,112 +113,13 @@ def micro_batches(indices: Sequence[int], size: int) -> Iterator[list[int]]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
+# Seeds
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
-
-def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Only trainable tensors (the LoRA adapters under LoRA; everything otherwise)."""
-    names = {n for n, p in model.named_parameters() if p.requires_grad}
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k in names}
-
-
-def save_checkpoint(run: RunDir, step: int, model, optimizer, scheduler, extra: dict[str, Any] | None = None, *, keep: int = 2) -> Path | None:
-    """Write ``checkpoints/step-N/state.pt`` (trainable weights, optimizer, scheduler, step, RNG).
-
-    Written to a temporary name and renamed, so a crash mid-save never leaves a half checkpoint
-    that a resume would pick up.
-    """
-    if not run.is_main:
-        return None
-    final = run.path / CHECKPOINTS / f"step-{step}"
-    tmp = run.path / CHECKPOINTS / f".tmp-step-{step}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    torch.save(
-        {
-            "step": step,
-            "model": trainable_state_dict(model),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": rng_state(),
-            "extra": extra or {},
-        },
-        tmp / "state.pt",
-    )
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    run.prune_checkpoints(keep)
-    run._drop_replaced()
-    return final
-
-
-def _read_state(file: Path) -> dict[str, Any]:
-    """``torch.load`` of one ``state.pt``; a truncated or otherwise unreadable file is a RunDirError
-    that names it."""
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=False)
-        if not isinstance(state, dict) or not {"step", "model", "optimizer", "scheduler", "rng"} <= set(state):
-            raise ValueError("not a tldr-rlhf checkpoint (keys missing)")
-        return state
-    except Exception as e:  # torch raises RuntimeError / EOFError / pickle errors for a torn file
-        raise RunDirError(f"{file}: unreadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
-
-
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict[str, Any]:
-    """Restore what ``save_checkpoint`` wrote; returns the state dict (``step``, ``extra``, and
-    ``path``: the checkpoint actually used).
-
-    When ``path``'s ``state.pt`` is unreadable (truncated by a crash or a full disk), the next older
-    checkpoint of the same run is used instead, with a warning that names the bad file; RunDirError
-    when none is readable. A checkpoint whose weights do not fit the model is a RunDirError.
-    """
-    path = Path(path)
-    older = sorted((p for p in path.parent.glob("step-*") if (p / "state.pt").exists() and _step_of(p) < _step_of(path)), key=_step_of, reverse=True)
-    errors = []
-    for candidate in [path, *older]:
-        try:
-            state = _read_state(candidate / "state.pt")
-        except RunDirError as e:
-            errors.append(str(e))
-            log.warning("%s; falling back to an older checkpoint", e)
-            continue
-        break
-    else:
-        raise RunDirError("no readable checkpoint to resume from: " + "; ".join(errors) + " (pass --run.overwrite to start afresh)")
-    missing = set(state["model"]) - set(model.state_dict())
-    if missing:
-        raise RunDirError(f"{candidate}: checkpoint has weights the model lacks: {sorted(missing)[:5]}")
-    model.load_state_dict(state["model"], strict=False)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"])
-    state["path"] = candidate
-    return state
-
-
-def _step_of(checkpoint: Path) -> int:
-    return int(checkpoint.name.split("-")[1])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -32,7 +32,8 @@ from ..rollout import Rollout, ScoreFn
 from ..tasks import rl_prompts
 from ..value_model import score_at_last_token
 from .common import make_accelerator
-from .loop import RunDir, Throughput, global_batches, load_checkpoint, peak_memory_mb, progress_bar, save_checkpoint, seed_everything, shard
+from .loop import Throughput, global_batches, peak_memory_mb, progress_bar, seed_everything, shard
+from .run_dir import RunDir, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 _MAX_METRICS = ("ratio_max", "ratio_max_abs_dev")  # metrics kept as a maximum over a minibatch and an update

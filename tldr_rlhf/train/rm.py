@@ -52,19 +52,17 @@ from ..reward_model import ScalarRewardModel, train_top_layers
 from ..reward_scoring import ScoredText, pair_rewards, score_comparisons, score_texts
 from .common import make_accelerator, tokenizer_for
 from .loop import (
-    RunDir,
     Throughput,
     build_optimizer,
     build_scheduler,
     global_batches,
-    load_checkpoint,
     micro_batches,
     peak_memory_mb,
     progress_bar,
-    save_checkpoint,
     seed_everything,
     shard,
 )
+from .run_dir import RunDir, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,6 @@ from ..ops import position_ids_from_mask, token_logprobs
 from ..tasks import sft_examples
 from .common import load_policy, make_accelerator, tokenizer_for
 from .loop import (
-    RunDir,
     Throughput,
     build_optimizer,
     build_scheduler,
@@ -42,10 +41,10 @@ from .loop import (
     peak_memory_mb,
     progress_bar,
     resume,
-    save_checkpoint,
     seed_everything,
     shard,
 )
+from .run_dir import RunDir, save_checkpoint
 
 log = logging.getLogger(__name__)
 
