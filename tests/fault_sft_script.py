@@ -35,9 +35,9 @@ if kill_at:
 
 ctrl_c_after = int(os.environ.get("FAULT_CTRL_C_AFTER_SAVE", "0"))
 if ctrl_c_after:
-    from tldr_rlhf.train import run_dir
+    from tldr_rlhf.train import loop
 
-    real_checkpoint, saved = run_dir.save_checkpoint, [0]
+    real_checkpoint, saved = loop.save_checkpoint, [0]
 
     def save_then_ctrl_c(*args, **kwargs):
         out = real_checkpoint(*args, **kwargs)
@@ -46,9 +46,7 @@ if ctrl_c_after:
             raise KeyboardInterrupt
         return out
 
-    for module in ("sft", "rm", "dpo", "rl_common"):  # every module that calls save_checkpoint
-        stage = __import__(f"tldr_rlhf.train.{module}", fromlist=["save_checkpoint"])
-        stage.save_checkpoint = save_then_ctrl_c
+    loop.save_checkpoint = save_then_ctrl_c  # every stage checkpoints through loop.checkpoint_if_due
 
 if os.environ.get("FAULT_FULL_DISK_AT_FINAL") == "1":
     import errno

@@ -18,7 +18,7 @@ from tldr_rlhf.config import ModelArgs, OptimArgs, RunArgs, SFTConfig, TldrDataA
 from tldr_rlhf.data.batching import collate_query_response
 from tldr_rlhf.errors import RunDirError
 from tldr_rlhf.losses import sft_loss
-from tldr_rlhf.train import sft
+from tldr_rlhf.train import loop, sft  # loop.save_checkpoint: where every stage checkpoints
 from tldr_rlhf.train.loop import lr_at
 
 
@@ -98,17 +98,17 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tiny_model_dir, tm
     sft.train(_cfg(tiny_model_dir, straight, max_steps=4))
 
     crashed = tmp_path / "crashed"
-    real_save = sft.save_checkpoint
+    real_save = loop.save_checkpoint
 
     def save_then_crash(run, step, *a, **k):
         real_save(run, step, *a, **k)
         raise KeyboardInterrupt("simulated crash after the step-2 checkpoint")
 
-    monkeypatch.setattr(sft, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
         sft.train(_cfg(tiny_model_dir, crashed, max_steps=4))
     assert sorted(_losses(crashed)) == [1, 2]
-    monkeypatch.setattr(sft, "save_checkpoint", real_save)
+    monkeypatch.setattr(loop, "save_checkpoint", real_save)
     sft.train(_cfg(tiny_model_dir, crashed, max_steps=4))
     a, b = _losses(straight), _losses(crashed)
     assert sorted(b) == [1, 2, 3, 4]

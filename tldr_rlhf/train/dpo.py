@@ -69,16 +69,20 @@ from .common import load_policy, make_accelerator, tokenizer_for
 from .loop import (
     build_optimizer,
     build_scheduler,
+    checkpoint_if_due,
+    due,
     global_batches,
     micro_batches,
+    optimizer_step,
     params_in_sync,
     peak_memory_mb,
     progress_bar,
+    resume,
+    score_preference_pairs,
     seed_everything,
     shard,
-    score_preference_pairs,
 )
-from .run_dir import RunDir, load_checkpoint, save_checkpoint
+from .run_dir import RunDir
 
 log = logging.getLogger(__name__)
 REFERENCE_CACHE = "reference_logprobs.pt"
@@ -263,14 +267,7 @@ def _optimizer_and_start(cfg: DPOConfig, run: RunDir, model: nn.Module, resume_f
     ``resume_from`` (the logs past its step cut off)."""
     optimizer = build_optimizer(model.parameters(), cfg.optim, device_type=device_type)
     scheduler = build_scheduler(optimizer, cfg.optim, num_steps)
-    start = 0
-    if resume_from is not None:
-        state = load_checkpoint(resume_from, model, optimizer, scheduler)
-        start = state["step"]
-        run.truncate_logs(start)
-        if run.is_main:
-            log.info("resumed from %s (step %d)", state["path"], start)
-    return optimizer, scheduler, start
+    return optimizer, scheduler, resume(run, resume_from, model, optimizer, scheduler)
 
 
 def _sample_examples(valid_ex: Sequence[PreferenceExample], n: int) -> list[PreferenceExample]:
@@ -437,24 +434,19 @@ def train(cfg: DPOConfig) -> str:
             for name, value in {"loss": loss.detach(), **m}.items():
                 sums[name] = sums.get(name, 0) + value.float() * b
             tokens += int(mb.attention_mask.sum())
-        grad_norm = accelerator.clip_grad_norm_(scorer.parameters(), cfg.optim.max_grad_norm) if cfg.optim.max_grad_norm > 0 else None
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = optimizer_step(scorer, optimizer, scheduler, accelerator, cfg.optim.max_grad_norm)
         done = step + 1
         means = _global_means(sums, len(mine), accelerator)
         bar.update(1)
         bar.set_postfix(loss=f"{means['loss']:.4f}", acc=f"{means['reward_accuracy']:.2f}")
-        if done % cfg.run.log_every == 0 or done == total_steps:
+        if due(done, cfg.run.log_every, total_steps, last=True):
             dt = (time.perf_counter() - step_start) / (cfg.run.log_every if done % cfg.run.log_every == 0 else 1)
             record = _step_record(done, means, lr=scheduler.get_last_lr()[0], epoch=done * batch / len(train_ex), step_time_s=dt, pairs=len(global_idx), tokens=tokens * world, grad_norm=grad_norm)
-            if cfg.run.eval_every and done % cfg.run.eval_every == 0 and done != total_steps:
+            if due(done, cfg.run.eval_every, total_steps, last=False):
                 record.update(_eval_record(_held_out(scorer, valid_ex, ref_valid, cfg, accelerator, pad_token_id=pad)))
             run.log_metrics(record)
             step_start = time.perf_counter()
-        if cfg.run.save_every and done % cfg.run.save_every == 0 and done != total_steps:
-            save_checkpoint(run, done, accelerator.unwrap_model(scorer).model, optimizer, scheduler, keep=cfg.run.keep_checkpoints)
-            accelerator.wait_for_everyone()
+        checkpoint_if_due(run, done, total_steps, cfg.run, accelerator.unwrap_model(scorer).model, optimizer, scheduler, accelerator)
     bar.close()
 
     # 5. Held-out implicit-reward accuracy, the DPO policy's samples, eval.json and final/.

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..config import OptimArgs
-from .run_dir import RunDir, load_checkpoint
+from .run_dir import RunDir, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------------------------
@@ -148,6 +148,15 @@ def optimizer_step(model, optimizer, scheduler, accelerator, max_grad_norm: floa
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return None if grad_norm is None else float(grad_norm)
+
+
+def checkpoint_if_due(run: RunDir, done: int, total: int, run_args, model, optimizer, scheduler, accelerator) -> None:
+    """A checkpoint after step ``done`` every ``run_args.save_every`` steps (never after the last one:
+    ``final/`` follows), keeping ``run_args.keep_checkpoints``; every process waits for it.
+    ``model`` is the unwrapped model whose trainable weights are saved."""
+    if due(done, run_args.save_every, total, last=False):
+        save_checkpoint(run, done, model, optimizer, scheduler, keep=run_args.keep_checkpoints)
+        accelerator.wait_for_everyone()
 
 
 def due(done: int, every: int, total: int, *, last: bool) -> bool:

@@ -32,8 +32,19 @@ from ..rollout import Rollout, ScoreFn
 from ..tasks import rl_prompts
 from ..value_model import score_at_last_token
 from .common import make_accelerator
-from .loop import Throughput, global_batches, peak_memory_mb, progress_bar, seed_everything, shard
-from .run_dir import RunDir, load_checkpoint, save_checkpoint
+from .loop import (
+    Throughput,
+    checkpoint_if_due as loop_checkpoint_if_due,
+    due,
+    global_batches,
+    optimizer_step,
+    peak_memory_mb,
+    progress_bar,
+    resume,
+    seed_everything,
+    shard,
+)
+from .run_dir import RunDir
 
 log = logging.getLogger(__name__)
 _MAX_METRICS = ("ratio_max", "ratio_max_abs_dev")  # metrics kept as a maximum over a minibatch and an update
@@ -232,13 +243,7 @@ def start_updates(rl: RLRun, model: nn.Module, optimizer, scheduler, *, unit: st
     and ``steps`` its optimizer steps in the log lines. Returns (first update, prepared model, prepared optimizer, the reward
     model's score function)."""
     trainable, total_params = count_parameters(model)
-    start = 0
-    if rl.resume_from is not None:
-        state = load_checkpoint(rl.resume_from, model, optimizer, scheduler)
-        start = state["step"]
-        rl.run.truncate_logs(start)
-        if rl.is_main:
-            log.info("resumed from %s (%s %d)", state["path"], unit, start)
+    start = resume(rl.run, rl.resume_from, model, optimizer, scheduler, unit=unit)
     model, optimizer = rl.accelerator.prepare(model, optimizer)
     score_fn = reward_score_fn(rl.reward_model, rl.device, rl.accelerator.autocast)
     if rl.is_main:
@@ -299,15 +304,11 @@ def update_passes(
             m = minibatch_step(perm[s : s + mini])
             if first_dev is None:
                 first_dev = m[f"{prefix}/ratio_max_abs_dev"]
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm) if max_grad_norm > 0 else None
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm = optimizer_step(model, optimizer, scheduler, accelerator, max_grad_norm)
             for k, v in m.items():
                 totals[k] = max(totals[k], v) if k.endswith(_MAX_METRICS) else totals[k] + v
             if grad_norm is not None:
-                totals["grad_norm"] += float(grad_norm)
+                totals["grad_norm"] += grad_norm
             n_steps += 1
     stats = {k: (v if k.endswith(_MAX_METRICS) else v / n_steps) for k, v in totals.items()}
     stats[f"{prefix}/first_minibatch_ratio_max_abs_dev"] = first_dev
@@ -326,7 +327,7 @@ def log_update(rl: RLRun, done: int, r: Rollout, prompts: list[Prompt], stats: d
     stats = {k: rl.accelerator.reduce(torch.tensor(v, device=rl.device), reduction="mean").item() for k, v in sorted(stats.items())}
     rl.bar.update(1)
     rl.bar.set_postfix(score=f"{stats['objective/scores']:.3f}", kl=f"{stats['objective/kl']:.3f}")
-    if done % cfg.run.log_every == 0 or done == rl.total:
+    if due(done, cfg.run.log_every, rl.total, last=True):
         rl.run.log_metrics({
             "step": done,
             "episodes": done * rl.batch * rl.group,
@@ -345,9 +346,7 @@ def log_update(rl: RLRun, done: int, r: Rollout, prompts: list[Prompt], stats: d
 def checkpoint_if_due(rl: RLRun, done: int, model: nn.Module, optimizer, scheduler) -> None:
     """A checkpoint after update ``done`` every ``save_every`` updates (not after the last: ``final/``
     follows), every process waiting for it."""
-    if rl.cfg.run.save_every and done % rl.cfg.run.save_every == 0 and done != rl.total:
-        save_checkpoint(rl.run, done, rl.accelerator.unwrap_model(model), optimizer, scheduler, keep=rl.cfg.run.keep_checkpoints)
-        rl.accelerator.wait_for_everyone()
+    loop_checkpoint_if_due(rl.run, done, rl.total, rl.cfg.run, rl.accelerator.unwrap_model(model), optimizer, scheduler, rl.accelerator)
 
 
 def finish_rl_run(rl: RLRun, final_model: nn.Module) -> str:

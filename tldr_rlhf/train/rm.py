@@ -55,14 +55,18 @@ from .loop import (
     Throughput,
     build_optimizer,
     build_scheduler,
+    checkpoint_if_due,
+    due,
     global_batches,
     micro_batches,
+    optimizer_step,
     peak_memory_mb,
     progress_bar,
+    resume,
     seed_everything,
     shard,
 )
-from .run_dir import RunDir, load_checkpoint, save_checkpoint
+from .run_dir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -209,13 +213,7 @@ def train(cfg: RMConfig) -> str:
     trainable, total = count_parameters(model)
     optimizer = build_optimizer(model.parameters(), cfg.optim, device_type=accelerator.device.type)
     scheduler = build_scheduler(optimizer, cfg.optim, len(steps))
-    start = 0
-    if resume_from is not None:
-        state = load_checkpoint(resume_from, model, optimizer, scheduler)
-        start, resume_from = state["step"], state["path"]
-        run.truncate_logs(start)
-        if is_main:
-            log.info("resumed from %s (step %d)", resume_from, start)
+    start = resume(run, resume_from, model, optimizer, scheduler)
     model, optimizer = accelerator.prepare(model, optimizer)
     if is_main:
         log.info("reward model on %s: %d / %d trainable parameters; %d optimizer steps of %d pairs", cfg.model.path, trainable, total, total_steps, batch)
@@ -244,28 +242,23 @@ def train(cfg: RMConfig) -> str:
             chosen.append(rewards[:b].detach().float())
             rejected.append(rewards[b:].detach().float())
             meter.add(int(mb.attention_mask.sum()), b)
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm) if cfg.optim.max_grad_norm > 0 else None
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = optimizer_step(model, optimizer, scheduler, accelerator, cfg.optim.max_grad_norm)
         done = step + 1
         # The global batch's loss and accuracy, gathered from every process.
         loss_value, m = pairwise_loss(accelerator.gather(torch.cat(chosen)), accelerator.gather(torch.cat(rejected)))
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value.item():.4f}", acc=f"{m['accuracy'].item():.2f}")
-        if done % cfg.run.log_every == 0 or done == total_steps:
+        if due(done, cfg.run.log_every, total_steps, last=True):
             rates = meter.rates()
             record = _step_record(
                 done, loss_value, m, lr=scheduler.get_last_lr()[0], epoch=done * batch / len(train_ex),
                 step_time_s=(time.perf_counter() - step_start) / cfg.run.log_every, rates=rates, grad_norm=grad_norm,
             )
-            if cfg.run.eval_every and done % cfg.run.eval_every == 0 and done != total_steps:
+            if due(done, cfg.run.eval_every, total_steps, last=False):
                 record.update(_held_out_record(model, valid_ex, cfg, accelerator, pad_token_id=pad))
             run.log_metrics(record)
             step_start = time.perf_counter()
-        if cfg.run.save_every and done % cfg.run.save_every == 0 and done != total_steps:
-            save_checkpoint(run, done, accelerator.unwrap_model(model), optimizer, scheduler, keep=cfg.run.keep_checkpoints)
-            accelerator.wait_for_everyone()
+        checkpoint_if_due(run, done, total_steps, cfg.run, accelerator.unwrap_model(model), optimizer, scheduler, accelerator)
     bar.close()
 
     # 4. Held-out accuracy, normalization (N+ detail 15), final/.

@@ -6,6 +6,11 @@ data parallelism do not change the loss). ``loss_on_query`` also trains on the q
 N+ code did (all non-pad tokens, detail 5); the default is response-only, as the seeds and modern
 trainers do.
 
+``train`` in four steps (numbered in its comments): (1) tokenized examples, checked before anything
+loads; (2) the run folder, the model, AdamW and the cosine schedule, a resumed checkpoint; (3) the
+optimizer steps over the global batches, with metrics, evaluations and checkpoints when due; (4) the
+final evaluation and ``final/``.
+
 Departure from the reference code, on purpose: batches are padded to their own longest query and
 response, not to the fixed 512 / 53 tokens, and only response positions go through the LM head;
 both change speed, not the loss.
@@ -33,6 +38,7 @@ from .loop import (
     Throughput,
     build_optimizer,
     build_scheduler,
+    checkpoint_if_due,
     due,
     global_batches,
     micro_batches,
@@ -44,7 +50,7 @@ from .loop import (
     seed_everything,
     shard,
 )
-from .run_dir import RunDir, save_checkpoint
+from .run_dir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +100,20 @@ def validation_loss(model, examples: list[SFTExample], pad_token_id: int, batch_
     return (totals[0] / totals[1].clamp(min=1)).item()
 
 
+def evaluate_and_sample(model, run: RunDir, step: int, valid_ex: list[SFTExample], sample_ex: list[SFTExample], tokenizer, cfg: SFTConfig, accelerator) -> dict[str, float]:
+    """``{"valid/loss": ...}`` over ``valid_ex`` (empty without held-out examples), and greedy summaries
+    of ``sample_ex`` with their references appended to samples.jsonl (main process)."""
+    pad = tokenizer.pad_token_id
+    out = {"valid/loss": validation_loss(model, valid_ex, pad, cfg.micro_batch_size, cfg.loss_on_query, accelerator)} if valid_ex else {}
+    if sample_ex and accelerator.is_main_process:
+        responses = generate(accelerator.unwrap_model(model), [e.query_ids for e in sample_ex], eos_token_id=tokenizer.eos_token_id, pad_token_id=pad, max_new_tokens=cfg.data.max_response_length, greedy=True)
+        run.log_samples([
+            {"step": step, "id": e.id, "query": tokenizer.decode(e.query_ids), "response": decode_response(tokenizer, r), "reference": decode_response(tokenizer, e.response_ids)}
+            for e, r in zip(sample_ex, responses)
+        ])
+    return out
+
+
 def train(cfg: SFTConfig) -> str:
     """Run SFT; returns the path of the final Hugging Face checkpoint.
 
@@ -104,7 +124,7 @@ def train(cfg: SFTConfig) -> str:
     is_main = accelerator.is_main_process
     tokenizer = tokenizer_for(cfg.model)
 
-    # Data first: every bad record is reported before a model is loaded or a folder touched.
+    # 1. Data first: every bad record is reported before a model is loaded or a folder touched.
     train_ex, valid_ex, drops, vdrops = sft_examples(cfg.data, tokenizer)
     if is_main:
         log.info("SFT data: %d train / %d valid examples; dropped train: %s; valid: %s", len(train_ex), len(valid_ex), drops, vdrops)
@@ -114,8 +134,8 @@ def train(cfg: SFTConfig) -> str:
     steps = global_batches(len(train_ex), batch, cfg.run.seed, cfg.epochs)
     total_steps = min(len(steps), cfg.run.max_steps) if cfg.run.max_steps else len(steps)
 
+    # 2. The run folder (config checked, a checkpoint to resume), the model, optimizer and schedule.
     run, resume_from = RunDir.open(cfg, is_main=is_main)
-
     seed_everything(cfg.run.seed)
     model = load_policy(cfg.model, tokenizer)
     trainable, total = count_parameters(model)
@@ -130,14 +150,7 @@ def train(cfg: SFTConfig) -> str:
     sample_ex = valid_ex[: cfg.num_sample_posts]
 
     def evaluate(step: int) -> dict[str, float]:
-        out = {"valid/loss": validation_loss(model, valid_ex, pad, cfg.micro_batch_size, cfg.loss_on_query, accelerator)} if valid_ex else {}
-        if sample_ex and is_main:
-            responses = generate(accelerator.unwrap_model(model), [e.query_ids for e in sample_ex], eos_token_id=tokenizer.eos_token_id, pad_token_id=pad, max_new_tokens=cfg.data.max_response_length, greedy=True)
-            run.log_samples([
-                {"step": step, "id": e.id, "query": tokenizer.decode(e.query_ids), "response": decode_response(tokenizer, r), "reference": decode_response(tokenizer, e.response_ids)}
-                for e, r in zip(sample_ex, responses)
-            ])
-        return out
+        return evaluate_and_sample(model, run, step, valid_ex, sample_ex, tokenizer, cfg, accelerator)
 
     if start == 0 and cfg.run.eval_every:
         run.log_metrics({"step": 0, **evaluate(0)})
@@ -145,6 +158,8 @@ def train(cfg: SFTConfig) -> str:
     meter = Throughput()
     bar = progress_bar(total_steps, start, "sft", is_main and cfg.run.progress)
     step_start = time.perf_counter()
+    # 3. Optimizer steps: this process's share of the global batch in micro-batches, gradients
+    #    accumulated (synchronized on the last), one step; metrics, evaluations and checkpoints when due.
     for step in range(start, total_steps):
         global_idx = steps[step]
         n_targets = num_targets([train_ex[i] for i in global_idx], cfg.loss_on_query)
@@ -183,11 +198,10 @@ def train(cfg: SFTConfig) -> str:
                 record.update(evaluate(done))
             run.log_metrics(record)
             step_start = time.perf_counter()
-        if due(done, cfg.run.save_every, total_steps, last=False):
-            save_checkpoint(run, done, accelerator.unwrap_model(model), optimizer, scheduler, keep=cfg.run.keep_checkpoints)
-            accelerator.wait_for_everyone()
+        checkpoint_if_due(run, done, total_steps, cfg.run, accelerator.unwrap_model(model), optimizer, scheduler, accelerator)
     bar.close()
 
+    # 4. The final evaluation, a check that every process holds the same weights, final/.
     final_metrics = evaluate(total_steps)
     in_sync = params_in_sync(model, accelerator)
     run.log_metrics({"step": total_steps, **final_metrics, "perf/peak_memory_mb": peak_memory_mb(accelerator.device), "dist/params_in_sync": in_sync})
