@@ -1,12 +1,12 @@
-"""Scalar reward model: a causal-LM backbone plus a linear head, one score per sequence (N+ details 11-15).
+"""Scalar reward model: a causal-LM backbone plus a linear head, one score per sequence (N+ details 10-15).
 
 The score is the head applied to the final hidden state of the response's EOS token, the last real
-token of the row (N+ detail 12). That position is found from the attention mask, never from
+token of the row (N+ detail 11). That position is found from the attention mask, never from
 ``input_ids != pad`` (with Qwen, pad = EOS = ``<|endoftext|>``, N+ detail 3), so left-padded,
 right-padded and ``[left-padded query | right-padded response]`` rows all read the response's own
 EOS. The head is ``Linear(d_model, 1)`` with weights N(0, 1/sqrt(d_model + 1)) and bias 0 (N+
-detail 11); after training its bias is shifted so that the mean reward of (query, reference) pairs is
-0, and the shift is stored in the config as ``reward_offset`` (N+ detail 15). Dropout is off.
+detail 10); after training its bias is shifted so that the mean reward of (query, reference) pairs is
+0, and the shift is stored in the config as ``reward_offset`` (N+ detail 14). Dropout is off.
 
 The checkpoint is an ordinary Hugging Face folder with its own ``model_type`` (``tldr_rlhf_reward``),
 a config that nests the backbone's config as ``text_config``, and a copy of this file with an
@@ -20,7 +20,7 @@ the last token that is not the pad id, which with pad = EOS is the token before 
 has no bias to carry the normalization.
 
 The same network gives per-token values (``forward(..., return_values=True)`` -> (B, L)); PPO's value
-model is initialized from the reward model (N+ detail 22) by loading this checkpoint.
+model is initialized from the reward model (N+ detail 18) by loading this checkpoint.
 
 This file imports only torch and transformers, so that it runs as remote code from a checkpoint.
 Shapes: B batch, L sequence length, P query width, T response width, K scores per row, d d_model.
@@ -163,7 +163,7 @@ class ScalarRewardModel(PreTrainedModel):
     # -- initialization -------------------------------------------------------------------------
 
     def head_std(self) -> float:
-        """N(0, 1/sqrt(d_model + 1)) (N+ detail 11)."""
+        """N(0, 1/sqrt(d_model + 1)) (N+ detail 10)."""
         return 1.0 / math.sqrt(self.config.text_config.hidden_size + 1)
 
     @torch.no_grad()

@@ -275,7 +275,7 @@ def load_references(norm: RewardNormArgs, tokenizer, *, max_query_length: int, m
 
 
 def normalization_references(norm: RewardNormArgs, data: PreferenceDataArgs, tokenizer) -> tuple[list[SFTExample], dict[str, Any]]:
-    """The (query, reference response) pairs the reward model is normalized on (N+ detail 15) and a
+    """The (query, reference response) pairs the reward model is normalized on (N+ detail 14) and a
     report of them. TL;DR: the reference summaries of ``norm``'s SFT posts (``load_references``);
     UltraFeedback: the best response of each training prompt (``reference_examples``, ``norm.limit``
     of them), formatted like the training pairs. Raises DataError when none is left."""

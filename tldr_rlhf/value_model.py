@@ -10,7 +10,7 @@ Scalar-head models are recognized by their parts: this project's ``reward_model.
 (``backbone`` + ``score``), a Hugging Face ``*ForSequenceClassification`` model with one label
 (``base_model`` + ``score`` / ``classifier``), or any module with ``backbone`` and ``head``
 attributes. Scores are read at the last real token of each row, found from the attention mask
-(N+ detail 12), never from ``ids != pad``. Heads run in float32 outside autocast, as the reward
+(N+ detail 11), never from ``ids != pad``. Heads run in float32 outside autocast, as the reward
 model's own ``apply_head`` does.
 
 Shapes: B batch, L = P + T tokens, P query width, T response width, H hidden size, V vocabulary.
@@ -57,7 +57,7 @@ def _apply_head(head: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
 
 
 def score_at_last_token(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Scalar score of each row read at its last real token (the response's EOS; N+ detail 12),
+    """Scalar score of each row read at its last real token (the response's EOS; N+ detail 11),
     found from the mask. A ``reward_model.ScalarRewardModel`` scores itself (``reward_model.score``);
     any other scalar-head model goes through its backbone and head here. Shapes: input_ids,
     attention_mask (B, L) -> (B,) float32. Raises ValueError for a row with no real token."""
@@ -91,7 +91,7 @@ class ValueModel(nn.Module):
 
     @classmethod
     def from_causal_lm(cls, lm: nn.Module) -> "ValueModel":
-        """Backbone of a causal LM with a fresh head N(0, 1/sqrt(H + 1)), bias 0 (N+ detail 11)."""
+        """Backbone of a causal LM with a fresh head N(0, 1/sqrt(H + 1)), bias 0 (N+ detail 10)."""
         backbone = copy.deepcopy(lm.base_model)
         h = lm.config.hidden_size
         head = nn.Linear(h, 1, bias=True)

@@ -156,7 +156,7 @@ def _rm_data() -> PreferenceDataArgs:
 
 @dataclass(frozen=True)
 class RewardNormArgs:
-    """Reward normalization after training (N+ detail 15): the head bias is shifted so that the mean
+    """Reward normalization after training (N+ detail 14): the head bias is shifted so that the mean
     reward of (query, reference summary) pairs of the SFT posts is 0."""
 
     posts: str = "vwxyzjn/summarize_from_feedback_tldr_3_filtered"

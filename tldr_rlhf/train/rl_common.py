@@ -62,7 +62,7 @@ def prompt_order(n: int, batch: int, seed: int, num_updates: int) -> list[list[i
 
 
 def reward_score_fn(reward_model: nn.Module, device: torch.device, autocast=None) -> ScoreFn:
-    """``score_fn`` for ``rollout``: the reward model's score at the last real token (N+ detail 12),
+    """``score_fn`` for ``rollout``: the reward model's score at the last real token (N+ detail 11),
     computed on ``device`` without gradients, returned on the CPU as float32."""
 
     @torch.no_grad()

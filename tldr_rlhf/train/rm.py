@@ -2,7 +2,7 @@
 (Stiennon et al. 2020 sec. 3.4, eq. 1; N+ details 10-15).
 
 Model (``reward_model.ScalarRewardModel``): the backbone of a base or SFT causal LM plus a scalar head
-N(0, 1/sqrt(d_model + 1)) (detail 11), read at the response's EOS, the last real token of the row,
+N(0, 1/sqrt(d_model + 1)) (detail 10), read at the response's EOS, the last real token of the row,
 found from the attention mask (detail 12; with Qwen pad = EOS). Dropout off (detail 7).
 
 Objective (``losses.pairwise_loss``): ``-log sigmoid(r_chosen - r_rejected)``, mean over the global
@@ -11,7 +11,7 @@ pass (``collate_pairs``: rows [0, B) chosen, [B, 2B) rejected); with ``shared_pr
 queries run once and the 2B responses continue from their key/value cache, which gives the same
 scores and gradients as 2B full rows (tested) with the query computed once per pair.
 
-Normalization (detail 15): after training, the (query, reference summary) pairs of the SFT posts are
+Normalization (detail 14): after training, the (query, reference summary) pairs of the SFT posts are
 scored and the head bias is shifted so that their mean reward is 0; the shift is stored in the
 checkpoint config (``reward_offset``, ``normalization``).
 
@@ -84,7 +84,7 @@ collate = collate_preferences  # 2B rows: chosen in [0, B), rejected in [B, 2B)
 
 @torch.no_grad()
 def normalize_rewards(model: ScalarRewardModel, references: Sequence[ScoredText], *, pad_token_id: int, batch_size: int = 16, accelerator=None, progress: bool = False, source: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Shift the head bias so that the mean reward of ``references`` is 0 (N+ detail 15).
+    """Shift the head bias so that the mean reward of ``references`` is 0 (N+ detail 14).
 
     The mean raw reward m is subtracted from ``score.bias`` and added to ``config.reward_offset``;
     ``config.normalization`` records {n, mean_before, std_before, source}. Returns that record plus
@@ -261,7 +261,7 @@ def train(cfg: RMConfig) -> str:
         checkpoint_if_due(run, done, total_steps, cfg.run, accelerator.unwrap_model(model), optimizer, scheduler, accelerator)
     bar.close()
 
-    # 4. Held-out accuracy, normalization (N+ detail 15), final/.
+    # 4. Held-out accuracy, normalization (N+ detail 14), final/.
     final = _held_out_record(model, valid_ex, cfg, accelerator, pad_token_id=pad)
     _normalize_and_save(cfg, run, model, tokenizer, references, accelerator, final=final, total_steps=total_steps)
     return str(run.final_dir)
