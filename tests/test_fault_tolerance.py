@@ -28,7 +28,8 @@ from conftest import POSTS, QWEN_TOKENIZER
 from safetensors.torch import load_file
 
 from tldr_rlhf import cli
-from tldr_rlhf.train.run_dir import COMPLETE, RunDir, final_is_complete
+from tldr_rlhf.modeling import COMPLETE, final_is_complete
+from tldr_rlhf.train.run_dir import RunDir
 from tldr_rlhf.errors import RunDirError
 
 SCRIPT = Path(__file__).with_name("fault_sft_script.py")

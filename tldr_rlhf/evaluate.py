@@ -39,6 +39,7 @@ from .metrics import comparison_metrics, length_controlled_win_rate, outcomes_fr
 from .modeling import bf16_autocast, load_frozen_reward_model, load_tokenizer_cached
 from .summaries import PolicyRun, eval_device, free_memory, generation_key, kl_to_sft, load_policy_run, policy_file, run_policy, save_policy_run
 from .stages import EVAL_FILE
+from .validation import validate_config
 
 log = logging.getLogger(__name__)
 SUMMARIES_FILE = "summaries.jsonl"
@@ -299,8 +300,6 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     Raises DataError / ModelLoadError for bad inputs, and JudgeError for an LLM judge that does not
     answer a first request, before any model is loaded.
     """
-    from .validation import validate_config
-
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     # 1. Inputs: every path, kind and value checked, the judge asked once, the posts read.

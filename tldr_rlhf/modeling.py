@@ -29,6 +29,16 @@ from .ops import position_ids_from_mask
 log = logging.getLogger(__name__)
 
 
+COMPLETE = "COMPLETE.json"  # written last into a run's final/: a final/ without it is not a finished run
+
+
+def final_is_complete(path: str | Path) -> bool:
+    """True when ``path`` is a ``final/`` folder whose save finished (its completeness marker exists;
+    ``RunDir.write_final`` writes it last). A ``final/`` left half-written by a crash or a full disk
+    has no marker."""
+    return (Path(path) / COMPLETE).is_file()
+
+
 def _split_gguf(path: str) -> tuple[str, dict[str, Any]]:
     """Return ``(folder_or_id, extra_kwargs)`` for ``from_pretrained``; a .gguf file becomes gguf_file=."""
     p = Path(path)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import ConfigError
+from .modeling import final_is_complete, require_kind
 
 # field name -> (rule, what it must be). A field of the same name means the same thing in every stage.
 _Rule = tuple[Callable[[Any], bool], str]
@@ -85,8 +86,6 @@ def flag(path: tuple[str, ...]) -> str:
 def check_input(value: str, name: str, what: str = "file or folder") -> None:
     """Raise ConfigError when ``value`` (the input of flag ``name``) is neither an existing path nor a
     plausible hub id, or is a run's ``final/`` whose save never completed."""
-    from .train.run_dir import final_is_complete
-
     if not value:
         return
     name = name if name.endswith("=") else name + " "  # "--policies ppo=PATH", "--sft-path PATH"
@@ -132,15 +131,11 @@ def _walk(cfg: Any, prefix: tuple[str, ...], check_paths: bool) -> None:
                     raise ConfigError(f"{flag(where)} {item}: expected NAME=PATH")
                 check_input(ppath, f"{flag(where)} {pname}=", "model path")
                 if Path(ppath).is_dir():
-                    from .modeling import require_kind
-
                     require_kind(ppath, "policy", f"{flag(where)} {pname}=")
         elif isinstance(value, str) and (f.name in INPUT_FIELDS or (f.name == "model" and cls_name in MODEL_PATH_CLASSES)):
             check_input(value, flag(where), "model path" if f.name in MODEL_FIELDS or f.name == "model" else "file or folder")
             kind = KIND_CLASS_FIELDS.get((cls_name, f.name)) or KIND_FIELDS.get(f.name)
             if kind and value and Path(value).is_dir():  # a policy where a reward model belongs, or the reverse
-                from .modeling import require_kind
-
                 require_kind(value, kind, flag(where))
     # cross-field rules
     optim_lr, min_lr = getattr(cfg, "lr", None), getattr(cfg, "min_lr", None)

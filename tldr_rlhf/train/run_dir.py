@@ -18,6 +18,8 @@ import torch
 
 from ..config import save_config, to_dict
 from ..errors import RunDirError
+from ..modeling import COMPLETE, final_is_complete
+from ..validation import validate_config
 
 log = logging.getLogger(__name__)
 FINAL = "final"
@@ -27,14 +29,7 @@ CHECKPOINTS = "checkpoints"
 # ----------------------------------------------------------------------------------------------
 # Run folder
 
-COMPLETE = "COMPLETE.json"  # written last into final/: a final/ without it is not a finished run
 _ACTIVE: list["RunDir"] = []  # run folders opened by this process (the CLI's Ctrl-C / error lines)
-
-
-def final_is_complete(path: str | Path) -> bool:
-    """True when ``path`` is a ``final/`` folder whose save finished (its completeness marker exists).
-    A ``final/`` left half-written by a crash or a full disk has no marker."""
-    return (Path(path) / COMPLETE).is_file()
 
 
 def _record_step(line: str) -> int | None:
@@ -131,8 +126,6 @@ class RunDir:
         use the same config outside ``run`` (RunDirError otherwise); the resolved config is then
         written. A fresh start drops the metrics and samples of an earlier attempt that never reached
         a checkpoint."""
-        from ..validation import validate_config
-
         validate_config(cfg)
         run = cls(cfg.run.output_dir, overwrite=cfg.run.overwrite, is_main=is_main)
         resume_from = run.latest_checkpoint() if cfg.run.resume else None
