@@ -116,6 +116,10 @@ STAGES: tuple[Stage, ...] = (
     Stage("generate", "summarize posts with a checkpoint", "tldr_rlhf.cli:GenerateArgs", "tldr_rlhf.cli:run_generate"),
     Stage("stats", "token-length statistics of queries and responses", "tldr_rlhf.cli:StatsArgs", "tldr_rlhf.cli:run_stats"),
     Stage(
+        "export-rm", "a reward model as a stock <Arch>ForSequenceClassification (no remote code): tldr-rlhf export-rm RUN/final OUT",
+        "tldr_rlhf.export:ExportRMArgs", "tldr_rlhf.export:export_reward_model",
+    ),
+    Stage(
         "evaluate", "ROUGE, RM score, win rate (+ length-controlled) vs the reference, KL to SFT, length, EOS rate",
         "tldr_rlhf.config:EvaluateConfig", "tldr_rlhf.evaluate:evaluate", "tldr_rlhf.presets:EVALUATE_PRESETS",
         pipeline=True, inputs=("sft",), output=f"evaluate/{EVAL_FILE}",
