@@ -144,9 +144,9 @@ def test_pad_token_choice():
 
 
 def test_trl_grpo_accepts_the_export(tok, tmp_path):
-    """TRL (the bench extra): GRPOTrainer loads the exported folder as ``reward_funcs`` through the stock
+    """TRL (in the test extra): GRPOTrainer loads the exported folder as ``reward_funcs`` through the stock
     class, and the README's EOS-appending reward function gives our scores."""
-    trl = pytest.importorskip("trl")
+    import trl  # the test extra installs it
     from datasets import Dataset
 
     with one_thread():
