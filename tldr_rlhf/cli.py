@@ -11,6 +11,9 @@ presets set it with local data.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import io
 import json
 import logging
 import sys
@@ -117,42 +120,112 @@ def run_stats(args: StatsArgs) -> dict[str, Any]:
 
 
 def _usage() -> str:
-    lines = ["usage: tldr-rlhf COMMAND [--preset NAME] [flags]   (tldr-rlhf COMMAND --help for flags)", "", "commands:"]
+    lines = ["usage: tldr-rlhf COMMAND [--preset NAME] [--config FILE] [flags]   (tldr-rlhf COMMAND --help for flags)", "", "commands:"]
     for stage in STAGES:
         presets = stage.preset_table()
         lines.append(f"  {stage.name:<10} {stage.help}" + (f"  [presets: {', '.join(presets)}]" if presets else ""))
+    lines += ["", "--config FILE: a YAML recipe (recipes/) or a run's config.json; flags after it override its fields.",
+              "tldr-rlhf --version: the versions of tldr-rlhf, torch and transformers."]
+    return "\n".join(lines)
+
+
+def version_lines() -> list[str]:
+    """``tldr-rlhf X.Y.Z``, ``torch X.Y.Z``, ``transformers X.Y.Z``: the installed distributions' versions
+    (read from their metadata: torch is not imported), "not installed" for a missing one."""
+    from importlib import metadata
+
+    from . import __version__
+
+    lines = []
+    for dist, fallback in (("tldr-rlhf", __version__), ("torch", None), ("transformers", None)):
+        try:
+            version = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            version = fallback or "not installed"
+        lines.append(f"{dist} {version}")
+    return lines
+
+
+def _take_option(rest: list[str], flag: str) -> str | None:
+    """Remove ``flag VALUE`` / ``flag=VALUE`` (its first occurrence) from ``rest``; its value, None when absent."""
+    for i, arg in enumerate(rest):
+        if arg == flag or arg.startswith(flag + "="):
+            value = arg.split("=", 1)[1] if "=" in arg else (rest[i + 1] if i + 1 < len(rest) else "")
+            del rest[i : i + (1 if "=" in arg else 2)]
+            return value
+    return None
+
+
+def pipeline_help(tyro_help: str) -> str:
+    """Short ``tldr-rlhf pipeline --help``: tyro's help of the pipeline's own fields (its text up to the
+    first stage's section) and one line per stage naming the prefix of its flags and the command whose
+    ``--help`` lists them. ``--help-all`` prints every stage's flags instead."""
+    from .config import PipelineConfig
+
+    import re
+
+    first = re.search(r"^\W*sft options\b", tyro_help, flags=re.M)  # boxed (terminal) or plain section title
+    head = "\n".join(line.rstrip() for line in tyro_help[: first.start() if first else len(tyro_help)].rstrip().splitlines())
+    lines = [head, "", "Each stage's flags, under its name (every field of the stage's own command):"]
+    for f in dataclasses.fields(PipelineConfig):
+        flag = f.name.replace("_", "-")
+        if flag in COMMANDS:
+            lines.append(f"  --{flag}.FIELD ...".ljust(26) + f"{COMMANDS[flag].help}  (tldr-rlhf {flag} --help lists them)")
+    lines += ["", "e.g. --sft.optim.lr 1e-4 --ppo.run.max-steps 5; tldr-rlhf pipeline --help-all prints every stage's flags."]
     return "\n".join(lines)
 
 
 def parse(argv: list[str]):
     """Parse ``argv`` (without the program name) into (function, config): the command's row of
-    ``stages.STAGES``, its preset (``--preset NAME``, else the first) and the flags on top. Raises
-    SystemExit 2 for an unknown command or preset (0 for ``--help``)."""
+    ``stages.STAGES``, its preset (``--preset NAME``, else the first), the fields of ``--config FILE``
+    (YAML or a run's config.json; several are applied in order) on top of it, and the flags on top. Raises SystemExit 2 for
+    an unknown command or preset (0 for ``--help`` / ``--version``, printed to stdout), ConfigError for
+    a config file that cannot be read or names an unknown field."""
     import tyro
 
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        if argv and argv[0] not in ("-h", "--help"):
+    if argv and argv[0] in ("-V", "--version"):
+        print("\n".join(version_lines()))
+        raise SystemExit(0)
+    if argv and argv[0] in ("-h", "--help"):
+        print(_usage())
+        raise SystemExit(0)
+    if not argv or argv[0] not in COMMANDS:
+        if argv:
             print(f"tldr-rlhf: unknown command '{argv[0]}'\n", file=sys.stderr)
         print(_usage(), file=sys.stderr)
-        raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
+        raise SystemExit(2)
     name, rest = argv[0], list(argv[1:])
     stage = COMMANDS[name]
     cls, presets = stage.config_class(), stage.preset_table()
     default = None
-    for i, arg in enumerate(rest):
-        if arg == "--preset" or arg.startswith("--preset="):
-            value = arg.split("=", 1)[1] if "=" in arg else (rest[i + 1] if i + 1 < len(rest) else "")
-            if value not in presets:
-                print(f"tldr-rlhf {name}: unknown preset '{value}'; choose from {sorted(presets)}", file=sys.stderr)
-                raise SystemExit(2)
-            default = presets[value]
-            del rest[i : i + (1 if "=" in arg else 2)]
-            break
+    preset = _take_option(rest, "--preset")
+    if preset is not None:
+        if preset not in presets:
+            print(f"tldr-rlhf {name}: unknown preset '{preset}'; choose from {sorted(presets)}", file=sys.stderr)
+            raise SystemExit(2)
+        default = presets[preset]
     if default is None and presets:
         default = next(iter(presets.values()))
+    while (config_file := _take_option(rest, "--config")) is not None:  # several: applied in order
+        from .config.files import config_from_file
+
+        default = config_from_file(cls, config_file, default)
     if "data" in getattr(cls, "__dataclass_fields__", {}):  # --task X: short for --data.task X
         rest = ["--data.task" if a == "--task" else ("--data.task=" + a.split("=", 1)[1] if a.startswith("--task=") else a) for a in rest]
-    cfg = tyro.cli(cls, args=rest, default=default, prog=f"tldr-rlhf {name}", description=(cls.__doc__ or "") + (f"\nPresets (--preset NAME): {', '.join(presets)}; the first is the default." if presets else ""))
+    description = (cls.__doc__ or "") + (f"\nPresets (--preset NAME): {', '.join(presets)}; the first is the default." if presets else "")
+    description += "\n--config FILE: a YAML recipe or a run's config.json on top of the preset; flags override it."
+    if name == "pipeline" and "--help-all" in rest:
+        rest = [("--help" if a == "--help-all" else a) for a in rest]
+    elif name == "pipeline" and any(a in ("-h", "--help") for a in rest):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            try:
+                tyro.cli(cls, args=["--help"], default=default, prog=f"tldr-rlhf {name}", description=description)
+            except SystemExit:
+                pass
+        print(pipeline_help(out.getvalue()))
+        raise SystemExit(0)
+    cfg = tyro.cli(cls, args=rest, default=default, prog=f"tldr-rlhf {name}", description=description)
     return (lambda c: stage.function()(c)), cfg  # the stage's module (torch and all) is imported when it runs
 
 
@@ -201,7 +274,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "urllib3", "huggingface_hub", "datasets", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    fn, cfg = parse(argv)
+    try:
+        fn, cfg = parse(argv)
+    except TldrRlhfError as e:  # a --config file that cannot be read or names an unknown field
+        if debug:
+            raise
+        print(_failure_line(e)[0], file=sys.stderr)
+        return 2
     from .train.run_dir import _ACTIVE
 
     _ACTIVE.clear()  # the run folders of this invocation only

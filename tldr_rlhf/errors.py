@@ -31,3 +31,32 @@ class RunDirError(TldrRlhfError, RuntimeError):
 class ConfigError(TldrRlhfError, ValueError):
     """A config value out of range, batch sizes that do not divide, or an input path that does not
     exist. Names the flag, e.g. ``--optim.lr -1.0: must be > 0``."""
+
+
+_OFFLINE_WORDS = ("couldn't connect", "could not connect", "connection error", "failed to resolve", "name or service not known", "temporary failure in name resolution", "network is unreachable", "max retries exceeded", "connecterror", "connecttimeout")
+
+
+def hub_unreachable(e: BaseException) -> bool:
+    """Whether ``e`` (or an exception it was raised from) says the Hugging Face hub could not be reached:
+    huggingface_hub's LocalEntryNotFoundError (not cached and no connection), a connection or timeout
+    error of requests / httpx, or an OSError whose text says it could not connect."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        kind = type(e).__name__
+        if kind in ("LocalEntryNotFoundError", "ConnectError", "ConnectTimeout", "ConnectionError", "ReadTimeout", "OfflineModeIsEnabled"):
+            return True
+        if any(w in str(e).lower() for w in _OFFLINE_WORDS):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def hub_unreachable_message(what: str, name: str) -> str:
+    """The one line for a hub id that could not be fetched: what to set to skip the network."""
+    import os
+
+    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
+        return f"{what} '{name}' is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; download it once with the network on, or give a local path"
+    return (f"could not reach the Hugging Face hub for {what} '{name}'; set HF_HUB_OFFLINE=1 to use the local "
+            "cache without the network, or give a local path (folder, .json/.jsonl file, .gguf file)")

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import DataError, ModelLoadError
+from .errors import DataError, ModelLoadError, hub_unreachable, hub_unreachable_message
 from .ops import position_ids_from_mask
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,34 @@ def _looks_local(path: str) -> bool:
     return path.startswith((".", "/", "~")) or Path(path).suffix in {".gguf", ".safetensors", ".bin"} or path.count("/") > 1
 
 
+@functools.lru_cache(maxsize=1)
+def hub_host_resolves() -> bool:
+    """Whether the Hugging Face hub's host name (``HF_ENDPOINT``, default huggingface.co) resolves; asked
+    once per process. False on a machine without network, where huggingface_hub would otherwise retry
+    each file for about 50 s with a warning per try."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return False
+    return True
+
+
+def _offline_kwargs(path: str) -> dict[str, Any]:
+    """``{"local_files_only": True}`` for a hub id when the hub cannot be reached (its host does not
+    resolve): a cached model then loads at once and an uncached one fails at once (one line, see
+    ``errors.hub_unreachable_message``) instead of after minutes of retries; {} otherwise."""
+    import os
+
+    if Path(path).expanduser().exists() or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or hub_host_resolves():
+        return {}
+    return {"local_files_only": True}
+
+
 def _check_exists(path: str) -> None:
     if _looks_local(path) and not Path(path).expanduser().exists():
         raise ModelLoadError(f"model path does not exist: {path}")
@@ -71,6 +99,8 @@ def _hub_config(repo_id: str) -> dict | None:
 
         f = try_to_load_from_cache(repo_id, "config.json")
         if not isinstance(f, str):
+            if _offline_kwargs(repo_id):
+                return None  # no network: the loader says so in one line
             f = hf_hub_download(repo_id, "config.json", etag_timeout=5)
         return json.loads(Path(f).read_text())
     except Exception:  # noqa: BLE001 - offline, gated, not a model repo: the loader will say
@@ -138,8 +168,10 @@ def load_tokenizer(path: str, *, padding_side: str = "left"):
     _check_exists(path)
     where, kw = _split_gguf(path)
     try:
-        tok = AutoTokenizer.from_pretrained(where, trust_remote_code=False, **kw)
+        tok = AutoTokenizer.from_pretrained(where, trust_remote_code=False, **kw, **_offline_kwargs(path))
     except Exception as e:  # noqa: BLE001
+        if hub_unreachable(e):
+            raise ModelLoadError(hub_unreachable_message("tokenizer", path)) from e
         raise ModelLoadError(f"cannot load tokenizer from '{path}' ({type(e).__name__}: {e})") from e
     if tok.eos_token_id is None:
         raise ModelLoadError(f"tokenizer '{path}' has no EOS token; responses must end in EOS (N+ detail 3)")
@@ -251,8 +283,10 @@ def load_causal_lm(path: str, *, dtype: torch.dtype = torch.float32, tokenizer=N
     _check_exists(path)
     where, kw = _split_gguf(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, trust_remote_code=False, **kw)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, trust_remote_code=False, **kw, **_offline_kwargs(path))
     except Exception as e:  # noqa: BLE001
+        if hub_unreachable(e):
+            raise ModelLoadError(hub_unreachable_message("model", path)) from e
         raise ModelLoadError(f"cannot load model from '{path}' ({type(e).__name__}: {e})") from e
     if kw:
         _strip_gguf_quantizer(model)
@@ -356,8 +390,10 @@ def _load_reward_classifier(path: str, *, dtype: torch.dtype) -> nn.Module:
     try:
         # trust_remote_code=False: the class registered in-process is used; a checkpoint's copy of
         # reward_model.py (its auto_map) is never executed, and transformers does not stop to ask.
-        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype, trust_remote_code=False)
+        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype, trust_remote_code=False, **_offline_kwargs(path))
     except Exception as e:  # noqa: BLE001
+        if hub_unreachable(e):
+            raise ModelLoadError(hub_unreachable_message("reward model", path)) from e
         raise ModelLoadError(f"cannot load reward model from '{path}' ({type(e).__name__}: {e})") from e
     if model.config.num_labels != 1:
         raise ModelLoadError(f"reward model '{path}' has {model.config.num_labels} outputs; a reward model has 1")

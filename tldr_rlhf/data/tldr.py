@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ..config import TldrDataArgs
-from ..errors import DataError
+from ..errors import DataError, hub_unreachable, hub_unreachable_message
 from .io import check_local_source, in_valid_split, read_jsonl, require
 
 QUERY_TEMPLATE = "SUBREDDIT: r/{subreddit}\n\nTITLE: {title}\n\nPOST: {post}\n\nTL;DR:"
@@ -156,6 +156,8 @@ def load_hub_rows(name: str, split: str, config: str | None = None) -> Iterable[
     try:
         return datasets.load_dataset(name, config, split=split)
     except Exception as e:  # noqa: BLE001 - datasets raises many kinds; we re-raise one clear error
+        if hub_unreachable(e):
+            raise DataError(hub_unreachable_message("dataset", name)) from e
         raise DataError(
             f"cannot load dataset '{name}' split '{split}' ({type(e).__name__}: {e}). It is neither a local "
             "file nor a folder, and the Hugging Face hub could not provide it (offline? wrong id?)",
