@@ -121,9 +121,10 @@ def run_stats(args: StatsArgs) -> dict[str, Any]:
 
 def _usage() -> str:
     lines = ["usage: tldr-rlhf COMMAND [--preset NAME] [--config FILE] [flags]   (tldr-rlhf COMMAND --help for flags)", "", "commands:"]
+    width = max(len(stage.name) for stage in STAGES)
     for stage in STAGES:
         presets = stage.preset_table()
-        lines.append(f"  {stage.name:<10} {stage.help}" + (f"  [presets: {', '.join(presets)}]" if presets else ""))
+        lines.append(f"  {stage.name:<{width}} {stage.help}" + (f"  [presets: {', '.join(presets)}]" if presets else ""))
     lines += ["", "--config FILE: a YAML recipe (recipes/) or a run's config.json; flags after it override its fields.",
               "tldr-rlhf --version: the versions of tldr-rlhf, torch and transformers."]
     return "\n".join(lines)
