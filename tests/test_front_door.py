@@ -25,7 +25,7 @@ def test_top_level_help_goes_to_stdout(flag, capsys):
     captured = capsys.readouterr()
     assert e.value.code == 0 and captured.err == ""
     assert captured.out.startswith("usage: tldr-rlhf COMMAND [--preset NAME] [--config FILE] [flags]")
-    assert "\n  pipeline   SFT -> RM" in captured.out
+    assert "\n  pipeline    SFT -> RM" in captured.out
 
 
 def test_unknown_command_and_no_command_go_to_stderr_exit_2(capsys):
