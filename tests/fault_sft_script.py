@@ -4,7 +4,7 @@
   ``state.pt`` reaches the disk, then the process dies as under ``kill -9`` or a power cut);
 - ``FAULT_CTRL_C_AFTER_SAVE=N``: Ctrl-C (KeyboardInterrupt) right after the N-th checkpoint;
 - ``FAULT_FULL_DISK_AT_FINAL=1``: the disk fills up while the final model is written (its config
-  reaches the disk, the weights raise ENOSPC)."""
+  reaches the disk, the weights raise ENOSPC); the checkpoints' weights before it are written."""
 
 import io
 import os
@@ -53,7 +53,11 @@ if os.environ.get("FAULT_FULL_DISK_AT_FINAL") == "1":
 
     from transformers import PreTrainedModel
 
+    real_save_pretrained = PreTrainedModel.save_pretrained
+
     def full_disk(self, path, *args, **kwargs):
+        if os.path.basename(path) != ".final.tmp":  # each checkpoint saves its weights too; the disk fills at final/
+            return real_save_pretrained(self, path, *args, **kwargs)
         os.makedirs(path, exist_ok=True)
         self.config.save_pretrained(path)
         raise OSError(errno.ENOSPC, "No space left on device", os.path.join(path, "model.safetensors"))

@@ -29,7 +29,7 @@ class GenerateArgs:
     """Summarize posts with a checkpoint."""
 
     model: str
-    """Checkpoint: run folder's final/, hub id, or .gguf file."""
+    """Checkpoint: run folder's final/ or checkpoints/step-N/, hub id, or .gguf file."""
     posts: str = ""
     """JSON-lines posts (OpenAI tldr_3_filtered fields; summary optional)."""
     post: str = ""

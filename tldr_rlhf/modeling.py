@@ -82,8 +82,16 @@ def _offline_kwargs(path: str) -> dict[str, Any]:
 
 
 def _check_exists(path: str) -> None:
-    if _looks_local(path) and not Path(path).expanduser().exists():
+    """ModelLoadError for a local path that does not exist, or for a checkpoint folder written before
+    checkpoints held loadable weights (a ``state.pt`` and no ``config.json``)."""
+    p = Path(path).expanduser()
+    if _looks_local(path) and not p.exists():
         raise ModelLoadError(f"model path does not exist: {path}")
+    if p.is_dir() and (p / "state.pt").is_file() and not (p / "config.json").is_file():
+        raise ModelLoadError(
+            f"{path} holds only resumable training state (state.pt, written by an older tldr-rlhf), no loadable model; "
+            "load the run's final/, or a checkpoint written since checkpoints hold a Hugging Face folder"
+        )
 
 
 # Architecture name endings of the Hugging Face classes each kind loads as.
@@ -322,11 +330,48 @@ def unwrap_for_save(model: nn.Module) -> nn.Module:
     return model
 
 
-def save_pretrained(model: nn.Module, tokenizer, path: str | Path) -> None:
-    """Save an ordinary Hugging Face checkpoint (safetensors) plus tokenizer to ``path``."""
+def cast_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` with every floating-point tensor cast to ``dtype`` (detached; tensors
+    already in ``dtype`` are the model's own). Tensors that share storage in the model (tied input and
+    output embeddings) share one cast tensor, so ``save_pretrained`` still recognizes the tie and
+    stores the weight once."""
+    out: dict[str, torch.Tensor] = {}
+    cast: dict[tuple, torch.Tensor] = {}
+    for name, t in model.state_dict().items():
+        t = t.detach()
+        if t.is_floating_point() and t.dtype != dtype:
+            key = (t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+            if key not in cast:
+                cast[key] = t.to(dtype)
+            t = cast[key]
+        out[name] = t
+    return out
+
+
+def _save_weights(model: nn.Module, path: Path, dtype: torch.dtype | None) -> None:
+    """``model.save_pretrained(path)`` (safetensors), the floating-point weights cast to ``dtype``
+    first when given (the model itself is not changed) and config.json's ``dtype`` saying so."""
+    params = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if dtype is None or params == {dtype}:
+        model.save_pretrained(path, safe_serialization=True)
+        return
+    model.save_pretrained(path, safe_serialization=True, state_dict=cast_state_dict(model, dtype))
+    config_file = path / "config.json"
+    config = json.loads(config_file.read_text())
+    name = str(dtype).removeprefix("torch.")
+    config["dtype"] = name
+    if isinstance(config.get("text_config"), dict) and "dtype" in config["text_config"]:
+        config["text_config"]["dtype"] = name
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def save_pretrained(model: nn.Module, tokenizer, path: str | Path, *, dtype: torch.dtype | None = None) -> None:
+    """Save an ordinary Hugging Face checkpoint (safetensors) plus tokenizer to ``path``: LoRA adapters
+    merged (``unwrap_for_save``), floating-point weights cast to ``dtype`` when given
+    (``saved_weights_dtype``), else as they are."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    unwrap_for_save(model).save_pretrained(path, safe_serialization=True)
+    _save_weights(unwrap_for_save(model), path, dtype)
     tokenizer.save_pretrained(path)
 
 
@@ -339,6 +384,14 @@ def master_weights_dtype(dtype_name: str) -> torch.dtype:
     weights (on CUDA ``bf16_autocast`` gives bf16 compute), bfloat16 weights only when ``dtype_name``
     is "bfloat16" on a machine without CUDA."""
     return torch.bfloat16 if dtype_name == "bfloat16" and not torch.cuda.is_available() else torch.float32
+
+
+def saved_weights_dtype(dtype_name: str, *, fp32: bool = False) -> torch.dtype:
+    """Dtype of the weights a run saves (``final/`` and each checkpoint's Hugging Face folder): the
+    training precision when that is bfloat16 ("bfloat16", or "auto" on CUDA: bf16 compute), so a
+    0.5B policy takes 1 GB instead of 2; float32 otherwise, or always with ``fp32``
+    (``--run.save-fp32``: keep the float32 master weights)."""
+    return torch.float32 if fp32 else frozen_weights_dtype(dtype_name)
 
 
 def frozen_weights_dtype(dtype_name: str) -> torch.dtype:
@@ -481,14 +534,15 @@ def _set_reward_special_ids(model: nn.Module, tokenizer) -> None:
         cfg.eos_token_id = tokenizer.eos_token_id
 
 
-def save_reward_model(model: nn.Module, tokenizer, path: str | Path) -> None:
+def save_reward_model(model: nn.Module, tokenizer, path: str | Path, *, dtype: torch.dtype | None = None) -> None:
     """Save a ``ScalarRewardModel`` as a Hugging Face checkpoint (safetensors, config with auto_map,
     this package's reward_model.py, tokenizer, the tokenizer's pad and EOS ids) that
-    ``AutoModelForSequenceClassification`` loads back."""
+    ``AutoModelForSequenceClassification`` loads back; floating-point weights cast to ``dtype`` when
+    given, else as they are."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     _set_reward_special_ids(model, tokenizer)
-    model.save_pretrained(path, safe_serialization=True)
+    _save_weights(model, path, dtype)
     tokenizer.save_pretrained(path)
 
 

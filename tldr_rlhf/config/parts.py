@@ -77,6 +77,12 @@ class RunArgs:
     """Optimizer steps between resumable checkpoints; 0 = only the final checkpoint."""
     keep_checkpoints: int = 2
     """Resumable checkpoints kept (oldest deleted first)."""
+    save_fp32: bool = False
+    """Save final/ and checkpoint weights in float32 even when training runs in bfloat16 (dtype
+    bfloat16, or auto on CUDA), where they are saved in bfloat16 by default."""
+    trust_checkpoint: bool = False
+    """Resume from a checkpoint whose state.pt runs pickled code when loaded (one written by a
+    tldr-rlhf older than safe checkpoints); only for files you wrote yourself."""
     max_steps: int = 0
     """Stop after this many optimizer steps (0 = the whole schedule); for smoke runs."""
     num_threads: int = 0

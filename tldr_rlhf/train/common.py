@@ -1,13 +1,16 @@
-"""Set-up every stage shares: accelerator, dtype, policy loading with optional LoRA."""
+"""Set-up every stage shares: accelerator, dtype, policy loading with optional LoRA, how weights are saved."""
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
+from typing import Callable
 
 import torch
+from torch import nn
 
 from ..config import ModelArgs, RunArgs
-from ..modeling import apply_lora, load_causal_lm, load_tokenizer
+from ..modeling import apply_lora, load_causal_lm, load_tokenizer, save_pretrained, saved_weights_dtype
 
 log = logging.getLogger(__name__)
 
@@ -38,3 +41,13 @@ def tokenizer_for(model_args: ModelArgs):
     """The tokenizer of ``model_args.tokenizer``, else of the model path."""
     return load_tokenizer(model_args.tokenizer or model_args.path)
 
+
+
+def weights_saver(model: nn.Module, tokenizer, dtype_name: str, run_args: RunArgs, *, save: Callable = save_pretrained) -> Callable[[Path], None]:
+    """``save_weights(folder)``: how a stage writes ``final/`` and each checkpoint's Hugging Face
+    folder, ``save(model, tokenizer, folder, dtype=...)`` (``modeling.save_pretrained``, or
+    ``save_reward_model``) in the dtype ``saved_weights_dtype`` gives for ``dtype_name`` and
+    ``--run.save-fp32``. ``model`` is the module being trained, not the accelerator's wrapper (its
+    weights are read at each call)."""
+    dtype = saved_weights_dtype(dtype_name, fp32=run_args.save_fp32)
+    return lambda folder: save(model, tokenizer, folder, dtype=dtype)

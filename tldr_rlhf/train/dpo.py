@@ -63,9 +63,9 @@ from ..generation import decode_response, generate
 from ..lm_head import response_token_logprobs
 from ..losses import dpo_loss
 from ..metrics import comparison_metrics
-from ..modeling import checkpoint_fingerprint, count_parameters, save_pretrained
+from ..modeling import checkpoint_fingerprint, count_parameters
 from .. import tasks
-from .common import load_policy, make_accelerator, tokenizer_for
+from .common import load_policy, make_accelerator, tokenizer_for, weights_saver
 from .loop import (
     build_optimizer,
     build_scheduler,
@@ -360,7 +360,7 @@ def _finish(cfg: DPOConfig, run: RunDir, scorer: nn.Module, tokenizer, accelerat
     if accelerator.is_main_process:
         summary = {"step": total_steps, "beta": cfg.beta, "loss_type": cfg.loss_type, "label_smoothing": cfg.label_smoothing, "held_out": result, "dropped": drops}
         (run.path / EVAL_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-        run.write_final(lambda tmp: save_pretrained(policy, tokenizer, tmp), step=total_steps, stage="dpo")
+        run.write_final(weights_saver(policy, tokenizer, cfg.dtype, cfg.run), step=total_steps, stage="dpo")
         log.info("DPO done: %s (held-out implicit-reward accuracy %.4f over %d comparisons)", run.final_dir, result["accuracy"], result["n"])
     accelerator.wait_for_everyone()
 
@@ -402,6 +402,7 @@ def train(cfg: DPOConfig) -> str:
     optimizer, scheduler, start = _optimizer_and_start(cfg, run, model, resume_from, num_steps=len(steps), device_type=accelerator.device.type)
     if resume_from is None:
         _log_samples(run, model, sample_ex, tokenizer, cfg, step=0, name="sft")
+    save_weights = weights_saver(model, tokenizer, cfg.dtype, cfg.run)  # each checkpoint's weights
     scorer, optimizer = accelerator.prepare(PairScorer(model, cfg.shared_prompt), optimizer)
     if is_main:
         log.info("policy %s: %d / %d trainable parameters; %d optimizer steps of %d pairs; reference log-probs in %.1f s", cfg.sft_path, trainable, total, total_steps, batch, ref_time)
@@ -446,7 +447,7 @@ def train(cfg: DPOConfig) -> str:
                 record.update(_eval_record(_held_out(scorer, valid_ex, ref_valid, cfg, accelerator, pad_token_id=pad)))
             run.log_metrics(record)
             step_start = time.perf_counter()
-        checkpoint_if_due(run, done, total_steps, cfg.run, accelerator.unwrap_model(scorer).model, optimizer, scheduler, accelerator)
+        checkpoint_if_due(run, done, total_steps, cfg.run, accelerator.unwrap_model(scorer).model, optimizer, scheduler, accelerator, save_weights)
     bar.close()
 
     # 5. Held-out implicit-reward accuracy, the DPO policy's samples, eval.json and final/.

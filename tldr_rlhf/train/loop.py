@@ -15,7 +15,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -128,10 +128,11 @@ def seed_everything(seed: int) -> None:
 
 def resume(run: RunDir, resume_from: Path | None, model, optimizer, scheduler, *, unit: str = "step") -> int:
     """Restore the newest readable checkpoint (``load_checkpoint``: weights, optimizer, scheduler,
-    RNG) and drop the log records after it; returns the step to start from (0 for a fresh start)."""
+    RNG; ``run.trust_checkpoint`` lets it unpickle a file that runs code) and drop the log records
+    after it; returns the step to start from (0 for a fresh start)."""
     if resume_from is None:
         return 0
-    state = load_checkpoint(resume_from, model, optimizer, scheduler)
+    state = load_checkpoint(resume_from, model, optimizer, scheduler, trust=run.trust_checkpoint)
     run.truncate_logs(state["step"])
     if run.is_main:
         log.info("resumed from %s (%s %d)", state["path"], unit, state["step"])
@@ -150,12 +151,13 @@ def optimizer_step(model, optimizer, scheduler, accelerator, max_grad_norm: floa
     return None if grad_norm is None else float(grad_norm)
 
 
-def checkpoint_if_due(run: RunDir, done: int, total: int, run_args, model, optimizer, scheduler, accelerator) -> None:
+def checkpoint_if_due(run: RunDir, done: int, total: int, run_args, model, optimizer, scheduler, accelerator, save_weights: Callable[[Path], None]) -> None:
     """A checkpoint after step ``done`` every ``run_args.save_every`` steps (never after the last one:
     ``final/`` follows), keeping ``run_args.keep_checkpoints``; every process waits for it.
-    ``model`` is the unwrapped model whose trainable weights are saved."""
+    ``model`` is the unwrapped model whose trainable weights are saved; ``save_weights(folder)``
+    writes the Hugging Face folder that ``final/`` would hold at this step (the stage's own save)."""
     if due(done, run_args.save_every, total, last=False):
-        save_checkpoint(run, done, model, optimizer, scheduler, keep=run_args.keep_checkpoints)
+        save_checkpoint(run, done, model, optimizer, scheduler, keep=run_args.keep_checkpoints, save_weights=save_weights)
         accelerator.wait_for_everyone()
 
 

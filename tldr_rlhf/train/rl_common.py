@@ -26,12 +26,12 @@ from ..config import ModelArgs
 from ..data.tldr import Prompt
 from ..errors import DataError
 from ..generation import decode_response
-from ..modeling import count_parameters, load_causal_lm, load_frozen_reference, load_frozen_reward_model, load_tokenizer_cached, save_pretrained
+from ..modeling import count_parameters, load_causal_lm, load_frozen_reference, load_frozen_reward_model, load_tokenizer_cached
 from ..modeling import frozen_weights_dtype as model_dtype  # noqa: F401  (ppo, grpo: the frozen models' dtype)
 from ..rollout import Rollout, ScoreFn
 from ..tasks import rl_prompts
 from ..value_model import score_at_last_token
-from .common import make_accelerator
+from .common import make_accelerator, weights_saver
 from .loop import (
     Throughput,
     checkpoint_if_due as loop_checkpoint_if_due,
@@ -209,6 +209,12 @@ class RLRun:
     def device(self) -> torch.device:
         return self.accelerator.device
 
+    def save_weights(self, folder: Path) -> None:
+        """Write the policy (``self.policy``, the module being trained; PPO's value model is not part
+        of it) as a Hugging Face folder, in the dtype ``weights_saver`` gives: final/ and each
+        checkpoint's weights."""
+        weights_saver(self.policy, self.tokenizer, self.cfg.dtype, self.cfg.run)(folder)
+
 
 def rl_accelerator(cfg, name: str):
     """The stage's accelerator (``common.make_accelerator`` with its dtype and run arguments).
@@ -346,18 +352,21 @@ def log_update(rl: RLRun, done: int, r: Rollout, prompts: list[Prompt], stats: d
 def checkpoint_if_due(rl: RLRun, done: int, model: nn.Module, optimizer, scheduler) -> None:
     """A checkpoint after update ``done`` every ``save_every`` updates (not after the last: ``final/``
     follows), every process waiting for it."""
-    loop_checkpoint_if_due(rl.run, done, rl.total, rl.cfg.run, rl.accelerator.unwrap_model(model), optimizer, scheduler, rl.accelerator)
+    loop_checkpoint_if_due(rl.run, done, rl.total, rl.cfg.run, rl.accelerator.unwrap_model(model), optimizer, scheduler, rl.accelerator, rl.save_weights)
 
 
 def finish_rl_run(rl: RLRun, final_model: nn.Module) -> str:
     """The end of every RL stage: a last metrics record (peak memory, ``collapse_signals``), then the
-    main process writes ``final_model`` and the tokenizer to ``final/``. Returns its path."""
+    main process writes ``final_model`` (the trained ``rl.policy``) and the tokenizer to ``final/``
+    (``RLRun.save_weights``). Returns its path."""
+    if final_model is not rl.policy:
+        raise ValueError("finish_rl_run: final_model must be the policy the run trains (rl.policy)")
     rl.bar.close()
     name = rl.name.upper()
     rl.run.log_metrics({"step": rl.total, "perf/peak_memory_mb": peak_memory_mb(rl.device), "health/collapse_signals": check_collapse(rl.run.path, name=name) if rl.is_main else []})
     rl.accelerator.wait_for_everyone()
     if rl.is_main:
-        rl.run.write_final(lambda tmp: save_pretrained(final_model, rl.tokenizer, tmp), step=rl.total, stage=rl.name)
+        rl.run.write_final(rl.save_weights, step=rl.total, stage=rl.name)
         log.info("%s done: %s", name, rl.run.final_dir)
     rl.accelerator.wait_for_everyone()
     return str(rl.run.final_dir)

@@ -50,7 +50,7 @@ from ..metrics import comparison_metrics
 from ..modeling import count_parameters, init_reward_model, save_reward_model
 from ..reward_model import ScalarRewardModel, train_top_layers
 from ..reward_scoring import ScoredText, pair_rewards, score_comparisons, score_texts
-from .common import make_accelerator, tokenizer_for
+from .common import make_accelerator, tokenizer_for, weights_saver
 from .loop import (
     Throughput,
     build_optimizer,
@@ -174,7 +174,7 @@ def _normalize_and_save(cfg: RMConfig, run: RunDir, model, tokenizer, references
     run.log_metrics(record)
     accelerator.wait_for_everyone()
     if is_main:
-        run.write_final(lambda tmp: save_reward_model(inner, tokenizer, tmp), step=total_steps, stage="rm")
+        run.write_final(weights_saver(inner, tokenizer, cfg.model.dtype, cfg.run, save=save_reward_model), step=total_steps, stage="rm")
         log.info("RM done: %s (held-out accuracy %.4f on %d pairs)", run.final_dir, final["valid/accuracy"], final["valid/n"])
     accelerator.wait_for_everyone()
 
@@ -214,6 +214,7 @@ def train(cfg: RMConfig) -> str:
     optimizer = build_optimizer(model.parameters(), cfg.optim, device_type=accelerator.device.type)
     scheduler = build_scheduler(optimizer, cfg.optim, len(steps))
     start = resume(run, resume_from, model, optimizer, scheduler)
+    save_weights = weights_saver(model, tokenizer, cfg.model.dtype, cfg.run, save=save_reward_model)  # each checkpoint's weights (not normalized)
     model, optimizer = accelerator.prepare(model, optimizer)
     if is_main:
         log.info("reward model on %s: %d / %d trainable parameters; %d optimizer steps of %d pairs", cfg.model.path, trainable, total, total_steps, batch)
@@ -258,7 +259,7 @@ def train(cfg: RMConfig) -> str:
                 record.update(_held_out_record(model, valid_ex, cfg, accelerator, pad_token_id=pad))
             run.log_metrics(record)
             step_start = time.perf_counter()
-        checkpoint_if_due(run, done, total_steps, cfg.run, accelerator.unwrap_model(model), optimizer, scheduler, accelerator)
+        checkpoint_if_due(run, done, total_steps, cfg.run, accelerator.unwrap_model(model), optimizer, scheduler, accelerator, save_weights)
     bar.close()
 
     # 4. Held-out accuracy, normalization (N+ detail 14), final/.

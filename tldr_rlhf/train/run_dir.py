@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import random
+import re
 import shutil
 import time
 from pathlib import Path
@@ -64,6 +66,7 @@ class RunDir:
         self.path = Path(path)
         self.is_main = is_main
         self.replaced: Path | None = None
+        self.trust_checkpoint = False  # --run.trust-checkpoint: resume from a state.pt that runs pickled code
         if is_main:
             self._restore_if_unfinished()
         if final_is_complete(self.path / FINAL) and not overwrite:
@@ -128,6 +131,7 @@ class RunDir:
         a checkpoint."""
         validate_config(cfg)
         run = cls(cfg.run.output_dir, overwrite=cfg.run.overwrite, is_main=is_main)
+        run.trust_checkpoint = cfg.run.trust_checkpoint
         resume_from = run.latest_checkpoint() if cfg.run.resume else None
         if resume_from is not None:
             run.check_config_matches(cfg)
@@ -199,7 +203,7 @@ class RunDir:
     def checkpoints(self) -> list[Path]:
         """Checkpoint folders holding a ``state.pt``, oldest first."""
         ckpts = sorted((self.path / CHECKPOINTS).glob("step-*"), key=_step_of)
-        return [c for c in ckpts if (c / "state.pt").exists()]
+        return [c for c in ckpts if (c / STATE).exists()]
 
     def latest_checkpoint(self) -> Path | None:
         """The newest checkpoint folder, or None (``load_checkpoint`` falls back past a corrupt one)."""
@@ -216,36 +220,109 @@ class RunDir:
 
 # ----------------------------------------------------------------------------------------------
 # Checkpoints
+#
+# checkpoints/step-N/ is two things at once:
+# * a Hugging Face folder (config.json, model.safetensors, tokenizer; what final/ would hold at that
+#   step), written by the stage's ``save_weights``: `generate`, `evaluate` and `from_pretrained` load it;
+# * state.pt, the rest of what a resume needs: optimizer, scheduler, RNG, step, ``extra`` and the
+#   trainable tensors that the Hugging Face folder does not hold bit for bit (LoRA adapters, PPO's
+#   value model, float32 master weights saved as bfloat16). Every other trainable tensor is named in
+#   ``model_from_weights`` and read back from the folder's safetensors, so weights are not stored twice.
+# state.pt holds only tensors, numbers, strings, lists, tuples and dicts and is read with
+# ``torch.load(weights_only=True)``: a pickle that names any other Python object is refused unread.
+
+STATE = "state.pt"
+STATE_FORMAT = 2  # 1 (no "format" key): everything pickled in state.pt, numpy RNG state included
+
+
+class UnsafeCheckpointError(RunDirError):
+    """A ``state.pt`` that would run code when unpickled. Not a crash artifact: a resume stops here
+    instead of falling back to an older checkpoint."""
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The Python, numpy, torch (and CUDA) RNG states as tensors, ints, floats, strings and tuples
+    only, so that ``torch.load(weights_only=True)`` reads them back."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
+    state = {
+        "python": random.getstate(),
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what ``rng_state`` returned (or the numpy tuple of a format-1 checkpoint)."""
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    npy = state["numpy"]
+    if isinstance(npy, dict):
+        npy = (npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["gauss"])
+    np.random.set_state(npy)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-
-
 def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Only trainable tensors (the LoRA adapters under LoRA; everything otherwise)."""
+    """Only trainable tensors (the LoRA adapters under LoRA; everything otherwise), detached, on the
+    model's device (not copied)."""
     names = {n for n, p in model.named_parameters() if p.requires_grad}
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k in names}
+    return {k: v.detach() for k, v in model.state_dict().items() if k in names}
 
 
-def save_checkpoint(run: RunDir, step: int, model, optimizer, scheduler, extra: dict[str, Any] | None = None, *, keep: int = 2) -> Path | None:
-    """Write ``checkpoints/step-N/state.pt`` (trainable weights, optimizer, scheduler, step, RNG).
+def _safetensors_index(folder: Path) -> dict[str, str]:
+    """``{tensor name: file name}`` over the ``*.safetensors`` files directly in ``folder``."""
+    from safetensors import safe_open
 
-    Written to a temporary name and renamed, so a crash mid-save never leaves a half checkpoint
-    that a resume would pick up.
+    index: dict[str, str] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(f, framework="pt") as st:
+            index.update(dict.fromkeys(st.keys(), f.name))
+    return index
+
+
+def _stored_in_weights(folder: Path, tensors: dict[str, torch.Tensor]) -> dict[str, list[str]]:
+    """Which of ``tensors`` the Hugging Face folder's safetensors hold exactly (same dtype, shape and
+    every bit): ``{key: [file, tensor name]}``. A key is looked up as it is and without its leading
+    module names (``policy.model.x`` -> ``model.x`` -> ``x``: PPO's policy inside PolicyAndValue);
+    only an exact match counts, so a resume from the folder is bit-identical."""
+    from safetensors import safe_open
+
+    index = _safetensors_index(folder)
+    files = {f: safe_open(folder / f, framework="pt") for f in set(index.values())}
+    found: dict[str, list[str]] = {}
+    for key, t in tensors.items():
+        parts = key.split(".")
+        for name in (".".join(parts[i:]) for i in range(len(parts))):
+            saved = files[index[name]].get_tensor(name) if name in index else None
+            if saved is not None and _same_bits(saved, t):
+                found[key] = [index[name], name]
+                break
+    return found
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same dtype, shape and bytes (unlike ``torch.equal``, tells -0.0 from 0.0 and matches NaNs)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return torch.equal(a.detach().cpu().contiguous().reshape(-1).view(torch.uint8), b.detach().cpu().contiguous().reshape(-1).view(torch.uint8))
+
+
+def save_checkpoint(
+    run: RunDir, step: int, model, optimizer, scheduler, extra: dict[str, Any] | None = None, *, keep: int = 2, save_weights: Callable[[Path], None] | None = None,
+) -> Path | None:
+    """Write ``checkpoints/step-N/``: the Hugging Face folder ``save_weights(folder)`` writes (None: no
+    folder, every trainable tensor in state.pt), then ``state.pt`` (format 2: optimizer, scheduler,
+    step, RNG, ``extra``, and the trainable tensors of ``model`` that the folder does not hold
+    exactly). ``extra`` must hold only tensors, numbers, strings, lists, tuples and dicts (what
+    ``torch.load(weights_only=True)`` reads). Main process only; returns the folder.
+
+    Written to a temporary name and renamed, so a crash mid-save never leaves a half checkpoint that
+    a resume would pick up; checkpoints beyond the newest ``keep`` are deleted. A checkpoint has no
+    completeness marker (COMPLETE.json): it is never taken for a finished run's final/.
     """
     if not run.is_main:
         return None
@@ -253,16 +330,22 @@ def save_checkpoint(run: RunDir, step: int, model, optimizer, scheduler, extra: 
     tmp = run.path / CHECKPOINTS / f".tmp-step-{step}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    if save_weights is not None:
+        save_weights(tmp)
+    trainable = trainable_state_dict(model)
+    in_weights = _stored_in_weights(tmp, trainable) if save_weights is not None else {}
     torch.save(
         {
+            "format": STATE_FORMAT,
             "step": step,
-            "model": trainable_state_dict(model),
+            "model": {k: v.cpu().clone() for k, v in trainable.items() if k not in in_weights},
+            "model_from_weights": in_weights,
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "rng": rng_state(),
             "extra": extra or {},
         },
-        tmp / "state.pt",
+        tmp / STATE,
     )
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -271,32 +354,90 @@ def save_checkpoint(run: RunDir, step: int, model, optimizer, scheduler, extra: 
     return final
 
 
-def _read_state(file: Path) -> dict[str, Any]:
-    """``torch.load`` of one ``state.pt``; a truncated or otherwise unreadable file is a RunDirError
-    that names it."""
+def _read_state(file: Path, *, trust: bool = False) -> dict[str, Any]:
+    """Read one ``state.pt`` without running code: ``torch.load(weights_only=True)`` after a static
+    look at the pickle's globals. Raises UnsafeCheckpointError (naming the file and the globals) for
+    a file that names anything but tensors and plain containers, including a format-1 checkpoint of
+    an older tldr-rlhf (its numpy RNG state), unless ``trust`` (``--run.trust-checkpoint``: a full
+    unpickle that runs whatever the file contains); RunDirError naming the file for a truncated or
+    otherwise unreadable one."""
+    def unreadable(e: Exception) -> RunDirError:
+        return RunDirError(f"{file}: unreadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+
+    if not trust:
+        try:
+            unsafe = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(file))
+        except Exception as e:  # not a torch zip file (truncated, torn, something else)
+            raise unreadable(e) from e
+        if unsafe:
+            raise _unsafe(file, unsafe)
     try:
-        state = torch.load(file, map_location="cpu", weights_only=False)
-        if not isinstance(state, dict) or not {"step", "model", "optimizer", "scheduler", "rng"} <= set(state):
-            raise ValueError("not a tldr-rlhf checkpoint (keys missing)")
-        return state
-    except Exception as e:  # torch raises RuntimeError / EOFError / pickle errors for a torn file
-        raise RunDirError(f"{file}: unreadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+        state = torch.load(file, map_location="cpu", weights_only=not trust)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" in str(e):  # the restricted unpickler met a global the static look missed
+            raise _unsafe(file, re.findall(r"GLOBAL ([\w.]+)", str(e)) or ["a Python object"]) from e
+        raise unreadable(e) from e
+    except Exception as e:  # torch raises RuntimeError / EOFError for a torn file
+        raise unreadable(e) from e
+    if not isinstance(state, dict) or not {"step", "model", "optimizer", "scheduler", "rng"} <= set(state):
+        raise unreadable(ValueError("not a tldr-rlhf checkpoint (keys missing)"))
+    return state
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict[str, Any]:
+def _unsafe(file: Path, names: list[str]) -> UnsafeCheckpointError:
+    """The one-line error for a ``state.pt`` that names the Python objects ``names``."""
+    shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+    if all(n.startswith("numpy.") for n in names):
+        return UnsafeCheckpointError(
+            f"{file}: a checkpoint of an older tldr-rlhf, whose loading runs pickled code ({shown}); if you wrote it yourself, "
+            "rerun with --run.trust-checkpoint to load it, or pass --run.overwrite to start afresh"
+        )
+    return UnsafeCheckpointError(
+        f"{file}: refused: loading it would run pickled code ({shown}), and a tldr-rlhf checkpoint holds only tensors, numbers "
+        f"and strings; not falling back to an older checkpoint (an altered file is no crash artifact): delete {file.parent} "
+        "to resume from the one before, or pass --run.overwrite to start afresh"
+    )
+
+
+def _read_weights(folder: Path, refs: dict[str, list[str]]) -> dict[str, torch.Tensor]:
+    """The tensors ``refs`` ({key: [file, tensor name]}) names, read from ``folder``'s safetensors.
+    Raises RunDirError naming the folder when a file or tensor is missing or unreadable."""
+    from safetensors import safe_open
+
+    out: dict[str, torch.Tensor] = {}
+    try:
+        by_file: dict[str, list[tuple[str, str]]] = {}
+        for key, (f, name) in refs.items():
+            by_file.setdefault(f, []).append((key, name))
+        for f, pairs in by_file.items():
+            with safe_open(folder / f, framework="pt") as st:
+                for key, name in pairs:
+                    out[key] = st.get_tensor(name)
+    except Exception as e:  # missing file, torn safetensors, missing tensor
+        raise RunDirError(f"{folder}: unreadable checkpoint weights ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+    return out
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, *, trust: bool = False) -> dict[str, Any]:
     """Restore what ``save_checkpoint`` wrote; returns the state dict (``step``, ``extra``, and
     ``path``: the checkpoint actually used).
 
-    When ``path``'s ``state.pt`` is unreadable (truncated by a crash or a full disk), the next older
-    checkpoint of the same run is used instead, with a warning that names the bad file; RunDirError
-    when none is readable. A checkpoint whose weights do not fit the model is a RunDirError.
+    When ``path``'s ``state.pt`` or weights are unreadable (truncated by a crash or a full disk), the
+    next older checkpoint of the same run is used instead, with a warning that names the bad file;
+    RunDirError when none is readable. A ``state.pt`` that would run code (UnsafeCheckpointError, see
+    ``_read_state``; ``trust`` skips the check) stops the resume with no fall-back: it was altered or
+    written by something else, and an older checkpoint of a run that holds one deserves no more trust.
+    A checkpoint whose weights do not fit the model is a RunDirError.
     """
     path = Path(path)
-    older = sorted((p for p in path.parent.glob("step-*") if (p / "state.pt").exists() and _step_of(p) < _step_of(path)), key=_step_of, reverse=True)
+    older = sorted((p for p in path.parent.glob("step-*") if (p / STATE).exists() and _step_of(p) < _step_of(path)), key=_step_of, reverse=True)
     errors = []
     for candidate in [path, *older]:
         try:
-            state = _read_state(candidate / "state.pt")
+            state = _read_state(candidate / STATE, trust=trust)
+            weights = {**_read_weights(candidate, state.get("model_from_weights", {})), **state["model"]}
+        except UnsafeCheckpointError:
+            raise
         except RunDirError as e:
             errors.append(str(e))
             log.warning("%s; falling back to an older checkpoint", e)
@@ -304,10 +445,10 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict[str, Any]:
         break
     else:
         raise RunDirError("no readable checkpoint to resume from: " + "; ".join(errors) + " (pass --run.overwrite to start afresh)")
-    missing = set(state["model"]) - set(model.state_dict())
+    missing = set(weights) - set(model.state_dict())
     if missing:
         raise RunDirError(f"{candidate}: checkpoint has weights the model lacks: {sorted(missing)[:5]}")
-    model.load_state_dict(state["model"], strict=False)
+    model.load_state_dict(weights, strict=False)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])

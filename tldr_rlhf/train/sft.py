@@ -30,10 +30,10 @@ from ..data.tldr import SFTExample
 from ..errors import DataError
 from ..generation import decode_response, generate
 from ..losses import sft_loss
-from ..modeling import count_parameters, response_logits, save_pretrained
+from ..modeling import count_parameters, response_logits
 from ..ops import position_ids_from_mask, token_logprobs
 from ..tasks import sft_examples
-from .common import load_policy, make_accelerator, tokenizer_for
+from .common import load_policy, make_accelerator, tokenizer_for, weights_saver
 from .loop import (
     Throughput,
     build_optimizer,
@@ -142,6 +142,7 @@ def train(cfg: SFTConfig) -> str:
     optimizer = build_optimizer(model.parameters(), cfg.optim, device_type=accelerator.device.type)
     scheduler = build_scheduler(optimizer, cfg.optim, len(steps))
     start = resume(run, resume_from, model, optimizer, scheduler)
+    save_weights = weights_saver(model, tokenizer, cfg.model.dtype, cfg.run)  # final/ and each checkpoint's weights
     model, optimizer = accelerator.prepare(model, optimizer)
     if is_main:
         log.info("model %s: %d / %d trainable parameters; %d optimizer steps of %d sequences", cfg.model.path, trainable, total, total_steps, batch)
@@ -198,7 +199,7 @@ def train(cfg: SFTConfig) -> str:
                 record.update(evaluate(done))
             run.log_metrics(record)
             step_start = time.perf_counter()
-        checkpoint_if_due(run, done, total_steps, cfg.run, accelerator.unwrap_model(model), optimizer, scheduler, accelerator)
+        checkpoint_if_due(run, done, total_steps, cfg.run, accelerator.unwrap_model(model), optimizer, scheduler, accelerator, save_weights)
     bar.close()
 
     # 4. The final evaluation, a check that every process holds the same weights, final/.
@@ -209,7 +210,7 @@ def train(cfg: SFTConfig) -> str:
         raise RuntimeError("data-parallel processes ended with different weights")
     accelerator.wait_for_everyone()
     if is_main:
-        run.write_final(lambda tmp: save_pretrained(accelerator.unwrap_model(model), tokenizer, tmp), step=total_steps, stage="sft")
+        run.write_final(save_weights, step=total_steps, stage="sft")
         log.info("SFT done: %s (valid loss %s)", run.final_dir, final_metrics.get("valid/loss"))
     accelerator.wait_for_everyone()
     return str(run.final_dir)
