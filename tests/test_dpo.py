@@ -287,7 +287,7 @@ def test_reference_cache_is_recomputed_when_the_sft_weights_at_its_path_change(t
 
 def test_checkpoint_fingerprint_follows_contents(tmp_path):
     # a folder: any file's content; a single (.gguf) file: its content; a hub id: id + cached commit
-    from tldr_rlhf.modeling import checkpoint_fingerprint
+    from tldr_rlhf.checkpoints import checkpoint_fingerprint
 
     folder = tmp_path / "ckpt"
     folder.mkdir()

@@ -28,7 +28,7 @@ from conftest import POSTS, QWEN_TOKENIZER
 from safetensors.torch import load_file
 
 from tldr_rlhf import cli
-from tldr_rlhf.modeling import COMPLETE, final_is_complete
+from tldr_rlhf.checkpoints import COMPLETE, final_is_complete
 from tldr_rlhf.train.run_dir import RunDir
 from tldr_rlhf.errors import RunDirError
 

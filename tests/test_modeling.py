@@ -125,7 +125,7 @@ def test_checkpoint_kind_from_config_json_alone(tmp_path, qwen_tokenizer):
     """Policy or reward model, told from config.json (no weights loaded); unknown passes."""
     from rl_fixtures import make_checkpoints
 
-    from tldr_rlhf.modeling import checkpoint_kind, kind_from_config, require_kind
+    from tldr_rlhf.checkpoints import checkpoint_kind, kind_from_config, require_kind
 
     sft, rm = make_checkpoints(qwen_tokenizer)
     assert checkpoint_kind(sft) == "policy" and checkpoint_kind(rm) == "reward_model"

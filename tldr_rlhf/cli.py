@@ -82,7 +82,8 @@ def run_generate(args: GenerateArgs) -> list[dict[str, Any]]:
     from .data.tldr import Post, format_query, load_posts
     from .data.ultrafeedback import prompt_ids
     from .generation import decode_response, generate
-    from .modeling import load_causal_lm, load_tokenizer, require_kind
+    from .modeling import load_causal_lm, load_tokenizer
+    from .checkpoints import require_kind
 
     if sum(map(bool, (args.posts, args.post, args.instruction))) != 1:
         raise TldrRlhfError("give exactly one of --posts FILE, --post TEXT or --instruction TEXT")

@@ -159,7 +159,8 @@ def _check(cfg: EvaluateConfig, policies: dict[str, str]) -> None:
     """Refuse bad inputs before any model is loaded or summary generated: missing paths, and a model
     of the wrong kind for its flag (read from config.json: a reward model among the policies, a
     policy as --rm-path)."""
-    from .modeling import _check_exists, require_kind
+    from .modeling import _check_exists
+    from .checkpoints import require_kind
 
     if not policies:
         raise DataError("no policies to evaluate: give --policies NAME=PATH ...", field="policies")

@@ -126,7 +126,8 @@ def export_reward_model(args: ExportRMArgs) -> dict[str, Any]:
     import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from .modeling import _is_reward_checkpoint, checkpoint_kind, load_reward_checkpoint, load_tokenizer
+    from .modeling import _is_reward_checkpoint, load_reward_checkpoint, load_tokenizer
+    from .checkpoints import checkpoint_kind
 
     if not Path(args.model).exists():
         raise ModelLoadError(f"model path does not exist: {args.model}")

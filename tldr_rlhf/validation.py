@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import ConfigError
-from .modeling import final_is_complete, require_kind
+from .checkpoints import final_is_complete, require_kind
 
 # field name -> (rule, what it must be). A field of the same name means the same thing in every stage.
 _Rule = tuple[Callable[[Any], bool], str]

@@ -63,7 +63,8 @@ from ..generation import decode_response, generate
 from ..lm_head import response_token_logprobs
 from ..losses import dpo_loss
 from ..metrics import comparison_metrics
-from ..modeling import checkpoint_fingerprint, count_parameters
+from ..modeling import count_parameters
+from ..checkpoints import checkpoint_fingerprint
 from .. import tasks
 from .common import load_policy, make_accelerator, tokenizer_for, weights_saver
 from .loop import (

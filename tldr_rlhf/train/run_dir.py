@@ -20,7 +20,7 @@ import torch
 
 from ..config import save_config, to_dict
 from ..errors import RunDirError
-from ..modeling import COMPLETE, final_is_complete
+from ..checkpoints import COMPLETE, final_is_complete
 from ..validation import validate_config
 
 log = logging.getLogger(__name__)
