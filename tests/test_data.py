@@ -255,7 +255,7 @@ def test_bad_posts_name_file_line_field(tmp_path):
 def test_unreachable_hub_dataset_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    with pytest.raises(DataError, match="cannot load dataset 'no-such-user/no-such-dataset'"):
+    with pytest.raises(DataError, match="dataset 'no-such-user/no-such-dataset' is not in the local Hugging Face cache and HF_HUB_OFFLINE is set"):
         load_posts("no-such-user/no-such-dataset")
 
 
