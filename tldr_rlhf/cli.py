@@ -16,6 +16,7 @@ import dataclasses
 import io
 import json
 import logging
+import re
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -164,8 +165,6 @@ def pipeline_help(tyro_help: str) -> str:
     ``--help`` lists them. ``--help-all`` prints every stage's flags instead."""
     from .config import PipelineConfig
 
-    import re
-
     first = re.search(r"^\W*sft options\b", tyro_help, flags=re.M)  # boxed (terminal) or plain section title
     head = "\n".join(line.rstrip() for line in tyro_help[: first.start() if first else len(tyro_help)].rstrip().splitlines())
     lines = [head, "", "Each stage's flags, under its name (every field of the stage's own command):"]
@@ -231,37 +230,18 @@ def parse(argv: list[str]):
     return (lambda c: stage.function()(c)), cfg  # the stage's module (torch and all) is imported when it runs
 
 
-def _resume_hint() -> str:
-    """Where the run(s) this process opened can be resumed from, for the Ctrl-C / crash line."""
-    from .train.run_dir import _ACTIVE
-
-    if not _ACTIVE:
-        return ""
-    run = _ACTIVE[-1]
-    ckpt = run.latest_checkpoint()
-    if ckpt is None:
-        return f"; {run.path} has no checkpoint yet: rerun the same command to start it again"
-    return f"; newest checkpoint {ckpt}: rerun the same command to resume from step {ckpt.name.split('-')[1]}"
-
-
 def _failure_line(e: BaseException) -> tuple[str, int] | None:
     """The one line and exit code ``main`` ends with for an expected failure; None for a bug (the
     traceback is shown)."""
+    from .train.run_dir import resume_hint
+
     if isinstance(e, TldrRlhfError):
         return f"tldr-rlhf: error: {e}", 2
     if isinstance(e, KeyboardInterrupt):
-        return f"\ntldr-rlhf: interrupted{_resume_hint()}", 130
+        return f"\ntldr-rlhf: interrupted{resume_hint()}", 130
     if isinstance(e, OSError):  # a full disk, a folder that vanished: the run can be resumed
-        return f"tldr-rlhf: error: {e}{_resume_hint()} (--debug shows the traceback)", 1
+        return f"tldr-rlhf: error: {e}{resume_hint()} (--debug shows the traceback)", 1
     return None
-
-
-def _restore_replaced_runs() -> None:
-    """A run started with --run.overwrite that stopped before its first checkpoint gives the old run back."""
-    from .train.run_dir import _ACTIVE
-
-    for run in _ACTIVE:
-        run.restore_replaced()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -283,9 +263,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(_failure_line(e)[0], file=sys.stderr)
         return 2
-    from .train.run_dir import _ACTIVE
+    from .train.run_dir import forget_opened_runs, restore_replaced_runs
 
-    _ACTIVE.clear()  # the run folders of this invocation only
+    forget_opened_runs()  # the run folders of this invocation only
     try:
         from .validation import validate_config
 
@@ -293,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         validate_config(cfg, check_paths=type(cfg).__name__ != "PipelineConfig")
         fn(cfg)
     except BaseException as e:
-        _restore_replaced_runs()
+        restore_replaced_runs()
         failure = _failure_line(e)
         if debug or failure is None:
             raise

@@ -458,3 +458,32 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, *, trust: bool = Fa
 
 def _step_of(checkpoint: Path) -> int:
     return int(checkpoint.name.split("-")[1])
+
+
+# ----------------------------------------------------------------------------------------------
+# The run folders of one command (the CLI's crash and Ctrl-C handling)
+
+
+def forget_opened_runs() -> None:
+    """Start a new command: forget the run folders opened before it in this process."""
+    _ACTIVE.clear()
+
+
+def restore_replaced_runs() -> None:
+    """Every run opened by this command with ``--run.overwrite`` that stopped before its first
+    checkpoint gives the old run back (``RunDir.restore_replaced``)."""
+    for run in _ACTIVE:
+        run.restore_replaced()
+
+
+def resume_hint() -> str:
+    """Where the newest run this command opened can be resumed from, as a clause for the CLI's crash
+    or Ctrl-C line ("" when it opened none)."""
+    if not _ACTIVE:
+        return ""
+    run = _ACTIVE[-1]
+    ckpt = run.latest_checkpoint()
+    if ckpt is None:
+        return f"; {run.path} has no checkpoint yet: rerun the same command to start it again"
+    return f"; newest checkpoint {ckpt}: rerun the same command to resume from step {_step_of(ckpt)}"
+
