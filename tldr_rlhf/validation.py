@@ -57,10 +57,10 @@ RULES: dict[str, _Rule] = {
     "group_size": (lambda v: v >= 2, "must be >= 2 (a group baseline needs two responses)"),
     "betas": (lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "must be two numbers in [0, 1)"),
 }
-# (config class name, field) -> rule, where one class means something else by a common name
-CLASS_RULES: dict[tuple[str, str], _Rule] = {
-    ("JudgeArgs", "temperature"): (lambda v: v < 0 or v >= 0, "must be a number (< 0 sends none)"),
-    ("GenerateArgs", "limit"): _GE0,
+# (config class name, field) -> rule, where one class means something else by a common name; None: any
+# finite number (the LLM judge's temperature < 0 sends none)
+CLASS_RULES: dict[tuple[str, str], _Rule | None] = {
+    ("JudgeArgs", "temperature"): None,
 }
 # fields naming an input: a local file or folder, or a hub id
 INPUT_FIELDS = {
@@ -103,7 +103,7 @@ def check_input(value: str, name: str, what: str = "file or folder") -> None:
 
 
 def _check_value(cls_name: str, name: str, value: Any, where: tuple[str, ...]) -> None:
-    rule = CLASS_RULES.get((cls_name, name)) or RULES.get(name)
+    rule = CLASS_RULES[(cls_name, name)] if (cls_name, name) in CLASS_RULES else RULES.get(name)
     if isinstance(value, bool) or value is None:
         return
     if isinstance(value, float) and not math.isfinite(value):
@@ -145,7 +145,7 @@ def _walk(cfg: Any, prefix: tuple[str, ...], check_paths: bool) -> None:
 
 def _check_sizes(cfg: Any, prefix: tuple[str, ...], world: int) -> None:
     """Derived batch sizes must divide exactly (the config's own properties raise ValueError)."""
-    calls = [m for m in ("num_updates", "gradient_accumulation_steps", "optimizer_steps", "global_batch_size") if callable(getattr(cfg, m, None))]
+    calls = [m for m in ("num_updates", "gradient_accumulation_steps", "optimizer_steps") if callable(getattr(cfg, m, None))]
     for m in calls:
         fn = getattr(cfg, m)
         try:
