@@ -149,6 +149,18 @@ def version_lines() -> list[str]:
     return lines
 
 
+# short flag -> the config section it belongs to (``--task`` is ``--data.task``)
+SHORT_FLAGS = {"--task": "data", "--report-to": "run", "--push-to-hub": "run"}
+
+
+def _expand_short(arg: str, short: str, section: str) -> str:
+    """``--report-to`` -> ``--run.report-to`` (also in its ``--flag=VALUE`` form); other args unchanged."""
+    long = f"--{section}.{short[2:]}"
+    if arg == short:
+        return long
+    return long + arg[len(short):] if arg.startswith(short + "=") else arg
+
+
 def _take_option(rest: list[str], flag: str) -> str | None:
     """Remove ``flag VALUE`` / ``flag=VALUE`` (its first occurrence) from ``rest``; its value, None when absent."""
     for i, arg in enumerate(rest):
@@ -211,8 +223,10 @@ def parse(argv: list[str]):
         from .config.files import config_from_file
 
         default = config_from_file(cls, config_file, default)
-    if "data" in getattr(cls, "__dataclass_fields__", {}):  # --task X: short for --data.task X
-        rest = ["--data.task" if a == "--task" else ("--data.task=" + a.split("=", 1)[1] if a.startswith("--task=") else a) for a in rest]
+    fields = getattr(cls, "__dataclass_fields__", {})
+    for short, section in SHORT_FLAGS.items():  # --task X: short for --data.task X; --report-to: --run.report-to
+        if section in fields and short.lstrip("-").replace("-", "_") not in fields:
+            rest = [_expand_short(a, short, section) for a in rest]
     description = (cls.__doc__ or "") + (f"\nPresets (--preset NAME): {', '.join(presets)}; the first is the default." if presets else "")
     description += "\n--config FILE: a YAML recipe or a run's config.json on top of the preset; flags override it."
     if name == "pipeline" and "--help-all" in rest:
@@ -263,7 +277,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(_failure_line(e)[0], file=sys.stderr)
         return 2
-    from .train.run_dir import forget_opened_runs, restore_replaced_runs
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from .train.run_dir import close_opened_runs, forget_opened_runs, restore_replaced_runs
 
     forget_opened_runs()  # the run folders of this invocation only
     try:
@@ -271,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
 
         # a pipeline's stage inputs come from its earlier stages: each stage checks its paths when it starts
         validate_config(cfg, check_paths=type(cfg).__name__ != "PipelineConfig")
-        fn(cfg)
+        with logging_redirect_tqdm():  # per-step log lines print above the progress bar, not through it
+            fn(cfg)
     except BaseException as e:
         restore_replaced_runs()
         failure = _failure_line(e)
@@ -279,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(failure[0], file=sys.stderr)
         return failure[1]
+    finally:
+        close_opened_runs()  # tracker runs end with the command, finished or not
     return 0
 
 

@@ -45,8 +45,11 @@ STATE_FILE = "pipeline.json"
 CONFIG_FILE = "pipeline_config.json"
 
 
-def _run(cfg_run, run_dir: Path, stage: str, threads: int, overwrite: bool):
-    return dataclasses.replace(cfg_run, output_dir=str(run_dir / stage), overwrite=overwrite, **({"num_threads": threads} if threads else {}))
+def _run(cfg_run, run_dir: Path, stage: str, threads: int, overwrite: bool, report_to: tuple[str, ...] = ()):
+    extra = {"num_threads": threads} if threads else {}
+    if report_to:  # the pipeline's --report-to: every training stage (a stage's own --STAGE.run.report-to otherwise)
+        extra["report_to"] = report_to
+    return dataclasses.replace(cfg_run, output_dir=str(run_dir / stage), overwrite=overwrite, **extra)
 
 
 def final_dir(run_dir: str | Path, stage: str) -> Path:
@@ -101,14 +104,14 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, Any]:
     sft_final, rm_final = str(final_dir(run_dir, "sft")), str(final_dir(run_dir, "rm"))
     redo = set(cfg.rerun)
     out: dict[str, Any] = {}
-    out["sft"] = dataclasses.replace(cfg.sft, run=_run(cfg.sft.run, run_dir, "sft", t, "sft" in redo))
+    out["sft"] = dataclasses.replace(cfg.sft, run=_run(cfg.sft.run, run_dir, "sft", t, "sft" in redo, cfg.report_to))
     rm_model = dataclasses.replace(cfg.rm.model, path=sft_final) if cfg.rm_from_sft else cfg.rm.model
-    out["rm"] = dataclasses.replace(cfg.rm, model=rm_model, run=_run(cfg.rm.run, run_dir, "rm", t, "rm" in redo))
+    out["rm"] = dataclasses.replace(cfg.rm, model=rm_model, run=_run(cfg.rm.run, run_dir, "rm", t, "rm" in redo, cfg.report_to))
     out["evaluate-rm"] = dataclasses.replace(cfg.evaluate_rm, model=rm_final, output="", from_run=True, **({"num_threads": t} if t else {}))
-    out["dpo"] = dataclasses.replace(cfg.dpo, sft_path=sft_final, tokenizer=None, run=_run(cfg.dpo.run, run_dir, "dpo", t, "dpo" in redo))
+    out["dpo"] = dataclasses.replace(cfg.dpo, sft_path=sft_final, tokenizer=None, run=_run(cfg.dpo.run, run_dir, "dpo", t, "dpo" in redo, cfg.report_to))
     for name in RL_STAGES:
         stage_cfg = getattr(cfg, name)
-        out[name] = dataclasses.replace(stage_cfg, sft_path=sft_final, rm_path=rm_final, tokenizer=None, run=_run(stage_cfg.run, run_dir, name, t, name in redo))
+        out[name] = dataclasses.replace(stage_cfg, sft_path=sft_final, rm_path=rm_final, tokenizer=None, run=_run(stage_cfg.run, run_dir, name, t, name in redo, cfg.report_to))
     policies = [f"base={cfg.base_model or cfg.sft.model.path}", f"sft={sft_final}"]
     policies += [f"{s}={final_dir(run_dir, s)}" for s in POLICY_STAGES if s in cfg.stages or stage_done(run_dir, s)]
     rm_ok = "rm" in cfg.stages or stage_done(run_dir, "rm")

@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 from .errors import ConfigError
 from .checkpoints import final_is_complete, require_kind
+from .tracking import check_report_to
 
 # field name -> (rule, what it must be). A field of the same name means the same thing in every stage.
 _Rule = tuple[Callable[[Any], bool], str]
@@ -122,6 +123,10 @@ def _walk(cfg: Any, prefix: tuple[str, ...], check_paths: bool) -> None:
             _walk(value, where, check_paths)
             continue
         _check_value(cls_name, f.name, value, where)
+        if f.name == "report_to":
+            check_report_to(value, flag(where))
+        if f.name == "push_to_hub" and value and not _HUB_ID.match(value):
+            raise ConfigError(f"{flag(where)} {value}: expected a Hub repo id, NAMESPACE/NAME")
         if not check_paths:
             continue
         if f.name == "policies":

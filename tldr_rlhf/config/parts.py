@@ -89,6 +89,14 @@ class RunArgs:
     """torch CPU threads (0 = torch's default)."""
     progress: bool = True
     """Show a progress bar with ETA."""
+    report_to: tuple[Literal["none", "tensorboard", "wandb", "trackio", "mlflow"], ...] = ()
+    """Trackers that also get every metrics record (several allowed; metrics.jsonl always has them):
+    tensorboard (RUN/tensorboard/), wandb (WANDB_MODE=offline works without network), trackio, mlflow."""
+    push_to_hub: str = ""
+    """Upload final/ (weights, tokenizer, model card) to this Hugging Face Hub repo id when the run
+    ends (a failed upload keeps the run; retry with tldr-rlhf push RUN REPO_ID)."""
+    hub_private: bool = True
+    """Create the --run.push-to-hub repo as private."""
 
 
 @dataclass(frozen=True)

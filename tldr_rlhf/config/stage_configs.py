@@ -420,6 +420,9 @@ class PipelineConfig:
     """Start the reward model from the SFT checkpoint instead of `rm.model.path`."""
     num_threads: int = 0
     """torch CPU threads for every stage (0 = each stage's own setting)."""
+    report_to: tuple[Literal["none", "tensorboard", "wandb", "trackio", "mlflow"], ...] = ()
+    """Trackers for every training stage (each stage's own --STAGE.run.report-to when empty); each stage
+    is one tracker run named after its folder."""
     table_posts: int = 4
     """Held-out posts in the report's side-by-side table."""
     sft: SFTConfig = field(default_factory=SFTConfig)

@@ -411,6 +411,7 @@ def train(cfg: DPOConfig) -> str:
     # 4. Optimizer steps: the DPO loss over micro-batches of the global batch of pairs.
     ipo_lengths = cfg.loss_type == "ipo" and cfg.ipo_length_normalized
     model.train()
+    run.total_steps = total_steps  # the per-step log line's /N and ETA
     bar = progress_bar(total_steps, start, "dpo", is_main and cfg.run.progress)
     step_start = time.perf_counter()
     for step in range(start, total_steps):

@@ -255,6 +255,7 @@ def start_updates(rl: RLRun, model: nn.Module, optimizer, scheduler, *, unit: st
     if rl.is_main:
         log.info("%s: %d / %d trainable parameters; %s", describe, trainable, total_params, steps)
     rl.meter = Throughput()
+    rl.run.total_steps = rl.total  # the per-step log line's /N and ETA
     rl.bar = progress_bar(rl.total, start, rl.name, rl.is_main and rl.cfg.run.progress)
     return start, model, optimizer, score_fn
 

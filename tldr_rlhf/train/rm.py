@@ -224,6 +224,7 @@ def train(cfg: RMConfig) -> str:
     # 3. Optimizer steps: the pairwise loss over micro-batches of the global batch of pairs.
     model.train()
     meter = Throughput()
+    run.total_steps = total_steps  # the per-step log line's /N and ETA
     bar = progress_bar(total_steps, start, "rm", is_main and cfg.run.progress)
     step_start = time.perf_counter()
     for step in range(start, total_steps):

@@ -21,6 +21,7 @@ import torch
 from ..config import save_config, to_dict
 from ..errors import RunDirError
 from ..checkpoints import COMPLETE, final_is_complete
+from ..tracking import Trackers, log_line
 from ..validation import validate_config
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,11 @@ class RunDir:
         self.is_main = is_main
         self.replaced: Path | None = None
         self.trust_checkpoint = False  # --run.trust-checkpoint: resume from a state.pt that runs pickled code
+        self.stage = self.path.name  # the stage's name once ``open`` knows its config
+        self.cfg: Any = None
+        self.trackers: Trackers | None = None  # --run.report-to (``open``)
+        self.total_steps: int | None = None  # set by the stage: the log line's "/N" and ETA
+        self._clock: tuple[float, int] | None = None  # (monotonic time, step) of the first record
         if is_main:
             self._restore_if_unfinished()
         if final_is_complete(self.path / FINAL) and not overwrite:
@@ -132,6 +138,9 @@ class RunDir:
         validate_config(cfg)
         run = cls(cfg.run.output_dir, overwrite=cfg.run.overwrite, is_main=is_main)
         run.trust_checkpoint = cfg.run.trust_checkpoint
+        run.cfg, run.stage = cfg, _stage_of(cfg) or run.stage
+        if is_main:
+            run.trackers = Trackers(cfg.run.report_to, run.path, to_dict(cfg), stage=run.stage)
         resume_from = run.latest_checkpoint() if cfg.run.resume else None
         if resume_from is not None:
             run.check_config_matches(cfg)
@@ -162,6 +171,7 @@ class RunDir:
         os.replace(tmp, self.final_dir)
         shutil.rmtree(old, ignore_errors=True)
         self._drop_replaced()
+        self.close_trackers()
         return self.final_dir
 
     def write_config(self, cfg: Any) -> None:
@@ -180,20 +190,40 @@ class RunDir:
             raise RunDirError(f"{f}: resuming with a different config (fields {diff}); pass --run.overwrite to start afresh")
 
     def log_metrics(self, record: dict[str, Any]) -> None:
-        if self.is_main:
-            with (self.path / "metrics.jsonl").open("a") as f:
-                f.write(json.dumps(record) + "\n")
+        """Append a record (``step`` and metrics) to metrics.jsonl, send it to the ``--run.report-to``
+        trackers and log its key metrics in one line (main process only)."""
+        if not self.is_main:
+            return
+        with (self.path / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.trackers is not None:
+            self.trackers.log(record)
+        step = record.get("step")
+        if isinstance(step, int):
+            if self._clock is None:
+                self._clock = (time.monotonic(), step)
+            log.info("%s", log_line(self.stage, record, total=self.total_steps, started=self._clock[0], first_step=self._clock[1]))
 
     def log_samples(self, records: list[dict[str, Any]]) -> None:
+        """Append sample records to samples.jsonl and send them to the trackers (main process only)."""
         if self.is_main:
             with (self.path / "samples.jsonl").open("a") as f:
                 for r in records:
                     f.write(json.dumps(r) + "\n")
+            if self.trackers is not None:
+                self.trackers.log_samples(records)
+
+    def close_trackers(self) -> None:
+        """End the tracker runs (after final/, or when the command stops)."""
+        if self.trackers is not None:
+            self.trackers.finish()
 
     def truncate_logs(self, step: int) -> None:
         """Drop metric/sample records after ``step`` (a resume replays those steps)."""
         if not self.is_main:
             return
+        if self.trackers is not None and step >= 0:
+            self.trackers.resume_step = step  # TensorBoard drops its events after the checkpoint's step
         for name in ("metrics.jsonl", "samples.jsonl"):
             f = self.path / name
             if f.exists():
@@ -456,6 +486,13 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, *, trust: bool = Fa
     return state
 
 
+def _stage_of(cfg: Any) -> str | None:
+    """The command whose config class ``cfg`` is (``stages.STAGES``), None for another class."""
+    from ..stages import STAGES
+
+    return next((s.name for s in STAGES if s.config.endswith(":" + type(cfg).__name__)), None)
+
+
 def _step_of(checkpoint: Path) -> int:
     return int(checkpoint.name.split("-")[1])
 
@@ -467,6 +504,12 @@ def _step_of(checkpoint: Path) -> int:
 def forget_opened_runs() -> None:
     """Start a new command: forget the run folders opened before it in this process."""
     _ACTIVE.clear()
+
+
+def close_opened_runs() -> None:
+    """End the tracker runs (``--run.report-to``) of every run folder this command opened."""
+    for run in _ACTIVE:
+        run.close_trackers()
 
 
 def restore_replaced_runs() -> None:

@@ -157,6 +157,7 @@ def train(cfg: SFTConfig) -> str:
         run.log_metrics({"step": 0, **evaluate(0)})
     model.train()
     meter = Throughput()
+    run.total_steps = total_steps  # the per-step log line's /N and ETA
     bar = progress_bar(total_steps, start, "sft", is_main and cfg.run.progress)
     step_start = time.perf_counter()
     # 3. Optimizer steps: this process's share of the global batch in micro-batches, gradients
