@@ -7,7 +7,7 @@ import pytest
 
 from tldr_rlhf.config import ReportConfig
 from tldr_rlhf.errors import DataError
-from tldr_rlhf.report import build_report, metric_series, plot_win_rates, render_html, render_markdown
+from tldr_rlhf.report import build_report, metric_series, plot_win_rates, render_html, render_markdown, standalone_stage
 
 PNG = b"\x89PNG\r\n\x1a\n"
 POLICIES = ["base", "sft", "dpo", "ppo", "grpo"]
@@ -135,3 +135,26 @@ def test_side_by_side_shows_an_ultrafeedback_prompt_and_its_chosen_response():
     blocks = side_by_side_blocks([rec], 1)
     assert blocks[0] == ("h3", "Prompt 1") and blocks[1] == ("quote", "Name a color.")
     assert blocks[2] == ("table", ["model", "summary", "tokens", "RM score"], [["chosen response", "Blue.", "2", "0.50"], ["sft", "Red [no EOS]", "1", "-0.25"]])
+
+
+def test_report_of_a_single_stage_run_folder(tmp_path):
+    """``tldr-rlhf report RUN`` on a stage's own run folder (metrics.jsonl at its top): its training
+    curves, and for an RL stage the reward-vs-KL plot; the stage comes from final/'s marker, else
+    from its metric names."""
+    import shutil
+
+    pipeline_run = fake_run(tmp_path / "pipe")
+    alone = tmp_path / "my-ppo-run"
+    shutil.copytree(pipeline_run / "ppo", alone)
+    assert standalone_stage(alone) == "ppo" and standalone_stage(pipeline_run) is None
+    md = build_report(ReportConfig(run_dir=str(alone))).read_text()
+    assert "](curves_ppo.png)" in md and "](reward_vs_kl.png)" in md and "win_rate.png" not in md
+    assert (alone / "report" / "curves_ppo.png").read_bytes()[:8] == PNG
+    # GRPO and RLOO log the same metric names: the folder name decides, or final/'s marker when there is one
+    rloo = tmp_path / "rloo-run"
+    shutil.copytree(pipeline_run / "grpo", rloo)
+    assert standalone_stage(rloo) == "rloo"
+    (rloo / "final").mkdir()
+    (rloo / "final" / "COMPLETE.json").write_text(json.dumps({"stage": "grpo", "step": 3}))
+    assert standalone_stage(rloo) == "grpo"
+    assert "](curves_grpo.png)" in build_report(ReportConfig(run_dir=str(rloo))).read_text()

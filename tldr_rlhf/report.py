@@ -31,8 +31,9 @@ from .config import ReportConfig
 from .data.io import read_jsonl
 from .errors import DataError
 from .evaluate import SUMMARIES_FILE, markdown_table, metrics_rows
+from .checkpoints import COMPLETE
 from .pipeline import STATE_FILE
-from .stages import COMMANDS, RL_STAGES, TRAIN_STAGES
+from .stages import COMMANDS, EVAL_FILE, EVAL_RM_FILE, RL_STAGES, TRAIN_STAGES
 from .train.dpo import EVAL_FILE as DPO_EVAL_FILE
 
 log = logging.getLogger(__name__)
@@ -351,6 +352,22 @@ def side_by_side_blocks(summaries: Sequence[dict[str, Any]], k: int) -> list[tup
     return blocks
 
 
+def standalone_stage(run_dir: Path) -> str | None:
+    """The training stage whose own run folder ``run_dir`` is (it holds metrics.jsonl itself): the
+    stage its final/ records, else the one its metric names belong to, else (the RL stages log much the
+    same names) the RL stage the folder's name contains, GRPO by default. None for a pipeline folder."""
+    if not (run_dir / "metrics.jsonl").is_file():
+        return None
+    marker = _read_json(run_dir / "final" / COMPLETE) or {}
+    if marker.get("stage") in STAGE_CURVES:
+        return marker["stage"]
+    keys = {k for r in read_records(run_dir / "metrics.jsonl") for k in r}
+    for key, stage in (("loss/sft", "sft"), ("loss/rm", "rm"), ("loss/dpo", "dpo"), ("loss/value", "ppo")):
+        if key in keys:
+            return stage
+    return next((stage for stage in ("ppo", "rloo") if stage in run_dir.name), "grpo")
+
+
 def build_report(cfg: ReportConfig) -> Path:
     """Write report.md, report.html and the PNGs for the run folder ``cfg.run_dir``; returns the
     Markdown path. Raises DataError when the folder does not exist or holds nothing to report."""
@@ -360,14 +377,20 @@ def build_report(cfg: ReportConfig) -> Path:
     out = Path(cfg.output_dir) if cfg.output_dir else run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     state = _read_json(run_dir / STATE_FILE) or {}
-    metrics = {s: read_records(run_dir / s / "metrics.jsonl") for s in TRAIN_STAGES}
+    alone = standalone_stage(run_dir)
+    if alone is not None:  # one stage's own run folder (tldr-rlhf sft ... --run.output-dir RUN)
+        metrics = {alone: read_records(run_dir / "metrics.jsonl")}
+    else:
+        metrics = {s: read_records(run_dir / s / "metrics.jsonl") for s in TRAIN_STAGES}
     metrics = {s: r for s, r in metrics.items() if r}
-    eval_results = _read_json(run_dir / COMMANDS["evaluate"].output)
-    summaries = read_records(run_dir / "evaluate" / SUMMARIES_FILE)
-    eval_rm = _read_json(run_dir / COMMANDS["evaluate-rm"].output)
-    dpo_eval = _read_json(run_dir / "dpo" / DPO_EVAL_FILE)
+    # an evaluate --output-dir folder holds eval.json and summaries.jsonl itself (a DPO run's eval.json is its own)
+    eval_folder = run_dir if alone is None and (run_dir / SUMMARIES_FILE).is_file() else run_dir / "evaluate"
+    eval_results = _read_json(eval_folder / EVAL_FILE)
+    summaries = read_records(eval_folder / SUMMARIES_FILE)
+    eval_rm = _read_json(run_dir / EVAL_RM_FILE if alone == "rm" else run_dir / COMMANDS["evaluate-rm"].output)
+    dpo_eval = _read_json((run_dir if alone == "dpo" else run_dir / "dpo") / DPO_EVAL_FILE)
     if not (state or metrics or eval_results or summaries):
-        raise DataError("nothing to report: no pipeline.json, stage metrics.jsonl or evaluate/eval.json", path=str(run_dir))
+        raise DataError("nothing to report: no pipeline.json, metrics.jsonl, stage metrics.jsonl or eval.json", path=str(run_dir))
 
     title = f"tldr-rlhf report: {run_dir}"
     blocks: list[tuple] = [("h1", title), ("p", f"Generated {time.strftime('%Y-%m-%d %H:%M')} from {run_dir.resolve()}.")]

@@ -125,7 +125,7 @@ STAGES: tuple[Stage, ...] = (
         pipeline=True, inputs=("sft",), output=f"evaluate/{EVAL_FILE}",
     ),
     Stage(
-        "report", "Markdown + HTML report with plots of a pipeline run folder: tldr-rlhf report RUN_DIR",
+        "report", "Markdown + HTML report with plots of a pipeline or single-stage run folder: tldr-rlhf report RUN_DIR",
         "tldr_rlhf.config:ReportConfig", "tldr_rlhf.report:build_report",
         pipeline=True,
     ),
