@@ -120,6 +120,10 @@ STAGES: tuple[Stage, ...] = (
         "tldr_rlhf.export:ExportRMArgs", "tldr_rlhf.export:export_reward_model",
     ),
     Stage(
+        "push", "upload a run's final/ (with its model card) to the Hugging Face Hub: tldr-rlhf push RUN REPO_ID",
+        "tldr_rlhf.cards:PushArgs", "tldr_rlhf.cards:push",
+    ),
+    Stage(
         "evaluate", "ROUGE, RM score, win rate (+ length-controlled) vs the reference, KL to SFT, length, EOS rate",
         "tldr_rlhf.config:EvaluateConfig", "tldr_rlhf.evaluate:evaluate", "tldr_rlhf.presets:EVALUATE_PRESETS",
         pipeline=True, inputs=("sft",), output=f"evaluate/{EVAL_FILE}",

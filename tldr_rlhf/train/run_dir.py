@@ -162,6 +162,7 @@ class RunDir:
         tmp = self.path / f".{FINAL}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         save(tmp)
+        self._write_card(tmp, stage=stage, step=step)
         files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
         (tmp / COMPLETE).write_text(json.dumps({"stage": stage, "step": step, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "files": files}, indent=2) + "\n")
         old = self.path / f".{FINAL}.old"
@@ -172,7 +173,35 @@ class RunDir:
         shutil.rmtree(old, ignore_errors=True)
         self._drop_replaced()
         self.close_trackers()
+        self._push(stage=stage, step=step)
         return self.final_dir
+
+    def _write_card(self, folder: Path, *, stage: str, step: int) -> None:
+        """final/README.md, the model card (``cards.model_card``), unless the save wrote one. A card
+        that cannot be built is a warning: it never costs the run its final/."""
+        from ..cards import CARD, model_card
+
+        if (folder / CARD).exists():
+            return
+        try:
+            (folder / CARD).write_text(model_card(self.path, folder, stage=stage, step=step))
+        except Exception as e:  # noqa: BLE001
+            log.warning("final/%s: model card not written (%s: %s)", CARD, type(e).__name__, e)
+
+    def _push(self, *, stage: str, step: int) -> None:
+        """``--run.push-to-hub REPO_ID``: upload final/. A failed upload logs one error line with the
+        command that retries it; the run stays finished."""
+        repo = getattr(getattr(self.cfg, "run", None), "push_to_hub", "")
+        if not repo:
+            return
+        from ..cards import push_folder
+        from ..errors import TldrRlhfError
+
+        try:
+            url = push_folder(self.final_dir, repo, private=self.cfg.run.hub_private, message=f"tldr-rlhf {stage}: step {step}")
+            log.info("--run.push-to-hub: %s -> %s", self.final_dir, url)
+        except TldrRlhfError as e:
+            log.error("--run.push-to-hub: %s", e)
 
     def write_config(self, cfg: Any) -> None:
         if self.is_main:

@@ -1,0 +1,348 @@
+"""Model cards for every ``final/`` and the upload of a run's model to the Hugging Face Hub.
+
+``RunDir.write_final`` writes ``final/README.md`` (before the completeness marker) from what the run
+folder holds: the stage's ``config.json`` (base model, data, the settings that matter), the last value of
+each key metric in ``metrics.jsonl``, and for the reward model its ``final/config.json`` (how the score
+is read, the normalization applied). The YAML metadata is huggingface_hub's ``ModelCardData``:
+``base_model`` (a hub id; a local starting checkpoint passes on the ``base_model`` of its own card, so a
+PPO policy names the model its SFT started from), ``datasets`` (hub ids only), ``license`` (the base
+model's when its card says, else ``other``), ``tags``, ``library_name`` and ``pipeline_tag``.
+
+``push_folder`` uploads a model folder in one commit through ``huggingface_hub.HfApi`` (``--run.push-to-hub
+REPO_ID`` at the end of a stage, ``tldr-rlhf push RUN REPO_ID`` afterwards).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+from tyro.conf import Positional, arg
+
+from .checkpoints import COMPLETE, final_is_complete
+from .errors import RunDirError, TldrRlhfError
+
+log = logging.getLogger(__name__)
+
+CARD = "README.md"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+STAGE_TITLES = {
+    "sft": "supervised fine-tuned TL;DR policy",
+    "rm": "TL;DR reward model",
+    "dpo": "DPO-trained TL;DR policy",
+    "ppo": "PPO-trained TL;DR policy",
+    "grpo": "GRPO-trained TL;DR policy",
+    "rloo": "RLOO-trained TL;DR policy",
+}
+# (metric in metrics.jsonl, what the card calls it), per stage
+CARD_METRICS: dict[str, tuple[tuple[str, str], ...]] = {
+    "sft": (("loss/sft", "training loss (last step)"), ("valid/loss", "validation loss")),
+    "rm": (("loss/rm", "training loss (last step)"), ("rm/accuracy", "training accuracy (last step)"), ("valid/accuracy", "held-out accuracy")),
+    "dpo": (("loss/dpo", "training loss (last step)"), ("rewards/accuracy", "implicit-reward accuracy (last step)"), ("valid/implicit_reward_accuracy", "held-out implicit-reward accuracy")),
+    "ppo": (("objective/scores", "reward-model score (last update)"), ("objective/kl", "KL to the reference (last update)"), ("objective/rlhf_reward", "score - KL penalty (last update)"), ("objective/response_length", "response length (tokens)")),
+    "grpo": (("objective/scores", "reward-model score (last update)"), ("objective/kl", "KL to the reference (last update)"), ("objective/response_length", "response length (tokens)")),
+    "rloo": (("objective/scores", "reward-model score (last update)"), ("objective/kl", "KL to the reference (last update)"), ("objective/response_length", "response length (tokens)")),
+}
+_CITATIONS = {
+    "stiennon": """@inproceedings{stiennon2020learning,
+  title={Learning to summarize from human feedback},
+  author={Stiennon, Nisan and Ouyang, Long and Wu, Jeff and Ziegler, Daniel M. and Lowe, Ryan and Voss, Chelsea and Radford, Alec and Amodei, Dario and Christiano, Paul},
+  booktitle={NeurIPS},
+  year={2020}
+}""",
+    "nplus": """@article{huang2024nplus,
+  title={The N+ Implementation Details of RLHF with PPO: A Case Study on TL;DR Summarization},
+  author={Huang, Shengyi and Noukhovitch, Michael and Hosseini, Arian and Rasul, Kashif and Wang, Weixun and Tunstall, Lewis},
+  journal={arXiv preprint arXiv:2403.17031},
+  year={2024}
+}""",
+    "dpo": """@inproceedings{rafailov2023direct,
+  title={Direct Preference Optimization: Your Language Model is Secretly a Reward Model},
+  author={Rafailov, Rafael and Sharma, Archit and Mitchell, Eric and Ermon, Stefano and Manning, Christopher D. and Finn, Chelsea},
+  booktitle={NeurIPS},
+  year={2023}
+}""",
+    "ppo": """@article{schulman2017proximal,
+  title={Proximal Policy Optimization Algorithms},
+  author={Schulman, John and Wolski, Filip and Dhariwal, Prafulla and Radford, Alec and Klimov, Oleg},
+  journal={arXiv preprint arXiv:1707.06347},
+  year={2017}
+}""",
+    "grpo": """@article{shao2024deepseekmath,
+  title={DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open Language Models},
+  author={Shao, Zhihong and Wang, Peiyi and Zhu, Qihao and Xu, Runxin and Song, Junxiao and Zhang, Mingchuan and Li, Y. K. and Wu, Y. and Guo, Daya},
+  journal={arXiv preprint arXiv:2402.03300},
+  year={2024}
+}""",
+    "rloo": """@inproceedings{ahmadian2024back,
+  title={Back to Basics: Revisiting REINFORCE Style Optimization for Learning from Human Feedback in LLMs},
+  author={Ahmadian, Arash and Cremer, Chris and Gall{\\'e}, Matthias and Fadaee, Marzieh and Kreutzer, Julia and Pietquin, Olivier and {\\"U}st{\\"u}n, Ahmet and Hooker, Sara},
+  booktitle={ACL},
+  year={2024}
+}""",
+}
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _hub_id(value: Any) -> str | None:
+    """``value`` when it names a hub repo (not an existing local path), else None."""
+    return value if isinstance(value, str) and _HUB_ID.match(value) and not Path(value).exists() else None
+
+
+def _card_data_of(path: str) -> dict[str, Any]:
+    """The YAML metadata of a local model folder's own card ({} when it has none)."""
+    card = Path(path) / CARD
+    if not card.is_file():
+        return {}
+    from huggingface_hub import ModelCard
+
+    try:
+        return ModelCard.load(card).data.to_dict()
+    except Exception:  # noqa: BLE001 - a hand-written README without metadata
+        return {}
+
+
+def _lineage(start: str) -> tuple[str | None, str | None]:
+    """(hub base model, license) for a run that started from ``start``: a hub id is the base itself;
+    a local folder passes on its own card's ``base_model`` and ``license``."""
+    if not start:
+        return None, None
+    if _hub_id(start):
+        return start, None
+    data = _card_data_of(start)
+    base = data.get("base_model")
+    return (base[0] if isinstance(base, list) and base else base), data.get("license")
+
+
+def last_metrics(records: list[dict[str, Any]], keys: tuple[tuple[str, str], ...]) -> list[tuple[str, float, int]]:
+    """(label, value, step) of the last finite value of each key, in ``keys`` order (keys never
+    logged are left out)."""
+    out = []
+    for key, label in keys:
+        found = [(r[key], r.get("step")) for r in records if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool) and math.isfinite(r[key])]
+        if found:
+            out.append((label, float(found[-1][0]), found[-1][1]))
+    return out
+
+
+def _records(run_path: Path) -> list[dict[str, Any]]:
+    f = run_path / "metrics.jsonl"
+    out = []
+    if f.is_file():
+        for line in f.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return out
+
+
+def _settings(stage: str, cfg: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The settings a reader of the card needs, from the stage's config.json."""
+    pick = {
+        "sft": ("epochs", "micro_batch_size", "gradient_accumulation_steps", "loss_on_query"),
+        "rm": ("epochs", "micro_batch_size", "gradient_accumulation_steps"),
+        "dpo": ("loss_type", "beta", "label_smoothing", "epochs"),
+        "ppo": ("total_episodes", "kl_coef", "response_length", "temperature", "ppo_epochs", "num_mini_batches", "gamma", "lam"),
+        "grpo": ("total_episodes", "group_size", "kl_coef", "response_length", "temperature", "loss_type"),
+        "rloo": ("total_episodes", "group_size", "kl_coef", "response_length", "temperature"),
+    }.get(stage, ())
+    rows = [(k, cfg[k]) for k in pick if k in cfg]
+    optim = cfg.get("optim") or {}
+    rows += [(f"optim.{k}", optim[k]) for k in ("lr", "min_lr", "warmup_steps", "weight_decay") if k in optim]
+    for k in ("dtype",):
+        if k in cfg:
+            rows.append((k, cfg[k]))
+    model = cfg.get("model") or {}
+    if model.get("dtype"):
+        rows.append(("model.dtype", model["dtype"]))
+    if model.get("lora_r"):
+        rows.append(("model.lora_r", model["lora_r"]))
+    rows.append(("run.seed", (cfg.get("run") or {}).get("seed")))
+    return rows
+
+
+def _reward_section(final: Path) -> str:
+    cfg = _read_json(final / "config.json")
+    norm, offset = cfg.get("normalization"), cfg.get("reward_offset", 0.0)
+    if norm:
+        normalization = (
+            f"Normalized as in N+ detail 14: the mean raw score of {norm.get('n', '?')} (query, human reference summary) pairs "
+            f"from `{norm.get('source', '?')}`, {norm.get('mean_before', offset):.6g}, was subtracted through the head's bias "
+            f"(`reward_offset` = {offset:.6g} in config.json; std before {norm.get('std_before', float('nan')):.6g}): "
+            "a human reference scores 0 on average."
+        )
+    elif offset:
+        normalization = f"The head's bias holds a normalization offset of {offset:.6g} (`reward_offset`), with no record of what it was computed on."
+    else:
+        normalization = "No normalization was applied."
+    return f"""## How the score is read
+
+The model scores `query + response + EOS` (the response must end with the EOS token `<|endoftext|>` or
+the tokenizer's own EOS): a linear head maps the final hidden state **at the EOS position** to one number
+(N+ details 11-12). {normalization}
+
+```python
+from tldr_rlhf.modeling import load_frozen_reward_model  # pip install tldr-rlhf
+reward_model = load_frozen_reward_model("PATH_OR_REPO")  # reward_model(input_ids, attention_mask).logits[:, 0]: one score per row, read at its last real token
+```
+
+For a stock `AutoModelForSequenceClassification` that loads without `trust_remote_code` (TRL, OpenRLHF),
+export it first: `tldr-rlhf export-rm PATH_OR_REPO OUT`.
+"""
+
+
+def _policy_section(task: str) -> str:
+    if task == "ultrafeedback":
+        prompt = "the instruction in the tokenizer's chat template (or the plain `### Instruction:` / `### Response:` template)"
+    else:
+        prompt = 'the TL;DR query format `SUBREDDIT: r/{subreddit}\\n\\nTITLE: {title}\\n\\nPOST: {post}\\n\\nTL;DR:` (N+ detail 1)'
+    return f"""## How to use it
+
+The policy continues {prompt} and ends its response with the EOS token.
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained("PATH_OR_REPO")
+tokenizer = AutoTokenizer.from_pretrained("PATH_OR_REPO")
+```
+
+or `tldr-rlhf generate --model PATH_OR_REPO --post "..." --title "..."`.
+"""
+
+
+def model_card(run_path: Path, final: Path, *, stage: str, step: int) -> str:
+    """The README.md (YAML metadata + Markdown) of a training stage's ``final/`` at optimizer step /
+    update ``step``, from the run folder's config.json and metrics.jsonl and ``final/config.json``."""
+    from huggingface_hub import ModelCardData
+
+    cfg = _read_json(Path(run_path) / "config.json")
+    data = cfg.get("data") or {}
+    task = data.get("task", "tldr")
+    start = (cfg.get("model") or {}).get("path") if stage in ("sft", "rm") else cfg.get("sft_path")
+    base, base_license = _lineage(start or "")
+    datasets = [d for d in (data.get("train"), data.get("comparisons")) if _hub_id(d)]
+    is_rm = stage == "rm"
+    card_data = ModelCardData(
+        base_model=base,
+        datasets=datasets or None,
+        license=base_license or "other",
+        library_name="transformers",
+        pipeline_tag="text-classification" if is_rm else "text-generation",
+        tags=["tldr-rlhf", "rlhf", stage] + (["reward-model"] if is_rm else []) + (["summarization"] if task == "tldr" else []),
+    )
+    title = STAGE_TITLES.get(stage, f"{stage} model")
+    if task == "ultrafeedback":
+        title = title.replace("TL;DR", "UltraFeedback")
+    lines = [f"# {title} (tldr-rlhf `{stage}`)", ""]
+    lines.append(
+        f"Trained with tldr-rlhf stage `{stage}` for {step} "
+        f"{'updates' if stage in ('ppo', 'grpo', 'rloo') else 'optimizer steps'}, starting from `{start or '?'}`"
+        + (f" (base model `{base}`)" if base and base != start else "") + "."
+    )
+    if stage in ("ppo", "grpo", "rloo"):
+        lines.append(f"Reward model: `{cfg.get('rm_path') or '?'}`; reference policy: the starting policy (frozen).")
+    if stage == "dpo":
+        lines.append("Reference policy: the starting policy (frozen).")
+    sources = [d for d in (data.get("train"), data.get("valid"), data.get("comparisons")) if d]
+    if sources:
+        lines.append("Data: " + ", ".join(f"`{d}`" for d in sources) + ".")
+    lines.append("")
+    metrics = last_metrics(_records(Path(run_path)), CARD_METRICS.get(stage, ()))
+    if metrics:
+        lines += ["## Metrics of the run", "", "| metric | value | step |", "|---|---|---|"]
+        lines += [f"| {label} | {value:.4g} | {s} |" for label, value, s in metrics]
+        lines.append("")
+    settings = _settings(stage, cfg)
+    if settings:
+        lines += ["## Settings", "", "| setting | value |", "|---|---|"]
+        lines += [f"| {k} | {json.dumps(v) if not isinstance(v, str) else v} |" for k, v in settings]
+        lines += ["", f"The run's whole config is in `config.json` of its run folder (`tldr-rlhf {stage} --config config.json` repeats it).", ""]
+    lines.append(_reward_section(Path(final)) if is_rm else _policy_section(task))
+    cites = ["stiennon", "nplus"] + ([stage] if stage in _CITATIONS else [])
+    lines += ["## Citations", "", "```bibtex", "\n\n".join(_CITATIONS[c] for c in cites), "```", ""]
+    return "---\n" + card_data.to_yaml() + "\n---\n\n" + "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Upload
+
+
+@dataclass(frozen=True)
+class PushArgs:
+    """Upload a run's model (final/, with its model card) to the Hugging Face Hub."""
+
+    run: Positional[Annotated[str, arg(metavar="RUN")]]
+    """A run folder (its final/ is uploaded), a final/ folder, or a checkpoints/step-N/ folder."""
+    repo_id: Positional[Annotated[str, arg(metavar="REPO_ID")]]
+    """Hub repo id, NAMESPACE/NAME (created when missing)."""
+    private: bool = True
+    """Create the repo as private."""
+    revision: str = ""
+    """Branch to commit to (default: main)."""
+
+
+def model_folder(run: str | Path) -> Path:
+    """The folder ``push`` uploads for ``run``: RUN/final for a run folder, else ``run`` itself.
+    Raises RunDirError for a missing folder, a final/ whose save did not finish, or a folder
+    without config.json (not a model)."""
+    p = Path(run)
+    if (p / "final").is_dir():  # a run folder (a model folder never has a final/ inside)
+        p = p / "final"
+    if not p.is_dir():
+        raise RunDirError(f"{run}: no such run or model folder")
+    if p.name == "final" and not final_is_complete(p):
+        raise RunDirError(f"{p}: the run's final/ is incomplete (its save did not finish); rerun that stage to complete it")
+    if not (p / "config.json").is_file():
+        raise RunDirError(f"{p}: not a model folder (no config.json); give a run folder, its final/ or a checkpoints/step-N/")
+    return p
+
+
+def push_folder(folder: Path, repo_id: str, *, private: bool = True, revision: str = "", message: str = "") -> str:
+    """Upload ``folder`` (weights, config, tokenizer, README.md; not the run's COMPLETE.json or a
+    checkpoint's state.pt) to ``repo_id`` in one commit, creating the repo when missing. A folder
+    without README.md gets a card written from its run folder. Returns the commit URL. Raises
+    TldrRlhfError for a bad repo id or a failed upload (huggingface_hub's reason in one line)."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    if not _HUB_ID.match(repo_id):
+        raise TldrRlhfError(f"{repo_id}: expected a Hub repo id, NAMESPACE/NAME")
+    folder = Path(folder)
+    skip = {COMPLETE, "state.pt"}
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in skip and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    ops = [CommitOperationAdd(path_in_repo=str(p.relative_to(folder)), path_or_fileobj=str(p)) for p in files]
+    if not (folder / CARD).is_file():
+        marker = _read_json(folder / COMPLETE)
+        run_path = folder.parent.parent if folder.parent.name == "checkpoints" else folder.parent
+        stage = marker.get("stage") or _read_json(run_path / "final" / COMPLETE).get("stage") or "sft"
+        step = marker.get("step", int(folder.name.split("-")[-1]) if folder.name.startswith("step-") else 0)
+        card = model_card(run_path, folder, stage=stage, step=step)
+        ops.append(CommitOperationAdd(path_in_repo=CARD, path_or_fileobj=card.encode()))
+    api = HfApi()
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        info = api.create_commit(repo_id, ops, commit_message=message or f"tldr-rlhf: upload {folder}", revision=revision or None, repo_type="model")
+    except Exception as e:  # noqa: BLE001 - network, auth, quota: one line, the run is untouched
+        raise TldrRlhfError(f"push to {repo_id} failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); log in with `hf auth login` or set HF_TOKEN, then run: tldr-rlhf push {folder} {repo_id}") from e
+    url = getattr(info, "commit_url", None) or f"https://huggingface.co/{repo_id}"
+    return str(url)
+
+
+def push(args: PushArgs) -> str:
+    """``tldr-rlhf push RUN REPO_ID``: upload a run's model folder; prints and returns the commit URL."""
+    folder = model_folder(args.run)
+    url = push_folder(folder, args.repo_id, private=args.private, revision=args.revision)
+    print(f"pushed {folder} -> {args.repo_id}: {url}")
+    return url
