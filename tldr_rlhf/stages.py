@@ -120,6 +120,10 @@ STAGES: tuple[Stage, ...] = (
         "tldr_rlhf.export:ExportRMArgs", "tldr_rlhf.export:export_reward_model",
     ),
     Stage(
+        "inspect", "each policy's summary token by token, coloured by log-prob or KL to a reference, with RM scores (--html)",
+        "tldr_rlhf.inspection:InspectConfig", "tldr_rlhf.inspection:inspect",
+    ),
+    Stage(
         "push", "upload a run's final/ (with its model card) to the Hugging Face Hub: tldr-rlhf push RUN REPO_ID",
         "tldr_rlhf.cards:PushArgs", "tldr_rlhf.cards:push",
     ),

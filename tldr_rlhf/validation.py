@@ -66,13 +66,13 @@ CLASS_RULES: dict[tuple[str, str], _Rule | None] = {
 # fields naming an input: a local file or folder, or a hub id
 INPUT_FIELDS = {
     "path", "tokenizer", "sft_path", "rm_path", "judge_rm_path", "train", "valid", "comparisons",
-    "valid_comparisons", "cnndm", "policy_samples", "posts",
+    "valid_comparisons", "cnndm", "policy_samples", "posts", "reference",
 }
-MODEL_FIELDS = {"path", "tokenizer", "sft_path", "rm_path", "judge_rm_path"}
+MODEL_FIELDS = {"path", "tokenizer", "sft_path", "rm_path", "judge_rm_path", "reference"}
 # classes whose `model` field is an input path rather than a nested config or a judge's model name
 MODEL_PATH_CLASSES = {"EvaluateRMConfig", "GenerateArgs"}
 # input fields that must hold one kind of model (checked from a local folder's config.json)
-KIND_FIELDS = {"sft_path": "policy", "rm_path": "reward_model", "judge_rm_path": "reward_model"}
+KIND_FIELDS = {"sft_path": "policy", "rm_path": "reward_model", "judge_rm_path": "reward_model", "reference": "policy"}
 KIND_CLASS_FIELDS = {("EvaluateRMConfig", "model"): "reward_model", ("GenerateArgs", "model"): "policy"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _FILE_SUFFIXES = (".json", ".jsonl", ".gguf", ".parquet", ".safetensors", ".bin", ".pt", ".csv", ".txt")
