@@ -109,3 +109,36 @@ def test_without_network_a_hub_id_fails_at_once_with_the_real_loader(monkeypatch
         assert time.perf_counter() - start < 10
     finally:
         modeling.hub_host_resolves.cache_clear()
+
+
+def test_without_network_a_hub_dataset_fails_at_once_with_the_real_loader(monkeypatch, tmp_path):
+    """No mock of datasets: the hub's host does not resolve, so datasets runs in offline mode for the
+    call (cache only) and the one-line error comes at once instead of after ~30 s of retries; the
+    offline switches are restored afterwards."""
+    import socket
+    import time
+
+    import datasets
+    import huggingface_hub.constants
+
+    from tldr_rlhf import modeling
+    from tldr_rlhf.data.tldr import load_hub_rows
+
+    def no_dns(*a, **k):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "empty-datasets-cache")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    modeling.hub_host_resolves.cache_clear()
+    before = datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE
+    try:
+        start = time.perf_counter()
+        with pytest.raises(DataError) as e:
+            load_hub_rows("no-such-user/no-such-dataset", "train")
+        assert str(e.value) == f"could not reach the Hugging Face hub for dataset 'no-such-user/no-such-dataset'; {HINT}"
+        assert time.perf_counter() - start < 10
+        assert (datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE) == before
+    finally:
+        modeling.hub_host_resolves.cache_clear()

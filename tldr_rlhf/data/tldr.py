@@ -19,11 +19,12 @@ Shapes are Python lists of token ids here; batching into tensors lives in ``data
 
 from __future__ import annotations
 
+import contextlib
 import re
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from ..config import TldrDataArgs
 from ..errors import DataError, hub_unreachable, hub_unreachable_message
@@ -149,12 +150,21 @@ def load_posts(source: str | Path, split: str = "train", *, need_summary: bool =
 def load_hub_rows(name: str, split: str, config: str | None = None) -> Iterable[dict[str, Any]]:
     """Rows of a hub dataset (or a local folder ``datasets`` understands) via ``datasets.load_dataset``.
 
+    When the hub's host does not resolve (no network) the dataset is looked up in the local cache only
+    (datasets' and huggingface_hub's offline mode for this call): a cached dataset loads, an uncached
+    one fails at once instead of after ~30 s of retries with a warning each.
     Raises DataError when the dataset cannot be found or the hub cannot be reached.
     """
+    import os
+
     import datasets
 
+    from ..modeling import hub_host_resolves
+
+    no_network = not Path(name).expanduser().exists() and os.environ.get("HF_HUB_OFFLINE", "") in ("", "0") and not hub_host_resolves()
     try:
-        return datasets.load_dataset(name, config, split=split)
+        with _hub_offline(no_network):
+            return datasets.load_dataset(name, config, split=split)
     except Exception as e:  # noqa: BLE001 - datasets raises many kinds; we re-raise one clear error
         if hub_unreachable(e):
             raise DataError(hub_unreachable_message("dataset", name)) from e
@@ -163,6 +173,24 @@ def load_hub_rows(name: str, split: str, config: str | None = None) -> Iterable[
             "file nor a folder, and the Hugging Face hub could not provide it (offline? wrong id?)",
             path=name,
         ) from e
+
+
+@contextlib.contextmanager
+def _hub_offline(on: bool) -> Iterator[None]:
+    """While ``on``: datasets' and huggingface_hub's offline switches set (the local cache only, no
+    request), both restored after. The switches are module constants read at call time."""
+    import datasets
+    import huggingface_hub.constants as hub_constants
+
+    if not on:
+        yield
+        return
+    saved = datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = hub_constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE = saved
 
 
 def load_post_splits(data: TldrDataArgs) -> tuple[list[Post], list[Post]]:
