@@ -214,6 +214,7 @@ def train(cfg: RMConfig) -> str:
     optimizer = build_optimizer(model.parameters(), cfg.optim, device_type=accelerator.device.type)
     scheduler = build_scheduler(optimizer, cfg.optim, len(steps))
     start = resume(run, resume_from, model, optimizer, scheduler)
+    run.total_steps = total_steps  # the per-step log line's /N and ETA
     save_weights = weights_saver(model, tokenizer, cfg.model.dtype, cfg.run, save=save_reward_model)  # each checkpoint's weights (not normalized)
     model, optimizer = accelerator.prepare(model, optimizer)
     if is_main:
@@ -224,7 +225,6 @@ def train(cfg: RMConfig) -> str:
     # 3. Optimizer steps: the pairwise loss over micro-batches of the global batch of pairs.
     model.train()
     meter = Throughput()
-    run.total_steps = total_steps  # the per-step log line's /N and ETA
     bar = progress_bar(total_steps, start, "rm", is_main and cfg.run.progress)
     step_start = time.perf_counter()
     for step in range(start, total_steps):

@@ -142,6 +142,7 @@ def train(cfg: SFTConfig) -> str:
     optimizer = build_optimizer(model.parameters(), cfg.optim, device_type=accelerator.device.type)
     scheduler = build_scheduler(optimizer, cfg.optim, len(steps))
     start = resume(run, resume_from, model, optimizer, scheduler)
+    run.total_steps = total_steps  # the per-step log line's /N and ETA
     save_weights = weights_saver(model, tokenizer, cfg.model.dtype, cfg.run)  # final/ and each checkpoint's weights
     model, optimizer = accelerator.prepare(model, optimizer)
     if is_main:
@@ -157,7 +158,6 @@ def train(cfg: SFTConfig) -> str:
         run.log_metrics({"step": 0, **evaluate(0)})
     model.train()
     meter = Throughput()
-    run.total_steps = total_steps  # the per-step log line's /N and ETA
     bar = progress_bar(total_steps, start, "sft", is_main and cfg.run.progress)
     step_start = time.perf_counter()
     # 3. Optimizer steps: this process's share of the global batch in micro-batches, gradients
