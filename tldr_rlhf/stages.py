@@ -120,6 +120,10 @@ STAGES: tuple[Stage, ...] = (
         "tldr_rlhf.export:ExportRMArgs", "tldr_rlhf.export:export_reward_model",
     ),
     Stage(
+        "plan", "estimated peak memory per device of each stage (weights, gradients, optimizer, activations, KV cache, frozen models) and what makes it fit",
+        "tldr_rlhf.plan:PlanArgs", "tldr_rlhf.plan:plan", "tldr_rlhf.plan:PLAN_PRESETS",
+    ),
+    Stage(
         "inspect", "each policy's summary token by token, coloured by log-prob or KL to a reference, with RM scores (--html)",
         "tldr_rlhf.inspection:InspectConfig", "tldr_rlhf.inspection:inspect",
     ),

@@ -97,6 +97,9 @@ class RunArgs:
     ends (a failed upload keeps the run; retry with tldr-rlhf push RUN REPO_ID)."""
     hub_private: bool = True
     """Create the --run.push-to-hub repo as private."""
+    memory_check: bool = True
+    """Stop before loading any model when the memory plan (tldr-rlhf plan) says the stage cannot fit on
+    the GPU; --run.no-memory-check runs it anyway."""
 
 
 @dataclass(frozen=True)

@@ -134,8 +134,11 @@ class RunDir:
         input path is checked first (ConfigError), before anything on disk is touched. A resume must
         use the same config outside ``run`` (RunDirError otherwise); the resolved config is then
         written. A fresh start drops the metrics and samples of an earlier attempt that never reached
-        a checkpoint."""
+        a checkpoint. On CUDA the memory plan runs first (``plan.preflight``)."""
         validate_config(cfg)
+        from ..plan import preflight
+
+        preflight(_stage_of(cfg) or "", cfg)  # a stage that cannot fit on the GPU stops here, before the folder is touched
         run = cls(cfg.run.output_dir, overwrite=cfg.run.overwrite, is_main=is_main)
         run.trust_checkpoint = cfg.run.trust_checkpoint
         run.cfg, run.stage = cfg, _stage_of(cfg) or run.stage
