@@ -77,8 +77,10 @@ def load_rl_models(sft_path: str, rm_path: str, tokenizer, *, dtype: torch.dtype
     """(policy, reference, reward model) of an RL stage: the trainable policy from the SFT checkpoint
     in float32 master weights on the CPU (the accelerator moves it), sampling config reset to plain
     sampling with explicit EOS / pad (N+ detail 19); the frozen reference (same checkpoint) and
-    frozen reward model in ``dtype`` on ``device``, dropout off (N+ detail 7). Raises ModelLoadError
-    for a path that does not load."""
+    frozen reward model in ``dtype`` on ``device``, dropout off (N+ detail 7). ``dtype`` is
+    ``modeling.frozen_weights_dtype``'s float32: the frozen models run under the policy's autocast,
+    so under bf16 they compute in its precision regime and the first update has KL 0 and ratio 1
+    exactly (tests/test_bf16.py). Raises ModelLoadError for a path that does not load."""
     from ..rollout import plain_sampling_config
 
     policy = load_causal_lm(sft_path, dtype=torch.float32, tokenizer=tokenizer)
