@@ -205,6 +205,48 @@ def apply_lora(model: nn.Module, *, r: int = 16, alpha: int = 32, target_modules
     return get_peft_model(model, cfg)
 
 
+def enable_gradient_checkpointing(model: nn.Module) -> nn.Module:
+    """Activation checkpointing (Chen et al. 2016, "Training Deep Nets with Sublinear Memory Cost"):
+    each transformer block keeps only its input in the forward pass and recomputes its activations in
+    backward, so a block's activations are held one block at a time (about one extra forward of
+    compute). Hugging Face's own implementation, non-reentrant (``use_reentrant=False``: gradients
+    reach inputs that need none, frozen embeddings and LoRA included). ``model``: a Hugging Face
+    model, a peft-wrapped one, or any module holding such models (PPO's value model: its
+    backbone); every ``PreTrainedModel`` in it that supports checkpointing gets it. The same
+    numbers come out: recomputation repeats the forward's operations exactly (dropout is off).
+    Under checkpointing a training forward with gradients ignores key/value caches (transformers
+    drops them), so the shared-prompt paths take full rows there (``checkpointing_active``).
+    Raises ValueError when nothing in ``model`` supports it. In place; returns ``model``."""
+    from transformers import PreTrainedModel
+
+    done = False
+    for m in model.modules():
+        if isinstance(m, PreTrainedModel) and m.supports_gradient_checkpointing and not checkpointing_enabled(m):
+            # transformers >= 5.2x names it activation_checkpointing_enable (the old name warns)
+            enable = getattr(m, "activation_checkpointing_enable", None)
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        done = done or checkpointing_enabled(m)
+    if not done:
+        raise ValueError(f"{type(model).__name__} holds no model that supports gradient checkpointing")
+    return model
+
+
+def checkpointing_enabled(model: nn.Module) -> bool:
+    """Whether any layer of ``model`` has activation checkpointing switched on (the
+    ``gradient_checkpointing`` flag transformers sets on its layers)."""
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+
+
+def checkpointing_active(model: nn.Module) -> bool:
+    """Whether a forward of ``model`` now runs under activation checkpointing: enabled
+    (``enable_gradient_checkpointing``), in training mode, with gradients on. Its key/value cache
+    is then ignored by transformers, so a shared-prompt forward must take full rows instead."""
+    return model.training and torch.is_grad_enabled() and checkpointing_enabled(model)
+
+
 def unwrap_for_save(model: nn.Module) -> nn.Module:
     """A plain transformers model to save: LoRA adapters merged into a copy of the weights."""
     if hasattr(model, "merge_and_unload") and hasattr(model, "peft_config"):
@@ -426,8 +468,12 @@ def init_reward_model(model_args, tokenizer):
         raise DataError("LoRA is not supported for the reward model (the seeds train every weight); use --model.lora-r 0 or --train-layers", field="model.lora_r")
     dtype = master_weights_dtype(model_args.dtype)
     if _is_reward_checkpoint(model_args.path):
-        return load_reward_checkpoint(model_args.path, dtype=dtype, tokenizer=tokenizer)
-    return build_reward_model(model_args.path, dtype=dtype, tokenizer=tokenizer)
+        model = load_reward_checkpoint(model_args.path, dtype=dtype, tokenizer=tokenizer)
+    else:
+        model = build_reward_model(model_args.path, dtype=dtype, tokenizer=tokenizer)
+    if getattr(model_args, "gradient_checkpointing", False):
+        enable_gradient_checkpointing(model)
+    return model
 
 
 def _set_reward_special_ids(model: nn.Module, tokenizer) -> None:

@@ -29,6 +29,9 @@ class ModelArgs:
     """LoRA rank; 0 trains every weight."""
     lora_alpha: int = 32
     """LoRA alpha (scale = alpha / r)."""
+    gradient_checkpointing: bool = False
+    """Activation checkpointing: recompute each transformer block's activations in backward instead
+    of keeping them (same losses and gradients, less memory, about one more forward of compute)."""
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..config import ModelArgs, RunArgs
-from ..modeling import apply_lora, load_causal_lm, load_tokenizer, master_weights_dtype, save_pretrained, saved_weights_dtype, uses_bf16_autocast
+from ..modeling import apply_lora, enable_gradient_checkpointing, load_causal_lm, load_tokenizer, master_weights_dtype, save_pretrained, saved_weights_dtype, uses_bf16_autocast
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +44,12 @@ def _forget_other_mixed_precision(mixed: str) -> None:
 
 def load_policy(model_args: ModelArgs, tokenizer):
     """Causal LM in float32 master weights (bf16 autocast gives bf16 compute with "bfloat16", or "auto" on CUDA), dropout off,
-    LoRA adapters when ``lora_r`` > 0."""
+    LoRA adapters when ``lora_r`` > 0, activation checkpointing with ``gradient_checkpointing``."""
     model = load_causal_lm(model_args.path, dtype=master_weights_dtype(model_args.dtype), tokenizer=tokenizer)
     if model_args.lora_r > 0:
         model = apply_lora(model, r=model_args.lora_r, alpha=model_args.lora_alpha)
+    if model_args.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     return model
 
 

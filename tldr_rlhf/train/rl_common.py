@@ -26,7 +26,7 @@ from ..config import ModelArgs
 from ..data.tldr import Prompt
 from ..errors import DataError
 from ..generation import decode_response
-from ..modeling import count_parameters, load_causal_lm, load_frozen_reference, load_frozen_reward_model, load_tokenizer_cached
+from ..modeling import count_parameters, enable_gradient_checkpointing, load_causal_lm, load_frozen_reference, load_frozen_reward_model, load_tokenizer_cached
 from ..modeling import frozen_weights_dtype as model_dtype  # noqa: F401  (ppo, grpo: the frozen models' dtype)
 from ..rollout import Rollout, ScoreFn
 from ..tasks import rl_prompts
@@ -241,6 +241,8 @@ def open_rl_run(cfg, name: str, accelerator, *, batch: int, group: int, num_upda
     run, resume_from = RunDir.open(cfg, is_main=accelerator.is_main_process)
     seed_everything(cfg.run.seed)
     policy, ref, reward_model = load_rl_models(cfg.sft_path, cfg.rm_path, tokenizer, dtype=model_dtype(cfg.dtype), device=accelerator.device)
+    if getattr(cfg, "gradient_checkpointing", False):
+        enable_gradient_checkpointing(policy)  # PPO's value model: ppo.train
     return RLRun(cfg, name, accelerator, tokenizer, prompts, order, total, batch, group, run, resume_from, policy, ref, reward_model)
 
 
