@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import DataError, ModelLoadError, hub_unreachable, hub_unreachable_message
+from .errors import ConfigError, ModelLoadError, hub_unreachable, hub_unreachable_message
 from .ops import position_ids_from_mask
 
 log = logging.getLogger(__name__)
@@ -164,16 +164,20 @@ def _strip_gguf_quantizer(model: nn.Module) -> None:
         del model.config.quantization_config
 
 
-def load_causal_lm(path: str, *, dtype: torch.dtype = torch.float32, tokenizer=None):
+def load_causal_lm(path: str, *, dtype: torch.dtype = torch.float32, tokenizer=None, load_in_4bit: bool = False):
     """Load a causal LM (hub id, folder or .gguf file) with dropout off and pad/EOS ids set.
 
-    ``tokenizer`` (optional) supplies pad/eos ids to the model and generation configs. Raises
-    ModelLoadError for a missing path or an unreachable hub.
+    ``tokenizer`` (optional) supplies pad/eos ids to the model and generation configs.
+    ``load_in_4bit``: base weights in 4-bit NF4 (bitsandbytes, QLoRA: Dettmers et al. 2023), compute
+    in bf16; CUDA only (``quantization_4bit``). Raises ModelLoadError for a missing path or an
+    unreachable hub, ConfigError for 4-bit without CUDA or bitsandbytes.
     """
     from transformers import AutoModelForCausalLM
 
     _check_exists(path)
     where, kw = _split_gguf(path)
+    if load_in_4bit:
+        kw = {**kw, "quantization_config": quantization_4bit(), "device_map": {"": torch.cuda.current_device()}}  # 4-bit weights are placed at load
     try:
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, trust_remote_code=False, **kw, **_offline_kwargs(path))
     except Exception as e:  # noqa: BLE001
@@ -197,12 +201,65 @@ def set_special_ids(model: nn.Module, tokenizer) -> None:
         gen.eos_token_id = tokenizer.eos_token_id
 
 
-def apply_lora(model: nn.Module, *, r: int = 16, alpha: int = 32, target_modules: str | list[str] = "all-linear"):
-    """Wrap ``model`` with peft LoRA adapters (no LoRA dropout: N+ detail 7). Returns the peft model."""
-    from peft import LoraConfig, get_peft_model
+def apply_lora(model: nn.Module, *, r: int = 16, alpha: int = 32, target_modules: str | list[str] = "all-linear", task_type: str | None = "CAUSAL_LM", head: str | None = None):
+    """Wrap ``model`` with peft LoRA adapters (Hu et al. 2021: W + (alpha / r) B A, B initialized to
+    0 so the wrapped model starts equal to ``model``; no LoRA dropout: N+ detail 7). ``head``: the
+    name of a module trained in full instead of adapted (the reward model's scalar ``score``; saved
+    with the adapters), ``task_type`` None for models that are not causal LMs (a reward model, a
+    value model's backbone). A model with 4-bit weights is prepared for k-bit training first.
+    Returns the peft model."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=target_modules, task_type="CAUSAL_LM")
+    if getattr(model, "is_loaded_in_4bit", False):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    extra = {"exclude_modules": [head], "modules_to_save": [head]} if head else {}
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=target_modules, task_type=task_type, **extra)
     return get_peft_model(model, cfg)
+
+
+def is_lora(model: nn.Module) -> bool:
+    """Whether ``model`` is a peft model (LoRA adapters)."""
+    return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
+
+
+class AdaptersDisabled(nn.Module):
+    """The reference policy of a LoRA run: the peft ``policy`` itself with its adapters disabled
+    (``with policy.disable_adapter():``), i.e. the base (SFT) weights, with no second copy in memory.
+    It shares the policy's parameters (so it follows the policy's device) and is frozen in the
+    sense that matters: its forward runs without the adapters. ``train``/``eval`` on it leave the
+    policy's mode alone. Call it like the policy (same arguments, same outputs)."""
+
+    def __init__(self, policy: nn.Module):
+        super().__init__()
+        if not is_lora(policy):
+            raise TypeError(f"{type(policy).__name__} has no LoRA adapters to disable")
+        self.policy = policy
+        self.training = False
+
+    def train(self, mode: bool = True) -> "AdaptersDisabled":
+        return self
+
+    @property
+    def config(self):
+        return self.policy.config
+
+    def forward(self, *args, **kwargs):
+        with self.policy.disable_adapter():
+            return self.policy(*args, **kwargs)
+
+
+def quantization_4bit():
+    """bitsandbytes 4-bit NF4 weights with double quantization and bf16 compute (the QLoRA recipe).
+    Raises ConfigError without CUDA or without bitsandbytes (``pip install bitsandbytes``)."""
+    if not torch.cuda.is_available():
+        raise ConfigError("--load-in-4bit: 4-bit (QLoRA) base weights need a CUDA GPU (bitsandbytes); this machine has none. Use LoRA without it (--lora-r)")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as e:
+        raise ConfigError("--load-in-4bit: needs bitsandbytes (pip install bitsandbytes)") from e
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> nn.Module:
@@ -299,6 +356,19 @@ def save_pretrained(model: nn.Module, tokenizer, path: str | Path, *, dtype: tor
     path.mkdir(parents=True, exist_ok=True)
     _save_weights(unwrap_for_save(model), path, dtype)
     tokenizer.save_pretrained(path)
+    save_adapter(model, path)
+
+
+ADAPTER_DIR = "adapter"
+
+
+def save_adapter(model: nn.Module, path: str | Path) -> None:
+    """For a LoRA model: its adapters alone, in PEFT format (adapter_config.json +
+    adapter_model.safetensors, float32), in ``path/adapter`` next to the merged weights;
+    ``PeftModel.from_pretrained(base, path/adapter)`` on the base model rebuilds the trained model.
+    Nothing for a model without adapters."""
+    if is_lora(model):
+        model.save_pretrained(Path(path) / ADAPTER_DIR, safe_serialization=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -462,10 +532,13 @@ def _is_reward_checkpoint(path: str) -> bool:
 def init_reward_model(model_args, tokenizer):
     """The reward model a training run starts from (``model_args``: a ``config.ModelArgs``): a
     reward-model checkpoint as it is (to continue training), or ``build_reward_model`` on the
-    backbone of a causal LM, in ``master_weights_dtype``. Raises DataError for LoRA (not supported
-    for the reward model), ModelLoadError for a path that does not load."""
-    if model_args.lora_r > 0:
-        raise DataError("LoRA is not supported for the reward model (the seeds train every weight); use --model.lora-r 0 or --train-layers", field="model.lora_r")
+    backbone of a causal LM, in ``master_weights_dtype``; with ``lora_r`` > 0 LoRA adapters on the
+    backbone's linear layers and the scalar head trained in full (``apply_lora(head="score")``);
+    activation checkpointing with ``gradient_checkpointing``. Raises ModelLoadError for a path that
+    does not load, ConfigError for 4-bit weights (not offered for the reward model: its backbone is
+    built from a causal LM's weights in memory)."""
+    if getattr(model_args, "load_in_4bit", False):
+        raise ConfigError("--model.load-in-4bit: not supported for the reward model; use --model.lora-r alone")
     dtype = master_weights_dtype(model_args.dtype)
     if _is_reward_checkpoint(model_args.path):
         model = load_reward_checkpoint(model_args.path, dtype=dtype, tokenizer=tokenizer)
@@ -473,6 +546,8 @@ def init_reward_model(model_args, tokenizer):
         model = build_reward_model(model_args.path, dtype=dtype, tokenizer=tokenizer)
     if getattr(model_args, "gradient_checkpointing", False):
         enable_gradient_checkpointing(model)
+    if model_args.lora_r > 0:
+        model = apply_lora(model, r=model_args.lora_r, alpha=model_args.lora_alpha, task_type=None, head="score")
     return model
 
 
@@ -486,12 +561,14 @@ def save_reward_model(model: nn.Module, tokenizer, path: str | Path, *, dtype: t
     """Save a ``ScalarRewardModel`` as a Hugging Face checkpoint (safetensors, config with auto_map,
     this package's reward_model.py, tokenizer, the tokenizer's pad and EOS ids) that
     ``AutoModelForSequenceClassification`` loads back; floating-point weights cast to ``dtype`` when
-    given, else as they are."""
+    given, else as they are. A LoRA reward model is saved merged, and its adapters (with the head)
+    alone in ``path/adapter`` (``save_adapter``)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     _set_reward_special_ids(model, tokenizer)
-    _save_weights(model, path, dtype)
+    _save_weights(unwrap_for_save(model), path, dtype)
     tokenizer.save_pretrained(path)
+    save_adapter(model, path)
 
 
 def response_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, query_width: int) -> torch.Tensor:

@@ -125,6 +125,9 @@ class DPOConfig:
     gradient_checkpointing: bool = False
     """Activation checkpointing of the policy (same losses and gradients, less memory, about one more
     forward of compute); the shared prompt then runs full rows in training passes."""
+    load_in_4bit: bool = False
+    """QLoRA: the policy's base weights in 4-bit NF4 (bitsandbytes) under LoRA adapters (needs lora_r > 0
+    and a CUDA GPU; refused elsewhere)."""
     data: PreferenceDataArgs = field(default_factory=PreferenceDataArgs)
     """Human comparisons for DPO and the held-out comparisons its implicit rewards are scored on."""
     optim: OptimArgs = field(default_factory=OptimArgs)
@@ -161,7 +164,7 @@ class DPOConfig:
     @property
     def model_args(self) -> ModelArgs:
         """The policy's ModelArgs: the SFT checkpoint with this run's dtype and LoRA settings."""
-        return ModelArgs(path=self.sft_path, tokenizer=self.tokenizer, dtype=self.dtype, lora_r=self.lora_r, lora_alpha=self.lora_alpha, gradient_checkpointing=self.gradient_checkpointing)
+        return ModelArgs(path=self.sft_path, tokenizer=self.tokenizer, dtype=self.dtype, lora_r=self.lora_r, lora_alpha=self.lora_alpha, gradient_checkpointing=self.gradient_checkpointing, load_in_4bit=self.load_in_4bit)
 
 
 @dataclass(frozen=True)
@@ -181,6 +184,14 @@ class _RLConfig:
     gradient_checkpointing: bool = False
     """Activation checkpointing of the trained models (policy; PPO's value model too): same losses and
     gradients, less memory, about one more forward of compute per update pass."""
+    lora_r: int = 0
+    """LoRA rank of the policy (PPO's value model gets adapters of its own, its head trained in full);
+    0 trains every weight. With LoRA the reference is the policy with its adapters disabled: no second copy."""
+    lora_alpha: int = 32
+    """LoRA alpha (scale = alpha / r)."""
+    load_in_4bit: bool = False
+    """QLoRA: the policy's base weights in 4-bit NF4 (bitsandbytes) under LoRA adapters (needs lora_r > 0
+    and a CUDA GPU; refused elsewhere)."""
     data: TldrDataArgs = field(default_factory=TldrDataArgs)
     """Prompts: the SFT training posts, reshuffled each time they run out (N+ detail 17)."""
     optim: OptimArgs = field(default_factory=OptimArgs)

@@ -45,7 +45,7 @@ def _forget_other_mixed_precision(mixed: str) -> None:
 def load_policy(model_args: ModelArgs, tokenizer):
     """Causal LM in float32 master weights (bf16 autocast gives bf16 compute with "bfloat16", or "auto" on CUDA), dropout off,
     LoRA adapters when ``lora_r`` > 0, activation checkpointing with ``gradient_checkpointing``."""
-    model = load_causal_lm(model_args.path, dtype=master_weights_dtype(model_args.dtype), tokenizer=tokenizer)
+    model = load_causal_lm(model_args.path, dtype=master_weights_dtype(model_args.dtype), tokenizer=tokenizer, load_in_4bit=getattr(model_args, "load_in_4bit", False))
     if model_args.lora_r > 0:
         model = apply_lora(model, r=model_args.lora_r, alpha=model_args.lora_alpha)
     if model_args.gradient_checkpointing:
