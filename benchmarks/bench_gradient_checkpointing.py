@@ -97,8 +97,8 @@ def main() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     print(f"load average before: {os.getloadavg()}  (cores: {os.cpu_count()})")
     print(f"Qwen2 {a.layers} layers, hidden {a.hidden}, vocab 151665; {a.rows} rows of {a.query} query + {a.response} response tokens; median of {a.repeats} processes")
-    print(f"| model | step peak MiB, off | on | saved | time s, off | on | loss equal |")
-    print(f"|---|---|---|---|---|---|---|")
+    print("| model | step peak MiB, off | on | saved | time s, off | on | loss equal |")
+    print("|---|---|---|---|---|---|---|")
     for kind in ("policy", "reward", "value"):
         res = {}
         for ck in ("0", "1"):

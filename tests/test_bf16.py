@@ -4,8 +4,9 @@ in the policy's own precision regime, so before the first update the KL to the r
 and the PPO / GRPO ratio exactly 1, and DPO's cached reference log-probs are the step-0 policy's.
 
 Before the fix the frozen models were held in bf16 weights while the policy kept float32 master
-weights: on these tiny models the step-0 per-sequence KL was then of order 1e-2 nats instead of 0
-(SmolLM2-135M: std 0.10 nats per token)."""
+weights: on these tiny models the first update's mean KL was then -7e-4 nats (PPO) and -1e-5 (GRPO)
+instead of 0 (SmolLM2-135M: per-token noise of std 0.10 nats). These tests fail that way with the
+old frozen dtype restored, and on main also because CPU bfloat16 had no autocast."""
 
 import json
 import math
@@ -14,7 +15,6 @@ import pytest
 import torch
 
 from tldr_rlhf.config import DPOConfig, GRPOConfig, ModelArgs, OptimArgs, PPOConfig, PreferenceDataArgs, RunArgs, TldrDataArgs
-from tldr_rlhf.modeling import load_tokenizer
 from tldr_rlhf.ops import token_logprobs
 from tldr_rlhf.rollout import response_logprobs, rollout
 from tldr_rlhf.train import dpo, grpo, ppo

@@ -177,3 +177,30 @@ def test_qlora_policy_loads_in_4bit_and_trains_adapters(ckpts, qwen_tokenizer):
     policy, ref, _ = load_rl_models(sft, rm, qwen_tokenizer, dtype=torch.float32, device=torch.device("cuda"), lora_r=4, load_in_4bit=True)
     assert policy.get_base_model().is_loaded_in_4bit and isinstance(ref, AdaptersDisabled)
     assert all("lora_" in n for n, p in policy.named_parameters() if p.requires_grad)
+
+
+def test_ppo_with_lora_resumes_exactly(ckpts, tmp_path):
+    import shutil
+
+    def cfg(out):
+        return PPOConfig(
+            sft_path=ckpts[0], rm_path=ckpts[1], dtype="float32", lora_r=4, lora_alpha=8,
+            data=TldrDataArgs(train=POSTS, limit=16, max_query_length=64, valid_fraction=0.1),
+            optim=OptimArgs(lr=1e-2, betas=(0.9, 0.999), weight_decay=0.0, max_grad_norm=0.0),
+            run=RunArgs(output_dir=str(out), save_every=1, eval_every=0, progress=False, num_threads=1),
+            total_episodes=16, rollout_batch_size=8, num_mini_batches=2, micro_batch_size=4, forward_batch_size=8,
+            ppo_epochs=1, response_length=6, num_sample_posts=0,
+        )
+
+    final = ppo.train(cfg(tmp_path / "run"))
+    crashed = tmp_path / "crashed"  # a crash after update 1: only checkpoints/step-1 survives
+    shutil.copytree(tmp_path / "run", crashed)
+    shutil.rmtree(crashed / "final")
+    shutil.rmtree(crashed / "checkpoints" / "step-2", ignore_errors=True)
+    assert (crashed / "checkpoints" / "step-1" / ADAPTER_DIR / "adapter_model.safetensors").is_file()
+    resumed = ppo.train(cfg(crashed))
+    a, b = load_file(f"{final}/model.safetensors"), load_file(f"{resumed}/model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # policy adapters restored
+    want = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if "loss/value" in l]
+    got = [json.loads(l) for l in (crashed / "metrics.jsonl").read_text().splitlines() if "loss/value" in l]
+    assert [r["loss/value"] for r in got] == [r["loss/value"] for r in want]  # value adapters and head restored
