@@ -204,3 +204,27 @@ def test_ppo_with_lora_resumes_exactly(ckpts, tmp_path):
     want = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if "loss/value" in l]
     got = [json.loads(l) for l in (crashed / "metrics.jsonl").read_text().splitlines() if "loss/value" in l]
     assert [r["loss/value"] for r in got] == [r["loss/value"] for r in want]  # value adapters and head restored
+
+
+def test_rm_training_run_with_lora_normalizes_and_saves_merged(ckpts, qwen_tokenizer, tmp_path):
+    from conftest import COMPARISONS, POSTS as SFT_POSTS
+    from tldr_rlhf.config import PreferenceDataArgs, RMConfig, RewardNormArgs
+    from tldr_rlhf.train import rm
+
+    sft, _ = ckpts
+    cfg = RMConfig(
+        model=ModelArgs(path=sft, dtype="float32", lora_r=4, lora_alpha=8),
+        data=PreferenceDataArgs(comparisons=str(COMPARISONS), max_query_length=64, limit=16, valid_limit=8),
+        norm=RewardNormArgs(posts=str(SFT_POSTS), limit=8),
+        optim=OptimArgs(lr=1e-2, min_lr=1e-3, warmup_steps=0, decay_steps=0),
+        run=RunArgs(output_dir=str(tmp_path / "rm"), progress=False, eval_every=0, save_every=0, max_steps=2, num_threads=1),
+        micro_batch_size=4, gradient_accumulation_steps=2, eval_batch_size=8,
+    )
+    final = rm.train(cfg)
+    last = [json.loads(l) for l in (tmp_path / "rm" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert abs(last["norm/mean_after"]) < 1e-4  # the bias shift reached the trained head copy
+    merged = AutoModelForSequenceClassification.from_pretrained(final)
+    assert merged.config.reward_offset != 0.0
+    assert (tmp_path / "rm" / "final" / ADAPTER_DIR / "adapter_config.json").is_file()
+    with pytest.raises(ConfigError, match="--train-layers"):
+        validate_config(RMConfig(model=ModelArgs(path=sft, lora_r=4), train_layers=1), check_paths=False)
