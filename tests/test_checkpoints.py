@@ -222,11 +222,13 @@ def test_bf16_sft_saves_bf16_and_save_fp32_keeps_float32(tiny_model_dir, tmp_pat
     bf16 = run("bf16")
     assert dtypes(bf16 / "final") == dtypes(bf16 / "checkpoints" / "step-1") == {torch.bfloat16}
     assert json.loads((bf16 / "final" / "config.json").read_text())["dtype"] == "bfloat16"
-    assert state(bf16 / "checkpoints" / "step-1")["model"] == {}  # bf16 master weights on CPU: read back from the folder
+    # float32 master weights under bf16 autocast (on CPU too, issue 14 item 4): the bf16 folder is lossy,
+    # so the resumable state keeps the master weights
+    assert {t.dtype for t in state(bf16 / "checkpoints" / "step-1")["model"].values()} == {torch.float32}
     fp32 = run("fp32", save_fp32=True)
     a, b = load_file(bf16 / "final" / "model.safetensors"), load_file(fp32 / "final" / "model.safetensors")
     assert dtypes(fp32 / "final") == {torch.float32}
-    assert all(torch.equal(b[k], a[k].float()) for k in a)  # the same bf16 training, saved wide
+    assert all(torch.equal(b[k].to(torch.bfloat16), a[k]) for k in a)  # the same training, saved wide
 
 
 def test_an_old_state_only_checkpoint_is_not_taken_for_a_model(tmp_path, capsys):

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .data.batching import QueryResponseBatch
-from .modeling import kv_cache_kwargs, response_logits
+from .modeling import checkpointing_active, kv_cache_kwargs, response_logits
 from .ops import position_ids_from_mask, token_logprobs
 
 # Logits block budget: on CPU a block that stays in cache is fastest (measured: 4 MiB blocks 2x faster
@@ -175,7 +175,9 @@ def response_token_logprobs(model: nn.Module, batch: QueryResponseBatch, *, num_
     has the query of row ``r % Q`` (the ``collate_pairs`` layout, Q = B, R = 2B). The queries then
     run once and the R responses continue from their key/value cache: the same numbers as the full
     rows up to float rounding. Models without a plain LM head (see ``split_lm_head``) take
-    ``modeling.response_logits`` over full rows; sliding-window models never share the prompt.
+    ``modeling.response_logits`` over full rows; sliding-window models never share the prompt, nor
+    does a training forward under activation checkpointing (``modeling.checkpointing_active``:
+    transformers ignores key/value caches there), which runs full rows.
     Raises ValueError when R is not a multiple of ``num_queries``.
     """
     parts = split_lm_head(model)
@@ -184,7 +186,8 @@ def response_token_logprobs(model: nn.Module, batch: QueryResponseBatch, *, num_
         logits = response_logits(model, batch.input_ids, batch.attention_mask, batch.query_width)
         return token_logprobs(logits, batch.responses, temperature) * mask
     backbone, head = parts
-    hidden = _response_hidden(backbone, batch, num_queries if num_queries and not _uses_sliding_window(model) else None)
+    share = num_queries and not _uses_sliding_window(model) and not checkpointing_active(backbone)  # checkpointing drops the cache
+    hidden = _response_hidden(backbone, batch, num_queries if share else None)
     out = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
     real = chunked_target_logprobs(hidden[mask], head.weight, head.bias, batch.responses[mask], temperature=temperature)
     return out.masked_scatter(mask, real)

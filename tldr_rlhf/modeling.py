@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import DataError, ModelLoadError, hub_unreachable, hub_unreachable_message
+from .errors import ConfigError, ModelLoadError, hub_unreachable, hub_unreachable_message
 from .ops import position_ids_from_mask
 
 log = logging.getLogger(__name__)
@@ -164,16 +164,20 @@ def _strip_gguf_quantizer(model: nn.Module) -> None:
         del model.config.quantization_config
 
 
-def load_causal_lm(path: str, *, dtype: torch.dtype = torch.float32, tokenizer=None):
+def load_causal_lm(path: str, *, dtype: torch.dtype = torch.float32, tokenizer=None, load_in_4bit: bool = False):
     """Load a causal LM (hub id, folder or .gguf file) with dropout off and pad/EOS ids set.
 
-    ``tokenizer`` (optional) supplies pad/eos ids to the model and generation configs. Raises
-    ModelLoadError for a missing path or an unreachable hub.
+    ``tokenizer`` (optional) supplies pad/eos ids to the model and generation configs.
+    ``load_in_4bit``: base weights in 4-bit NF4 (bitsandbytes, QLoRA: Dettmers et al. 2023), compute
+    in bf16; CUDA only (``quantization_4bit``). Raises ModelLoadError for a missing path or an
+    unreachable hub, ConfigError for 4-bit without CUDA or bitsandbytes.
     """
     from transformers import AutoModelForCausalLM
 
     _check_exists(path)
     where, kw = _split_gguf(path)
+    if load_in_4bit:
+        kw = {**kw, "quantization_config": quantization_4bit(), "device_map": {"": torch.cuda.current_device()}}  # 4-bit weights are placed at load
     try:
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, trust_remote_code=False, **kw, **_offline_kwargs(path))
     except Exception as e:  # noqa: BLE001
@@ -197,12 +201,107 @@ def set_special_ids(model: nn.Module, tokenizer) -> None:
         gen.eos_token_id = tokenizer.eos_token_id
 
 
-def apply_lora(model: nn.Module, *, r: int = 16, alpha: int = 32, target_modules: str | list[str] = "all-linear"):
-    """Wrap ``model`` with peft LoRA adapters (no LoRA dropout: N+ detail 7). Returns the peft model."""
-    from peft import LoraConfig, get_peft_model
+def apply_lora(model: nn.Module, *, r: int = 16, alpha: int = 32, target_modules: str | list[str] = "all-linear", task_type: str | None = "CAUSAL_LM", head: str | None = None):
+    """Wrap ``model`` with peft LoRA adapters (Hu et al. 2021: W + (alpha / r) B A, B initialized to
+    0 so the wrapped model starts equal to ``model``; no LoRA dropout: N+ detail 7). ``head``: the
+    name of a module trained in full instead of adapted (the reward model's scalar ``score``; saved
+    with the adapters), ``task_type`` None for models that are not causal LMs (a reward model, a
+    value model's backbone). A model with 4-bit weights is prepared for k-bit training first.
+    Returns the peft model."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=target_modules, task_type="CAUSAL_LM")
+    if getattr(model, "is_loaded_in_4bit", False):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    extra = {"exclude_modules": [head], "modules_to_save": [head]} if head else {}
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=target_modules, task_type=task_type, **extra)
     return get_peft_model(model, cfg)
+
+
+def is_lora(model: nn.Module) -> bool:
+    """Whether ``model`` is a peft model (LoRA adapters)."""
+    return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
+
+
+class AdaptersDisabled(nn.Module):
+    """The reference policy of a LoRA run: the peft ``policy`` itself with its adapters disabled
+    (``with policy.disable_adapter():``), i.e. the base (SFT) weights, with no second copy in memory.
+    It shares the policy's parameters (so it follows the policy's device) and is frozen in the
+    sense that matters: its forward runs without the adapters. ``train``/``eval`` on it leave the
+    policy's mode alone. Call it like the policy (same arguments, same outputs)."""
+
+    def __init__(self, policy: nn.Module):
+        super().__init__()
+        if not is_lora(policy):
+            raise TypeError(f"{type(policy).__name__} has no LoRA adapters to disable")
+        self.policy = policy
+        self.training = False
+
+    def train(self, mode: bool = True) -> "AdaptersDisabled":
+        return self
+
+    @property
+    def config(self):
+        return self.policy.config
+
+    def forward(self, *args, **kwargs):
+        with self.policy.disable_adapter():
+            return self.policy(*args, **kwargs)
+
+
+def quantization_4bit():
+    """bitsandbytes 4-bit NF4 weights with double quantization and bf16 compute (the QLoRA recipe).
+    Raises ConfigError without CUDA or without bitsandbytes (``pip install bitsandbytes``)."""
+    if not torch.cuda.is_available():
+        raise ConfigError("--load-in-4bit: 4-bit (QLoRA) base weights need a CUDA GPU (bitsandbytes); this machine has none. Use LoRA without it (--lora-r)")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as e:
+        raise ConfigError("--load-in-4bit: needs bitsandbytes (pip install bitsandbytes)") from e
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> nn.Module:
+    """Activation checkpointing (Chen et al. 2016, "Training Deep Nets with Sublinear Memory Cost"):
+    each transformer block keeps only its input in the forward pass and recomputes its activations in
+    backward, so a block's activations are held one block at a time (about one extra forward of
+    compute). Hugging Face's own implementation, non-reentrant (``use_reentrant=False``: gradients
+    reach inputs that need none, frozen embeddings and LoRA included). ``model``: a Hugging Face
+    model, a peft-wrapped one, or any module holding such models (PPO's value model: its
+    backbone); every ``PreTrainedModel`` in it that supports checkpointing gets it. The same
+    numbers come out: recomputation repeats the forward's operations exactly (dropout is off).
+    Under checkpointing a training forward with gradients ignores key/value caches (transformers
+    drops them), so the shared-prompt paths take full rows there (``checkpointing_active``).
+    Raises ValueError when nothing in ``model`` supports it. In place; returns ``model``."""
+    from transformers import PreTrainedModel
+
+    done = False
+    for m in model.modules():
+        if isinstance(m, PreTrainedModel) and m.supports_gradient_checkpointing and not checkpointing_enabled(m):
+            # transformers >= 5.2x names it activation_checkpointing_enable (the old name warns)
+            enable = getattr(m, "activation_checkpointing_enable", None)
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        done = done or checkpointing_enabled(m)
+    if not done:
+        raise ValueError(f"{type(model).__name__} holds no model that supports gradient checkpointing")
+    return model
+
+
+def checkpointing_enabled(model: nn.Module) -> bool:
+    """Whether any layer of ``model`` has activation checkpointing switched on (the
+    ``gradient_checkpointing`` flag transformers sets on its layers)."""
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+
+
+def checkpointing_active(model: nn.Module) -> bool:
+    """Whether a forward of ``model`` now runs under activation checkpointing: enabled
+    (``enable_gradient_checkpointing``), in training mode, with gradients on. Its key/value cache
+    is then ignored by transformers, so a shared-prompt forward must take full rows instead."""
+    return model.training and torch.is_grad_enabled() and checkpointing_enabled(model)
 
 
 def unwrap_for_save(model: nn.Module) -> nn.Module:
@@ -257,6 +356,19 @@ def save_pretrained(model: nn.Module, tokenizer, path: str | Path, *, dtype: tor
     path.mkdir(parents=True, exist_ok=True)
     _save_weights(unwrap_for_save(model), path, dtype)
     tokenizer.save_pretrained(path)
+    save_adapter(model, path)
+
+
+ADAPTER_DIR = "adapter"
+
+
+def save_adapter(model: nn.Module, path: str | Path) -> None:
+    """For a LoRA model: its adapters alone, in PEFT format (adapter_config.json +
+    adapter_model.safetensors, float32), in ``path/adapter`` next to the merged weights;
+    ``PeftModel.from_pretrained(base, path/adapter)`` on the base model rebuilds the trained model.
+    Nothing for a model without adapters."""
+    if is_lora(model):
+        model.save_pretrained(Path(path) / ADAPTER_DIR, safe_serialization=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -265,9 +377,12 @@ def save_pretrained(model: nn.Module, tokenizer, path: str | Path, *, dtype: tor
 
 def master_weights_dtype(dtype_name: str) -> torch.dtype:
     """Weights dtype of a model that is trained, or evaluated in the training regime: float32 master
-    weights (on CUDA ``bf16_autocast`` gives bf16 compute), bfloat16 weights only when ``dtype_name``
-    is "bfloat16" on a machine without CUDA."""
-    return torch.bfloat16 if dtype_name == "bfloat16" and not torch.cuda.is_available() else torch.float32
+    weights always; with "bfloat16" (any device) or "auto" on CUDA, bf16 autocast gives bf16 compute
+    (``uses_bf16_autocast``, ``bf16_autocast``, ``common.make_accelerator``). Until issue 14 item 4,
+    "bfloat16" on a machine without CUDA meant bf16 weights without autocast, a regime CUDA never
+    runs; now the CPU runs the CUDA one. ``dtype_name`` is kept for the callers' symmetry."""
+    del dtype_name
+    return torch.float32
 
 
 def saved_weights_dtype(dtype_name: str, *, fp32: bool = False) -> torch.dtype:
@@ -275,23 +390,38 @@ def saved_weights_dtype(dtype_name: str, *, fp32: bool = False) -> torch.dtype:
     training precision when that is bfloat16 ("bfloat16", or "auto" on CUDA: bf16 compute), so a
     0.5B policy takes 1 GB instead of 2; float32 otherwise, or always with ``fp32``
     (``--run.save-fp32``: keep the float32 master weights)."""
-    return torch.float32 if fp32 else frozen_weights_dtype(dtype_name)
+    if fp32:
+        return torch.float32
+    return torch.bfloat16 if uses_bf16_autocast(dtype_name, cuda=torch.cuda.is_available()) else torch.float32
+
+
+def uses_bf16_autocast(dtype_name: str, *, cuda: bool) -> bool:
+    """Whether a training stage runs under bf16 autocast (mixed precision: float32 master weights,
+    bf16 matmuls): "bfloat16" on any device (on CPU this is how the CUDA regime is tested, since bf16
+    autocast exists there too), "auto" on CUDA only. ``common.make_accelerator`` reads it."""
+    return dtype_name == "bfloat16" or (dtype_name == "auto" and cuda)
 
 
 def frozen_weights_dtype(dtype_name: str) -> torch.dtype:
-    """Weights dtype of the frozen models of an RL stage (reference policy, reward model): bfloat16
-    when asked, or with "auto" on CUDA (the precision of the policy's autocast rollout pass, so the
-    first update has KL 0 and ratio 1), else float32."""
-    if dtype_name == "bfloat16" or (dtype_name == "auto" and torch.cuda.is_available()):
-        return torch.bfloat16
+    """Weights dtype of the frozen models of an RL stage (reference policy, reward model): always
+    float32, the dtype of the policy's master weights, because they run under the same autocast as
+    the policy's rollout pass (``accelerator.autocast``). With bf16 autocast they then compute in
+    exactly the policy's precision regime (fp32 embeddings, norms and residual stream; bf16 matmuls
+    of the same bf16-rounded weights), so at the first update the KL is exactly 0 and the PPO ratio
+    exactly 1. Frozen models held in bf16 instead (what this returned before) computed a different
+    regime (bf16 residual stream): on SmolLM2-135M per-token log-prob noise of std 0.10 nats and a
+    per-sequence "KL" of -0.97 .. +0.99 before any update (issue 14 item 4). The cost is float32
+    memory for the frozen models; LoRA (the reference is the base with adapters disabled) removes the
+    reference copy altogether. ``dtype_name`` is accepted for the callers' symmetry and unused."""
+    del dtype_name
     return torch.float32
 
 
 def bf16_autocast(device: torch.device, dtype_name: str):
-    """bf16 autocast on a CUDA ``device`` when ``dtype_name`` is "auto" or "bfloat16", else a
-    context that does nothing."""
-    if device.type == "cuda" and dtype_name in ("auto", "bfloat16"):
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    """bf16 autocast on ``device`` when ``uses_bf16_autocast`` says so ("bfloat16" on any device,
+    "auto" on CUDA), else a context that does nothing."""
+    if uses_bf16_autocast(dtype_name, cuda=device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -402,14 +532,23 @@ def _is_reward_checkpoint(path: str) -> bool:
 def init_reward_model(model_args, tokenizer):
     """The reward model a training run starts from (``model_args``: a ``config.ModelArgs``): a
     reward-model checkpoint as it is (to continue training), or ``build_reward_model`` on the
-    backbone of a causal LM, in ``master_weights_dtype``. Raises DataError for LoRA (not supported
-    for the reward model), ModelLoadError for a path that does not load."""
-    if model_args.lora_r > 0:
-        raise DataError("LoRA is not supported for the reward model (the seeds train every weight); use --model.lora-r 0 or --train-layers", field="model.lora_r")
+    backbone of a causal LM, in ``master_weights_dtype``; with ``lora_r`` > 0 LoRA adapters on the
+    backbone's linear layers and the scalar head trained in full (``apply_lora(head="score")``);
+    activation checkpointing with ``gradient_checkpointing``. Raises ModelLoadError for a path that
+    does not load, ConfigError for 4-bit weights (not offered for the reward model: its backbone is
+    built from a causal LM's weights in memory)."""
+    if getattr(model_args, "load_in_4bit", False):
+        raise ConfigError("--model.load-in-4bit: not supported for the reward model; use --model.lora-r alone")
     dtype = master_weights_dtype(model_args.dtype)
     if _is_reward_checkpoint(model_args.path):
-        return load_reward_checkpoint(model_args.path, dtype=dtype, tokenizer=tokenizer)
-    return build_reward_model(model_args.path, dtype=dtype, tokenizer=tokenizer)
+        model = load_reward_checkpoint(model_args.path, dtype=dtype, tokenizer=tokenizer)
+    else:
+        model = build_reward_model(model_args.path, dtype=dtype, tokenizer=tokenizer)
+    if getattr(model_args, "gradient_checkpointing", False):
+        enable_gradient_checkpointing(model)
+    if model_args.lora_r > 0:
+        model = apply_lora(model, r=model_args.lora_r, alpha=model_args.lora_alpha, task_type=None, head="score")
+    return model
 
 
 def _set_reward_special_ids(model: nn.Module, tokenizer) -> None:
@@ -422,12 +561,14 @@ def save_reward_model(model: nn.Module, tokenizer, path: str | Path, *, dtype: t
     """Save a ``ScalarRewardModel`` as a Hugging Face checkpoint (safetensors, config with auto_map,
     this package's reward_model.py, tokenizer, the tokenizer's pad and EOS ids) that
     ``AutoModelForSequenceClassification`` loads back; floating-point weights cast to ``dtype`` when
-    given, else as they are."""
+    given, else as they are. A LoRA reward model is saved merged, and its adapters (with the head)
+    alone in ``path/adapter`` (``save_adapter``)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     _set_reward_special_ids(model, tokenizer)
-    _save_weights(model, path, dtype)
+    _save_weights(unwrap_for_save(model), path, dtype)
     tokenizer.save_pretrained(path)
+    save_adapter(model, path)
 
 
 def response_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, query_width: int) -> torch.Tensor:

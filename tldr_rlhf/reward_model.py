@@ -219,7 +219,8 @@ class ScalarRewardModel(PreTrainedModel):
         ``[left-padded query | right-padded response]`` with row r holding the query of row r % Q
         (``collate_pairs``: Q = B pairs, 2B rows). The Q queries run once and every response
         continues from their key/value cache: the same scores as full rows up to float rounding,
-        with the query (the long part) computed once per pair instead of twice.
+        with the query (the long part) computed once per pair instead of twice. Not in a training
+        forward under activation checkpointing, whose blocks ignore caches: full rows there.
         """
         if getattr(self.backbone.config, "_attn_implementation", "") is None:
             raise RuntimeError("the backbone's attention implementation is unset: it would build no attention mask")
@@ -229,7 +230,10 @@ class ScalarRewardModel(PreTrainedModel):
             attention_mask = torch.ones((b, length), dtype=torch.long, device=ref.device)
         if position_ids is None:
             position_ids = _positions(attention_mask)
-        shared = num_queries is not None and input_ids is not None and not return_values and not output_hidden_states
+        # under activation checkpointing transformers drops key/value caches in training forwards with
+        # gradients: the shared prompt then runs full rows (same scores)
+        checkpointing = self.training and torch.is_grad_enabled() and any(getattr(m, "gradient_checkpointing", False) is True for m in self.backbone.modules())
+        shared = num_queries is not None and input_ids is not None and not return_values and not output_hidden_states and not checkpointing
         if shared:
             hidden, index = self._shared_prompt_hidden(input_ids, attention_mask, position_ids, num_queries, query_width)
         else:

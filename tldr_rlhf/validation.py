@@ -143,6 +143,16 @@ def _walk(cfg: Any, prefix: tuple[str, ...], check_paths: bool) -> None:
             if kind and value and Path(value).is_dir():  # a policy where a reward model belongs, or the reverse
                 require_kind(value, kind, flag(where))
     # cross-field rules
+    model_lora = getattr(getattr(cfg, "model", None), "lora_r", 0)
+    if isinstance(model_lora, int) and model_lora > 0 and getattr(cfg, "train_layers", 0):
+        raise ConfigError(f"{flag(prefix + ('train_layers',))} {cfg.train_layers}: not with LoRA ({flag(prefix + ('model', 'lora_r'))} {model_lora}), which already trains only adapters; use one of them")
+    if getattr(cfg, "load_in_4bit", None) is True:  # QLoRA: adapters on 4-bit base weights, CUDA only
+        if not getattr(cfg, "lora_r", 0):
+            raise ConfigError(f"{flag(prefix + ('load_in_4bit',))}: 4-bit base weights are frozen, so it needs LoRA adapters to train ({flag(prefix + ('lora_r',))} > 0)")
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{flag(prefix + ('load_in_4bit',))}: 4-bit (QLoRA) base weights need a CUDA GPU (bitsandbytes); this machine has none: drop the flag and keep {flag(prefix + ('lora_r',))}")
     optim_lr, min_lr = getattr(cfg, "lr", None), getattr(cfg, "min_lr", None)
     if isinstance(optim_lr, float) and isinstance(min_lr, float) and min_lr > optim_lr:
         raise ConfigError(f"{flag(prefix + ('min_lr',))} {min_lr}: must not exceed {flag(prefix + ('lr',))} {optim_lr}")

@@ -29,6 +29,12 @@ class ModelArgs:
     """LoRA rank; 0 trains every weight."""
     lora_alpha: int = 32
     """LoRA alpha (scale = alpha / r)."""
+    gradient_checkpointing: bool = False
+    """Activation checkpointing: recompute each transformer block's activations in backward instead
+    of keeping them (same losses and gradients, less memory, about one more forward of compute)."""
+    load_in_4bit: bool = False
+    """QLoRA: base weights in 4-bit NF4 (bitsandbytes), LoRA adapters trained on top (needs lora_r > 0
+    and a CUDA GPU; refused elsewhere)."""
 
 
 @dataclass(frozen=True)

@@ -122,6 +122,12 @@ class DPOConfig:
     """LoRA rank; 0 trains every weight. With LoRA the reference is the SFT model with adapters disabled."""
     lora_alpha: int = 32
     """LoRA alpha (scale = alpha / r)."""
+    gradient_checkpointing: bool = False
+    """Activation checkpointing of the policy (same losses and gradients, less memory, about one more
+    forward of compute); the shared prompt then runs full rows in training passes."""
+    load_in_4bit: bool = False
+    """QLoRA: the policy's base weights in 4-bit NF4 (bitsandbytes) under LoRA adapters (needs lora_r > 0
+    and a CUDA GPU; refused elsewhere)."""
     data: PreferenceDataArgs = field(default_factory=PreferenceDataArgs)
     """Human comparisons for DPO and the held-out comparisons its implicit rewards are scored on."""
     optim: OptimArgs = field(default_factory=OptimArgs)
@@ -158,7 +164,7 @@ class DPOConfig:
     @property
     def model_args(self) -> ModelArgs:
         """The policy's ModelArgs: the SFT checkpoint with this run's dtype and LoRA settings."""
-        return ModelArgs(path=self.sft_path, tokenizer=self.tokenizer, dtype=self.dtype, lora_r=self.lora_r, lora_alpha=self.lora_alpha)
+        return ModelArgs(path=self.sft_path, tokenizer=self.tokenizer, dtype=self.dtype, lora_r=self.lora_r, lora_alpha=self.lora_alpha, gradient_checkpointing=self.gradient_checkpointing, load_in_4bit=self.load_in_4bit)
 
 
 @dataclass(frozen=True)
@@ -175,6 +181,17 @@ class _RLConfig:
     """Tokenizer path or hub id; defaults to `sft_path`."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """Weights dtype: auto = float32 on CPU, bfloat16 mixed precision on CUDA."""
+    gradient_checkpointing: bool = False
+    """Activation checkpointing of the trained models (policy; PPO's value model too): same losses and
+    gradients, less memory, about one more forward of compute per update pass."""
+    lora_r: int = 0
+    """LoRA rank of the policy (PPO's value model gets adapters of its own, its head trained in full);
+    0 trains every weight. With LoRA the reference is the policy with its adapters disabled: no second copy."""
+    lora_alpha: int = 32
+    """LoRA alpha (scale = alpha / r)."""
+    load_in_4bit: bool = False
+    """QLoRA: the policy's base weights in 4-bit NF4 (bitsandbytes) under LoRA adapters (needs lora_r > 0
+    and a CUDA GPU; refused elsewhere)."""
     data: TldrDataArgs = field(default_factory=TldrDataArgs)
     """Prompts: the SFT training posts, reshuffled each time they run out (N+ detail 17)."""
     optim: OptimArgs = field(default_factory=OptimArgs)

@@ -10,30 +10,46 @@ import torch
 from torch import nn
 
 from ..config import ModelArgs, RunArgs
-from ..modeling import apply_lora, load_causal_lm, load_tokenizer, save_pretrained, saved_weights_dtype
+from ..modeling import apply_lora, enable_gradient_checkpointing, load_causal_lm, load_tokenizer, master_weights_dtype, save_pretrained, saved_weights_dtype, uses_bf16_autocast
 
 log = logging.getLogger(__name__)
 
 
 def make_accelerator(model_args: ModelArgs, run_args: RunArgs):
-    """An accelerate Accelerator: bf16 mixed precision on CUDA when dtype is auto/bfloat16, fp32 on
-    CPU; data-parallel when launched with torchrun / accelerate launch (gloo on CPU)."""
+    """An accelerate Accelerator: bf16 mixed precision (``accelerator.autocast()`` is bf16 autocast)
+    on CUDA when dtype is auto/bfloat16 and on CPU when it is bfloat16 (``modeling.uses_bf16_autocast``:
+    the CUDA regime, testable on CPU), else fp32; data-parallel when launched with torchrun /
+    accelerate launch (gloo on CPU)."""
     from accelerate import Accelerator
 
     if run_args.num_threads:
         torch.set_num_threads(run_args.num_threads)
     cuda = torch.cuda.is_available()
-    mixed = "bf16" if cuda and model_args.dtype in ("auto", "bfloat16") else "no"
+    mixed = "bf16" if uses_bf16_autocast(model_args.dtype, cuda=cuda) else "no"
+    _forget_other_mixed_precision(mixed)
     return Accelerator(cpu=not cuda, mixed_precision=mixed)
 
 
+def _forget_other_mixed_precision(mixed: str) -> None:
+    """accelerate keeps one process-wide ``AcceleratorState`` and refuses an Accelerator whose
+    mixed precision differs from the first one's (a pipeline's fp32 stage, then a bf16 stage in the
+    same process). The precision part of that state is dropped when it differs; the distributed
+    part (``PartialState``: process group, ranks) is kept."""
+    from accelerate.state import AcceleratorState
+
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") not in (None, mixed):
+        AcceleratorState._reset_state(reset_partial_state=False)
+
+
 def load_policy(model_args: ModelArgs, tokenizer):
-    """Causal LM in float32 master weights (autocast gives bf16 compute on CUDA), dropout off,
-    LoRA adapters when ``lora_r`` > 0."""
-    dtype = torch.bfloat16 if model_args.dtype == "bfloat16" and not torch.cuda.is_available() else torch.float32
-    model = load_causal_lm(model_args.path, dtype=dtype, tokenizer=tokenizer)
+    """Causal LM in float32 master weights (bf16 autocast gives bf16 compute with "bfloat16", or "auto" on CUDA), dropout off,
+    LoRA adapters when ``lora_r`` > 0, activation checkpointing with ``gradient_checkpointing``."""
+    model = load_causal_lm(model_args.path, dtype=master_weights_dtype(model_args.dtype), tokenizer=tokenizer, load_in_4bit=getattr(model_args, "load_in_4bit", False))
     if model_args.lora_r > 0:
         model = apply_lora(model, r=model_args.lora_r, alpha=model_args.lora_alpha)
+    if model_args.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     return model
 
 

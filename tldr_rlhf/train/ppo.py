@@ -40,6 +40,7 @@ import torch
 from ..advantages import explained_variance, gae, kl_shaped_rewards, whiten_advantages, whiten_rewards
 from ..config import PPOConfig
 from ..losses import ppo_policy_loss, value_loss
+from ..modeling import apply_lora, enable_gradient_checkpointing
 from ..ops import token_logprobs
 from ..rollout import Rollout, rollout, rollout_stats
 from ..value_model import PolicyAndValue, ValueModel
@@ -139,6 +140,10 @@ def train(cfg: PPOConfig) -> str:
     plan = f"{num_updates} updates of {cfg.rollout_batch_size} prompts"
     rl = open_rl_run(cfg, "ppo", accelerator, batch=cfg.rollout_batch_size, group=1, num_updates=num_updates, plan=plan)
     model = PolicyAndValue(rl.policy, ValueModel.from_scalar_model(rl.reward_model).float())
+    if cfg.lora_r > 0:  # the value model's own adapters on its copy of the reward model's backbone; head trained in full
+        model.value.backbone = apply_lora(model.value.backbone, r=cfg.lora_r, alpha=cfg.lora_alpha, task_type=None)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model.value)  # the policy's: open_rl_run
     optimizer = build_optimizer(model.parameters(), cfg.optim, device_type=rl.device.type)
     scheduler = linear_anneal(optimizer, num_updates)
     steps = f"{cfg.num_mini_batches} minibatches x {cfg.ppo_epochs} epochs per update"

@@ -26,7 +26,7 @@ from ..config import ModelArgs
 from ..data.tldr import Prompt
 from ..errors import DataError
 from ..generation import decode_response
-from ..modeling import count_parameters, load_causal_lm, load_frozen_reference, load_frozen_reward_model, load_tokenizer_cached
+from ..modeling import AdaptersDisabled, apply_lora, count_parameters, enable_gradient_checkpointing, load_causal_lm, load_frozen_reference, load_frozen_reward_model, load_tokenizer_cached
 from ..modeling import frozen_weights_dtype as model_dtype  # noqa: F401  (ppo, grpo: the frozen models' dtype)
 from ..rollout import Rollout, ScoreFn
 from ..tasks import rl_prompts
@@ -73,17 +73,28 @@ def reward_score_fn(reward_model: nn.Module, device: torch.device, autocast=None
     return score
 
 
-def load_rl_models(sft_path: str, rm_path: str, tokenizer, *, dtype: torch.dtype, device: torch.device) -> tuple[nn.Module, nn.Module, nn.Module]:
+def load_rl_models(
+    sft_path: str, rm_path: str, tokenizer, *, dtype: torch.dtype, device: torch.device, lora_r: int = 0, lora_alpha: int = 32, load_in_4bit: bool = False,
+) -> tuple[nn.Module, nn.Module, nn.Module]:
     """(policy, reference, reward model) of an RL stage: the trainable policy from the SFT checkpoint
     in float32 master weights on the CPU (the accelerator moves it), sampling config reset to plain
     sampling with explicit EOS / pad (N+ detail 19); the frozen reference (same checkpoint) and
-    frozen reward model in ``dtype`` on ``device``, dropout off (N+ detail 7). Raises ModelLoadError
-    for a path that does not load."""
+    frozen reward model in ``dtype`` on ``device``, dropout off (N+ detail 7). ``dtype`` is
+    ``modeling.frozen_weights_dtype``'s float32: the frozen models run under the policy's autocast,
+    so under bf16 they compute in its precision regime and the first update has KL 0 and ratio 1
+    exactly (tests/test_bf16.py). With ``lora_r`` > 0 the policy gets LoRA adapters (on 4-bit base
+    weights with ``load_in_4bit``, CUDA only) and the reference is the policy itself with its adapters
+    disabled (``modeling.AdaptersDisabled``): the SFT weights, no second copy in memory. Raises
+    ModelLoadError for a path that does not load."""
     from ..rollout import plain_sampling_config
 
-    policy = load_causal_lm(sft_path, dtype=torch.float32, tokenizer=tokenizer)
+    policy = load_causal_lm(sft_path, dtype=torch.float32, tokenizer=tokenizer, load_in_4bit=load_in_4bit)
     plain_sampling_config(policy, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    ref = load_frozen_reference(sft_path, tokenizer, dtype=dtype).to(device)
+    if lora_r > 0:
+        policy = apply_lora(policy, r=lora_r, alpha=lora_alpha)
+        ref = AdaptersDisabled(policy)
+    else:
+        ref = load_frozen_reference(sft_path, tokenizer, dtype=dtype).to(device)
     reward_model = load_frozen_reward_model(rm_path, dtype=dtype).to(device)
     return policy, ref, reward_model
 
@@ -238,7 +249,12 @@ def open_rl_run(cfg, name: str, accelerator, *, batch: int, group: int, num_upda
         log.info("%s prompts: %d (%d queries over %d tokens: cut for TL;DR, dropped for UltraFeedback); %s (%d run now)", name.upper(), len(prompts), truncated, cfg.data.max_query_length, plan, total)
     run, resume_from = RunDir.open(cfg, is_main=accelerator.is_main_process)
     seed_everything(cfg.run.seed)
-    policy, ref, reward_model = load_rl_models(cfg.sft_path, cfg.rm_path, tokenizer, dtype=model_dtype(cfg.dtype), device=accelerator.device)
+    policy, ref, reward_model = load_rl_models(
+        cfg.sft_path, cfg.rm_path, tokenizer, dtype=model_dtype(cfg.dtype), device=accelerator.device,
+        lora_r=getattr(cfg, "lora_r", 0), lora_alpha=getattr(cfg, "lora_alpha", 32), load_in_4bit=getattr(cfg, "load_in_4bit", False),
+    )
+    if getattr(cfg, "gradient_checkpointing", False):
+        enable_gradient_checkpointing(policy)  # PPO's value model: ppo.train
     return RLRun(cfg, name, accelerator, tokenizer, prompts, order, total, batch, group, run, resume_from, policy, ref, reward_model)
 
 
