@@ -39,10 +39,11 @@ def test_reward_model_config_reads_its_text_config():
 
 
 def test_precision_rules():
-    assert precision("cuda", "auto") == plan.Precision(master=4, frozen=2, compute=2, optimizer=2)  # bf16 autocast, 8-bit AdamW
-    assert precision("cuda", "auto", "off") == plan.Precision(master=4, frozen=2, compute=2, optimizer=8)
+    # bf16 autocast over float32 weights, frozen models included (KL exactly 0 at step 0), 8-bit AdamW on CUDA
+    assert precision("cuda", "auto") == plan.Precision(master=4, frozen=4, compute=2, optimizer=2)
+    assert precision("cuda", "auto", "off") == plan.Precision(master=4, frozen=4, compute=2, optimizer=8)
     assert precision("cpu", "auto") == plan.Precision(master=4, frozen=4, compute=4, optimizer=8)
-    assert precision("cpu", "bfloat16") == plan.Precision(master=4, frozen=2, compute=2, optimizer=8)
+    assert precision("cpu", "bfloat16") == plan.Precision(master=4, frozen=4, compute=2, optimizer=8)
 
 
 TOY = ModelShape(params=1000, vocab=50, hidden=4, layers=3, intermediate=8, heads=2, kv_heads=1, head_dim=2, tied=True)
@@ -79,6 +80,24 @@ def test_lora_counts_the_adapters_only():
     assert (est.weights, est.gradients, est.optimizer) == (1000 * 4 + 384 * 4, 384 * 4, 384 * 8)
 
 
+def test_rl_frozen_models_and_lora_reference():
+    from tldr_rlhf.config import GRPOConfig
+
+    rm = dataclasses.replace(TOY, params=3000)
+    cfg = GRPOConfig(sft_path="toy", rm_path="rm", dtype="float32", data=TldrDataArgs(max_query_length=7), response_length=3, rollout_prompts=2, group_size=2, micro_batch_size=2, optim=OptimArgs(optim_8bit="off"))
+    shapes = {"toy": TOY, "rm": rm}
+    est = estimate_stage("grpo", cfg, device="cpu", shapes=shapes)
+    assert est.frozen == (1000 + 3000) * 4  # reference copy + reward model, float32
+    # KV cache of 4 sequences of 7 + 3 tokens: 2 (k, v) x 3 layers x kv_dim 2 x 10 x 4 rows x 4 bytes
+    assert est.kv_cache == 2 * 3 * 2 * 10 * 4 * 4 == 1920
+    # the scoring pass (4 rows x 3 response tokens x 50 vocabulary, logits and log-softmax in float32) is
+    # smaller than the update's activations here
+    assert est.activations == max(activation_bytes(TOY, 2 * 10, 4), 2 * 4 * 3 * 50 * 4)
+    lora = estimate_stage("grpo", dataclasses.replace(cfg, lora_r=2), device="cpu", shapes=shapes)
+    assert lora.frozen == 3000 * 4  # the reference is the policy with its adapters off
+    assert estimate_stage("grpo", dataclasses.replace(cfg, gradient_checkpointing=True), device="cpu", shapes=shapes).activations == max(activation_bytes(TOY, 20, 4, checkpointing=True), 2400)
+
+
 def test_suggestion_is_the_cheapest_change_that_fits():
     cfg = _sft(micro_batch_size=8)
     shapes = {"toy": TOY}
@@ -88,6 +107,11 @@ def test_suggestion_is_the_cheapest_change_that_fits():
     assert plan.suggestion("sft", cfg, est, budget=budget, device="cpu", world=1, shapes=shapes).startswith("--micro-batch-size 2 ")
     assert plan.suggestion("sft", cfg, est, budget=est.total, device="cpu", world=1, shapes=shapes) == ""
     assert plan.suggestion("sft", cfg, est, budget=1.0, device="cpu", world=1, shapes=shapes).startswith("does not fit")
+    # between micro-batch 1 and micro-batch 1 with checkpointing: checkpointing is the change
+    one = estimate_stage("sft", _sft(micro_batch_size=1), device="cpu", shapes=shapes).total
+    ckpt = estimate_stage("sft", _sft(micro_batch_size=1, model=ModelArgs(path="toy", dtype="float32", gradient_checkpointing=True)), device="cpu", shapes=shapes).total
+    assert ckpt < one
+    assert plan.suggestion("sft", cfg, est, budget=(one + ckpt) / 2, device="cpu", world=1, shapes=shapes) == "--micro-batch-size 1 --model.gradient-checkpointing (activation checkpointing)"
 
 
 def test_plan_command_for_the_seed_setup_offline(capsys):

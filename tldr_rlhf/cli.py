@@ -211,7 +211,8 @@ def parse(argv: list[str]):
     stage = COMMANDS[name]
     cls, presets = stage.config_class(), stage.preset_table()
     default = None
-    preset = _take_option(rest, "--preset")
+    # --preset NAME picks the command's defaults, unless the command has a field of that name (plan)
+    preset = _take_option(rest, "--preset") if presets or "preset" not in getattr(cls, "__dataclass_fields__", {}) else None
     if preset is not None:
         if preset not in presets:
             print(f"tldr-rlhf {name}: unknown preset '{preset}'; choose from {sorted(presets)}", file=sys.stderr)

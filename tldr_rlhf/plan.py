@@ -12,8 +12,10 @@ For every training stage of a pipeline preset (or one stage's config) the estima
   (bfloat16 under autocast, else float32); plus the response logits where a stage materializes them
   (SFT: ``micro x T x V`` float32 twice, logits and log-softmax);
 * **KV cache**: generation in the RL stages, ``2 L kv_dim (P + T)`` elements per sequence;
-* **frozen**: the reference policy and the reward model the RL stages keep loaded (PPO's value model
-  is trained: it counts as weights, gradients and optimizer);
+* **frozen**: the reference policy and the reward model the RL stages keep loaded, in float32 (they run
+  under the policy's autocast so that the first KL is exactly 0); under LoRA the reference is the
+  policy with its adapters off and costs nothing (PPO's value model is trained: it counts as weights,
+  gradients and optimizer);
 * **overhead**: the runtime itself (CUDA context and allocator slack on a GPU; on the CPU the
   interpreter, torch, transformers and the tokenizer), a constant.
 
@@ -146,12 +148,13 @@ class Precision:
 
 
 def precision(device: Literal["cuda", "cpu"], dtype: str, optim_8bit: str = "auto") -> Precision:
-    """The precision rules of ``modeling``: on CUDA ``auto`` and ``bfloat16`` keep float32 master
-    weights under bfloat16 autocast with frozen models in bfloat16; on the CPU ``auto`` is float32.
-    8-bit AdamW: ``auto`` means on with CUDA (bitsandbytes)."""
+    """The precision rules of ``modeling``: ``bfloat16`` (and ``auto`` on CUDA) keeps float32 master
+    weights under bfloat16 autocast; the frozen reference and reward model hold float32 weights and run
+    under the same autocast (``modeling.frozen_weights_dtype``: KL exactly 0 at the first update); on
+    the CPU ``auto`` is float32. 8-bit AdamW: ``auto`` means on with CUDA (bitsandbytes)."""
     mixed = dtype == "bfloat16" or (dtype == "auto" and device == "cuda")
     eight = optim_8bit == "on" or (optim_8bit == "auto" and device == "cuda")
-    return Precision(master=4, frozen=2 if mixed else 4, compute=2 if mixed else 4, optimizer=2 if eight else 8)
+    return Precision(master=4, frozen=4, compute=2 if mixed else 4, optimizer=2 if eight else 8)
 
 
 @dataclass
@@ -200,7 +203,7 @@ def layer_params(shape: ModelShape) -> int:
     return (shape.params - shape.vocab * shape.hidden * (1 if shape.tied else 2) - shape.hidden) // shape.layers
 
 
-def _trained(est: StageEstimate, shape: ModelShape, prec: Precision, *, world: int, lora_r: int = 0, top_layers: int = 0, shard: bool = False) -> None:
+def _trained(est: StageEstimate, shape: ModelShape, prec: Precision, *, world: int, lora_r: int = 0, top_layers: int = 0, load_in_4bit: bool = False, shard: bool = False) -> None:
     """Add a trained model's weights, gradients and optimizer states (divided over ``world`` devices
     when ``shard``): every weight, the LoRA adapters, or the ``top_layers`` top blocks only."""
     div = world if shard else 1
@@ -210,7 +213,8 @@ def _trained(est: StageEstimate, shape: ModelShape, prec: Precision, *, world: i
         trainable = min(top_layers, shape.layers) * layer_params(shape) + shape.hidden
     else:
         trainable = shape.params
-    est.weights += (shape.params * (prec.frozen if lora_r else prec.master) + (trainable * prec.master if lora_r else 0)) / div
+    base = 0.5 if load_in_4bit else prec.master  # QLoRA: NF4 base weights, half a byte each
+    est.weights += (shape.params * (base if lora_r else prec.master) + (trainable * prec.master if lora_r else 0)) / div
     est.gradients += trainable * 4 / div
     est.optimizer += trainable * prec.optimizer / div
 
@@ -239,29 +243,31 @@ def estimate_stage(stage: str, cfg: Any, *, device: Literal["cuda", "cpu"] = "cu
         shape = shape_of(model.path, "--model.path")
         prec = precision(device, model.dtype, cfg.optim.optim_8bit)
         top = getattr(cfg, "train_layers", 0)
-        _trained(est, shape, prec, world=world, lora_r=model.lora_r, top_layers=top)
+        ckpt = getattr(model, "gradient_checkpointing", False)
+        _trained(est, shape, prec, world=world, lora_r=model.lora_r, top_layers=top, load_in_4bit=getattr(model, "load_in_4bit", False))
         if stage == "sft":
             response = response_cap(data.max_response_length)
             tokens = cfg.micro_batch_size * (query + response)
-            est.activations = activation_bytes(shape, tokens, prec.compute) + 2 * cfg.micro_batch_size * response * shape.vocab * 4
+            est.activations = activation_bytes(shape, tokens, prec.compute, checkpointing=ckpt) + 2 * cfg.micro_batch_size * response * shape.vocab * 4
         else:
             response = response_cap(data.max_response_length)
             pairs = cfg.micro_batch_size
             tokens = pairs * query + 2 * pairs * response if getattr(cfg, "shared_prompt", True) else 2 * pairs * (query + response)
             # frozen lower blocks keep no activations (nothing below them needs a gradient)
             trained = shape if not 0 < top < shape.layers else dataclasses.replace(shape, layers=top)
-            est.activations = activation_bytes(trained, tokens, prec.compute)
+            est.activations = activation_bytes(trained, tokens, prec.compute, checkpointing=ckpt)
         return est
     policy_path = cfg.sft_path
     shape = shape_of(policy_path, "--sft-path")
     prec = precision(device, cfg.dtype, cfg.optim.optim_8bit)
     lora_r = getattr(cfg, "lora_r", 0)
-    _trained(est, shape, prec, world=world, lora_r=lora_r)
+    ckpt = getattr(cfg, "gradient_checkpointing", False)
+    _trained(est, shape, prec, world=world, lora_r=lora_r, load_in_4bit=getattr(cfg, "load_in_4bit", False))
     if stage == "dpo":
         response = response_cap(data.max_response_length)
         pairs = cfg.micro_batch_size
         tokens = pairs * query + 2 * pairs * response if getattr(cfg, "shared_prompt", True) else 2 * pairs * (query + response)
-        est.activations = activation_bytes(shape, tokens, prec.compute)
+        est.activations = activation_bytes(shape, tokens, prec.compute, checkpointing=ckpt)
         est.notes.append("reference log-probs are computed once with the starting policy and cached (no second model)")
         return est
     # RL stages: a frozen reference policy and reward model, generation, and the trained policy
@@ -270,13 +276,13 @@ def estimate_stage(stage: str, cfg: Any, *, device: Literal["cuda", "cpu"] = "cu
     est.frozen = (0 if lora_r else shape.params * prec.frozen) + rm.params * prec.frozen
     seq = query + response
     if stage == "ppo":
-        _trained(est, rm, prec, world=world)  # the value model, initialized from the reward model
+        _trained(est, rm, prec, world=world, lora_r=lora_r)  # the value model, initialized from the reward model (its own adapters under LoRA)
         rows = cfg.micro_batch_size
-        est.activations = activation_bytes(shape, rows * seq, prec.compute) + activation_bytes(rm, rows * seq, prec.compute)
+        est.activations = activation_bytes(shape, rows * seq, prec.compute, checkpointing=ckpt) + activation_bytes(rm, rows * seq, prec.compute, checkpointing=ckpt)
         gen_rows = cfg.local_batch_size(world)
     else:
         rows = cfg.micro_batch_size
-        est.activations = activation_bytes(shape, rows * seq, prec.compute)
+        est.activations = activation_bytes(shape, rows * seq, prec.compute, checkpointing=ckpt)
         gen_rows = cfg.local_prompts(world) * cfg.group_size
     gen_rows = min(gen_rows, getattr(cfg, "forward_batch_size", gen_rows) or gen_rows)
     est.kv_cache = 2 * shape.layers * shape.kv_dim * seq * gen_rows * prec.compute
@@ -317,7 +323,8 @@ def _fits(est: StageEstimate, budget: float) -> bool:
 
 def suggestion(stage: str, cfg: Any, est: StageEstimate, *, budget: float, device: str, world: int, shapes: dict[str, ModelShape]) -> str:
     """The cheapest change (in this order) that brings the stage under ``budget``: a smaller
-    micro-batch, 8-bit AdamW, LoRA r=16; "" when it fits, a sentence saying none is enough otherwise."""
+    micro-batch, activation checkpointing, 8-bit AdamW, LoRA r=16 (each on top of the ones before);
+    "" when it fits, a sentence saying none is enough otherwise."""
     if est.total <= budget:
         return ""
     micro = cfg.micro_batch_size
@@ -326,19 +333,32 @@ def suggestion(stage: str, cfg: Any, est: StageEstimate, *, budget: float, devic
         trial = _with(cfg, micro_batch_size=micro)
         if estimate_stage(stage, trial, device=device, world=world, shapes=shapes).total <= budget:
             return f"--micro-batch-size {micro} (gradient accumulation keeps the global batch)"
-    one = _with(cfg, micro_batch_size=1)
+    ckpt_flag = "--model.gradient-checkpointing" if stage in ("sft", "rm") else "--gradient-checkpointing"
+    for micro in sorted({cfg.micro_batch_size, 1}, reverse=True):  # activation checkpointing: ~30% slower steps
+        trial = _checkpointing(_with(cfg, micro_batch_size=micro))
+        if estimate_stage(stage, trial, device=device, world=world, shapes=shapes).total <= budget:
+            return (f"--micro-batch-size {micro} " if micro != cfg.micro_batch_size else "") + f"{ckpt_flag} (activation checkpointing)"
+    one = _checkpointing(_with(cfg, micro_batch_size=1))
     optim = dataclasses.replace(cfg.optim, optim_8bit="on")
     if estimate_stage(stage, dataclasses.replace(one, optim=optim), device=device, world=world, shapes=shapes).total <= budget:
-        return "--micro-batch-size 1 --optim.optim-8bit on (bitsandbytes 8-bit AdamW, CUDA)"
+        return f"--micro-batch-size 1 {ckpt_flag} --optim.optim-8bit on (bitsandbytes 8-bit AdamW, CUDA)"
     lora = _lora(one, 16)
+    lora_flag = "--model.lora-r 16" if stage in ("sft", "rm") else "--lora-r 16"
     if lora is not None and estimate_stage(stage, lora, device=device, world=world, shapes=shapes).total <= budget:
-        return "--micro-batch-size 1 with LoRA r=16 (--lora-r 16 / --model.lora-r 16)"
-    return "does not fit even with micro-batch 1, 8-bit AdamW and LoRA: use a smaller model or a larger device"
+        return f"--micro-batch-size 1 {ckpt_flag} {lora_flag} (LoRA)"
+    return "does not fit even with micro-batch 1, activation checkpointing, 8-bit AdamW and LoRA: a smaller model or a larger device"
 
 
 def _with(cfg: Any, **changes) -> Any:
     fields = {f.name for f in dataclasses.fields(cfg)}
     return dataclasses.replace(cfg, **{k: v for k, v in changes.items() if k in fields})
+
+
+def _checkpointing(cfg: Any) -> Any:
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    if "model" in fields and "gradient_checkpointing" in {f.name for f in dataclasses.fields(cfg.model)}:
+        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, gradient_checkpointing=True))
+    return _with(cfg, gradient_checkpointing=True)
 
 
 def _lora(cfg: Any, r: int) -> Any | None:
@@ -391,15 +411,6 @@ def plan(args: PlanArgs) -> list[list[str]]:
     print(markdown_table(header, rows))
     return rows
 
-
-def _plan_presets() -> dict[str, PlanArgs]:
-    from .presets import PIPELINE_PRESETS
-
-    return {name: PlanArgs(preset=name) for name in PIPELINE_PRESETS}
-
-
-# `tldr-rlhf plan --preset NAME`: one plan per pipeline preset (the CLI's preset table)
-PLAN_PRESETS: dict[str, PlanArgs] = _plan_presets()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -121,7 +121,7 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "plan", "estimated peak memory per device of each stage (weights, gradients, optimizer, activations, KV cache, frozen models) and what makes it fit",
-        "tldr_rlhf.plan:PlanArgs", "tldr_rlhf.plan:plan", "tldr_rlhf.plan:PLAN_PRESETS",
+        "tldr_rlhf.plan:PlanArgs", "tldr_rlhf.plan:plan",
     ),
     Stage(
         "inspect", "each policy's summary token by token, coloured by log-prob or KL to a reference, with RM scores (--html)",
