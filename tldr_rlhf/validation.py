@@ -67,6 +67,8 @@ INPUT_FIELDS = {
     "path", "tokenizer", "sft_path", "rm_path", "judge_rm_path", "train", "valid", "comparisons",
     "valid_comparisons", "cnndm", "policy_samples", "posts",
 }
+# fields holding a reward spec (rewards.py): a reward-model path, a built-in, module:function or a weighted sum
+REWARD_FIELDS = {"reward", "best_of_n_reward"}
 MODEL_FIELDS = {"path", "tokenizer", "sft_path", "rm_path", "judge_rm_path"}
 # classes whose `model` field is an input path rather than a nested config or a judge's model name
 MODEL_PATH_CLASSES = {"EvaluateRMConfig", "GenerateArgs"}
@@ -122,6 +124,10 @@ def _walk(cfg: Any, prefix: tuple[str, ...], check_paths: bool) -> None:
             _walk(value, where, check_paths)
             continue
         _check_value(cls_name, f.name, value, where)
+        if f.name in REWARD_FIELDS and isinstance(value, str) and value:  # syntax always; callables and paths with check_paths
+            from .rewards import check_reward_spec
+
+            check_reward_spec(value, flag=flag(where), check_paths=check_paths)
         if not check_paths:
             continue
         if f.name == "policies":

@@ -171,6 +171,11 @@ class _RLConfig:
     """SFT checkpoint: the policy and the frozen reference start from it (run folder final/, hub id, .gguf)."""
     rm_path: str = ""
     """Reward model checkpoint (frozen; PPO's value model starts as a copy of it, N+ detail 18)."""
+    reward: str = ""
+    """The reward instead of `rm_path` (docs/rewards.md): a reward-model path, a built-in (rouge-l,
+    rouge-1, rouge-2, length), a Python callable module:function, or a weighted sum TERM[:WEIGHT],...
+    e.g. rouge-l:1.0,length:-0.01; empty = the reward model `rm_path`. PPO's value model starts from
+    its first reward-model term, else from the SFT backbone with a fresh head."""
     tokenizer: str | None = None
     """Tokenizer path or hub id; defaults to `sft_path`."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"

@@ -77,14 +77,14 @@ def load_rl_models(sft_path: str, rm_path: str, tokenizer, *, dtype: torch.dtype
     """(policy, reference, reward model) of an RL stage: the trainable policy from the SFT checkpoint
     in float32 master weights on the CPU (the accelerator moves it), sampling config reset to plain
     sampling with explicit EOS / pad (N+ detail 19); the frozen reference (same checkpoint) and
-    frozen reward model in ``dtype`` on ``device``, dropout off (N+ detail 7). Raises ModelLoadError
+    frozen reward model in ``dtype`` on ``device`` (None when ``rm_path`` is empty), dropout off (N+ detail 7). Raises ModelLoadError
     for a path that does not load."""
     from ..rollout import plain_sampling_config
 
     policy = load_causal_lm(sft_path, dtype=torch.float32, tokenizer=tokenizer)
     plain_sampling_config(policy, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     ref = load_frozen_reference(sft_path, tokenizer, dtype=dtype).to(device)
-    reward_model = load_frozen_reward_model(rm_path, dtype=dtype).to(device)
+    reward_model = load_frozen_reward_model(rm_path, dtype=dtype).to(device) if rm_path else None
     return policy, ref, reward_model
 
 
@@ -200,6 +200,8 @@ class RLRun:
     reward_model: nn.Module
     meter: Throughput = field(default_factory=Throughput)
     bar: Any = None
+    reward: Any = None
+    """The stage's ``rewards.RLReward`` (``--reward`` or ``--rm-path``); None = score with ``reward_model``."""
 
     @property
     def is_main(self) -> bool:
@@ -219,8 +221,8 @@ class RLRun:
 def rl_accelerator(cfg, name: str):
     """The stage's accelerator (``common.make_accelerator`` with its dtype and run arguments).
     Raises DataError, before anything loads, when ``sft_path`` or ``rm_path`` is missing."""
-    if not cfg.sft_path or not cfg.rm_path:
-        raise DataError(f"{name.upper()} needs --sft-path (policy and reference) and --rm-path (reward model)")
+    if not cfg.sft_path or not (cfg.rm_path or getattr(cfg, "reward", "")):
+        raise DataError(f"{name.upper()} needs --sft-path (policy and reference) and --reward or --rm-path (the reward: rewards.py)")
     return make_accelerator(ModelArgs(path=cfg.sft_path, dtype=cfg.dtype), cfg.run)
 
 
@@ -238,8 +240,21 @@ def open_rl_run(cfg, name: str, accelerator, *, batch: int, group: int, num_upda
         log.info("%s prompts: %d (%d queries over %d tokens: cut for TL;DR, dropped for UltraFeedback); %s (%d run now)", name.upper(), len(prompts), truncated, cfg.data.max_query_length, plan, total)
     run, resume_from = RunDir.open(cfg, is_main=accelerator.is_main_process)
     seed_everything(cfg.run.seed)
-    policy, ref, reward_model = load_rl_models(cfg.sft_path, cfg.rm_path, tokenizer, dtype=model_dtype(cfg.dtype), device=accelerator.device)
-    return RLRun(cfg, name, accelerator, tokenizer, prompts, order, total, batch, group, run, resume_from, policy, ref, reward_model)
+    policy, ref, reward = load_rl_models_and_reward(cfg, tokenizer, prompts, accelerator)
+    return RLRun(cfg, name, accelerator, tokenizer, prompts, order, total, batch, group, run, resume_from, policy, ref, reward.reward_model, reward=reward)
+
+
+def load_rl_models_and_reward(cfg, tokenizer, prompts: list[Prompt], accelerator) -> tuple[nn.Module, nn.Module, Any]:
+    """(policy, reference, ``rewards.RLReward``): ``load_rl_models`` without its reward model, and the
+    stage's reward (``--reward``, else the reward model ``--rm-path``; ``rewards.load_rl_reward``)."""
+    from ..rewards import load_rl_reward
+
+    if getattr(cfg, "reward", "") and cfg.rm_path:
+        log.warning("--reward %s is the reward; --rm-path %s is not used", cfg.reward, cfg.rm_path)
+    dtype = model_dtype(cfg.dtype)
+    policy, ref, _ = load_rl_models(cfg.sft_path, "", tokenizer, dtype=dtype, device=accelerator.device)
+    reward = load_rl_reward(cfg, tokenizer, prompts, dtype=dtype, device=accelerator.device, autocast=accelerator.autocast)
+    return policy, ref, reward
 
 
 def start_updates(rl: RLRun, model: nn.Module, optimizer, scheduler, *, unit: str, describe: str, steps: str) -> tuple[int, nn.Module, Any, ScoreFn]:
@@ -251,7 +266,7 @@ def start_updates(rl: RLRun, model: nn.Module, optimizer, scheduler, *, unit: st
     trainable, total_params = count_parameters(model)
     start = resume(rl.run, rl.resume_from, model, optimizer, scheduler, unit=unit)
     model, optimizer = rl.accelerator.prepare(model, optimizer)
-    score_fn = reward_score_fn(rl.reward_model, rl.device, rl.accelerator.autocast)
+    score_fn = rl.reward if rl.reward is not None else reward_score_fn(rl.reward_model, rl.device, rl.accelerator.autocast)
     if rl.is_main:
         log.info("%s: %d / %d trainable parameters; %s", describe, trainable, total_params, steps)
     rl.meter = Throughput()
