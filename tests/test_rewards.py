@@ -180,3 +180,29 @@ def test_cli_bad_reward_is_one_line(ckpts, tmp_path, capsys):
     assert cli.main(argv) == 2
     assert capsys.readouterr().err == f"tldr-rlhf: error: --reward {ckpts[0]} is a causal LM policy, not a reward model\n"
     assert not out.exists()
+
+
+def test_evaluate_scores_summaries_and_reference_with_a_reward_mixing_text_and_model_terms(ckpts, tmp_path):
+    from tldr_rlhf.config import EvaluateConfig, TldrDataArgs
+    from tldr_rlhf.evaluate import evaluate, metrics_rows
+    from tldr_rlhf.metrics import rouge_scores
+
+    sft, rm = ckpts
+    cfg = EvaluateConfig(
+        policies=(f"sft={sft}",), rm_path=rm, reward=f"rouge-l:2,length:-0.1,{rm}:0.5", data=TldrDataArgs(train=str(POSTS), valid_fraction=0.1, max_query_length=64),
+        num_posts=3, response_length=5, batch_size=2, kl=False, num_threads=1, output_dir=str(tmp_path / "ev"),
+    )
+    with one_thread():
+        results = evaluate(cfg)
+    recs = [json.loads(l) for l in (tmp_path / "ev" / "summaries.jsonl").read_text().splitlines()]
+    assert len(recs) == 3
+    for rec in recs:
+        s = rec["summaries"]["sft"]
+        want = 2 * rouge_scores([s["text"]], [rec["reference"]])["rougeL"] - 0.1 * len(s["text"].split()) + 0.5 * s["rm_score"]
+        assert s["reward"] == pytest.approx(want, abs=1e-5)
+        # the reference against itself: ROUGE-L 1
+        assert rec["reference_reward"] == pytest.approx(2.0 - 0.1 * len(rec["reference"].split()) + 0.5 * rec["reference_rm_score"], abs=1e-5)
+    assert results["policies"]["sft"]["reward"] == pytest.approx(sum(r["summaries"]["sft"]["reward"] for r in recs) / 3, abs=1e-6)
+    header, rows = metrics_rows(results)
+    assert header[6] == f"reward (rouge-l:2,length:-0.1,{rm}:0.5)" and rows[0][6] == format(results["policies"]["sft"]["reward"], ".3f")
+    assert rows[-1][0] == "reference" and rows[-1][6] == format(results["reference"]["reward"], ".3f")

@@ -147,6 +147,28 @@ def score_with(path: str, posts: list, texts: dict[str, list[str]], cfg: Evaluat
     return out
 
 
+def reward_scores(spec: str, flag: str, posts: list, texts: dict[str, list[str]], cfg: EvaluateConfig, tok) -> dict[str, list[float]]:
+    """A reward spec's (``rewards.py``) scores of every list of summaries in ``texts`` ({name: N
+    summaries}): text terms get the query as ``tok`` (the first policy's tokenizer) formats it, the
+    summary and the post's reference; reward-model terms score as ``score_with``. Returns {name: N
+    weighted sums}. Raises ConfigError / RewardError naming ``flag``."""
+    from .rewards import check_reward_spec, text_term_scores, weighted_sum
+
+    terms = check_reward_spec(spec, flag=flag)
+    queries = [tok.decode(query_ids(tok, p, cfg.data)) for p in posts]
+    refs: list[str | None] = [reference_of(p).strip() for p in posts]
+    parts: dict[str, list] = {name: [] for name in texts}
+    for t in terms:
+        if t.kind == "model":
+            scored = score_with(t.text, posts, texts, cfg)
+            for name in texts:
+                parts[name].append((t.weight, torch.tensor(scored[name])))
+        else:
+            for name, summaries in texts.items():
+                parts[name].append((t.weight, text_term_scores(t, queries, summaries, refs, flag=flag)))
+    return {name: weighted_sum(p).tolist() for name, p in parts.items()}
+
+
 # ----------------------------------------------------------------------------------------------
 # Orchestration
 
@@ -264,19 +286,24 @@ def _policy_metrics(r: PolicyRun, references: list[str], ref_lengths: list[int],
     return m
 
 
-def _write_summaries(path: Path, posts: list, references: list[str], runs: list[PolicyRun], ref_lengths: dict[str, list[int]], rm_scores: dict, judge_scores: dict, llm: dict[str, list]) -> None:
+def _write_summaries(path: Path, posts: list, references: list[str], runs: list[PolicyRun], ref_lengths: dict[str, list[int]], rm_scores: dict, judge_scores: dict, llm: dict[str, list], rewards: dict | None = None) -> None:
     """``summaries.jsonl``: per post its fields, the reference and every policy's summary with its
-    length, EOS, scores and LLM verdict."""
+    length, EOS, scores (``--reward``'s as ``reward``) and LLM verdict."""
+    rewards = rewards or {}
     with path.open("w") as f:
         for i, p in enumerate(posts):
             fields = {"subreddit": p.subreddit, "title": p.title, "post": p.post} if hasattr(p, "post") else {"prompt": p.prompt}
             rec: dict[str, Any] = {"id": p.id, **fields, "reference": references[i], "summaries": {}}
             if rm_scores:
                 rec["reference_rm_score"] = rm_scores["reference"][i]
+            if rewards:
+                rec["reference_reward"] = rewards["reference"][i]
             for r in runs:
                 s: dict[str, Any] = {"text": r.texts[i], "length": r.lengths[i], "reference_length": ref_lengths[r.name][i], "eos": r.has_eos[i]}
                 if rm_scores:
                     s["rm_score"] = rm_scores[r.name][i]
+                if rewards:
+                    s["reward"] = rewards[r.name][i]
                 if judge_scores is not rm_scores and judge_scores:
                     s["judge_score"] = judge_scores[r.name][i]
                 if r.name in llm and i < len(llm[r.name]):
@@ -331,6 +358,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     # reference lengths in each policy's tokenizer (for the length-controlled win rate)
     ref_lengths = {r.name: [len(response_ids(load_tokenizer_cached(r.path), s, cfg.data)) - 1 for s in references] for r in runs}
     llm = _llm_verdicts(client, runs, posts, references, cfg)
+    rewards = reward_scores(cfg.reward, "--reward", posts, texts, cfg, tokenizers[0]) if cfg.reward else {}
 
     # 4. Metrics per policy, then eval.json, summaries.jsonl and the table.
     results: dict[str, Any] = {
@@ -345,8 +373,13 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         "reference": {"mean_length": None, "rm_score": _mean(rm_scores["reference"]) if rm_scores else None, "judge_score": _mean(judge_scores["reference"]) if judge_scores else None},
         "policies": {},
     }
+    if rewards:
+        results["reward"] = cfg.reward
+        results["reference"]["reward"] = _mean(rewards["reference"])
     for r in runs:
         m = _policy_metrics(r, references, ref_lengths[r.name], rm_scores, judge_scores, llm.get(r.name), kls.get(r.name))
+        if rewards:
+            m["reward"] = _mean(rewards[r.name])
         if r.name in reused:
             m["summaries_reused"] = str(policy_file(out_dir, r.name))
         results["policies"][r.name] = m
@@ -355,7 +388,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     results["seconds"] = time.perf_counter() - t_start
 
     (out_dir / EVAL_FILE).write_text(json.dumps(results, indent=2) + "\n")
-    _write_summaries(out_dir / SUMMARIES_FILE, posts, references, runs, ref_lengths, rm_scores, judge_scores, llm)
+    _write_summaries(out_dir / SUMMARIES_FILE, posts, references, runs, ref_lengths, rm_scores, judge_scores, llm, rewards)
     table = format_table(results)
     (out_dir / TABLE_FILE).write_text(table + "\n")
     print(table)
@@ -398,6 +431,10 @@ def metrics_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         ])
     ref = results["reference"]
     rows.append(["reference", "-", "-", "-", _fmt(ref.get("rm_score")), "-", "-", "-", "-", "-", "-", _fmt(ref.get("mean_length"), ".1f"), "-"])
+    if results.get("reward"):  # --reward's mean score, after the RM columns
+        header.insert(6, f"reward ({results['reward']})")
+        for row, m in zip(rows, [*results["policies"].values(), ref]):
+            row.insert(6, _fmt(m.get("reward")))
     return header, rows
 
 

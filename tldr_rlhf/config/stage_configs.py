@@ -363,6 +363,10 @@ class EvaluateConfig:
     judge_rm_path: str = ""
     """A different, stronger reward model judging win rates (exposes over-optimization of the training
     reward model); empty = the training reward model judges."""
+    reward: str = ""
+    """A reward scored on every summary and the reference (docs/rewards.md): a reward-model path, a
+    built-in (rouge-l, rouge-1, rouge-2, length), a Python callable module:function, or a weighted sum
+    TERM[:WEIGHT],... (e.g. rouge-l as the gold reward); empty = none."""
     data: TldrDataArgs = field(default_factory=TldrDataArgs)
     """Where the held-out posts come from: `valid`, else the posts of a local `train` file held out by
     id (the SFT split), else the hub dataset's validation split."""
