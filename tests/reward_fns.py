@@ -31,3 +31,8 @@ def words(queries, responses, references):
 
 
 not_callable = 3
+
+
+def chars(queries, responses, references):
+    """The number of characters of each response."""
+    return [float(len(r)) for r in responses]
