@@ -169,6 +169,21 @@ def reward_scores(spec: str, flag: str, posts: list, texts: dict[str, list[str]]
     return {name: weighted_sum(p).tolist() for name, p in parts.items()}
 
 
+def _best_of_n_runs(policies: dict[str, str], posts: list, cfg: EvaluateConfig, tok) -> dict[str, tuple[PolicyRun, dict[str, Any]]]:
+    """{NAME-boN: (its PolicyRun, its metrics)} of every policy best-of-n samples from
+    (``best_of_n.best_of_n_run``), the candidates scored by ``best_of_n.best_of_n_spec``'s reward
+    (``reward_scores``)."""
+    from .best_of_n import best_of_n_names, best_of_n_run, best_of_n_spec
+
+    spec, flag = best_of_n_spec(cfg)
+    out = {}
+    for i, name in enumerate(best_of_n_names(policies, cfg.best_of_n_policies)):
+        score = lambda ps, texts: reward_scores(spec, flag, ps, {"candidates": texts}, cfg, tok)["candidates"]  # noqa: E731
+        run, metrics = best_of_n_run(name, policies[name], posts, cfg, score=score, seed=cfg.seed * 1000 + 7 + i)
+        out[run.name] = (run, {**metrics, "reward": spec})
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # Orchestration
 
@@ -324,7 +339,11 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     ``rm_win_rate`` against the reference by that model); ``judge`` (win rate against the reference by
     the judge reward model, ``judge_rm_path`` or else the training one, with its length-controlled
     win rate); ``llm_judge`` (win rate, unparseable and failed counts, length-controlled win rate)
-    when ``judge.url`` is set; ``kl_to_sft``; ``mean_length`` (tokens, EOS excluded), ``eos_rate``.
+    when ``judge.url`` is set; ``kl_to_sft``; ``mean_length`` (tokens, EOS excluded), ``eos_rate``;
+    ``reward`` (mean ``--reward`` score, also for the reference). With ``best_of_n`` N, each policy of
+    ``best_of_n_policies`` also gets a policy ``NAME-boN`` (``best_of_n.py``) with ``best_of_n`` (n,
+    base, candidate and kept mean reward, analytic KL) and ``kl_best_of_n`` (log n - (n-1)/n; its
+    ``kl_to_sft`` too when the base is the SFT policy).
     Raises DataError / ModelLoadError for bad inputs, and JudgeError for an LLM judge that does not
     answer a first request, before any model is loaded.
     """
@@ -334,6 +353,11 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     policies = parse_policies(cfg.policies)
     _check(cfg, policies)
     validate_config(cfg)  # every value, and no run's final/ that its save left incomplete
+    if cfg.best_of_n:  # its policies and its reward, before anything is generated
+        from .best_of_n import best_of_n_names, best_of_n_spec
+
+        best_of_n_names(policies, cfg.best_of_n_policies)
+        best_of_n_spec(cfg)
     client = _judge_client(cfg)
     tokenizers = [load_tokenizer_cached(p) for p in policies.values()]
     tokenizers += [load_tokenizer_cached(p) for p in (cfg.sft_path, cfg.rm_path, cfg.judge_rm_path) if p]
@@ -347,6 +371,8 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     # 2. Summaries (generated or reused), then the KL sample's log-probs under the SFT policy.
     runs, reused = _policy_runs(policies, posts, cfg, out_dir)
     kls = kl_to_sft(runs, posts, cfg) if cfg.kl and cfg.sft_path else {}
+    bon = _best_of_n_runs(policies, posts, cfg, tokenizers[0]) if cfg.best_of_n else {}
+    runs += [run for run, _ in bon.values()]
 
     # 3. Scores: training reward model, judge reward model, LLM judge.
     texts = {r.name: r.texts for r in runs}
@@ -380,6 +406,11 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         m = _policy_metrics(r, references, ref_lengths[r.name], rm_scores, judge_scores, llm.get(r.name), kls.get(r.name))
         if rewards:
             m["reward"] = _mean(rewards[r.name])
+        if r.name in bon:
+            m["best_of_n"] = bon[r.name][1]
+            m["kl_best_of_n"] = bon[r.name][1]["kl_analytic"]  # to its base policy, analytic
+            if policies[bon[r.name][1]["base"]] == cfg.sft_path:  # best-of-n of SFT: that is the KL to SFT
+                m["kl_to_sft"] = m["kl_best_of_n"]
         if r.name in reused:
             m["summaries_reused"] = str(policy_file(out_dir, r.name))
         results["policies"][r.name] = m
@@ -427,7 +458,8 @@ def metrics_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             _fmt(j.get("win_rate")), _lc(j.get("lc")),
             f"{_fmt(llm['win_rate'])} ({llm['n']}, {llm['unparseable'] + llm['failed']})" if llm else "-",
             _lc(llm["lc"]) if llm else "-",
-            _fmt(m.get("kl_to_sft"), ".2f"), _fmt(m["mean_length"], ".1f"), _fmt(m["eos_rate"], ".2f"),
+            _fmt(m.get("kl_to_sft"), ".2f") + (" (analytic)" if m.get("kl_best_of_n") is not None and m.get("kl_to_sft") is not None else ""),
+            _fmt(m["mean_length"], ".1f"), _fmt(m["eos_rate"], ".2f"),
         ])
     ref = results["reference"]
     rows.append(["reference", "-", "-", "-", _fmt(ref.get("rm_score")), "-", "-", "-", "-", "-", "-", _fmt(ref.get("mean_length"), ".1f"), "-"])

@@ -419,6 +419,15 @@ class EvaluateConfig:
     """A reward scored on every summary and the reference (docs/rewards.md): a reward-model path, a
     built-in (rouge-l, rouge-1, rouge-2, length), a Python callable module:function, or a weighted sum
     TERM[:WEIGHT],... (e.g. rouge-l as the gold reward); empty = none."""
+    best_of_n: int = 0
+    """Best-of-n: sample this many summaries per post at `temperature` from each policy of
+    `best_of_n_policies`, keep the one `best_of_n_reward` scores highest, and evaluate it as the policy
+    NAME-boN, with its analytic KL log n - (n-1)/n to the policy it samples from; 0 = off."""
+    best_of_n_reward: str = ""
+    """The reward spec that picks the best of n (as `reward`); empty = `reward`, else `judge_rm_path`,
+    else `rm_path`."""
+    best_of_n_policies: tuple[str, ...] = ()
+    """Names (from `policies`) that best-of-n samples from; empty = every policy."""
     data: TldrDataArgs = field(default_factory=TldrDataArgs)
     """Where the held-out posts come from: `valid`, else the posts of a local `train` file held out by
     id (the SFT split), else the hub dataset's validation split."""
