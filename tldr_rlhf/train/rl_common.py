@@ -220,7 +220,8 @@ class RLRun:
 
 def rl_accelerator(cfg, name: str):
     """The stage's accelerator (``common.make_accelerator`` with its dtype and run arguments).
-    Raises DataError, before anything loads, when ``sft_path`` or ``rm_path`` is missing."""
+    Raises DataError, before anything loads, when ``sft_path`` is missing, or both ``reward`` and
+    ``rm_path`` (the reward, ``rewards.py``)."""
     if not cfg.sft_path or not (cfg.rm_path or getattr(cfg, "reward", "")):
         raise DataError(f"{name.upper()} needs --sft-path (policy and reference) and --reward or --rm-path (the reward: rewards.py)")
     return make_accelerator(ModelArgs(path=cfg.sft_path, dtype=cfg.dtype), cfg.run)
