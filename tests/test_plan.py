@@ -142,3 +142,17 @@ def test_preflight_stops_a_stage_that_cannot_fit_before_its_folder_exists(tmp_pa
     assert est is not None and est.total > 8 * GIB
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert plan.preflight("sft", cfg) is None  # the CPU: no pre-flight
+
+
+def test_rl_with_a_text_reward_has_no_reward_model_and_online_dpo_samples_pairs():
+    from tldr_rlhf.config import OnlineDPOConfig, PPOConfig
+
+    shapes = {"toy": TOY}
+    ppo = PPOConfig(sft_path="toy", rm_path="", reward="rouge-l", dtype="float32", data=TldrDataArgs(max_query_length=7), response_length=3,
+                    rollout_batch_size=4, micro_batch_size=2, forward_batch_size=4, optim=OptimArgs(optim_8bit="off"))
+    est = estimate_stage("ppo", ppo, device="cpu", shapes=shapes)
+    assert est.frozen == 1000 * 4  # the reference only
+    assert (est.weights, est.gradients, est.optimizer) == (2 * 4000, 2 * 4000, 2 * 8000)  # policy + a value model of its shape
+    odpo = OnlineDPOConfig(sft_path="toy", reward="rouge-l", dtype="float32", data=TldrDataArgs(max_query_length=7), response_length=3, rollout_prompts=4, mini_batch_size=4, micro_batch_size=2, optim=OptimArgs(optim_8bit="off"))
+    # 4 prompts x 2 responses of 7 + 3 tokens in the KV cache
+    assert estimate_stage("online-dpo", odpo, device="cpu", shapes=shapes).kv_cache == 2 * 3 * 2 * 10 * 8 * 4

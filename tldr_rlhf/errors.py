@@ -60,3 +60,8 @@ def hub_unreachable_message(what: str, name: str) -> str:
         return f"{what} '{name}' is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; download it once with the network on, or give a local path"
     return (f"could not reach the Hugging Face hub for {what} '{name}'; set HF_HUB_OFFLINE=1 to use the local "
             "cache without the network, or give a local path (folder, .json/.jsonl file, .gguf file)")
+
+
+class RewardError(TldrRlhfError, ValueError):
+    """A reward term (``--reward``) that failed while scoring: it raised, or returned something other
+    than one finite number per response. Names the flag and the term."""

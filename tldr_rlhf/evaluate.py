@@ -147,6 +147,43 @@ def score_with(path: str, posts: list, texts: dict[str, list[str]], cfg: Evaluat
     return out
 
 
+def reward_scores(spec: str, flag: str, posts: list, texts: dict[str, list[str]], cfg: EvaluateConfig, tok) -> dict[str, list[float]]:
+    """A reward spec's (``rewards.py``) scores of every list of summaries in ``texts`` ({name: N
+    summaries}): text terms get the query as ``tok`` (the first policy's tokenizer) formats it, the
+    summary and the post's reference; reward-model terms score as ``score_with``. Returns {name: N
+    weighted sums}. Raises ConfigError / RewardError naming ``flag``."""
+    from .rewards import check_reward_spec, text_term_scores, weighted_sum
+
+    terms = check_reward_spec(spec, flag=flag)
+    queries = [tok.decode(query_ids(tok, p, cfg.data)) for p in posts]
+    refs: list[str | None] = [reference_of(p).strip() for p in posts]
+    parts: dict[str, list] = {name: [] for name in texts}
+    for t in terms:
+        if t.kind == "model":
+            scored = score_with(t.text, posts, texts, cfg)
+            for name in texts:
+                parts[name].append((t.weight, torch.tensor(scored[name])))
+        else:
+            for name, summaries in texts.items():
+                parts[name].append((t.weight, text_term_scores(t, queries, summaries, refs, flag=flag)))
+    return {name: weighted_sum(p).tolist() for name, p in parts.items()}
+
+
+def _best_of_n_runs(policies: dict[str, str], posts: list, cfg: EvaluateConfig, tok) -> dict[str, tuple[PolicyRun, dict[str, Any]]]:
+    """{NAME-boN: (its PolicyRun, its metrics)} of every policy best-of-n samples from
+    (``best_of_n.best_of_n_run``), the candidates scored by ``best_of_n.best_of_n_spec``'s reward
+    (``reward_scores``)."""
+    from .best_of_n import best_of_n_names, best_of_n_run, best_of_n_spec
+
+    spec, flag = best_of_n_spec(cfg)
+    out = {}
+    for i, name in enumerate(best_of_n_names(policies, cfg.best_of_n_policies)):
+        score = lambda ps, texts: reward_scores(spec, flag, ps, {"candidates": texts}, cfg, tok)["candidates"]  # noqa: E731
+        run, metrics = best_of_n_run(name, policies[name], posts, cfg, score=score, seed=cfg.seed * 1000 + 7 + i)
+        out[run.name] = (run, {**metrics, "reward": spec})
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # Orchestration
 
@@ -264,19 +301,24 @@ def _policy_metrics(r: PolicyRun, references: list[str], ref_lengths: list[int],
     return m
 
 
-def _write_summaries(path: Path, posts: list, references: list[str], runs: list[PolicyRun], ref_lengths: dict[str, list[int]], rm_scores: dict, judge_scores: dict, llm: dict[str, list]) -> None:
+def _write_summaries(path: Path, posts: list, references: list[str], runs: list[PolicyRun], ref_lengths: dict[str, list[int]], rm_scores: dict, judge_scores: dict, llm: dict[str, list], rewards: dict | None = None) -> None:
     """``summaries.jsonl``: per post its fields, the reference and every policy's summary with its
-    length, EOS, scores and LLM verdict."""
+    length, EOS, scores (``--reward``'s as ``reward``) and LLM verdict."""
+    rewards = rewards or {}
     with path.open("w") as f:
         for i, p in enumerate(posts):
             fields = {"subreddit": p.subreddit, "title": p.title, "post": p.post} if hasattr(p, "post") else {"prompt": p.prompt}
             rec: dict[str, Any] = {"id": p.id, **fields, "reference": references[i], "summaries": {}}
             if rm_scores:
                 rec["reference_rm_score"] = rm_scores["reference"][i]
+            if rewards:
+                rec["reference_reward"] = rewards["reference"][i]
             for r in runs:
                 s: dict[str, Any] = {"text": r.texts[i], "length": r.lengths[i], "reference_length": ref_lengths[r.name][i], "eos": r.has_eos[i]}
                 if rm_scores:
                     s["rm_score"] = rm_scores[r.name][i]
+                if rewards:
+                    s["reward"] = rewards[r.name][i]
                 if judge_scores is not rm_scores and judge_scores:
                     s["judge_score"] = judge_scores[r.name][i]
                 if r.name in llm and i < len(llm[r.name]):
@@ -297,7 +339,11 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     ``rm_win_rate`` against the reference by that model); ``judge`` (win rate against the reference by
     the judge reward model, ``judge_rm_path`` or else the training one, with its length-controlled
     win rate); ``llm_judge`` (win rate, unparseable and failed counts, length-controlled win rate)
-    when ``judge.url`` is set; ``kl_to_sft``; ``mean_length`` (tokens, EOS excluded), ``eos_rate``.
+    when ``judge.url`` is set; ``kl_to_sft``; ``mean_length`` (tokens, EOS excluded), ``eos_rate``;
+    ``reward`` (mean ``--reward`` score, also for the reference). With ``best_of_n`` N, each policy of
+    ``best_of_n_policies`` also gets a policy ``NAME-boN`` (``best_of_n.py``) with ``best_of_n`` (n,
+    base, candidate and kept mean reward, analytic KL) and ``kl_best_of_n`` (log n - (n-1)/n; its
+    ``kl_to_sft`` too when the base is the SFT policy).
     Raises DataError / ModelLoadError for bad inputs, and JudgeError for an LLM judge that does not
     answer a first request, before any model is loaded.
     """
@@ -307,6 +353,11 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     policies = parse_policies(cfg.policies)
     _check(cfg, policies)
     validate_config(cfg)  # every value, and no run's final/ that its save left incomplete
+    if cfg.best_of_n:  # its policies and its reward, before anything is generated
+        from .best_of_n import best_of_n_names, best_of_n_spec
+
+        best_of_n_names(policies, cfg.best_of_n_policies)
+        best_of_n_spec(cfg)
     client = _judge_client(cfg)
     tokenizers = [load_tokenizer_cached(p) for p in policies.values()]
     tokenizers += [load_tokenizer_cached(p) for p in (cfg.sft_path, cfg.rm_path, cfg.judge_rm_path) if p]
@@ -320,6 +371,8 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     # 2. Summaries (generated or reused), then the KL sample's log-probs under the SFT policy.
     runs, reused = _policy_runs(policies, posts, cfg, out_dir)
     kls = kl_to_sft(runs, posts, cfg) if cfg.kl and cfg.sft_path else {}
+    bon = _best_of_n_runs(policies, posts, cfg, tokenizers[0]) if cfg.best_of_n else {}
+    runs += [run for run, _ in bon.values()]
 
     # 3. Scores: training reward model, judge reward model, LLM judge.
     texts = {r.name: r.texts for r in runs}
@@ -331,6 +384,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     # reference lengths in each policy's tokenizer (for the length-controlled win rate)
     ref_lengths = {r.name: [len(response_ids(load_tokenizer_cached(r.path), s, cfg.data)) - 1 for s in references] for r in runs}
     llm = _llm_verdicts(client, runs, posts, references, cfg)
+    rewards = reward_scores(cfg.reward, "--reward", posts, texts, cfg, tokenizers[0]) if cfg.reward else {}
 
     # 4. Metrics per policy, then eval.json, summaries.jsonl and the table.
     results: dict[str, Any] = {
@@ -345,8 +399,18 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         "reference": {"mean_length": None, "rm_score": _mean(rm_scores["reference"]) if rm_scores else None, "judge_score": _mean(judge_scores["reference"]) if judge_scores else None},
         "policies": {},
     }
+    if rewards:
+        results["reward"] = cfg.reward
+        results["reference"]["reward"] = _mean(rewards["reference"])
     for r in runs:
         m = _policy_metrics(r, references, ref_lengths[r.name], rm_scores, judge_scores, llm.get(r.name), kls.get(r.name))
+        if rewards:
+            m["reward"] = _mean(rewards[r.name])
+        if r.name in bon:
+            m["best_of_n"] = bon[r.name][1]
+            m["kl_best_of_n"] = bon[r.name][1]["kl_analytic"]  # to its base policy, analytic
+            if policies[bon[r.name][1]["base"]] == cfg.sft_path:  # best-of-n of SFT: that is the KL to SFT
+                m["kl_to_sft"] = m["kl_best_of_n"]
         if r.name in reused:
             m["summaries_reused"] = str(policy_file(out_dir, r.name))
         results["policies"][r.name] = m
@@ -355,7 +419,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     results["seconds"] = time.perf_counter() - t_start
 
     (out_dir / EVAL_FILE).write_text(json.dumps(results, indent=2) + "\n")
-    _write_summaries(out_dir / SUMMARIES_FILE, posts, references, runs, ref_lengths, rm_scores, judge_scores, llm)
+    _write_summaries(out_dir / SUMMARIES_FILE, posts, references, runs, ref_lengths, rm_scores, judge_scores, llm, rewards)
     table = format_table(results)
     (out_dir / TABLE_FILE).write_text(table + "\n")
     print(table)
@@ -394,10 +458,15 @@ def metrics_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             _fmt(j.get("win_rate")), _lc(j.get("lc")),
             f"{_fmt(llm['win_rate'])} ({llm['n']}, {llm['unparseable'] + llm['failed']})" if llm else "-",
             _lc(llm["lc"]) if llm else "-",
-            _fmt(m.get("kl_to_sft"), ".2f"), _fmt(m["mean_length"], ".1f"), _fmt(m["eos_rate"], ".2f"),
+            _fmt(m.get("kl_to_sft"), ".2f") + (" (analytic)" if m.get("kl_best_of_n") is not None and m.get("kl_to_sft") is not None else ""),
+            _fmt(m["mean_length"], ".1f"), _fmt(m["eos_rate"], ".2f"),
         ])
     ref = results["reference"]
     rows.append(["reference", "-", "-", "-", _fmt(ref.get("rm_score")), "-", "-", "-", "-", "-", "-", _fmt(ref.get("mean_length"), ".1f"), "-"])
+    if results.get("reward"):  # --reward's mean score, after the RM columns
+        header.insert(6, f"reward ({results['reward']})")
+        for row, m in zip(rows, [*results["policies"].values(), ref]):
+            row.insert(6, _fmt(m.get("reward")))
     return header, rows
 
 

@@ -220,7 +220,7 @@ def _trained(est: StageEstimate, shape: ModelShape, prec: Precision, *, world: i
 
 
 def estimate_stage(stage: str, cfg: Any, *, device: Literal["cuda", "cpu"] = "cuda", world: int = 1, shapes: dict[str, ModelShape] | None = None, lengths: tuple[int, int] | None = None) -> StageEstimate:
-    """Peak bytes per device of training stage ``stage`` (sft, rm, dpo, ppo, grpo, rloo) with config
+    """Peak bytes per device of training stage ``stage`` (sft, rm, dpo, ppo, grpo, rloo, online-dpo) with config
     ``cfg`` on ``world`` devices of kind ``device``. ``shapes`` maps a model path to its shape (read with
     ``model_shape`` when missing). Sequence lengths are the caps (``max_query_length`` and the response
     cap: the worst micro-batch), or ``lengths`` = (longest query, longest response) when the data is
@@ -270,20 +270,22 @@ def estimate_stage(stage: str, cfg: Any, *, device: Literal["cuda", "cpu"] = "cu
         est.activations = activation_bytes(shape, tokens, prec.compute, checkpointing=ckpt)
         est.notes.append("reference log-probs are computed once with the starting policy and cached (no second model)")
         return est
-    # RL stages: a frozen reference policy and reward model, generation, and the trained policy
-    rm = shape_of(cfg.rm_path, "--rm-path")
+    # RL stages: a frozen reference policy and reward model (none for a text reward: --reward rouge-l),
+    # generation, and the trained policy
+    rm = shape_of(cfg.rm_path, "--rm-path") if cfg.rm_path and not getattr(cfg, "reward", "") else None
     response = cfg.response_length  # sampled responses: up to the cap (a policy that rarely ends early fills it)
-    est.frozen = (0 if lora_r else shape.params * prec.frozen) + rm.params * prec.frozen
+    est.frozen = (0 if lora_r else shape.params * prec.frozen) + (rm.params * prec.frozen if rm else 0)
     seq = query + response
     if stage == "ppo":
-        _trained(est, rm, prec, world=world, lora_r=lora_r)  # the value model, initialized from the reward model (its own adapters under LoRA)
+        value = rm or shape  # the value model: a copy of the reward model, else of the SFT backbone
+        _trained(est, value, prec, world=world, lora_r=lora_r)  # its own adapters under LoRA
         rows = cfg.micro_batch_size
-        est.activations = activation_bytes(shape, rows * seq, prec.compute, checkpointing=ckpt) + activation_bytes(rm, rows * seq, prec.compute, checkpointing=ckpt)
+        est.activations = activation_bytes(shape, rows * seq, prec.compute, checkpointing=ckpt) + activation_bytes(value, rows * seq, prec.compute, checkpointing=ckpt)
         gen_rows = cfg.local_batch_size(world)
     else:
         rows = cfg.micro_batch_size
         est.activations = activation_bytes(shape, rows * seq, prec.compute, checkpointing=ckpt)
-        gen_rows = cfg.local_prompts(world) * cfg.group_size
+        gen_rows = cfg.local_prompts(world) * getattr(cfg, "group_size", 2)  # online DPO: a pair per prompt
     gen_rows = min(gen_rows, getattr(cfg, "forward_batch_size", gen_rows) or gen_rows)
     est.kv_cache = 2 * shape.layers * shape.kv_dim * seq * gen_rows * prec.compute
     # the rollout's scoring passes (old-policy and reference log-probs) hold a forward batch's response
@@ -429,7 +431,7 @@ def preflight(stage: str, cfg: Any) -> StageEstimate | None:
     import torch
 
     log = logging.getLogger(__name__)
-    if stage not in ("sft", "rm", "dpo", "ppo", "grpo", "rloo") or not torch.cuda.is_available():
+    if stage not in ("sft", "rm", "dpo", "ppo", "grpo", "rloo", "online-dpo") or not torch.cuda.is_available():
         return None
     device = "cuda"
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from .config import (
-    SHARED, DPOConfig, EvaluateConfig, EvaluateRMConfig, GRPOConfig, ModelArgs, OptimArgs, PipelineConfig, PPOConfig,
+    SHARED, DPOConfig, EvaluateConfig, EvaluateRMConfig, GRPOConfig, ModelArgs, OnlineDPOConfig, OptimArgs, PipelineConfig, PPOConfig,
     PreferenceDataArgs, RewardNormArgs, RLOOConfig, RMConfig, RunArgs, SFTConfig, TldrDataArgs,
 )
 
@@ -250,6 +250,33 @@ RLOO_PRESETS: dict[str, RLOOConfig] = {
     "default": RLOOConfig(optim=_GRPO_SEED_OPTIM, run=RunArgs(output_dir="runs/rloo", eval_every=20, save_every=50)),
     "cpu-smol": _RLOO_CPU_SMOL,
     "uf-cpu-smol": replace(_RLOO_CPU_SMOL, **_UF_RL, run=replace(_RLOO_CPU_SMOL.run, output_dir="runs/rloo-uf-cpu-smol")),
+}
+
+
+# Online DPO (Guo et al. 2024): beta 0.1, one pass over each update's fresh pairs; the learning rate of
+# the seed's offline DPO. cpu-smol: from the SmolLM2-135M SFT checkpoint of `sft --preset cpu-smol`,
+# 4 prompts x 2 responses per update, one 4-pair optimizer step, 53-token responses, a few updates;
+# against its reward model (cpu-smol) or against ROUGE-L to the human reference (cpu-smol-gold, the
+# known gold reward of issue 17: needs no reward model).
+_ONLINE_DPO_CPU_SMOL = OnlineDPOConfig(
+    sft_path="runs/sft-cpu-smol/final",
+    rm_path="runs/rm-cpu-smol/final",
+    dtype="float32",
+    data=TldrDataArgs(train=LOCAL_POSTS, max_query_length=256, valid_fraction=0.1, valid_limit=0),
+    optim=OptimArgs(lr=5e-6, min_lr=5e-7, warmup_steps=1, decay_steps=0),
+    run=RunArgs(output_dir="runs/online-dpo-cpu-smol", eval_every=1, save_every=2, max_steps=6),
+    total_episodes=4 * 2 * 200,
+    rollout_prompts=4,
+    mini_batch_size=4,
+    micro_batch_size=2,
+    forward_batch_size=8,
+    num_sample_posts=2,
+)
+
+ONLINE_DPO_PRESETS: dict[str, OnlineDPOConfig] = {
+    "default": OnlineDPOConfig(optim=_GRPO_SEED_OPTIM, run=RunArgs(output_dir="runs/online-dpo", eval_every=20, save_every=50)),
+    "cpu-smol": _ONLINE_DPO_CPU_SMOL,
+    "cpu-smol-gold": replace(_ONLINE_DPO_CPU_SMOL, rm_path="", reward="rouge-l", run=replace(_ONLINE_DPO_CPU_SMOL.run, output_dir="runs/online-dpo-gold-cpu-smol")),
 }
 
 

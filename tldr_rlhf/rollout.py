@@ -119,12 +119,17 @@ def response_logprobs(
 
 @torch.no_grad()
 def score_batch(score_fn: ScoreFn, batch: QueryResponseBatch, *, batch_size: int = 16) -> torch.Tensor:
-    """Scores (B,) of the query + response rows from ``score_fn``, in chunks of ``batch_size``.
-    Raises ValueError when ``score_fn`` does not return one float per row."""
+    """Scores (B,) of the query + response rows from ``score_fn``, in chunks of ``batch_size``; a
+    ``score_fn`` with a ``score_rows`` method (``rewards.RLReward``: text rewards need the query /
+    response split) gets each chunk as a ``QueryResponseBatch`` instead. Raises ValueError when
+    ``score_fn`` does not return one float per row."""
     out = []
     for i in range(0, batch.input_ids.shape[0], batch_size):
         ids, att = batch.input_ids[i : i + batch_size], batch.attention_mask[i : i + batch_size]
-        s = score_fn(ids, att)
+        if hasattr(score_fn, "score_rows"):
+            s = score_fn.score_rows(QueryResponseBatch(ids, att, batch.response_mask[i : i + batch_size], batch.query_width))
+        else:
+            s = score_fn(ids, att)
         if s.shape != (ids.shape[0],):
             raise ValueError(f"score_fn must return shape ({ids.shape[0]},), got {tuple(s.shape)}")
         out.append(s.float().cpu())

@@ -113,6 +113,11 @@ STAGES: tuple[Stage, ...] = (
         "tldr_rlhf.config:RLOOConfig", "tldr_rlhf.train.rloo:train", "tldr_rlhf.presets:RLOO_PRESETS",
         pipeline=True, optional=True, inputs=_RL_INPUTS, train=True, policy=True,
     ),
+    Stage(
+        "online-dpo", "online DPO: pairs sampled from the policy, labelled by a reward (--reward / --rm-path), DPO against the SFT reference",
+        "tldr_rlhf.config:OnlineDPOConfig", "tldr_rlhf.train.online_dpo:train", "tldr_rlhf.presets:ONLINE_DPO_PRESETS",
+        train=True,
+    ),
     Stage("generate", "summarize posts with a checkpoint", "tldr_rlhf.cli:GenerateArgs", "tldr_rlhf.cli:run_generate"),
     Stage("stats", "token-length statistics of queries and responses", "tldr_rlhf.cli:StatsArgs", "tldr_rlhf.cli:run_stats"),
     Stage(

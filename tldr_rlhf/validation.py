@@ -46,7 +46,7 @@ RULES: dict[str, _Rule] = {
             "min_lr", "warmup_steps", "decay_steps", "weight_decay", "max_grad_norm", "eval_every", "save_every",
             "max_steps", "num_threads", "limit", "valid_limit", "num_sample_posts", "lora_r", "kl_coef", "vf_coef",
             "vf_clip_range", "clip_range", "cnndm_limit", "judge_limit", "table_posts", "train_layers", "min_score_gap",
-            "retries", "num_posts",
+            "retries", "num_posts", "best_of_n",
         ),
         _GE0,
     ),
@@ -68,6 +68,8 @@ INPUT_FIELDS = {
     "path", "tokenizer", "sft_path", "rm_path", "judge_rm_path", "train", "valid", "comparisons",
     "valid_comparisons", "cnndm", "policy_samples", "posts", "reference",
 }
+# fields holding a reward spec (rewards.py): a reward-model path, a built-in, module:function or a weighted sum
+REWARD_FIELDS = {"reward", "best_of_n_reward"}
 MODEL_FIELDS = {"path", "tokenizer", "sft_path", "rm_path", "judge_rm_path", "reference"}
 # classes whose `model` field is an input path rather than a nested config or a judge's model name
 MODEL_PATH_CLASSES = {"EvaluateRMConfig", "GenerateArgs"}
@@ -127,6 +129,10 @@ def _walk(cfg: Any, prefix: tuple[str, ...], check_paths: bool) -> None:
             check_report_to(value, flag(where))
         if f.name == "push_to_hub" and value and not _HUB_ID.match(value):
             raise ConfigError(f"{flag(where)} {value}: expected a Hub repo id, NAMESPACE/NAME")
+        if f.name in REWARD_FIELDS and isinstance(value, str) and value:  # syntax always; callables and paths with check_paths
+            from .rewards import check_reward_spec
+
+            check_reward_spec(value, flag=flag(where), check_paths=check_paths)
         if not check_paths:
             continue
         if f.name == "policies":

@@ -30,6 +30,7 @@ from .stage_configs import (
     EvaluateConfig,
     EvaluateRMConfig,
     GRPOConfig,
+    OnlineDPOConfig,
     PipelineConfig,
     PPOConfig,
     ReportConfig,
@@ -41,5 +42,5 @@ from .stage_configs import (
 __all__ = [
     "SHARED", "JudgeArgs", "ModelArgs", "OptimArgs", "PreferenceDataArgs", "RewardNormArgs", "RunArgs", "TaskArgs",
     "TldrDataArgs", "from_dict", "save_config", "to_dict", "DPOConfig", "EvaluateConfig", "EvaluateRMConfig",
-    "GRPOConfig", "PipelineConfig", "PPOConfig", "ReportConfig", "RLOOConfig", "RMConfig", "SFTConfig",
+    "GRPOConfig", "OnlineDPOConfig", "PipelineConfig", "PPOConfig", "ReportConfig", "RLOOConfig", "RMConfig", "SFTConfig",
 ]

@@ -177,6 +177,11 @@ class _RLConfig:
     """SFT checkpoint: the policy and the frozen reference start from it (run folder final/, hub id, .gguf)."""
     rm_path: str = ""
     """Reward model checkpoint (frozen; PPO's value model starts as a copy of it, N+ detail 18)."""
+    reward: str = ""
+    """The reward instead of `rm_path` (docs/rewards.md): a reward-model path, a built-in (rouge-l,
+    rouge-1, rouge-2, length), a Python callable module:function, or a weighted sum TERM[:WEIGHT],...
+    e.g. rouge-l:1.0,length:-0.01; empty = the reward model `rm_path`. PPO's value model starts from
+    its first reward-model term, else from the SFT backbone with a fresh head."""
     tokenizer: str | None = None
     """Tokenizer path or hub id; defaults to `sft_path`."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
@@ -361,6 +366,58 @@ class RLOOConfig(_GroupRLConfig):
 
 
 @dataclass(frozen=True)
+class OnlineDPOConfig(_RLConfig):
+    """Online DPO (Guo et al. 2024, "Direct language model alignment from online AI feedback"): two
+    responses per prompt sampled from the current policy, labelled chosen / rejected by the reward
+    (`--reward` or the reward model `--rm-path`), one DPO step against the frozen SFT reference, repeat."""
+
+    rollout_prompts: int = 64
+    """Prompts per update over all processes; each gets two responses (one pair)."""
+    mini_batch_size: int = 64
+    """Pairs per optimizer step over all processes."""
+    micro_batch_size: int = 8
+    """Pairs per forward/backward pass per process (2x this many sequences)."""
+    update_per_rollout: int = 1
+    """Passes over each update's pairs (1 = every pair used once, on-policy; Guo et al.)."""
+    response_length: int = 53
+    """New tokens sampled per response; truncated after the first EOS (53 Pythia, 63 Qwen2.5)."""
+    beta: float = 0.1
+    """DPO beta (Guo et al. 2024: 0.1): the strength of the implicit KL to the reference."""
+    label_smoothing: float = 0.0
+    """Conservative DPO: labels flipped with this probability (0 = plain DPO)."""
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
+    """sigmoid = DPO (Rafailov et al. 2023, eq. 7); ipo = IPO (Azar et al. 2023)."""
+
+    @property
+    def group_size(self) -> int:
+        """Responses per prompt: always 2 (the pair)."""
+        return 2
+
+    def num_updates(self) -> int:
+        """Updates in the whole run (``total_episodes // (2 * rollout_prompts)``); ValueError when fewer than one."""
+        n = self.total_episodes // (self.rollout_prompts * 2)
+        if n < 1:
+            raise ValueError(f"total_episodes {self.total_episodes} is less than one update of {self.rollout_prompts} prompts x 2")
+        return n
+
+    def local_prompts(self, world_size: int = 1) -> int:
+        """Prompts (pairs) per update per process; ValueError on inexact division."""
+        return _exact_div(self.rollout_prompts, world_size, "rollout_prompts", "processes")
+
+    def local_mini_batch_size(self, world_size: int = 1) -> int:
+        """Pairs per optimizer step per process; ValueError when it does not divide the update's pairs
+        or split into micro-batches."""
+        local = _exact_div(self.mini_batch_size, world_size, "mini_batch_size", "processes")
+        _exact_div(self.local_prompts(world_size), local, "per-process pairs of an update", "the per-process minibatch")
+        _exact_div(local, self.micro_batch_size, "per-process minibatch", "micro_batch_size")
+        return local
+
+    def optimizer_steps(self, world_size: int = 1) -> int:
+        """Optimizer steps in the whole run (the schedule's length)."""
+        return self.num_updates() * self.update_per_rollout * (self.local_prompts(world_size) // self.local_mini_batch_size(world_size))
+
+
+@dataclass(frozen=True)
 class EvaluateConfig:
     """Evaluate policies on held-out posts: ROUGE, reward-model score, win rate against the human
     reference (reward-model judge, optional LLM judge), length-controlled win rate, KL to SFT, length,
@@ -375,6 +432,19 @@ class EvaluateConfig:
     judge_rm_path: str = ""
     """A different, stronger reward model judging win rates (exposes over-optimization of the training
     reward model); empty = the training reward model judges."""
+    reward: str = ""
+    """A reward scored on every summary and the reference (docs/rewards.md): a reward-model path, a
+    built-in (rouge-l, rouge-1, rouge-2, length), a Python callable module:function, or a weighted sum
+    TERM[:WEIGHT],... (e.g. rouge-l as the gold reward); empty = none."""
+    best_of_n: int = 0
+    """Best-of-n: sample this many summaries per post at `temperature` from each policy of
+    `best_of_n_policies`, keep the one `best_of_n_reward` scores highest, and evaluate it as the policy
+    NAME-boN, with its analytic KL log n - (n-1)/n to the policy it samples from; 0 = off."""
+    best_of_n_reward: str = ""
+    """The reward spec that picks the best of n (as `reward`); empty = `reward`, else `judge_rm_path`,
+    else `rm_path`."""
+    best_of_n_policies: tuple[str, ...] = ()
+    """Names (from `policies`) that best-of-n samples from; empty = every policy."""
     data: TldrDataArgs = field(default_factory=TldrDataArgs)
     """Where the held-out posts come from: `valid`, else the posts of a local `train` file held out by
     id (the SFT split), else the hub dataset's validation split."""

@@ -79,12 +79,12 @@ def load_rl_models(
     """(policy, reference, reward model) of an RL stage: the trainable policy from the SFT checkpoint
     in float32 master weights on the CPU (the accelerator moves it), sampling config reset to plain
     sampling with explicit EOS / pad (N+ detail 19); the frozen reference (same checkpoint) and
-    frozen reward model in ``dtype`` on ``device``, dropout off (N+ detail 7). ``dtype`` is
-    ``modeling.frozen_weights_dtype``'s float32: the frozen models run under the policy's autocast,
-    so under bf16 they compute in its precision regime and the first update has KL 0 and ratio 1
-    exactly (tests/test_bf16.py). With ``lora_r`` > 0 the policy gets LoRA adapters (on 4-bit base
-    weights with ``load_in_4bit``, CUDA only) and the reference is the policy itself with its adapters
-    disabled (``modeling.AdaptersDisabled``): the SFT weights, no second copy in memory. Raises
+    frozen reward model in ``dtype`` on ``device`` (None when ``rm_path`` is empty), dropout off (N+
+    detail 7). ``dtype`` is ``modeling.frozen_weights_dtype``'s float32: the frozen models run under the
+    policy's autocast, so under bf16 they compute in its precision regime and the first update has KL 0
+    and ratio 1 exactly (tests/test_bf16.py). With ``lora_r`` > 0 the policy gets LoRA adapters (on 4-bit
+    base weights with ``load_in_4bit``, CUDA only) and the reference is the policy itself with its
+    adapters disabled (``modeling.AdaptersDisabled``): the SFT weights, no second copy in memory. Raises
     ModelLoadError for a path that does not load."""
     from ..rollout import plain_sampling_config
 
@@ -95,7 +95,7 @@ def load_rl_models(
         ref = AdaptersDisabled(policy)
     else:
         ref = load_frozen_reference(sft_path, tokenizer, dtype=dtype).to(device)
-    reward_model = load_frozen_reward_model(rm_path, dtype=dtype).to(device)
+    reward_model = load_frozen_reward_model(rm_path, dtype=dtype).to(device) if rm_path else None
     return policy, ref, reward_model
 
 
@@ -211,6 +211,8 @@ class RLRun:
     reward_model: nn.Module
     meter: Throughput = field(default_factory=Throughput)
     bar: Any = None
+    reward: Any = None
+    """The stage's ``rewards.RLReward`` (``--reward`` or ``--rm-path``); None = score with ``reward_model``."""
 
     @property
     def is_main(self) -> bool:
@@ -229,9 +231,10 @@ class RLRun:
 
 def rl_accelerator(cfg, name: str):
     """The stage's accelerator (``common.make_accelerator`` with its dtype and run arguments).
-    Raises DataError, before anything loads, when ``sft_path`` or ``rm_path`` is missing."""
-    if not cfg.sft_path or not cfg.rm_path:
-        raise DataError(f"{name.upper()} needs --sft-path (policy and reference) and --rm-path (reward model)")
+    Raises DataError, before anything loads, when ``sft_path`` is missing, or both ``reward`` and
+    ``rm_path`` (the reward, ``rewards.py``)."""
+    if not cfg.sft_path or not (cfg.rm_path or getattr(cfg, "reward", "")):
+        raise DataError(f"{name.upper()} needs --sft-path (policy and reference) and --reward or --rm-path (the reward: rewards.py)")
     return make_accelerator(ModelArgs(path=cfg.sft_path, dtype=cfg.dtype), cfg.run)
 
 
@@ -249,13 +252,27 @@ def open_rl_run(cfg, name: str, accelerator, *, batch: int, group: int, num_upda
         log.info("%s prompts: %d (%d queries over %d tokens: cut for TL;DR, dropped for UltraFeedback); %s (%d run now)", name.upper(), len(prompts), truncated, cfg.data.max_query_length, plan, total)
     run, resume_from = RunDir.open(cfg, is_main=accelerator.is_main_process)
     seed_everything(cfg.run.seed)
-    policy, ref, reward_model = load_rl_models(
-        cfg.sft_path, cfg.rm_path, tokenizer, dtype=model_dtype(cfg.dtype), device=accelerator.device,
-        lora_r=getattr(cfg, "lora_r", 0), lora_alpha=getattr(cfg, "lora_alpha", 32), load_in_4bit=getattr(cfg, "load_in_4bit", False),
-    )
+    policy, ref, reward = load_rl_models_and_reward(cfg, tokenizer, prompts, accelerator)
     if getattr(cfg, "gradient_checkpointing", False):
         enable_gradient_checkpointing(policy)  # PPO's value model: ppo.train
-    return RLRun(cfg, name, accelerator, tokenizer, prompts, order, total, batch, group, run, resume_from, policy, ref, reward_model)
+    return RLRun(cfg, name, accelerator, tokenizer, prompts, order, total, batch, group, run, resume_from, policy, ref, reward.reward_model, reward=reward)
+
+
+def load_rl_models_and_reward(cfg, tokenizer, prompts: list[Prompt], accelerator) -> tuple[nn.Module, nn.Module, Any]:
+    """(policy, reference, ``rewards.RLReward``): ``load_rl_models`` without its reward model (with the
+    stage's LoRA / 4-bit settings), and the stage's reward (``--reward``, else the reward model
+    ``--rm-path``; ``rewards.load_rl_reward``)."""
+    from ..rewards import load_rl_reward
+
+    if getattr(cfg, "reward", "") and cfg.rm_path:
+        log.warning("--reward %s is the reward; --rm-path %s is not used", cfg.reward, cfg.rm_path)
+    dtype = model_dtype(cfg.dtype)
+    policy, ref, _ = load_rl_models(
+        cfg.sft_path, "", tokenizer, dtype=dtype, device=accelerator.device,
+        lora_r=getattr(cfg, "lora_r", 0), lora_alpha=getattr(cfg, "lora_alpha", 32), load_in_4bit=getattr(cfg, "load_in_4bit", False),
+    )
+    reward = load_rl_reward(cfg, tokenizer, prompts, dtype=dtype, device=accelerator.device, autocast=accelerator.autocast)
+    return policy, ref, reward
 
 
 def start_updates(rl: RLRun, model: nn.Module, optimizer, scheduler, *, unit: str, describe: str, steps: str) -> tuple[int, nn.Module, Any, ScoreFn]:
@@ -267,7 +284,7 @@ def start_updates(rl: RLRun, model: nn.Module, optimizer, scheduler, *, unit: st
     trainable, total_params = count_parameters(model)
     start = resume(rl.run, rl.resume_from, model, optimizer, scheduler, unit=unit)
     model, optimizer = rl.accelerator.prepare(model, optimizer)
-    score_fn = reward_score_fn(rl.reward_model, rl.device, rl.accelerator.autocast)
+    score_fn = rl.reward if rl.reward is not None else reward_score_fn(rl.reward_model, rl.device, rl.accelerator.autocast)
     if rl.is_main:
         log.info("%s: %d / %d trainable parameters; %s", describe, trainable, total_params, steps)
     rl.meter = Throughput()
