@@ -156,3 +156,11 @@ def test_rl_with_a_text_reward_has_no_reward_model_and_online_dpo_samples_pairs(
     odpo = OnlineDPOConfig(sft_path="toy", reward="rouge-l", dtype="float32", data=TldrDataArgs(max_query_length=7), response_length=3, rollout_prompts=4, mini_batch_size=4, micro_batch_size=2, optim=OptimArgs(optim_8bit="off"))
     # 4 prompts x 2 responses of 7 + 3 tokens in the KV cache
     assert estimate_stage("online-dpo", odpo, device="cpu", shapes=shapes).kv_cache == 2 * 3 * 2 * 10 * 8 * 4
+
+
+def test_a_reward_spec_with_a_reward_model_term_keeps_that_model():
+    from tldr_rlhf.config import GRPOConfig
+
+    shapes = {"toy": TOY, "runs/rm/final": dataclasses.replace(TOY, params=3000)}
+    cfg = GRPOConfig(sft_path="toy", reward="runs/rm/final,length:-0.01", dtype="float32", data=TldrDataArgs(max_query_length=7), response_length=3, rollout_prompts=2, group_size=2, micro_batch_size=2)
+    assert estimate_stage("grpo", cfg, device="cpu", shapes=shapes).frozen == (1000 + 3000) * 4

@@ -272,9 +272,14 @@ def estimate_stage(stage: str, cfg: Any, *, device: Literal["cuda", "cpu"] = "cu
         return est
     # RL stages: a frozen reference policy and reward model (none for a text reward: --reward rouge-l),
     # generation, and the trained policy
-    rm = shape_of(cfg.rm_path, "--rm-path") if cfg.rm_path and not getattr(cfg, "reward", "") else None
+    from .rewards import parse_reward, rl_reward_spec
+
+    spec, flag = rl_reward_spec(cfg)
+    models = [t.text for t in parse_reward(spec, flag=flag) if t.kind == "model"]
+    rm_shapes = [shape_of(m, flag) for m in models]
+    rm = rm_shapes[0] if rm_shapes else None  # PPO's value model starts from the first one
     response = cfg.response_length  # sampled responses: up to the cap (a policy that rarely ends early fills it)
-    est.frozen = (0 if lora_r else shape.params * prec.frozen) + (rm.params * prec.frozen if rm else 0)
+    est.frozen = (0 if lora_r else shape.params * prec.frozen) + sum(r.params for r in rm_shapes) * prec.frozen
     seq = query + response
     if stage == "ppo":
         value = rm or shape  # the value model: a copy of the reward model, else of the SFT backbone
