@@ -86,7 +86,7 @@ def test_rl_card_names_the_base_its_sft_started_from(sft_run, tmp_path):
     assert "base_model: Qwen/Qwen2.5-0.5B" in text and "license: apache-2.0" in text
     assert "- vwxyzjn/summarize_from_feedback_tldr_3_filtered" in text and "- ppo" in text
     assert "| reward-model score (last update) | 0.75 | 2 |" in text and "| KL to the reference (last update) | 0.125 | 2 |" in text
-    assert "| kl_coef | 0.05 |" in text and "schulman2017proximal" in text and "Reward model: `runs/rm/final`" in text
+    assert "| kl_coef | 0.05 |" in text and "schulman2017proximal" in text and "Reward: `runs/rm/final`" in text
 
 
 def test_reward_model_card_says_how_the_score_is_read_and_normalized(tmp_path):
@@ -194,3 +194,14 @@ def test_bad_repo_ids_and_folders_are_one_line(sft_run, tmp_path):
     with pytest.raises(RunDirError, match="final/ is incomplete"):
         model_folder(broken)
     assert model_folder(sft_run) == sft_run / "final" and model_folder(sft_run / "final") == sft_run / "final"
+
+
+def test_online_dpo_card_names_its_reward_and_both_dpo_papers(tmp_path):
+    run = tmp_path / "odpo"
+    (run / "final").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"sft_path": "Qwen/Qwen2.5-0.5B", "reward": "rouge-l", "rm_path": "", "data": {"task": "tldr"}}))
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 3, "objective/scores": 0.17, "loss/policy": 0.6931}) + "\n")
+    text = model_card(run, run / "final", stage="online-dpo", step=3)
+    assert "# online-DPO-trained TL;DR policy (tldr-rlhf `online-dpo`)" in text and "for 3 updates" in text
+    assert "Reward: `rouge-l`" in text and "| DPO loss (last update) | 0.6931 | 3 |" in text
+    assert text.count("@article{guo2024direct") == 1 and text.count("rafailov2023direct") == 1

@@ -39,6 +39,7 @@ STAGE_TITLES = {
     "ppo": "PPO-trained TL;DR policy",
     "grpo": "GRPO-trained TL;DR policy",
     "rloo": "RLOO-trained TL;DR policy",
+    "online-dpo": "online-DPO-trained TL;DR policy",
 }
 # (metric in metrics.jsonl, what the card calls it), per stage
 CARD_METRICS: dict[str, tuple[tuple[str, str], ...]] = {
@@ -48,6 +49,7 @@ CARD_METRICS: dict[str, tuple[tuple[str, str], ...]] = {
     "ppo": (("objective/scores", "reward-model score (last update)"), ("objective/kl", "KL to the reference (last update)"), ("objective/rlhf_reward", "score - KL penalty (last update)"), ("objective/response_length", "response length (tokens)")),
     "grpo": (("objective/scores", "reward-model score (last update)"), ("objective/kl", "KL to the reference (last update)"), ("objective/response_length", "response length (tokens)")),
     "rloo": (("objective/scores", "reward-model score (last update)"), ("objective/kl", "KL to the reference (last update)"), ("objective/response_length", "response length (tokens)")),
+    "online-dpo": (("objective/scores", "reward (last update)"), ("objective/kl", "KL to the reference (last update)"), ("loss/policy", "DPO loss (last update)")),
 }
 _CITATIONS = {
     "stiennon": """@inproceedings{stiennon2020learning,
@@ -78,6 +80,12 @@ _CITATIONS = {
   title={DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open Language Models},
   author={Shao, Zhihong and Wang, Peiyi and Zhu, Qihao and Xu, Runxin and Song, Junxiao and Zhang, Mingchuan and Li, Y. K. and Wu, Y. and Guo, Daya},
   journal={arXiv preprint arXiv:2402.03300},
+  year={2024}
+}""",
+    "online-dpo": """@article{guo2024direct,
+  title={Direct Language Model Alignment from Online AI Feedback},
+  author={Guo, Shangmin and Zhang, Biao and Liu, Tianlin and Liu, Tianqi and Khalman, Misha and Llinares, Felipe and Rame, Alexandre and Mesnard, Thomas and Zhao, Yao and Piot, Bilal and Ferret, Johan and Blondel, Mathieu},
+  journal={arXiv preprint arXiv:2402.04792},
   year={2024}
 }""",
     "rloo": """@inproceedings{ahmadian2024back,
@@ -249,11 +257,11 @@ def model_card(run_path: Path, final: Path, *, stage: str, step: int) -> str:
     lines = [f"# {title} (tldr-rlhf `{stage}`)", ""]
     lines.append(
         f"Trained with tldr-rlhf stage `{stage}` for {step} "
-        f"{'updates' if stage in ('ppo', 'grpo', 'rloo') else 'optimizer steps'}, starting from `{start or '?'}`"
+        f"{'updates' if stage in ('ppo', 'grpo', 'rloo', 'online-dpo') else 'optimizer steps'}, starting from `{start or '?'}`"
         + (f" (base model `{base}`)" if base and base != start else "") + "."
     )
-    if stage in ("ppo", "grpo", "rloo"):
-        lines.append(f"Reward model: `{cfg.get('rm_path') or '?'}`; reference policy: the starting policy (frozen).")
+    if stage in ("ppo", "grpo", "rloo", "online-dpo"):
+        lines.append(f"Reward: `{cfg.get('reward') or cfg.get('rm_path') or '?'}`; reference policy: the starting policy (frozen).")
     if stage == "dpo":
         lines.append("Reference policy: the starting policy (frozen).")
     sources = [d for d in (data.get("train"), data.get("valid"), data.get("comparisons")) if d]
@@ -271,7 +279,7 @@ def model_card(run_path: Path, final: Path, *, stage: str, step: int) -> str:
         lines += [f"| {k} | {json.dumps(v) if not isinstance(v, str) else v} |" for k, v in settings]
         lines += ["", f"The run's whole config is in `config.json` of its run folder (`tldr-rlhf {stage} --config config.json` repeats it).", ""]
     lines.append(_reward_section(Path(final)) if is_rm else _policy_section(task))
-    cites = ["stiennon", "nplus"] + ([stage] if stage in _CITATIONS else [])
+    cites = ["stiennon", "nplus"] + ({"online-dpo": ["dpo", "online-dpo"]}.get(stage) or ([stage] if stage in _CITATIONS else []))
     lines += ["## Citations", "", "```bibtex", "\n\n".join(_CITATIONS[c] for c in cites), "```", ""]
     return "---\n" + card_data.to_yaml() + "\n---\n\n" + "\n".join(lines)
 
