@@ -53,3 +53,21 @@ def tiny_model_dir(tmp_path_factory, qwen_tokenizer):
     model.save_pretrained(path)
     qwen_tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def one_thread_per_module():
+    """torch on one CPU thread for a whole test module (the machine's cores are shared); a module
+    takes it with ``pytestmark = pytest.mark.usefixtures("one_thread_per_module")``."""
+    from rl_fixtures import one_thread
+
+    with one_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def ckpts(qwen_tokenizer):
+    """(SFT policy path, reward model path): the session's tiny checkpoints (``rl_fixtures.make_checkpoints``)."""
+    from rl_fixtures import make_checkpoints
+
+    return make_checkpoints(qwen_tokenizer)

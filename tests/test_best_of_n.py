@@ -2,7 +2,6 @@
 tiny policy whose best-of-3 is scored by a reward function from tests/reward_fns.py."""
 
 import json
-import math
 
 import pytest
 import torch

@@ -23,18 +23,10 @@ from tldr_rlhf.train.rl_common import load_rl_models, model_dtype, reward_score_
 from tldr_rlhf.value_model import PolicyAndValue, ValueModel
 
 from conftest import COMPARISONS, QWEN_TOKENIZER
-from rl_fixtures import EOS, POSTS, make_checkpoints, one_thread
+from rl_fixtures import EOS, POSTS
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    with one_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def ckpts(qwen_tokenizer):
-    return make_checkpoints(qwen_tokenizer)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 QUERIES = [[9707, 11, 1879, 0, 576], [785, 3974, 13876], [40, 1075, 311, 1349, 1045, 6, 7]]

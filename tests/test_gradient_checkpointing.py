@@ -23,13 +23,10 @@ from tldr_rlhf.train.common import load_policy
 from tldr_rlhf.value_model import ValueModel
 
 from conftest import make_tiny_qwen2
-from rl_fixtures import POSTS, make_checkpoints, one_thread, tiny_config
+from rl_fixtures import POSTS, make_checkpoints, tiny_config
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 EXAMPLES = [

@@ -10,18 +10,10 @@ from tldr_rlhf.config import GRPOConfig, OptimArgs, RLOOConfig, RunArgs, TldrDat
 from tldr_rlhf.presets import GRPO_PRESETS, RLOO_PRESETS
 from tldr_rlhf.train import grpo, rloo
 
-from rl_fixtures import POSTS, make_checkpoints, one_thread
+from rl_fixtures import POSTS
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    with one_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def ckpts(qwen_tokenizer):
-    return make_checkpoints(qwen_tokenizer)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 def common(sft, rm, out):

@@ -21,18 +21,10 @@ from tldr_rlhf.train import grpo, ppo, rloo
 from tldr_rlhf.train.rl_common import load_rl_models
 from tldr_rlhf.validation import validate_config
 
-from rl_fixtures import EOS, POSTS, make_checkpoints, one_thread
+from rl_fixtures import EOS, POSTS
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    with one_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def ckpts(qwen_tokenizer):
-    return make_checkpoints(qwen_tokenizer)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 BATCH = collate_query_response([[9707, 11, 1879], [785, 3974, 13876, 6, 7]], [[40, 1075, 311, EOS], [1349, EOS]], EOS)

@@ -17,7 +17,7 @@ from tldr_rlhf.presets import ONLINE_DPO_PRESETS
 from tldr_rlhf.train import online_dpo
 from tldr_rlhf.train.online_dpo import label_pairs, pair_loss
 
-from rl_fixtures import EOS, POSTS, make_checkpoints, one_thread
+from rl_fixtures import EOS, POSTS, one_thread
 
 
 def test_label_pairs_by_hand():
@@ -49,11 +49,6 @@ def test_pair_loss_is_the_dpo_formula_on_hand_values():
     zero, m0 = pair_loss(w, torch.zeros(2), torch.tensor([False]), num_pairs=0, beta=0.1)
     zero.backward()
     assert zero.item() == 0.0 and m0 == {} and w.grad.tolist() == [0.0, 0.0]
-
-
-@pytest.fixture(scope="module")
-def ckpts(qwen_tokenizer):
-    return make_checkpoints(qwen_tokenizer)
 
 
 @pytest.fixture

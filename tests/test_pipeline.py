@@ -19,15 +19,12 @@ from tldr_rlhf.presets import PIPELINE_PRESETS
 
 from conftest import COMPARISONS
 from judge_server import JudgeServer
-from rl_fixtures import POSTS, make_checkpoints, one_thread
+from rl_fixtures import POSTS, make_checkpoints
 
 TRAINING = ("sft", "rm", "dpo", "ppo", "grpo")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 def tiny_pipeline(base: str, run_dir, judge_url: str = "", **kw) -> PipelineConfig:

@@ -12,18 +12,10 @@ from tldr_rlhf.presets import PPO_PRESETS
 from tldr_rlhf.errors import DataError, RunDirError
 from tldr_rlhf.train import ppo
 
-from rl_fixtures import POSTS, make_checkpoints, one_thread
+from rl_fixtures import POSTS
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    with one_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def ckpts(qwen_tokenizer):
-    return make_checkpoints(qwen_tokenizer)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 def small_cfg(sft, rm, out, **kw) -> PPOConfig:

@@ -12,7 +12,7 @@ from tldr_rlhf.errors import ConfigError, RewardError
 from tldr_rlhf.rewards import RLReward, check_reward_spec, parse_reward, score_texts
 
 import reward_fns
-from rl_fixtures import POSTS, make_checkpoints, one_thread
+from rl_fixtures import POSTS, one_thread
 
 # ROUGE-L F1 = 2PR / (P + R) with P = LCS / |response|, R = LCS / |reference| (words, lower-cased, stemmed)
 CASES = [
@@ -115,11 +115,6 @@ def test_rl_reward_decodes_rows_and_finds_references(qwen_tokenizer):
         reward.score_rows(batch)
     sub = collate_query_response([q1, q2], [r1, r2], tok.pad_token_id)
     assert reward.score_rows(sub).tolist() == pytest.approx([2 / 3 + 0.5, 0.5 + 0.5], abs=1e-6)
-
-
-@pytest.fixture(scope="module")
-def ckpts(qwen_tokenizer):
-    return make_checkpoints(qwen_tokenizer)
 
 
 def _rl_common(sft, out):

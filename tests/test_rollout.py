@@ -12,13 +12,10 @@ from tldr_rlhf.modeling import response_logits
 from tldr_rlhf.ops import token_logprobs
 from tldr_rlhf.rollout import apply_no_eos_penalty, rollout, rollout_stats
 
-from rl_fixtures import POSTS, make_tiny_qwen2, one_thread
+from rl_fixtures import POSTS, make_tiny_qwen2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 @pytest.fixture(scope="module")

@@ -9,13 +9,10 @@ from tldr_rlhf.data.batching import collate_query_response
 from tldr_rlhf.reward_model import RewardModelConfig, ScalarRewardModel
 from tldr_rlhf.value_model import PolicyAndValue, ValueModel, backbone_and_head, score_at_last_token
 
-from rl_fixtures import make_tiny_qwen2, one_thread, tiny_config
+from rl_fixtures import make_tiny_qwen2, tiny_config
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 @pytest.fixture(scope="module")
