@@ -59,18 +59,12 @@ def best_of_n_run(name: str, path: str, posts: list, cfg, *, score: Callable[[li
     ``summaries.PolicyRun`` named ``{name}-bo{n}``, its metrics: n, the base policy, the mean reward of
     all candidates and of the kept ones, the analytic KL). Raises ModelLoadError for a path that does not load."""
     from .generation import decode_response
-    from .modeling import bf16_autocast, load_causal_lm, load_tokenizer_cached, master_weights_dtype
-    from .rollout import plain_sampling_config
-    from .summaries import PolicyRun, _sorted_generate, eval_device, free_memory
-    from .tasks import query_ids
+    from .modeling import bf16_autocast
+    from .summaries import PolicyRun, _sorted_generate, free_memory, load_eval_policy
 
     n = cfg.best_of_n
     t0 = time.perf_counter()
-    tok = load_tokenizer_cached(path)
-    queries = [query_ids(tok, p, cfg.data) for p in posts]
-    device = eval_device()
-    model = load_causal_lm(path, dtype=master_weights_dtype(cfg.dtype), tokenizer=tok).to(device)
-    plain_sampling_config(model, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    tok, queries, device, model = load_eval_policy(path, posts, cfg)
     with bf16_autocast(device, cfg.dtype):
         torch.manual_seed(seed)
         flat = _sorted_generate(model, [q for q in queries for _ in range(n)], tok, cfg, greedy=False)  # N * n, post-major

@@ -92,18 +92,27 @@ def _summed_logprobs(model, queries, responses, pad: int, cfg: EvaluateConfig) -
     return lp.cpu(), batch.response_mask
 
 
-def run_policy(name: str, path: str, posts: list, cfg: EvaluateConfig, *, seed: int) -> PolicyRun:
-    """Generate the summaries of one policy (and its KL sample with log-probs) on ``posts``.
-    Raises ModelLoadError for a path that does not load."""
-    from .generation import decode_response
+def load_eval_policy(path: str, posts: list, cfg: EvaluateConfig):
+    """(tokenizer, query ids of ``posts``, device, policy) for an evaluation pass: the policy in
+    ``cfg.dtype``'s master weights on ``eval_device()``, sampling config reset to plain sampling with
+    explicit EOS / pad (N+ detail 19). Raises ModelLoadError for a path that does not load."""
     from .rollout import plain_sampling_config
 
-    t0 = time.perf_counter()
     tok = load_tokenizer_cached(path)
     queries = [query_ids(tok, p, cfg.data) for p in posts]
     device = eval_device()
     model = load_causal_lm(path, dtype=master_weights_dtype(cfg.dtype), tokenizer=tok).to(device)
     plain_sampling_config(model, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return tok, queries, device, model
+
+
+def run_policy(name: str, path: str, posts: list, cfg: EvaluateConfig, *, seed: int) -> PolicyRun:
+    """Generate the summaries of one policy (and its KL sample with log-probs) on ``posts``.
+    Raises ModelLoadError for a path that does not load."""
+    from .generation import decode_response
+
+    t0 = time.perf_counter()
+    tok, queries, device, model = load_eval_policy(path, posts, cfg)
     eos = tok.eos_token_id
     with bf16_autocast(device, cfg.dtype):
         torch.manual_seed(seed)
