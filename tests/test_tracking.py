@@ -169,6 +169,7 @@ def test_per_step_log_line_hand_values(monkeypatch):
         "sft step 7/20 | loss 1.7 | lr 3e-05 | grad_norm 0.25 | 6 s/step | ETA 1m 18s"
     )
     assert tracking.log_line("ppo", {"step": 1, "objective/scores": -0.123456, "objective/kl": 0.0}) == "ppo step 1 | score -0.1235 | kl 0"
+    assert tracking.log_line("ppo", {"step": 2, "perf/peak_memory_mb": 900.0}) == ""  # nothing worth a line
 
 
 def test_numeric_metrics_keeps_finite_numbers_only():

@@ -97,13 +97,15 @@ def _format(value: float) -> str:
 def log_line(stage: str, record: dict[str, Any], *, total: int | None = None, started: float | None = None, first_step: int = 0) -> str:
     """One line with a record's key metrics: ``sft step 12/100 | loss 2.31 | lr 3e-05 | 1.5 s/step | ETA 2m 12s``.
     ``total`` adds ``/total``; ``started`` (the ``time.monotonic()`` when step ``first_step`` was done)
-    adds seconds per step and the ETA."""
+    adds seconds per step and the ETA. "" for a record with none of the key metrics."""
     step = record.get("step")
     parts = [f"{stage} step {step}" + (f"/{total}" if total else "")]
     for key, short in KEY_METRICS:
         value = record.get(key)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             parts.append(f"{short} {_format(float(value))}")
+    if len(parts) == 1:
+        return ""  # a record without key metrics (the end-of-run memory record) gets no line
     if started is not None and isinstance(step, int) and step > first_step:
         per_step = (time.monotonic() - started) / (step - first_step)
         parts.append(f"{per_step:.3g} s/step")

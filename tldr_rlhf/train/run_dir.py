@@ -234,7 +234,9 @@ class RunDir:
         if isinstance(step, int):
             if self._clock is None:
                 self._clock = (time.monotonic(), step)
-            log.info("%s", log_line(self.stage, record, total=self.total_steps, started=self._clock[0], first_step=self._clock[1]))
+            line = log_line(self.stage, record, total=self.total_steps, started=self._clock[0], first_step=self._clock[1])
+            if line:
+                log.info("%s", line)
 
     def log_samples(self, records: list[dict[str, Any]]) -> None:
         """Append sample records to samples.jsonl and send them to the trackers (main process only)."""
