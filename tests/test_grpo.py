@@ -84,6 +84,18 @@ def test_rloo_run(ckpts, tmp_path):
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.parametrize("shared", [True, False])
+def test_group_runs_with_and_without_the_shared_prompt_reproduce_the_rollout_logprobs(ckpts, tmp_path, shared):
+    # micro-batches of 2 out of shuffled rows: whole groups, split groups and rows of two prompts;
+    # with the shared prompt the rollout's passes and the training pass run each query once
+    # (generation / scoring time split logged) and still agree to the last bit
+    cfg = RLOOConfig(**common(*ckpts, tmp_path / "r"), total_episodes=8, mini_batch_size=8, update_per_rollout=1, shared_prompt=shared)
+    rloo.train(cfg)
+    (u,) = _updates(tmp_path / "r")
+    assert u["rloo/first_minibatch_ratio_max_abs_dev"] == 0.0
+    assert ("perf/generation_time_s" in u and "perf/scoring_time_s" in u) is shared
+
+
 @pytest.mark.parametrize("value", [1.7, 2.3456789])
 @pytest.mark.parametrize("g", [4, 8])
 def test_tied_groups_get_zero_advantage_and_count_as_zero_std(value, g):
