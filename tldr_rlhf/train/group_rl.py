@@ -157,6 +157,10 @@ def minibatch_step(model, r: Rollout, adv: torch.Tensor, rows: list[int], cfg: G
     not step the optimizer. Returns its metrics (``loss/policy``, ``{prefix}/...`` weighted by each
     micro-batch's share of the sequences)."""
     device = accelerator.device
+    if getattr(cfg, "shared_prompt", False):
+        # the minibatch's rows in group order (rollout rows are group-contiguous): its micro-batches then
+        # hold whole groups, or parts of one, and run each query once; the minibatch gradient is the same sum
+        rows = sorted(rows)
     n_tokens, n_seqs = int(r.mask[rows].sum()), len(rows)
     sums: dict[str, float] = defaultdict(float)
     for idx, sync in micro_batches(rows, cfg.micro_batch_size, accelerator, model):
