@@ -203,13 +203,15 @@ def main(algo: str = "grpo"):
     settings = dict(SETTINGS, workdir=str(work), algo=algo)
     if len(sys.argv) > 1:
         settings["steps"] = int(sys.argv[1])
-    sides = os.environ.get("BENCH_SIDES", "trl,ours_plain,ours").split(",")
+    sides = os.environ.get("BENCH_SIDES", "ours,trl,ours_plain").split(",")
     settings["model"], settings["rm"] = smol_models(work)
     load = {"before": os.getloadavg()}
     results = {}
     for side in sides:
         results[side] = harness.run_side(__file__, side, settings)
         load[f"after_{side}"] = os.getloadavg()
+        harness.RESULTS.mkdir(parents=True, exist_ok=True)  # what has run so far, in case the rest cannot
+        (harness.RESULTS / f"{algo}-smol.partial.json").write_text(json.dumps({"settings": settings, "load": load, "results": results}, indent=2) + "\n")
     load["after"] = os.getloadavg()
     summarize(f"{algo}-smol", results, settings, load)
 
