@@ -1,53 +1,74 @@
-"""GRPO (and RLOO) throughput and peak memory: tldr-rlhf `grpo` / `rloo` vs TRL's GRPOTrainer /
-RLOOTrainer on identical settings.
+"""GRPO (and RLOO) throughput and peak memory at TL;DR shapes on the real SmolLM2-135M: TRL's
+GRPOTrainer / RLOOTrainer, tldr-rlhf without the shared prompt, and tldr-rlhf with it (issue 15).
 
-Same tiny Qwen2 policy built from a config (real Qwen2.5 vocabulary of 151,665 tokens) and the same
-tiny reward model (this project's ScalarRewardModel, which TRL loads as an
-AutoModelForSequenceClassification reward function), the same real TL;DR queries (TRL gets them
-decoded as `prompt`), the same G, sampling temperature, response length, clip, KL coefficient (k3
-in the loss) and "grpo" loss aggregation (seq-mean-token-mean), one optimizer step per generation
-batch of 2 prompts x G 4 in micro-batches of 4, threads. A step is rollout + update on both sides.
+Model: ../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf (Llama architecture, 134.5M parameters,
+vocabulary 49,152), dequantized once to a float32 Hugging Face folder that every side loads, with
+its own tokenizer (EOS = pad = <|im_end|>). Reward model: this project's ScalarRewardModel on the
+same SmolLM2 backbone (its head untrained: the cost, not the scores, is measured), which TRL loads
+as an AutoModelForSequenceClassification reward function. Data: real TL;DR posts
+(../shared/data/tldr/posts/valid_sample.jsonl) formatted as this project's queries, cut at 512
+tokens (TRL gets them decoded as ``prompt``); responses up to 53 tokens at temperature 0.7 (top_k 0,
+top_p 1); G = 8 responses for each of 2 prompts per step, one optimizer step per rollout in
+micro-batches of 8 (one group); clip 0.2, KL 0.05 (k3 in the GRPO loss, in the reward for RLOO),
+"grpo" loss aggregation, float32, the same threads per side; each side in its own process.
 
-Random tiny models almost never sample EOS, so responses run to the full length on both sides;
-tokens are counted as sequences x (mean query + response length) on both sides, so the tokens/s
-ratio is the sequences/s ratio. RLOO runs the same set-up with k = G, KL 0.05 in the reward on both
-sides and one pass per rollout. Run: ``python benchmarks/bench_grpo.py`` (``bench_rloo.py`` for RLOO).
+A step is the whole rollout (sampling, the reward model, the reference and, when needed, old-policy
+log-probs) plus the update. Throughput uses the median step time after the first (warm-up) step;
+peak memory is the process's peak resident set (the models included). For our sides the step is
+split into generation, scoring (reward model + log-probs) and training (medians).
+
+Run: ``python benchmarks/bench_grpo.py [steps]`` (``bench_rloo.py`` for RLOO); the table goes to
+stdout and benchmarks/results/{grpo,rloo}-smol.json. Slow on a CPU: one TRL step at these shapes is
+minutes on one thread.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 
+GGUF = harness.SHARED / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 SETTINGS = {
-    "steps": 5,
+    "steps": 4,  # the first is warm-up
     "prompts": 2,
-    "group_size": 4,
-    "micro_batch_size": 4,
-    "response_length": 32,
-    "max_query_length": 128,
-    "lr": 1e-5,
-    "threads": 2,
+    "group_size": 8,
+    "micro_batch_size": 8,
+    "response_length": 53,
+    "max_query_length": 512,
+    "lr": 1e-6,
+    "threads": 1,
 }
 
 
-def reward_model(workdir: Path, policy: str) -> str:
-    """A tiny ScalarRewardModel with the policy's backbone config, saved once."""
+def smol_models(workdir: Path) -> tuple[str, str]:
+    """(policy folder, reward-model folder) made from the GGUF file once: the dequantized float32
+    SmolLM2 with its tokenizer, and a ScalarRewardModel on the same backbone."""
     import torch
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from tldr_rlhf.modeling import _strip_gguf_quantizer
     from tldr_rlhf.reward_model import RewardModelConfig, ScalarRewardModel
 
-    path = workdir / "tiny-rm"
-    if not (path / "config.json").exists():
+    policy, rm = workdir / "smol-policy", workdir / "smol-rm"
+    if not (policy / "config.json").exists():
+        tok = AutoTokenizer.from_pretrained(GGUF.parent, gguf_file=GGUF.name)
+        model = AutoModelForCausalLM.from_pretrained(GGUF.parent, gguf_file=GGUF.name, dtype=torch.float32)
+        _strip_gguf_quantizer(model)
+        model.config.pad_token_id = tok.pad_token_id
+        model.save_pretrained(policy)
+        tok.save_pretrained(policy)
+    if not (rm / "config.json").exists():
+        lm = AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32)
         torch.manual_seed(1)
-        ScalarRewardModel(RewardModelConfig(text_config=AutoConfig.from_pretrained(policy))).save_pretrained(path)
-        AutoTokenizer.from_pretrained(policy).save_pretrained(path)
-    return str(path)
+        ScalarRewardModel(RewardModelConfig(text_config=lm.config), backbone=lm.model).save_pretrained(rm)
+        AutoTokenizer.from_pretrained(policy).save_pretrained(rm)
+    return str(policy), str(rm)
 
 
 def _prompts(settings):
@@ -62,20 +83,16 @@ def _prompts(settings):
     return data, tok, prompts[:n]
 
 
-def _tokens(prompts, settings) -> int:
-    q = sum(len(p.query_ids) for p in prompts) / len(prompts)
-    return int(settings["steps"] * settings["prompts"] * settings["group_size"] * (q + settings["response_length"]))
-
-
-def ours(settings):
+def ours(settings, shared_prompt: bool = True):
     from tldr_rlhf.config import GRPOConfig, OptimArgs, RLOOConfig, RunArgs
     from tldr_rlhf.train.grpo import train
+    from tldr_rlhf.train.loop import peak_memory_mb  # noqa: F401
     from tldr_rlhf.train.rloo import train as train_rloo
 
     algo = settings["algo"]
     config_cls, train_fn, extra = (GRPOConfig, train, {"dual_clip": 0.0}) if algo == "grpo" else (RLOOConfig, train_rloo, {})
     data, _, prompts = _prompts(settings)
-    out = Path(settings["workdir"]) / f"ours-{algo}"
+    out = Path(settings["workdir"]) / f"ours-{algo}-{'shared' if shared_prompt else 'plain'}"
     seqs = settings["prompts"] * settings["group_size"]
     cfg = config_cls(
         sft_path=settings["model"], rm_path=settings["rm"], dtype="float32", data=data,
@@ -83,12 +100,23 @@ def ours(settings):
         run=RunArgs(output_dir=str(out), overwrite=True, eval_every=0, save_every=0, progress=False, num_threads=settings["threads"]),
         total_episodes=settings["steps"] * seqs, rollout_prompts=settings["prompts"], group_size=settings["group_size"],
         mini_batch_size=seqs, micro_batch_size=settings["micro_batch_size"], forward_batch_size=seqs, update_per_rollout=1,
-        response_length=settings["response_length"], temperature=0.7, kl_coef=0.05, num_sample_posts=0, **extra,
+        response_length=settings["response_length"], temperature=0.7, kl_coef=0.05, num_sample_posts=0, shared_prompt=shared_prompt, **extra,
     )
     train_fn(cfg)
     steps = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if "objective/scores" in l]
-    return {"steps": len(steps), "items": len(steps) * seqs, "tokens": _tokens(prompts, settings), "step_times": [r["perf/update_time_s"] for r in steps],
-            "final_loss": steps[-1]["loss/policy"], "mean_response_length": sum(r["objective/response_length"] for r in steps) / len(steps)}
+    split = {
+        "generation_s": [r.get("perf/generation_time_s") for r in steps],
+        "scoring_s": [r["perf/rollout_time_s"] - r["perf/generation_time_s"] if "perf/generation_time_s" in r else None for r in steps],
+        "rollout_s": [r["perf/rollout_time_s"] for r in steps],
+        "training_s": [r["perf/update_time_s"] - r["perf/rollout_time_s"] for r in steps],
+    }
+    return {"steps": len(steps), "items": len(steps) * seqs, "step_times": [r["perf/update_time_s"] for r in steps], "split": split,
+            "mean_query_length": sum(len(p.query_ids) for p in prompts) / len(prompts),
+            "mean_response_length": sum(r["objective/response_length"] for r in steps) / len(steps)}
+
+
+def ours_plain(settings):
+    return ours(settings, shared_prompt=False)
 
 
 def trl(settings):
@@ -130,21 +158,62 @@ def trl(settings):
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     lengths = [h.get("completions/mean_length") for h in logs if h.get("completions/mean_length") is not None]
-    return {"steps": len(timer.times), "items": len(timer.times) * settings["prompts"] * g, "tokens": _tokens(prompts, settings), "step_times": timer.times,
-            "final_loss": logs[-1]["loss"] if logs else None, "mean_response_length": sum(lengths) / len(lengths) if lengths else None}
+    return {"steps": len(timer.times), "items": len(timer.times) * settings["prompts"] * g, "step_times": timer.times,
+            "mean_query_length": sum(len(p.query_ids) for p in prompts) / len(prompts),
+            "mean_response_length": sum(lengths) / len(lengths) if lengths else None}
+
+
+SIDES = {"trl": trl, "ours_plain": ours_plain, "ours": ours}
+
+
+def _median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def summarize(name: str, results: dict, settings: dict, load: dict) -> dict:
+    """Print and save the table: median step time after warm-up, sequences/s, peak memory, ratios to
+    TRL, and our step split."""
+    rows = {}
+    for side, r in results.items():
+        times = r["step_times"][1:] or r["step_times"]
+        step = statistics.median(times)
+        row = {"median_step_s": step, "sequences_per_s": r["items"] / r["steps"] / step, "peak_rss_mb": r["peak_rss_mb"], "timed_steps": len(times),
+               "mean_query_length": r["mean_query_length"], "mean_response_length": r["mean_response_length"]}
+        if "split" in r:
+            row.update({k: _median(v[1:] or v) for k, v in r["split"].items()})
+        rows[side] = row
+    peer = rows.get("trl") or next(iter(rows.values()))  # ratios to TRL (to the first side when TRL did not run)
+    print(f"\n{name}  (load before: {load['before']}; after: {load.get('after')})")
+    print(f"{'side':<12}{'step s':>9}{'seq/s':>9}{'x TRL':>7}{'peak MB':>9}{'x TRL':>7}{'gen s':>8}{'score s':>9}{'train s':>9}")
+    for side, r in rows.items():
+        r["speed_vs_trl"], r["memory_vs_trl"] = r["sequences_per_s"] / peer["sequences_per_s"], r["peak_rss_mb"] / peer["peak_rss_mb"]
+        split = "".join(f"{r[k]:>{w}.1f}" if r.get(k) is not None else f"{'-':>{w}}" for k, w in (("generation_s", 8), ("scoring_s", 9), ("training_s", 9)))
+        print(f"{side:<12}{r['median_step_s']:>9.1f}{r['sequences_per_s']:>9.3f}{r['speed_vs_trl']:>7.2f}{r['peak_rss_mb']:>9.0f}{r['memory_vs_trl']:>7.2f}{split}")
+    out = {"benchmark": name, "settings": {k: v for k, v in settings.items() if k not in ("workdir",)}, "load": load, "sides": rows}
+    harness.RESULTS.mkdir(parents=True, exist_ok=True)
+    (harness.RESULTS / f"{name}.json").write_text(json.dumps(out, indent=2) + "\n")
+    return out
 
 
 def main(algo: str = "grpo"):
-    if harness.side_main({"ours": ours, "trl": trl}):
+    if harness.side_main(SIDES):
         return
     work = harness.workdir()
     settings = dict(SETTINGS, workdir=str(work), algo=algo)
-    settings["model"] = harness.tiny_model(work / "tiny-qwen2")
-    settings["rm"] = reward_model(work, settings["model"])
-    results = {side: harness.run_side(__file__, side, settings) for side in ("ours", "trl")}
-    harness.summarize(algo, results, item="sequences")
-    for side, r in results.items():
-        print(f"{side}: final loss {r['final_loss']}, mean response length {r['mean_response_length']}")
+    if len(sys.argv) > 1:
+        settings["steps"] = int(sys.argv[1])
+    sides = os.environ.get("BENCH_SIDES", "ours,trl,ours_plain").split(",")
+    settings["model"], settings["rm"] = smol_models(work)
+    load = {"before": os.getloadavg()}
+    results = {}
+    for side in sides:
+        results[side] = harness.run_side(__file__, side, settings)
+        load[f"after_{side}"] = os.getloadavg()
+        harness.RESULTS.mkdir(parents=True, exist_ok=True)  # what has run so far, in case the rest cannot
+        (harness.RESULTS / f"{algo}-smol.partial.json").write_text(json.dumps({"settings": settings, "load": load, "results": results}, indent=2) + "\n")
+    load["after"] = os.getloadavg()
+    summarize(f"{algo}-smol", results, settings, load)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
-"""RLOO throughput and peak memory: tldr-rlhf `rloo` vs TRL's RLOOTrainer on identical settings.
+"""RLOO throughput and peak memory at TL;DR shapes on the real SmolLM2-135M: TRL's RLOOTrainer,
+tldr-rlhf `rloo` without and with the shared prompt.
 
-The set-up is bench_grpo.py's (same tiny policy and reward model, real queries, k = 4, temperature,
-response length, KL 0.05 in the reward on both sides, one pass per rollout). Run:
-``python benchmarks/bench_rloo.py``.
+The set-up is bench_grpo.py's (same model, reward model, real queries up to 512 tokens, k = G = 8,
+2 prompts per step, temperature 0.7, responses up to 53 tokens, KL 0.05 in the reward on both sides,
+one pass and one optimizer step per rollout). Run: ``python benchmarks/bench_rloo.py [steps]``.
 """
 
 import sys

@@ -76,6 +76,31 @@ def test_rloo_run(ckpts, tmp_path):
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.parametrize("shared", [True, False])
+def test_group_runs_with_and_without_the_shared_prompt_reproduce_the_rollout_logprobs(ckpts, tmp_path, shared, monkeypatch):
+    # 2 prompts x G = 4, one minibatch of the 8 shuffled rows in micro-batches of 2; with the shared
+    # prompt the minibatch is put in group order, so every training micro-batch holds one query (it
+    # runs once), the rollout's passes run each query once too (generation / scoring time split
+    # logged), and the training pass still reproduces the rollout's log-probs to the last bit
+    from tldr_rlhf.lm_head import grouped_response_logits, query_groups
+    from tldr_rlhf.train import group_rl
+
+    queries_per_training_pass = []
+
+    def spy(model, batch, *, shared_prompt=True):
+        if torch.is_grad_enabled():
+            queries_per_training_pass.append(len(query_groups(batch)[0]))
+        return grouped_response_logits(model, batch, shared_prompt=shared_prompt)
+
+    monkeypatch.setattr(group_rl, "grouped_response_logits", spy)
+    cfg = RLOOConfig(**common(*ckpts, tmp_path / "r"), total_episodes=8, mini_batch_size=8, update_per_rollout=1, shared_prompt=shared)
+    rloo.train(cfg)
+    (u,) = _updates(tmp_path / "r")
+    assert u["rloo/first_minibatch_ratio_max_abs_dev"] == 0.0
+    assert ("perf/generation_time_s" in u and "perf/scoring_time_s" in u) is shared
+    assert len(queries_per_training_pass) == 4 and (set(queries_per_training_pass) == {1} or not shared)
+
+
 @pytest.mark.parametrize("value", [1.7, 2.3456789])
 @pytest.mark.parametrize("g", [4, 8])
 def test_tied_groups_get_zero_advantage_and_count_as_zero_std(value, g):

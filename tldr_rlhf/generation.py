@@ -57,6 +57,104 @@ def generate(
     return out
 
 
+@torch.no_grad()
+def generate_groups(
+    model,
+    queries: list[list[int]],
+    group_size: int,
+    *,
+    eos_token_id: int,
+    pad_token_id: int,
+    max_new_tokens: int = 63,
+    temperature: float = 0.7,
+    batch_size: int = 16,
+    shared_prompt: bool = True,
+) -> tuple[list[list[int]], list[list[float]] | None]:
+    """Sample G = ``group_size`` responses for each of the Q distinct ``queries``, each query's
+    prompt computed once.
+
+    Returns (responses, logprobs): R = Q x G token lists, group-contiguous (row r answers query
+    ``r // G``: ``[q0] * G + [q1] * G + ...``), each ending at its first EOS inclusive (or
+    ``max_new_tokens`` long without it), as ``generate`` gives for the repeated queries; and each
+    sampled token's log-prob ``log softmax(logits / temperature)[token]`` (nats, float32) under the
+    logits it was drawn from, or None when not sharing.
+
+    Sharing: about ``batch_size`` rows (``batch_size // G`` prompts, at least one) at a time, the
+    left-padded queries are prefilled once (Q rows of P tokens instead of Q x G), their key/value
+    cache expanded to the G continuations (``lm_head.expand_cache``: a view for a single prompt),
+    then tokens are drawn one step at a time for all rows: pure temperature sampling,
+    ``multinomial(softmax(logits_t / temperature))``, the sampler of ``generate`` with top_k 0 and
+    top_p 1 (N+ details 19, 21); a row that has sampled EOS gets ``pad_token_id`` from then on and
+    the loop stops when every row has EOS or after ``max_new_tokens``. Position ids continue from
+    each query's own length (``cumsum(mask) - 1``, N+ detail 9). With ``shared_prompt`` False, or a
+    model that cannot share its cache (sliding-window attention), this is ``generate`` over the
+    repeated queries. Raises ValueError for ``group_size`` < 1 or ``temperature`` <= 0.
+    """
+    from .lm_head import _uses_sliding_window
+
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
+    if not shared_prompt or _uses_sliding_window(model):
+        repeated = [q for q in queries for _ in range(group_size)]
+        return generate(model, repeated, eos_token_id=eos_token_id, pad_token_id=pad_token_id, max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size), None
+    was_training = model.training
+    model.eval()
+    out: list[list[int]] = []
+    logps: list[list[float]] = []
+    per = max(1, batch_size // group_size)
+    for i in range(0, len(queries), per):
+        toks, lps, lengths = _sample_group_chunk(model, queries[i : i + per], group_size, eos_token_id, pad_token_id, max_new_tokens, temperature)
+        for row, lp, n in zip(toks.tolist(), lps.tolist(), lengths.tolist()):
+            out.append(row[:n])
+            logps.append(lp[:n])
+    model.train(was_training)
+    return out, logps
+
+
+def _sample_group_chunk(model, queries, g, eos, pad, max_new_tokens, temperature):
+    """One chunk of ``generate_groups``: (tokens (R, T) int64 padded after EOS, log-probs (R, T)
+    float32, lengths (R,) up to and including the first EOS), R = len(queries) x g."""
+    from transformers import DynamicCache
+
+    from .lm_head import expand_cache
+    from .modeling import kv_cache_kwargs
+    from .ops import position_ids_from_mask
+
+    device = next(model.parameters()).device
+    ids, mask = collate_queries(queries, pad)
+    ids, mask = ids.to(device), mask.to(device)
+    pos = position_ids_from_mask(mask)
+    index = torch.arange(len(queries), device=device).repeat_interleave(g)  # row r -> query r // g
+    cache = DynamicCache()
+    kv = kv_cache_kwargs(model, cache)
+    logits = model(input_ids=ids, attention_mask=mask.long(), position_ids=pos, use_cache=True, logits_to_keep=1, **kv).logits[:, -1].float()
+    logits = logits.index_select(0, index)
+    expand_cache(cache, index)
+    attn = mask.long().index_select(0, index)
+    next_pos = pos[:, -1].index_select(0, index) + 1
+    rows = index.numel()
+    done = torch.zeros(rows, dtype=torch.bool, device=device)
+    lengths = torch.full((rows,), max_new_tokens, dtype=torch.long, device=device)
+    tokens, logps = [], []
+    for step in range(max_new_tokens):
+        scaled = logits / temperature
+        tok = torch.multinomial(torch.softmax(scaled, -1), 1).squeeze(1)
+        tok = torch.where(done, torch.full_like(tok, pad), tok)
+        tokens.append(tok)
+        logps.append(torch.log_softmax(scaled, -1).gather(1, tok[:, None]).squeeze(1))
+        is_eos = (tok == eos) & ~done
+        lengths = torch.where(is_eos, torch.full_like(lengths, step + 1), lengths)
+        done |= is_eos
+        if step == max_new_tokens - 1 or bool(done.all()):
+            break
+        attn = torch.cat([attn, torch.ones_like(attn[:, :1])], 1)
+        logits = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos[:, None], use_cache=True, **kv).logits[:, -1].float()
+        next_pos = next_pos + 1
+    return torch.stack(tokens, 1).cpu(), torch.stack(logps, 1).cpu(), lengths.cpu()
+
+
 def decode_response(tokenizer, ids: list[int]) -> str:
     """Response text without the EOS token and the leading space the format adds."""
     if ids and ids[-1] == tokenizer.eos_token_id:

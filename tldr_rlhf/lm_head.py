@@ -197,19 +197,95 @@ def _response_hidden(backbone: nn.Module, batch: QueryResponseBatch, num_queries
     """(R, T, H) final hidden states at the positions that predict each response token."""
     ids, attn, p = batch.input_ids, batch.attention_mask, batch.query_width
     rows, t = ids.shape[0], ids.shape[1] - p
-    pos = position_ids_from_mask(attn)
     if num_queries is None:
+        pos = position_ids_from_mask(attn)
         h = backbone(input_ids=ids, attention_mask=attn.long(), position_ids=pos, use_cache=False).last_hidden_state
         return h[:, p - 1 : p - 1 + t]
     if rows % num_queries:
         raise ValueError(f"{rows} response rows do not split into groups of {num_queries} queries")
+    q = num_queries
+    return _grouped_response_hidden(backbone, batch, torch.arange(q, device=ids.device), torch.arange(q, device=ids.device).repeat(rows // q))
+
+
+def query_groups(batch: QueryResponseBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct queries of a ``[left-padded query | right-padded response]`` batch.
+
+    Two rows share a query when their first P columns agree in ids and in mask (the mask too: with
+    Qwen pad = EOS). Returns (first (Q,) int64: the first row holding each distinct query, in row
+    order; index (R,) int64: the distinct query of each row, ``first[index[r]]`` holds row r's
+    query). Any row order works: group-contiguous GRPO rows (r // G), DPO pairs (r % Q), a shuffled
+    micro-batch holding part of a group."""
+    p, rows = batch.query_width, batch.input_ids.shape[0]
+    key = torch.cat([batch.input_ids[:, :p], batch.attention_mask[:, :p].long()], 1)
+    _, inverse = torch.unique(key, dim=0, return_inverse=True)
+    r = torch.arange(rows, device=key.device)
+    first_of = torch.full((int(inverse.max()) + 1 if rows else 0,), rows, dtype=torch.long, device=key.device).scatter_reduce(0, inverse, r, "amin")
+    order = torch.argsort(first_of)  # distinct queries numbered in the order they first appear
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel(), device=key.device)
+    return first_of[order], rank[inverse]
+
+
+def expand_cache(cache, index: torch.Tensor) -> None:
+    """Expand a key/value cache of Q rows to R = len(index) rows, row r a copy of cached row
+    ``index[r]``, in place. With one cached row (Q = 1: a micro-batch inside one group) every layer
+    becomes a stride-0 ``expand`` view: no memory; otherwise ``index_select`` (one copy per layer,
+    which the next step's concatenation with the new keys would make anyway). Caches without plain
+    ``layers[i].keys / values`` tensors use ``cache.batch_select_indices``."""
+    layers = getattr(cache, "layers", None)
+    if not layers or not all(isinstance(getattr(l, "keys", None), torch.Tensor) and isinstance(getattr(l, "values", None), torch.Tensor) for l in layers):
+        cache.batch_select_indices(index)
+        return
+    rows = index.numel()
+    for layer in layers:
+        if layer.keys.shape[0] == 1:
+            layer.keys = layer.keys.expand(rows, *layer.keys.shape[1:])
+            layer.values = layer.values.expand(rows, *layer.values.shape[1:])
+        else:
+            layer.keys = layer.keys.index_select(0, index)
+            layer.values = layer.values.index_select(0, index)
+
+
+def _grouped_response_hidden(backbone: nn.Module, batch: QueryResponseBatch, first: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """(R, T, H) final hidden states predicting each response token, with the Q queries of rows
+    ``first`` run once and row r's response continuing from the cache of query ``index[r]``."""
     from transformers import DynamicCache
 
-    q, cache = num_queries, DynamicCache()
-    out = backbone(input_ids=ids[:q, :p], attention_mask=attn[:q, :p].long(), position_ids=pos[:q, :p], use_cache=True, **kv_cache_kwargs(backbone, cache))
-    last = out.last_hidden_state[:, -1:].repeat(rows // q, 1, 1)  # predicts response token 0 (queries are left-padded)
+    ids, attn, p = batch.input_ids, batch.attention_mask, batch.query_width
+    t = ids.shape[1] - p
+    pos = position_ids_from_mask(attn)
+    cache = DynamicCache()
+    out = backbone(input_ids=ids[first, :p], attention_mask=attn[first, :p].long(), position_ids=pos[first, :p], use_cache=True, **kv_cache_kwargs(backbone, cache))
+    last = out.last_hidden_state[:, -1:].index_select(0, index)  # predicts response token 0 (queries are left-padded)
     if t == 1:
         return last
-    cache.batch_select_indices(torch.arange(q, device=ids.device).repeat(rows // q))
+    expand_cache(cache, index)
     h = backbone(input_ids=ids[:, p:-1], attention_mask=attn[:, :-1].long(), position_ids=pos[:, p:-1], use_cache=True, **kv_cache_kwargs(backbone, cache)).last_hidden_state
     return torch.cat([last, h], 1)
+
+
+def can_share_prompt(model: nn.Module) -> bool:
+    """True when ``grouped_response_logits`` runs each query once for ``model``: a plain LM head
+    (``split_lm_head``) and no sliding-window attention. A DDP-wrapped model is False (its forward
+    must run through the wrapper for the gradient all-reduce)."""
+    return split_lm_head(model) is not None and not _uses_sliding_window(model)
+
+
+def grouped_response_logits(model: nn.Module, batch: QueryResponseBatch, *, shared_prompt: bool = True) -> torch.Tensor:
+    """Logits (R, T, V) predicting the response tokens of ``[left-padded query | right-padded
+    response]`` rows, with each distinct query (``query_groups``) run once.
+
+    ``out[:, t]`` is the distribution of token ``input_ids[:, P + t]``: the same numbers as
+    ``modeling.response_logits`` (the full rows) up to float rounding. The Q distinct queries run
+    through the backbone once on a key/value cache, every response continues on the cache of its
+    query (``expand_cache``), and the LM head sees the T response positions only. Gradients reach
+    the shared query positions from every response of its group (the sum over the group, as the
+    full rows give). Rows may come in any order and a micro-batch may hold part of a group.
+    Falls back to ``modeling.response_logits`` with ``shared_prompt`` False or when the model
+    cannot share (``can_share_prompt``). Shapes: batch input_ids (R, P + T); V vocabulary.
+    """
+    if not shared_prompt or not can_share_prompt(model):
+        return response_logits(model, batch.input_ids, batch.attention_mask, batch.query_width)
+    backbone, head = split_lm_head(model)
+    first, index = query_groups(batch)
+    return head(_grouped_response_hidden(backbone, batch, first, index))

@@ -56,14 +56,19 @@ def _apply_head(head: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden.float(), head.weight.float(), bias).squeeze(-1)
 
 
-def score_at_last_token(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def score_at_last_token(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, num_queries: int | None = None, query_width: int | None = None) -> torch.Tensor:
     """Scalar score of each row read at its last real token (the response's EOS; N+ detail 11),
     found from the mask. A ``reward_model.ScalarRewardModel`` scores itself (``reward_model.score``);
     any other scalar-head model goes through its backbone and head here. Shapes: input_ids,
-    attention_mask (B, L) -> (B,) float32. Raises ValueError for a row with no real token."""
+    attention_mask (B, L) -> (B,) float32. Raises ValueError for a row with no real token.
+    ``num_queries`` = Q with ``query_width`` = P: a ScalarRewardModel runs each of the Q queries
+    once (row r holds the query of row r % Q; see ``ScalarRewardModel.forward``); other models
+    ignore them (full rows, the same scores)."""
     if not attention_mask.bool().any(-1).all():
         raise ValueError("a row of the attention mask has no real token")
     if isinstance(model, ScalarRewardModel):
+        if num_queries is not None:
+            return model(input_ids=input_ids, attention_mask=attention_mask, num_queries=num_queries, query_width=query_width).rewards.float()
         return score(model, input_ids, attention_mask).float()
     backbone, head = backbone_and_head(model)
     hidden = _hidden(backbone, input_ids, attention_mask)

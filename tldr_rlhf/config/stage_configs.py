@@ -298,6 +298,11 @@ class _GroupRLConfig(_RLConfig):
     """Coefficient of the KL-to-reference term in the loss."""
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     """Per-token KL estimator in the loss (k3 = exp(ref - logp) - (ref - logp) - 1)."""
+    shared_prompt: bool = True
+    """Compute each prompt once per group in every pass: sampling (one prefill, its cache expanded to
+    the G responses), the reward model, the policy and reference log-probs and the training forward /
+    backward (same numbers as full rows up to float rounding, docs/shared_prompt.md); False = every
+    row carries its whole query (the fallback for models whose cache cannot be expanded)."""
 
     def num_updates(self) -> int:
         """Rollouts in the whole run; ValueError when fewer than one."""

@@ -28,9 +28,11 @@ import torch
 
 from ..config import GRPOConfig, RLOOConfig
 from ..losses import kl_estimate
-from ..modeling import response_logits
-from ..ops import token_logprobs
-from ..rollout import Rollout, rollout, rollout_stats
+from ..data.batching import QueryResponseBatch, collate_query_response
+from ..generation import generate_groups
+from ..lm_head import grouped_response_logits
+from ..ops import entropy_from_logits, token_logprobs
+from ..rollout import Rollout, apply_no_eos_penalty, rollout, rollout_stats, score_batch
 from .loop import build_optimizer, build_scheduler
 from .rl_common import add_micro_metrics, checkpoint_if_due, finish_rl_run, log_update, micro_batches, open_rl_run, rl_accelerator, start_updates, update_passes, update_prompts
 
@@ -49,11 +51,104 @@ sequences."""
 
 def group_rollout(policy, ref, score_fn, queries: list[list[int]], cfg: GroupConfig, *, eos: int, pad: int, generator: torch.Generator | None = None) -> tuple[Rollout, dict[str, float]]:
     """Step 1 without extras: G responses for each query, rows ``[q0] * G + [q1] * G + ...`` (group
-    b = rows bG .. bG + G - 1), sampled at ``cfg.temperature``; no extra metrics (``generator`` is
-    unused: sampling draws from the global RNG)."""
+    b = rows bG .. bG + G - 1), sampled at ``cfg.temperature``. With ``cfg.shared_prompt`` each
+    prompt is computed once per group in every pass (``shared_group_rollout``) and the metrics
+    give the split of the time (``perf/generation_time_s``, ``perf/scoring_time_s``); without it,
+    ``rollout.rollout`` over the repeated queries and no extra metrics. ``generator`` is unused:
+    sampling draws from the global RNG."""
+    if getattr(cfg, "shared_prompt", False):
+        return shared_group_rollout(policy, ref, score_fn, queries, cfg, eos=eos, pad=pad)
     grouped = [q for q in queries for _ in range(cfg.group_size)]
     common = dict(eos_token_id=eos, pad_token_id=pad, response_length=cfg.response_length, batch_size=cfg.forward_batch_size)
     return rollout(policy, ref, score_fn, grouped, temperature=cfg.temperature, no_eos_penalty=cfg.no_eos_penalty, **common), {}
+
+
+def shared_group_rollout(policy, ref, score_fn, queries: list[list[int]], cfg: GroupConfig, *, eos: int, pad: int) -> tuple[Rollout, dict[str, float]]:
+    """``group_rollout`` with each prompt computed once per group: sampling
+    (``generation.generate_groups``: one prefill per prompt, its cache expanded to the G rows), the
+    reward model (``score_groups``) and the policy and reference log-probs (``group_logprobs``).
+    Returns the rollout (rows ``[q0] * G + [q1] * G + ...``; responses truncated after the first
+    EOS, the no-EOS penalty applied, N+ details 19, 23) and ``perf/generation_time_s`` /
+    ``perf/scoring_time_s`` (seconds)."""
+    t0 = time.perf_counter()
+    batch, has_eos = sample_groups_shared(policy, queries, cfg.group_size, eos=eos, pad=pad, response_length=cfg.response_length, temperature=cfg.temperature, batch_size=cfg.forward_batch_size)
+    t1 = time.perf_counter()
+    raw = score_groups(score_fn, batch, cfg.group_size, batch_size=cfg.forward_batch_size)
+    r = finish_group_rollout(policy, ref, batch, raw, has_eos, cfg)
+    return r, {"perf/generation_time_s": t1 - t0, "perf/scoring_time_s": time.perf_counter() - t1}
+
+
+def sample_groups_shared(policy, queries: list[list[int]], group_size: int, *, eos: int, pad: int, response_length: int, temperature: float, batch_size: int) -> tuple[QueryResponseBatch, torch.Tensor]:
+    """G = ``group_size`` responses per query, each prompt prefilled once (``generation.generate_groups``),
+    collated group-contiguously as ``[left-padded query | right-padded response]``. Returns (batch of
+    len(queries) x G rows, has_eos (B,) bool)."""
+    responses, _ = generate_groups(policy, queries, group_size, eos_token_id=eos, pad_token_id=pad, max_new_tokens=response_length, temperature=temperature, batch_size=batch_size)
+    has_eos = torch.tensor([bool(x) and x[-1] == eos for x in responses])
+    return collate_query_response([q for q in queries for _ in range(group_size)], responses, pad), has_eos
+
+
+def finish_group_rollout(policy, ref, batch: QueryResponseBatch, raw_scores: torch.Tensor, has_eos: torch.Tensor, cfg: GroupConfig) -> Rollout:
+    """``rollout.finish_rollout`` for group-contiguous rows with each prompt once per group
+    (``group_logprobs``): policy log-probs and entropy, reference log-probs at ``cfg.temperature``,
+    scores with the no-EOS penalty (N+ detail 23)."""
+    g, fb, t = cfg.group_size, cfg.forward_batch_size, cfg.temperature
+    logprobs, entropy = group_logprobs(policy, batch, g, temperature=t, batch_size=fb, with_entropy=True)
+    ref_logprobs, _ = group_logprobs(ref, batch, g, temperature=t, batch_size=fb)
+    return Rollout(batch=batch, logprobs=logprobs, ref_logprobs=ref_logprobs, entropy=entropy, scores=apply_no_eos_penalty(raw_scores, has_eos, cfg.no_eos_penalty), raw_scores=raw_scores, has_eos=has_eos)
+
+
+def _group_chunks(rows: int, group_size: int, batch_size: int) -> list[tuple[int, int]]:
+    """[start, end) row ranges of about ``batch_size`` rows made of whole groups (at least one)."""
+    step = max(1, batch_size // group_size) * group_size
+    return [(i, min(rows, i + step)) for i in range(0, rows, step)]
+
+
+def _rows(batch: QueryResponseBatch, i: int, j: int) -> QueryResponseBatch:
+    return QueryResponseBatch(batch.input_ids[i:j], batch.attention_mask[i:j], batch.response_mask[i:j], batch.query_width)
+
+
+@torch.no_grad()
+def group_logprobs(model, batch: QueryResponseBatch, group_size: int, *, temperature: float, batch_size: int = 16, with_entropy: bool = False, shared_prompt: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs (B, T) float32 of the response tokens under ``model`` at ``temperature``,
+    ``log softmax(logits / temperature)[token]`` (N+ detail 21), and with ``with_entropy`` the (B, T)
+    entropy in nats of the tempered distribution (else None), on the CPU. Rows in chunks of whole
+    groups (about ``batch_size`` rows), each distinct query run once
+    (``lm_head.grouped_response_logits``): the numbers the training pass computes for the same rows
+    in any micro-batch, so the first ratio is 1. Padded positions hold meaningless values: mask them."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    logps, ents = [], []
+    for i, j in _group_chunks(batch.input_ids.shape[0], group_size, batch_size):
+        sub = _rows(batch, i, j).to(device)
+        logits = grouped_response_logits(model, sub, shared_prompt=shared_prompt)
+        logps.append(token_logprobs(logits, sub.responses, temperature).cpu())
+        if with_entropy:
+            ents.append(entropy_from_logits(logits.float() / temperature).cpu())
+        del logits
+    model.train(was_training)
+    return torch.cat(logps), (torch.cat(ents) if with_entropy else None)
+
+
+@torch.no_grad()
+def score_groups(score_fn, batch: QueryResponseBatch, group_size: int, *, batch_size: int = 16) -> torch.Tensor:
+    """Scores (B,) float32 of group-contiguous rows (row r answers query r // G) from ``score_fn``,
+    in chunks of whole groups. A score function that says it ``shares_prompt``
+    (``rl_common.reward_score_fn``) gets each chunk reordered to its shared-prompt layout (row k
+    holds the query of row k % Q) with ``num_queries`` = Q and ``query_width`` = P, so every query
+    runs once, and the scores are put back in row order; any other runs full rows
+    (``rollout.score_batch``). Raises ValueError when ``score_fn`` does not return one score per row."""
+    if not getattr(score_fn, "shares_prompt", False):
+        return score_batch(score_fn, batch, batch_size=batch_size)
+    out = torch.empty(batch.input_ids.shape[0], dtype=torch.float32)
+    for i, j in _group_chunks(batch.input_ids.shape[0], group_size, batch_size):
+        q = (j - i) // group_size
+        perm = i + torch.arange(j - i).view(q, group_size).t().flatten()  # row k of the chunk <- row perm[k]: query k % q
+        s = score_fn(batch.input_ids[perm], batch.attention_mask[perm], num_queries=q, query_width=batch.query_width)
+        if s.shape != (j - i,):
+            raise ValueError(f"score_fn must return shape ({j - i},), got {tuple(s.shape)}")
+        out[perm] = s.float().cpu()
+    return out
 
 
 def minibatch_step(model, r: Rollout, adv: torch.Tensor, rows: list[int], cfg: GroupConfig, accelerator, *, loss_fn: LossFn, prefix: str) -> dict[str, float]:
@@ -62,13 +157,18 @@ def minibatch_step(model, r: Rollout, adv: torch.Tensor, rows: list[int], cfg: G
     not step the optimizer. Returns its metrics (``loss/policy``, ``{prefix}/...`` weighted by each
     micro-batch's share of the sequences)."""
     device = accelerator.device
+    if getattr(cfg, "shared_prompt", False):
+        # the minibatch's rows in group order (rollout rows are group-contiguous): its micro-batches then
+        # hold whole groups, or parts of one, and run each query once; the minibatch gradient is the same sum
+        rows = sorted(rows)
     n_tokens, n_seqs = int(r.mask[rows].sum()), len(rows)
     sums: dict[str, float] = defaultdict(float)
     for idx, sync in micro_batches(rows, cfg.micro_batch_size, accelerator, model):
         mb = r.select(idx).to(device)
         a = adv[idx].to(device)  # (b,)
         with sync, accelerator.autocast():
-            logits = response_logits(model, mb.batch.input_ids, mb.batch.attention_mask, mb.batch.query_width)
+            # each distinct query of the micro-batch once (a whole group or part of one), unless shared_prompt is off
+            logits = grouped_response_logits(model, mb.batch, shared_prompt=getattr(cfg, "shared_prompt", False))
             new_lp = token_logprobs(logits, mb.batch.responses, cfg.temperature)  # (b, T)
             loss, m = loss_fn(new_lp, mb, a, cfg, num_tokens=n_tokens, num_sequences=n_seqs)
             accelerator.backward(loss)

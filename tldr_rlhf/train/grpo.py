@@ -44,14 +44,21 @@ def sample_groups(policy, ref, score_fn, queries: list[list[int]], cfg: GRPOConf
         return group_rl.group_rollout(policy, ref, score_fn, queries, cfg, eos=eos, pad=pad, generator=generator)
     g, n = cfg.group_size, cfg.rs_candidates
     common = dict(eos_token_id=eos, pad_token_id=pad, response_length=cfg.response_length, batch_size=cfg.forward_batch_size)
-    candidates = [q for q in queries for _ in range(n)]
-    batch, raw, has_eos = sample_and_score(policy, score_fn, candidates, temperature=cfg.rs_temperature, **common)
+    if cfg.shared_prompt:  # each prompt prefilled once for its n candidates, scored once per group
+        batch, has_eos = group_rl.sample_groups_shared(policy, queries, n, eos=eos, pad=pad, response_length=cfg.response_length, temperature=cfg.rs_temperature, batch_size=cfg.forward_batch_size)
+        raw = group_rl.score_groups(score_fn, batch, n, batch_size=cfg.forward_batch_size)
+    else:
+        candidates = [q for q in queries for _ in range(n)]
+        batch, raw, has_eos = sample_and_score(policy, score_fn, candidates, temperature=cfg.rs_temperature, **common)
     scores = torch.where(has_eos, raw, torch.full_like(raw, cfg.no_eos_penalty))
     # (prompts, n) candidate scores -> (prompts, G) kept indices -> flat rows of the candidate batch
     kept = statistical_rejection_sampling(scores.view(len(queries), n), g, beta=cfg.rs_beta, generator=generator)
     rows = (kept + torch.arange(len(queries))[:, None] * n).flatten().tolist()
     sub = select_rows(batch, rows, pad)
-    r = finish_rollout(policy, ref, sub, raw[rows], has_eos[rows], temperature=cfg.temperature, no_eos_penalty=cfg.no_eos_penalty, batch_size=cfg.forward_batch_size)
+    if cfg.shared_prompt:
+        r = group_rl.finish_group_rollout(policy, ref, sub, raw[rows], has_eos[rows], cfg)
+    else:
+        r = finish_rollout(policy, ref, sub, raw[rows], has_eos[rows], temperature=cfg.temperature, no_eos_penalty=cfg.no_eos_penalty, batch_size=cfg.forward_batch_size)
     return r, {"rs/candidate_score_mean": scores.mean().item(), "rs/kept_score_mean": scores[rows].mean().item()}
 
 

@@ -66,10 +66,12 @@ def reward_score_fn(reward_model: nn.Module, device: torch.device, autocast=None
     computed on ``device`` without gradients, returned on the CPU as float32."""
 
     @torch.no_grad()
-    def score(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def score(input_ids: torch.Tensor, attention_mask: torch.Tensor, **shared) -> torch.Tensor:
+        # shared: num_queries / query_width, each query once (group_rl.score_groups; value_model.score_at_last_token)
         with autocast() if autocast is not None else contextlib.nullcontext():
-            return score_at_last_token(reward_model, input_ids.to(device), attention_mask.to(device)).float().cpu()
+            return score_at_last_token(reward_model, input_ids.to(device), attention_mask.to(device), **shared).float().cpu()
 
+    score.shares_prompt = True  # accepts num_queries= and query_width=
     return score
 
 
