@@ -194,3 +194,29 @@ def test_dpo_run_with_checkpointing_matches_within_shared_prompt_rounding(tiny_m
     for a, b in zip(plain, ckpt):
         for k in ("loss/dpo", "rewards/margin", "logps/chosen", "logps/rejected"):
             assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-5), k
+
+
+def test_group_training_pass_takes_full_rows_under_checkpointing():
+    """GRPO / RLOO's training forward (``lm_head.grouped_response_logits``, each query once per group)
+    must not share the prompt under checkpointing, where transformers drops the cache: the logits and
+    gradients equal the full rows exactly. Sharing there would give responses that never saw their query."""
+    from tldr_rlhf.data.batching import collate_query_response
+    from tldr_rlhf.lm_head import grouped_response_logits
+    from tldr_rlhf.modeling import response_logits
+
+    queries = [[5, 6, 7, 8, 9]] * 2 + [[1, 2, 3]] * 2  # two groups of G = 2
+    batch = collate_query_response(queries, [[10, 11, 12], [20, 21], [13], [22, 23, 24]], 0)
+    model = make_tiny_qwen2()
+    enable_gradient_checkpointing(model)
+    model.train()
+
+    def run(fn):
+        model.zero_grad()
+        logits = fn()
+        (logits.float().log_softmax(-1)[..., 7] * torch.arange(1, logits.shape[1] + 1)[:, None].T).sum().backward()
+        return logits.detach(), _grads(model)
+
+    shared, g_shared = run(lambda: grouped_response_logits(model, batch, shared_prompt=True))
+    full, g_full = run(lambda: response_logits(model, batch.input_ids, batch.attention_mask, batch.query_width))
+    assert torch.equal(shared, full)
+    assert g_shared.keys() == g_full.keys() and all(torch.equal(g_shared[k], g_full[k]) for k in g_full)

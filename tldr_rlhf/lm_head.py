@@ -281,11 +281,14 @@ def grouped_response_logits(model: nn.Module, batch: QueryResponseBatch, *, shar
     query (``expand_cache``), and the LM head sees the T response positions only. Gradients reach
     the shared query positions from every response of its group (the sum over the group, as the
     full rows give). Rows may come in any order and a micro-batch may hold part of a group.
-    Falls back to ``modeling.response_logits`` with ``shared_prompt`` False or when the model
-    cannot share (``can_share_prompt``). Shapes: batch input_ids (R, P + T); V vocabulary.
+    Falls back to ``modeling.response_logits`` with ``shared_prompt`` False, when the model cannot
+    share (``can_share_prompt``), or in a training forward under activation checkpointing
+    (``modeling.checkpointing_active``). Shapes: batch input_ids (R, P + T); V vocabulary.
     """
     if not shared_prompt or not can_share_prompt(model):
         return response_logits(model, batch.input_ids, batch.attention_mask, batch.query_width)
     backbone, head = split_lm_head(model)
+    if checkpointing_active(backbone):  # transformers drops the key/value cache under activation checkpointing
+        return response_logits(model, batch.input_ids, batch.attention_mask, batch.query_width)
     first, index = query_groups(batch)
     return head(_grouped_response_hidden(backbone, batch, first, index))
