@@ -105,6 +105,9 @@ def main() -> None:
             if stage not in args.stages and stage not in ("sft", "rm"):
                 continue
             cfg = stage_config(stage, model, work, runs, args.threads)
+            if stage not in args.stages and (work / stage / "final").is_dir():  # an input already trained by an earlier run
+                runs[stage] = str(work / stage / "final")
+                continue
             if args.estimate_only and (work / stage / "final").is_dir():
                 measured, seconds = json.loads((work / "measured.json").read_text())[stage]
             else:

@@ -84,7 +84,7 @@ def test_rl_frozen_models_and_lora_reference():
     from tldr_rlhf.config import GRPOConfig
 
     rm = dataclasses.replace(TOY, params=3000)
-    cfg = GRPOConfig(sft_path="toy", rm_path="rm", dtype="float32", data=TldrDataArgs(max_query_length=7), response_length=3, rollout_prompts=2, group_size=2, micro_batch_size=2, optim=OptimArgs(optim_8bit="off"))
+    cfg = GRPOConfig(sft_path="toy", rm_path="rm", dtype="float32", data=TldrDataArgs(max_query_length=7), response_length=3, rollout_prompts=2, group_size=2, micro_batch_size=2, optim=OptimArgs(optim_8bit="off"), shared_prompt=False)
     shapes = {"toy": TOY, "rm": rm}
     est = estimate_stage("grpo", cfg, device="cpu", shapes=shapes)
     assert est.frozen == (1000 + 3000) * 4  # reference copy + reward model, float32
@@ -93,6 +93,9 @@ def test_rl_frozen_models_and_lora_reference():
     # the scoring pass (4 rows x 3 response tokens x 50 vocabulary, logits and log-softmax in float32) is
     # smaller than the update's activations here
     assert est.activations == max(activation_bytes(TOY, 2 * 10, 4), 2 * 4 * 3 * 50 * 4)
+    # the shared prompt (each query once per group): a micro-batch of 2 rows of one group is 7 + 2 x 3 tokens
+    shared = estimate_stage("grpo", dataclasses.replace(cfg, shared_prompt=True), device="cpu", shapes=shapes)
+    assert shared.activations == max(activation_bytes(TOY, 7 + 2 * 3, 4), 2400)
     lora = estimate_stage("grpo", dataclasses.replace(cfg, lora_r=2), device="cpu", shapes=shapes)
     assert lora.frozen == 3000 * 4  # the reference is the policy with its adapters off
     assert estimate_stage("grpo", dataclasses.replace(cfg, gradient_checkpointing=True), device="cpu", shapes=shapes).activations == max(activation_bytes(TOY, 20, 4, checkpointing=True), 2400)

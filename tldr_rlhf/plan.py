@@ -288,9 +288,12 @@ def estimate_stage(stage: str, cfg: Any, *, device: Literal["cuda", "cpu"] = "cu
         est.activations = activation_bytes(shape, rows * seq, prec.compute, checkpointing=ckpt) + activation_bytes(value, rows * seq, prec.compute, checkpointing=ckpt)
         gen_rows = cfg.local_batch_size(world)
     else:
-        rows = cfg.micro_batch_size
-        est.activations = activation_bytes(shape, rows * seq, prec.compute, checkpointing=ckpt)
-        gen_rows = cfg.local_prompts(world) * getattr(cfg, "group_size", 2)  # online DPO: a pair per prompt
+        rows, group = cfg.micro_batch_size, getattr(cfg, "group_size", 2)  # online DPO: a pair per prompt
+        # with the shared prompt a micro-batch holds whole groups (or part of one): each query runs once
+        shared = getattr(cfg, "shared_prompt", False) and not ckpt and world == 1
+        tokens = -(-rows // group) * query + rows * response if shared else rows * seq
+        est.activations = activation_bytes(shape, tokens, prec.compute, checkpointing=ckpt)
+        gen_rows = cfg.local_prompts(world) * group
     gen_rows = min(gen_rows, getattr(cfg, "forward_batch_size", gen_rows) or gen_rows)
     est.kv_cache = 2 * shape.layers * shape.kv_dim * seq * gen_rows * prec.compute
     # the rollout's scoring passes (old-policy and reference log-probs) hold a forward batch's response
