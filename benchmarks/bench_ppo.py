@@ -58,6 +58,27 @@ TRL_PYTHON_ENV = "TLDR_RLHF_TRL_PPO_PYTHON"
 DEFAULT_TRL_PYTHON = "/tmp/trlppo-venv/bin/python"
 
 
+
+def tiny_reward_model(workdir: Path, policy: str) -> str:
+    """A tiny ScalarRewardModel with the policy's backbone config, saved once."""
+    import torch
+    from transformers import AutoConfig, AutoTokenizer
+
+    from tldr_rlhf.reward_model import RewardModelConfig, ScalarRewardModel
+
+    path = workdir / "tiny-rm"
+    if not (path / "config.json").exists():
+        torch.manual_seed(1)
+        ScalarRewardModel(RewardModelConfig(text_config=AutoConfig.from_pretrained(policy))).save_pretrained(path)
+        AutoTokenizer.from_pretrained(policy).save_pretrained(path)
+    return str(path)
+
+
+def _tokens(prompts, settings) -> int:
+    """Episodes x (mean query + response length): the same count on both sides."""
+    q = sum(len(p.query_ids) for p in prompts) / len(prompts)
+    return int(settings["steps"] * settings["prompts"] * settings.get("group_size", 1) * (q + settings["response_length"]))
+
 def ours(settings):
     from tldr_rlhf.config import OptimArgs, PPOConfig, RunArgs
     from tldr_rlhf.train.ppo import train
@@ -76,7 +97,7 @@ def ours(settings):
     )
     train(cfg)
     steps = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if "perf/update_time_s" in l]
-    return {"steps": len(steps), "items": len(steps) * n, "tokens": bench_grpo._tokens(_prompts, settings), "step_times": [r["perf/update_time_s"] for r in steps],
+    return {"steps": len(steps), "items": len(steps) * n, "tokens": _tokens(_prompts, settings), "step_times": [r["perf/update_time_s"] for r in steps],
             "final_policy_loss": steps[-1]["loss/policy"], "final_score": steps[-1]["objective/scores"], "final_kl": steps[-1]["objective/kl"]}
 
 
@@ -120,7 +141,7 @@ def trl(settings):
     logs = [h for h in trainer.state.log_history if "loss/policy_avg" in h]
     import trl as trl_pkg
 
-    return {"steps": len(timer.times), "items": len(timer.times) * n, "tokens": bench_grpo._tokens(prompts, settings), "step_times": timer.times,
+    return {"steps": len(timer.times), "items": len(timer.times) * n, "tokens": _tokens(prompts, settings), "step_times": timer.times,
             "final_policy_loss": logs[-1]["loss/policy_avg"], "final_score": logs[-1]["objective/scores"], "final_kl": logs[-1]["objective/kl"],
             "trl_version": trl_pkg.__version__}
 
@@ -148,7 +169,7 @@ def main():
     work = harness.workdir()
     settings = dict(SETTINGS, workdir=str(work))
     settings["model"] = harness.tiny_model(work / "tiny-qwen2")
-    settings["rm"] = bench_grpo.reward_model(work, settings["model"])
+    settings["rm"] = tiny_reward_model(work, settings["model"])
     results = {"ours": harness.run_side(__file__, "ours", settings), "trl": harness.run_side(__file__, "trl", dict(settings), python=python)}
     out = harness.summarize("ppo", results, item="episodes")
     out["trl_version"] = results["trl"]["trl_version"]
