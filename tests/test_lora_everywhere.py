@@ -14,14 +14,14 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from tldr_rlhf.config import GRPOConfig, ModelArgs, OptimArgs, PPOConfig, RLOOConfig, RunArgs, SFTConfig, TldrDataArgs
 from tldr_rlhf.errors import ConfigError
-from tldr_rlhf.modeling import ADAPTER_DIR, AdaptersDisabled, init_reward_model, load_causal_lm, quantization_4bit, save_reward_model
+from tldr_rlhf.modeling import ADAPTER_DIR, AdaptersDisabled, apply_lora, init_reward_model, load_causal_lm, quantization_4bit, save_reward_model
 from tldr_rlhf.rollout import response_logprobs
 from tldr_rlhf.data.batching import collate_query_response
 from tldr_rlhf.train import grpo, ppo, rloo
 from tldr_rlhf.train.rl_common import load_rl_models
 from tldr_rlhf.validation import validate_config
 
-from rl_fixtures import EOS, POSTS
+from rl_fixtures import EOS, POSTS, make_tiny_qwen2
 
 
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")
@@ -85,7 +85,9 @@ def _group_common(sft, rm, out):
 def test_group_rl_with_lora(ckpts, tmp_path, stage, monkeypatch):
     # a random tiny policy never samples EOS in 6 tokens: every response would get the same no-EOS
     # score and every group advantage would be 0; score them by the reward model instead
-    monkeypatch.setattr("tldr_rlhf.rollout.apply_no_eos_penalty", lambda scores, has_eos, penalty=-1.0: scores)
+    keep_scores = lambda scores, has_eos, penalty=-1.0: scores  # noqa: E731
+    monkeypatch.setattr("tldr_rlhf.rollout.apply_no_eos_penalty", keep_scores)
+    monkeypatch.setattr("tldr_rlhf.train.group_rl.apply_no_eos_penalty", keep_scores)  # the grouped rollout's own reference
     out = tmp_path / stage
     if stage == "grpo":
         final = grpo.train(GRPOConfig(**_group_common(*ckpts, out)))
@@ -220,3 +222,14 @@ def test_rm_training_run_with_lora_normalizes_and_saves_merged(ckpts, qwen_token
     assert (tmp_path / "rm" / "final" / ADAPTER_DIR / "adapter_config.json").is_file()
     with pytest.raises(ConfigError, match="--train-layers"):
         validate_config(RMConfig(model=ModelArgs(path=sft, lora_r=4), train_layers=1), check_paths=False)
+
+
+def test_a_lora_model_gets_the_cache_keyword_of_the_model_it_wraps():
+    """PEFT's forward takes **kwargs and passes them through: the wrapped model's signature decides the
+    key/value-cache keyword (``cache`` on transformers >= 5.24, where ``past_key_values`` is deprecated).
+    Reading the wrapper's own signature gave the deprecated name to every shared-prompt pass under LoRA."""
+    from tldr_rlhf.modeling import kv_cache_kwargs
+
+    base = make_tiny_qwen2()
+    want = kv_cache_kwargs(base, None)
+    assert list(kv_cache_kwargs(apply_lora(make_tiny_qwen2(), r=2, alpha=4), None)) == list(want)

@@ -595,8 +595,10 @@ def kv_cache_kwargs(model: nn.Module, cache) -> dict[str, Any]:
     """``{keyword: cache}`` that hands a key/value cache (a ``transformers.Cache``, filled in place)
     to ``model.forward``: ``cache`` from transformers 5.24 on, where ``past_key_values`` is deprecated
     (to be removed in 5.40), ``past_key_values`` before. Read from the forward's signature, so model
-    classes of either age (remote code too) get the name they know."""
-    return {_kv_cache_keyword(type(model)): cache}
+    classes of either age (remote code too) get the name they know. A PEFT model (LoRA) passes its
+    keywords through to the model it wraps: that model's signature decides."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return {_kv_cache_keyword(type(inner)): cache}
 
 
 @functools.cache
