@@ -86,7 +86,6 @@ def _prompts(settings):
 def ours(settings, shared_prompt: bool = True):
     from tldr_rlhf.config import GRPOConfig, OptimArgs, RLOOConfig, RunArgs
     from tldr_rlhf.train.grpo import train
-    from tldr_rlhf.train.loop import peak_memory_mb  # noqa: F401
     from tldr_rlhf.train.rloo import train as train_rloo
 
     algo = settings["algo"]

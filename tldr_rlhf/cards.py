@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -26,11 +25,11 @@ from tyro.conf import Positional, arg
 
 from .checkpoints import COMPLETE, final_is_complete
 from .errors import RunDirError, TldrRlhfError
+from .validation import HUB_ID
 
 log = logging.getLogger(__name__)
 
 CARD = "README.md"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 STAGE_TITLES = {
     "sft": "supervised fine-tuned TL;DR policy",
@@ -106,7 +105,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def _hub_id(value: Any) -> str | None:
     """``value`` when it names a hub repo (not an existing local path), else None."""
-    return value if isinstance(value, str) and _HUB_ID.match(value) and not Path(value).exists() else None
+    return value if isinstance(value, str) and HUB_ID.match(value) and not Path(value).exists() else None
 
 
 def _card_data_of(path: str) -> dict[str, Any]:
@@ -325,7 +324,7 @@ def push_folder(folder: Path, repo_id: str, *, private: bool = True, revision: s
     TldrRlhfError for a bad repo id or a failed upload (huggingface_hub's reason in one line)."""
     from huggingface_hub import CommitOperationAdd, HfApi
 
-    if not _HUB_ID.match(repo_id):
+    if not HUB_ID.match(repo_id):
         raise TldrRlhfError(f"{repo_id}: expected a Hub repo id, NAMESPACE/NAME")
     folder = Path(folder)
     skip = {COMPLETE, "state.pt"}

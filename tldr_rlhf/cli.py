@@ -210,9 +210,10 @@ def parse(argv: list[str]):
     name, rest = argv[0], list(argv[1:])
     stage = COMMANDS[name]
     cls, presets = stage.config_class(), stage.preset_table()
+    fields = getattr(cls, "__dataclass_fields__", {})
     default = None
     # --preset NAME picks the command's defaults, unless the command has a field of that name (plan)
-    preset = _take_option(rest, "--preset") if presets or "preset" not in getattr(cls, "__dataclass_fields__", {}) else None
+    preset = _take_option(rest, "--preset") if presets or "preset" not in fields else None
     if preset is not None:
         if preset not in presets:
             print(f"tldr-rlhf {name}: unknown preset '{preset}'; choose from {sorted(presets)}", file=sys.stderr)
@@ -224,7 +225,6 @@ def parse(argv: list[str]):
         from .config.files import config_from_file
 
         default = config_from_file(cls, config_file, default)
-    fields = getattr(cls, "__dataclass_fields__", {})
     for short, section in SHORT_FLAGS.items():  # --task X: short for --data.task X; --report-to: --run.report-to
         if section in fields and short.lstrip("-").replace("-", "_") not in fields:
             rest = [_expand_short(a, short, section) for a in rest]

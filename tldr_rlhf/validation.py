@@ -76,7 +76,7 @@ MODEL_PATH_CLASSES = {"EvaluateRMConfig", "GenerateArgs"}
 # input fields that must hold one kind of model (checked from a local folder's config.json)
 KIND_FIELDS = {"sft_path": "policy", "rm_path": "reward_model", "judge_rm_path": "reward_model", "reference": "policy"}
 KIND_CLASS_FIELDS = {("EvaluateRMConfig", "model"): "reward_model", ("GenerateArgs", "model"): "policy"}
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # NAMESPACE/NAME (inputs, --run.push-to-hub, model cards)
 _FILE_SUFFIXES = (".json", ".jsonl", ".gguf", ".parquet", ".safetensors", ".bin", ".pt", ".csv", ".txt")
 
 
@@ -99,7 +99,7 @@ def check_input(value: str, name: str, what: str = "file or folder") -> None:
         return
     first = p.parts[0] if p.parts else ""
     looks_local = (
-        p.is_absolute() or first in (".", "..", "~") or value.endswith(_FILE_SUFFIXES) or not _HUB_ID.match(value) or Path(first).is_dir()
+        p.is_absolute() or first in (".", "..", "~") or value.endswith(_FILE_SUFFIXES) or not HUB_ID.match(value) or Path(first).is_dir()
     )
     if looks_local:
         raise ConfigError(f"{name}{value}: {what} does not exist")
@@ -127,7 +127,7 @@ def _walk(cfg: Any, prefix: tuple[str, ...], check_paths: bool) -> None:
         _check_value(cls_name, f.name, value, where)
         if f.name == "report_to":
             check_report_to(value, flag(where))
-        if f.name == "push_to_hub" and value and not _HUB_ID.match(value):
+        if f.name == "push_to_hub" and value and not HUB_ID.match(value):
             raise ConfigError(f"{flag(where)} {value}: expected a Hub repo id, NAMESPACE/NAME")
         if f.name in REWARD_FIELDS and isinstance(value, str) and value:  # syntax always; callables and paths with check_paths
             from .rewards import check_reward_spec

@@ -138,10 +138,11 @@ class RunDir:
         validate_config(cfg)
         from ..plan import preflight
 
-        preflight(_stage_of(cfg) or "", cfg)  # a stage that cannot fit on the GPU stops here, before the folder is touched
+        stage = _stage_of(cfg)
+        preflight(stage or "", cfg)  # a stage that cannot fit on the GPU stops here, before the folder is touched
         run = cls(cfg.run.output_dir, overwrite=cfg.run.overwrite, is_main=is_main)
         run.trust_checkpoint = cfg.run.trust_checkpoint
-        run.cfg, run.stage = cfg, _stage_of(cfg) or run.stage
+        run.cfg, run.stage = cfg, stage or run.stage
         if is_main:
             run.trackers = Trackers(cfg.run.report_to, run.path, to_dict(cfg), stage=run.stage)
         resume_from = run.latest_checkpoint() if cfg.run.resume else None
