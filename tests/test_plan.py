@@ -167,3 +167,27 @@ def test_a_reward_spec_with_a_reward_model_term_keeps_that_model():
     shapes = {"toy": TOY, "runs/rm/final": dataclasses.replace(TOY, params=3000)}
     cfg = GRPOConfig(sft_path="toy", reward="runs/rm/final,length:-0.01", dtype="float32", data=TldrDataArgs(max_query_length=7), response_length=3, rollout_prompts=2, group_size=2, micro_batch_size=2)
     assert estimate_stage("grpo", cfg, device="cpu", shapes=shapes).frozen == (1000 + 3000) * 4
+
+
+def test_fsdp_shards_the_trained_state_and_is_proposed_on_several_gpus():
+    """--run.fsdp over 4 devices: a quarter of the weights, gradients and AdamW states per device,
+    plus what FSDP gathers at a time (the root unit: the tied 50 x 4 embedding, and one block of
+    (1000 - 200 - 4) // 3 = 265 weights) for the other three quarters."""
+    sharded = _sft(run=RunArgs(fsdp=True))
+    est = estimate_stage("sft", sharded, device="cpu", world=4, shapes={"toy": TOY})
+    assert (est.weights, est.gradients, est.optimizer) == (1000 * 4 / 4 + (200 + 265) * 4 * 3 / 4, 1000 * 4 / 4, 1000 * 8 / 4) == (2395, 1000, 2000)
+    # one process: nothing to shard
+    assert estimate_stage("sft", sharded, device="cpu", world=1, shapes={"toy": TOY}).weights == 4000
+    # on 4 devices, when micro-batch 1 with checkpointing is not enough, FSDP is the next change
+    cfg = _sft(micro_batch_size=8, model=ModelArgs(path="toy", dtype="float32"))
+    shapes = {"toy": TOY}
+    ckpt_cfg = _sft(micro_batch_size=1, model=ModelArgs(path="toy", dtype="float32", gradient_checkpointing=True))
+    ckpt = estimate_stage("sft", ckpt_cfg, device="cpu", world=4, shapes=shapes).total
+    with_fsdp = estimate_stage("sft", dataclasses.replace(ckpt_cfg, run=RunArgs(fsdp=True)), device="cpu", world=4, shapes=shapes).total
+    assert with_fsdp == ckpt - (4000 + 4000 + 8000) + (2395 + 1000 + 2000)
+    est = estimate_stage("sft", cfg, device="cpu", world=4, shapes=shapes)
+    assert plan.suggestion("sft", cfg, est, budget=(ckpt + with_fsdp) / 2, device="cpu", world=4, shapes=shapes) == (
+        "--micro-batch-size 1 --model.gradient-checkpointing --run.fsdp (FSDP: weights, gradients and AdamW states sharded over 4 devices)"
+    )
+    # on one device FSDP is never proposed
+    assert "--run.fsdp" not in plan.suggestion("sft", cfg, estimate_stage("sft", cfg, device="cpu", shapes=shapes), budget=(ckpt + with_fsdp) / 2, device="cpu", world=1, shapes=shapes)

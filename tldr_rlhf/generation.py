@@ -33,6 +33,11 @@ def generate(
     """
     if min_new_tokens:
         raise ValueError("min_new_tokens > 0 suppresses EOS (N+ detail 19); sample freely and truncate after EOS instead")
+    from .train.fsdp import is_sharded
+
+    # an FSDP-sharded model gathers its weights at every forward: every process keeps stepping until
+    # all are done (transformers' synced_gpus), else one that stopped early would leave the others waiting
+    synced = is_sharded(model)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -47,6 +52,7 @@ def generate(
             max_new_tokens=max_new_tokens,
             eos_token_id=eos_token_id,
             pad_token_id=pad_token_id,
+            synced_gpus=synced,
             **kwargs,
         )
         responses = seq[:, ids.shape[1]:]
@@ -88,7 +94,8 @@ def generate_groups(
     the loop stops when every row has EOS or after ``max_new_tokens``. Position ids continue from
     each query's own length (``cumsum(mask) - 1``, N+ detail 9). With ``shared_prompt`` False, or a
     model that cannot share its cache (sliding-window attention), this is ``generate`` over the
-    repeated queries. Raises ValueError for ``group_size`` < 1 or ``temperature`` <= 0.
+    repeated queries, as for an FSDP-sharded model (whose processes must step together: ``generate``'s
+    ``synced_gpus``). Raises ValueError for ``group_size`` < 1 or ``temperature`` <= 0.
     """
     from .lm_head import _uses_sliding_window
 
@@ -96,7 +103,9 @@ def generate_groups(
         raise ValueError(f"group_size must be >= 1, got {group_size}")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
-    if not shared_prompt or _uses_sliding_window(model):
+    from .train.fsdp import is_sharded
+
+    if not shared_prompt or _uses_sliding_window(model) or is_sharded(model):
         repeated = [q for q in queries for _ in range(group_size)]
         return generate(model, repeated, eos_token_id=eos_token_id, pad_token_id=pad_token_id, max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size), None
     was_training = model.training

@@ -142,7 +142,12 @@ def chunked_target_logprobs(
 def split_lm_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
     """(backbone, LM head) of a causal LM (peft-wrapped or not) whose logits are exactly
     ``head(backbone(...).last_hidden_state)``; None when that does not hold or is not known to hold
-    (logit softcapping or scaling, a LoRA-wrapped head, no ``get_decoder``)."""
+    (logit softcapping or scaling, a LoRA-wrapped head, no ``get_decoder``, an FSDP-sharded model:
+    its weights are gathered only inside its own forward)."""
+    from .train.fsdp import is_sharded
+
+    if is_sharded(model):
+        return None
     base = model.get_base_model() if hasattr(model, "get_base_model") and hasattr(model, "peft_config") else model
     cfg = getattr(base, "config", None)
     if cfg is None or not hasattr(base, "get_decoder") or not hasattr(base, "get_output_embeddings"):

@@ -331,14 +331,22 @@ def cast_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Ten
     return out
 
 
-def _save_weights(model: nn.Module, path: Path, dtype: torch.dtype | None) -> None:
+def _save_weights(model: nn.Module, path: Path, dtype: torch.dtype | None, state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """``model.save_pretrained(path)`` (safetensors), the floating-point weights cast to ``dtype``
-    first when given (the model itself is not changed) and config.json's ``dtype`` saying so."""
-    params = {p.dtype for p in model.parameters() if p.is_floating_point()}
-    if dtype is None or params == {dtype}:
-        model.save_pretrained(path, safe_serialization=True)
-        return
-    model.save_pretrained(path, safe_serialization=True, state_dict=cast_state_dict(model, dtype))
+    first when given (the model itself is not changed) and config.json's ``dtype`` saying so.
+    ``state_dict``: the weights to write instead of the model's own (an FSDP-sharded model's
+    gathered full weights, ``train.fsdp.full_state_dict``)."""
+    if state_dict is not None:
+        cast = {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in state_dict.items()}
+        model.save_pretrained(path, safe_serialization=True, state_dict=cast)
+        if dtype is None:
+            return
+    else:
+        params = {p.dtype for p in model.parameters() if p.is_floating_point()}
+        if dtype is None or params == {dtype}:
+            model.save_pretrained(path, safe_serialization=True)
+            return
+        model.save_pretrained(path, safe_serialization=True, state_dict=cast_state_dict(model, dtype))
     config_file = path / "config.json"
     config = json.loads(config_file.read_text())
     name = str(dtype).removeprefix("torch.")
@@ -348,13 +356,14 @@ def _save_weights(model: nn.Module, path: Path, dtype: torch.dtype | None) -> No
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def save_pretrained(model: nn.Module, tokenizer, path: str | Path, *, dtype: torch.dtype | None = None) -> None:
+def save_pretrained(model: nn.Module, tokenizer, path: str | Path, *, dtype: torch.dtype | None = None, state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """Save an ordinary Hugging Face checkpoint (safetensors) plus tokenizer to ``path``: LoRA adapters
     merged (``unwrap_for_save``), floating-point weights cast to ``dtype`` when given
-    (``saved_weights_dtype``), else as they are."""
+    (``saved_weights_dtype``), else as they are; ``state_dict`` the weights to write instead of the
+    model's own (an FSDP-sharded model's gathered weights)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    _save_weights(unwrap_for_save(model), path, dtype)
+    _save_weights(unwrap_for_save(model), path, dtype, state_dict)
     tokenizer.save_pretrained(path)
     save_adapter(model, path)
 
@@ -557,16 +566,17 @@ def _set_reward_special_ids(model: nn.Module, tokenizer) -> None:
         cfg.eos_token_id = tokenizer.eos_token_id
 
 
-def save_reward_model(model: nn.Module, tokenizer, path: str | Path, *, dtype: torch.dtype | None = None) -> None:
+def save_reward_model(model: nn.Module, tokenizer, path: str | Path, *, dtype: torch.dtype | None = None, state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """Save a ``ScalarRewardModel`` as a Hugging Face checkpoint (safetensors, config with auto_map,
     this package's reward_model.py, tokenizer, the tokenizer's pad and EOS ids) that
     ``AutoModelForSequenceClassification`` loads back; floating-point weights cast to ``dtype`` when
     given, else as they are. A LoRA reward model is saved merged, and its adapters (with the head)
-    alone in ``path/adapter`` (``save_adapter``)."""
+    alone in ``path/adapter`` (``save_adapter``). ``state_dict``: the weights to write instead of the
+    model's own (an FSDP-sharded model's gathered weights)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     _set_reward_special_ids(model, tokenizer)
-    _save_weights(unwrap_for_save(model), path, dtype)
+    _save_weights(unwrap_for_save(model), path, dtype, state_dict)
     tokenizer.save_pretrained(path)
     save_adapter(model, path)
 

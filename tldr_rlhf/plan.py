@@ -204,8 +204,13 @@ def layer_params(shape: ModelShape) -> int:
 
 def _trained(est: StageEstimate, shape: ModelShape, prec: Precision, *, world: int, lora_r: int = 0, top_layers: int = 0, load_in_4bit: bool = False, shard: bool = False) -> None:
     """Add a trained model's weights, gradients and optimizer states (divided over ``world`` devices
-    when ``shard``): every weight, the LoRA adapters, or the ``top_layers`` top blocks only."""
-    div = world if shard else 1
+    when ``shard``: FSDP, ``--run.fsdp``): every weight, the LoRA adapters, or the ``top_layers`` top
+    blocks only. Sharded, a device also holds what FSDP gathers at a time: the root unit (embeddings
+    and LM head, kept gathered from the forward to the backward) and one transformer block."""
+    div = world if shard and world > 1 else 1
+    if div > 1:
+        gathered = shape.vocab * shape.hidden * (1 if shape.tied else 2) + layer_params(shape)
+        est.weights += gathered * prec.master * (1 - 1 / div)
     if lora_r:
         trainable = lora_params(shape, lora_r)
     elif top_layers > 0:  # the embedding stays frozen even when N covers every block
@@ -243,7 +248,7 @@ def estimate_stage(stage: str, cfg: Any, *, device: Literal["cuda", "cpu"] = "cu
         prec = precision(device, model.dtype, cfg.optim.optim_8bit)
         top = getattr(cfg, "train_layers", 0)
         ckpt = getattr(model, "gradient_checkpointing", False)
-        _trained(est, shape, prec, world=world, lora_r=model.lora_r, top_layers=top, load_in_4bit=getattr(model, "load_in_4bit", False))
+        _trained(est, shape, prec, world=world, lora_r=model.lora_r, top_layers=top, load_in_4bit=getattr(model, "load_in_4bit", False), shard=cfg.run.fsdp)
         if stage == "sft":
             response = response_cap(data.max_response_length)
             tokens = cfg.micro_batch_size * (query + response)
@@ -261,7 +266,7 @@ def estimate_stage(stage: str, cfg: Any, *, device: Literal["cuda", "cpu"] = "cu
     prec = precision(device, cfg.dtype, cfg.optim.optim_8bit)
     lora_r = getattr(cfg, "lora_r", 0)
     ckpt = getattr(cfg, "gradient_checkpointing", False)
-    _trained(est, shape, prec, world=world, lora_r=lora_r, load_in_4bit=getattr(cfg, "load_in_4bit", False))
+    _trained(est, shape, prec, world=world, lora_r=lora_r, load_in_4bit=getattr(cfg, "load_in_4bit", False), shard=cfg.run.fsdp)
     if stage == "dpo":
         response = response_cap(data.max_response_length)
         pairs = cfg.micro_batch_size
@@ -282,7 +287,7 @@ def estimate_stage(stage: str, cfg: Any, *, device: Literal["cuda", "cpu"] = "cu
     seq = query + response
     if stage == "ppo":
         value = rm or shape  # the value model: a copy of the reward model, else of the SFT backbone
-        _trained(est, value, prec, world=world, lora_r=lora_r)  # its own adapters under LoRA
+        _trained(est, value, prec, world=world, lora_r=lora_r, shard=cfg.run.fsdp)  # its own adapters under LoRA
         rows = cfg.micro_batch_size
         est.activations = activation_bytes(shape, rows * seq, prec.compute, checkpointing=ckpt) + activation_bytes(value, rows * seq, prec.compute, checkpointing=ckpt)
         gen_rows = cfg.local_batch_size(world)
@@ -317,7 +322,9 @@ class PlanArgs:
     preset: str = "seed"
     """A pipeline preset (tldr-rlhf pipeline --help lists them)."""
     gpus: int = 1
-    """Devices the stages run on (data parallel: each holds a full copy)."""
+    """Devices the stages run on (data parallel: each holds a full copy; with --fsdp each a shard)."""
+    fsdp: bool = False
+    """Plan the stages with --run.fsdp: trained weights, gradients and AdamW states sharded over the GPUs."""
     gpu_memory_gb: float = 80.0
     """Memory per device in GB (GiB): 80 for an H100 / A100-80GB, 128 for a DGX Spark (unified)."""
     device: Literal["cuda", "cpu"] = "cuda"
@@ -332,8 +339,9 @@ def _fits(est: StageEstimate, budget: float) -> bool:
 
 def suggestion(stage: str, cfg: Any, est: StageEstimate, *, budget: float, device: str, world: int, shapes: dict[str, ModelShape]) -> str:
     """The cheapest change (in this order) that brings the stage under ``budget``: a smaller
-    micro-batch, activation checkpointing, 8-bit AdamW, LoRA r=16 (each on top of the ones before);
-    "" when it fits, a sentence saying none is enough otherwise."""
+    micro-batch, activation checkpointing, FSDP on several devices (``--run.fsdp``: the same numbers,
+    more communication), 8-bit AdamW, LoRA r=16 (each on top of the ones before); "" when it fits, a
+    sentence saying none is enough otherwise."""
     if est.total <= budget:
         return ""
     micro = cfg.micro_batch_size
@@ -348,9 +356,15 @@ def suggestion(stage: str, cfg: Any, est: StageEstimate, *, budget: float, devic
         if estimate_stage(stage, trial, device=device, world=world, shapes=shapes).total <= budget:
             return (f"--micro-batch-size {micro} " if micro != cfg.micro_batch_size else "") + f"{ckpt_flag} (activation checkpointing)"
     one = _checkpointing(_with(cfg, micro_batch_size=1))
+    fsdp = ""
+    if world > 1 and not cfg.run.fsdp:
+        one = dataclasses.replace(one, run=dataclasses.replace(one.run, fsdp=True))
+        fsdp = " --run.fsdp"
+        if estimate_stage(stage, one, device=device, world=world, shapes=shapes).total <= budget:
+            return f"--micro-batch-size 1 {ckpt_flag} --run.fsdp (FSDP: weights, gradients and AdamW states sharded over {world} devices)"
     optim = dataclasses.replace(cfg.optim, optim_8bit="on")
     if estimate_stage(stage, dataclasses.replace(one, optim=optim), device=device, world=world, shapes=shapes).total <= budget:
-        return f"--micro-batch-size 1 {ckpt_flag} --optim.optim-8bit on (bitsandbytes 8-bit AdamW, CUDA)"
+        return f"--micro-batch-size 1 {ckpt_flag}{fsdp} --optim.optim-8bit on (bitsandbytes 8-bit AdamW, CUDA)"
     lora = _lora(one, 16)
     lora_flag = "--model.lora-r 16" if stage in ("sft", "rm") else "--lora-r 16"
     if lora is not None and estimate_stage(stage, lora, device=device, world=world, shapes=shapes).total <= budget:
@@ -415,8 +429,11 @@ def plan(args: PlanArgs) -> list[list[str]]:
         if name != "dpo":
             changes["rm_path"] = rm_model
         configs[name] = dataclasses.replace(configs[name], **changes)
+    if args.fsdp:
+        configs = {name: dataclasses.replace(c, run=dataclasses.replace(c.run, fsdp=True)) if hasattr(c, "run") else c for name, c in configs.items()}
     header, rows = plan_table(args, configs)
-    print(f"Memory plan: pipeline preset '{args.preset}', {args.gpus} x {args.gpu_memory_gb:g} GiB {args.device} device(s); GiB per device, estimates")
+    sharding = ", FSDP" if args.fsdp else ""
+    print(f"Memory plan: pipeline preset '{args.preset}', {args.gpus} x {args.gpu_memory_gb:g} GiB {args.device} device(s){sharding}; GiB per device, estimates")
     print(markdown_table(header, rows))
     return rows
 

@@ -220,7 +220,8 @@ class ScalarRewardModel(PreTrainedModel):
         (``collate_pairs``: Q = B pairs, 2B rows). The Q queries run once and every response
         continues from their key/value cache: the same scores as full rows up to float rounding,
         with the query (the long part) computed once per pair instead of twice. Not in a training
-        forward under activation checkpointing, whose blocks ignore caches: full rows there.
+        forward under activation checkpointing, whose blocks ignore caches, nor for an FSDP-sharded
+        model (``--run.fsdp``): full rows there.
         """
         if getattr(self.backbone.config, "_attn_implementation", "") is None:
             raise RuntimeError("the backbone's attention implementation is unset: it would build no attention mask")
@@ -233,7 +234,9 @@ class ScalarRewardModel(PreTrainedModel):
         # under activation checkpointing transformers drops key/value caches in training forwards with
         # gradients: the shared prompt then runs full rows (same scores)
         checkpointing = self.training and torch.is_grad_enabled() and any(getattr(m, "gradient_checkpointing", False) is True for m in self.backbone.modules())
-        shared = num_queries is not None and input_ids is not None and not return_values and not output_hidden_states and not checkpointing
+        # an FSDP-sharded backbone runs once per forward: its units free their gathered weights after a
+        # call, which autograd of an earlier call in the same forward still needs (full rows, same scores)
+        shared = num_queries is not None and input_ids is not None and not return_values and not output_hidden_states and not checkpointing and not _sharded(self)
         if shared:
             hidden, index = self._shared_prompt_hidden(input_ids, attention_mask, position_ids, num_queries, query_width)
         else:
@@ -282,6 +285,14 @@ _CPU_ALIGNMENT = 64  # bytes: where PyTorch's CPU allocator places every tensor 
 
 
 @torch.no_grad()
+def _sharded(model: nn.Module) -> bool:
+    """Whether FSDP2 sharded ``model`` or a submodule (``train.fsdp.is_sharded``; this file is saved
+    beside checkpoints as their remote code, so it imports nothing from the package)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
 def _own_misaligned(model: nn.Module) -> None:
     """Copy each CPU parameter and buffer that is not 64-byte aligned into freshly allocated memory
     (in place: ties and optimizer references stay valid).

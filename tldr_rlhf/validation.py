@@ -159,6 +159,10 @@ def _walk(cfg: Any, prefix: tuple[str, ...], check_paths: bool) -> None:
 
         if not torch.cuda.is_available():
             raise ConfigError(f"{flag(prefix + ('load_in_4bit',))}: 4-bit (QLoRA) base weights need a CUDA GPU (bitsandbytes); this machine has none: drop the flag and keep {flag(prefix + ('lora_r',))}")
+    if getattr(getattr(cfg, "run", None), "fsdp", False) is True:  # FSDP shards full weights; LoRA keeps them frozen
+        lora = [(k, v) for k, v in ((("lora_r",), getattr(cfg, "lora_r", 0)), (("model", "lora_r"), model_lora)) if isinstance(v, int) and v > 0]
+        if lora:
+            raise ConfigError(f"{flag(prefix + ('run', 'fsdp'))}: not with LoRA ({flag(prefix + lora[0][0])} {lora[0][1]}); LoRA already keeps the trained state small: drop one of them")
     optim_lr, min_lr = getattr(cfg, "lr", None), getattr(cfg, "min_lr", None)
     if isinstance(optim_lr, float) and isinstance(min_lr, float) and min_lr > optim_lr:
         raise ConfigError(f"{flag(prefix + ('min_lr',))} {min_lr}: must not exceed {flag(prefix + ('lr',))} {optim_lr}")

@@ -108,7 +108,9 @@ class ValueModel(nn.Module):
         """Values (B, T) of the response positions of ``[left-padded query | response]`` rows
         (input_ids, attention_mask (B, P + T)); ``out[:, t]`` is read at column P - 1 + t."""
         hidden = _hidden(self.backbone, input_ids, attention_mask)
-        return _apply_head(self.head, hidden[:, query_width - 1 : -1])
+        # a copy, not a view of the head output: FSDP2 hooks a unit's output for backward, and an
+        # in-place op on a view would bypass that hook
+        return _apply_head(self.head, hidden[:, query_width - 1 : -1]).clone()
 
 
 class PolicyAndValue(nn.Module):

@@ -106,6 +106,10 @@ class RunArgs:
     memory_check: bool = True
     """Stop before loading any model when the memory plan (tldr-rlhf plan) says the stage cannot fit on
     the GPU; --run.no-memory-check runs it anyway."""
+    fsdp: bool = False
+    """Shard the trained models' weights, gradients and optimizer states over the processes of a
+    torchrun / accelerate launch job (FSDP2, fully_shard per transformer block); frozen models stay
+    replicated. Not with LoRA."""
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..config import ModelArgs, RunArgs
+from . import fsdp
 from ..modeling import apply_lora, enable_gradient_checkpointing, load_causal_lm, load_tokenizer, master_weights_dtype, save_pretrained, saved_weights_dtype, uses_bf16_autocast
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,34 @@ def weights_saver(model: nn.Module, tokenizer, dtype_name: str, run_args: RunArg
     folder, ``save(model, tokenizer, folder, dtype=...)`` (``modeling.save_pretrained``, or
     ``save_reward_model``) in the dtype ``saved_weights_dtype`` gives for ``dtype_name`` and
     ``--run.save-fp32``. ``model`` is the module being trained, not the accelerator's wrapper (its
-    weights are read at each call)."""
+    weights are read at each call). Every process may call it: only process 0 writes, and under
+    FSDP every process must (the full weights are gathered first)."""
     dtype = saved_weights_dtype(dtype_name, fp32=run_args.save_fp32)
-    return lambda folder: save(model, tokenizer, folder, dtype=dtype)
+
+    def save_weights(folder: Path) -> None:
+        # FSDP: every process gathers the full weights (a collective), process 0 writes them
+        full = fsdp.full_state_dict(model) if fsdp.is_sharded(model) else None
+        if fsdp.rank() == 0:
+            save(model, tokenizer, folder, dtype=dtype, state_dict=full)
+
+    return save_weights
+
+
+def shard_if_asked(model: nn.Module, run_args: RunArgs, accelerator) -> nn.Module:
+    """``--run.fsdp``: the model sharded in place over the job's processes (``fsdp.shard_model``),
+    else unchanged. Call before building the optimizer."""
+    if not run_args.fsdp:
+        return model
+    model = fsdp.shard_model(model, accelerator.device)
+    if accelerator.is_main_process:
+        log.info("FSDP2: %s sharded over %d processes", type(model).__name__, fsdp.world_size())
+    return model
+
+
+def prepare(accelerator, model: nn.Module, optimizer):
+    """(model, optimizer) ready for the loop: an FSDP-sharded model as it is (FSDP does the
+    gradient reduction DDP would), else ``accelerator.prepare`` (DDP when launched on several
+    processes)."""
+    if fsdp.is_sharded(model):
+        return model, optimizer
+    return accelerator.prepare(model, optimizer)

@@ -66,7 +66,8 @@ from ..metrics import comparison_metrics
 from ..modeling import count_parameters
 from ..checkpoints import checkpoint_fingerprint
 from .. import tasks
-from .common import load_policy, make_accelerator, tokenizer_for, weights_saver
+from .common import load_policy, make_accelerator, prepare, shard_if_asked, tokenizer_for, weights_saver
+from .fsdp import is_sharded
 from .loop import (
     build_optimizer,
     build_scheduler,
@@ -282,8 +283,9 @@ def _sample_examples(valid_ex: Sequence[PreferenceExample], n: int) -> list[Pref
 
 def _log_samples(run: RunDir, policy: nn.Module, sample_ex: Sequence[PreferenceExample], tokenizer, cfg: DPOConfig, *, step: int, name: str) -> None:
     """Greedy responses of ``policy`` (the SFT model before training, the DPO one after) to the
-    sample queries, to samples.jsonl with the chosen summary (main process only)."""
-    if not sample_ex or not run.is_main:
+    sample queries, to samples.jsonl with the chosen summary (main process only; an FSDP-sharded
+    policy generates on every process, whose forwards gather its weights together)."""
+    if not sample_ex or not (run.is_main or is_sharded(policy)):
         return
     responses = generate(policy, [e.query_ids for e in sample_ex], eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, max_new_tokens=cfg.sample_max_new_tokens, greedy=True)
     run.log_samples([
@@ -361,7 +363,8 @@ def _finish(cfg: DPOConfig, run: RunDir, scorer: nn.Module, tokenizer, accelerat
     if accelerator.is_main_process:
         summary = {"step": total_steps, "beta": cfg.beta, "loss_type": cfg.loss_type, "label_smoothing": cfg.label_smoothing, "held_out": result, "dropped": drops}
         (run.path / EVAL_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-        run.write_final(weights_saver(policy, tokenizer, cfg.dtype, cfg.run), step=total_steps, stage="dpo")
+    run.write_final(weights_saver(policy, tokenizer, cfg.dtype, cfg.run), step=total_steps, stage="dpo")
+    if accelerator.is_main_process:
         log.info("DPO done: %s (held-out implicit-reward accuracy %.4f over %d comparisons)", run.final_dir, result["accuracy"], result["n"])
     accelerator.wait_for_everyone()
 
@@ -397,6 +400,7 @@ def train(cfg: DPOConfig) -> str:
     t0 = time.perf_counter()
     ref_train, ref_valid = cached_reference_logprobs(run, cfg, model, train_ex, used, valid_ex, pad_token_id=pad, accelerator=accelerator)
     ref_time = time.perf_counter() - t0
+    model = shard_if_asked(model, cfg.run, accelerator)  # after the reference pass, before the optimizer
 
     # 3. Optimizer and a resumed checkpoint; a fresh run logs the SFT policy's samples first.
     sample_ex = _sample_examples(valid_ex, cfg.num_sample_posts)
@@ -404,7 +408,7 @@ def train(cfg: DPOConfig) -> str:
     if resume_from is None:
         _log_samples(run, model, sample_ex, tokenizer, cfg, step=0, name="sft")
     save_weights = weights_saver(model, tokenizer, cfg.dtype, cfg.run)  # each checkpoint's weights
-    scorer, optimizer = accelerator.prepare(PairScorer(model, cfg.shared_prompt), optimizer)
+    scorer, optimizer = prepare(accelerator, PairScorer(model, cfg.shared_prompt), optimizer)
     if is_main:
         log.info("policy %s: %d / %d trainable parameters; %d optimizer steps of %d pairs; reference log-probs in %.1f s", cfg.sft_path, trainable, total, total_steps, batch, ref_time)
 

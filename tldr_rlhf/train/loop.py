@@ -143,7 +143,14 @@ def optimizer_step(model, optimizer, scheduler, accelerator, max_grad_norm: floa
     """One optimizer step: clip the global gradient norm when ``max_grad_norm`` > 0, step, advance the
     lr schedule (``scheduler`` None: the stage steps it itself, as PPO does once per update), clear
     the gradients. Returns the gradient norm before clipping, or None without clipping."""
-    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm) if max_grad_norm > 0 else None
+    from .fsdp import clip_grad_norm, is_sharded
+
+    if max_grad_norm <= 0:
+        grad_norm = None
+    elif is_sharded(model):
+        grad_norm = clip_grad_norm(model.parameters(), max_grad_norm)  # sharded gradients: the global norm
+    else:
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
     optimizer.step()
     if scheduler is not None:
         scheduler.step()
@@ -212,6 +219,9 @@ def sharded_scores(n: int, lengths: Sequence[int], width: int, score_chunk, *, b
     out = torch.zeros(per_rank, width)
     idx = torch.full((per_rank,), -1, dtype=torch.long)
     chunks = list(micro_batches(mine, batch_size))
+    # Every process runs the same number of forwards (an FSDP-sharded model gathers its weights in
+    # each one, collectively): a process with a chunk fewer scores one item more, discarded.
+    spare = [[order[0]]] * (-(-per_rank // batch_size) - len(chunks)) if n else []
     bar = progress_bar(len(chunks), 0, desc, progress and rank == 0)
     pos = 0
     for chunk in chunks:
@@ -219,6 +229,8 @@ def sharded_scores(n: int, lengths: Sequence[int], width: int, score_chunk, *, b
         idx[pos : pos + len(chunk)] = torch.tensor(chunk)
         pos += len(chunk)
         bar.update(1)
+    for chunk in spare:
+        score_chunk(chunk)
     bar.close()
     if world > 1:
         device = accelerator.device
@@ -259,7 +271,12 @@ def score_preference_pairs(model: torch.nn.Module, examples: Sequence, pair_fn, 
 @torch.no_grad()
 def params_in_sync(model: torch.nn.Module, accelerator) -> bool:
     """True when every process holds the same weights: a position-weighted float64 checksum of all
-    parameters is gathered from each process and compared (one small all-gather)."""
+    parameters is gathered from each process and compared (one small all-gather). An FSDP-sharded
+    model holds one copy of its weights, split over the processes: True."""
+    from .fsdp import is_sharded
+
+    if is_sharded(model):
+        return True
     total = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     for i, p in enumerate(model.parameters()):
         total += (i + 1) * p.detach().double().sum()

@@ -31,7 +31,7 @@ from ..modeling import frozen_weights_dtype as model_dtype  # noqa: F401  (ppo, 
 from ..rollout import Rollout, ScoreFn
 from ..tasks import rl_prompts
 from ..value_model import score_at_last_token
-from .common import make_accelerator, weights_saver
+from .common import make_accelerator, prepare, weights_saver
 from .loop import (
     Throughput,
     checkpoint_if_due as loop_checkpoint_if_due,
@@ -285,7 +285,7 @@ def start_updates(rl: RLRun, model: nn.Module, optimizer, scheduler, *, unit: st
     model's score function)."""
     trainable, total_params = count_parameters(model)
     start = resume(rl.run, rl.resume_from, model, optimizer, scheduler, unit=unit)
-    model, optimizer = rl.accelerator.prepare(model, optimizer)
+    model, optimizer = prepare(rl.accelerator, model, optimizer)
     score_fn = rl.reward if rl.reward is not None else reward_score_fn(rl.reward_model, rl.device, rl.accelerator.autocast)
     if rl.is_main:
         log.info("%s: %d / %d trainable parameters; %s", describe, trainable, total_params, steps)
@@ -393,7 +393,7 @@ def checkpoint_if_due(rl: RLRun, done: int, model: nn.Module, optimizer, schedul
 
 def finish_rl_run(rl: RLRun, final_model: nn.Module) -> str:
     """The end of every RL stage: a last metrics record (peak memory, ``collapse_signals``), then the
-    main process writes ``final_model`` (the trained ``rl.policy``) and the tokenizer to ``final/``
+    main process writes ``final_model`` (the trained ``rl.policy``; gathered first when FSDP-sharded) and the tokenizer to ``final/``
     (``RLRun.save_weights``). Returns its path."""
     if final_model is not rl.policy:
         raise ValueError("finish_rl_run: final_model must be the policy the run trains (rl.policy)")
@@ -401,8 +401,8 @@ def finish_rl_run(rl: RLRun, final_model: nn.Module) -> str:
     name = rl.name.upper()
     rl.run.log_metrics({"step": rl.total, "perf/peak_memory_mb": peak_memory_mb(rl.device), "health/collapse_signals": check_collapse(rl.run.path, name=name) if rl.is_main else []})
     rl.accelerator.wait_for_everyone()
+    rl.run.write_final(rl.save_weights, step=rl.total, stage=rl.name)  # every process: FSDP gathers the weights
     if rl.is_main:
-        rl.run.write_final(rl.save_weights, step=rl.total, stage=rl.name)
         log.info("%s done: %s", name, rl.run.final_dir)
     rl.accelerator.wait_for_everyone()
     return str(rl.run.final_dir)

@@ -50,7 +50,7 @@ from ..metrics import comparison_metrics
 from ..modeling import count_parameters, init_reward_model, save_reward_model
 from ..reward_model import ScalarRewardModel, train_top_layers
 from ..reward_scoring import ScoredText, pair_rewards, score_comparisons, score_texts
-from .common import make_accelerator, tokenizer_for, weights_saver
+from .common import make_accelerator, prepare, shard_if_asked, tokenizer_for, weights_saver
 from .loop import (
     Throughput,
     build_optimizer,
@@ -92,7 +92,12 @@ def normalize_rewards(model: ScalarRewardModel, references: Sequence[ScoredText]
     inner = model.module if hasattr(model, "module") else model
     before = score_texts(model, references, pad_token_id=pad_token_id, batch_size=batch_size, accelerator=accelerator, desc="normalization (references)", progress=progress).double()
     mean, std = before.mean().item(), (before.std().item() if len(before) > 1 else 0.0)
-    inner.score.bias.sub_(torch.tensor([mean], dtype=inner.score.bias.dtype, device=inner.score.bias.device))
+    if hasattr(inner, "reshard"):  # FSDP keeps the root's gathered weights after a forward: back to the shards, which are the weights
+        inner.reshard()
+    bias = inner.score.bias
+    local = bias.to_local() if hasattr(bias, "to_local") else bias  # FSDP: the process holding the bias shifts it
+    with torch.no_grad():
+        local.sub_(torch.tensor([mean], dtype=local.dtype, device=local.device).expand_as(local))
     inner.config.reward_offset = float(inner.config.reward_offset or 0.0) + mean
     after = score_texts(model, references, pad_token_id=pad_token_id, batch_size=batch_size, accelerator=accelerator, desc="normalization (check)", progress=progress).double()
     record = {"n": len(references), "mean_before": mean, "std_before": std, "mean_after": after.mean().item(), "offset": inner.config.reward_offset, **(source or {})}
@@ -173,8 +178,8 @@ def _normalize_and_save(cfg: RMConfig, run: RunDir, model, tokenizer, references
     record["perf/peak_memory_mb"] = peak_memory_mb(accelerator.device)
     run.log_metrics(record)
     accelerator.wait_for_everyone()
+    run.write_final(weights_saver(inner, tokenizer, cfg.model.dtype, cfg.run, save=save_reward_model), step=total_steps, stage="rm")
     if is_main:
-        run.write_final(weights_saver(inner, tokenizer, cfg.model.dtype, cfg.run, save=save_reward_model), step=total_steps, stage="rm")
         log.info("RM done: %s (held-out accuracy %.4f on %d pairs)", run.final_dir, final["valid/accuracy"], final["valid/n"])
     accelerator.wait_for_everyone()
 
@@ -209,14 +214,14 @@ def train(cfg: RMConfig) -> str:
     seed_everything(cfg.run.seed)
     model = init_reward_model(cfg.model, tokenizer)
     train_top_layers(model, cfg.train_layers)
-    model.to(accelerator.device)
+    model = shard_if_asked(model.to(accelerator.device), cfg.run, accelerator)
     trainable, total = count_parameters(model)
     optimizer = build_optimizer(model.parameters(), cfg.optim, device_type=accelerator.device.type)
     scheduler = build_scheduler(optimizer, cfg.optim, len(steps))
     start = resume(run, resume_from, model, optimizer, scheduler)
     run.total_steps = total_steps  # the per-step log line's /N and ETA
     save_weights = weights_saver(model, tokenizer, cfg.model.dtype, cfg.run, save=save_reward_model)  # each checkpoint's weights (not normalized)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = prepare(accelerator, model, optimizer)
     if is_main:
         log.info("reward model on %s: %d / %d trainable parameters; %d optimizer steps of %d pairs", cfg.model.path, trainable, total, total_steps, batch)
     if start == 0 and cfg.run.eval_every:

@@ -160,8 +160,11 @@ class RunDir:
     def write_final(self, save: Callable[[Path], None], *, step: int, stage: str) -> Path:
         """Write ``final/`` atomically: ``save(tmp)`` fills a temporary folder, the completeness marker
         (stage, step, files and sizes) is written last, then the folder is renamed to ``final/``.
-        Main process only; returns the final path."""
+        Every process calls it: ``save`` (``common.weights_saver``) gathers FSDP-sharded weights on
+        every process and writes on the main one; nothing else happens off the main process.
+        Returns the final path."""
         if not self.is_main:
+            save(self.path / f".{FINAL}.tmp")  # gathers sharded weights; writes nothing here
             return self.final_dir
         tmp = self.path / f".{FINAL}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -383,12 +386,18 @@ def save_checkpoint(
     folder, every trainable tensor in state.pt), then ``state.pt`` (format 2: optimizer, scheduler,
     step, RNG, ``extra``, and the trainable tensors of ``model`` that the folder does not hold
     exactly). ``extra`` must hold only tensors, numbers, strings, lists, tuples and dicts (what
-    ``torch.load(weights_only=True)`` reads). Main process only; returns the folder.
+    ``torch.load(weights_only=True)`` reads). Main process only (returns None elsewhere), except for
+    FSDP-sharded models (``--run.fsdp``): every process calls it and writes its shards
+    (``_save_sharded_checkpoint``). Returns the folder.
 
     Written to a temporary name and renamed, so a crash mid-save never leaves a half checkpoint that
     a resume would pick up; checkpoints beyond the newest ``keep`` are deleted. A checkpoint has no
     completeness marker (COMPLETE.json): it is never taken for a finished run's final/.
     """
+    from .fsdp import is_sharded
+
+    if is_sharded(model):
+        return _save_sharded_checkpoint(run, step, model, optimizer, scheduler, extra, keep=keep, save_weights=save_weights)
     if not run.is_main:
         return None
     final = run.path / CHECKPOINTS / f"step-{step}"
@@ -417,6 +426,67 @@ def save_checkpoint(
     run.prune_checkpoints(keep)
     run._drop_replaced()
     return final
+
+
+def _save_sharded_checkpoint(run: RunDir, step: int, model, optimizer, scheduler, extra: dict[str, Any] | None, *, keep: int, save_weights: Callable[[Path], None] | None) -> Path:
+    """``save_checkpoint`` for FSDP-sharded models (``--run.fsdp``); every process calls it. Writes
+    ``sharded/`` (``fsdp.save_sharded``: each process its shard of weights and optimizer states),
+    ``rng-R.pt`` for each process R > 0 (its RNG state: processes sample different rollouts), the
+    Hugging Face folder (``save_weights`` gathers the full weights; process 0 writes them) and
+    ``state.pt`` (format 2, ``"sharded": True``: step, scheduler, process 0's RNG, ``extra``; no
+    weights or optimizer states). Written under a temporary name and renamed by process 0 once every
+    process has finished its part."""
+    from .fsdp import SHARDED, barrier, rank, save_sharded
+
+    final = run.path / CHECKPOINTS / f"step-{step}"
+    tmp = run.path / CHECKPOINTS / f".tmp-step-{step}"
+    if run.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    if save_weights is not None:
+        save_weights(tmp)  # collective gather; process 0 writes
+    save_sharded(tmp / SHARDED, model, optimizer)
+    if run.is_main:
+        torch.save(
+            {
+                "format": STATE_FORMAT, "sharded": True, "step": step, "model": {}, "model_from_weights": {}, "optimizer": {},
+                "scheduler": scheduler.state_dict(), "rng": rng_state(), "extra": extra or {},
+            },
+            tmp / STATE,
+        )
+    else:
+        torch.save(rng_state(), tmp / f"rng-{rank()}.pt")
+    barrier()
+    if run.is_main:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        run.prune_checkpoints(keep)
+        run._drop_replaced()
+    barrier()
+    return final
+
+
+def _load_sharded_checkpoint(candidate: Path, state: dict[str, Any], model, optimizer) -> None:
+    """Restore a sharded checkpoint's weights and optimizer states (``fsdp.load_sharded``, resharded
+    to this job) and this process's RNG state (``rng-R.pt``, process 0's in state.pt). Raises
+    RunDirError naming the folder when the shards are unreadable."""
+    from .fsdp import SHARDED, load_sharded, rank
+
+    try:
+        load_sharded(candidate / SHARDED, model, optimizer)
+    except Exception as e:  # noqa: BLE001 - a missing or torn shard file
+        raise RunDirError(f"{candidate / SHARDED}: unreadable sharded checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+    own = candidate / f"rng-{rank()}.pt"
+    if rank() > 0 and own.exists():
+        state["rng"] = _read_rng(own)
+
+
+def _read_rng(file: Path) -> dict[str, Any]:
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise RunDirError(f"{file}: unreadable RNG state ({type(e).__name__})") from e
 
 
 def _read_state(file: Path, *, trust: bool = False) -> dict[str, Any]:
@@ -510,11 +580,18 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, *, trust: bool = Fa
         break
     else:
         raise RunDirError("no readable checkpoint to resume from: " + "; ".join(errors) + " (pass --run.overwrite to start afresh)")
-    missing = set(weights) - set(model.state_dict())
-    if missing:
-        raise RunDirError(f"{candidate}: checkpoint has weights the model lacks: {sorted(missing)[:5]}")
-    model.load_state_dict(weights, strict=False)
-    optimizer.load_state_dict(state["optimizer"])
+    from .fsdp import is_sharded
+
+    if state.get("sharded"):
+        _load_sharded_checkpoint(candidate, state, model, optimizer)
+    elif is_sharded(model):
+        raise RunDirError(f"{candidate}: written without --run.fsdp; resume it without --run.fsdp (or pass --run.overwrite to start afresh)")
+    else:
+        missing = set(weights) - set(model.state_dict())
+        if missing:
+            raise RunDirError(f"{candidate}: checkpoint has weights the model lacks: {sorted(missing)[:5]}")
+        model.load_state_dict(weights, strict=False)
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     state["path"] = candidate

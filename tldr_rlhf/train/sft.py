@@ -33,7 +33,8 @@ from ..losses import sft_loss
 from ..modeling import count_parameters, response_logits
 from ..ops import position_ids_from_mask, token_logprobs
 from ..tasks import sft_examples
-from .common import load_policy, make_accelerator, tokenizer_for, weights_saver
+from .common import load_policy, make_accelerator, prepare, shard_if_asked, tokenizer_for, weights_saver
+from .fsdp import is_sharded
 from .loop import (
     Throughput,
     build_optimizer,
@@ -105,8 +106,9 @@ def evaluate_and_sample(model, run: RunDir, step: int, valid_ex: list[SFTExample
     of ``sample_ex`` with their references appended to samples.jsonl (main process)."""
     pad = tokenizer.pad_token_id
     out = {"valid/loss": validation_loss(model, valid_ex, pad, cfg.micro_batch_size, cfg.loss_on_query, accelerator)} if valid_ex else {}
-    if sample_ex and accelerator.is_main_process:
-        responses = generate(accelerator.unwrap_model(model), [e.query_ids for e in sample_ex], eos_token_id=tokenizer.eos_token_id, pad_token_id=pad, max_new_tokens=cfg.data.max_response_length, greedy=True)
+    policy = accelerator.unwrap_model(model)
+    if sample_ex and (accelerator.is_main_process or is_sharded(policy)):  # a sharded model generates on every process
+        responses = generate(policy, [e.query_ids for e in sample_ex], eos_token_id=tokenizer.eos_token_id, pad_token_id=pad, max_new_tokens=cfg.data.max_response_length, greedy=True)
         run.log_samples([
             {"step": step, "id": e.id, "query": tokenizer.decode(e.query_ids), "response": decode_response(tokenizer, r), "reference": decode_response(tokenizer, e.response_ids)}
             for e, r in zip(sample_ex, responses)
@@ -137,14 +139,14 @@ def train(cfg: SFTConfig) -> str:
     # 2. The run folder (config checked, a checkpoint to resume), the model, optimizer and schedule.
     run, resume_from = RunDir.open(cfg, is_main=is_main)
     seed_everything(cfg.run.seed)
-    model = load_policy(cfg.model, tokenizer)
+    model = shard_if_asked(load_policy(cfg.model, tokenizer), cfg.run, accelerator)
     trainable, total = count_parameters(model)
     optimizer = build_optimizer(model.parameters(), cfg.optim, device_type=accelerator.device.type)
     scheduler = build_scheduler(optimizer, cfg.optim, len(steps))
     start = resume(run, resume_from, model, optimizer, scheduler)
     run.total_steps = total_steps  # the per-step log line's /N and ETA
     save_weights = weights_saver(model, tokenizer, cfg.model.dtype, cfg.run)  # final/ and each checkpoint's weights
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = prepare(accelerator, model, optimizer)
     if is_main:
         log.info("model %s: %d / %d trainable parameters; %d optimizer steps of %d sequences", cfg.model.path, trainable, total, total_steps, batch)
 
@@ -210,8 +212,8 @@ def train(cfg: SFTConfig) -> str:
     if not in_sync:
         raise RuntimeError("data-parallel processes ended with different weights")
     accelerator.wait_for_everyone()
+    run.write_final(save_weights, step=total_steps, stage="sft")
     if is_main:
-        run.write_final(save_weights, step=total_steps, stage="sft")
         log.info("SFT done: %s (valid loss %s)", run.final_dir, final_metrics.get("valid/loss"))
     accelerator.wait_for_everyone()
     return str(run.final_dir)
