@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU acceptance check (issue 14 item 6), meant to finish in under 8 minutes on one H100 / H200:
 #   1. a fresh venv with the CUDA extras (bitsandbytes) from the lock; torch 2.13.0 from PyPI is its CUDA build;
-#   2. the gpu-marked tests (QLoRA, 8-bit AdamW) and the bf16 tests, which run their CUDA path on a GPU
+#   2. the gpu-marked tests (QLoRA, 8-bit AdamW, FSDP2 over NCCL on 1 GPU) and the bf16 tests, which run their CUDA path on a GPU
 #      (KL exactly 0 and ratio exactly 1 at the first update with bf16 autocast);
 #   3. a short bf16 pipeline on the real SmolLM2-135M (the cpu-smol preset in bfloat16 on the GPU);
 #   4. tokens/s, model FLOPs utilization and peak memory per stage (scripts/gpu_summary.py).

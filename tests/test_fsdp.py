@@ -154,3 +154,11 @@ def test_a_checkpoint_without_fsdp_is_refused_under_fsdp_in_one_line(rl_runs, ck
     assert proc.returncode != 0
     assert "checkpoints/step-1: written without --run.fsdp; resume it without --run.fsdp" in proc.stderr
     assert (tmp_path / "grpo" / "checkpoints" / "step-1" / "state.pt").exists()
+
+
+def test_fsdp_without_a_launcher_is_one_process_and_changes_nothing(supervised, ckpts, tmp_path):
+    """``--run.fsdp`` in a plain process (no torchrun): a 1-process group, every unit sharded over it,
+    and the same run as without the flag, bit for bit (nothing is reduced over one process)."""
+    launch(ckpts, tmp_path, "fsdp", ("sft",), processes=1)
+    assert (tmp_path / "sft" / "checkpoints" / "step-2" / "sharded" / "__0_0.distcp").exists()
+    assert_same_run(supervised / "plain1" / "sft", tmp_path / "sft", weight_atol=0, metric_atol=0)
