@@ -145,6 +145,16 @@ def test_kill_then_rerun_under_fsdp_is_exact(supervised, rl_runs, ckpts, tmp_pat
     assert_same_run(rl_runs / "fsdp2" / "ppo", tmp_path / "ppo", weight_atol=0, metric_atol=0)
 
 
+def test_kill_then_rerun_data_parallel_rl_is_exact(rl_runs, ckpts, tmp_path):
+    """The same without FSDP (DDP): every process's RNG state is in the checkpoint too (``rng-1.pt``
+    beside ``state.pt``), so a killed 2-process PPO run resumes bit for bit."""
+    env = {"FSDP_TEST_NO_EOS_PENALTY": "1", "FSDP_TEST_DESYNC_RNG": "1"}
+    killed = launch(ckpts, tmp_path, "ddp", ("ppo",), env={**env, "FSDP_TEST_EXIT_AFTER_CHECKPOINT": "ppo:1"}, expect_ok=False)
+    assert killed.returncode != 0 and (tmp_path / "ppo" / "checkpoints" / "step-1" / "rng-1.pt").exists()
+    launch(ckpts, tmp_path, "ddp", ("ppo",), env=env)
+    assert_same_run(rl_runs / "ddp2" / "ppo", tmp_path / "ppo", weight_atol=0, metric_atol=0)
+
+
 def test_a_checkpoint_without_fsdp_is_refused_under_fsdp_in_one_line(rl_runs, ckpts, tmp_path):
     """A data-parallel run's checkpoint cannot be resumed with --run.fsdp (its optimizer state is
     not sharded): one line naming the checkpoint, nothing lost."""

@@ -386,24 +386,32 @@ def save_checkpoint(
     folder, every trainable tensor in state.pt), then ``state.pt`` (format 2: optimizer, scheduler,
     step, RNG, ``extra``, and the trainable tensors of ``model`` that the folder does not hold
     exactly). ``extra`` must hold only tensors, numbers, strings, lists, tuples and dicts (what
-    ``torch.load(weights_only=True)`` reads). Main process only (returns None elsewhere), except for
-    FSDP-sharded models (``--run.fsdp``): every process calls it and writes its shards
-    (``_save_sharded_checkpoint``). Returns the folder.
+    ``torch.load(weights_only=True)`` reads). Every process calls it: with several processes each
+    other process R writes its RNG state to ``rng-R.pt`` (restored by ``load_checkpoint``, so that a
+    resumed run samples what the uninterrupted one would); the main process writes the rest and
+    returns the folder (None elsewhere). FSDP-sharded models (``--run.fsdp``): every process also
+    writes its shards (``_save_sharded_checkpoint``).
 
     Written to a temporary name and renamed, so a crash mid-save never leaves a half checkpoint that
     a resume would pick up; checkpoints beyond the newest ``keep`` are deleted. A checkpoint has no
     completeness marker (COMPLETE.json): it is never taken for a finished run's final/.
     """
-    from .fsdp import is_sharded
+    from .fsdp import barrier, is_sharded, rank, world_size
 
     if is_sharded(model):
         return _save_sharded_checkpoint(run, step, model, optimizer, scheduler, extra, keep=keep, save_weights=save_weights)
-    if not run.is_main:
-        return None
     final = run.path / CHECKPOINTS / f"step-{step}"
     tmp = run.path / CHECKPOINTS / f".tmp-step-{step}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    if run.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    if world_size() > 1:  # each other process's RNG state (they sample different rollouts), beside state.pt
+        barrier()
+        if not run.is_main:
+            torch.save(rng_state(), tmp / f"rng-{rank()}.pt")
+        barrier()
+    if not run.is_main:
+        return None
     if save_weights is not None:
         save_weights(tmp)
     trainable = trainable_state_dict(model)
@@ -467,19 +475,15 @@ def _save_sharded_checkpoint(run: RunDir, step: int, model, optimizer, scheduler
     return final
 
 
-def _load_sharded_checkpoint(candidate: Path, state: dict[str, Any], model, optimizer) -> None:
+def _load_sharded_checkpoint(candidate: Path, model, optimizer) -> None:
     """Restore a sharded checkpoint's weights and optimizer states (``fsdp.load_sharded``, resharded
-    to this job) and this process's RNG state (``rng-R.pt``, process 0's in state.pt). Raises
-    RunDirError naming the folder when the shards are unreadable."""
-    from .fsdp import SHARDED, load_sharded, rank
+    to this job). Raises RunDirError naming the folder when the shards are unreadable."""
+    from .fsdp import SHARDED, load_sharded
 
     try:
         load_sharded(candidate / SHARDED, model, optimizer)
     except Exception as e:  # noqa: BLE001 - a missing or torn shard file
         raise RunDirError(f"{candidate / SHARDED}: unreadable sharded checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
-    own = candidate / f"rng-{rank()}.pt"
-    if rank() > 0 and own.exists():
-        state["rng"] = _read_rng(own)
 
 
 def _read_rng(file: Path) -> dict[str, Any]:
@@ -580,10 +584,13 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, *, trust: bool = Fa
         break
     else:
         raise RunDirError("no readable checkpoint to resume from: " + "; ".join(errors) + " (pass --run.overwrite to start afresh)")
-    from .fsdp import is_sharded
+    from .fsdp import is_sharded, rank
 
+    own_rng = candidate / f"rng-{rank()}.pt"  # process R > 0's own RNG state; process 0's is in state.pt
+    if rank() > 0 and own_rng.exists():
+        state["rng"] = _read_rng(own_rng)
     if state.get("sharded"):
-        _load_sharded_checkpoint(candidate, state, model, optimizer)
+        _load_sharded_checkpoint(candidate, model, optimizer)
     elif is_sharded(model):
         raise RunDirError(f"{candidate}: written without --run.fsdp; resume it without --run.fsdp (or pass --run.overwrite to start afresh)")
     else:
