@@ -7,7 +7,8 @@ stand-alone ones). Nothing here is changed after it is defined. The schema (fiel
 
 Families: ``seed`` (Qwen2.5-0.5B policy, Qwen2.5-1.5B reward model, hub data), ``nplus`` (the N+ paper's
 values), ``cpu-smol`` (the real SmolLM2-135M on the local TL;DR files, minutes on 2 CPU cores) and
-``uf-cpu-smol`` (the same model on the local UltraFeedback sample).
+``uf-cpu-smol`` (the same model on the local UltraFeedback sample); the pipeline's ``cpu-gold`` and the gold
+experiment's ``cpu-smol`` (issue 17's gold-reward experiment, ``gold.py``).
 """
 
 from __future__ import annotations
