@@ -214,3 +214,32 @@ def test_gold_refuses_a_missing_sft_checkpoint_and_unknown_methods(tmp_path):
     (tmp_path / "sft").mkdir()
     with pytest.raises(DataError, match="unknown method 'dpo'"):
         gold.run(GoldConfig(sft_path=str(tmp_path / "sft"), output_dir=str(tmp_path / "g"), methods=("dpo",)))
+
+
+def test_report_tables_from_hand_made_records(tmp_path):
+    from tldr_rlhf.report import gold_rows, gold_summary, plot_gold_direct, plot_gold_proxy, standard_error
+
+    sft = {"experiment": "direct", "method": "sft", "seed": None, "update": 0, "episodes": 0, "n": None, "policy": "sft", "gold": 0.20, "proxy": None, "kl": 0.0, "length": 26.0, "eos_rate": 0.7}
+    def rec(exp, method, seed, update, gold_v, kl, proxy=None, n=None):
+        return {**sft, "experiment": exp, "method": method, "seed": seed, "update": update, "episodes": None if update is None else 8 * update,
+                "n": n, "policy": f"{method}-s{seed}-u{update}", "gold": gold_v, "kl": kl, "proxy": proxy}
+    records = [
+        sft, rec("direct", "ppo", 1, 3, 0.25, 1.0), rec("direct", "ppo", 2, 3, 0.23, 2.0),
+        rec("direct", "grpo", 1, 3, 0.21, 0.5), rec("direct", "grpo", 2, 3, 0.17, 0.7), rec("direct", "rloo", 1, 3, 0.30, 0.2),
+        {**sft, "experiment": "proxy", "n": 1, "proxy": 0.1}, rec("proxy", "best-of-n", None, None, 0.22, 0.193147, 0.5, n=2),
+        rec("proxy", "ppo", 1, 3, 0.18, 1.5, 0.9),
+    ]
+    header, rows = gold_summary(records)
+    by = {(r[0], r[1], r[2]): r for r in rows}
+    # ppo: mean (0.25 + 0.23) / 2 = 0.24, spread 0.02, gain 0.24 - 0.20 = 0.04 > 0.02: yes; KL mean 1.5
+    assert by[("direct", "ppo", "3")][3:] == ["2", "0.240", "0.020", "0.040", "1.500", "yes"]
+    # grpo: mean 0.19, spread 0.04, gain -0.01: no
+    assert by[("direct", "grpo", "3")][3:] == ["2", "0.190", "0.040", "-0.010", "0.600", "no"]
+    assert by[("direct", "rloo", "3")][-1] == "1 seed" and by[("proxy", "ppo", "3")][6] == "-0.020"
+    header, rows = gold_rows(records, {"sft": [0.1, 0.3]})
+    assert header[6] == "gold SE (posts)" and rows[0][:7] == ["direct", "sft", "-", "0", "0", "0.200", "0.100"]  # sd 0.1414 / sqrt 2 = 0.1
+    assert [r[3] for r in rows if r[1] == "best-of-n"] == ["n=2"]
+    assert standard_error([0.1, 0.3]) == pytest.approx(0.1) and standard_error([0.5]) is None
+    assert plot_gold_direct(records, tmp_path / "d.png").stat().st_size > 0
+    assert plot_gold_proxy(records, tmp_path / "p.png").stat().st_size > 0
+    assert plot_gold_direct([sft], tmp_path / "none.png") is None and plot_gold_proxy([sft], tmp_path / "none.png") is None

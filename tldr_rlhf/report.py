@@ -262,10 +262,35 @@ def _fmt(v: Any, digits: int = 3) -> str:
     return f"{v:.{digits}f}" if _number(v) else "-"
 
 
-def gold_rows(records: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+def per_post_gold(gold_dir: Path) -> dict[str, list[float]]:
+    """{policy: its per-post gold rewards} from the ``summaries.jsonl`` of every evaluation folder of a
+    gold experiment (``eval/*/``; a folder evaluated several times keeps its last evaluation's)."""
+    out: dict[str, list[float]] = {}
+    for f in sorted(Path(gold_dir).glob("eval/*/summaries.jsonl")):
+        for rec in read_records(f):
+            for name, s in rec.get("summaries", {}).items():
+                if _number(s.get("reward")):
+                    out.setdefault(name, []).append(float(s["reward"]))
+    return out
+
+
+def standard_error(values: Sequence[float]) -> float | None:
+    """Standard error of a mean, ``sd / sqrt(n)`` with the n - 1 standard deviation; None under 2 values.
+    [0.1, 0.3] -> sd 0.141421, se 0.1."""
+    n = len(values)
+    if n < 2:
+        return None
+    mean = sum(values) / n
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+
+
+def gold_rows(records: Sequence[dict[str, Any]], per_post: dict[str, list[float]] | None = None) -> tuple[list[str], list[list[str]]]:
     """(header, rows) of every held-out measurement of the gold experiment, one row per policy:
-    experiment, method, seed, update (best-of-n: n), episodes, gold reward, proxy score, KL to SFT
-    (nats per response), length (tokens), EOS rate; in experiment, method, seed, update order."""
+    experiment, method, seed, update (best-of-n: n), episodes, gold reward with its standard error over
+    the posts (``per_post``: {policy: per-post gold rewards}; "-" without), proxy score, KL to SFT (nats
+    per response), length (tokens), EOS rate; in experiment, method, seed, update order."""
+    per_post = per_post or {}
+
     def order(r):
         return (r["experiment"] != "direct", r["method"] != "sft", r["method"], r.get("seed") or 0, r.get("update") or 0, r.get("n") or 0)
 
@@ -274,9 +299,9 @@ def gold_rows(records: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[s
         step = f"n={r['n']}" if r["method"] == "best-of-n" else str(r.get("update", "-"))
         rows.append([
             r["experiment"], r["method"], "-" if r.get("seed") is None else str(r["seed"]), step, "-" if r.get("episodes") is None else str(r["episodes"]),
-            _fmt(r.get("gold")), _fmt(r.get("proxy")), _fmt(r.get("kl")), _fmt(r.get("length"), 1), _fmt(r.get("eos_rate"), 2),
+            _fmt(r.get("gold")), _fmt(standard_error(per_post.get(r.get("policy", ""), []))), _fmt(r.get("proxy")), _fmt(r.get("kl")), _fmt(r.get("length"), 1), _fmt(r.get("eos_rate"), 2),
         ])
-    return ["experiment", "method", "seed", "update", "episodes", "gold (held-out)", "proxy (held-out)", "KL to SFT", "length", "EOS rate"], rows
+    return ["experiment", "method", "seed", "update", "episodes", "gold (held-out)", "gold SE (posts)", "proxy (held-out)", "KL to SFT", "length", "EOS rate"], rows
 
 
 def gold_summary(records: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
@@ -395,13 +420,14 @@ def gold_blocks(gold_dir: Path, out: Path) -> list[tuple]:
         "Gold reward = mean ROUGE-L F1 of a summary sampled at temperature 0.7 against the post's human reference, on held-out "
         "posts no run trained on; proxy = the proxy reward model's score (trained on SFT pairs labelled by the gold reward); KL to "
         "SFT in nats per response (k1 on the same samples; best-of-n: log n - (n-1)/n); length in tokens, EOS excluded. "
-        "A gain counts when the mean over seeds exceeds the SFT policy's gold reward by more than the spread (max - min) between seeds."
+        "A gain counts when the mean over seeds exceeds the SFT policy's gold reward by more than the spread (max - min) between seeds; "
+        "gold SE is the standard error of a policy's mean over the posts (its sampling noise on this held-out set)."
     )))
     blocks += [("h3", "Gain over SFT per method and update"), ("table", *gold_summary(records))]
     plots = [("Direct: held-out gold reward and KL to SFT per update", plot_gold_direct(records, out / "gold_direct.png")),
              ("Proxy: held-out proxy and gold reward vs KL (PPO, GRPO, best-of-n)", plot_gold_proxy(records, out / "gold_proxy.png"))]
     blocks += [("img", p.name, alt) for alt, p in plots if p is not None]
-    blocks += [("h3", "Every measurement"), ("table", *gold_rows(records))]
+    blocks += [("h3", "Every measurement"), ("table", *gold_rows(records, per_post_gold(gold_dir)))]
     return blocks
 
 
