@@ -69,6 +69,8 @@ def test_records_from_hand_made_evaluation_results():
     r1, r2 = gold.records_from_eval(results, points)
     assert r1 == {**points["ppo-s1-u3"], "policy": "ppo-s1-u3", "gold": 0.21, "proxy": None, "kl": 1.5, "length": 20.0, "eos_rate": 0.75}
     assert (r2["gold"], r2["proxy"], r2["kl"], r2["n"]) == (0.25, 0.4, 0.6363, 4)
+    assert [gold.eval_name(r) for r in (r1, r2)] == ["direct-ppo-s1", "proxy-best-of-n"]
+    assert gold.eval_name({"experiment": "direct", "method": "sft"}) == "direct-sft"
     with pytest.raises(DataError, match="no policy 'grpo'"):
         gold.records_from_eval(results, {"grpo": {}})
 
@@ -217,7 +219,7 @@ def test_gold_refuses_a_missing_sft_checkpoint_and_unknown_methods(tmp_path):
 
 
 def test_report_tables_from_hand_made_records(tmp_path):
-    from tldr_rlhf.report import gold_rows, gold_summary, plot_gold_direct, plot_gold_proxy, standard_error
+    from tldr_rlhf.report import as_trained, gold_rows, gold_summary, plot_gold_direct, plot_gold_proxy, standard_error
 
     sft = {"experiment": "direct", "method": "sft", "seed": None, "update": 0, "episodes": 0, "n": None, "policy": "sft", "gold": 0.20, "proxy": None, "kl": 0.0, "length": 26.0, "eos_rate": 0.7}
     def rec(exp, method, seed, update, gold_v, kl, proxy=None, n=None):
@@ -236,10 +238,18 @@ def test_report_tables_from_hand_made_records(tmp_path):
     # grpo: mean 0.19, spread 0.04, gain -0.01: no
     assert by[("direct", "grpo", "3")][3:] == ["2", "0.190", "0.040", "-0.010", "0.600", "no"]
     assert by[("direct", "rloo", "3")][-1] == "1 seed" and by[("proxy", "ppo", "3")][6] == "-0.020"
-    header, rows = gold_rows(records, {"sft": [0.1, 0.3]})
-    assert header[6] == "gold SE (posts)" and rows[0][:7] == ["direct", "sft", "-", "0", "0", "0.200", "0.100"]  # sd 0.1414 / sqrt 2 = 0.1
+    header, rows = gold_rows(records, {("direct-sft", "sft"): [(0.1, True), (0.3, False)], ("proxy-ppo-s1", "ppo-s1-u3"): [(0.5, True)] * 2})
+    # SE: sd 0.1414 / sqrt 2 = 0.1; as trained: (0.1 + -1) / 2 = -0.45
+    assert header[6:8] == ["gold SE (posts)", "gold as trained"] and rows[0][:8] == ["direct", "sft", "-", "0", "0", "0.200", "0.100", "-0.450"]
+    assert rows[1][6:8] == ["-", "-"]  # no per-post values for direct ppo (those given are the proxy run's)
+    assert [r[7] for r in rows if r[0] == "proxy" and r[1] == "ppo"] == ["0.500"]
     assert [r[3] for r in rows if r[1] == "best-of-n"] == ["n=2"]
     assert standard_error([0.1, 0.3]) == pytest.approx(0.1) and standard_error([0.5]) is None
+    assert as_trained([(0.3, True), (0.5, False)]) == pytest.approx(-0.35) and as_trained([]) is None
+    # the same summary over another key: gold as trained, SFT -0.1, ppo seeds 0.3 / 0.1 -> mean 0.2, spread 0.2, gain 0.3 > 0.2
+    trained = [{**r, "gold_as_trained": {"sft": -0.1, "ppo-s1-u3": 0.3, "ppo-s2-u3": 0.1}.get(r["policy"]) if r["experiment"] == "direct" else None} for r in records]
+    header, rows = gold_summary(trained, "gold_as_trained")
+    assert header[4] == "gold_as_trained mean" and rows == [["direct", "ppo", "3", "2", "0.200", "0.200", "0.300", "1.500", "yes"]]
     assert plot_gold_direct(records, tmp_path / "d.png").stat().st_size > 0
     assert plot_gold_proxy(records, tmp_path / "p.png").stat().st_size > 0
     assert plot_gold_direct([sft], tmp_path / "none.png") is None and plot_gold_proxy([sft], tmp_path / "none.png") is None

@@ -149,6 +149,15 @@ def run_name(method: str, seed: int) -> str:
     return f"{method}-s{seed}"
 
 
+def eval_name(record: dict[str, Any]) -> str:
+    """The evaluation folder (under eval/) a record was measured in: EXPERIMENT-METHOD-sSEED for a run,
+    direct-sft for the SFT policy of the direct experiment, proxy-best-of-n for SFT and best-of-n of
+    the proxy experiment. (Policy names repeat across folders: ppo-s1-u3 is in direct- and proxy-ppo-s1.)"""
+    if record["method"] in ("sft", "best-of-n"):
+        return "direct-sft" if record["experiment"] == "direct" else "proxy-best-of-n"
+    return f"{record['experiment']}-{run_name(record['method'], record['seed'])}"
+
+
 def method_config(cfg: GoldConfig, method: str, seed: int, *, reward: str, output_dir: Path):
     """The stage config of one run: the method's section of ``cfg`` with the SFT checkpoint, the reward
     (the gold spec or the proxy reward model's path; no ``rm_path``), the experiment's data, the seed,
@@ -214,7 +223,7 @@ def evaluation(cfg: GoldConfig, name: str, policies: dict[str, str], *, rm_path:
 def measure_run(cfg: GoldConfig, experiment: str, method: str, seed: int, run_dir: Path, stage_cfg, *, rm_path: str = "") -> list[dict[str, Any]]:
     """Held-out records of every measured checkpoint of a finished run (read back when its evaluation's
     records.json exists)."""
-    name = f"{experiment}-{run_name(method, seed)}"
+    name = eval_name({"experiment": experiment, "method": method, "seed": seed})
     done = Path(cfg.output_dir) / "eval" / name / RECORDS_FILE
     if done.is_file():
         return json.loads(done.read_text())

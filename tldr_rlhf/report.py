@@ -262,16 +262,23 @@ def _fmt(v: Any, digits: int = 3) -> str:
     return f"{v:.{digits}f}" if _number(v) else "-"
 
 
-def per_post_gold(gold_dir: Path) -> dict[str, list[float]]:
-    """{policy: its per-post gold rewards} from the ``summaries.jsonl`` of every evaluation folder of a
-    gold experiment (``eval/*/``; a folder evaluated several times keeps its last evaluation's)."""
-    out: dict[str, list[float]] = {}
+def per_post_gold(gold_dir: Path) -> dict[tuple[str, str], list[tuple[float, bool]]]:
+    """{(evaluation folder, policy): its (gold reward, ended with EOS) per held-out post} from the
+    ``summaries.jsonl`` of every evaluation folder of a gold experiment (``eval/FOLDER/``; a folder
+    evaluated several times keeps its last evaluation's); ``gold.eval_name`` gives a record's folder."""
+    out: dict[tuple[str, str], list[tuple[float, bool]]] = {}
     for f in sorted(Path(gold_dir).glob("eval/*/summaries.jsonl")):
         for rec in read_records(f):
             for name, s in rec.get("summaries", {}).items():
                 if _number(s.get("reward")):
-                    out.setdefault(name, []).append(float(s["reward"]))
+                    out.setdefault((f.parent.name, name), []).append((float(s["reward"]), bool(s.get("eos", True))))
     return out
+
+
+def _per_post_of(record: dict[str, Any], per_post: dict[tuple[str, str], list[tuple[float, bool]]]) -> list[tuple[float, bool]]:
+    from .gold import eval_name
+
+    return per_post.get((eval_name(record), record.get("policy", "")), [])
 
 
 def standard_error(values: Sequence[float]) -> float | None:
@@ -284,11 +291,18 @@ def standard_error(values: Sequence[float]) -> float | None:
     return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
 
 
-def gold_rows(records: Sequence[dict[str, Any]], per_post: dict[str, list[float]] | None = None) -> tuple[list[str], list[list[str]]]:
+def as_trained(pairs: Sequence[tuple[float, bool]], no_eos_penalty: float = -1.0) -> float | None:
+    """Mean gold reward as the RL stages score it (N+ detail 23): a summary's gold reward when it ended
+    with EOS, else ``no_eos_penalty``. [(0.3, True), (0.5, False)] -> (0.3 - 1) / 2 = -0.35; None when empty."""
+    return sum(g if e else no_eos_penalty for g, e in pairs) / len(pairs) if pairs else None
+
+
+def gold_rows(records: Sequence[dict[str, Any]], per_post: dict[tuple[str, str], list[tuple[float, bool]]] | None = None) -> tuple[list[str], list[list[str]]]:
     """(header, rows) of every held-out measurement of the gold experiment, one row per policy:
-    experiment, method, seed, update (best-of-n: n), episodes, gold reward with its standard error over
-    the posts (``per_post``: {policy: per-post gold rewards}; "-" without), proxy score, KL to SFT (nats
-    per response), length (tokens), EOS rate; in experiment, method, seed, update order."""
+    experiment, method, seed, update (best-of-n: n), episodes, gold reward, its standard error over the
+    posts and the gold reward as trained (no-EOS summaries at -1) from ``per_post`` ({(evaluation folder,
+    policy): per-post (gold, EOS)}, ``per_post_gold``; "-" without), proxy score, KL to SFT (nats per response), length (tokens), EOS rate;
+    in experiment, method, seed, update order."""
     per_post = per_post or {}
 
     def order(r):
@@ -297,32 +311,36 @@ def gold_rows(records: Sequence[dict[str, Any]], per_post: dict[str, list[float]
     rows = []
     for r in sorted(records, key=order):
         step = f"n={r['n']}" if r["method"] == "best-of-n" else str(r.get("update", "-"))
+        pp = _per_post_of(r, per_post)
         rows.append([
             r["experiment"], r["method"], "-" if r.get("seed") is None else str(r["seed"]), step, "-" if r.get("episodes") is None else str(r["episodes"]),
-            _fmt(r.get("gold")), _fmt(standard_error(per_post.get(r.get("policy", ""), []))), _fmt(r.get("proxy")), _fmt(r.get("kl")), _fmt(r.get("length"), 1), _fmt(r.get("eos_rate"), 2),
+            _fmt(r.get("gold")), _fmt(standard_error([g for g, _ in pp])), _fmt(as_trained(pp)), _fmt(r.get("proxy")), _fmt(r.get("kl")),
+            _fmt(r.get("length"), 1), _fmt(r.get("eos_rate"), 2),
         ])
-    return ["experiment", "method", "seed", "update", "episodes", "gold (held-out)", "gold SE (posts)", "proxy (held-out)", "KL to SFT", "length", "EOS rate"], rows
+    header = ["experiment", "method", "seed", "update", "episodes", "gold (held-out)", "gold SE (posts)", "gold as trained", "proxy (held-out)", "KL to SFT", "length", "EOS rate"]
+    return header, rows
 
 
-def gold_summary(records: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    """(header, rows) per experiment, method and update over the seeds: gold reward mean, its seed
-    spread (max - min), the gain over the SFT policy's held-out gold reward, KL mean, and whether the
-    gain exceeds the spread ("yes" / "no"; "1 seed" when there is no spread to compare with)."""
-    sft = next((r["gold"] for r in records if r["method"] == "sft" and r["experiment"] == "direct" and _number(r.get("gold"))), None)
+def gold_summary(records: Sequence[dict[str, Any]], key: str = "gold") -> tuple[list[str], list[list[str]]]:
+    """(header, rows) per experiment, method and update over the seeds of the records' ``key`` (gold
+    reward; "gold_as_trained" for the reward as trained): its mean, seed spread (max - min), the gain
+    over the direct experiment's SFT policy, KL mean, and whether the gain exceeds the spread ("yes" /
+    "no"; "1 seed" when there is no spread to compare with)."""
+    sft = next((r[key] for r in records if r["method"] == "sft" and r["experiment"] == "direct" and _number(r.get(key))), None)
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in records:
-        if r["method"] in ("sft", "best-of-n") or not _number(r.get("gold")):
+        if r["method"] in ("sft", "best-of-n") or not _number(r.get(key)):
             continue
         groups.setdefault((r["experiment"], r["method"], r.get("update")), []).append(r)
     rows = []
     for (exp, method, update), rs in sorted(groups.items(), key=lambda kv: (kv[0][0] != "direct", kv[0][1], kv[0][2] or 0)):
-        golds = [r["gold"] for r in rs]
-        mean, spread = sum(golds) / len(golds), max(golds) - min(golds)
+        values = [r[key] for r in rs]
+        mean, spread = sum(values) / len(values), max(values) - min(values)
         kls = [r["kl"] for r in rs if _number(r.get("kl"))]
         gain = mean - sft if sft is not None else None
         verdict = "1 seed" if len(rs) < 2 else ("yes" if gain is not None and gain > spread else "no")
         rows.append([exp, method, str(update), str(len(rs)), _fmt(mean), _fmt(spread), _fmt(gain, 3) if gain is not None else "-", _fmt(sum(kls) / len(kls) if kls else None), verdict])
-    return ["experiment", "method", "update", "seeds", "gold mean", "seed spread", "gain over SFT", "KL mean", "gain > spread"], rows
+    return ["experiment", "method", "update", "seeds", f"{key} mean", "seed spread", "gain over SFT", "KL mean", "gain > spread"], rows
 
 
 def _series(records: Sequence[dict[str, Any]], experiment: str) -> dict[tuple[str, Any], list[dict[str, Any]]]:
@@ -421,13 +439,17 @@ def gold_blocks(gold_dir: Path, out: Path) -> list[tuple]:
         "posts no run trained on; proxy = the proxy reward model's score (trained on SFT pairs labelled by the gold reward); KL to "
         "SFT in nats per response (k1 on the same samples; best-of-n: log n - (n-1)/n); length in tokens, EOS excluded. "
         "A gain counts when the mean over seeds exceeds the SFT policy's gold reward by more than the spread (max - min) between seeds; "
-        "gold SE is the standard error of a policy's mean over the posts (its sampling noise on this held-out set)."
+        "gold SE is the standard error of a policy's mean over the posts (its sampling noise on this held-out set); "
+        "gold as trained scores a summary without EOS -1, as the RL stages did during training (N+ detail 23)."
     )))
-    blocks += [("h3", "Gain over SFT per method and update"), ("table", *gold_summary(records))]
+    per_post = per_post_gold(gold_dir)
+    trained = [{**r, "gold_as_trained": as_trained(_per_post_of(r, per_post))} for r in records]
+    blocks += [("h3", "Gain over SFT per method and update: gold reward (ROUGE-L of the text)"), ("table", *gold_summary(records))]
+    blocks += [("h3", "The same for the gold reward as trained (a summary without EOS scores -1)"), ("table", *gold_summary(trained, "gold_as_trained"))]
     plots = [("Direct: held-out gold reward and KL to SFT per update", plot_gold_direct(records, out / "gold_direct.png")),
              ("Proxy: held-out proxy and gold reward vs KL (PPO, GRPO, best-of-n)", plot_gold_proxy(records, out / "gold_proxy.png"))]
     blocks += [("img", p.name, alt) for alt, p in plots if p is not None]
-    blocks += [("h3", "Every measurement"), ("table", *gold_rows(records, per_post_gold(gold_dir)))]
+    blocks += [("h3", "Every measurement"), ("table", *gold_rows(records, per_post))]
     return blocks
 
 
