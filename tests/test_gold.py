@@ -250,6 +250,6 @@ def test_report_tables_from_hand_made_records(tmp_path):
     trained = [{**r, "gold_as_trained": {"sft": -0.1, "ppo-s1-u3": 0.3, "ppo-s2-u3": 0.1}.get(r["policy"]) if r["experiment"] == "direct" else None} for r in records]
     header, rows = gold_summary(trained, "gold_as_trained")
     assert header[4] == "gold_as_trained mean" and rows == [["direct", "ppo", "3", "2", "0.200", "0.200", "0.300", "1.500", "yes"]]
-    assert plot_gold_direct(records, tmp_path / "d.png").stat().st_size > 0
+    assert plot_gold_direct(records, tmp_path / "d.png", sft_se=0.018).stat().st_size > 0
     assert plot_gold_proxy(records, tmp_path / "p.png").stat().st_size > 0
     assert plot_gold_direct([sft], tmp_path / "none.png") is None and plot_gold_proxy([sft], tmp_path / "none.png") is None

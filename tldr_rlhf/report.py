@@ -359,10 +359,11 @@ def _method_colors(methods: Sequence[str]) -> dict[str, str]:
     return {m: palette[i % len(palette)] for i, m in enumerate(methods)}
 
 
-def plot_gold_direct(records: Sequence[dict[str, Any]], path: Path) -> Path | None:
+def plot_gold_direct(records: Sequence[dict[str, Any]], path: Path, *, sft_se: float | None = None) -> Path | None:
     """The direct experiment: held-out gold reward against updates, KL to SFT against updates and gold
     reward against KL, one colour per method and one line per seed (marker per seed), each line from
-    the SFT policy (update 0, KL 0; a dashed line at its gold reward). None without RL records."""
+    the SFT policy (update 0, KL 0; a dashed line at its gold reward, shaded +- ``sft_se``, its standard
+    error over the posts, when given). None without RL records."""
     series = _series(records, "direct")
     if not series:
         return None
@@ -382,10 +383,12 @@ def plot_gold_direct(records: Sequence[dict[str, Any]], path: Path) -> Path | No
     for ax in (a, c):
         if sft:
             ax.axhline(sft["gold"], color="gray", linestyle="--", linewidth=1)
+            if _number(sft_se):
+                ax.axhspan(sft["gold"] - sft_se, sft["gold"] + sft_se, color="gray", alpha=0.15, linewidth=0)
         ax.set_ylabel("held-out gold reward (ROUGE-L)")
         ax.grid(alpha=0.3)
     a.set_xlabel("update")
-    a.set_title("gold reward vs update (dashed: SFT)", fontsize=10)
+    a.set_title("gold reward vs update (dashed: SFT" + (" +- SE)" if _number(sft_se) else ")"), fontsize=10)
     b.set_xlabel("update")
     b.set_ylabel("KL to SFT (nats / response)")
     b.set_title("KL to SFT vs update", fontsize=10)
@@ -446,7 +449,9 @@ def gold_blocks(gold_dir: Path, out: Path) -> list[tuple]:
     trained = [{**r, "gold_as_trained": as_trained(_per_post_of(r, per_post))} for r in records]
     blocks += [("h3", "Gain over SFT per method and update: gold reward (ROUGE-L of the text)"), ("table", *gold_summary(records))]
     blocks += [("h3", "The same for the gold reward as trained (a summary without EOS scores -1)"), ("table", *gold_summary(trained, "gold_as_trained"))]
-    plots = [("Direct: held-out gold reward and KL to SFT per update", plot_gold_direct(records, out / "gold_direct.png")),
+    sft = next((r for r in records if r["experiment"] == "direct" and r["method"] == "sft"), None)
+    sft_se = standard_error([g for g, _ in _per_post_of(sft, per_post)]) if sft else None
+    plots = [("Direct: held-out gold reward and KL to SFT per update (shaded: SFT +- its standard error over the posts)", plot_gold_direct(records, out / "gold_direct.png", sft_se=sft_se)),
              ("Proxy: held-out proxy and gold reward vs KL (PPO, GRPO, best-of-n)", plot_gold_proxy(records, out / "gold_proxy.png"))]
     blocks += [("img", p.name, alt) for alt, p in plots if p is not None]
     blocks += [("h3", "Every measurement"), ("table", *gold_rows(records, per_post))]
