@@ -3,15 +3,18 @@ optionally RLOO} -> evaluation of every policy -> report, in one run folder:
 
     RUN_DIR/pipeline.json        stage status (done / skipped / failed), seconds, output
     RUN_DIR/pipeline_config.json the resolved configuration of this invocation
-    RUN_DIR/sft/ rm/ dpo/ ppo/ grpo/ rloo/   each a normal stage run folder (config.json, metrics.jsonl, final/)
+    RUN_DIR/sft/ rm/ dpo/ ppo/ grpo/ rloo/ online-dpo/   each a normal stage run folder (config.json, metrics.jsonl, final/)
     RUN_DIR/rm/eval_rm.json      reward-model accuracy (held-out, CNN/DM, agreement with GPT-3.5)
     RUN_DIR/evaluate/            eval.json, summaries.jsonl, eval_table.md
+    RUN_DIR/gold/                the gold experiment (optional stage gold): its runs, evaluations, gold.json
     RUN_DIR/report/              report.md, report.html, *.png
 
 Each stage is the stage's own ``train(cfg)`` (or ``evaluate``) with its config taken from the
 pipeline config and wired: output folder ``RUN_DIR/<stage>``, the SFT checkpoint as DPO's and the RL
-stages' starting policy and as the KL reference, the reward model as the RL stages' reward and the
-evaluation's scorer, the SFT stage's held-out posts as the evaluation set.
+stages' starting policy and as the KL reference, the reward model as the RL stages' reward (unless a
+stage sets its own ``reward``) and the evaluation's scorer, the SFT stage's held-out posts as the
+evaluation set; the gold experiment (``gold.py``) gets the SFT checkpoint, the SFT stage's data and
+``RUN_DIR/gold``.
 
 Resuming: a stage whose output exists (``final/`` for training stages, ``eval_rm.json`` /
 ``eval.json`` for the evaluations) is skipped; a training stage that crashed part-way resumes from its
@@ -110,8 +113,9 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, Any]:
     out["evaluate-rm"] = dataclasses.replace(cfg.evaluate_rm, model=rm_final, output="", from_run=True, **({"num_threads": t} if t else {}))
     out["dpo"] = dataclasses.replace(cfg.dpo, sft_path=sft_final, tokenizer=None, run=_run(cfg.dpo.run, run_dir, "dpo", t, "dpo" in redo, cfg.report_to))
     for name in RL_STAGES:
-        stage_cfg = getattr(cfg, name)
-        out[name] = dataclasses.replace(stage_cfg, sft_path=sft_final, rm_path=rm_final, tokenizer=None, run=_run(stage_cfg.run, run_dir, name, t, name in redo, cfg.report_to))
+        stage_cfg = getattr(cfg, name.replace("-", "_"))
+        rm_path = "" if stage_cfg.reward else rm_final  # a stage with its own --reward does not use the reward model
+        out[name] = dataclasses.replace(stage_cfg, sft_path=sft_final, rm_path=rm_path, tokenizer=None, run=_run(stage_cfg.run, run_dir, name, t, name in redo, cfg.report_to))
     policies = [f"base={cfg.base_model or cfg.sft.model.path}", f"sft={sft_final}"]
     policies += [f"{s}={final_dir(run_dir, s)}" for s in POLICY_STAGES if s in cfg.stages or stage_done(run_dir, s)]
     rm_ok = "rm" in cfg.stages or stage_done(run_dir, "rm")
@@ -119,6 +123,7 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, Any]:
         cfg.evaluate, policies=tuple(policies), sft_path=sft_final, rm_path=rm_final if rm_ok else "",
         data=cfg.sft.data, output_dir=str(run_dir / "evaluate"), **({"num_threads": t} if t else {}),
     )
+    out["gold"] = dataclasses.replace(cfg.gold, sft_path=sft_final, data=cfg.sft.data, output_dir=str(run_dir / "gold"), **({"num_threads": t} if t else {}))
     out["report"] = ReportConfig(run_dir=str(run_dir), table_posts=cfg.table_posts)
     return out
 

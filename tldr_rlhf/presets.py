@@ -7,7 +7,8 @@ stand-alone ones). Nothing here is changed after it is defined. The schema (fiel
 
 Families: ``seed`` (Qwen2.5-0.5B policy, Qwen2.5-1.5B reward model, hub data), ``nplus`` (the N+ paper's
 values), ``cpu-smol`` (the real SmolLM2-135M on the local TL;DR files, minutes on 2 CPU cores) and
-``uf-cpu-smol`` (the same model on the local UltraFeedback sample).
+``uf-cpu-smol`` (the same model on the local UltraFeedback sample); the pipeline's ``cpu-gold`` and the gold
+experiment's ``cpu-smol`` (issue 17's gold-reward experiment, ``gold.py``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from .config import (
-    SHARED, DPOConfig, EvaluateConfig, EvaluateRMConfig, GRPOConfig, ModelArgs, OnlineDPOConfig, OptimArgs, PipelineConfig, PPOConfig,
+    SHARED, DPOConfig, EvaluateConfig, EvaluateRMConfig, GoldConfig, GRPOConfig, ModelArgs, OnlineDPOConfig, OptimArgs, PipelineConfig, PPOConfig,
     PreferenceDataArgs, RewardNormArgs, RLOOConfig, RMConfig, RunArgs, SFTConfig, TldrDataArgs,
 )
 
@@ -311,7 +312,94 @@ EVALUATE_PRESETS: dict[str, EvaluateConfig] = {
 
 
 # ----------------------------------------------------------------------------------------------
+# The gold-reward experiment (gold.py, docs/gold.md)
+
+# Real SmolLM2-135M on the real local posts, sized for 2 shared CPU cores (one thread): 160-token
+# queries; SFT on the references of at most 31 tokens + EOS (640 posts, about 290 kept: 36 steps of 8),
+# so that its summaries end within the RL stages' 32-token responses; every method 6 updates of 8
+# responses (PPO 8 prompts x 2 epochs, GRPO 2 x 4 x 2 passes, RLOO 2 x 4, online DPO 4 pairs) at each
+# stage's cpu-smol learning rate, measured on 32 held-out posts (one summary sampled at 0.7 per post,
+# which also serves the KL estimate) after updates 3 and 6; the proxy reward model on the pairs of 160
+# training posts, top 6 blocks of the SFT model, one epoch.
+_GOLD_DATA = TldrDataArgs(train=LOCAL_POSTS, max_query_length=160, max_response_length=32, valid_fraction=0.1, limit=640, valid_limit=16)
+_GOLD_SFT = replace(
+    _SFT_CPU_SMOL, data=_GOLD_DATA, optim=replace(_SFT_CPU_SMOL.optim, warmup_steps=3),
+    run=replace(_SFT_CPU_SMOL.run, output_dir="runs/sft-gold-cpu-smol", max_steps=0, eval_every=10, save_every=10, keep_checkpoints=5),
+)
+_GOLD_UPDATES, _GOLD_RL = 6, dict(rm_path="", reward="rouge-l", data=_GOLD_DATA, response_length=32)
+_GOLD_CPU_SMOL = GoldConfig(
+    sft_path="runs/sft-gold-cpu-smol/final",
+    output_dir="runs/gold-cpu-smol",
+    data=_GOLD_DATA,
+    eval_every=3,
+    seeds=(1, 2),
+    proxy_pairs=160,
+    best_of_n=(2, 4, 8),
+    ppo=replace(_PPO_CPU_SMOL, **_GOLD_RL, total_episodes=_GOLD_UPDATES * 8, run=replace(_PPO_CPU_SMOL.run, eval_every=3, max_steps=0)),
+    grpo=replace(_GRPO_CPU_SMOL, **_GOLD_RL, total_episodes=_GOLD_UPDATES * 8, run=replace(_GRPO_CPU_SMOL.run, eval_every=3, max_steps=0)),
+    rloo=replace(_RLOO_CPU_SMOL, **_GOLD_RL, total_episodes=_GOLD_UPDATES * 8, run=replace(_RLOO_CPU_SMOL.run, eval_every=3, max_steps=0)),
+    online_dpo=replace(_ONLINE_DPO_CPU_SMOL, **_GOLD_RL, total_episodes=_GOLD_UPDATES * 8, run=replace(_ONLINE_DPO_CPU_SMOL.run, eval_every=3, max_steps=0)),
+    proxy_rm=replace(
+        _RM_CPU_SMOL, data=replace(_RM_CPU_SMOL.data, max_query_length=160, max_response_length=48, valid_limit=0),
+        norm=replace(_RM_CPU_SMOL.norm, limit=32), run=replace(_RM_CPU_SMOL.run, max_steps=0, save_every=0),
+    ),
+    evaluate=replace(_EVALUATE_CPU_SMOL, policies=(), sft_path="", rm_path="", data=_GOLD_DATA, num_posts=32, response_length=32, greedy=False, batch_size=16, output_dir="runs/gold-cpu-smol/eval"),
+)
+
+GOLD_PRESETS: dict[str, GoldConfig] = {
+    # The N+ settings of each stage against ROUGE-L (a GPU-scale schedule: every default).
+    "default": GoldConfig(output_dir="runs/gold", sft_path="runs/sft/final"),
+    "cpu-smol": _GOLD_CPU_SMOL,
+}
+
+
+# ----------------------------------------------------------------------------------------------
 # The one-command pipeline
+
+# Real SmolLM2-135M on the real local data, sized for 2 CPU cores in under 30 minutes. The stand-alone
+# cpu-smol presets take over an hour together (on this shared machine: SFT ~50 s per step of 8,
+# PPO 3-5 min per update), so each stage is cut to a small complete schedule: 192-token queries;
+# SFT 80 posts (20 steps of 4); reward model 128 pairs (16 steps of 8, top 6 blocks), measured on
+# 32 held-out + 16 CNN/DM + 32 judged pairs; DPO 32 pairs (4 steps of 8); PPO 3 updates of 8 prompts
+# x 2 epochs; GRPO 4 rollouts of 2 prompts x 4; evaluation on 16 held-out posts, one summary of at
+# most 53 tokens sampled at temperature 0.7 per post (it also serves the KL estimate).
+_PIPELINE_CPU_SMOL = PipelineConfig(
+    run_dir="runs/pipeline-cpu-smol",
+    sft=replace(
+        _SFT_CPU_SMOL, micro_batch_size=4, num_sample_posts=1,
+        data=replace(_SFT_CPU_SMOL.data, max_query_length=192, limit=80, valid_limit=16),
+        optim=replace(_SFT_CPU_SMOL.optim, warmup_steps=2),
+        run=replace(_SFT_CPU_SMOL.run, max_steps=0, eval_every=0, save_every=4),
+    ),
+    rm=replace(
+        _RM_CPU_SMOL,
+        data=replace(_RM_CPU_SMOL.data, max_query_length=192, limit=128, valid_limit=32),
+        norm=replace(_RM_CPU_SMOL.norm, limit=32),
+        run=replace(_RM_CPU_SMOL.run, max_steps=0, save_every=4),
+    ),
+    evaluate_rm=replace(EVALUATE_RM_PRESETS["cpu-smol"], valid_limit=32, cnndm_limit=16, max_cnndm_query_length=384, judge_limit=32),
+    dpo=replace(
+        _DPO_CPU_SMOL, num_sample_posts=0,
+        data=replace(_DPO_CPU_SMOL.data, max_query_length=192, limit=32, valid_limit=32),
+        run=replace(_DPO_CPU_SMOL.run, save_every=2),
+    ),
+    ppo=replace(
+        _PPO_CPU_SMOL, total_episodes=3 * 8, ppo_epochs=2,
+        data=replace(_PPO_CPU_SMOL.data, max_query_length=192),
+        run=replace(_PPO_CPU_SMOL.run, max_steps=0, save_every=2, eval_every=2),
+    ),
+    grpo=replace(
+        _GRPO_CPU_SMOL, total_episodes=4 * 2 * 4,
+        data=replace(_GRPO_CPU_SMOL.data, max_query_length=192),
+        run=replace(_GRPO_CPU_SMOL.run, max_steps=0, save_every=2),
+    ),
+    rloo=replace(
+        _RLOO_CPU_SMOL, total_episodes=4 * 2 * 4,
+        data=replace(_RLOO_CPU_SMOL.data, max_query_length=192),
+        run=replace(_RLOO_CPU_SMOL.run, max_steps=0, save_every=2),
+    ),
+    evaluate=replace(_EVALUATE_CPU_SMOL, num_posts=16, response_length=53, greedy=False),
+)
 
 PIPELINE_PRESETS: dict[str, PipelineConfig] = {
     # The seed setup: Qwen2.5-0.5B policy, Qwen2.5-1.5B reward model, hub data, each stage's seed preset.
@@ -320,49 +408,14 @@ PIPELINE_PRESETS: dict[str, PipelineConfig] = {
         sft=SFT_PRESETS["seed"], rm=RM_PRESETS["seed"], evaluate_rm=EVALUATE_RM_PRESETS["seed"], dpo=DPO_PRESETS["seed"],
         ppo=PPO_PRESETS["seed"], grpo=GRPO_PRESETS["seed"], rloo=RLOO_PRESETS["default"], evaluate=EVALUATE_PRESETS["seed"],
     ),
-    # Real SmolLM2-135M on the real local data, sized for 2 CPU cores in under 30 minutes. The stand-alone
-    # cpu-smol presets take over an hour together (on this shared machine: SFT ~50 s per step of 8,
-    # PPO 3-5 min per update), so each stage is cut to a small complete schedule: 192-token queries;
-    # SFT 80 posts (20 steps of 4); reward model 128 pairs (16 steps of 8, top 6 blocks), measured on
-    # 32 held-out + 16 CNN/DM + 32 judged pairs; DPO 32 pairs (4 steps of 8); PPO 3 updates of 8 prompts
-    # x 2 epochs; GRPO 4 rollouts of 2 prompts x 4; evaluation on 16 held-out posts, one summary of at
-    # most 53 tokens sampled at temperature 0.7 per post (it also serves the KL estimate).
-    "cpu-smol": PipelineConfig(
-        run_dir="runs/pipeline-cpu-smol",
-        sft=replace(
-            _SFT_CPU_SMOL, micro_batch_size=4, num_sample_posts=1,
-            data=replace(_SFT_CPU_SMOL.data, max_query_length=192, limit=80, valid_limit=16),
-            optim=replace(_SFT_CPU_SMOL.optim, warmup_steps=2),
-            run=replace(_SFT_CPU_SMOL.run, max_steps=0, eval_every=0, save_every=4),
-        ),
-        rm=replace(
-            _RM_CPU_SMOL,
-            data=replace(_RM_CPU_SMOL.data, max_query_length=192, limit=128, valid_limit=32),
-            norm=replace(_RM_CPU_SMOL.norm, limit=32),
-            run=replace(_RM_CPU_SMOL.run, max_steps=0, save_every=4),
-        ),
-        evaluate_rm=replace(EVALUATE_RM_PRESETS["cpu-smol"], valid_limit=32, cnndm_limit=16, max_cnndm_query_length=384, judge_limit=32),
-        dpo=replace(
-            _DPO_CPU_SMOL, num_sample_posts=0,
-            data=replace(_DPO_CPU_SMOL.data, max_query_length=192, limit=32, valid_limit=32),
-            run=replace(_DPO_CPU_SMOL.run, save_every=2),
-        ),
-        ppo=replace(
-            _PPO_CPU_SMOL, total_episodes=3 * 8, ppo_epochs=2,
-            data=replace(_PPO_CPU_SMOL.data, max_query_length=192),
-            run=replace(_PPO_CPU_SMOL.run, max_steps=0, save_every=2, eval_every=2),
-        ),
-        grpo=replace(
-            _GRPO_CPU_SMOL, total_episodes=4 * 2 * 4,
-            data=replace(_GRPO_CPU_SMOL.data, max_query_length=192),
-            run=replace(_GRPO_CPU_SMOL.run, max_steps=0, save_every=2),
-        ),
-        rloo=replace(
-            _RLOO_CPU_SMOL, total_episodes=4 * 2 * 4,
-            data=replace(_RLOO_CPU_SMOL.data, max_query_length=192),
-            run=replace(_RLOO_CPU_SMOL.run, max_steps=0, save_every=2),
-        ),
-        evaluate=replace(_EVALUATE_CPU_SMOL, num_posts=16, response_length=53, greedy=False),
+    # Real SmolLM2-135M on the real local data in under 30 minutes on 2 CPU cores (see _PIPELINE_CPU_SMOL).
+    "cpu-smol": _PIPELINE_CPU_SMOL,
+    # The gold experiment in one command (issue 17, docs/gold.md): SFT (gold sizing) -> gold (direct:
+    # PPO, GRPO, RLOO, online DPO on ROUGE-L; proxy: a reward model on gold-labelled SFT pairs, PPO and
+    # GRPO against it, best-of-n) -> report, 2 seeds. The other sections are cpu-smol's (not run).
+    "cpu-gold": replace(
+        _PIPELINE_CPU_SMOL, run_dir="runs/pipeline-cpu-gold", stages=("sft", "gold", "report"),
+        sft=replace(_GOLD_SFT, run=replace(_GOLD_SFT.run, output_dir="runs/sft")), gold=_GOLD_CPU_SMOL,
     ),
     # The whole chain on UltraFeedback: each stage's uf-cpu-smol preset in one run folder (several CPU hours
     # on 2 cores with 256-token prompts and responses; the stand-alone stages are the quicker demonstration).

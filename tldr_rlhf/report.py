@@ -2,7 +2,7 @@
 
 Reads what the stages left in the run folder (any part may be missing; what is there is reported):
 
-* ``<stage>/metrics.jsonl`` of sft, rm, dpo, ppo, grpo, rloo -> training curves, one PNG per stage
+* ``<stage>/metrics.jsonl`` of sft, rm, dpo, ppo, grpo, rloo, online-dpo -> training curves, one PNG per stage
   (``curves_<stage>.png``), and for the RL stages the reward against the KL to the reference per
   update (``reward_vs_kl.png``, with the held-out evaluation's RM score against KL to SFT beside it);
 * ``evaluate/eval.json`` -> the metrics table, win rate per policy (``win_rate.png``: RM judge, its
@@ -10,6 +10,10 @@ Reads what the stages left in the run folder (any part may be missing; what is t
   its name, because judges favour length: N+ detail 27) and ROUGE per policy (``rouge.png``);
 * ``evaluate/summaries.jsonl`` -> summary length distributions (``lengths.png``) and the side-by-side
   table of every policy's summary of the same held-out posts, as in the seeds;
+* ``gold/`` (the gold experiment, ``gold.py``; or a gold output folder itself) -> the table of every
+  held-out measurement, the gain over SFT per method and update against the seed spread, and the plots
+  ``gold_direct.png`` (gold reward and KL per update, gold vs KL) and ``gold_proxy.png`` (proxy and gold
+  reward vs KL for the methods optimizing the proxy and for best-of-n);
 * ``rm/eval_rm.json`` and ``dpo/eval.json`` -> reward-model accuracy (held-out, CNN/DM, agreement with
   GPT-3.5) and DPO's implicit-reward accuracy; ``pipeline.json`` -> time per stage.
 
@@ -33,7 +37,7 @@ from .errors import DataError
 from .evaluate import SUMMARIES_FILE, markdown_table, metrics_rows
 from .checkpoints import COMPLETE
 from .pipeline import STATE_FILE
-from .stages import COMMANDS, EVAL_FILE, EVAL_RM_FILE, RL_STAGES, TRAIN_STAGES
+from .stages import COMMANDS, EVAL_FILE, EVAL_RM_FILE, GOLD_FILE, RL_STAGES, TRAIN_STAGES
 from .train.dpo import EVAL_FILE as DPO_EVAL_FILE
 
 log = logging.getLogger(__name__)
@@ -45,6 +49,7 @@ STAGE_CURVES: dict[str, tuple[str, ...]] = {
     "ppo": ("objective/scores", "objective/kl", "objective/rlhf_reward", "loss/policy", "loss/value", "objective/response_length"),
     "grpo": ("objective/scores", "objective/kl", "loss/policy", "objective/response_length"),
     "rloo": ("objective/scores", "objective/kl", "loss/policy", "objective/response_length"),
+    "online-dpo": ("objective/scores", "objective/kl", "loss/policy", "online_dpo/tied_pairs", "online_dpo/reward_margin", "objective/response_length"),
 }
 
 
@@ -250,6 +255,210 @@ def plot_lengths(summaries: Sequence[dict[str, Any]], path: Path) -> Path | None
 
 
 # ----------------------------------------------------------------------------------------------
+# The gold experiment (gold.py): records of held-out measurements -> table and plots
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    return f"{v:.{digits}f}" if _number(v) else "-"
+
+
+def per_post_gold(gold_dir: Path) -> dict[tuple[str, str], list[tuple[float, bool]]]:
+    """{(evaluation folder, policy): its (gold reward, ended with EOS) per held-out post} from the
+    ``summaries.jsonl`` of every evaluation folder of a gold experiment (``eval/FOLDER/``; a folder
+    evaluated several times keeps its last evaluation's); ``gold.eval_name`` gives a record's folder."""
+    out: dict[tuple[str, str], list[tuple[float, bool]]] = {}
+    for f in sorted(Path(gold_dir).glob("eval/*/summaries.jsonl")):
+        for rec in read_records(f):
+            for name, s in rec.get("summaries", {}).items():
+                if _number(s.get("reward")):
+                    out.setdefault((f.parent.name, name), []).append((float(s["reward"]), bool(s.get("eos", True))))
+    return out
+
+
+def _per_post_of(record: dict[str, Any], per_post: dict[tuple[str, str], list[tuple[float, bool]]]) -> list[tuple[float, bool]]:
+    from .gold import eval_name
+
+    return per_post.get((eval_name(record), record.get("policy", "")), [])
+
+
+def standard_error(values: Sequence[float]) -> float | None:
+    """Standard error of a mean, ``sd / sqrt(n)`` with the n - 1 standard deviation; None under 2 values.
+    [0.1, 0.3] -> sd 0.141421, se 0.1."""
+    n = len(values)
+    if n < 2:
+        return None
+    mean = sum(values) / n
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+
+
+def as_trained(pairs: Sequence[tuple[float, bool]], no_eos_penalty: float = -1.0) -> float | None:
+    """Mean gold reward as the RL stages score it (N+ detail 23): a summary's gold reward when it ended
+    with EOS, else ``no_eos_penalty``. [(0.3, True), (0.5, False)] -> (0.3 - 1) / 2 = -0.35; None when empty."""
+    return sum(g if e else no_eos_penalty for g, e in pairs) / len(pairs) if pairs else None
+
+
+def gold_rows(records: Sequence[dict[str, Any]], per_post: dict[tuple[str, str], list[tuple[float, bool]]] | None = None) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of every held-out measurement of the gold experiment, one row per policy:
+    experiment, method, seed, update (best-of-n: n), episodes, gold reward, its standard error over the
+    posts and the gold reward as trained (no-EOS summaries at -1) from ``per_post`` ({(evaluation folder,
+    policy): per-post (gold, EOS)}, ``per_post_gold``; "-" without), proxy score, KL to SFT (nats per response), length (tokens), EOS rate;
+    in experiment, method, seed, update order."""
+    per_post = per_post or {}
+
+    def order(r):
+        return (r["experiment"] != "direct", r["method"] != "sft", r["method"], r.get("seed") or 0, r.get("update") or 0, r.get("n") or 0)
+
+    rows = []
+    for r in sorted(records, key=order):
+        step = f"n={r['n']}" if r["method"] == "best-of-n" else str(r.get("update", "-"))
+        pp = _per_post_of(r, per_post)
+        rows.append([
+            r["experiment"], r["method"], "-" if r.get("seed") is None else str(r["seed"]), step, "-" if r.get("episodes") is None else str(r["episodes"]),
+            _fmt(r.get("gold")), _fmt(standard_error([g for g, _ in pp])), _fmt(as_trained(pp)), _fmt(r.get("proxy")), _fmt(r.get("kl")),
+            _fmt(r.get("length"), 1), _fmt(r.get("eos_rate"), 2),
+        ])
+    header = ["experiment", "method", "seed", "update", "episodes", "gold (held-out)", "gold SE (posts)", "gold as trained", "proxy (held-out)", "KL to SFT", "length", "EOS rate"]
+    return header, rows
+
+
+def gold_summary(records: Sequence[dict[str, Any]], key: str = "gold") -> tuple[list[str], list[list[str]]]:
+    """(header, rows) per experiment, method and update over the seeds of the records' ``key`` (gold
+    reward; "gold_as_trained" for the reward as trained): its mean, seed spread (max - min), the gain
+    over the direct experiment's SFT policy, KL mean, and whether the gain exceeds the spread ("yes" /
+    "no"; "1 seed" when there is no spread to compare with)."""
+    sft = next((r[key] for r in records if r["method"] == "sft" and r["experiment"] == "direct" and _number(r.get(key))), None)
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in records:
+        if r["method"] in ("sft", "best-of-n") or not _number(r.get(key)):
+            continue
+        groups.setdefault((r["experiment"], r["method"], r.get("update")), []).append(r)
+    rows = []
+    for (exp, method, update), rs in sorted(groups.items(), key=lambda kv: (kv[0][0] != "direct", kv[0][1], kv[0][2] or 0)):
+        values = [r[key] for r in rs]
+        mean, spread = sum(values) / len(values), max(values) - min(values)
+        kls = [r["kl"] for r in rs if _number(r.get("kl"))]
+        gain = mean - sft if sft is not None else None
+        verdict = "1 seed" if len(rs) < 2 else ("yes" if gain is not None and gain > spread else "no")
+        rows.append([exp, method, str(update), str(len(rs)), _fmt(mean), _fmt(spread), _fmt(gain, 3) if gain is not None else "-", _fmt(sum(kls) / len(kls) if kls else None), verdict])
+    return ["experiment", "method", "update", "seeds", f"{key} mean", "seed spread", "gain over SFT", "KL mean", "gain > spread"], rows
+
+
+def _series(records: Sequence[dict[str, Any]], experiment: str) -> dict[tuple[str, Any], list[dict[str, Any]]]:
+    """{(method, seed): records in update order} of an experiment's RL runs, each starting at the SFT
+    record of that experiment (update 0, KL 0) when there is one."""
+    start = next((r for r in records if r["experiment"] == experiment and r["method"] == "sft"), None)
+    out: dict[tuple[str, Any], list[dict[str, Any]]] = {}
+    for r in records:
+        if r["experiment"] == experiment and r["method"] not in ("sft", "best-of-n"):
+            out.setdefault((r["method"], r.get("seed")), []).append(r)
+    return {k: ([start] if start else []) + sorted(v, key=lambda r: r.get("update") or 0) for k, v in sorted(out.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0))}
+
+
+def _method_colors(methods: Sequence[str]) -> dict[str, str]:
+    palette = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"]
+    return {m: palette[i % len(palette)] for i, m in enumerate(methods)}
+
+
+def plot_gold_direct(records: Sequence[dict[str, Any]], path: Path, *, sft_se: float | None = None) -> Path | None:
+    """The direct experiment: held-out gold reward against updates, KL to SFT against updates and gold
+    reward against KL, one colour per method and one line per seed (marker per seed), each line from
+    the SFT policy (update 0, KL 0; a dashed line at its gold reward, shaded +- ``sft_se``, its standard
+    error over the posts, when given). None without RL records."""
+    series = _series(records, "direct")
+    if not series:
+        return None
+    colors = _method_colors(sorted({m for m, _ in series}))
+    markers = ["o", "s", "^", "D", "v"]
+    seeds = sorted({s for _, s in series if s is not None})
+    fig, (a, b, c) = _figure(3, width=4.6, height=3.6)
+    for (method, seed), rs in series.items():
+        mk = markers[seeds.index(seed) % len(markers)] if seed in seeds else "o"
+        label = f"{method} s{seed}"
+        up = [(r.get("update") or 0, r) for r in rs]
+        a.plot([u for u, r in up if _number(r.get("gold"))], [r["gold"] for u, r in up if _number(r.get("gold"))], marker=mk, color=colors[method], label=label, markersize=4)
+        b.plot([u for u, r in up if _number(r.get("kl"))], [r["kl"] for u, r in up if _number(r.get("kl"))], marker=mk, color=colors[method], label=label, markersize=4)
+        pts = [(r["kl"], r["gold"]) for r in rs if _number(r.get("kl")) and _number(r.get("gold"))]
+        c.plot([p[0] for p in pts], [p[1] for p in pts], marker=mk, color=colors[method], label=label, markersize=4)
+    sft = next((r for r in records if r["experiment"] == "direct" and r["method"] == "sft" and _number(r.get("gold"))), None)
+    for ax in (a, c):
+        if sft:
+            ax.axhline(sft["gold"], color="gray", linestyle="--", linewidth=1)
+            if _number(sft_se):
+                ax.axhspan(sft["gold"] - sft_se, sft["gold"] + sft_se, color="gray", alpha=0.15, linewidth=0)
+        ax.set_ylabel("held-out gold reward (ROUGE-L)")
+        ax.grid(alpha=0.3)
+    a.set_xlabel("update")
+    a.set_title("gold reward vs update (dashed: SFT" + (" +- SE)" if _number(sft_se) else ")"), fontsize=10)
+    b.set_xlabel("update")
+    b.set_ylabel("KL to SFT (nats / response)")
+    b.set_title("KL to SFT vs update", fontsize=10)
+    b.grid(alpha=0.3)
+    c.set_xlabel("KL to SFT (nats / response)")
+    c.set_title("gold reward vs KL", fontsize=10)
+    c.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_gold_proxy(records: Sequence[dict[str, Any]], path: Path) -> Path | None:
+    """The proxy experiment (Gao et al. 2022, fig. 1): held-out proxy score (left) and gold reward
+    (right) against KL to SFT for each method and seed optimizing the proxy, and for best-of-n of SFT
+    picked by the proxy (analytic KL, one point per n, from SFT at n = 1). None without proxy records."""
+    series = _series(records, "proxy")
+    bon = sorted((r for r in records if r["experiment"] == "proxy" and r["method"] in ("sft", "best-of-n")), key=lambda r: r.get("n") or 1)
+    if not series and len(bon) < 2:
+        return None
+    colors = _method_colors(sorted({m for m, _ in series} | {"best-of-n"}))
+    fig, (left, right) = _figure(2, width=5.0, height=3.8)
+    for ax, key, title in ((left, "proxy", "proxy reward model score"), (right, "gold", "gold reward (ROUGE-L)")):
+        for (method, seed), rs in series.items():
+            pts = [(r["kl"], r[key]) for r in rs if _number(r.get("kl")) and _number(r.get(key))]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=4, color=colors[method], label=f"{method} s{seed}", alpha=0.9 if seed in (None, 1) else 0.6)
+        pts = [(r["kl"], r[key], r.get("n") or 1) for r in bon if _number(r.get("kl")) and _number(r.get(key))]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="s", markersize=4, linestyle="--", color=colors["best-of-n"], label="best-of-n (SFT)")
+            for kl, v, n in pts:
+                ax.annotate(f"n={n}", (kl, v), textcoords="offset points", xytext=(3, 3), fontsize=7)
+        ax.set_xlabel("KL to SFT (nats / response)")
+        ax.set_ylabel(f"held-out {title}")
+        ax.set_title(f"{title} vs KL", fontsize=10)
+        ax.grid(alpha=0.3)
+    right.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def gold_blocks(gold_dir: Path, out: Path) -> list[tuple]:
+    """The report's section on the gold experiment in ``gold_dir`` (gold.json, or the evaluations so
+    far): both tables and the plots ``gold_direct.png`` and ``gold_proxy.png`` (written to ``out``);
+    [] when the folder holds no measurement."""
+    from .gold import read_records
+
+    records, complete = read_records(gold_dir)
+    if not records:
+        return []
+    blocks: list[tuple] = [("h2", "Gold-reward experiment")]
+    blocks.append(("p", (
+        f"{'Complete' if complete else 'Partial (the experiment has not finished)'}: {len(records)} held-out measurements. "
+        "Gold reward = mean ROUGE-L F1 of a summary sampled at temperature 0.7 against the post's human reference, on held-out "
+        "posts no run trained on; proxy = the proxy reward model's score (trained on SFT pairs labelled by the gold reward); KL to "
+        "SFT in nats per response (k1 on the same samples; best-of-n: log n - (n-1)/n); length in tokens, EOS excluded. "
+        "A gain counts when the mean over seeds exceeds the SFT policy's gold reward by more than the spread (max - min) between seeds; "
+        "gold SE is the standard error of a policy's mean over the posts (its sampling noise on this held-out set); "
+        "gold as trained scores a summary without EOS -1, as the RL stages did during training (N+ detail 23)."
+    )))
+    per_post = per_post_gold(gold_dir)
+    trained = [{**r, "gold_as_trained": as_trained(_per_post_of(r, per_post))} for r in records]
+    blocks += [("h3", "Gain over SFT per method and update: gold reward (ROUGE-L of the text)"), ("table", *gold_summary(records))]
+    blocks += [("h3", "The same for the gold reward as trained (a summary without EOS scores -1)"), ("table", *gold_summary(trained, "gold_as_trained"))]
+    sft = next((r for r in records if r["experiment"] == "direct" and r["method"] == "sft"), None)
+    sft_se = standard_error([g for g, _ in _per_post_of(sft, per_post)]) if sft else None
+    plots = [("Direct: held-out gold reward and KL to SFT per update (shaded: SFT +- its standard error over the posts)", plot_gold_direct(records, out / "gold_direct.png", sft_se=sft_se)),
+             ("Proxy: held-out proxy and gold reward vs KL (PPO, GRPO, best-of-n)", plot_gold_proxy(records, out / "gold_proxy.png"))]
+    blocks += [("img", p.name, alt) for alt, p in plots if p is not None]
+    blocks += [("h3", "Every measurement"), ("table", *gold_rows(records, per_post))]
+    return blocks
+
+
+# ----------------------------------------------------------------------------------------------
 # Document: blocks rendered to Markdown and HTML
 
 
@@ -362,7 +571,7 @@ def standalone_stage(run_dir: Path) -> str | None:
     if marker.get("stage") in STAGE_CURVES:
         return marker["stage"]
     keys = {k for r in read_records(run_dir / "metrics.jsonl") for k in r}
-    for key, stage in (("loss/sft", "sft"), ("loss/rm", "rm"), ("loss/dpo", "dpo"), ("loss/value", "ppo")):
+    for key, stage in (("loss/sft", "sft"), ("loss/rm", "rm"), ("loss/dpo", "dpo"), ("loss/value", "ppo"), ("online_dpo/tied_pairs", "online-dpo")):
         if key in keys:
             return stage
     return next((stage for stage in ("ppo", "rloo") if stage in run_dir.name), "grpo")
@@ -389,8 +598,12 @@ def build_report(cfg: ReportConfig) -> Path:
     summaries = read_records(eval_folder / SUMMARIES_FILE)
     eval_rm = _read_json(run_dir / EVAL_RM_FILE if alone == "rm" else run_dir / COMMANDS["evaluate-rm"].output)
     dpo_eval = _read_json((run_dir if alone == "dpo" else run_dir / "dpo") / DPO_EVAL_FILE)
-    if not (state or metrics or eval_results or summaries):
-        raise DataError("nothing to report: no pipeline.json, metrics.jsonl, stage metrics.jsonl or eval.json", path=str(run_dir))
+    # a gold experiment's own folder (tldr-rlhf gold --output-dir RUN), else a pipeline's gold/
+    own = (run_dir / GOLD_FILE).is_file() or ((run_dir / "eval").is_dir() and alone is None and not state)
+    gold_dir = run_dir if own else run_dir / "gold"
+    gold_section = gold_blocks(gold_dir, out) if gold_dir.is_dir() else []
+    if not (state or metrics or eval_results or summaries or gold_section):
+        raise DataError("nothing to report: no pipeline.json, metrics.jsonl, stage metrics.jsonl, eval.json or gold experiment", path=str(run_dir))
 
     title = f"tldr-rlhf report: {run_dir}"
     blocks: list[tuple] = [("h1", title), ("p", f"Generated {time.strftime('%Y-%m-%d %H:%M')} from {run_dir.resolve()}.")]
@@ -416,6 +629,7 @@ def build_report(cfg: ReportConfig) -> Path:
     if rm_rows:
         blocks += [("h2", "Reward model and DPO accuracy"), ("table", ["set", "n", "accuracy"], rm_rows)]
 
+    blocks += gold_section
     plots: list[tuple[str, Path | None]] = []
     if eval_results:
         plots.append(("Win rate against the human reference", plot_win_rates(eval_results, out / "win_rate.png")))

@@ -19,6 +19,7 @@ from typing import Any, Callable
 # Results files that mark an evaluation finished (the evaluations write them, the pipeline and the report read them)
 EVAL_RM_FILE = "eval_rm.json"  # evaluate-rm's results, next to the reward model's final/
 EVAL_FILE = "eval.json"  # evaluate's results in its output folder
+GOLD_FILE = "gold.json"  # the gold experiment's held-out measurements, in its output folder
 
 
 def resolve(target: str) -> Any:
@@ -71,8 +72,14 @@ class Stage:
         return resolve(self.entry)
 
     def needs(self, pipeline_cfg: Any) -> tuple[str, ...]:
-        """The stages whose outputs this one needs under a PipelineConfig (its flags add inputs)."""
-        return self.inputs + tuple(stage for flag, stage in self.inputs_when if getattr(pipeline_cfg, flag))
+        """The stages whose outputs this one needs under a PipelineConfig (its flags add inputs). An RL
+        stage whose own section sets ``reward`` (``rewards.py``: ROUGE-L, a function, ...) does not need
+        the reward-model stage."""
+        deps = self.inputs + tuple(stage for flag, stage in self.inputs_when if getattr(pipeline_cfg, flag))
+        section = getattr(pipeline_cfg, self.name.replace("-", "_"), None)
+        if "rm" in deps and getattr(section, "reward", ""):
+            deps = tuple(d for d in deps if d != "rm")
+        return deps
 
 
 _RL_INPUTS = ("sft", "rm")
@@ -116,7 +123,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "online-dpo", "online DPO: pairs sampled from the policy, labelled by a reward (--reward / --rm-path), DPO against the SFT reference",
         "tldr_rlhf.config:OnlineDPOConfig", "tldr_rlhf.train.online_dpo:train", "tldr_rlhf.presets:ONLINE_DPO_PRESETS",
-        train=True,
+        pipeline=True, optional=True, inputs=_RL_INPUTS, train=True, policy=True,
     ),
     Stage("generate", "summarize posts with a checkpoint", "tldr_rlhf.cli:GenerateArgs", "tldr_rlhf.cli:run_generate"),
     Stage("stats", "token-length statistics of queries and responses", "tldr_rlhf.cli:StatsArgs", "tldr_rlhf.cli:run_stats"),
@@ -140,6 +147,11 @@ STAGES: tuple[Stage, ...] = (
         "evaluate", "ROUGE, RM score, win rate (+ length-controlled) vs the reference, KL to SFT, length, EOS rate",
         "tldr_rlhf.config:EvaluateConfig", "tldr_rlhf.evaluate:evaluate", "tldr_rlhf.presets:EVALUATE_PRESETS",
         pipeline=True, inputs=("sft",), output=f"evaluate/{EVAL_FILE}",
+    ),
+    Stage(
+        "gold", "the gold-reward experiment: PPO / GRPO / RLOO / online DPO on ROUGE-L, and a proxy RM trained on gold labels, measured on held-out posts (docs/gold.md)",
+        "tldr_rlhf.config:GoldConfig", "tldr_rlhf.gold:run", "tldr_rlhf.presets:GOLD_PRESETS",
+        pipeline=True, optional=True, inputs=("sft",), output=f"gold/{GOLD_FILE}",
     ),
     Stage(
         "report", "Markdown + HTML report with plots of a pipeline or single-stage run folder: tldr-rlhf report RUN_DIR",

@@ -37,7 +37,7 @@ RULES: dict[str, _Rule] = {
             "max_query_length", "max_response_length", "max_cnndm_query_length", "total_episodes", "rollout_prompts",
             "mini_batch_size", "update_per_rollout", "log_every", "keep_checkpoints", "beta", "max_parallel",
             "timeout_s", "sample_max_new_tokens", "max_new_tokens", "rs_candidates", "rs_temperature", "rs_beta",
-            "lora_alpha", "temperature",
+            "lora_alpha", "temperature", "proxy_pairs",
         ),
         _GT0,
     ),
@@ -62,6 +62,7 @@ RULES: dict[str, _Rule] = {
 # finite number (the LLM judge's temperature < 0 sends none)
 CLASS_RULES: dict[tuple[str, str], _Rule | None] = {
     ("JudgeArgs", "temperature"): None,
+    ("GoldConfig", "best_of_n"): (lambda v: all(n >= 1 for n in v), "must be numbers >= 1"),
 }
 # fields naming an input: a local file or folder, or a hub id
 INPUT_FIELDS = {

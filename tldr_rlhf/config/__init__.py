@@ -29,6 +29,7 @@ from .stage_configs import (
     DPOConfig,
     EvaluateConfig,
     EvaluateRMConfig,
+    GoldConfig,
     GRPOConfig,
     OnlineDPOConfig,
     PipelineConfig,
@@ -42,5 +43,5 @@ from .stage_configs import (
 __all__ = [
     "SHARED", "JudgeArgs", "ModelArgs", "OptimArgs", "PreferenceDataArgs", "RewardNormArgs", "RunArgs", "TaskArgs",
     "TldrDataArgs", "from_dict", "save_config", "to_dict", "DPOConfig", "EvaluateConfig", "EvaluateRMConfig",
-    "GRPOConfig", "OnlineDPOConfig", "PipelineConfig", "PPOConfig", "ReportConfig", "RLOOConfig", "RMConfig", "SFTConfig",
+    "GoldConfig", "GRPOConfig", "OnlineDPOConfig", "PipelineConfig", "PPOConfig", "ReportConfig", "RLOOConfig", "RMConfig", "SFTConfig",
 ]

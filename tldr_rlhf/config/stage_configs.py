@@ -480,6 +480,63 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class GoldConfig:
+    """The gold-reward experiment (docs/gold.md): a known reward, ROUGE-L against the human reference,
+    stands in for human judgement so that what each method does to it can be measured exactly.
+
+    direct: from the SFT checkpoint, each of `methods` optimizes the gold reward on training posts for
+    every seed of `seeds`; each run's policy is evaluated on held-out posts every `eval_every` updates
+    (gold reward, KL to SFT, length, EOS rate).
+
+    proxy (Gao et al. 2022, "Scaling Laws for Reward Model Overoptimization"): pairs of summaries sampled
+    from the SFT policy on `proxy_pairs` training posts, labelled by the gold reward, train a proxy reward
+    model (`tldr-rlhf rm`); each of `proxy_methods` optimizes the proxy, and best-of-n of SFT picks by it;
+    held-out proxy and gold reward are measured against KL to SFT."""
+
+    sft_path: str = ""
+    """SFT checkpoint every run starts from and the KL is measured to (the pipeline sets it)."""
+    output_dir: str = "runs/gold"
+    """Folder of the experiment: direct/ and proxy/ run folders, eval/ (one evaluation folder per run),
+    proxy/pairs.jsonl, and gold.json (every held-out measurement, the report's input)."""
+    data: TldrDataArgs = field(default_factory=TldrDataArgs)
+    """Posts: the training side (RL prompts, proxy pairs) and the held-out side (every evaluation),
+    split by post id as in SFT; the pipeline passes the SFT stage's data."""
+    gold_reward: str = "rouge-l"
+    """The gold reward spec (docs/rewards.md) the direct runs optimize, that labels the proxy pairs and
+    that every evaluation measures."""
+    methods: tuple[Literal["ppo", "grpo", "rloo", "online-dpo"], ...] = ("ppo", "grpo", "rloo", "online-dpo")
+    """Methods of the direct experiment."""
+    proxy_methods: tuple[Literal["ppo", "grpo", "rloo", "online-dpo"], ...] = ("ppo", "grpo")
+    """Methods that optimize the proxy reward model."""
+    seeds: tuple[int, ...] = (1, 2)
+    """Seeds of every run (run order: all methods at the first seed, direct then proxy, then the next seed)."""
+    eval_every: int = 3
+    """Updates between held-out evaluations of a run (its checkpoint cadence); the final policy is
+    always evaluated (0 = only the final one)."""
+    proxy_pairs: int = 128
+    """Training posts the proxy pairs are sampled on (one pair each; tied pairs are left out)."""
+    best_of_n: tuple[int, ...] = (2, 4, 8)
+    """n of best-of-n of SFT picked by the proxy reward model (KL log n - (n-1)/n); () = none."""
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    """PPO's settings; reward, seed, paths, data and checkpoint cadence are set by the experiment."""
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    """GRPO's settings (as ppo)."""
+    rloo: RLOOConfig = field(default_factory=RLOOConfig)
+    """RLOO's settings (as ppo)."""
+    online_dpo: OnlineDPOConfig = field(default_factory=OnlineDPOConfig)
+    """Online DPO's settings (as ppo)."""
+    proxy_rm: RMConfig = field(default_factory=RMConfig)
+    """The proxy reward model's training; its comparisons and output folder are set by the experiment."""
+    proxy_rm_from_sft: bool = True
+    """Start the proxy reward model from the SFT checkpoint instead of `proxy_rm.model.path`."""
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    """Held-out evaluation settings (num_posts, response_length, temperature, greedy, batch_size); its
+    policies, paths, rewards, data and output folder are set by the experiment."""
+    num_threads: int = 0
+    """torch CPU threads for every run (0 = each run's own setting)."""
+
+
+@dataclass(frozen=True)
 class ReportConfig:
     """Markdown + HTML report of a pipeline run folder: training curves, reward vs KL, win rate and
     ROUGE per stage, length distributions, and the side-by-side table of summaries."""
@@ -503,7 +560,7 @@ class PipelineConfig:
     run_dir: str = "runs/pipeline"
     """Run folder: one subfolder per stage, pipeline.json (stage status and seconds), report/."""
     stages: tuple[str, ...] = DEFAULT_PIPELINE_STAGES
-    """Stages to run, in pipeline order (also available: rloo)."""
+    """Stages to run, in pipeline order (also available: rloo, online-dpo, gold)."""
     rerun: tuple[str, ...] = ()
     """Stages to run again from scratch although their output exists (later stages are not redone)."""
     base_model: str = ""
@@ -524,6 +581,12 @@ class PipelineConfig:
     ppo: PPOConfig = field(default_factory=PPOConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     rloo: RLOOConfig = field(default_factory=RLOOConfig)
+    online_dpo: OnlineDPOConfig = field(default_factory=OnlineDPOConfig)
+    """Online DPO (the optional stage online-dpo): against the reward model, or against its own
+    `reward` when set (then it needs no rm stage)."""
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     """Evaluation settings; its policies, paths, data (the SFT stage's held-out split) and output
     folder are set by the pipeline."""
+    gold: GoldConfig = field(default_factory=GoldConfig)
+    """The gold-reward experiment (the optional stage gold, docs/gold.md); its SFT checkpoint, data and
+    output folder are set by the pipeline."""
