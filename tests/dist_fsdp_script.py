@@ -43,7 +43,7 @@ def _patch_for_tests() -> None:
     import json
 
     from tldr_rlhf import rollout
-    from tldr_rlhf.train import common, dpo, fsdp, group_rl, loop, online_dpo, ppo, rl_common, rm, sft
+    from tldr_rlhf.train import common, dpo, fsdp, group_rl, loop, ppo, rl_common, rm, sft
 
     if os.environ.get("FSDP_TEST_NO_EOS_PENALTY"):
         keep = lambda scores, has_eos, penalty=-1.0: scores  # noqa: E731
@@ -59,7 +59,7 @@ def _patch_for_tests() -> None:
                 torch.rand(fsdp.rank())
             return out
 
-        for module in (group_rl, ppo, online_dpo):
+        for module in (rl_common, ppo):  # GRPO, RLOO and online DPO call it through rl_common.start_policy_updates
             module.start_updates = start_then_desync
     exit_stage, _, exit_step = os.environ.get("FSDP_TEST_EXIT_AFTER_CHECKPOINT", "").partition(":")
     if exit_stage:

@@ -33,9 +33,7 @@ from ..generation import generate_groups
 from ..lm_head import grouped_response_logits
 from ..ops import entropy_from_logits, token_logprobs
 from ..rollout import Rollout, apply_no_eos_penalty, rollout, rollout_stats, score_batch
-from .common import shard_if_asked
-from .loop import build_optimizer, build_scheduler
-from .rl_common import add_micro_metrics, checkpoint_if_due, finish_rl_run, log_update, micro_batches, open_rl_run, rl_accelerator, start_updates, update_passes, update_prompts
+from .rl_common import add_micro_metrics, checkpoint_if_due, finish_rl_run, log_update, micro_batches, open_rl_run, rl_accelerator, start_policy_updates, update_passes, update_prompts
 
 log = logging.getLogger(__name__)
 
@@ -196,11 +194,7 @@ def train(cfg: GroupConfig, name: str, *, advantages: AdvantageFn, loss: LossFn,
         raise ValueError(f"group_size must be >= 2 (a group baseline needs two responses), got {cfg.group_size}")
     plan = f"{num_updates} rollouts of {cfg.rollout_prompts} prompts x {cfg.group_size}"
     rl = open_rl_run(cfg, name, accelerator, batch=cfg.rollout_prompts, group=cfg.group_size, num_updates=num_updates, plan=plan)
-    rl.policy = shard_if_asked(rl.policy, cfg.run, accelerator)  # --run.fsdp: before the optimizer sees the weights
-    optimizer = build_optimizer(rl.policy.parameters(), cfg.optim, device_type=rl.device.type)
-    scheduler = build_scheduler(optimizer, cfg.optim, cfg.optimizer_steps(world))
-    steps = f"{cfg.optimizer_steps(world)} optimizer steps"
-    start, model, optimizer, score_fn = start_updates(rl, rl.policy, optimizer, scheduler, unit="rollout", describe="policy", steps=steps)
+    start, model, optimizer, scheduler, score_fn = start_policy_updates(rl, world, unit="rollout")
     eos, pad = rl.tokenizer.eos_token_id, rl.tokenizer.pad_token_id
 
     for update in range(start, rl.total):

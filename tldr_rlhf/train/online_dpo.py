@@ -45,9 +45,7 @@ from ..modeling import response_logits
 from ..ops import token_logprobs
 from ..rollout import Rollout, rollout_stats
 from .group_rl import group_rollout
-from .common import shard_if_asked
-from .loop import build_optimizer, build_scheduler
-from .rl_common import add_micro_metrics, checkpoint_if_due, finish_rl_run, log_update, micro_batches, open_rl_run, rl_accelerator, start_updates, update_passes, update_prompts
+from .rl_common import add_micro_metrics, checkpoint_if_due, finish_rl_run, log_update, micro_batches, open_rl_run, rl_accelerator, start_policy_updates, update_passes, update_prompts
 
 log = logging.getLogger(__name__)
 NAME = "online-dpo"
@@ -128,11 +126,7 @@ def train(cfg: OnlineDPOConfig) -> str:
     local_prompts, local_mini = cfg.local_prompts(world), cfg.local_mini_batch_size(world)
     plan = f"{num_updates} updates of {cfg.rollout_prompts} prompts x 2 responses"
     rl = open_rl_run(cfg, NAME, accelerator, batch=cfg.rollout_prompts, group=2, num_updates=num_updates, plan=plan)
-    rl.policy = shard_if_asked(rl.policy, cfg.run, accelerator)  # --run.fsdp: before the optimizer sees the weights
-    optimizer = build_optimizer(rl.policy.parameters(), cfg.optim, device_type=rl.device.type)
-    scheduler = build_scheduler(optimizer, cfg.optim, cfg.optimizer_steps(world))
-    steps = f"{cfg.optimizer_steps(world)} optimizer steps"
-    start, model, optimizer, score_fn = start_updates(rl, rl.policy, optimizer, scheduler, unit="update", describe="policy", steps=steps)
+    start, model, optimizer, scheduler, score_fn = start_policy_updates(rl, world, unit="update")
     eos, pad = rl.tokenizer.eos_token_id, rl.tokenizer.pad_token_id
 
     for update in range(start, rl.total):

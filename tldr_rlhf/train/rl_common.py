@@ -31,9 +31,11 @@ from ..modeling import frozen_weights_dtype as model_dtype  # noqa: F401  (ppo, 
 from ..rollout import Rollout, ScoreFn
 from ..tasks import rl_prompts
 from ..value_model import score_at_last_token
-from .common import make_accelerator, prepare, weights_saver
+from .common import make_accelerator, prepare, shard_if_asked, weights_saver
 from .loop import (
     Throughput,
+    build_optimizer,
+    build_scheduler,
     checkpoint_if_due as loop_checkpoint_if_due,
     due,
     global_batches,
@@ -293,6 +295,20 @@ def start_updates(rl: RLRun, model: nn.Module, optimizer, scheduler, *, unit: st
     rl.run.total_steps = rl.total  # the per-step log line's /N and ETA
     rl.bar = progress_bar(rl.total, start, rl.name, rl.is_main and rl.cfg.run.progress)
     return start, model, optimizer, score_fn
+
+
+def start_policy_updates(rl: RLRun, world: int, *, unit: str) -> tuple[int, nn.Module, Any, Any, ScoreFn]:
+    """The set-up's end for the stages that train the policy alone (GRPO, RLOO, online DPO): the policy
+    sharded under ``--run.fsdp`` (before the optimizer sees its weights), AdamW, the cosine schedule
+    over ``cfg.optimizer_steps(world)``, then ``start_updates``. Returns (first update, prepared
+    model, prepared optimizer, scheduler, the reward's score function)."""
+    cfg = rl.cfg
+    rl.policy = shard_if_asked(rl.policy, cfg.run, rl.accelerator)
+    optimizer = build_optimizer(rl.policy.parameters(), cfg.optim, device_type=rl.device.type)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.optimizer_steps(world))
+    steps = f"{cfg.optimizer_steps(world)} optimizer steps"
+    start, model, optimizer, score_fn = start_updates(rl, rl.policy, optimizer, scheduler, unit=unit, describe="policy", steps=steps)
+    return start, model, optimizer, scheduler, score_fn
 
 
 def update_prompts(rl: RLRun, update: int) -> list[Prompt]:
