@@ -390,88 +390,51 @@ def save_checkpoint(
     other process R writes its RNG state to ``rng-R.pt`` (restored by ``load_checkpoint``, so that a
     resumed run samples what the uninterrupted one would); the main process writes the rest and
     returns the folder (None elsewhere). FSDP-sharded models (``--run.fsdp``): every process also
-    writes its shards (``_save_sharded_checkpoint``).
+    writes its shard of weights and optimizer states to ``sharded/`` (``fsdp.save_sharded``), the
+    Hugging Face folder holds the gathered weights, and state.pt (``"sharded": True``) holds no
+    weights or optimizer states.
 
     Written to a temporary name and renamed, so a crash mid-save never leaves a half checkpoint that
     a resume would pick up; checkpoints beyond the newest ``keep`` are deleted. A checkpoint has no
     completeness marker (COMPLETE.json): it is never taken for a finished run's final/.
     """
-    from .fsdp import barrier, is_sharded, rank, world_size
+    from .fsdp import SHARDED, barrier, is_sharded, rank, save_sharded, world_size
 
-    if is_sharded(model):
-        return _save_sharded_checkpoint(run, step, model, optimizer, scheduler, extra, keep=keep, save_weights=save_weights)
+    sharded, several = is_sharded(model), world_size() > 1
     final = run.path / CHECKPOINTS / f"step-{step}"
     tmp = run.path / CHECKPOINTS / f".tmp-step-{step}"
     if run.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    if world_size() > 1:  # each other process's RNG state (they sample different rollouts), beside state.pt
-        barrier()
-        if not run.is_main:
-            torch.save(rng_state(), tmp / f"rng-{rank()}.pt")
-        barrier()
+    if several:
+        barrier()  # the temporary folder exists for every process
+    if sharded:  # collective: every process gathers the full weights (process 0 writes them) and writes its shards
+        if save_weights is not None:
+            save_weights(tmp)
+        save_sharded(tmp / SHARDED, model, optimizer)
     if not run.is_main:
+        torch.save(rng_state(), tmp / f"rng-{rank()}.pt")  # its own RNG state: the processes sample different rollouts
+        barrier()  # process 0 renames the folder once every process has written its part
         return None
-    if save_weights is not None:
-        save_weights(tmp)
-    trainable = trainable_state_dict(model)
-    in_weights = _stored_in_weights(tmp, trainable) if save_weights is not None else {}
-    torch.save(
-        {
-            "format": STATE_FORMAT,
-            "step": step,
+    if sharded:  # weights and optimizer states are in sharded/
+        state: dict[str, Any] = {"sharded": True, "model": {}, "model_from_weights": {}, "optimizer": {}}
+    else:
+        if save_weights is not None:
+            save_weights(tmp)
+        trainable = trainable_state_dict(model)
+        in_weights = _stored_in_weights(tmp, trainable) if save_weights is not None else {}
+        state = {
             "model": {k: v.cpu().clone() for k, v in trainable.items() if k not in in_weights},
             "model_from_weights": in_weights,
             "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": rng_state(),
-            "extra": extra or {},
-        },
-        tmp / STATE,
-    )
+        }
+    torch.save({"format": STATE_FORMAT, "step": step, **state, "scheduler": scheduler.state_dict(), "rng": rng_state(), "extra": extra or {}}, tmp / STATE)
+    if several:
+        barrier()
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     run.prune_checkpoints(keep)
     run._drop_replaced()
-    return final
-
-
-def _save_sharded_checkpoint(run: RunDir, step: int, model, optimizer, scheduler, extra: dict[str, Any] | None, *, keep: int, save_weights: Callable[[Path], None] | None) -> Path:
-    """``save_checkpoint`` for FSDP-sharded models (``--run.fsdp``); every process calls it. Writes
-    ``sharded/`` (``fsdp.save_sharded``: each process its shard of weights and optimizer states),
-    ``rng-R.pt`` for each process R > 0 (its RNG state: processes sample different rollouts), the
-    Hugging Face folder (``save_weights`` gathers the full weights; process 0 writes them) and
-    ``state.pt`` (format 2, ``"sharded": True``: step, scheduler, process 0's RNG, ``extra``; no
-    weights or optimizer states). Written under a temporary name and renamed by process 0 once every
-    process has finished its part."""
-    from .fsdp import SHARDED, barrier, rank, save_sharded
-
-    final = run.path / CHECKPOINTS / f"step-{step}"
-    tmp = run.path / CHECKPOINTS / f".tmp-step-{step}"
-    if run.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier()
-    if save_weights is not None:
-        save_weights(tmp)  # collective gather; process 0 writes
-    save_sharded(tmp / SHARDED, model, optimizer)
-    if run.is_main:
-        torch.save(
-            {
-                "format": STATE_FORMAT, "sharded": True, "step": step, "model": {}, "model_from_weights": {}, "optimizer": {},
-                "scheduler": scheduler.state_dict(), "rng": rng_state(), "extra": extra or {},
-            },
-            tmp / STATE,
-        )
-    else:
-        torch.save(rng_state(), tmp / f"rng-{rank()}.pt")
-    barrier()
-    if run.is_main:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        run.prune_checkpoints(keep)
-        run._drop_replaced()
-    barrier()
     return final
 
 
