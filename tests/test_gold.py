@@ -142,7 +142,7 @@ def tiny_gold(sft: str, out: Path, **kw) -> GoldConfig:
     rl = dict(dtype="float32", data=data, optim=optim, run=run, total_episodes=8, response_length=6, forward_batch_size=8, num_sample_posts=0)
     base = GoldConfig(
         sft_path=sft, output_dir=str(out), data=data, gold_reward="length", methods=("grpo", "online-dpo"), proxy_methods=("grpo",),
-        seeds=(1,), eval_every=1, proxy_pairs=8, best_of_n=(2,),
+        seeds=(1,), eval_every=1, proxy_pairs=8, best_of_n=(2,), sft_resample_seeds=(7,),
         grpo=dataclasses.replace(GOLD_PRESETS["cpu-smol"].grpo, **rl, rollout_prompts=2, group_size=2, mini_batch_size=4, micro_batch_size=4, update_per_rollout=1),
         online_dpo=OnlineDPOConfig(**rl, rollout_prompts=2, mini_batch_size=2, micro_batch_size=2),
         proxy_rm=RMConfig(
@@ -168,7 +168,7 @@ def test_gold_experiment_end_to_end_resumes_and_reports(qwen_tokenizer, short_eo
     key = lambda r: (r["experiment"], r["method"], r["seed"], r["update"], r["n"])  # noqa: E731
     got = sorted(map(key, recs), key=str)
     want = sorted([
-        ("direct", "sft", None, 0, None),
+        ("direct", "sft", None, 0, None), ("direct", "sft-resampled", 7, 0, None),
         ("direct", "grpo", 1, 1, None), ("direct", "grpo", 1, 2, None),
         ("direct", "online-dpo", 1, 1, None), ("direct", "online-dpo", 1, 2, None),
         ("proxy", "sft", None, 0, 1), ("proxy", "best-of-n", None, None, 2),
@@ -177,6 +177,10 @@ def test_gold_experiment_end_to_end_resumes_and_reports(qwen_tokenizer, short_eo
     assert got == want
     by = {key(r): r for r in recs}
     assert by[("direct", "sft", None, 0, None)]["kl"] == 0.0  # the SFT policy against itself
+    # measured again at sampling seed 7, in its own evaluation folder
+    assert by[("direct", "sft-resampled", 7, 0, None)]["kl"] == 0.0
+    head = json.loads((out / "eval" / "direct-sft-r7" / "policies" / "sft.jsonl").read_text().splitlines()[0])
+    assert head["key"]["settings"]["seed"] == 7
     assert by[("direct", "grpo", 1, 2, None)]["episodes"] == 8 and by[("direct", "grpo", 1, 2, None)]["path"].endswith("final")
     assert by[("direct", "grpo", 1, 1, None)]["path"].endswith("checkpoints/step-1")
     assert all(r["proxy"] is not None for r in recs if r["experiment"] == "proxy") and all(r["proxy"] is None for r in recs if r["experiment"] == "direct")
@@ -207,6 +211,7 @@ def test_gold_experiment_end_to_end_resumes_and_reports(qwen_tokenizer, short_eo
     md = build_report(ReportConfig(run_dir=str(tmp_path), table_posts=0))
     text = md.read_text()
     assert "gold_direct.png" in text and "gold_proxy.png" in text and "| direct | grpo |" in text
+    assert "The SFT policy's gold reward measured 2 times" in text and "| direct | sft-resampled | 7 | 0 |" in text
     assert (md.parent / "gold_direct.png").stat().st_size > 0 and (md.parent / "gold_proxy.png").stat().st_size > 0
 
 
@@ -219,7 +224,7 @@ def test_gold_refuses_a_missing_sft_checkpoint_and_unknown_methods(tmp_path):
 
 
 def test_report_tables_from_hand_made_records(tmp_path):
-    from tldr_rlhf.report import as_trained, gold_rows, gold_summary, plot_gold_direct, plot_gold_proxy, standard_error
+    from tldr_rlhf.report import as_trained, gold_rows, gold_summary, plot_gold_direct, plot_gold_proxy, sft_noise, standard_error
 
     sft = {"experiment": "direct", "method": "sft", "seed": None, "update": 0, "episodes": 0, "n": None, "policy": "sft", "gold": 0.20, "proxy": None, "kl": 0.0, "length": 26.0, "eos_rate": 0.7}
     def rec(exp, method, seed, update, gold_v, kl, proxy=None, n=None):
@@ -234,10 +239,23 @@ def test_report_tables_from_hand_made_records(tmp_path):
     header, rows = gold_summary(records)
     by = {(r[0], r[1], r[2]): r for r in rows}
     # ppo: mean (0.25 + 0.23) / 2 = 0.24, spread 0.02, gain 0.24 - 0.20 = 0.04 > 0.02: yes; KL mean 1.5
-    assert by[("direct", "ppo", "3")][3:] == ["2", "0.240", "0.020", "0.040", "1.500", "yes"]
+    # (no resampled SFT measurements: "-" in the last column)
+    assert by[("direct", "ppo", "3")][3:] == ["2", "0.240", "0.020", "0.040", "1.500", "yes", "-"]
     # grpo: mean 0.19, spread 0.04, gain -0.01: no
-    assert by[("direct", "grpo", "3")][3:] == ["2", "0.190", "0.040", "-0.010", "0.600", "no"]
-    assert by[("direct", "rloo", "3")][-1] == "1 seed" and by[("proxy", "ppo", "3")][6] == "-0.020"
+    assert by[("direct", "grpo", "3")][3:] == ["2", "0.190", "0.040", "-0.010", "0.600", "no", "-"]
+    assert by[("direct", "rloo", "3")][-2] == "1 seed" and by[("proxy", "ppo", "3")][6] == "-0.020"
+    # the SFT policy measured again at sampling seeds 1 and 2: 0.216 and 0.187 with the first 0.20 ->
+    # spread 0.029, mean 0.201; ppo's gain 0.04 exceeds it, a gain of 0.021 would not; none of them is a run
+    resampled = [{**sft, "method": "sft-resampled", "seed": s, "policy": "sft", "gold": g} for s, g in ((1, 0.216), (2, 0.187))]
+    noise = sft_noise(records + resampled)
+    assert noise[2] == 3 and noise[0] == pytest.approx(0.201, abs=1e-9) and noise[1] == pytest.approx(0.029, abs=1e-9)
+    assert sft_noise(records) is None
+    header, rows = gold_summary(records + resampled + [rec("direct", "rloo", 2, 3, 0.142, 0.3)])
+    by = {(r[0], r[1], r[2]): r for r in rows}
+    assert header[-1] == "gain > SFT resampled spread" and len(rows) == 4
+    assert by[("direct", "ppo", "3")][-2:] == ["yes", "yes"] and by[("direct", "grpo", "3")][-1] == "no"
+    # rloo: seeds 0.30 / 0.142, mean 0.221, gain 0.021: below both the seed spread 0.158 and 0.029
+    assert by[("direct", "rloo", "3")][4:] == ["0.221", "0.158", "0.021", "0.250", "no", "no"]
     header, rows = gold_rows(records, {("direct-sft", "sft"): [(0.1, True), (0.3, False)], ("proxy-ppo-s1", "ppo-s1-u3"): [(0.5, True)] * 2})
     # SE: sd 0.1414 / sqrt 2 = 0.1; as trained: (0.1 + -1) / 2 = -0.45
     assert header[6:8] == ["gold SE (posts)", "gold as trained"] and rows[0][:8] == ["direct", "sft", "-", "0", "0", "0.200", "0.100", "-0.450"]
@@ -249,7 +267,7 @@ def test_report_tables_from_hand_made_records(tmp_path):
     # the same summary over another key: gold as trained, SFT -0.1, ppo seeds 0.3 / 0.1 -> mean 0.2, spread 0.2, gain 0.3 > 0.2
     trained = [{**r, "gold_as_trained": {"sft": -0.1, "ppo-s1-u3": 0.3, "ppo-s2-u3": 0.1}.get(r["policy"]) if r["experiment"] == "direct" else None} for r in records]
     header, rows = gold_summary(trained, "gold_as_trained")
-    assert header[4] == "gold_as_trained mean" and rows == [["direct", "ppo", "3", "2", "0.200", "0.200", "0.300", "1.500", "yes"]]
+    assert header[4] == "gold_as_trained mean" and rows == [["direct", "ppo", "3", "2", "0.200", "0.200", "0.300", "1.500", "yes", "-"]]
     assert plot_gold_direct(records, tmp_path / "d.png", sft_se=0.018).stat().st_size > 0
     assert plot_gold_proxy(records, tmp_path / "p.png").stat().st_size > 0
     assert plot_gold_direct([sft], tmp_path / "none.png") is None and plot_gold_proxy([sft], tmp_path / "none.png") is None

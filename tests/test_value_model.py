@@ -68,3 +68,25 @@ def test_policy_and_value_forward_shapes(tok, rm):
     batch = collate_query_response([[11, 12, 13], [14]], [[21, 22, 2], [23]], tok.pad_token_id)
     logits, values = pv(batch.input_ids, batch.attention_mask, batch.query_width)
     assert logits.shape == (2, 3, len(tok)) and values.shape == (2, 3)
+
+
+def test_value_model_without_a_reward_model_starts_near_zero(tok):
+    # a text reward has no reward model to start the value model from: the SFT backbone with a fresh
+    # head N(0, 1/(H + 1)), bias 0 (OpenRLHF's critic scale). The reward head's 1/sqrt(H + 1) would give
+    # values of the size of the rewards themselves; with H = 64 it is 8.06x larger than this scale.
+    lm = make_tiny_qwen2(seed=0, hidden=64)
+    torch.manual_seed(3)
+    vm = ValueModel.from_causal_lm(lm)
+    w = vm.head.weight.detach()
+    assert w.shape == (1, 64)
+    assert 0.7 / 65 < w.std().item() < 1.3 / 65
+    assert torch.count_nonzero(vm.head.bias) == 0
+    # its own trainable copy of the backbone: the policy's weights are not shared
+    name, p = next(iter(vm.backbone.named_parameters()))
+    assert p.requires_grad and p.data_ptr() != dict(lm.base_model.named_parameters())[name].data_ptr()
+    batch = collate_query_response([[11, 12, 13]], [[21, 22, tok.eos_token_id]], tok.pad_token_id)
+    with torch.no_grad():
+        values = vm(batch.input_ids, batch.attention_mask, batch.query_width)
+        hidden = lm.base_model(input_ids=batch.input_ids).last_hidden_state[0, 2:5]
+    # values[:, t] = w . h(P - 1 + t), the head applied to the backbone's hidden state
+    torch.testing.assert_close(values[0], hidden @ w[0])

@@ -25,7 +25,7 @@ Layout of ``output_dir``::
     gold.json              every record, written when the experiment is complete (the pipeline's marker)
 
 A record is one policy measured on the held-out posts: experiment ("direct" / "proxy"), method ("sft",
-"ppo", ..., "best-of-n"), seed, update, episodes, n (best-of-n), gold, proxy, kl (nats per response, to
+"sft-resampled": the SFT policy at another sampling seed, "ppo", ..., "best-of-n"), seed, update, episodes, n (best-of-n), gold, proxy, kl (nats per response, to
 SFT), length (tokens, EOS excluded), eos_rate, path. Rerunning resumes: a finished run (final/) is not
 trained again, an evaluation with its records.json is not redone, a half-finished run resumes from its
 newest checkpoint (the stage's own resume).
@@ -53,6 +53,7 @@ from .stages import GOLD_FILE
 log = logging.getLogger(__name__)
 
 METHOD_FIELDS = {"ppo": "ppo", "grpo": "grpo", "rloo": "rloo", "online-dpo": "online_dpo"}  # method -> GoldConfig field
+SFT_RESAMPLED = "sft-resampled"  # the method of the SFT policy's measurements at further sampling seeds
 RECORDS_FILE = "records.json"
 PAIRS_FILE = "pairs.jsonl"
 _KEEP_ALL = 1_000_000  # keep_checkpoints of the runs: every checkpoint is a measurement point
@@ -153,6 +154,8 @@ def eval_name(record: dict[str, Any]) -> str:
     """The evaluation folder (under eval/) a record was measured in: EXPERIMENT-METHOD-sSEED for a run,
     direct-sft for the SFT policy of the direct experiment, proxy-best-of-n for SFT and best-of-n of
     the proxy experiment. (Policy names repeat across folders: ppo-s1-u3 is in direct- and proxy-ppo-s1.)"""
+    if record["method"] == SFT_RESAMPLED:
+        return f"direct-sft-r{record['seed']}"
     if record["method"] in ("sft", "best-of-n"):
         return "direct-sft" if record["experiment"] == "direct" else "proxy-best-of-n"
     return f"{record['experiment']}-{run_name(record['method'], record['seed'])}"
@@ -246,6 +249,23 @@ def measure_sft(cfg: GoldConfig) -> list[dict[str, Any]]:
     point = {"experiment": "direct", "method": "sft", "seed": None, "update": 0, "episodes": 0, "n": None, "path": cfg.sft_path}
     records = records_from_eval(evaluation(cfg, "direct-sft", {"sft": cfg.sft_path}), {"sft": point})
     _write_json(done, records)
+    return records
+
+
+def measure_sft_resampled(cfg: GoldConfig) -> list[dict[str, Any]]:
+    """The SFT policy measured again at each sampling seed of ``cfg.sft_resample_seeds`` (method
+    ``SFT_RESAMPLED``, seed = the sampling seed, update 0, KL 0), each in its own evaluation folder: the
+    spread of these and the first measurement is what a policy identical to SFT shows on these posts,
+    the resolution of the held-out measurement."""
+    records = []
+    for s in cfg.sft_resample_seeds:
+        point = {"experiment": "direct", "method": SFT_RESAMPLED, "seed": s, "update": 0, "episodes": 0, "n": None, "path": cfg.sft_path}
+        name = eval_name(point)
+        done = Path(cfg.output_dir) / "eval" / name / RECORDS_FILE
+        if not done.is_file():
+            seeded = dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, seed=s))
+            _write_json(done, records_from_eval(evaluation(seeded, name, {"sft": cfg.sft_path}), {"sft": point}))
+        records += json.loads(done.read_text())
     return records
 
 
@@ -372,7 +392,7 @@ def run(cfg: GoldConfig) -> dict[str, Any]:
     root = Path(cfg.output_dir)
     (root / "eval").mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    records = measure_sft(cfg)
+    records = measure_sft(cfg) + measure_sft_resampled(cfg)
     pair_stats: dict[str, Any] = {}
     proxy_rm = ""
     for seed in cfg.seeds:

@@ -321,15 +321,32 @@ def gold_rows(records: Sequence[dict[str, Any]], per_post: dict[tuple[str, str],
     return header, rows
 
 
+def sft_noise(records: Sequence[dict[str, Any]], key: str = "gold") -> tuple[float, float, int] | None:
+    """(mean, spread = max - min, count) of ``key`` over the direct experiment's measurements of the
+    SFT policy (its first one and those at further sampling seeds, ``gold.SFT_RESAMPLED``); None under 2
+    measurements. [0.200, 0.216, 0.188] -> (0.201333, 0.028, 3)."""
+    from .gold import SFT_RESAMPLED
+
+    values = [r[key] for r in records if r["experiment"] == "direct" and r["method"] in ("sft", SFT_RESAMPLED) and _number(r.get(key))]
+    if len(values) < 2:
+        return None
+    return sum(values) / len(values), max(values) - min(values), len(values)
+
+
 def gold_summary(records: Sequence[dict[str, Any]], key: str = "gold") -> tuple[list[str], list[list[str]]]:
     """(header, rows) per experiment, method and update over the seeds of the records' ``key`` (gold
     reward; "gold_as_trained" for the reward as trained): its mean, seed spread (max - min), the gain
-    over the direct experiment's SFT policy, KL mean, and whether the gain exceeds the spread ("yes" /
-    "no"; "1 seed" when there is no spread to compare with)."""
+    over the direct experiment's SFT policy (its first measurement, at the runs' own sampling seed), KL
+    mean, whether the gain exceeds the seed spread ("yes" / "no"; "1 seed" when there is no spread to
+    compare with), and whether it exceeds the SFT policy's own spread over its resampled measurements
+    (``sft_noise``; "-" without them)."""
+    from .gold import SFT_RESAMPLED
+
     sft = next((r[key] for r in records if r["method"] == "sft" and r["experiment"] == "direct" and _number(r.get(key))), None)
+    noise = sft_noise(records, key)
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in records:
-        if r["method"] in ("sft", "best-of-n") or not _number(r.get(key)):
+        if r["method"] in ("sft", SFT_RESAMPLED, "best-of-n") or not _number(r.get(key)):
             continue
         groups.setdefault((r["experiment"], r["method"], r.get("update")), []).append(r)
     rows = []
@@ -339,17 +356,20 @@ def gold_summary(records: Sequence[dict[str, Any]], key: str = "gold") -> tuple[
         kls = [r["kl"] for r in rs if _number(r.get("kl"))]
         gain = mean - sft if sft is not None else None
         verdict = "1 seed" if len(rs) < 2 else ("yes" if gain is not None and gain > spread else "no")
-        rows.append([exp, method, str(update), str(len(rs)), _fmt(mean), _fmt(spread), _fmt(gain, 3) if gain is not None else "-", _fmt(sum(kls) / len(kls) if kls else None), verdict])
-    return ["experiment", "method", "update", "seeds", f"{key} mean", "seed spread", "gain over SFT", "KL mean", "gain > spread"], rows
+        beyond_noise = "-" if noise is None or gain is None else ("yes" if gain > noise[1] else "no")
+        rows.append([exp, method, str(update), str(len(rs)), _fmt(mean), _fmt(spread), _fmt(gain, 3) if gain is not None else "-", _fmt(sum(kls) / len(kls) if kls else None), verdict, beyond_noise])
+    return ["experiment", "method", "update", "seeds", f"{key} mean", "seed spread", "gain over SFT", "KL mean", "gain > spread", "gain > SFT resampled spread"], rows
 
 
 def _series(records: Sequence[dict[str, Any]], experiment: str) -> dict[tuple[str, Any], list[dict[str, Any]]]:
     """{(method, seed): records in update order} of an experiment's RL runs, each starting at the SFT
     record of that experiment (update 0, KL 0) when there is one."""
+    from .gold import SFT_RESAMPLED
+
     start = next((r for r in records if r["experiment"] == experiment and r["method"] == "sft"), None)
     out: dict[tuple[str, Any], list[dict[str, Any]]] = {}
     for r in records:
-        if r["experiment"] == experiment and r["method"] not in ("sft", "best-of-n"):
+        if r["experiment"] == experiment and r["method"] not in ("sft", SFT_RESAMPLED, "best-of-n"):
             out.setdefault((r["method"], r.get("seed")), []).append(r)
     return {k: ([start] if start else []) + sorted(v, key=lambda r: r.get("update") or 0) for k, v in sorted(out.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0))}
 
@@ -447,6 +467,13 @@ def gold_blocks(gold_dir: Path, out: Path) -> list[tuple]:
     )))
     per_post = per_post_gold(gold_dir)
     trained = [{**r, "gold_as_trained": as_trained(_per_post_of(r, per_post))} for r in records]
+    for k, label in (("gold", "gold reward"), ("gold_as_trained", "gold reward as trained")):
+        noise = sft_noise(trained, k)
+        if noise is not None:
+            blocks.append(("p", (
+                f"The SFT policy's {label} measured {noise[2]} times, at as many sampling seeds: mean {_fmt(noise[0])}, spread (max - min) "
+                f"{_fmt(noise[1])}. A policy identical to SFT moves by up to this much on these posts: the measurement's resolution."
+            )))
     blocks += [("h3", "Gain over SFT per method and update: gold reward (ROUGE-L of the text)"), ("table", *gold_summary(records))]
     blocks += [("h3", "The same for the gold reward as trained (a summary without EOS scores -1)"), ("table", *gold_summary(trained, "gold_as_trained"))]
     sft = next((r for r in records if r["experiment"] == "direct" and r["method"] == "sft"), None)

@@ -19,7 +19,6 @@ Shapes: B batch, L = P + T tokens, P query width, T response width, H hidden siz
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 import torch.nn.functional as F
@@ -96,11 +95,19 @@ class ValueModel(nn.Module):
 
     @classmethod
     def from_causal_lm(cls, lm: nn.Module) -> "ValueModel":
-        """Backbone of a causal LM with a fresh head N(0, 1/sqrt(H + 1)), bias 0 (N+ detail 10)."""
+        """Backbone of a causal LM with a fresh head N(0, 1/(H + 1)), bias 0: the value model of a run
+        without a reward model to start from (a text reward, ``rewards.py``).
+
+        The scale is OpenRLHF's for a critic started from a non-reward model, not the reward head's
+        1/sqrt(H + 1) (N+ detail 10, for a head that then trains on every comparison): on the final
+        hidden states of an LM (rms about 1.8, norm about 44 on SmolLM2-135M) the reward head's scale
+        predicts values of mean |V| 1.4-2.1, larger than the rewards they should predict, and PPO's
+        first advantages are then mostly value error (docs/gold.md); with 1/(H + 1) mean |V| is about
+        0.07, so the first advantages are those of the rewards themselves (GAE with V close to 0)."""
         backbone = copy.deepcopy(lm.base_model)
         h = lm.config.hidden_size
         head = nn.Linear(h, 1, bias=True)
-        nn.init.normal_(head.weight, std=1.0 / math.sqrt(h + 1))
+        nn.init.normal_(head.weight, std=1.0 / (h + 1))
         nn.init.zeros_(head.bias)
         return cls(backbone, head)
 

@@ -515,6 +515,10 @@ class GoldConfig:
     always evaluated (0 = only the final one)."""
     proxy_pairs: int = 128
     """Training posts the proxy pairs are sampled on (one pair each; tied pairs are left out)."""
+    sft_resample_seeds: tuple[int, ...] = ()
+    """Sampling seeds at which the SFT policy is measured again besides `evaluate.seed`: the spread of
+    these measurements is what a policy identical to SFT shows on the held-out posts (the measurement's
+    resolution), shown beside each gain in the report."""
     best_of_n: tuple[int, ...] = (2, 4, 8)
     """n of best-of-n of SFT picked by the proxy reward model (KL log n - (n-1)/n); () = none."""
     ppo: PPOConfig = field(default_factory=PPOConfig)
