@@ -333,7 +333,7 @@ _GOLD_CPU_SMOL = GoldConfig(
     data=_GOLD_DATA,
     eval_every=3,
     seeds=(1, 2),
-    sft_resample_seeds=(1, 2, 3, 4),
+    sft_resample_seeds=(1, 2, 3, 4, 5),
     proxy_pairs=160,
     best_of_n=(2, 4, 8),
     ppo=replace(_PPO_CPU_SMOL, **_GOLD_RL, total_episodes=_GOLD_UPDATES * 8, run=replace(_PPO_CPU_SMOL.run, eval_every=3, max_steps=0)),
