@@ -213,6 +213,7 @@ def test_gold_experiment_end_to_end_resumes_and_reports(qwen_tokenizer, short_eo
     assert "gold_direct.png" in text and "gold_proxy.png" in text and "| direct | grpo |" in text
     assert "The SFT policy's gold reward measured 2 times" in text and "| direct | sft-resampled | 7 | 0 |" in text
     assert (md.parent / "gold_direct.png").stat().st_size > 0 and (md.parent / "gold_proxy.png").stat().st_size > 0
+    assert (md.parent / "gold_direct_as_trained.png").stat().st_size > 0 and "lowest to highest measurement" in text
 
 
 def test_gold_refuses_a_missing_sft_checkpoint_and_unknown_methods(tmp_path):
@@ -269,5 +270,6 @@ def test_report_tables_from_hand_made_records(tmp_path):
     header, rows = gold_summary(trained, "gold_as_trained")
     assert header[4] == "gold_as_trained mean" and rows == [["direct", "ppo", "3", "2", "0.200", "0.200", "0.300", "1.500", "yes", "-"]]
     assert plot_gold_direct(records, tmp_path / "d.png", sft_se=0.018).stat().st_size > 0
+    assert plot_gold_direct(trained, tmp_path / "t.png", sft_range=(-0.2, 0.0), key="gold_as_trained", label="gold as trained").stat().st_size > 0
     assert plot_gold_proxy(records, tmp_path / "p.png").stat().st_size > 0
     assert plot_gold_direct([sft], tmp_path / "none.png") is None and plot_gold_proxy([sft], tmp_path / "none.png") is None

@@ -379,11 +379,15 @@ def _method_colors(methods: Sequence[str]) -> dict[str, str]:
     return {m: palette[i % len(palette)] for i, m in enumerate(methods)}
 
 
-def plot_gold_direct(records: Sequence[dict[str, Any]], path: Path, *, sft_se: float | None = None) -> Path | None:
-    """The direct experiment: held-out gold reward against updates, KL to SFT against updates and gold
-    reward against KL, one colour per method and one line per seed (marker per seed), each line from
-    the SFT policy (update 0, KL 0; a dashed line at its gold reward, shaded +- ``sft_se``, its standard
-    error over the posts, when given). None without RL records."""
+def plot_gold_direct(
+    records: Sequence[dict[str, Any]], path: Path, *, sft_se: float | None = None, sft_range: tuple[float, float] | None = None,
+    key: str = "gold", label: str = "held-out gold reward (ROUGE-L)",
+) -> Path | None:
+    """The direct experiment: held-out ``key`` (the gold reward; "gold_as_trained" for the reward as
+    trained) against updates, KL to SFT against updates and ``key`` against KL, one colour per method
+    and one line per seed (marker per seed), each line from the SFT policy (update 0, KL 0; a dashed
+    line at its value, shaded over ``sft_range`` (lowest, highest of its resampled measurements) when
+    given, else +- ``sft_se``, its standard error over the posts, when given). None without RL records."""
     series = _series(records, "direct")
     if not series:
         return None
@@ -393,28 +397,32 @@ def plot_gold_direct(records: Sequence[dict[str, Any]], path: Path, *, sft_se: f
     fig, (a, b, c) = _figure(3, width=4.6, height=3.6)
     for (method, seed), rs in series.items():
         mk = markers[seeds.index(seed) % len(markers)] if seed in seeds else "o"
-        label = f"{method} s{seed}"
         up = [(r.get("update") or 0, r) for r in rs]
-        a.plot([u for u, r in up if _number(r.get("gold"))], [r["gold"] for u, r in up if _number(r.get("gold"))], marker=mk, color=colors[method], label=label, markersize=4)
-        b.plot([u for u, r in up if _number(r.get("kl"))], [r["kl"] for u, r in up if _number(r.get("kl"))], marker=mk, color=colors[method], label=label, markersize=4)
-        pts = [(r["kl"], r["gold"]) for r in rs if _number(r.get("kl")) and _number(r.get("gold"))]
-        c.plot([p[0] for p in pts], [p[1] for p in pts], marker=mk, color=colors[method], label=label, markersize=4)
-    sft = next((r for r in records if r["experiment"] == "direct" and r["method"] == "sft" and _number(r.get("gold"))), None)
+        line = f"{method} s{seed}"
+        a.plot([u for u, r in up if _number(r.get(key))], [r[key] for u, r in up if _number(r.get(key))], marker=mk, color=colors[method], label=line, markersize=4)
+        b.plot([u for u, r in up if _number(r.get("kl"))], [r["kl"] for u, r in up if _number(r.get("kl"))], marker=mk, color=colors[method], label=line, markersize=4)
+        pts = [(r["kl"], r[key]) for r in rs if _number(r.get("kl")) and _number(r.get(key))]
+        c.plot([p[0] for p in pts], [p[1] for p in pts], marker=mk, color=colors[method], label=line, markersize=4)
+    sft = next((r for r in records if r["experiment"] == "direct" and r["method"] == "sft" and _number(r.get(key))), None)
     for ax in (a, c):
         if sft:
-            ax.axhline(sft["gold"], color="gray", linestyle="--", linewidth=1)
-            if _number(sft_se):
-                ax.axhspan(sft["gold"] - sft_se, sft["gold"] + sft_se, color="gray", alpha=0.15, linewidth=0)
-        ax.set_ylabel("held-out gold reward (ROUGE-L)")
+            ax.axhline(sft[key], color="gray", linestyle="--", linewidth=1)
+            if sft_range is not None:
+                ax.axhspan(sft_range[0], sft_range[1], color="gray", alpha=0.15, linewidth=0)
+            elif _number(sft_se):
+                ax.axhspan(sft[key] - sft_se, sft[key] + sft_se, color="gray", alpha=0.15, linewidth=0)
+        ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     a.set_xlabel("update")
-    a.set_title("gold reward vs update (dashed: SFT" + (" +- SE)" if _number(sft_se) else ")"), fontsize=10)
+    band = " and its resampled range)" if sft_range is not None else (" +- SE)" if _number(sft_se) else ")")
+    name = label.removeprefix("held-out ").split(" (")[0]
+    a.set_title(f"{name} vs update (dashed: SFT{band}", fontsize=10)
     b.set_xlabel("update")
     b.set_ylabel("KL to SFT (nats / response)")
     b.set_title("KL to SFT vs update", fontsize=10)
     b.grid(alpha=0.3)
     c.set_xlabel("KL to SFT (nats / response)")
-    c.set_title("gold reward vs KL", fontsize=10)
+    c.set_title(f"{name} vs KL", fontsize=10)
     c.legend(fontsize=7)
     return _save(fig, path)
 
@@ -450,7 +458,7 @@ def gold_blocks(gold_dir: Path, out: Path) -> list[tuple]:
     """The report's section on the gold experiment in ``gold_dir`` (gold.json, or the evaluations so
     far): both tables and the plots ``gold_direct.png`` and ``gold_proxy.png`` (written to ``out``);
     [] when the folder holds no measurement."""
-    from .gold import read_records
+    from .gold import SFT_RESAMPLED, read_records
 
     records, complete = read_records(gold_dir)
     if not records:
@@ -478,8 +486,19 @@ def gold_blocks(gold_dir: Path, out: Path) -> list[tuple]:
     blocks += [("h3", "The same for the gold reward as trained (a summary without EOS scores -1)"), ("table", *gold_summary(trained, "gold_as_trained"))]
     sft = next((r for r in records if r["experiment"] == "direct" and r["method"] == "sft"), None)
     sft_se = standard_error([g for g, _ in _per_post_of(sft, per_post)]) if sft else None
-    plots = [("Direct: held-out gold reward and KL to SFT per update (shaded: SFT +- its standard error over the posts)", plot_gold_direct(records, out / "gold_direct.png", sft_se=sft_se)),
-             ("Proxy: held-out proxy and gold reward vs KL (PPO, GRPO, best-of-n)", plot_gold_proxy(records, out / "gold_proxy.png"))]
+
+    def sft_range(k):  # lowest and highest of the SFT policy's measurements, when it was resampled
+        noise = sft_noise(trained, k)
+        values = [r[k] for r in trained if r["experiment"] == "direct" and r["method"] in ("sft", SFT_RESAMPLED) and _number(r.get(k))]
+        return (min(values), max(values)) if noise else None
+
+    band = "shaded: the SFT policy's lowest to highest measurement" if sft_range("gold") else "shaded: SFT +- its standard error over the posts"
+    plots = [
+        (f"Direct: held-out gold reward and KL to SFT per update ({band})", plot_gold_direct(records, out / "gold_direct.png", sft_se=sft_se, sft_range=sft_range("gold"))),
+        ("Direct: held-out gold reward as trained (a summary without EOS scores -1) per update", plot_gold_direct(
+            trained, out / "gold_direct_as_trained.png", sft_range=sft_range("gold_as_trained"), key="gold_as_trained", label="held-out gold reward as trained")),
+        ("Proxy: held-out proxy and gold reward vs KL (PPO, GRPO, best-of-n)", plot_gold_proxy(records, out / "gold_proxy.png")),
+    ]
     blocks += [("img", p.name, alt) for alt, p in plots if p is not None]
     blocks += [("h3", "Every measurement"), ("table", *gold_rows(records, per_post))]
     return blocks
