@@ -321,13 +321,18 @@ def gold_rows(records: Sequence[dict[str, Any]], per_post: dict[tuple[str, str],
     return header, rows
 
 
-def sft_noise(records: Sequence[dict[str, Any]], key: str = "gold") -> tuple[float, float, int] | None:
-    """(mean, spread = max - min, count) of ``key`` over the direct experiment's measurements of the
-    SFT policy (its first one and those at further sampling seeds, ``gold.SFT_RESAMPLED``); None under 2
-    measurements. [0.200, 0.216, 0.188] -> (0.201333, 0.028, 3)."""
+def sft_measurements(records: Sequence[dict[str, Any]], key: str = "gold") -> list[float]:
+    """``key`` of every measurement of the direct experiment's SFT policy: its first one and those at
+    further sampling seeds (``gold.SFT_RESAMPLED``)."""
     from .gold import SFT_RESAMPLED
 
-    values = [r[key] for r in records if r["experiment"] == "direct" and r["method"] in ("sft", SFT_RESAMPLED) and _number(r.get(key))]
+    return [r[key] for r in records if r["experiment"] == "direct" and r["method"] in ("sft", SFT_RESAMPLED) and _number(r.get(key))]
+
+
+def sft_noise(records: Sequence[dict[str, Any]], key: str = "gold") -> tuple[float, float, int] | None:
+    """(mean, spread = max - min, count) of ``sft_measurements``; None under 2 measurements.
+    [0.200, 0.216, 0.188] -> (0.201333, 0.028, 3)."""
+    values = sft_measurements(records, key)
     if len(values) < 2:
         return None
     return sum(values) / len(values), max(values) - min(values), len(values)
@@ -456,9 +461,10 @@ def plot_gold_proxy(records: Sequence[dict[str, Any]], path: Path) -> Path | Non
 
 def gold_blocks(gold_dir: Path, out: Path) -> list[tuple]:
     """The report's section on the gold experiment in ``gold_dir`` (gold.json, or the evaluations so
-    far): both tables and the plots ``gold_direct.png`` and ``gold_proxy.png`` (written to ``out``);
+    far): the SFT policy's own spread when it was resampled, both tables and the plots
+    ``gold_direct.png``, ``gold_direct_as_trained.png`` and ``gold_proxy.png`` (written to ``out``);
     [] when the folder holds no measurement."""
-    from .gold import SFT_RESAMPLED, read_records
+    from .gold import read_records
 
     records, complete = read_records(gold_dir)
     if not records:
@@ -488,9 +494,8 @@ def gold_blocks(gold_dir: Path, out: Path) -> list[tuple]:
     sft_se = standard_error([g for g, _ in _per_post_of(sft, per_post)]) if sft else None
 
     def sft_range(k):  # lowest and highest of the SFT policy's measurements, when it was resampled
-        noise = sft_noise(trained, k)
-        values = [r[k] for r in trained if r["experiment"] == "direct" and r["method"] in ("sft", SFT_RESAMPLED) and _number(r.get(k))]
-        return (min(values), max(values)) if noise else None
+        values = sft_measurements(trained, k)
+        return (min(values), max(values)) if len(values) > 1 else None
 
     band = "shaded: the SFT policy's lowest to highest measurement" if sft_range("gold") else "shaded: SFT +- its standard error over the posts"
     plots = [
