@@ -57,6 +57,17 @@ def test_nplus_23_no_eos_penalty():
     assert s.tolist() == pytest.approx([0.3, -1.0, -4.0])
 
 
+def test_no_eos_penalty_none_keeps_every_score():
+    # None = no EOS trick (TRL's missing_eos_penalty=None): the response without EOS keeps its 1.7
+    scores, has_eos = torch.tensor([0.3, 1.7, -4.1]), torch.tensor([True, False, True])
+    assert torch.equal(apply_no_eos_penalty(scores, has_eos, None), scores)
+    assert apply_no_eos_penalty(scores, has_eos, -1.3).tolist() == pytest.approx([0.3, -1.3, -4.1])
+    from tldr_rlhf.gold import gold_with_penalty
+
+    assert gold_with_penalty([0.3, 1.7], [True, False], None) == pytest.approx([0.3, 1.7])
+    assert gold_with_penalty([0.3, 1.7], [True, False], -1.0) == pytest.approx([0.3, -1.0])
+
+
 def test_nplus_19_eos_truncation_pad_after_eos_and_penalty(tok, queries):
     other = tok.encode(" the")[0]
     # EOS logit 0.7 ln(1/4): at temperature 0.7, P(EOS) = (1/4) / (1/4 + 1) = 0.2 per step

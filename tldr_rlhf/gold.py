@@ -71,11 +71,13 @@ def label_pair(gold_a: float, gold_b: float) -> int | None:
     return 0 if gold_a > gold_b else 1
 
 
-def gold_with_penalty(scores: Sequence[float], has_eos: Sequence[bool], no_eos_penalty: float) -> list[float]:
+def gold_with_penalty(scores: Sequence[float], has_eos: Sequence[bool], no_eos_penalty: float | None) -> list[float]:
     """The gold reward as the RL stages see it (N+ detail 23): each response's score when it ended with
-    EOS, else ``no_eos_penalty``. Shapes: N scores, N flags -> N floats."""
+    EOS, else ``no_eos_penalty`` (None: every score as it is). Shapes: N scores, N flags -> N floats."""
     if len(scores) != len(has_eos):
         raise ValueError(f"{len(scores)} scores for {len(has_eos)} responses")
+    if no_eos_penalty is None:
+        return [float(s) for s in scores]
     return [float(s) if e else float(no_eos_penalty) for s, e in zip(scores, has_eos)]
 
 

@@ -88,9 +88,12 @@ class Rollout:
         return Rollout(self.batch.to(device), *(getattr(self, f.name).to(device) for f in fields(self) if f.name != "batch"))
 
 
-def apply_no_eos_penalty(scores: torch.Tensor, has_eos: torch.Tensor, penalty: float = -1.0) -> torch.Tensor:
-    """The EOS trick (N+ detail 23): responses without EOS get ``penalty`` instead of their score.
+def apply_no_eos_penalty(scores: torch.Tensor, has_eos: torch.Tensor, penalty: float | None = -1.0) -> torch.Tensor:
+    """The EOS trick (N+ detail 23): responses without EOS get ``penalty`` instead of their score;
+    ``penalty`` None keeps every score (no EOS trick, as TRL's ``missing_eos_penalty=None``).
     Shapes: scores (B,), has_eos (B,) bool -> (B,)."""
+    if penalty is None:
+        return scores
     return torch.where(has_eos, scores, torch.full_like(scores, penalty))
 
 
@@ -165,7 +168,7 @@ def sample_and_score(
 
 def finish_rollout(
     policy, ref_model, batch: QueryResponseBatch, raw_scores: torch.Tensor, has_eos: torch.Tensor, *,
-    temperature: float, no_eos_penalty: float = -1.0, batch_size: int = 16,
+    temperature: float, no_eos_penalty: float | None = -1.0, batch_size: int = 16,
 ) -> Rollout:
     """Step 3 and the penalty of step 4: policy and reference log-probs at ``temperature``, policy
     entropy, and scores with the no-EOS penalty, for an already sampled and scored batch."""
@@ -187,7 +190,7 @@ def rollout(
     pad_token_id: int,
     response_length: int = 53,
     temperature: float = 0.7,
-    no_eos_penalty: float = -1.0,
+    no_eos_penalty: float | None = -1.0,
     batch_size: int = 16,
 ) -> Rollout:
     """Sample one response per query and compute everything an RL update needs (see the module

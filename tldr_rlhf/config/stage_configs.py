@@ -211,8 +211,9 @@ class _RLConfig:
     """Sequences per sampling / no-grad forward pass per process during the rollout."""
     temperature: float = 0.7
     """Sampling temperature; log-probs use the same temperature (N+ detail 21)."""
-    no_eos_penalty: float = -1.0
-    """Score of a response without EOS (the EOS trick, N+ detail 23)."""
+    no_eos_penalty: float | None = -1.0
+    """Score of a response without EOS (the EOS trick, N+ detail 23); None = no EOS trick, such a
+    response keeps its score (TRL's `missing_eos_penalty=None`)."""
     clip_range: float = 0.2
     """Policy ratio clip."""
     num_sample_posts: int = 4

@@ -30,7 +30,7 @@ import torch
 from ..advantages import group_advantages, group_std, statistical_rejection_sampling, tied_groups
 from ..config import GRPOConfig
 from ..losses import grpo_loss
-from ..rollout import Rollout, finish_rollout, sample_and_score, select_rows
+from ..rollout import Rollout, apply_no_eos_penalty, finish_rollout, sample_and_score, select_rows
 from . import group_rl
 
 
@@ -50,7 +50,7 @@ def sample_groups(policy, ref, score_fn, queries: list[list[int]], cfg: GRPOConf
     else:
         candidates = [q for q in queries for _ in range(n)]
         batch, raw, has_eos = sample_and_score(policy, score_fn, candidates, temperature=cfg.rs_temperature, **common)
-    scores = torch.where(has_eos, raw, torch.full_like(raw, cfg.no_eos_penalty))
+    scores = apply_no_eos_penalty(raw, has_eos, cfg.no_eos_penalty)
     # (prompts, n) candidate scores -> (prompts, G) kept indices -> flat rows of the candidate batch
     kept = statistical_rejection_sampling(scores.view(len(queries), n), g, beta=cfg.rs_beta, generator=generator)
     rows = (kept + torch.arange(len(queries))[:, None] * n).flatten().tolist()
