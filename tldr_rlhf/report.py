@@ -380,7 +380,8 @@ def _series(records: Sequence[dict[str, Any]], experiment: str) -> dict[tuple[st
 
 
 def _method_colors(methods: Sequence[str]) -> dict[str, str]:
-    palette = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"]
+    # matplotlib's ten categorical colours, then two more: methods keep distinct colours up to 12
+    palette = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray", "tab:olive", "tab:cyan", "black", "gold"]
     return {m: palette[i % len(palette)] for i, m in enumerate(methods)}
 
 
@@ -428,7 +429,7 @@ def plot_gold_direct(
     b.grid(alpha=0.3)
     c.set_xlabel("KL to SFT (nats / response)")
     c.set_title(f"{name} vs KL", fontsize=10)
-    c.legend(fontsize=7)
+    c.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # beside the panel, not over the lines
     return _save(fig, path)
 
 
