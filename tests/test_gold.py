@@ -142,7 +142,7 @@ def tiny_gold(sft: str, out: Path, **kw) -> GoldConfig:
     rl = dict(dtype="float32", data=data, optim=optim, run=run, total_episodes=8, response_length=6, forward_batch_size=8, num_sample_posts=0)
     base = GoldConfig(
         sft_path=sft, output_dir=str(out), data=data, gold_reward="length", methods=("grpo", "online-dpo"), proxy_methods=("grpo",),
-        seeds=(1,), eval_every=1, proxy_pairs=8, best_of_n=(2,), sft_resample_seeds=(7,),
+        seeds=(1,), eval_every=1, proxy_pairs=8, best_of_n=(2,), sft_resample_seeds=(7,), greedy_final=True, greedy_posts=4,
         grpo=dataclasses.replace(GOLD_PRESETS["cpu-smol"].grpo, **rl, rollout_prompts=2, group_size=2, mini_batch_size=4, micro_batch_size=4, update_per_rollout=1),
         online_dpo=OnlineDPOConfig(**rl, rollout_prompts=2, mini_batch_size=2, micro_batch_size=2),
         proxy_rm=RMConfig(
@@ -212,6 +212,11 @@ def test_gold_experiment_end_to_end_resumes_and_reports(qwen_tokenizer, short_eo
     text = md.read_text()
     assert "gold_direct.png" in text and "gold_proxy.png" in text and "| direct | grpo |" in text
     assert "The SFT policy's gold reward measured 2 times" in text and "| direct | sft-resampled | 7 | 0 |" in text
+    # the greedy measurement: SFT and both direct runs' final policies on the same held-out posts, paired
+    greedy = json.loads((out / "eval" / gold.GREEDY_EVAL / "eval.json").read_text())
+    assert set(greedy["policies"]) == {"sft", "grpo-s1", "online-dpo-s1"} and result["greedy_eval"].endswith(gold.GREEDY_EVAL)
+    assert greedy["policies"]["grpo-s1"]["path"].endswith("direct/grpo-s1/final") and "kl_to_sft" not in greedy["policies"]["sft"]
+    assert "Final policies, greedy summaries, paired with SFT post by post" in text and "| online-dpo-s1 | 4 |" in text
     assert (md.parent / "gold_direct.png").stat().st_size > 0 and (md.parent / "gold_proxy.png").stat().st_size > 0
     assert (md.parent / "gold_direct_as_trained.png").stat().st_size > 0 and "lowest to highest measurement" in text
 
@@ -273,3 +278,21 @@ def test_report_tables_from_hand_made_records(tmp_path):
     assert plot_gold_direct(trained, tmp_path / "t.png", sft_range=(-0.2, 0.0), key="gold_as_trained", label="gold as trained").stat().st_size > 0
     assert plot_gold_proxy(records, tmp_path / "p.png").stat().st_size > 0
     assert plot_gold_direct([sft], tmp_path / "none.png") is None and plot_gold_proxy([sft], tmp_path / "none.png") is None
+
+
+def test_greedy_table_pairs_each_final_policy_with_sft_by_post():
+    from tldr_rlhf.report import greedy_rows
+
+    def post(sft, **others):
+        return {"summaries": {"sft": {"reward": sft, "length": 20, "eos": True}, **{k: {"reward": v, "length": 17, "eos": k != "ppo-s1" or sft > 0.15} for k, v in others.items()}}}
+    summaries = [post(0.2, **{"ppo-s1": 0.27, "grpo-s1": 0.2}), post(0.3, **{"ppo-s1": 0.2, "grpo-s1": 0.3}), post(0.1, **{"ppo-s1": 0.2, "grpo-s1": 0.1})]
+    header, rows = greedy_rows(summaries)
+    assert header[3:6] == ["minus SFT (paired)", "SE", "t"]
+    assert [r[0] for r in rows] == ["sft", "grpo-s1", "ppo-s1"]
+    # sft: mean 0.2 over 3 posts, no difference to itself
+    assert rows[0] == ["sft", "3", "0.200", "-", "-", "-", "20.0", "1.00"]
+    # ppo-s1: differences 0.07, -0.1, 0.1 -> mean 0.023333, sd 0.107858, SE 0.062272, t 0.37; EOS on 2 of 3 posts
+    assert rows[2] == ["ppo-s1", "3", "0.223", "0.023", "0.062", "0.37", "17.0", "0.67"]
+    # grpo-s1 equals SFT on every post: difference 0, SE 0, no t
+    assert rows[1][3:6] == ["0.000", "0.000", "-"]
+    assert greedy_rows([{"summaries": {"ppo-s1": {"reward": 0.3}}}]) is None and greedy_rows([]) is None

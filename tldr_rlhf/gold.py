@@ -22,6 +22,7 @@ Layout of ``output_dir``::
     direct/METHOD-sSEED/   proxy/METHOD-sSEED/   each a normal RL run folder (checkpoints/step-N/, final/)
     proxy/pairs.jsonl      the gold-labelled SFT pairs; proxy/rm/ the proxy reward model's run folder
     eval/NAME/             an evaluate output folder per run (eval.json, policies/) and its records.json
+    eval/direct-greedy/    with greedy_final: greedy summaries of SFT and every direct run's final policy
     gold.json              every record, written when the experiment is complete (the pipeline's marker)
 
 A record is one policy measured on the held-out posts: experiment ("direct" / "proxy"), method ("sft",
@@ -55,6 +56,7 @@ log = logging.getLogger(__name__)
 METHOD_FIELDS = {"ppo": "ppo", "grpo": "grpo", "rloo": "rloo", "online-dpo": "online_dpo"}  # method -> GoldConfig field
 SFT_RESAMPLED = "sft-resampled"  # the method of the SFT policy's measurements at further sampling seeds
 RECORDS_FILE = "records.json"
+GREEDY_EVAL = "direct-greedy"  # the evaluation folder of the final policies' greedy summaries (greedy_final)
 PAIRS_FILE = "pairs.jsonl"
 _KEEP_ALL = 1_000_000  # keep_checkpoints of the runs: every checkpoint is a measurement point
 
@@ -291,6 +293,29 @@ def measure_best_of_n(cfg: GoldConfig, rm_path: str) -> list[dict[str, Any]]:
     return records
 
 
+def measure_greedy_finals(cfg: GoldConfig, finals: dict[str, str]) -> dict[str, Any] | None:
+    """With ``cfg.greedy_final``: greedy summaries (no sampling noise) of the SFT policy ("sft") and of
+    ``finals`` ({run name: final/ path}) on ``cfg.greedy_posts`` held-out posts (0 = all), gold reward,
+    length and EOS rate without KL, in ``eval/direct-greedy/`` (every policy on the same posts, so the
+    report can pair them post by post). Returns the evaluation results (read back when its eval.json
+    holds these policies); None when off."""
+    from .evaluate import evaluate
+
+    if not cfg.greedy_final:
+        return None
+    folder = Path(cfg.output_dir) / "eval" / GREEDY_EVAL
+    policies = {"sft": cfg.sft_path, **finals}
+    done = folder / "eval.json"
+    if done.is_file() and set(json.loads(done.read_text()).get("policies", {})) == set(policies):
+        return json.loads(done.read_text())
+    ecfg = dataclasses.replace(
+        cfg.evaluate, policies=tuple(f"{k}={v}" for k, v in policies.items()), sft_path=cfg.sft_path, rm_path="", judge_rm_path="",
+        reward=cfg.gold_reward, best_of_n=0, best_of_n_reward="", best_of_n_policies=(), data=cfg.data, num_posts=cfg.greedy_posts,
+        greedy=True, kl=False, output_dir=str(folder), **({"num_threads": cfg.num_threads} if cfg.num_threads else {}),
+    )
+    return evaluate(ecfg)
+
+
 def sample_proxy_pairs(cfg: GoldConfig, out_file: Path) -> dict[str, Any]:
     """Step 1 of the proxy experiment: two summaries per training post (``proxy_pairs`` posts, a seeded
     shuffle of the training side of ``cfg.data``) sampled from the SFT policy at the PPO section's
@@ -397,10 +422,13 @@ def run(cfg: GoldConfig) -> dict[str, Any]:
     records = measure_sft(cfg) + measure_sft_resampled(cfg)
     pair_stats: dict[str, Any] = {}
     proxy_rm = ""
+    finals: dict[str, str] = {}  # run name -> final/ of every direct run (the greedy measurement)
     for seed in cfg.seeds:
         for method in cfg.methods:
             stage_cfg = method_config(cfg, method, seed, reward=cfg.gold_reward, output_dir=root / "direct" / run_name(method, seed))
-            records += measure_run(cfg, "direct", method, seed, train_run(cfg, method, stage_cfg), stage_cfg)
+            run_dir = train_run(cfg, method, stage_cfg)
+            records += measure_run(cfg, "direct", method, seed, run_dir, stage_cfg)
+            finals[run_name(method, seed)] = str(run_dir / "final")
         if not cfg.proxy_methods and not cfg.best_of_n:
             continue
         if not proxy_rm:
@@ -415,7 +443,11 @@ def run(cfg: GoldConfig) -> dict[str, Any]:
         for method in cfg.proxy_methods:
             stage_cfg = method_config(cfg, method, seed, reward=proxy_rm, output_dir=root / "proxy" / run_name(method, seed))
             records += measure_run(cfg, "proxy", method, seed, train_run(cfg, method, stage_cfg), stage_cfg, rm_path=proxy_rm)
-    result = {"records": records, "proxy_pairs": pair_stats, "proxy_rm": proxy_rm, "gold_reward": cfg.gold_reward, "seconds": round(time.perf_counter() - t0, 1)}
+    greedy = measure_greedy_finals(cfg, finals)
+    result = {
+        "records": records, "proxy_pairs": pair_stats, "proxy_rm": proxy_rm, "gold_reward": cfg.gold_reward,
+        "greedy_eval": str(root / "eval" / GREEDY_EVAL) if greedy is not None else "", "seconds": round(time.perf_counter() - t0, 1),
+    }
     _write_json(root / GOLD_FILE, result)
     log.info("gold: %d held-out measurements in %s", len(records), root / GOLD_FILE)
     return result

@@ -334,6 +334,8 @@ _GOLD_CPU_SMOL = GoldConfig(
     eval_every=3,
     seeds=(1, 2),
     sft_resample_seeds=(1, 2, 3, 4, 5),
+    greedy_final=True,
+    greedy_posts=0,
     proxy_pairs=160,
     best_of_n=(2, 4, 8),
     ppo=replace(_PPO_CPU_SMOL, **_GOLD_RL, total_episodes=_GOLD_UPDATES * 8, run=replace(_PPO_CPU_SMOL.run, eval_every=3, max_steps=0)),

@@ -366,6 +366,32 @@ def gold_summary(records: Sequence[dict[str, Any]], key: str = "gold") -> tuple[
     return ["experiment", "method", "update", "seeds", f"{key} mean", "seed spread", "gain over SFT", "KL mean", "gain > spread", "gain > SFT resampled spread"], rows
 
 
+def greedy_rows(summaries: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]] | None:
+    """(header, rows) of the greedy measurement of the final policies (``gold.GREEDY_EVAL``'s
+    summaries.jsonl: one record per held-out post with every policy's summary): per policy its mean gold
+    reward, the mean difference to the SFT policy's on the same posts with that difference's standard
+    error and t (mean / SE), mean length and EOS rate; SFT first, then the policies in name order. None
+    without an "sft" summary on every post. SFT [0.2, 0.3, 0.1] and a policy [0.27, 0.2, 0.2] -> differences
+    [0.07, -0.1, 0.1], mean 0.023333, SE 0.062272, t 0.37."""
+    posts = [s.get("summaries", {}) for s in summaries]
+    if not posts or any("sft" not in p for p in posts):
+        return None
+    names = sorted({n for p in posts for n in p if n != "sft"})
+    rows = []
+    for name in ["sft", *names]:
+        paired = [(p[name], p["sft"]) for p in posts if name in p and _number(p[name].get("reward"))]
+        values = [s["reward"] for s, _ in paired]
+        diffs = [s["reward"] - b["reward"] for s, b in paired]
+        mean_diff, se = (sum(diffs) / len(diffs), standard_error(diffs)) if diffs else (None, None)
+        t = mean_diff / se if name != "sft" and se else None
+        rows.append([
+            name, str(len(values)), _fmt(sum(values) / len(values) if values else None), "-" if name == "sft" else _fmt(mean_diff),
+            "-" if name == "sft" else _fmt(se), _fmt(t, 2), _fmt(sum(s.get("length", 0) for s, _ in paired) / len(paired) if paired else None, 1),
+            _fmt(sum(bool(s.get("eos")) for s, _ in paired) / len(paired) if paired else None, 2),
+        ])
+    return ["policy", "posts", "gold (greedy)", "minus SFT (paired)", "SE", "t", "length", "EOS rate"], rows
+
+
 def _series(records: Sequence[dict[str, Any]], experiment: str) -> dict[tuple[str, Any], list[dict[str, Any]]]:
     """{(method, seed): records in update order} of an experiment's RL runs, each starting at the SFT
     record of that experiment (update 0, KL 0) when there is one."""
@@ -465,9 +491,10 @@ def gold_blocks(gold_dir: Path, out: Path) -> list[tuple]:
     far): the SFT policy's own spread when it was resampled, both tables and the plots
     ``gold_direct.png``, ``gold_direct_as_trained.png`` and ``gold_proxy.png`` (written to ``out``);
     [] when the folder holds no measurement."""
-    from .gold import read_records
+    from .gold import GREEDY_EVAL
+    from .gold import read_records as read_gold_records
 
-    records, complete = read_records(gold_dir)
+    records, complete = read_gold_records(gold_dir)
     if not records:
         return []
     blocks: list[tuple] = [("h2", "Gold-reward experiment")]
@@ -506,6 +533,13 @@ def gold_blocks(gold_dir: Path, out: Path) -> list[tuple]:
         ("Proxy: held-out proxy and gold reward vs KL (PPO, GRPO, best-of-n)", plot_gold_proxy(records, out / "gold_proxy.png")),
     ]
     blocks += [("img", p.name, alt) for alt, p in plots if p is not None]
+    greedy_file = Path(gold_dir) / "eval" / GREEDY_EVAL / "summaries.jsonl"
+    greedy = greedy_rows(read_records(greedy_file)) if greedy_file.is_file() else None
+    if greedy is not None:
+        blocks += [("h3", "Final policies, greedy summaries, paired with SFT post by post"), ("p", (
+            "The SFT policy and every direct run's final policy summarize the same held-out posts greedily (no sampling noise, so a "
+            "difference is the policies' own); minus SFT = the mean over posts of (policy - SFT), with its standard error and t."
+        )), ("table", *greedy)]
     blocks += [("h3", "Every measurement"), ("table", *gold_rows(records, per_post))]
     return blocks
 

@@ -520,6 +520,12 @@ class GoldConfig:
     """Sampling seeds at which the SFT policy is measured again besides `evaluate.seed`: the spread of
     these measurements is what a policy identical to SFT shows on the held-out posts (the measurement's
     resolution), shown beside each gain in the report."""
+    greedy_final: bool = False
+    """Also measure the SFT policy and every direct run's final policy with greedy summaries (no sampling
+    noise) on `greedy_posts` held-out posts, without KL, in one evaluation folder (eval/direct-greedy/);
+    the report pairs each policy with SFT post by post (mean difference and its standard error)."""
+    greedy_posts: int = 0
+    """Held-out posts of the greedy measurement (0 = all of them)."""
     best_of_n: tuple[int, ...] = (2, 4, 8)
     """n of best-of-n of SFT picked by the proxy reward model (KL log n - (n-1)/n); () = none."""
     ppo: PPOConfig = field(default_factory=PPOConfig)
