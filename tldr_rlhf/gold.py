@@ -49,7 +49,7 @@ from typing import Any, Sequence
 from .checkpoints import COMPLETE, final_is_complete
 from .config import GoldConfig
 from .errors import DataError
-from .stages import GOLD_FILE
+from .stages import EVAL_FILE, GOLD_FILE
 
 log = logging.getLogger(__name__)
 
@@ -245,15 +245,20 @@ def measure_run(cfg: GoldConfig, experiment: str, method: str, seed: int, run_di
     return records
 
 
+def _measure_sft_point(cfg: GoldConfig, point: dict[str, Any]) -> list[dict[str, Any]]:
+    """The SFT policy's held-out record for ``point`` (its experiment, method, seed, ...), evaluated with
+    ``cfg.evaluate`` into ``eval/`` + ``eval_name(point)``; read back when that folder's records.json
+    exists."""
+    name = eval_name(point)
+    done = Path(cfg.output_dir) / "eval" / name / RECORDS_FILE
+    if not done.is_file():
+        _write_json(done, records_from_eval(evaluation(cfg, name, {"sft": cfg.sft_path}), {"sft": point}))
+    return json.loads(done.read_text())
+
+
 def measure_sft(cfg: GoldConfig) -> list[dict[str, Any]]:
     """The SFT policy's held-out record (update 0, KL 0) of the direct experiment."""
-    done = Path(cfg.output_dir) / "eval" / "direct-sft" / RECORDS_FILE
-    if done.is_file():
-        return json.loads(done.read_text())
-    point = {"experiment": "direct", "method": "sft", "seed": None, "update": 0, "episodes": 0, "n": None, "path": cfg.sft_path}
-    records = records_from_eval(evaluation(cfg, "direct-sft", {"sft": cfg.sft_path}), {"sft": point})
-    _write_json(done, records)
-    return records
+    return _measure_sft_point(cfg, {"experiment": "direct", "method": "sft", "seed": None, "update": 0, "episodes": 0, "n": None, "path": cfg.sft_path})
 
 
 def measure_sft_resampled(cfg: GoldConfig) -> list[dict[str, Any]]:
@@ -263,13 +268,8 @@ def measure_sft_resampled(cfg: GoldConfig) -> list[dict[str, Any]]:
     the resolution of the held-out measurement."""
     records = []
     for s in cfg.sft_resample_seeds:
-        point = {"experiment": "direct", "method": SFT_RESAMPLED, "seed": s, "update": 0, "episodes": 0, "n": None, "path": cfg.sft_path}
-        name = eval_name(point)
-        done = Path(cfg.output_dir) / "eval" / name / RECORDS_FILE
-        if not done.is_file():
-            seeded = dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, seed=s))
-            _write_json(done, records_from_eval(evaluation(seeded, name, {"sft": cfg.sft_path}), {"sft": point}))
-        records += json.loads(done.read_text())
+        seeded = dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, seed=s))
+        records += _measure_sft_point(seeded, {"experiment": "direct", "method": SFT_RESAMPLED, "seed": s, "update": 0, "episodes": 0, "n": None, "path": cfg.sft_path})
     return records
 
 
@@ -299,21 +299,14 @@ def measure_greedy_finals(cfg: GoldConfig, finals: dict[str, str]) -> dict[str, 
     length and EOS rate without KL, in ``eval/direct-greedy/`` (every policy on the same posts, so the
     report can pair them post by post). Returns the evaluation results (read back when its eval.json
     holds these policies); None when off."""
-    from .evaluate import evaluate
-
     if not cfg.greedy_final:
         return None
-    folder = Path(cfg.output_dir) / "eval" / GREEDY_EVAL
     policies = {"sft": cfg.sft_path, **finals}
-    done = folder / "eval.json"
-    if done.is_file() and set(json.loads(done.read_text()).get("policies", {})) == set(policies):
-        return json.loads(done.read_text())
-    ecfg = dataclasses.replace(
-        cfg.evaluate, policies=tuple(f"{k}={v}" for k, v in policies.items()), sft_path=cfg.sft_path, rm_path="", judge_rm_path="",
-        reward=cfg.gold_reward, best_of_n=0, best_of_n_reward="", best_of_n_policies=(), data=cfg.data, num_posts=cfg.greedy_posts,
-        greedy=True, kl=False, output_dir=str(folder), **({"num_threads": cfg.num_threads} if cfg.num_threads else {}),
-    )
-    return evaluate(ecfg)
+    done = Path(cfg.output_dir) / "eval" / GREEDY_EVAL / EVAL_FILE
+    if done.is_file() and set((results := json.loads(done.read_text())).get("policies", {})) == set(policies):
+        return results
+    greedy = dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, greedy=True, kl=False, num_posts=cfg.greedy_posts))
+    return evaluation(greedy, GREEDY_EVAL, policies)
 
 
 def sample_proxy_pairs(cfg: GoldConfig, out_file: Path) -> dict[str, Any]:
@@ -325,6 +318,7 @@ def sample_proxy_pairs(cfg: GoldConfig, out_file: Path) -> dict[str, Any]:
     import torch
 
     from .generation import decode_response
+    from .modeling import load_tokenizer_cached
     from .rewards import check_reward_spec, score_texts
     from .summaries import _sorted_generate, free_memory, load_eval_policy
     from .tasks import load_post_splits, query_ids, reference_of
@@ -334,8 +328,6 @@ def sample_proxy_pairs(cfg: GoldConfig, out_file: Path) -> dict[str, Any]:
     order = list(range(len(train_posts)))
     random.Random(cfg.seeds[0] if cfg.seeds else 0).shuffle(order)
     ecfg = dataclasses.replace(cfg.evaluate, data=cfg.data, response_length=rl.response_length, temperature=rl.temperature)
-    from .modeling import load_tokenizer_cached
-
     tok = load_tokenizer_cached(cfg.sft_path)
     posts = []
     for i in order:
@@ -364,9 +356,9 @@ def sample_proxy_pairs(cfg: GoldConfig, out_file: Path) -> dict[str, Any]:
     for i, p in enumerate(posts):
         a, b = 2 * i, 2 * i + 1
         rec = comparison_record(p, (texts[a], texts[b]), (gold[a], gold[b]))
-        if rec is None:
-            tied += label_pair(gold[a], gold[b]) is None
-            same += label_pair(gold[a], gold[b]) is not None
+        if rec is None:  # no preference: equal gold rewards, else the same text twice
+            tied_pair = label_pair(gold[a], gold[b]) is None
+            tied, same = tied + tied_pair, same + (not tied_pair)
             continue
         records.append(rec)
     tmp = out_file.with_name(out_file.name + ".tmp")

@@ -11,9 +11,11 @@ Reads what the stages left in the run folder (any part may be missing; what is t
 * ``evaluate/summaries.jsonl`` -> summary length distributions (``lengths.png``) and the side-by-side
   table of every policy's summary of the same held-out posts, as in the seeds;
 * ``gold/`` (the gold experiment, ``gold.py``; or a gold output folder itself) -> the table of every
-  held-out measurement, the gain over SFT per method and update against the seed spread, and the plots
-  ``gold_direct.png`` (gold reward and KL per update, gold vs KL) and ``gold_proxy.png`` (proxy and gold
-  reward vs KL for the methods optimizing the proxy and for best-of-n);
+  held-out measurement, the gain over SFT per method and update against the seed spread and the SFT
+  policy's own resampling spread, the greedy final policies paired with SFT post by post, and the plots
+  ``gold_direct.png`` (gold reward and KL per update, gold vs KL), ``gold_direct_as_trained.png`` (the
+  same for the reward as trained) and ``gold_proxy.png`` (proxy and gold reward vs KL for the methods
+  optimizing the proxy and for best-of-n);
 * ``rm/eval_rm.json`` and ``dpo/eval.json`` -> reward-model accuracy (held-out, CNN/DM, agreement with
   GPT-3.5) and DPO's implicit-reward accuracy; ``pipeline.json`` -> time per stage.
 
