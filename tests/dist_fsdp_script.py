@@ -31,8 +31,9 @@ def stage_argv(stage: str, sft: str, rm: str, out: str, world: int) -> list[str]
 
 def _patch_for_tests() -> None:
     """Test hooks, set by environment variables:
-    - ``FSDP_TEST_NO_EOS_PENALTY=1``: RL scores keep their value without EOS (tiny random policies
-      never sample EOS, so the no-EOS penalty would make every score -1 and every advantage 0);
+    - ``FSDP_TEST_NO_EOS_PENALTY=1``: the RL stages run with ``--no-eos-penalty None`` (added to their
+      argv below), so scores keep their value without EOS (tiny random policies never sample EOS, so
+      the no-EOS penalty would make every score -1 and every advantage 0);
     - ``FSDP_TEST_DESYNC_RNG=1``: at a fresh start of an RL stage process R draws R random numbers, so
       that the processes' RNG states differ (with equal seeds and no EOS they would stay equal, and
       a resume that gave every process process 0's RNG state would pass unnoticed);
@@ -42,12 +43,8 @@ def _patch_for_tests() -> None:
       stage's model and optimizer to ``FILE.RANK.json`` when the stage ends."""
     import json
 
-    from tldr_rlhf import rollout
-    from tldr_rlhf.train import common, dpo, fsdp, group_rl, loop, ppo, rl_common, rm, sft
+    from tldr_rlhf.train import common, dpo, fsdp, loop, ppo, rl_common, rm, sft
 
-    if os.environ.get("FSDP_TEST_NO_EOS_PENALTY"):
-        keep = lambda scores, has_eos, penalty=-1.0: scores  # noqa: E731
-        rollout.apply_no_eos_penalty = group_rl.apply_no_eos_penalty = keep
     if os.environ.get("FSDP_TEST_DESYNC_RNG"):
         import torch
 
@@ -104,6 +101,8 @@ if __name__ == "__main__":
         if Path(f"{root}/{stage}/final/COMPLETE.json").exists():  # finished by an earlier attempt
             continue
         argv = stage_argv(stage, sft, rm, f"{root}/{stage}", world) + (["--run.fsdp"] if mode == "fsdp" else [])
+        if os.environ.get("FSDP_TEST_NO_EOS_PENALTY") and stage in ("ppo", "grpo", "rloo", "online-dpo"):
+            argv += ["--no-eos-penalty", "None"]
         code = cli.main(argv)
         if code:
             sys.exit(f"{stage}: exit code {code}")

@@ -82,17 +82,15 @@ def _group_common(sft, rm, out):
 
 
 @pytest.mark.parametrize("stage", ["grpo", "rloo"])
-def test_group_rl_with_lora(ckpts, tmp_path, stage, monkeypatch):
+def test_group_rl_with_lora(ckpts, tmp_path, stage):
     # a random tiny policy never samples EOS in 6 tokens: every response would get the same no-EOS
-    # score and every group advantage would be 0; score them by the reward model instead
-    keep_scores = lambda scores, has_eos, penalty=-1.0: scores  # noqa: E731
-    monkeypatch.setattr("tldr_rlhf.rollout.apply_no_eos_penalty", keep_scores)
-    monkeypatch.setattr("tldr_rlhf.train.group_rl.apply_no_eos_penalty", keep_scores)  # the grouped rollout's own reference
+    # score and every group advantage would be 0; without the EOS trick the reward model scores them
     out = tmp_path / stage
+    common = {**_group_common(*ckpts, out), "no_eos_penalty": None}
     if stage == "grpo":
-        final = grpo.train(GRPOConfig(**_group_common(*ckpts, out)))
+        final = grpo.train(GRPOConfig(**common))
     else:
-        final = rloo.train(RLOOConfig(**{**_group_common(*ckpts, out), "kl_coef": 0.05}))
+        final = rloo.train(RLOOConfig(**{**common, "kl_coef": 0.05}))
     u = _updates(out)[0]
     assert u["objective/kl"] == 0.0  # adapters start at B = 0: the policy is exactly the reference
     assert u[f"{stage}/first_minibatch_ratio_max_abs_dev"] == 0.0 and u[f"{stage}/ratio_max_abs_dev"] > 0.0
