@@ -93,6 +93,9 @@ class RunArgs:
     """Stop after this many optimizer steps (0 = the whole schedule); for smoke runs."""
     num_threads: int = 0
     """torch CPU threads (0 = torch's default)."""
+    peak_tflops: float = 0.0
+    """Peak TFLOP/s that perf/mfu is measured against; 0 = the published dense peak of the GPU, or on
+    CPU a GEMM micro-benchmark in the run's precision cached in ~/.cache/tldr_rlhf/peak.json (flops.py)."""
     progress: bool = True
     """Show a progress bar with ETA."""
     report_to: tuple[Literal["none", "tensorboard", "wandb", "trackio", "mlflow"], ...] = ()

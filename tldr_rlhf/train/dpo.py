@@ -59,6 +59,7 @@ from ..config import DPOConfig
 from ..data.batching import QueryResponseBatch, collate_preferences
 from ..data.comparisons import PreferenceExample
 from ..errors import DataError
+from ..flops import ModelShape, batch_forward_flops, mfu_metrics, train_flops
 from ..generation import decode_response, generate
 from ..lm_head import response_token_logprobs
 from ..losses import dpo_loss
@@ -69,6 +70,7 @@ from .. import tasks
 from .common import load_policy, make_accelerator, prepare, shard_if_asked, tokenizer_for, weights_saver
 from .fsdp import is_sharded
 from .loop import (
+    run_peak_tflops,
     build_optimizer,
     build_scheduler,
     checkpoint_if_due,
@@ -417,12 +419,13 @@ def train(cfg: DPOConfig) -> str:
     model.train()
     run.total_steps = total_steps  # the per-step log line's /N and ETA
     bar = progress_bar(total_steps, start, "dpo", is_main and cfg.run.progress)
+    shape, peak = ModelShape.of(model), run_peak_tflops(accelerator, cfg.run)
     step_start = time.perf_counter()
     for step in range(start, total_steps):
         global_idx = steps[step]
         mine = shard(global_idx, accelerator.process_index, world)
         sums: dict[str, torch.Tensor] = {}  # metric name -> sum over this process's pairs of metric * pairs
-        tokens = 0
+        tokens, flops = 0, 0.0  # flops: this process's model FLOPs (flops.py)
         chunks = list(micro_batches(mine, cfg.micro_batch_size))
         for k, idx in enumerate(chunks):
             mb = collate([train_ex[i] for i in idx], pad).to(accelerator.device)
@@ -441,6 +444,7 @@ def train(cfg: DPOConfig) -> str:
             for name, value in {"loss": loss.detach(), **m}.items():
                 sums[name] = sums.get(name, 0) + value.float() * b
             tokens += int(mb.attention_mask.sum())
+            flops += train_flops(batch_forward_flops(shape, mb.attention_mask, mb.query_width, num_queries=b if cfg.shared_prompt else None))
         grad_norm = optimizer_step(scorer, optimizer, scheduler, accelerator, cfg.optim.max_grad_norm)
         done = step + 1
         means = _global_means(sums, len(mine), accelerator)
@@ -449,6 +453,7 @@ def train(cfg: DPOConfig) -> str:
         if due(done, cfg.run.log_every, total_steps, last=True):
             dt = (time.perf_counter() - step_start) / (cfg.run.log_every if done % cfg.run.log_every == 0 else 1)
             record = _step_record(done, means, lr=scheduler.get_last_lr()[0], epoch=done * batch / len(train_ex), step_time_s=dt, pairs=len(global_idx), tokens=tokens * world, grad_norm=grad_norm)
+            record.update(mfu_metrics(flops, dt, peak))
             if due(done, cfg.run.eval_every, total_steps, last=False):
                 record.update(_eval_record(_held_out(scorer, valid_ex, ref_valid, cfg, accelerator, pad_token_id=pad)))
             run.log_metrics(record)

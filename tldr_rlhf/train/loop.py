@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..config import OptimArgs
+from ..flops import mfu_metrics, peak_tflops
 from .run_dir import RunDir, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -183,21 +184,39 @@ def due(done: int, every: int, total: int, *, last: bool) -> bool:
 
 @dataclass
 class Throughput:
-    """Tokens and sequences per second over a window of optimizer steps."""
+    """Tokens, sequences and model FLOPs (``flops.py``) per second over a window of optimizer steps;
+    with any FLOPs added, ``perf/model_tflops_per_s`` and (with ``peak_tflops``) ``perf/mfu`` too."""
 
     tokens: int = 0
     sequences: int = 0
     start: float = field(default_factory=time.perf_counter)
+    flops: float = 0.0
+    peak_tflops: float | None = None
 
-    def add(self, tokens: int, sequences: int) -> None:
+    def add(self, tokens: int, sequences: int, flops: float = 0.0) -> None:
         self.tokens += tokens
         self.sequences += sequences
+        self.flops += flops
 
     def rates(self) -> dict[str, float]:
         dt = max(1e-9, time.perf_counter() - self.start)
         out = {"perf/tokens_per_s": self.tokens / dt, "perf/sequences_per_s": self.sequences / dt}
-        self.tokens, self.sequences, self.start = 0, 0, time.perf_counter()
+        if self.flops:
+            out.update(mfu_metrics(self.flops, dt, self.peak_tflops))
+        self.tokens, self.sequences, self.flops, self.start = 0, 0, 0.0, time.perf_counter()
         return out
+
+
+def run_peak_tflops(accelerator, run_args) -> float | None:
+    """The peak (TFLOP/s) MFU is measured against: the accelerator's device in its compute precision
+    (bf16 under bf16 autocast, else fp32), ``run_args.peak_tflops`` when > 0 (``flops.peak_tflops``)."""
+    dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
+    return peak_tflops(accelerator.device, dtype, override=run_args.peak_tflops)
+
+
+def throughput_meter(accelerator, run_args) -> Throughput:
+    """A ``Throughput`` whose MFU is measured against ``run_peak_tflops``."""
+    return Throughput(peak_tflops=run_peak_tflops(accelerator, run_args))
 
 
 def progress_bar(total: int, initial: int, desc: str, enabled: bool):

@@ -149,7 +149,7 @@ def train(cfg: PPOConfig) -> str:
         enable_gradient_checkpointing(model.value)  # the policy's: open_rl_run
     # --run.fsdp: policy and value model each sharded (two FSDP roots), before the optimizer sees them
     model.policy = rl.policy = shard_if_asked(model.policy, cfg.run, accelerator)
-    model.value = shard_if_asked(model.value, cfg.run, accelerator)
+    model.value = rl.value = shard_if_asked(model.value, cfg.run, accelerator)
     optimizer = build_optimizer(model.parameters(), cfg.optim, device_type=rl.device.type)
     scheduler = linear_anneal(optimizer, num_updates)
     steps = f"{cfg.num_mini_batches} minibatches x {cfg.ppo_epochs} epochs per update"

@@ -25,6 +25,7 @@ from torch import nn
 from ..config import ModelArgs
 from ..data.tldr import Prompt
 from ..errors import DataError
+from ..flops import ModelShape, rl_update_flops
 from ..generation import decode_response
 from ..modeling import AdaptersDisabled, apply_lora, count_parameters, enable_gradient_checkpointing, load_causal_lm, load_frozen_reference, load_frozen_reward_model, load_tokenizer_cached
 from ..modeling import frozen_weights_dtype as model_dtype  # noqa: F401  (ppo, grpo: the frozen models' dtype)
@@ -34,6 +35,7 @@ from ..value_model import score_at_last_token
 from .common import make_accelerator, prepare, shard_if_asked, weights_saver
 from .loop import (
     Throughput,
+    throughput_meter,
     build_optimizer,
     build_scheduler,
     checkpoint_if_due as loop_checkpoint_if_due,
@@ -217,6 +219,8 @@ class RLRun:
     bar: Any = None
     reward: Any = None
     """The stage's ``rewards.RLReward`` (``--reward`` or ``--rm-path``); None = score with ``reward_model``."""
+    value: nn.Module | None = None
+    """PPO's value model (its FLOPs are part of every update's); None for the other stages."""
 
     @property
     def is_main(self) -> bool:
@@ -291,7 +295,7 @@ def start_updates(rl: RLRun, model: nn.Module, optimizer, scheduler, *, unit: st
     score_fn = rl.reward if rl.reward is not None else reward_score_fn(rl.reward_model, rl.device, rl.accelerator.autocast)
     if rl.is_main:
         log.info("%s: %d / %d trainable parameters; %s", describe, trainable, total_params, steps)
-    rl.meter = Throughput()
+    rl.meter = throughput_meter(rl.accelerator, rl.cfg.run)
     rl.run.total_steps = rl.total  # the per-step log line's /N and ETA
     rl.bar = progress_bar(rl.total, start, rl.name, rl.is_main and rl.cfg.run.progress)
     return start, model, optimizer, score_fn
@@ -381,7 +385,7 @@ def log_update(rl: RLRun, done: int, r: Rollout, prompts: list[Prompt], stats: d
     writes the first ``num_sample_posts`` rows to samples.jsonl at the first and last update and
     every ``eval_every``."""
     cfg = rl.cfg
-    rl.meter.add(int(r.batch.attention_mask.sum()), len(r))
+    rl.meter.add(int(r.batch.attention_mask.sum()), len(r), flops=update_flops(rl, r))
     stats = {k: rl.accelerator.reduce(torch.tensor(v, device=rl.device), reduction="mean").item() for k, v in sorted(stats.items())}
     rl.bar.update(1)
     rl.bar.set_postfix(score=f"{stats['objective/scores']:.3f}", kl=f"{stats['objective/kl']:.3f}")
@@ -399,6 +403,19 @@ def log_update(rl: RLRun, done: int, r: Rollout, prompts: list[Prompt], stats: d
     if rl.is_main and cfg.num_sample_posts and (done == 1 or done == rl.total or (cfg.run.eval_every and done % cfg.run.eval_every == 0)):
         rows = [p for p in prompts for _ in range(rl.group)]  # one per rollout row: [p0] * group + [p1] * group + ...
         rl.run.log_samples(sample_records(done, r, rows, rl.tokenizer, cfg.num_sample_posts))
+
+
+def update_flops(rl: RLRun, r: Rollout) -> float:
+    """Model FLOPs of one update on this process's rollout ``r`` (``flops.rl_update_flops``): generation,
+    two no-grad log-prob passes (policy, reference), the reward model, the training passes
+    (``ppo_epochs`` / ``update_per_rollout``), PPO's value model; each group's prompt once per pass
+    under ``shared_prompt``."""
+    cfg = rl.cfg
+    passes = getattr(cfg, "ppo_epochs", None) or getattr(cfg, "update_per_rollout", 1)
+    group = rl.group if getattr(cfg, "shared_prompt", False) and rl.group > 1 else 1
+    reward = ModelShape.of(rl.reward_model) if rl.reward_model is not None else None
+    value = ModelShape.of(rl.value) if rl.value is not None else None
+    return rl_update_flops(ModelShape.of(rl.policy), r.batch.attention_mask, r.batch.query_width, group_size=group, passes=passes, reward=reward, value=value)
 
 
 def checkpoint_if_due(rl: RLRun, done: int, model: nn.Module, optimizer, scheduler) -> None:

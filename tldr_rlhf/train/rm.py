@@ -45,6 +45,7 @@ from ..config import RMConfig
 from ..data.batching import collate_preferences
 from ..data.comparisons import describe_drops
 from ..errors import DataError
+from ..flops import ModelShape, batch_forward_flops, train_flops
 from ..losses import pairwise_loss
 from ..metrics import comparison_metrics
 from ..modeling import count_parameters, init_reward_model, save_reward_model
@@ -52,7 +53,7 @@ from ..reward_model import ScalarRewardModel, train_top_layers
 from ..reward_scoring import ScoredText, pair_rewards, score_comparisons, score_texts
 from .common import make_accelerator, prepare, shard_if_asked, tokenizer_for, weights_saver
 from .loop import (
-    Throughput,
+    throughput_meter,
     build_optimizer,
     build_scheduler,
     checkpoint_if_due,
@@ -155,6 +156,7 @@ def _step_record(done: int, loss: torch.Tensor, m: dict[str, torch.Tensor], *, l
         "perf/step_time_s": step_time_s,
         "perf/pairs_per_s": rates["perf/sequences_per_s"],
         "perf/tokens_per_s": rates["perf/tokens_per_s"],
+        **{k: v for k, v in rates.items() if k in ("perf/model_tflops_per_s", "perf/mfu")},
     }
     if grad_norm is not None:
         record["grad_norm"] = float(grad_norm)
@@ -229,7 +231,7 @@ def train(cfg: RMConfig) -> str:
 
     # 3. Optimizer steps: the pairwise loss over micro-batches of the global batch of pairs.
     model.train()
-    meter = Throughput()
+    meter, shape = throughput_meter(accelerator, cfg.run), ModelShape.of(model)
     bar = progress_bar(total_steps, start, "rm", is_main and cfg.run.progress)
     step_start = time.perf_counter()
     for step in range(start, total_steps):
@@ -248,7 +250,8 @@ def train(cfg: RMConfig) -> str:
                 accelerator.backward(loss)
             chosen.append(rewards[:b].detach().float())
             rejected.append(rewards[b:].detach().float())
-            meter.add(int(mb.attention_mask.sum()), b)
+            fwd = batch_forward_flops(shape, mb.attention_mask, mb.query_width, head="scalar", num_queries=b if cfg.shared_prompt else None)
+            meter.add(int(mb.attention_mask.sum()), b, flops=train_flops(fwd))
         grad_norm = optimizer_step(model, optimizer, scheduler, accelerator, cfg.optim.max_grad_norm)
         done = step + 1
         # The global batch's loss and accuracy, gathered from every process.

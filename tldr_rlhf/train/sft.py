@@ -28,6 +28,7 @@ from ..config import SFTConfig
 from ..data.batching import QueryResponseBatch, collate_query_response
 from ..data.tldr import SFTExample
 from ..errors import DataError
+from ..flops import ModelShape, batch_forward_flops, train_flops
 from ..generation import decode_response, generate
 from ..losses import sft_loss
 from ..modeling import count_parameters, response_logits
@@ -36,7 +37,7 @@ from ..tasks import sft_examples
 from .common import load_policy, make_accelerator, prepare, shard_if_asked, tokenizer_for, weights_saver
 from .fsdp import is_sharded
 from .loop import (
-    Throughput,
+    throughput_meter,
     build_optimizer,
     build_scheduler,
     checkpoint_if_due,
@@ -159,7 +160,7 @@ def train(cfg: SFTConfig) -> str:
     if start == 0 and cfg.run.eval_every:
         run.log_metrics({"step": 0, **evaluate(0)})
     model.train()
-    meter = Throughput()
+    meter, shape = throughput_meter(accelerator, cfg.run), ModelShape.of(model)
     bar = progress_bar(total_steps, start, "sft", is_main and cfg.run.progress)
     step_start = time.perf_counter()
     # 3. Optimizer steps: this process's share of the global batch in micro-batches, gradients
@@ -180,7 +181,8 @@ def train(cfg: SFTConfig) -> str:
                 loss, _ = sft_loss(logprobs, mask, n_targets / accelerator.num_processes)
                 accelerator.backward(loss)
             loss_sum += loss.detach()
-            meter.add(int(mb.attention_mask.sum()), len(idx))
+            head = "all" if cfg.loss_on_query else "response"
+            meter.add(int(mb.attention_mask.sum()), len(idx), flops=train_flops(batch_forward_flops(shape, mb.attention_mask, mb.query_width, head=head)))
         grad_norm = optimizer_step(model, optimizer, scheduler, accelerator, cfg.optim.max_grad_norm)
         done = step + 1
         # each process's loss is scaled by the world size for DDP's gradient mean; undo it here
