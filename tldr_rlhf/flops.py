@@ -241,22 +241,36 @@ def peak_cache_path() -> Path:
     return Path(root) / "tldr_rlhf" / "peak.json"
 
 
-def measure_gemm_tflops(dtype: torch.dtype, *, size: int = 1024, seconds: float = 0.4) -> float:
+def measure_gemm_tflops(dtype: torch.dtype, *, size: int = 1024, seconds: float = 0.5) -> float:
     """Best TFLOP/s of a square ``size`` GEMM (``2 * size**3`` FLOPs) in ``dtype`` on this process's
-    CPU threads, over repeats for about ``seconds`` after one warm-up (the best, not the mean: other
-    processes on a shared machine only slow it down)."""
+    torch CPU threads, over repeats for about ``seconds`` of CPU time after one warm-up.
+
+    Each repeat is timed by the CPU time this process used (``time.process_time``) divided by the
+    thread count, not by the wall clock: on a machine shared with other processes the wall clock
+    also counts the time the threads waited for a core, which says nothing about the hardware. The
+    best repeat is kept (interference only slows a repeat down). A kernel so slow that one ``size``
+    GEMM would take over half of ``seconds`` (bf16 on a CPU without bf16 instructions) is measured
+    at 256 instead."""
     g = torch.Generator().manual_seed(0)
+    small = torch.randn(256, 256, generator=g).to(dtype)
+    t0 = time.perf_counter()
+    torch.mm(small, small)
+    if (time.perf_counter() - t0) * (size / 256) ** 3 > seconds / 2:  # a slow kernel (bf16 without bf16 instructions): measure small
+        size = 256
     a = torch.randn(size, size, generator=g).to(dtype)
     b = torch.randn(size, size, generator=g).to(dtype)
     torch.mm(a, b)
-    best, end = 0.0, time.perf_counter() + seconds
-    while True:
-        t0 = time.perf_counter()
+    threads = max(1, torch.get_num_threads())
+    best, used = 0.0, 0.0
+    while used < seconds:
+        c0, w0 = time.process_time(), time.perf_counter()
         torch.mm(a, b)
-        dt = time.perf_counter() - t0
-        best = max(best, 2.0 * size**3 / dt / 1e12)
-        if time.perf_counter() >= end:
-            return best
+        cpu, wall = time.process_time() - c0, time.perf_counter() - w0
+        # CPU time below the clock's resolution: fall back to the wall clock for this repeat
+        dt = cpu / threads if cpu > 1e-3 else wall
+        best = max(best, 2.0 * size**3 / max(dt, 1e-9) / 1e12)
+        used += max(cpu, wall / 10)
+    return best
 
 
 def cpu_peak_tflops(dtype: torch.dtype, *, cache: Path | None = None) -> float:
@@ -264,7 +278,7 @@ def cpu_peak_tflops(dtype: torch.dtype, *, cache: Path | None = None) -> float:
     thread count and torch version, read from ``cache`` (``peak_cache_path()``) or measured once and
     written there. An unreadable cache is measured again and rewritten; an unwritable one only logged."""
     cache = cache or peak_cache_path()
-    key = f"{cpu_model_name()}|threads={torch.get_num_threads()}|{str(dtype).removeprefix('torch.')}|torch={torch.__version__}"
+    key = f"{cpu_model_name()}|threads={torch.get_num_threads()}|{str(dtype).removeprefix('torch.')}|torch={torch.__version__}|cpu-time-v2"
     try:
         table = json.loads(cache.read_text())
         if not isinstance(table, dict):
