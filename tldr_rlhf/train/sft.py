@@ -26,6 +26,7 @@ import torch
 
 from ..config import SFTConfig
 from ..data.batching import QueryResponseBatch, collate_query_response
+from ..data.packing import packed_response_logprobs
 from ..data.tldr import SFTExample
 from ..errors import DataError
 from ..flops import ModelShape, batch_forward_flops, train_flops
@@ -57,12 +58,15 @@ from .run_dir import RunDir
 log = logging.getLogger(__name__)
 
 
-def target_logprobs(model, batch: QueryResponseBatch, loss_on_query: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def target_logprobs(model, batch: QueryResponseBatch, loss_on_query: bool, *, padding_free: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs of the training targets and their mask.
 
-    Response-only: (B, T) log pi(response_t | query, response_<t) and the response mask.
+    Response-only: (B, T) log pi(response_t | query, response_<t) and the response mask; with
+    ``padding_free`` computed on the packed rows (``data.packing``, same values).
     With ``loss_on_query``: (B, L - 1) log-probs of every token after the first real one.
     """
+    if not loss_on_query and padding_free:
+        return packed_response_logprobs(model, batch), batch.response_mask
     if not loss_on_query:
         logits = response_logits(model, batch.input_ids, batch.attention_mask, batch.query_width)
         return token_logprobs(logits, batch.responses), batch.response_mask
@@ -176,7 +180,7 @@ def train(cfg: SFTConfig) -> str:
             sync = k == len(chunks) - 1
             ctx = accelerator.no_sync(model) if not sync else contextlib.nullcontext()
             with ctx, accelerator.autocast():
-                logprobs, mask = target_logprobs(model, mb, cfg.loss_on_query)
+                logprobs, mask = target_logprobs(model, mb, cfg.loss_on_query, padding_free=cfg.padding_free)
                 # DDP averages gradients over processes, hence the world-size factor.
                 loss, _ = sft_loss(logprobs, mask, n_targets / accelerator.num_processes)
                 accelerator.backward(loss)
