@@ -144,7 +144,7 @@ def run_stage(stage: str, dtype: str, s: dict[str, Any], policy: str, rm: str) -
 
 def precision_probe(policy: str, tokens: int = 64) -> dict[str, Any]:
     """One forward of the real SmolLM2 on a real TL;DR query cut to ``tokens`` tokens, fp32 against bf16
-    autocast: seconds of each, the largest and mean |difference| of the next-token log-probs, and the
+    autocast: wall and CPU seconds of each (the CPU seconds do not count waiting for a core), the largest and mean |difference| of the next-token log-probs, and the
     KL of bf16 against a second bf16 pass (what a step-0 KL of policy against reference computes:
     0 exactly when the bf16 forward is deterministic)."""
     import torch
@@ -162,19 +162,20 @@ def precision_probe(policy: str, tokens: int = 64) -> dict[str, Any]:
     logps = {}
     for name, ctx in (("float32", torch.autocast("cpu", enabled=False)), ("bfloat16", torch.autocast("cpu", dtype=torch.bfloat16)), ("bfloat16_again", torch.autocast("cpu", dtype=torch.bfloat16))):
         with torch.no_grad(), ctx:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             logits = model(input_ids=ids, use_cache=False).logits.float()
-            out[f"{name}_forward_s"] = time.perf_counter() - t0
+            out[f"{name}_forward_s"], out[f"{name}_forward_cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
         logps[name] = torch.log_softmax(logits[0, :-1], -1).gather(1, ids[0, 1:, None]).squeeze(1)
     diff = (logps["bfloat16"] - logps["float32"]).abs()
     out.update(max_abs_logprob_diff=diff.max().item(), mean_abs_logprob_diff=diff.mean().item(), bf16_vs_bf16_kl=(logps["bfloat16"] - logps["bfloat16_again"]).sum().item())
-    out["bf16_slowdown"] = out["bfloat16_forward_s"] / out["float32_forward_s"]
+    out["bf16_slowdown_cpu"] = out["bfloat16_forward_cpu_s"] / out["float32_forward_cpu_s"]
     return out
 
 
 def packing_probe(policy: str, s: dict[str, Any], reps: int = 2) -> dict[str, Any]:
     """SFT forward + backward of one real micro-batch (``sft_batch`` TL;DR examples, queries cut at
-    ``max_query_length``), padded against packed (``--padding-free``), alternated ``reps`` times each.
+    ``max_query_length``), padded against packed (``--padding-free``) against one row at a time (no
+    padding, plain causal attention: what ``--micro-batch-size 1`` does), alternated ``reps`` times each.
     Times are the process's CPU seconds (contention-free on a shared machine; one thread) and wall
     seconds, medians; the loss of both must agree to 1e-5."""
     import torch
@@ -193,23 +194,30 @@ def packing_probe(policy: str, s: dict[str, Any], reps: int = 2) -> dict[str, An
     batch = collate(examples[: s["sft_batch"]], tok.pad_token_id)
     model = AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32)
     flops = train_flops(batch_forward_flops(ModelShape.of(model), batch.attention_mask, batch.query_width))
-    times: dict[str, list[tuple[float, float]]] = {"padded": [], "packed": []}
+    times: dict[str, list[tuple[float, float]]] = {"padded": [], "packed": [], "row_by_row": []}
     losses = {}
+    n_targets = int(batch.response_mask.sum())
+    rows = [collate([e], tok.pad_token_id) for e in examples[: s["sft_batch"]]]
     for _ in range(reps):
         for name in times:
             c0, w0 = time.process_time(), time.perf_counter()
-            lp, mask = target_logprobs(model, batch, False, padding_free=name == "packed")
-            loss, _ = sft_loss(lp, mask)
-            loss.backward()
+            total = 0.0
+            # row_by_row: each row alone (no padding, plain causal attention), gradients accumulated
+            for b in rows if name == "row_by_row" else [batch]:
+                lp, mask = target_logprobs(model, b, False, padding_free=name == "packed")
+                loss, _ = sft_loss(lp, mask, n_targets)
+                loss.backward()
+                total += loss.item()
             times[name].append((time.process_time() - c0, time.perf_counter() - w0))
             model.zero_grad(set_to_none=True)
-            losses[name] = loss.item()
+            losses[name] = total
     out = {"rows": batch.input_ids.shape[0], "padded_width": batch.input_ids.shape[1], "real_tokens": int(batch.attention_mask.sum()),
-           "padded_tokens": batch.input_ids.numel(), "model_gflop": flops / 1e9, "loss_diff": abs(losses["padded"] - losses["packed"])}
+           "padded_tokens": batch.input_ids.numel(), "model_gflop": flops / 1e9, "loss_diff": max(abs(losses["padded"] - v) for v in losses.values())}
     for name, ts in times.items():
         cpu, wall = statistics.median(t[0] for t in ts), statistics.median(t[1] for t in ts)
         out[name] = {"cpu_s": cpu, "wall_s": wall, "model_gflop_per_cpu_s": flops / 1e9 / cpu}
     out["packed_speedup_cpu"] = out["padded"]["cpu_s"] / out["packed"]["cpu_s"]
+    out["row_by_row_speedup_cpu"] = out["padded"]["cpu_s"] / out["row_by_row"]["cpu_s"]
     return out
 
 
@@ -272,6 +280,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--packing", action=argparse.BooleanOptionalAction, default=True, help="measure SFT padded against packed (--padding-free)")
     ap.add_argument("--profile", action="store_true", help="torch.profiler of one padded SFT forward + backward")
+    ap.add_argument("--probes-only", action="store_true", help="only the machine, precision, packing and profile probes; no stage runs")
     ap.add_argument("--force-bf16", action="store_true", help="run bf16 even where its GEMM is far slower than fp32")
     args = ap.parse_args()
     import torch
@@ -294,7 +303,7 @@ def main() -> None:
         print("profile of one padded SFT forward + backward:", json.dumps(info["profile_sft_step"]), flush=True)
     slow_bf16 = not torch.cuda.is_available() and peaks["bfloat16"] < peaks["float32"] / 4 and not args.force_bf16
     results = []
-    for stage in args.stages:
+    for stage in [] if args.probes_only else args.stages:
         for dtype in args.dtypes:
             if dtype == "bfloat16" and slow_bf16:
                 results.append({"stage": stage, "dtype": dtype, "skipped": f"bf16 GEMM {1e3 * peaks['bfloat16']:.2f} GFLOP/s against fp32 {1e3 * peaks['float32']:.1f} on this CPU ({info['cpu_capability']}); --force-bf16 runs it"})
