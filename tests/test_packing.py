@@ -85,3 +85,25 @@ def test_sft_padding_free_runs_the_packed_forward(monkeypatch):
     assert calls == [batch]
     sft.target_logprobs(make_tiny_qwen2(), batch, True, padding_free=True)  # loss on the query: padded rows
     assert len(calls) == 1
+
+
+def test_packed_forward_runs_causal_attention_per_row_and_restores_sdpa(monkeypatch):
+    """On SDPA the packed forward runs ``segment_sdpa`` (one causal SDPA per row, not an S x S masked
+    one) in every layer, and the model is back on plain SDPA afterwards."""
+    from tldr_rlhf.data import packing
+
+    model = make_tiny_qwen2()
+    assert model.config._attn_implementation == "sdpa"
+    calls = []
+    real = packing.segment_sdpa
+
+    def spy(module, query, *args, **kwargs):
+        calls.append(query.shape)
+        return real(module, query, *args, **kwargs)
+
+    monkeypatch.setattr(packing, "segment_sdpa", spy)
+    monkeypatch.setattr(packing, "SEGMENT_ATTENTION", "tldr_rlhf_segment_sdpa_spy")
+    with torch.no_grad():
+        packed_response_logprobs(model, _batch())
+    assert len(calls) == model.config.num_hidden_layers and calls[0][2] == 12  # 12 packed tokens, one row
+    assert model.config._attn_implementation == "sdpa"
