@@ -242,8 +242,8 @@ def peak_cache_path() -> Path:
 
 
 def measure_gemm_tflops(dtype: torch.dtype, *, size: int = 1024, seconds: float = 0.5) -> float:
-    """Best TFLOP/s of a square ``size`` GEMM (``2 * size**3`` FLOPs) in ``dtype`` on this process's
-    torch CPU threads, over repeats for about ``seconds`` of CPU time after one warm-up.
+    """Best TFLOP/s of a square ``size`` GEMM (``2 * size**3`` FLOPs, as ``x @ W^T`` and ``x @ W``) in
+    ``dtype`` on this process's torch CPU threads, over repeats for about ``seconds`` of CPU time after one warm-up.
 
     Each repeat is timed by the CPU time this process used (``time.process_time``) divided by the
     thread count, not by the wall clock: on a machine shared with other processes the wall clock
@@ -259,12 +259,18 @@ def measure_gemm_tflops(dtype: torch.dtype, *, size: int = 1024, seconds: float 
         size = 256
     a = torch.randn(size, size, generator=g).to(dtype)
     b = torch.randn(size, size, generator=g).to(dtype)
-    torch.mm(a, b)
+    # both layouts a model's matmuls use: x @ W^T (every Linear's forward) and x @ W (backward); the
+    # best of them is the peak (torch's bf16 fallback on CPUs without bf16 instructions runs x @ W^T
+    # several times faster than x @ W)
+    layouts = (lambda: torch.nn.functional.linear(a, b), lambda: torch.mm(a, b))
+    for op in layouts:
+        op()
     threads = max(1, torch.get_num_threads())
-    best, used = 0.0, 0.0
+    best, used, k = 0.0, 0.0, 0
     while used < seconds:
         c0, w0 = time.process_time(), time.perf_counter()
-        torch.mm(a, b)
+        layouts[k % 2]()
+        k += 1
         cpu, wall = time.process_time() - c0, time.perf_counter() - w0
         # CPU time below the clock's resolution: fall back to the wall clock for this repeat
         dt = cpu / threads if cpu > 1e-3 else wall
@@ -278,7 +284,7 @@ def cpu_peak_tflops(dtype: torch.dtype, *, cache: Path | None = None) -> float:
     thread count and torch version, read from ``cache`` (``peak_cache_path()``) or measured once and
     written there. An unreadable cache is measured again and rewritten; an unwritable one only logged."""
     cache = cache or peak_cache_path()
-    key = f"{cpu_model_name()}|threads={torch.get_num_threads()}|{str(dtype).removeprefix('torch.')}|torch={torch.__version__}|cpu-time-v2"
+    key = f"{cpu_model_name()}|threads={torch.get_num_threads()}|{str(dtype).removeprefix('torch.')}|torch={torch.__version__}|cpu-time-v3"
     try:
         table = json.loads(cache.read_text())
         if not isinstance(table, dict):
