@@ -25,7 +25,9 @@ A training step (forward and backward) is 3x its forward: backward costs two for
 gradients with respect to the activations and to the weights), which is Kaplan's ``6N`` per trained
 token against ``2N`` per forward-only or generated token. Activation recomputation (gradient
 checkpointing) is not counted: model FLOPs count the work the model needs, not the work a memory
-saving adds. Padding is never counted.
+saving adds. Padding is never counted. Frozen weights (LoRA's base, a reward model training only its top
+layers) are still counted at 6N per trained token, the usual model-FLOPs convention, although their
+weight gradients are never computed: MFU reads low there, not high.
 
 Peak: on CUDA the published dense (no sparsity) tensor-core peak of the device by name (``GPU_PEAK_TFLOPS``);
 on CPU a short GEMM micro-benchmark in the run's precision, measured once per (CPU model, threads,
