@@ -107,3 +107,17 @@ def test_packed_forward_runs_causal_attention_per_row_and_restores_sdpa(monkeypa
         packed_response_logprobs(model, _batch())
     assert len(calls) == model.config.num_hidden_layers and calls[0][2] == 12  # 12 packed tokens, one row
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_activation_checkpointing_keeps_the_padded_path(monkeypatch):
+    """Checkpointing recomputes each block in backward, outside the packed forward's attention: the
+    rows stay padded there."""
+    from tldr_rlhf.modeling import enable_gradient_checkpointing
+    from tldr_rlhf.train import sft
+
+    monkeypatch.setattr(sft, "packed_response_logprobs", lambda *a, **k: pytest.fail("packed under checkpointing"))
+    model = make_tiny_qwen2()
+    enable_gradient_checkpointing(model)
+    model.train()
+    lp, mask = sft.target_logprobs(model, _batch(), False, padding_free=True)
+    assert lp.shape == mask.shape == (3, 3)

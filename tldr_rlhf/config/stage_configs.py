@@ -31,10 +31,12 @@ class SFTConfig:
     """Micro-batches per optimizer step."""
     loss_on_query: bool = False
     """Also train on query tokens (N+ trained on all non-pad tokens, detail 5); default: response only."""
-    padding_free: bool = False
+    padding_free: bool = True
     """Train on packed micro-batches (data/packing.py): the rows' real tokens in one row, position ids
-    restarting per row, attention kept inside each row; same losses and gradients as padded rows, no
-    work on padding. Response-only loss (with loss_on_query the rows stay padded)."""
+    restarting per row, causal attention inside each row; same losses and gradients as padded rows, no
+    work on padding (1.30x less CPU time per SFT step on SmolLM2 at TL;DR shapes, docs/performance.md).
+    Response-only loss without activation checkpointing (else rows stay padded); --no-padding-free
+    keeps the padded path."""
     num_sample_posts: int = 4
     """Fixed validation posts summarized (greedy) at every evaluation into samples.jsonl."""
 

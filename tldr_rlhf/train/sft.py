@@ -32,7 +32,7 @@ from ..errors import DataError
 from ..flops import ModelShape, batch_forward_flops, train_flops
 from ..generation import decode_response, generate
 from ..losses import sft_loss
-from ..modeling import count_parameters, response_logits
+from ..modeling import checkpointing_active, count_parameters, response_logits
 from ..ops import position_ids_from_mask, token_logprobs
 from ..tasks import sft_examples
 from .common import load_policy, make_accelerator, prepare, shard_if_asked, tokenizer_for, weights_saver
@@ -62,10 +62,11 @@ def target_logprobs(model, batch: QueryResponseBatch, loss_on_query: bool, *, pa
     """Log-probs of the training targets and their mask.
 
     Response-only: (B, T) log pi(response_t | query, response_<t) and the response mask; with
-    ``padding_free`` computed on the packed rows (``data.packing``, same values).
+    ``padding_free`` computed on the packed rows (``data.packing``, same values; not under activation
+    checkpointing, whose recomputation would run outside the packed attention).
     With ``loss_on_query``: (B, L - 1) log-probs of every token after the first real one.
     """
-    if not loss_on_query and padding_free:
+    if not loss_on_query and padding_free and not checkpointing_active(model):
         return packed_response_logprobs(model, batch), batch.response_mask
     if not loss_on_query:
         logits = response_logits(model, batch.input_ids, batch.attention_mask, batch.query_width)
