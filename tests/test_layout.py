@@ -28,7 +28,9 @@ MAX_MODULE_LINES = 500
 MAX_FUNCTION_LINES = 100
 TABLE_FILES = ("tldr_rlhf/stages.py", "tldr_rlhf/presets.py", "tldr_rlhf/config/")
 # Facts of a trainable stage's row that cards.py, report.py and plan.py read
-ROW_FACTS = ("family", "title", "card_title", "citations", "card_metrics", "card_settings", "curves", "plan_kind")
+ROW_FACTS = ("family", "title", "card_metrics", "card_settings", "curves", "plan_kind")
+FAMILIES = ("supervised", "preference", "rl", "evaluation")
+PLAN_KINDS = ("sequences", "pairs", "preference", "actor-critic", "group")
 
 
 def _module_name(path: Path) -> str:
@@ -228,6 +230,12 @@ def missing_row_facts() -> list[str]:
     for stage in STAGES:
         if stage.train:
             out += [f"{stage.name}: {f}" for f in ROW_FACTS if not getattr(stage, f, None)]
+            if getattr(stage, "family", None) and stage.family not in FAMILIES:
+                out.append(f"{stage.name}: family {stage.family!r} is not one of {FAMILIES}")
+            if getattr(stage, "plan_kind", None) and stage.plan_kind not in PLAN_KINDS:
+                out.append(f"{stage.name}: plan_kind {stage.plan_kind!r} is not one of {PLAN_KINDS}")
+        elif getattr(stage, "family", "") not in ("", *FAMILIES):
+            out.append(f"{stage.name}: family {stage.family!r} is not one of {FAMILIES}")
     return out
 
 

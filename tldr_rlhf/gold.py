@@ -49,11 +49,12 @@ from typing import Any, Sequence
 from .checkpoints import COMPLETE, final_is_complete
 from .config import GoldConfig
 from .errors import DataError
-from .stages import EVAL_FILE, GOLD_FILE
+from .stages import EVAL_FILE, GOLD_FILE, STAGES
 
 log = logging.getLogger(__name__)
 
-METHOD_FIELDS = {"ppo": "ppo", "grpo": "grpo", "rloo": "rloo", "online-dpo": "online_dpo"}  # method -> GoldConfig field
+# method -> GoldConfig field: every RL stage (the stage table's "rl" family) that GoldConfig has a section for
+METHOD_FIELDS = {s.name: s.name.replace("-", "_") for s in STAGES if s.family == "rl" and s.name.replace("-", "_") in {f.name for f in dataclasses.fields(GoldConfig)}}
 SFT_RESAMPLED = "sft-resampled"  # the method of the SFT policy's measurements at further sampling seeds
 RECORDS_FILE = "records.json"
 GREEDY_EVAL = "direct-greedy"  # the evaluation folder of the final policies' greedy summaries (greedy_final)

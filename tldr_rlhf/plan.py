@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .errors import ConfigError
+from .stages import COMMANDS, STAGES, TRAIN_STAGES
 
 GIB = 2**30
 
@@ -224,7 +225,8 @@ def _trained(est: StageEstimate, shape: ModelShape, prec: Precision, *, world: i
 
 
 def estimate_stage(stage: str, cfg: Any, *, device: Literal["cuda", "cpu"] = "cuda", world: int = 1, shapes: dict[str, ModelShape] | None = None, lengths: tuple[int, int] | None = None) -> StageEstimate:
-    """Peak bytes per device of training stage ``stage`` (sft, rm, dpo, ppo, grpo, rloo, online-dpo) with config
+    """Peak bytes per device of training stage ``stage`` (a ``train`` row of ``stages.STAGES``; its
+    ``plan_kind`` says which parts it has) with config
     ``cfg`` on ``world`` devices of kind ``device``. ``shapes`` maps a model path to its shape (read with
     ``model_shape`` when missing). Sequence lengths are the caps (``max_query_length`` and the response
     cap: the worst micro-batch), or ``lengths`` = (longest query, longest response) when the data is
@@ -242,14 +244,15 @@ def estimate_stage(stage: str, cfg: Any, *, device: Literal["cuda", "cpu"] = "cu
 
     def response_cap(cap: int) -> int:
         return min(cap, lengths[1]) if lengths else cap
-    if stage in ("sft", "rm"):
+    kind = COMMANDS[stage].plan_kind
+    if kind in ("sequences", "pairs"):
         model = cfg.model
         shape = shape_of(model.path, "--model.path")
         prec = precision(device, model.dtype, cfg.optim.optim_8bit)
         top = getattr(cfg, "train_layers", 0)
         ckpt = getattr(model, "gradient_checkpointing", False)
         _trained(est, shape, prec, world=world, lora_r=model.lora_r, top_layers=top, load_in_4bit=getattr(model, "load_in_4bit", False), shard=cfg.run.fsdp)
-        if stage == "sft":
+        if kind == "sequences":
             response = response_cap(data.max_response_length)
             tokens = cfg.micro_batch_size * (query + response)
             est.activations = activation_bytes(shape, tokens, prec.compute, checkpointing=ckpt) + 2 * cfg.micro_batch_size * response * shape.vocab * 4
@@ -267,7 +270,7 @@ def estimate_stage(stage: str, cfg: Any, *, device: Literal["cuda", "cpu"] = "cu
     lora_r = getattr(cfg, "lora_r", 0)
     ckpt = getattr(cfg, "gradient_checkpointing", False)
     _trained(est, shape, prec, world=world, lora_r=lora_r, load_in_4bit=getattr(cfg, "load_in_4bit", False), shard=cfg.run.fsdp)
-    if stage == "dpo":
+    if kind == "preference":
         response = response_cap(data.max_response_length)
         pairs = cfg.micro_batch_size
         tokens = pairs * query + 2 * pairs * response if getattr(cfg, "shared_prompt", True) else 2 * pairs * (query + response)
@@ -285,7 +288,7 @@ def estimate_stage(stage: str, cfg: Any, *, device: Literal["cuda", "cpu"] = "cu
     response = cfg.response_length  # sampled responses: up to the cap (a policy that rarely ends early fills it)
     est.frozen = (0 if lora_r else shape.params * prec.frozen) + sum(r.params for r in rm_shapes) * prec.frozen
     seq = query + response
-    if stage == "ppo":
+    if kind == "actor-critic":
         value = rm or shape  # the value model: a copy of the reward model, else of the SFT backbone
         _trained(est, value, prec, world=world, lora_r=lora_r, shard=cfg.run.fsdp)  # its own adapters under LoRA
         rows = cfg.micro_batch_size
@@ -329,8 +332,8 @@ class PlanArgs:
     """Memory per device in GB (GiB): 80 for an H100 / A100-80GB, 128 for a DGX Spark (unified)."""
     device: Literal["cuda", "cpu"] = "cuda"
     """The device kind the estimate is for (its precision rules and overhead)."""
-    stages: tuple[str, ...] = ("sft", "rm", "dpo", "ppo", "grpo", "rloo")
-    """Stages to plan."""
+    stages: tuple[str, ...] = TRAIN_STAGES
+    """Stages to plan (default: every training stage of the stage table)."""
 
 
 def _fits(est: StageEstimate, budget: float) -> bool:
@@ -350,7 +353,8 @@ def suggestion(stage: str, cfg: Any, est: StageEstimate, *, budget: float, devic
         trial = _with(cfg, micro_batch_size=micro)
         if estimate_stage(stage, trial, device=device, world=world, shapes=shapes).total <= budget:
             return f"--micro-batch-size {micro} (gradient accumulation keeps the global batch)"
-    ckpt_flag = "--model.gradient-checkpointing" if stage in ("sft", "rm") else "--gradient-checkpointing"
+    supervised = COMMANDS[stage].family == "supervised"  # their model settings are under --model.
+    ckpt_flag = "--model.gradient-checkpointing" if supervised else "--gradient-checkpointing"
     for micro in sorted({cfg.micro_batch_size, 1}, reverse=True):  # activation checkpointing: ~30% slower steps
         trial = _checkpointing(_with(cfg, micro_batch_size=micro))
         if estimate_stage(stage, trial, device=device, world=world, shapes=shapes).total <= budget:
@@ -366,7 +370,7 @@ def suggestion(stage: str, cfg: Any, est: StageEstimate, *, budget: float, devic
     if estimate_stage(stage, dataclasses.replace(one, optim=optim), device=device, world=world, shapes=shapes).total <= budget:
         return f"--micro-batch-size 1 {ckpt_flag}{fsdp} --optim.optim-8bit on (bitsandbytes 8-bit AdamW, CUDA)"
     lora = _lora(one, 16)
-    lora_flag = "--model.lora-r 16" if stage in ("sft", "rm") else "--lora-r 16"
+    lora_flag = "--model.lora-r 16" if supervised else "--lora-r 16"
     if lora is not None and estimate_stage(stage, lora, device=device, world=world, shapes=shapes).total <= budget:
         return f"--micro-batch-size 1 {ckpt_flag} {lora_flag} (LoRA)"
     return "does not fit even with micro-batch 1, activation checkpointing, 8-bit AdamW and LoRA: a smaller model or a larger device"
@@ -424,11 +428,10 @@ def plan(args: PlanArgs) -> list[list[str]]:
     # the RL stages' inputs are the pipeline's own SFT and RM outputs, which do not exist yet: plan
     # them from the models those stages start from
     sft_model, rm_model = configs["sft"].model.path, (configs["sft"].model.path if pipe.rm_from_sft else configs["rm"].model.path)
-    for name in ("dpo", "ppo", "grpo", "rloo"):
-        changes = {"sft_path": sft_model}
-        if name != "dpo":
-            changes["rm_path"] = rm_model
-        configs[name] = dataclasses.replace(configs[name], **changes)
+    for row in STAGES:
+        if row.name in args.stages and row.family in ("preference", "rl"):
+            changes = {"sft_path": sft_model, **({"rm_path": rm_model} if row.family == "rl" else {})}
+            configs[row.name] = dataclasses.replace(configs[row.name], **changes)
     if args.fsdp:
         configs = {name: dataclasses.replace(c, run=dataclasses.replace(c.run, fsdp=True)) if hasattr(c, "run") else c for name, c in configs.items()}
     header, rows = plan_table(args, configs)
@@ -455,7 +458,7 @@ def preflight(stage: str, cfg: Any) -> StageEstimate | None:
     import torch
 
     log = logging.getLogger(__name__)
-    if stage not in ("sft", "rm", "dpo", "ppo", "grpo", "rloo", "online-dpo") or not torch.cuda.is_available():
+    if stage not in TRAIN_STAGES or not torch.cuda.is_available():
         return None
     device = "cuda"
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -39,20 +39,13 @@ from .errors import DataError
 from .evaluate import SUMMARIES_FILE, markdown_table, metrics_rows
 from .checkpoints import COMPLETE
 from .pipeline import STATE_FILE
-from .stages import COMMANDS, EVAL_FILE, EVAL_RM_FILE, GOLD_FILE, RL_STAGES, TRAIN_STAGES
+from .stages import COMMANDS, EVAL_FILE, EVAL_RM_FILE, GOLD_FILE, RL_STAGES, STAGES, TRAIN_STAGES
 from .train.dpo import EVAL_FILE as DPO_EVAL_FILE
 
 log = logging.getLogger(__name__)
 
-STAGE_CURVES: dict[str, tuple[str, ...]] = {
-    "sft": ("loss/sft", "valid/loss"),
-    "rm": ("loss/rm", "rm/accuracy", "valid/accuracy"),
-    "dpo": ("loss/dpo", "rewards/accuracy", "rewards/margin", "valid/implicit_reward_accuracy"),
-    "ppo": ("objective/scores", "objective/kl", "objective/rlhf_reward", "loss/policy", "loss/value", "objective/response_length"),
-    "grpo": ("objective/scores", "objective/kl", "loss/policy", "objective/response_length"),
-    "rloo": ("objective/scores", "objective/kl", "loss/policy", "objective/response_length"),
-    "online-dpo": ("objective/scores", "objective/kl", "loss/policy", "online_dpo/tied_pairs", "online_dpo/reward_margin", "objective/response_length"),
-}
+# metrics.jsonl keys plotted per training stage (the stage row's ``curves``)
+STAGE_CURVES: dict[str, tuple[str, ...]] = {s.name: s.curves for s in STAGES if s.train}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -662,7 +655,7 @@ def standalone_stage(run_dir: Path) -> str | None:
     for key, stage in (("loss/sft", "sft"), ("loss/rm", "rm"), ("loss/dpo", "dpo"), ("loss/value", "ppo"), ("online_dpo/tied_pairs", "online-dpo")):
         if key in keys:
             return stage
-    return next((stage for stage in ("ppo", "rloo") if stage in run_dir.name), "grpo")
+    return next((stage for stage in RL_STAGES if stage in run_dir.name), "grpo")
 
 
 def build_report(cfg: ReportConfig) -> Path:
