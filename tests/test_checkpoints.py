@@ -24,7 +24,8 @@ from tldr_rlhf.modeling import save_pretrained, saved_weights_dtype
 from tldr_rlhf.checkpoints import COMPLETE, final_is_complete
 from tldr_rlhf.train import sft
 from tldr_rlhf.train.loop import build_optimizer, build_scheduler
-from tldr_rlhf.train.run_dir import RunDir, UnsafeCheckpointError, load_checkpoint, save_checkpoint
+from tldr_rlhf.train.checkpointing import UnsafeCheckpointError, load_checkpoint, save_checkpoint
+from tldr_rlhf.train.run_dir import RunDir
 
 from test_sft import _cfg
 

@@ -133,14 +133,14 @@ def test_plan_command_for_the_seed_setup_offline(capsys):
 
 
 def test_preflight_stops_a_stage_that_cannot_fit_before_its_folder_exists(tmp_path, monkeypatch):
-    from tldr_rlhf.train.run_dir import RunDir
+    from tldr_rlhf.train.lifecycle import start_run
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=8 * GIB))
     cfg = SFTConfig(model=ModelArgs(path="Qwen/Qwen2.5-1.5B"), data=TldrDataArgs(train=str(tmp_path)), run=RunArgs(output_dir=str(tmp_path / "run")))
     with pytest.raises(ConfigError, match=r"^memory plan: sft needs about \d+\.\d GiB per GPU \(weights 5\.8, .*\) but the GPU has 8\.0 GiB; try .*; --run.no-memory-check runs it anyway$"):
-        RunDir.open(cfg)
+        start_run(cfg)
     assert not (tmp_path / "run").exists()
     est = plan.preflight("sft", dataclasses.replace(cfg, run=RunArgs(output_dir=str(tmp_path / "run"), memory_check=False)))
     assert est is not None and est.total > 8 * GIB

@@ -1,6 +1,6 @@
 """Model cards for every ``final/`` and the upload of a run's model to the Hugging Face Hub.
 
-``RunDir.write_final`` writes ``final/README.md`` (before the completeness marker) from what the run
+``train.lifecycle.finish_run`` writes ``final/README.md`` (before the completeness marker) from what the run
 folder holds: the stage's ``config.json`` (base model, data, the settings that matter), the last value of
 each key metric in ``metrics.jsonl``, and for the reward model its ``final/config.json`` (how the score
 is read, the normalization applied). The YAML metadata is huggingface_hub's ``ModelCardData``:
@@ -23,10 +23,9 @@ from typing import Annotated, Any
 
 from tyro.conf import Positional, arg
 
-from .checkpoints import COMPLETE, final_is_complete
+from .checkpoints import COMPLETE, HUB_ID, final_is_complete
 from .errors import RunDirError, TldrRlhfError
 from .stages import COMMANDS
-from .validation import HUB_ID
 
 log = logging.getLogger(__name__)
 

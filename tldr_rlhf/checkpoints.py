@@ -7,12 +7,21 @@ refuse a model given to the wrong flag, or a half-written one, before they load 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
-from .errors import ModelLoadError
+from .errors import ConfigError, ModelLoadError
 from .modeling import _looks_local, _offline_kwargs
 
+FINAL = "final"  # a run folder's finished model
+CHECKPOINTS = "checkpoints"  # a run folder's checkpoints/step-N/ folders
+STATE = "state.pt"  # a checkpoint's optimizer, scheduler, RNG and extra tensors (train/checkpointing.py)
 COMPLETE = "COMPLETE.json"  # written last into a run's final/: a final/ without it is not a finished run
+
+
+def step_of(checkpoint: Path) -> int:
+    """The step N of a ``checkpoints/step-N`` folder."""
+    return int(checkpoint.name.split("-")[1])
 
 
 def final_is_complete(path: str | Path) -> bool:
@@ -126,3 +135,29 @@ def checkpoint_fingerprint(path: str) -> str:
         pass
     h.update(f"hub\0{path}\0{revision}".encode())
     return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# An input path given to a flag
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # NAMESPACE/NAME (inputs, --run.push-to-hub, model cards)
+_FILE_SUFFIXES = (".json", ".jsonl", ".gguf", ".parquet", ".safetensors", ".bin", ".pt", ".csv", ".txt")
+
+
+def check_input(value: str, name: str, what: str = "file or folder") -> None:
+    """Raise ConfigError when ``value`` (the input of flag ``name``) is neither an existing path nor a
+    plausible hub id, or is a run's ``final/`` whose save never completed."""
+    if not value:
+        return
+    name = name if name.endswith("=") else name + " "  # "--policies ppo=PATH", "--sft-path PATH"
+    p = Path(value)
+    if p.exists():
+        if p.is_dir() and p.name == "final" and (p.parent / "config.json").is_file() and not final_is_complete(p):
+            raise ConfigError(f"{name}{value}: the run's final/ is incomplete (its save did not finish); rerun that stage to complete it")
+        return
+    first = p.parts[0] if p.parts else ""
+    looks_local = (
+        p.is_absolute() or first in (".", "..", "~") or value.endswith(_FILE_SUFFIXES) or not HUB_ID.match(value) or Path(first).is_dir()
+    )
+    if looks_local:
+        raise ConfigError(f"{name}{value}: {what} does not exist")

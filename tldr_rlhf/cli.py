@@ -248,7 +248,7 @@ def parse(argv: list[str]):
 def _failure_line(e: BaseException) -> tuple[str, int] | None:
     """The one line and exit code ``main`` ends with for an expected failure; None for a bug (the
     traceback is shown)."""
-    from .train.run_dir import resume_hint
+    from .opened_runs import resume_hint
 
     if isinstance(e, TldrRlhfError):
         return f"tldr-rlhf: error: {e}", 2
@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from .train.run_dir import close_opened_runs, forget_opened_runs, restore_replaced_runs
+    from .opened_runs import close_opened_runs, forget_opened_runs, restore_replaced_runs
 
     forget_opened_runs()  # the run folders of this invocation only
     try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from .data.batching import collate_queries
+from .distributed import is_sharded
 from .ops import truncate_after_eos
 
 
@@ -33,8 +34,6 @@ def generate(
     """
     if min_new_tokens:
         raise ValueError("min_new_tokens > 0 suppresses EOS (N+ detail 19); sample freely and truncate after EOS instead")
-    from .train.fsdp import is_sharded
-
     # an FSDP-sharded model gathers its weights at every forward: every process keeps stepping until
     # all are done (transformers' synced_gpus), else one that stopped early would leave the others waiting
     synced = is_sharded(model)
@@ -103,8 +102,6 @@ def generate_groups(
         raise ValueError(f"group_size must be >= 1, got {group_size}")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
-    from .train.fsdp import is_sharded
-
     if not shared_prompt or _uses_sliding_window(model) or is_sharded(model):
         repeated = [q for q in queries for _ in range(group_size)]
         return generate(model, repeated, eos_token_id=eos_token_id, pad_token_id=pad_token_id, max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size), None

@@ -49,7 +49,7 @@ from typing import Any, Sequence
 from .checkpoints import COMPLETE, final_is_complete
 from .config import GoldConfig
 from .errors import DataError
-from .stages import EVAL_FILE, GOLD_FILE, STAGES
+from .stages import COMMANDS, EVAL_FILE, GOLD_FILE, STAGES
 
 log = logging.getLogger(__name__)
 
@@ -200,8 +200,6 @@ def _drop_training_state(run_dir: Path) -> None:
 
 def train_run(cfg: GoldConfig, method: str, stage_cfg) -> Path:
     """Train one run unless its final/ is complete; returns the run folder."""
-    from .stages import COMMANDS
-
     out = Path(stage_cfg.run.output_dir)
     if final_is_complete(out / "final"):
         log.info("gold: %s already trained", out)
@@ -379,8 +377,6 @@ def train_proxy_rm(cfg: GoldConfig, pairs: Path, out: Path) -> Path:
     """Step 2 of the proxy experiment: the reward-model stage on the gold-labelled pairs, from the SFT
     checkpoint (``proxy_rm_from_sft``, else ``proxy_rm.model``; its held-out pairs: a share of the posts by id, ``proxy_rm.data.valid_fraction``);
     returns its final/ (not retrained when complete)."""
-    from .train.rm import train
-
     final = out / "final"
     if final_is_complete(final):
         return final
@@ -388,7 +384,7 @@ def train_proxy_rm(cfg: GoldConfig, pairs: Path, out: Path) -> Path:
     run = dataclasses.replace(rm.run, output_dir=str(out), seed=cfg.seeds[0] if cfg.seeds else rm.run.seed, **({"num_threads": cfg.num_threads} if cfg.num_threads else {}))
     data = dataclasses.replace(rm.data, task="tldr", comparisons=str(pairs), valid_comparisons="", max_query_length=cfg.data.max_query_length)
     model = dataclasses.replace(rm.model, path=cfg.sft_path) if cfg.proxy_rm_from_sft else rm.model
-    train(dataclasses.replace(rm, model=model, data=data, run=run))
+    COMMANDS["rm"].function()(dataclasses.replace(rm, model=model, data=data, run=run))  # the reward-model stage (train/ is imported when it runs)
     return final
 
 

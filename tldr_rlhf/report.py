@@ -39,8 +39,7 @@ from .errors import DataError
 from .evaluate import SUMMARIES_FILE, markdown_table, metrics_rows
 from .checkpoints import COMPLETE
 from .pipeline import STATE_FILE
-from .stages import COMMANDS, EVAL_FILE, EVAL_RM_FILE, GOLD_FILE, RL_STAGES, STAGES, TRAIN_STAGES
-from .train.dpo import EVAL_FILE as DPO_EVAL_FILE
+from .stages import COMMANDS, DPO_EVAL_FILE, EVAL_FILE, EVAL_RM_FILE, GOLD_FILE, RL_STAGES, STAGES, TRAIN_STAGES
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Scoring passes of a scalar-head reward model, shared by reward-model training (held-out
 accuracy, normalization), ``evaluate-rm`` and ``evaluate``: no gradients, eval mode (restored
 after), rows in length order (less padding), and with several processes each scores a share and the
-results are gathered (``train.loop.sharded_scores``).
+results are gathered (``scoring.sharded_scores``).
 
 * ``pair_rewards``: the chosen and rejected rewards of a ``collate_preferences`` batch in one
   forward pass (with ``shared_prompt`` the queries run once and both responses continue from their
@@ -24,7 +24,7 @@ from .data.batching import QueryResponseBatch, collate_query_response
 from .data.comparisons import PreferenceExample
 from .data.tldr import SFTExample
 from .reward_model import ScalarRewardModel, uses_sliding_window
-from .train.loop import score_preference_pairs, sharded_scores
+from .scoring import score_preference_pairs, sharded_scores
 
 # (query, reference summary) pairs to score once for normalization: the SFT example format.
 ScoredText = SFTExample

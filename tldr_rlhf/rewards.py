@@ -38,6 +38,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .checkpoints import check_input, require_kind
 from .errors import ConfigError, RewardError
 
 TextRewardFn = Callable[[list[str], list[str], list["str | None"]], Sequence[float]]
@@ -148,9 +149,6 @@ def check_reward_spec(spec: str, *, flag: str = "--reward", check_paths: bool = 
     """``parse_reward`` plus, with ``check_paths``, each callable imported and each reward-model path
     present and of the reward-model kind (``checkpoints.require_kind``). Returns the terms (callables
     resolved when checked). Raises ConfigError naming ``flag``."""
-    from .checkpoints import require_kind
-    from .validation import check_input
-
     terms = parse_reward(spec, flag=flag)
     if not check_paths:
         return terms

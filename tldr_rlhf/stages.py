@@ -20,6 +20,7 @@ from typing import Any, Callable
 EVAL_RM_FILE = "eval_rm.json"  # evaluate-rm's results, next to the reward model's final/
 EVAL_FILE = "eval.json"  # evaluate's results in its output folder
 GOLD_FILE = "gold.json"  # the gold experiment's held-out measurements, in its output folder
+DPO_EVAL_FILE = "eval.json"  # DPO's held-out implicit-reward accuracy, in its run folder
 
 
 def resolve(target: str) -> Any:

@@ -46,6 +46,7 @@ from .loop import (
     seed_everything,
     shard,
 )
+from .lifecycle import finish_run, start_run
 from .run_dir import RunDir
 
 log = logging.getLogger(__name__)
@@ -254,7 +255,7 @@ def open_rl_run(cfg, name: str, accelerator, *, batch: int, group: int, num_upda
     total = min(num_updates, cfg.run.max_steps) if cfg.run.max_steps else num_updates
     if accelerator.is_main_process:
         log.info("%s prompts: %d (%d queries over %d tokens: cut for TL;DR, dropped for UltraFeedback); %s (%d run now)", name.upper(), len(prompts), truncated, cfg.data.max_query_length, plan, total)
-    run, resume_from = RunDir.open(cfg, is_main=accelerator.is_main_process)
+    run, resume_from = start_run(cfg, is_main=accelerator.is_main_process)
     seed_everything(cfg.run.seed)
     policy, ref, reward = load_rl_models_and_reward(cfg, tokenizer, prompts, accelerator)
     if getattr(cfg, "gradient_checkpointing", False):
@@ -280,7 +281,7 @@ def load_rl_models_and_reward(cfg, tokenizer, prompts: list[Prompt], accelerator
 
 
 def start_updates(rl: RLRun, model: nn.Module, optimizer, scheduler, *, unit: str, describe: str, steps: str) -> tuple[int, nn.Module, Any, ScoreFn]:
-    """The end of the set-up: restores the checkpoint ``RunDir.open`` found into model, optimizer and
+    """The end of the set-up: restores the checkpoint ``start_run`` found into model, optimizer and
     scheduler (logs past it truncated), prepares model and optimizer for the accelerator, and starts
     the progress bar and throughput meter. ``unit`` names an update, ``describe`` the trainable model
     and ``steps`` its optimizer steps in the log lines. Returns (first update, prepared model, prepared optimizer, the reward
@@ -417,7 +418,7 @@ def finish_rl_run(rl: RLRun, final_model: nn.Module) -> str:
     name = rl.name.upper()
     rl.run.log_metrics({"step": rl.total, "perf/peak_memory_mb": peak_memory_mb(rl.device), "health/collapse_signals": check_collapse(rl.run.path, name=name) if rl.is_main else []})
     rl.accelerator.wait_for_everyone()
-    rl.run.write_final(rl.save_weights, step=rl.total, stage=rl.name)  # every process: FSDP gathers the weights
+    finish_run(rl.run, rl.save_weights, step=rl.total, stage=rl.name)  # every process: FSDP gathers the weights
     if rl.is_main:
         log.info("%s done: %s", name, rl.run.final_dir)
     rl.accelerator.wait_for_everyone()

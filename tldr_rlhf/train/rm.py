@@ -66,6 +66,7 @@ from .loop import (
     seed_everything,
     shard,
 )
+from .lifecycle import finish_run, start_run
 from .run_dir import RunDir
 
 log = logging.getLogger(__name__)
@@ -178,7 +179,7 @@ def _normalize_and_save(cfg: RMConfig, run: RunDir, model, tokenizer, references
     record["perf/peak_memory_mb"] = peak_memory_mb(accelerator.device)
     run.log_metrics(record)
     accelerator.wait_for_everyone()
-    run.write_final(weights_saver(inner, tokenizer, cfg.model.dtype, cfg.run, save=save_reward_model), step=total_steps, stage="rm")
+    finish_run(run, weights_saver(inner, tokenizer, cfg.model.dtype, cfg.run, save=save_reward_model), step=total_steps, stage="rm")
     if is_main:
         log.info("RM done: %s (held-out accuracy %.4f on %d pairs)", run.final_dir, final["valid/accuracy"], final["valid/n"])
     accelerator.wait_for_everyone()
@@ -206,7 +207,7 @@ def train(cfg: RMConfig) -> str:
         raise DataError(f"{len(train_ex)} training comparisons are fewer than one global batch of {batch} (dropped: {describe_drops(report['train']['dropped'])})", path=cfg.data.comparisons)
     steps = global_batches(len(train_ex), batch, cfg.run.seed, cfg.epochs)
     total_steps = min(len(steps), cfg.run.max_steps) if cfg.run.max_steps else len(steps)
-    run, resume_from = RunDir.open(cfg, is_main=is_main)
+    run, resume_from = start_run(cfg, is_main=is_main)
     if is_main:
         (run.path / "data_report.json").write_text(json.dumps(report, indent=2) + "\n")
 

@@ -51,6 +51,7 @@ from .loop import (
     seed_everything,
     shard,
 )
+from .lifecycle import finish_run, start_run
 from .run_dir import RunDir
 
 log = logging.getLogger(__name__)
@@ -137,7 +138,7 @@ def train(cfg: SFTConfig) -> str:
     total_steps = min(len(steps), cfg.run.max_steps) if cfg.run.max_steps else len(steps)
 
     # 2. The run folder (config checked, a checkpoint to resume), the model, optimizer and schedule.
-    run, resume_from = RunDir.open(cfg, is_main=is_main)
+    run, resume_from = start_run(cfg, is_main=is_main)
     seed_everything(cfg.run.seed)
     model = shard_if_asked(load_policy(cfg.model, tokenizer), cfg.run, accelerator)
     trainable, total = count_parameters(model)
@@ -212,7 +213,7 @@ def train(cfg: SFTConfig) -> str:
     if not in_sync:
         raise RuntimeError("data-parallel processes ended with different weights")
     accelerator.wait_for_everyone()
-    run.write_final(save_weights, step=total_steps, stage="sft")
+    finish_run(run, save_weights, step=total_steps, stage="sft")
     if is_main:
         log.info("SFT done: %s (valid loss %s)", run.final_dir, final_metrics.get("valid/loss"))
     accelerator.wait_for_everyone()
