@@ -230,7 +230,7 @@ def test_gold_refuses_a_missing_sft_checkpoint_and_unknown_methods(tmp_path):
 
 
 def test_report_tables_from_hand_made_records(tmp_path):
-    from tldr_rlhf.report import as_trained, gold_rows, gold_summary, plot_gold_direct, plot_gold_proxy, sft_noise, standard_error
+    from tldr_rlhf.gold_report import as_trained, gold_rows, gold_summary, plot_gold_direct, plot_gold_proxy, sft_noise, standard_error
 
     sft = {"experiment": "direct", "method": "sft", "seed": None, "update": 0, "episodes": 0, "n": None, "policy": "sft", "gold": 0.20, "proxy": None, "kl": 0.0, "length": 26.0, "eos_rate": 0.7}
     def rec(exp, method, seed, update, gold_v, kl, proxy=None, n=None):
@@ -281,7 +281,7 @@ def test_report_tables_from_hand_made_records(tmp_path):
 
 
 def test_greedy_table_pairs_each_final_policy_with_sft_by_post():
-    from tldr_rlhf.report import greedy_rows
+    from tldr_rlhf.gold_report import greedy_rows
 
     def post(sft, **others):
         return {"summaries": {"sft": {"reward": sft, "length": 20, "eos": True}, **{k: {"reward": v, "length": 17, "eos": k != "ppo-s1" or sft > 0.15} for k, v in others.items()}}}

@@ -127,7 +127,7 @@ def records_from_eval(results: dict[str, Any], points: dict[str, dict[str, Any]]
     return out
 
 
-def read_records(gold_dir: str | Path) -> tuple[list[dict[str, Any]], bool]:
+def read_gold_records(gold_dir: str | Path) -> tuple[list[dict[str, Any]], bool]:
     """(records, complete) of a gold experiment folder: gold.json's when it exists (complete), else
     every finished evaluation's records.json so far (partial). ([], False) for a folder without any."""
     gold_dir = Path(gold_dir)
