@@ -59,7 +59,7 @@ def best_of_n_run(name: str, path: str, posts: list, cfg, *, score: Callable[[li
     ``summaries.PolicyRun`` named ``{name}-bo{n}``, its metrics: n, the base policy, the mean reward of
     all candidates and of the kept ones, the analytic KL). Raises ModelLoadError for a path that does not load."""
     from .generation import decode_response
-    from .modeling import bf16_autocast
+    from .precision import bf16_autocast
     from .summaries import PolicyRun, _sorted_generate, free_memory, load_eval_policy
 
     n = cfg.best_of_n

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 from .errors import ConfigError, ModelLoadError
-from .modeling import _looks_local, _offline_kwargs
+from .modeling import looks_local, offline_kwargs
 
 FINAL = "final"  # a run folder's finished model
 CHECKPOINTS = "checkpoints"  # a run folder's checkpoints/step-N/ folders
@@ -44,7 +44,7 @@ def _hub_config(repo_id: str) -> dict | None:
 
         f = try_to_load_from_cache(repo_id, "config.json")
         if not isinstance(f, str):
-            if _offline_kwargs(repo_id):
+            if offline_kwargs(repo_id):
                 return None  # no network: the loader says so in one line
             f = hf_hub_download(repo_id, "config.json", etag_timeout=5)
         return json.loads(Path(f).read_text())
@@ -82,7 +82,7 @@ def checkpoint_kind(path: str) -> str:
             config = json.loads((p / "config.json").read_text())
         except (OSError, ValueError):
             return "unknown"
-    elif _looks_local(path) or p.exists():
+    elif looks_local(path) or p.exists():
         return "unknown"
     else:
         config = _hub_config(path)

@@ -36,7 +36,9 @@ from .data.batching import collate_query_response
 from .tasks import held_out_items, query_ids, query_text, reference_of, response_ids
 from .errors import DataError, ModelLoadError
 from .metrics import comparison_metrics, length_controlled_win_rate, outcomes_from_scores, pair_lengths, rouge_scores, win_rate
-from .modeling import bf16_autocast, load_frozen_reward_model, load_tokenizer_cached
+from .modeling import load_tokenizer_cached
+from .reward_loading import load_frozen_reward_model
+from .precision import bf16_autocast
 from .summaries import PolicyRun, eval_device, free_memory, generation_key, kl_to_sft, load_policy_run, policy_file, run_policy, save_policy_run
 from .stages import EVAL_FILE
 from .validation import validate_config
@@ -196,21 +198,21 @@ def _check(cfg: EvaluateConfig, policies: dict[str, str]) -> None:
     """Refuse bad inputs before any model is loaded or summary generated: missing paths, and a model
     of the wrong kind for its flag (read from config.json: a reward model among the policies, a
     policy as --rm-path)."""
-    from .modeling import _check_exists
+    from .modeling import check_model_exists
     from .checkpoints import require_kind
 
     if not policies:
         raise DataError("no policies to evaluate: give --policies NAME=PATH ...", field="policies")
     for name, path in policies.items():
         try:
-            _check_exists(path)
+            check_model_exists(path)
         except ModelLoadError as e:
             raise ModelLoadError(f"policy '{name}': {e}") from None
     for field_name in ("sft_path", "rm_path", "judge_rm_path"):
         path = getattr(cfg, field_name)
         if path:
             try:
-                _check_exists(path)
+                check_model_exists(path)
             except ModelLoadError as e:
                 raise ModelLoadError(f"--{field_name.replace('_', '-')}: {e}") from None
     for name, path in policies.items():

@@ -126,7 +126,8 @@ def inspect_policies(cfg: InspectConfig) -> list[dict[str, Any]]:
     from .data.batching import collate_query_response
     from .evaluate import parse_policies, score_with
     from .generation import decode_response, generate
-    from .modeling import bf16_autocast, load_causal_lm, load_tokenizer_cached
+    from .modeling import load_causal_lm, load_tokenizer_cached
+    from .precision import bf16_autocast
     from .rollout import response_logprobs
     from .summaries import eval_device, free_memory
     from .tasks import query_ids

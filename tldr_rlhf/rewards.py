@@ -293,7 +293,7 @@ def load_rl_reward(cfg, tokenizer, prompts: Sequence, *, dtype: torch.dtype, dev
     """The reward of an RL stage (``rl_reward_spec``), its callables imported and its reward models
     loaded frozen in ``dtype`` on ``device`` (dropout off, N+ detail 7). Raises ConfigError for a bad
     spec, ModelLoadError for a reward-model path that does not load."""
-    from .modeling import load_frozen_reward_model
+    from .reward_loading import load_frozen_reward_model
 
     spec, flag = rl_reward_spec(cfg)
     # the old field is one reward-model path, whatever it looks like

@@ -29,7 +29,8 @@ import torch
 from .config import EvaluateConfig
 from .data.batching import collate_query_response
 from .metrics import kl_from_logprobs
-from .modeling import bf16_autocast, load_causal_lm, load_tokenizer_cached, master_weights_dtype
+from .modeling import load_causal_lm, load_tokenizer_cached
+from .precision import bf16_autocast, master_weights_dtype
 from .tasks import query_ids
 
 POLICY_DIR = "policies"  # one file of summaries per policy, written as each policy finishes

@@ -26,8 +26,9 @@ from ..config import ModelArgs
 from ..data.tldr import Prompt
 from ..errors import DataError
 from ..generation import decode_response
-from ..modeling import AdaptersDisabled, apply_lora, count_parameters, enable_gradient_checkpointing, load_causal_lm, load_frozen_reference, load_frozen_reward_model, load_tokenizer_cached
-from ..modeling import frozen_weights_dtype as model_dtype  # noqa: F401  (ppo, grpo: the frozen models' dtype)
+from ..modeling import AdaptersDisabled, apply_lora, count_parameters, enable_gradient_checkpointing, load_causal_lm, load_frozen_reference, load_tokenizer_cached
+from ..reward_loading import load_frozen_reward_model
+from ..precision import frozen_weights_dtype
 from ..rollout import Rollout, ScoreFn
 from ..tasks import rl_prompts
 from ..value_model import score_at_last_token
@@ -271,7 +272,7 @@ def load_rl_models_and_reward(cfg, tokenizer, prompts: list[Prompt], accelerator
 
     if getattr(cfg, "reward", "") and cfg.rm_path:
         log.warning("--reward %s is the reward; --rm-path %s is not used", cfg.reward, cfg.rm_path)
-    dtype = model_dtype(cfg.dtype)
+    dtype = frozen_weights_dtype(cfg.dtype)
     policy, ref, _ = load_rl_models(
         cfg.sft_path, "", tokenizer, dtype=dtype, device=accelerator.device,
         lora_r=getattr(cfg, "lora_r", 0), lora_alpha=getattr(cfg, "lora_alpha", 32), load_in_4bit=getattr(cfg, "load_in_4bit", False),

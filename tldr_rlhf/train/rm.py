@@ -47,7 +47,8 @@ from ..data.comparisons import describe_drops
 from ..errors import DataError
 from ..losses import pairwise_loss
 from ..metrics import comparison_metrics
-from ..modeling import count_parameters, init_reward_model, save_reward_model
+from ..modeling import count_parameters
+from ..reward_loading import init_reward_model, save_reward_model
 from ..reward_model import ScalarRewardModel, train_top_layers
 from ..reward_scoring import ScoredText, pair_rewards, score_comparisons, score_texts
 from .common import make_accelerator, prepare, shard_if_asked, tokenizer_for, weights_saver
