@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .errors import ConfigError, ModelLoadError
 from .modeling import looks_local, offline_kwargs
+from .reward_model import MODEL_TYPE
 
 FINAL = "final"  # a run folder's finished model
 CHECKPOINTS = "checkpoints"  # a run folder's checkpoints/step-N/ folders
@@ -57,8 +58,6 @@ def kind_from_config(config: dict) -> str:
     ``model_type`` or an ``auto_map`` / ``architectures`` entry of a sequence classifier is a reward
     model; a ``...ForCausalLM`` (or ``LMHeadModel``, ``ForConditionalGeneration``) architecture is a
     policy; anything else (no architectures, an encoder) is unknown."""
-    from .reward_model import MODEL_TYPE
-
     if config.get("model_type") == MODEL_TYPE or "AutoModelForSequenceClassification" in (config.get("auto_map") or {}):
         return "reward_model"
     archs = [str(a) for a in config.get("architectures") or []]

@@ -126,6 +126,7 @@ def export_reward_model(args: ExportRMArgs) -> dict[str, Any]:
     import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
+    # lazy: `tldr-rlhf export-rm --help` parses ExportRMArgs without torch and transformers
     from .modeling import load_tokenizer
     from .reward_loading import is_reward_checkpoint, load_reward_checkpoint
     from .checkpoints import checkpoint_kind

@@ -9,7 +9,9 @@ import torch
 
 from .data.batching import collate_queries
 from .distributed import is_sharded
-from .ops import truncate_after_eos
+from .ops import position_ids_from_mask, truncate_after_eos
+from .lm_head import _uses_sliding_window, expand_cache
+from .modeling import kv_cache_kwargs
 
 
 @torch.no_grad()
@@ -96,8 +98,6 @@ def generate_groups(
     repeated queries, as for an FSDP-sharded model (whose processes must step together: ``generate``'s
     ``synced_gpus``). Raises ValueError for ``group_size`` < 1 or ``temperature`` <= 0.
     """
-    from .lm_head import _uses_sliding_window
-
     if group_size < 1:
         raise ValueError(f"group_size must be >= 1, got {group_size}")
     if temperature <= 0:
@@ -123,10 +123,6 @@ def _sample_group_chunk(model, queries, g, eos, pad, max_new_tokens, temperature
     """One chunk of ``generate_groups``: (tokens (R, T) int64 padded after EOS, log-probs (R, T)
     float32, lengths (R,) up to and including the first EOS), R = len(queries) x g."""
     from transformers import DynamicCache
-
-    from .lm_head import expand_cache
-    from .modeling import kv_cache_kwargs
-    from .ops import position_ids_from_mask
 
     device = next(model.parameters()).device
     ids, mask = collate_queries(queries, pad)

@@ -50,6 +50,12 @@ from .checkpoints import COMPLETE, final_is_complete
 from .config import GoldConfig
 from .errors import DataError
 from .stages import COMMANDS, EVAL_FILE, GOLD_FILE, STAGES
+from .evaluate import evaluate
+from .generation import decode_response
+from .modeling import load_tokenizer_cached
+from .rewards import check_reward_spec, score_texts
+from .summaries import _sorted_generate, free_memory, load_eval_policy
+from .tasks import load_post_splits, query_ids, reference_of
 
 log = logging.getLogger(__name__)
 
@@ -215,8 +221,6 @@ def evaluation(cfg: GoldConfig, name: str, policies: dict[str, str], *, rm_path:
     """``evaluate`` of ``policies`` ({name: path}) on the held-out posts into ``eval/NAME``: gold reward,
     KL to SFT, length, EOS rate, and the proxy's score when ``rm_path`` is given; with ``best_of_n`` n,
     best-of-n of the policy "sft" picked by ``rm_path``. Returns the results (``evaluate.evaluate``)."""
-    from .evaluate import evaluate
-
     ecfg = dataclasses.replace(
         cfg.evaluate, policies=tuple(f"{k}={v}" for k, v in policies.items()), sft_path=cfg.sft_path, rm_path=rm_path, judge_rm_path="",
         reward=cfg.gold_reward, best_of_n=best_of_n, best_of_n_reward=rm_path if best_of_n else "", best_of_n_policies=("sft",) if best_of_n else (),
@@ -315,12 +319,6 @@ def sample_proxy_pairs(cfg: GoldConfig, out_file: Path) -> dict[str, Any]:
     (``gold_with_penalty``), labelled (``comparison_record``) and written to ``out_file`` in OpenAI's
     comparison format. Returns counts (posts, pairs, tied, identical, gold of chosen / rejected)."""
     import torch
-
-    from .generation import decode_response
-    from .modeling import load_tokenizer_cached
-    from .rewards import check_reward_spec, score_texts
-    from .summaries import _sorted_generate, free_memory, load_eval_policy
-    from .tasks import load_post_splits, query_ids, reference_of
 
     rl = cfg.ppo
     train_posts, _ = load_post_splits(cfg.data)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .data.io import read_records
-from .gold import GREEDY_EVAL, SFT_RESAMPLED, read_gold_records
+from .gold import GREEDY_EVAL, SFT_RESAMPLED, eval_name, read_gold_records
 from .plots import figure, is_number, save_figure
 
 
@@ -35,8 +35,6 @@ def per_post_gold(gold_dir: Path) -> dict[tuple[str, str], list[tuple[float, boo
 
 
 def _per_post_of(record: dict[str, Any], per_post: dict[tuple[str, str], list[tuple[float, bool]]]) -> list[tuple[float, bool]]:
-    from .gold import eval_name
-
     return per_post.get((eval_name(record), record.get("policy", "")), [])
 
 
@@ -83,8 +81,6 @@ def gold_rows(records: Sequence[dict[str, Any]], per_post: dict[tuple[str, str],
 def sft_measurements(records: Sequence[dict[str, Any]], key: str = "gold") -> list[float]:
     """``key`` of every measurement of the direct experiment's SFT policy: its first one and those at
     further sampling seeds (``gold.SFT_RESAMPLED``)."""
-    from .gold import SFT_RESAMPLED
-
     return [r[key] for r in records if r["experiment"] == "direct" and r["method"] in ("sft", SFT_RESAMPLED) and is_number(r.get(key))]
 
 
@@ -104,8 +100,6 @@ def gold_summary(records: Sequence[dict[str, Any]], key: str = "gold") -> tuple[
     mean, whether the gain exceeds the seed spread ("yes" / "no"; "1 seed" when there is no spread to
     compare with), and whether it exceeds the SFT policy's own spread over its resampled measurements
     (``sft_noise``; "-" without them)."""
-    from .gold import SFT_RESAMPLED
-
     sft = next((r[key] for r in records if r["method"] == "sft" and r["experiment"] == "direct" and is_number(r.get(key))), None)
     noise = sft_noise(records, key)
     groups: dict[tuple, list[dict[str, Any]]] = {}
@@ -154,8 +148,6 @@ def greedy_rows(summaries: Sequence[dict[str, Any]]) -> tuple[list[str], list[li
 def _series(records: Sequence[dict[str, Any]], experiment: str) -> dict[tuple[str, Any], list[dict[str, Any]]]:
     """{(method, seed): records in update order} of an experiment's RL runs, each starting at the SFT
     record of that experiment (update 0, KL 0) when there is one."""
-    from .gold import SFT_RESAMPLED
-
     start = next((r for r in records if r["experiment"] == experiment and r["method"] == "sft"), None)
     out: dict[tuple[str, Any], list[dict[str, Any]]] = {}
     for r in records:

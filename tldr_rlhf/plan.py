@@ -125,6 +125,7 @@ def model_shape(path: str, flag: str = "--model.path") -> ModelShape:
         return shape_from_config(json.loads((p / "config.json").read_text()))
     if p.exists():
         raise ConfigError(f"{flag} {path}: no config.json to read the model's shape from")
+    # lazy: `tldr-rlhf plan --help` parses PlanArgs without torch and transformers
     from .checkpoints import _hub_config
 
     cfg = _hub_config(path) or KNOWN_CONFIGS.get(path)
@@ -279,6 +280,7 @@ def estimate_stage(stage: str, cfg: Any, *, device: Literal["cuda", "cpu"] = "cu
         return est
     # RL stages: a frozen reference policy and reward model (none for a text reward: --reward rouge-l),
     # generation, and the trained policy
+    # lazy: `tldr-rlhf plan --help` parses PlanArgs without torch and transformers
     from .rewards import parse_reward, rl_reward_spec
 
     spec, flag = rl_reward_spec(cfg)
@@ -417,6 +419,7 @@ def plan_table(args: PlanArgs, stage_configs: dict[str, Any]) -> tuple[list[str]
 
 def plan(args: PlanArgs) -> list[list[str]]:
     """``tldr-rlhf plan``: print the per-stage table for a pipeline preset; returns its rows."""
+    # lazy: `tldr-rlhf plan --help` parses PlanArgs without torch and transformers
     from .evaluate import markdown_table
     from .pipeline import stage_configs
     from .presets import PIPELINE_PRESETS

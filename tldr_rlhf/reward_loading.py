@@ -29,6 +29,8 @@ from .modeling import (
     write_weights,
 )
 from .precision import master_weights_dtype
+from . import reward_model
+from .reward_model import MODEL_TYPE, RewardModelConfig, ScalarRewardModel
 
 
 def _load_reward_classifier(path: str, *, dtype: torch.dtype) -> nn.Module:
@@ -37,8 +39,6 @@ def _load_reward_classifier(path: str, *, dtype: torch.dtype) -> nn.Module:
     classifiers load as they are), dropout off. Raises ModelLoadError for a missing path or a
     checkpoint that is not a one-output classifier."""
     from transformers import AutoModelForSequenceClassification
-
-    from . import reward_model  # noqa: F401  (registers the tldr_rlhf_reward model type)
 
     check_model_exists(path)
     try:
@@ -67,8 +67,6 @@ def load_reward_checkpoint(path: str, *, dtype: torch.dtype = torch.float32, tok
     through the Auto classes, dropout off, trainable; ``tokenizer`` (optional) supplies its pad and
     EOS ids. Raises ModelLoadError for a missing path or a checkpoint that is not a tldr-rlhf reward
     model (other classifiers load with ``load_frozen_reward_model``)."""
-    from .reward_model import MODEL_TYPE, ScalarRewardModel
-
     model = _load_reward_classifier(path, dtype=dtype)
     if not isinstance(model, ScalarRewardModel):
         raise ModelLoadError(f"'{path}' is a {type(model).__name__}, not a tldr-rlhf reward model (model_type {MODEL_TYPE})")
@@ -82,8 +80,6 @@ def build_reward_model(path: str, *, dtype: torch.dtype = torch.float32, tokeniz
     file; its LM head is dropped) and a fresh head N(0, 1/sqrt(d_model + 1)), bias 0 (N+ detail
     11), dropout off. Raises ModelLoadError for a path that does not load or a model without a
     backbone."""
-    from .reward_model import RewardModelConfig, ScalarRewardModel
-
     lm = load_causal_lm(path, dtype=dtype, tokenizer=tokenizer)
     backbone = lm.base_model
     if backbone is lm:
@@ -100,8 +96,6 @@ def build_reward_model(path: str, *, dtype: torch.dtype = torch.float32, tokeniz
 def is_reward_checkpoint(path: str) -> bool:
     """Whether ``path`` holds a ``tldr_rlhf_reward`` checkpoint (its config's model_type); anything
     unreadable counts as a causal LM path."""
-    from .reward_model import MODEL_TYPE
-
     p = Path(path)
     if p.suffix == ".gguf":
         return False

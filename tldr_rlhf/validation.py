@@ -21,6 +21,7 @@ from typing import Any, Callable
 from .errors import ConfigError
 from .checkpoints import HUB_ID, check_input, require_kind
 from .tracking import check_report_to
+from .rewards import check_reward_spec
 
 # field name -> (rule, what it must be). A field of the same name means the same thing in every stage.
 _Rule = tuple[Callable[[Any], bool], str]
@@ -109,7 +110,6 @@ def _walk(cfg: Any, prefix: tuple[str, ...], check_paths: bool) -> None:
         if f.name == "push_to_hub" and value and not HUB_ID.match(value):
             raise ConfigError(f"{flag(where)} {value}: expected a Hub repo id, NAMESPACE/NAME")
         if f.name in REWARD_FIELDS and isinstance(value, str) and value:  # syntax always; callables and paths with check_paths
-            from .rewards import check_reward_spec
 
             check_reward_spec(value, flag=flag(where), check_paths=check_paths)
         if not check_paths:

@@ -23,6 +23,7 @@ import torch
 from ..config import OptimArgs
 from .checkpointing import load_checkpoint, save_checkpoint
 from .run_dir import RunDir
+from .fsdp import clip_grad_norm, is_sharded
 
 log = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------------------------
@@ -144,8 +145,6 @@ def optimizer_step(model, optimizer, scheduler, accelerator, max_grad_norm: floa
     """One optimizer step: clip the global gradient norm when ``max_grad_norm`` > 0, step, advance the
     lr schedule (``scheduler`` None: the stage steps it itself, as PPO does once per update), clear
     the gradients. Returns the gradient norm before clipping, or None without clipping."""
-    from .fsdp import clip_grad_norm, is_sharded
-
     if max_grad_norm <= 0:
         grad_norm = None
     elif is_sharded(model):
@@ -213,8 +212,6 @@ def params_in_sync(model: torch.nn.Module, accelerator) -> bool:
     """True when every process holds the same weights: a position-weighted float64 checksum of all
     parameters is gathered from each process and compared (one small all-gather). An FSDP-sharded
     model holds one copy of its weights, split over the processes: True."""
-    from .fsdp import is_sharded
-
     if is_sharded(model):
         return True
     total = torch.zeros((), dtype=torch.float64, device=accelerator.device)

@@ -29,7 +29,7 @@ from ..generation import decode_response
 from ..modeling import AdaptersDisabled, apply_lora, count_parameters, enable_gradient_checkpointing, load_causal_lm, load_frozen_reference, load_tokenizer_cached
 from ..reward_loading import load_frozen_reward_model
 from ..precision import frozen_weights_dtype
-from ..rollout import Rollout, ScoreFn
+from ..rollout import Rollout, ScoreFn, plain_sampling_config
 from ..tasks import rl_prompts
 from ..value_model import score_at_last_token
 from .common import make_accelerator, prepare, shard_if_asked, weights_saver
@@ -49,6 +49,7 @@ from .loop import (
 )
 from .lifecycle import finish_run, start_run
 from .run_dir import RunDir
+from ..rewards import load_rl_reward
 
 log = logging.getLogger(__name__)
 _MAX_METRICS = ("ratio_max", "ratio_max_abs_dev")  # metrics kept as a maximum over a minibatch and an update
@@ -92,8 +93,6 @@ def load_rl_models(
     base weights with ``load_in_4bit``, CUDA only) and the reference is the policy itself with its
     adapters disabled (``modeling.AdaptersDisabled``): the SFT weights, no second copy in memory. Raises
     ModelLoadError for a path that does not load."""
-    from ..rollout import plain_sampling_config
-
     policy = load_causal_lm(sft_path, dtype=torch.float32, tokenizer=tokenizer, load_in_4bit=load_in_4bit)
     plain_sampling_config(policy, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     if lora_r > 0:
@@ -268,8 +267,6 @@ def load_rl_models_and_reward(cfg, tokenizer, prompts: list[Prompt], accelerator
     """(policy, reference, ``rewards.RLReward``): ``load_rl_models`` without its reward model (with the
     stage's LoRA / 4-bit settings), and the stage's reward (``--reward``, else the reward model
     ``--rm-path``; ``rewards.load_rl_reward``)."""
-    from ..rewards import load_rl_reward
-
     if getattr(cfg, "reward", "") and cfg.rm_path:
         log.warning("--reward %s is the reward; --rm-path %s is not used", cfg.reward, cfg.rm_path)
     dtype = frozen_weights_dtype(cfg.dtype)
