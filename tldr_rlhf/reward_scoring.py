@@ -7,7 +7,7 @@ results are gathered (``scoring.sharded_scores``).
   forward pass (with ``shared_prompt`` the queries run once and both responses continue from their
   key/value cache: the same scores as full rows);
 * ``score_comparisons``: (N, 2) rewards of preference examples (chosen, rejected);
-* ``score_texts``: (N,) rewards of (query, response) items (the normalization references).
+* ``score_responses``: (N,) rewards of (query, response) items (the normalization references).
 
 Shapes: B pairs of a batch, N examples.
 """
@@ -58,7 +58,7 @@ def score_comparisons(
 
 
 @torch.no_grad()
-def score_texts(model: nn.Module, items: Sequence[ScoredText], *, pad_token_id: int, batch_size: int = 16, accelerator=None, desc: str = "scoring", progress: bool = False) -> torch.Tensor:
+def score_responses(model: nn.Module, items: Sequence[ScoredText], *, pad_token_id: int, batch_size: int = 16, accelerator=None, desc: str = "scoring", progress: bool = False) -> torch.Tensor:
     """Reward of each (query, response): (N,) float32 on CPU (``[left-padded query | right-padded
     response]`` rows, read at each response's EOS)."""
     device = accelerator.device if accelerator is not None else next(model.parameters()).device

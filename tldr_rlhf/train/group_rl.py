@@ -33,7 +33,7 @@ from ..generation import generate_groups
 from ..lm_head import grouped_response_logits
 from ..ops import entropy_from_logits, token_logprobs
 from ..rollout import Rollout, apply_no_eos_penalty, rollout, rollout_stats, score_batch
-from .rl_common import add_micro_metrics, checkpoint_if_due, finish_rl_run, log_update, micro_batches, open_rl_run, rl_accelerator, start_policy_updates, update_passes, update_prompts
+from .rl_common import add_micro_metrics, checkpoint_update_if_due, finish_rl_run, log_update, accumulation_micro_batches, open_rl_run, rl_accelerator, start_policy_updates, update_passes, update_prompts
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ def minibatch_step(model, r: Rollout, adv: torch.Tensor, rows: list[int], cfg: G
         rows = sorted(rows)
     n_tokens, n_seqs = int(r.mask[rows].sum()), len(rows)
     sums: dict[str, float] = defaultdict(float)
-    for idx, sync in micro_batches(rows, cfg.micro_batch_size, accelerator, model):
+    for idx, sync in accumulation_micro_batches(rows, cfg.micro_batch_size, accelerator, model):
         mb = r.select(idx).to(device)
         a = adv[idx].to(device)  # (b,)
         with sync, accelerator.autocast():
@@ -220,5 +220,5 @@ def train(cfg: GroupConfig, name: str, *, advantages: AdvantageFn, loss: LossFn,
         stats.update(extra)
         stats.update({"objective/kl": kl.mean().item(), f"{name}/advantage_abs_mean": adv.abs().mean().item()})
         log_update(rl, update + 1, r, prompts, stats, lr=scheduler.get_last_lr()[0], t0=t0, t_rollout=t_rollout)
-        checkpoint_if_due(rl, update + 1, model, optimizer, scheduler)
+        checkpoint_update_if_due(rl, update + 1, model, optimizer, scheduler)
     return finish_rl_run(rl, accelerator.unwrap_model(model))

@@ -37,7 +37,7 @@ from .loop import (
     Throughput,
     build_optimizer,
     build_scheduler,
-    checkpoint_if_due as loop_checkpoint_if_due,
+    checkpoint_if_due,
     due,
     global_batches,
     optimizer_step,
@@ -316,7 +316,7 @@ def update_prompts(rl: RLRun, update: int) -> list[Prompt]:
     return [rl.prompts[i] for i in mine]
 
 
-def micro_batches(rows: list[int], size: int, accelerator, model: nn.Module) -> Iterator[tuple[list[int], Any]]:
+def accumulation_micro_batches(rows: list[int], size: int, accelerator, model: nn.Module) -> Iterator[tuple[list[int], Any]]:
     """A minibatch's rows in micro-batches of ``size``, each with the context its forward/backward
     runs in: ``no_sync`` (no gradient all-reduce) on all but the last, so that the accumulated
     gradient is reduced once per minibatch."""
@@ -400,10 +400,10 @@ def log_update(rl: RLRun, done: int, r: Rollout, prompts: list[Prompt], stats: d
         rl.run.log_samples(sample_records(done, r, rows, rl.tokenizer, cfg.num_sample_posts))
 
 
-def checkpoint_if_due(rl: RLRun, done: int, model: nn.Module, optimizer, scheduler) -> None:
+def checkpoint_update_if_due(rl: RLRun, done: int, model: nn.Module, optimizer, scheduler) -> None:
     """A checkpoint after update ``done`` every ``save_every`` updates (not after the last: ``final/``
     follows), every process waiting for it."""
-    loop_checkpoint_if_due(rl.run, done, rl.total, rl.cfg.run, rl.accelerator.unwrap_model(model), optimizer, scheduler, rl.accelerator, rl.save_weights)
+    checkpoint_if_due(rl.run, done, rl.total, rl.cfg.run, rl.accelerator.unwrap_model(model), optimizer, scheduler, rl.accelerator, rl.save_weights)
 
 
 def finish_rl_run(rl: RLRun, final_model: nn.Module) -> str:

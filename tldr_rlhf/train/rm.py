@@ -50,7 +50,7 @@ from ..metrics import comparison_metrics
 from ..modeling import count_parameters
 from ..reward_loading import init_reward_model, save_reward_model
 from ..reward_model import ScalarRewardModel, train_top_layers
-from ..reward_scoring import ScoredText, pair_rewards, score_comparisons, score_texts
+from ..reward_scoring import ScoredText, pair_rewards, score_comparisons, score_responses
 from .common import make_accelerator, prepare, shard_if_asked, tokenizer_for, weights_saver
 from .loop import (
     Throughput,
@@ -92,7 +92,7 @@ def normalize_rewards(model: ScalarRewardModel, references: Sequence[ScoredText]
     ``config.normalization`` records {n, mean_before, std_before, source}. Returns that record plus
     ``mean_after`` (the references scored again: 0 up to float rounding). In place."""
     inner = model.module if hasattr(model, "module") else model
-    before = score_texts(model, references, pad_token_id=pad_token_id, batch_size=batch_size, accelerator=accelerator, desc="normalization (references)", progress=progress).double()
+    before = score_responses(model, references, pad_token_id=pad_token_id, batch_size=batch_size, accelerator=accelerator, desc="normalization (references)", progress=progress).double()
     mean, std = before.mean().item(), (before.std().item() if len(before) > 1 else 0.0)
     if hasattr(inner, "reshard"):  # FSDP keeps the root's gathered weights after a forward: back to the shards, which are the weights
         inner.reshard()
@@ -101,7 +101,7 @@ def normalize_rewards(model: ScalarRewardModel, references: Sequence[ScoredText]
     with torch.no_grad():
         local.sub_(torch.tensor([mean], dtype=local.dtype, device=local.device).expand_as(local))
     inner.config.reward_offset = float(inner.config.reward_offset or 0.0) + mean
-    after = score_texts(model, references, pad_token_id=pad_token_id, batch_size=batch_size, accelerator=accelerator, desc="normalization (check)", progress=progress).double()
+    after = score_responses(model, references, pad_token_id=pad_token_id, batch_size=batch_size, accelerator=accelerator, desc="normalization (check)", progress=progress).double()
     record = {"n": len(references), "mean_before": mean, "std_before": std, "mean_after": after.mean().item(), "offset": inner.config.reward_offset, **(source or {})}
     inner.config.normalization = {k: v for k, v in record.items() if k != "mean_after"}
     return record
