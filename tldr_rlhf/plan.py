@@ -338,10 +338,6 @@ class PlanArgs:
     """Stages to plan (default: every training stage of the stage table)."""
 
 
-def _fits(est: StageEstimate, budget: float) -> bool:
-    return est.total <= budget
-
-
 def suggestion(stage: str, cfg: Any, est: StageEstimate, *, budget: float, device: str, world: int, shapes: dict[str, ModelShape]) -> str:
     """The cheapest change (in this order) that brings the stage under ``budget``: a smaller
     micro-batch, activation checkpointing, FSDP on several devices (``--run.fsdp``: the same numbers,

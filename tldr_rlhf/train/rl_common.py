@@ -27,7 +27,6 @@ from ..data.tldr import Prompt
 from ..errors import DataError
 from ..generation import decode_response
 from ..modeling import AdaptersDisabled, apply_lora, count_parameters, enable_gradient_checkpointing, load_causal_lm, load_frozen_reference, load_tokenizer_cached
-from ..reward_loading import load_frozen_reward_model
 from ..precision import frozen_weights_dtype
 from ..rollout import Rollout, ScoreFn, plain_sampling_config
 from ..tasks import rl_prompts
@@ -81,13 +80,13 @@ def reward_score_fn(reward_model: nn.Module, device: torch.device, autocast=None
 
 
 def load_rl_models(
-    sft_path: str, rm_path: str, tokenizer, *, dtype: torch.dtype, device: torch.device, lora_r: int = 0, lora_alpha: int = 32, load_in_4bit: bool = False,
-) -> tuple[nn.Module, nn.Module, nn.Module]:
-    """(policy, reference, reward model) of an RL stage: the trainable policy from the SFT checkpoint
-    in float32 master weights on the CPU (the accelerator moves it), sampling config reset to plain
-    sampling with explicit EOS / pad (N+ detail 19); the frozen reference (same checkpoint) and
-    frozen reward model in ``dtype`` on ``device`` (None when ``rm_path`` is empty), dropout off (N+
-    detail 7). ``dtype`` is ``modeling.frozen_weights_dtype``'s float32: the frozen models run under the
+    sft_path: str, tokenizer, *, dtype: torch.dtype, device: torch.device, lora_r: int = 0, lora_alpha: int = 32, load_in_4bit: bool = False,
+) -> tuple[nn.Module, nn.Module]:
+    """(policy, reference) of an RL stage: the trainable policy from the SFT checkpoint in float32
+    master weights on the CPU (the accelerator moves it), sampling config reset to plain sampling with
+    explicit EOS / pad (N+ detail 19); the frozen reference (same checkpoint) in ``dtype`` on ``device``,
+    dropout off (N+ detail 7); the reward is ``rewards.load_rl_reward``'s. ``dtype`` is
+    ``precision.frozen_weights_dtype``'s float32: the frozen models run under the
     policy's autocast, so under bf16 they compute in its precision regime and the first update has KL 0
     and ratio 1 exactly (tests/test_bf16.py). With ``lora_r`` > 0 the policy gets LoRA adapters (on 4-bit
     base weights with ``load_in_4bit``, CUDA only) and the reference is the policy itself with its
@@ -100,8 +99,7 @@ def load_rl_models(
         ref = AdaptersDisabled(policy)
     else:
         ref = load_frozen_reference(sft_path, tokenizer, dtype=dtype).to(device)
-    reward_model = load_frozen_reward_model(rm_path, dtype=dtype).to(device) if rm_path else None
-    return policy, ref, reward_model
+    return policy, ref
 
 
 def linear_anneal(optimizer: torch.optim.Optimizer, num_updates: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -270,8 +268,8 @@ def load_rl_models_and_reward(cfg, tokenizer, prompts: list[Prompt], accelerator
     if getattr(cfg, "reward", "") and cfg.rm_path:
         log.warning("--reward %s is the reward; --rm-path %s is not used", cfg.reward, cfg.rm_path)
     dtype = frozen_weights_dtype(cfg.dtype)
-    policy, ref, _ = load_rl_models(
-        cfg.sft_path, "", tokenizer, dtype=dtype, device=accelerator.device,
+    policy, ref = load_rl_models(
+        cfg.sft_path, tokenizer, dtype=dtype, device=accelerator.device,
         lora_r=getattr(cfg, "lora_r", 0), lora_alpha=getattr(cfg, "lora_alpha", 32), load_in_4bit=getattr(cfg, "load_in_4bit", False),
     )
     reward = load_rl_reward(cfg, tokenizer, prompts, dtype=dtype, device=accelerator.device, autocast=accelerator.autocast)
