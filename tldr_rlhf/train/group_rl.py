@@ -22,11 +22,11 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 
-from ..config import GRPOConfig, RLOOConfig
+from ..config import OptimArgs, RunArgs
 from ..losses import kl_estimate
 from ..data.batching import QueryResponseBatch, collate_query_response
 from ..generation import generate_groups
@@ -37,7 +37,31 @@ from .rl_common import add_micro_metrics, checkpoint_update_if_due, finish_rl_ru
 
 log = logging.getLogger(__name__)
 
-GroupConfig = GRPOConfig | RLOOConfig
+
+
+class GroupConfig(Protocol):
+    """The fields of a stage config that this loop reads, declared (``config.GRPOConfig`` and
+    ``config.RLOOConfig`` have every one): a new group algorithm's config is checked against this list,
+    not against defaults hidden in ``getattr`` calls."""
+
+    group_size: int
+    temperature: float
+    response_length: int
+    forward_batch_size: int
+    micro_batch_size: int
+    rollout_prompts: int
+    update_per_rollout: int
+    no_eos_penalty: float | None
+    shared_prompt: bool
+    optim: OptimArgs
+    run: RunArgs
+
+    def num_updates(self) -> int: ...
+
+    def local_prompts(self, world_size: int = 1) -> int: ...
+
+    def local_mini_batch_size(self, world_size: int = 1) -> int: ...
+
 SampleFn = Callable[..., tuple[Rollout, dict[str, float]]]
 """``sample(policy, ref, score_fn, queries, cfg, *, eos, pad, generator) -> (rollout of B = len(queries) x G rows, metrics)``."""
 AdvantageFn = Callable[[Rollout, GroupConfig], tuple[torch.Tensor, dict[str, float]]]
@@ -55,7 +79,7 @@ def group_rollout(policy, ref, score_fn, queries: list[list[int]], cfg: GroupCon
     give the split of the time (``perf/generation_time_s``, ``perf/scoring_time_s``); without it,
     ``rollout.rollout`` over the repeated queries and no extra metrics. ``generator`` is unused:
     sampling draws from the global RNG."""
-    if getattr(cfg, "shared_prompt", False):
+    if getattr(cfg, "shared_prompt", False):  # online DPO samples its pairs here and has no shared_prompt field
         return shared_group_rollout(policy, ref, score_fn, queries, cfg, eos=eos, pad=pad)
     grouped = [q for q in queries for _ in range(cfg.group_size)]
     common = dict(eos_token_id=eos, pad_token_id=pad, response_length=cfg.response_length, batch_size=cfg.forward_batch_size)
@@ -156,7 +180,7 @@ def minibatch_step(model, r: Rollout, adv: torch.Tensor, rows: list[int], cfg: G
     not step the optimizer. Returns its metrics (``loss/policy``, ``{prefix}/...`` weighted by each
     micro-batch's share of the sequences)."""
     device = accelerator.device
-    if getattr(cfg, "shared_prompt", False):
+    if cfg.shared_prompt:
         # the minibatch's rows in group order (rollout rows are group-contiguous): its micro-batches then
         # hold whole groups, or parts of one, and run each query once; the minibatch gradient is the same sum
         rows = sorted(rows)
@@ -167,7 +191,7 @@ def minibatch_step(model, r: Rollout, adv: torch.Tensor, rows: list[int], cfg: G
         a = adv[idx].to(device)  # (b,)
         with sync, accelerator.autocast():
             # each distinct query of the micro-batch once (a whole group or part of one), unless shared_prompt is off
-            logits = grouped_response_logits(model, mb.batch, shared_prompt=getattr(cfg, "shared_prompt", False))
+            logits = grouped_response_logits(model, mb.batch, shared_prompt=cfg.shared_prompt)
             new_lp = token_logprobs(logits, mb.batch.responses, cfg.temperature)  # (b, T)
             loss, m = loss_fn(new_lp, mb, a, cfg, num_tokens=n_tokens, num_sequences=n_seqs)
             accelerator.backward(loss)
