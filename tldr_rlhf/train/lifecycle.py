@@ -1,7 +1,7 @@
 """A training run's lifecycle around its run folder, the same for every stage:
 
 * ``start_run``: validate the config (ConfigError before anything on disk is touched) -> the memory
-  preflight on CUDA (``plan.preflight``: a stage that cannot fit stops here) -> open the run folder
+  preflight on CUDA (``memory.preflight``: a stage that cannot fit stops here) -> open the run folder
   (``RunDir``) -> start the ``--run.report-to`` trackers -> the checkpoint to resume from (a resume must
   use the same config), and the resolved config written;
 * ``finish_run``: write ``final/`` (weights, then the model card, then the completeness marker) -> end
@@ -20,7 +20,7 @@ from typing import Any, Callable
 from ..cards import CARD, model_card, push_folder
 from ..config import to_dict
 from ..errors import TldrRlhfError
-from ..plan import preflight
+from ..memory import preflight
 from ..stages import STAGES
 from ..tracking import Trackers
 from ..validation import validate_config
@@ -38,7 +38,7 @@ def start_run(cfg: Any, *, is_main: bool = True) -> tuple[RunDir, Path | None]:
     """Open ``cfg.run.output_dir`` for a stage config with a ``run: RunArgs`` field: returns the run
     folder and the checkpoint to resume from (None for a fresh start). Every config value and input
     path is checked first (ConfigError), before anything on disk is touched; on CUDA the memory plan
-    runs next (``plan.preflight``, ConfigError when it cannot fit). A resume must use the same config
+    runs next (``memory.preflight``, ConfigError when it cannot fit). A resume must use the same config
     outside ``run`` (RunDirError otherwise); the resolved config is then written. A fresh start drops
     the metrics and samples of an earlier attempt that never reached a checkpoint."""
     validate_config(cfg)
