@@ -31,8 +31,7 @@ log = logging.getLogger(__name__)
 
 CARD = "README.md"
 
-# BibTeX entries by key: every card cites the first two, a stage's row (``stages.Stage.citations``) names its own
-_CITED_ALWAYS = ("stiennon2020learning", "huang2024nplus")
+# The BibTeX entries every card cites; a stage's row adds its own (``stages.Stage.citations``)
 BIBTEX = {
     "stiennon2020learning": """@inproceedings{stiennon2020learning,
   title={Learning to summarize from human feedback},
@@ -44,36 +43,6 @@ BIBTEX = {
   title={The N+ Implementation Details of RLHF with PPO: A Case Study on TL;DR Summarization},
   author={Huang, Shengyi and Noukhovitch, Michael and Hosseini, Arian and Rasul, Kashif and Wang, Weixun and Tunstall, Lewis},
   journal={arXiv preprint arXiv:2403.17031},
-  year={2024}
-}""",
-    "rafailov2023direct": """@inproceedings{rafailov2023direct,
-  title={Direct Preference Optimization: Your Language Model is Secretly a Reward Model},
-  author={Rafailov, Rafael and Sharma, Archit and Mitchell, Eric and Ermon, Stefano and Manning, Christopher D. and Finn, Chelsea},
-  booktitle={NeurIPS},
-  year={2023}
-}""",
-    "schulman2017proximal": """@article{schulman2017proximal,
-  title={Proximal Policy Optimization Algorithms},
-  author={Schulman, John and Wolski, Filip and Dhariwal, Prafulla and Radford, Alec and Klimov, Oleg},
-  journal={arXiv preprint arXiv:1707.06347},
-  year={2017}
-}""",
-    "shao2024deepseekmath": """@article{shao2024deepseekmath,
-  title={DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open Language Models},
-  author={Shao, Zhihong and Wang, Peiyi and Zhu, Qihao and Xu, Runxin and Song, Junxiao and Zhang, Mingchuan and Li, Y. K. and Wu, Y. and Guo, Daya},
-  journal={arXiv preprint arXiv:2402.03300},
-  year={2024}
-}""",
-    "guo2024direct": """@article{guo2024direct,
-  title={Direct Language Model Alignment from Online AI Feedback},
-  author={Guo, Shangmin and Zhang, Biao and Liu, Tianlin and Liu, Tianqi and Khalman, Misha and Llinares, Felipe and Rame, Alexandre and Mesnard, Thomas and Zhao, Yao and Piot, Bilal and Ferret, Johan and Blondel, Mathieu},
-  journal={arXiv preprint arXiv:2402.04792},
-  year={2024}
-}""",
-    "ahmadian2024back": """@inproceedings{ahmadian2024back,
-  title={Back to Basics: Revisiting REINFORCE Style Optimization for Learning from Human Feedback in LLMs},
-  author={Ahmadian, Arash and Cremer, Chris and Gall{\\'e}, Matthias and Fadaee, Marzieh and Kreutzer, Julia and Pietquin, Olivier and {\\"U}st{\\"u}n, Ahmet and Hooker, Sara},
-  booktitle={ACL},
   year={2024}
 }""",
 }
@@ -258,8 +227,8 @@ def model_card(run_path: Path, final: Path, *, stage: str, step: int) -> str:
         lines += [f"| {k} | {json.dumps(v) if not isinstance(v, str) else v} |" for k, v in settings]
         lines += ["", f"The run's whole config is in `config.json` of its run folder (`tldr-rlhf {stage} --config config.json` repeats it).", ""]
     lines.append(_reward_section(Path(final)) if is_rm else _policy_section(task))
-    cites = (*_CITED_ALWAYS, *(row.citations if row else ()))
-    lines += ["## Citations", "", "```bibtex", "\n\n".join(BIBTEX[c] for c in cites), "```", ""]
+    cites = (*BIBTEX.values(), *(row.citations if row else ()))
+    lines += ["## Citations", "", "```bibtex", "\n\n".join(cites), "```", ""]
     return "---\n" + card_data.to_yaml() + "\n---\n\n" + "\n".join(lines)
 
 

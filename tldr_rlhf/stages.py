@@ -67,8 +67,8 @@ class Stage:
     title: str = ""
     """What its final/ holds, the model card's title ("PPO-trained TL;DR policy"; TL;DR becomes the task)."""
     citations: tuple[str, ...] = ()
-    """BibTeX keys of the papers the model card cites besides the two every card cites
-    (``cards.BIBTEX`` holds the entries)."""
+    """BibTeX entries of the papers the model card cites besides the two every card cites
+    (``cards.BIBTEX``)."""
     card_metrics: tuple[tuple[str, str], ...] = ()
     """(metrics.jsonl key, what the model card calls it): the card's "Metrics of the run" table."""
     card_settings: tuple[str, ...] = ()
@@ -105,6 +105,37 @@ class Stage:
 
 
 _RL_INPUTS = ("sft", "rm")
+# BibTeX entries the model cards cite (each row's ``citations``)
+_RAFAILOV2023DIRECT = """@inproceedings{rafailov2023direct,
+  title={Direct Preference Optimization: Your Language Model is Secretly a Reward Model},
+  author={Rafailov, Rafael and Sharma, Archit and Mitchell, Eric and Ermon, Stefano and Manning, Christopher D. and Finn, Chelsea},
+  booktitle={NeurIPS},
+  year={2023}
+}"""
+_SCHULMAN2017PROXIMAL = """@article{schulman2017proximal,
+  title={Proximal Policy Optimization Algorithms},
+  author={Schulman, John and Wolski, Filip and Dhariwal, Prafulla and Radford, Alec and Klimov, Oleg},
+  journal={arXiv preprint arXiv:1707.06347},
+  year={2017}
+}"""
+_SHAO2024DEEPSEEKMATH = """@article{shao2024deepseekmath,
+  title={DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open Language Models},
+  author={Shao, Zhihong and Wang, Peiyi and Zhu, Qihao and Xu, Runxin and Song, Junxiao and Zhang, Mingchuan and Li, Y. K. and Wu, Y. and Guo, Daya},
+  journal={arXiv preprint arXiv:2402.03300},
+  year={2024}
+}"""
+_GUO2024DIRECT = """@article{guo2024direct,
+  title={Direct Language Model Alignment from Online AI Feedback},
+  author={Guo, Shangmin and Zhang, Biao and Liu, Tianlin and Liu, Tianqi and Khalman, Misha and Llinares, Felipe and Rame, Alexandre and Mesnard, Thomas and Zhao, Yao and Piot, Bilal and Ferret, Johan and Blondel, Mathieu},
+  journal={arXiv preprint arXiv:2402.04792},
+  year={2024}
+}"""
+_AHMADIAN2024BACK = """@inproceedings{ahmadian2024back,
+  title={Back to Basics: Revisiting REINFORCE Style Optimization for Learning from Human Feedback in LLMs},
+  author={Ahmadian, Arash and Cremer, Chris and Gall{\\'e}, Matthias and Fadaee, Marzieh and Kreutzer, Julia and Pietquin, Olivier and {\\"U}st{\\"u}n, Ahmet and Hooker, Sara},
+  booktitle={ACL},
+  year={2024}
+}"""
 _BASE_SETTINGS = ("epochs", "micro_batch_size", "gradient_accumulation_steps")
 _RL_SETTINGS = ("total_episodes", "group_size", "kl_coef", "response_length", "temperature")
 _RL_METRICS = (("objective/scores", "reward-model score (last update)"), ("objective/kl", "KL to the reference (last update)"))
@@ -138,7 +169,7 @@ STAGES: tuple[Stage, ...] = (
         "dpo", "direct preference optimization from an SFT policy (DPO / cDPO / IPO)",
         "tldr_rlhf.config:DPOConfig", "tldr_rlhf.train.dpo:train", "tldr_rlhf.presets:DPO_PRESETS",
         pipeline=True, inputs=("sft",), train=True, policy=True,
-        family="preference", title="DPO-trained TL;DR policy", citations=("rafailov2023direct",),
+        family="preference", title="DPO-trained TL;DR policy", citations=(_RAFAILOV2023DIRECT,),
         card_metrics=(("loss/dpo", "training loss (last step)"), ("rewards/accuracy", "implicit-reward accuracy (last step)"), ("valid/implicit_reward_accuracy", "held-out implicit-reward accuracy")),
         card_settings=("loss_type", "beta", "label_smoothing", "epochs"),
         curves=("loss/dpo", "rewards/accuracy", "rewards/margin", "valid/implicit_reward_accuracy"), plan_kind="preference",
@@ -147,7 +178,7 @@ STAGES: tuple[Stage, ...] = (
         "ppo", "PPO from an SFT policy against a reward model (N+ details 16-23)",
         "tldr_rlhf.config:PPOConfig", "tldr_rlhf.train.ppo:train", "tldr_rlhf.presets:PPO_PRESETS",
         pipeline=True, inputs=_RL_INPUTS, train=True, policy=True,
-        family="rl", title="PPO-trained TL;DR policy", citations=("schulman2017proximal",),
+        family="rl", title="PPO-trained TL;DR policy", citations=(_SCHULMAN2017PROXIMAL,),
         card_metrics=(*_RL_METRICS, ("objective/rlhf_reward", "score - KL penalty (last update)"), _LENGTH),
         card_settings=("total_episodes", "kl_coef", "response_length", "temperature", "ppo_epochs", "num_mini_batches", "gamma", "lam"),
         curves=("objective/scores", "objective/kl", "objective/rlhf_reward", "loss/policy", "loss/value", "objective/response_length"), plan_kind="actor-critic",
@@ -156,21 +187,21 @@ STAGES: tuple[Stage, ...] = (
         "grpo", "GRPO / Dr. GRPO from an SFT policy against a reward model (N+ details 24-25)",
         "tldr_rlhf.config:GRPOConfig", "tldr_rlhf.train.grpo:train", "tldr_rlhf.presets:GRPO_PRESETS",
         pipeline=True, inputs=_RL_INPUTS, train=True, policy=True,
-        family="rl", title="GRPO-trained TL;DR policy", citations=("shao2024deepseekmath",),
+        family="rl", title="GRPO-trained TL;DR policy", citations=(_SHAO2024DEEPSEEKMATH,),
         card_metrics=(*_RL_METRICS, _LENGTH), card_settings=(*_RL_SETTINGS, "loss_type"), curves=_RL_CURVES, plan_kind="group",
     ),
     Stage(
         "rloo", "RLOO (REINFORCE leave-one-out) from an SFT policy against a reward model",
         "tldr_rlhf.config:RLOOConfig", "tldr_rlhf.train.rloo:train", "tldr_rlhf.presets:RLOO_PRESETS",
         pipeline=True, optional=True, inputs=_RL_INPUTS, train=True, policy=True,
-        family="rl", title="RLOO-trained TL;DR policy", citations=("ahmadian2024back",),
+        family="rl", title="RLOO-trained TL;DR policy", citations=(_AHMADIAN2024BACK,),
         card_metrics=(*_RL_METRICS, _LENGTH), card_settings=_RL_SETTINGS, curves=_RL_CURVES, plan_kind="group",
     ),
     Stage(
         "online-dpo", "online DPO: pairs sampled from the policy, labelled by a reward (--reward / --rm-path), DPO against the SFT reference",
         "tldr_rlhf.config:OnlineDPOConfig", "tldr_rlhf.train.online_dpo:train", "tldr_rlhf.presets:ONLINE_DPO_PRESETS",
         pipeline=True, optional=True, inputs=_RL_INPUTS, train=True, policy=True,
-        family="rl", title="online-DPO-trained TL;DR policy", citations=("rafailov2023direct", "guo2024direct"),
+        family="rl", title="online-DPO-trained TL;DR policy", citations=(_RAFAILOV2023DIRECT, _GUO2024DIRECT),
         card_metrics=(("objective/scores", "reward (last update)"), ("objective/kl", "KL to the reference (last update)"), ("loss/policy", "DPO loss (last update)")),
         card_settings=("total_episodes", "beta", "loss_type", "kl_coef", "response_length", "temperature"),
         curves=("objective/scores", "objective/kl", "loss/policy", "online_dpo/tied_pairs", "online_dpo/reward_margin", "objective/response_length"), plan_kind="group",
