@@ -1,5 +1,4 @@
-"""The loop GRPO and RLOO share: several responses per prompt, one advantage per sequence, no value
-model. A stage hands ``train`` its rollout, its advantage function and its loss; nothing here knows
+"""The loop GRPO, RLOO and REINFORCE++ share: several responses per prompt, no value model. A stage hands ``train`` its rollout, its advantage function and its loss; nothing here knows
 which algorithm runs.
 
 Shapes: B sequences of a rollout (prompts x G, rows ``[q0] * G + [q1] * G + ...``), G responses per
@@ -8,7 +7,7 @@ prompt (group size), P query tokens, T response tokens; b sequences of a micro-b
 Each rollout:
 
 1. ``sample``: G responses per prompt and their scores, policy and reference log-probs (B, T);
-2. ``advantages``: one advantage per sequence, (B,);
+2. ``advantages``: one per sequence (B,) or one per response token (B, T), as the stage's loss reads them;
 3. ``update_per_rollout`` passes over the rollout in shuffled minibatches of ``mini_batch_size``
    sequences, each one optimizer step (gradient clipping, the cosine-with-warmup schedule stepped per
    optimizer step) over micro-batches whose ``loss`` is normalized by the minibatch's real tokens and
@@ -65,9 +64,9 @@ class GroupConfig(Protocol):
 SampleFn = Callable[..., tuple[Rollout, dict[str, float]]]
 """``sample(policy, ref, score_fn, queries, cfg, *, eos, pad, generator) -> (rollout of B = len(queries) x G rows, metrics)``."""
 AdvantageFn = Callable[[Rollout, GroupConfig], tuple[torch.Tensor, dict[str, float]]]
-"""``advantages(rollout, cfg) -> ((B,) one advantage per sequence, metrics)``."""
+"""``advantages(rollout, cfg) -> ((B,) one advantage per sequence or (B, T) one per response token, metrics)``."""
 LossFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
-"""``loss(new_logprobs (b, T), micro_batch, advantages (b,), cfg, *, num_tokens, num_sequences) -> (loss, metrics)``
+"""``loss(new_logprobs (b, T), micro_batch, advantages (b,) or (b, T), cfg, *, num_tokens, num_sequences) -> (loss, metrics)``
 of one micro-batch, normalized by the minibatch's ``num_tokens`` real tokens and ``num_sequences``
 sequences."""
 
@@ -188,7 +187,7 @@ def minibatch_step(model, r: Rollout, adv: torch.Tensor, rows: list[int], cfg: G
     sums: dict[str, float] = defaultdict(float)
     for idx, sync in accumulation_micro_batches(rows, cfg.micro_batch_size, accelerator, model):
         mb = r.select(idx).to(device)
-        a = adv[idx].to(device)  # (b,)
+        a = adv[idx].to(device)  # (b,) or (b, T)
         with sync, accelerator.autocast():
             # each distinct query of the micro-batch once (a whole group or part of one), unless shared_prompt is off
             logits = grouped_response_logits(model, mb.batch, shared_prompt=cfg.shared_prompt)
@@ -229,7 +228,7 @@ def train(cfg: GroupConfig, name: str, *, advantages: AdvantageFn, loss: LossFn,
         with accelerator.autocast():
             r, extra = sample(accelerator.unwrap_model(model), rl.ref, score_fn, [p.query_ids for p in prompts], cfg, eos=eos, pad=pad, generator=rs_gen)
         t_rollout = time.perf_counter() - t0
-        # 2. one advantage per sequence, (B,)
+        # 2. the advantages: (B,) per sequence or (B, T) per token
         adv, adv_metrics = advantages(r, cfg)
         # 3. passes over the rollout, one optimizer step per minibatch
         stats = update_passes(
