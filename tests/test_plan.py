@@ -124,7 +124,7 @@ def test_plan_command_for_the_seed_setup_offline(capsys):
     assert lines[0].startswith("| stage | weights | gradients | optimizer | activations | kv_cache | frozen | overhead | total | fits |")
     rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in lines[1:]}
     # every training row of the stage table, online DPO included (wired to the pipeline's SFT and RM like the others)
-    assert set(rows) == {"sft", "rm", "dpo", "ppo", "grpo", "rloo", "online-dpo"}
+    assert set(rows) == {"sft", "rm", "dpo", "ppo", "grpo", "rloo", "online-dpo", "reinforce-pp"}
     # PPO with N+'s plain AdamW: policy 0.494B + value 1.544B params, float32 master weights: 7.6 GiB
     assert rows["ppo"][1] == f"{(494_032_768 + 1_543_714_304) * 4 / GIB:.1f}" == "7.6"
     assert main(["plan", "--preset", "seed", "--gpu-memory-gb", "16"]) == 0

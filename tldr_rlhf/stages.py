@@ -130,6 +130,12 @@ _GUO2024DIRECT = """@article{guo2024direct,
   journal={arXiv preprint arXiv:2402.04792},
   year={2024}
 }"""
+_HU2025REINFORCE = """@article{hu2025reinforce,
+  title={REINFORCE++: A Simple and Efficient Approach for Aligning Large Language Models},
+  author={Hu, Jian},
+  journal={arXiv preprint arXiv:2501.03262},
+  year={2025}
+}"""
 _AHMADIAN2024BACK = """@inproceedings{ahmadian2024back,
   title={Back to Basics: Revisiting REINFORCE Style Optimization for Learning from Human Feedback in LLMs},
   author={Ahmadian, Arash and Cremer, Chris and Gall{\\'e}, Matthias and Fadaee, Marzieh and Kreutzer, Julia and Pietquin, Olivier and {\\"U}st{\\"u}n, Ahmet and Hooker, Sara},
@@ -205,6 +211,13 @@ STAGES: tuple[Stage, ...] = (
         card_metrics=(("objective/scores", "reward (last update)"), ("objective/kl", "KL to the reference (last update)"), ("loss/policy", "DPO loss (last update)")),
         card_settings=("total_episodes", "beta", "loss_type", "kl_coef", "response_length", "temperature"),
         curves=("objective/scores", "objective/kl", "loss/policy", "online_dpo/tied_pairs", "online_dpo/reward_margin", "objective/response_length"), plan_kind="group",
+    ),
+    Stage(
+        "reinforce-pp", "REINFORCE++: per-token KL-penalized returns whitened over the batch, PPO's clipped loss, no critic",
+        "tldr_rlhf.config.rl:ReinforcePPConfig", "tldr_rlhf.train.reinforce_pp:train", "tldr_rlhf.presets:REINFORCE_PP_PRESETS",
+        pipeline=True, optional=True, inputs=_RL_INPUTS, train=True, policy=True,
+        family="rl", title="REINFORCE++-trained TL;DR policy", citations=(_HU2025REINFORCE,),
+        card_metrics=(*_RL_METRICS, _LENGTH), card_settings=(*_RL_SETTINGS, "gamma", "clip_range"), curves=_RL_CURVES, plan_kind="group",
     ),
     Stage("generate", "summarize posts with a checkpoint", "tldr_rlhf.cli:GenerateArgs", "tldr_rlhf.cli:run_generate"),
     Stage("stats", "token-length statistics of queries and responses", "tldr_rlhf.cli:StatsArgs", "tldr_rlhf.cli:run_stats"),

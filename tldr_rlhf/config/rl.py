@@ -267,3 +267,27 @@ class OnlineDPOConfig(_RLConfig):
     def optimizer_steps(self, world_size: int = 1) -> int:
         """Optimizer steps in the whole run (the schedule's length)."""
         return self.num_updates() * self.update_per_rollout * (self.local_prompts(world_size) // self.local_mini_batch_size(world_size))
+
+
+@dataclass(frozen=True)
+class ReinforcePPConfig(_GroupRLConfig):
+    """REINFORCE++ (Hu et al. 2025) from an SFT policy against a reward model: per-token KL-penalized
+    rewards, their discounted return whitened over the batch (no critic, no group baseline), PPO's
+    clipped loss."""
+
+    rollout_prompts: int = 64
+    """Prompts per rollout over all processes; each gets group_size responses."""
+    group_size: int = 2
+    """Responses per prompt (REINFORCE++ uses no group baseline: more responses are more samples)."""
+    mini_batch_size: int = 64
+    """Sequences per optimizer step over all processes."""
+    update_per_rollout: int = 1
+    """Passes over each rollout batch (PPO-style epochs; the ratio is clipped)."""
+    kl_coef: float = 0.05
+    """KL penalty coefficient in the per-token reward: r_t = -kl_coef * KL_t (+ the score at the EOS)."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    """Per-token KL estimator in the reward."""
+    gamma: float = 1.0
+    """Discount of the per-token return (1 = the undiscounted return of the paper)."""
+    clip_range: float = 0.2
+    """PPO clip of the per-token ratio."""

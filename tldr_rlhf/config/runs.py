@@ -14,7 +14,7 @@ from tyro.conf import Positional
 
 from ..stages import DEFAULT_PIPELINE_STAGES
 from .parts import SHARED, JudgeArgs, PreferenceDataArgs, TldrDataArgs, _rm_data
-from .rl import GRPOConfig, OnlineDPOConfig, PPOConfig, RLOOConfig
+from .rl import GRPOConfig, OnlineDPOConfig, PPOConfig, ReinforcePPConfig, RLOOConfig
 from .supervised import DPOConfig, RMConfig, SFTConfig
 
 
@@ -203,7 +203,7 @@ class PipelineConfig:
     run_dir: str = "runs/pipeline"
     """Run folder: one subfolder per stage, pipeline.json (stage status and seconds), report/."""
     stages: tuple[str, ...] = DEFAULT_PIPELINE_STAGES
-    """Stages to run, in pipeline order (also available: rloo, online-dpo, gold)."""
+    """Stages to run, in pipeline order (also available: rloo, online-dpo, reinforce-pp, gold)."""
     rerun: tuple[str, ...] = ()
     """Stages to run again from scratch although their output exists (later stages are not redone)."""
     base_model: str = ""
@@ -227,6 +227,8 @@ class PipelineConfig:
     online_dpo: OnlineDPOConfig = field(default_factory=OnlineDPOConfig)
     """Online DPO (the optional stage online-dpo): against the reward model, or against its own
     `reward` when set (then it needs no rm stage)."""
+    reinforce_pp: ReinforcePPConfig = field(default_factory=ReinforcePPConfig)
+    """REINFORCE++ (the optional stage reinforce-pp)."""
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     """Evaluation settings; its policies, paths, data (the SFT stage's held-out split) and output
     folder are set by the pipeline."""
