@@ -119,9 +119,9 @@ def import_graph() -> dict[str, dict[str, int]]:
     return graph
 
 
-def import_cycles() -> list[list[str]]:
-    """The strongly connected components of the import graph with more than one module (Tarjan)."""
-    graph = import_graph()
+def strongly_connected(graph: dict[str, dict[str, int] | set[str]]) -> list[list[str]]:
+    """The strongly connected components of ``graph`` (node -> the nodes it imports) with more than one
+    node, each sorted (Tarjan)."""
     index: dict[str, int] = {}
     low: dict[str, int] = {}
     stack: list[str] = []
@@ -132,7 +132,7 @@ def import_cycles() -> list[list[str]]:
         index[v] = low[v] = len(index)
         stack.append(v)
         on_stack.add(v)
-        for w in graph.get(v, {}):
+        for w in graph.get(v, ()):
             if w not in index:
                 visit(w)
                 low[v] = min(low[v], low[w])
@@ -154,6 +154,11 @@ def import_cycles() -> list[list[str]]:
         if v not in index:
             visit(v)
     return out
+
+
+def import_cycles() -> list[list[str]]:
+    """The import cycles between the package's modules (function-level imports included)."""
+    return strongly_connected(import_graph())
 
 
 def library_train_imports() -> list[str]:
@@ -266,11 +271,13 @@ def test_trainable_stage_rows_carry_every_fact():
     assert not missing_row_facts(), missing_row_facts()
 
 
-def test_checker_sees_a_cycle_and_a_long_function(tmp_path):
-    """The checker itself: the AST helpers find what they are meant to (a self-check of the analysis on the
-    real tree's known shapes): the package imports its stage table, and the table is found."""
-    graph = import_graph()
-    assert "tldr_rlhf.stages" in graph["tldr_rlhf.cli"]
+def test_checker_sees_a_cycle_and_reads_the_tree():
+    """The checker itself: a two-module circle and a three-module one are found, a chain is not; the
+    package's own graph has the edges it must (cli imports the stage table) and the stage names are read."""
+    assert strongly_connected({"a": {"b"}, "b": {"a"}, "c": {"a"}}) == [["a", "b"]]
+    assert strongly_connected({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == [["a", "b", "c"]]
+    assert strongly_connected({"a": {"b"}, "b": {"c"}, "c": set()}) == []
+    assert "tldr_rlhf.stages" in import_graph()["tldr_rlhf.cli"]
     assert {"sft", "rm", "ppo"} <= stage_names()
 
 
