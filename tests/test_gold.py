@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tldr_rlhf import generation, gold, rollout
+from tldr_rlhf import generation, gold, rollout, summaries
 from tldr_rlhf.config import EvaluateConfig, GoldConfig, OnlineDPOConfig, OptimArgs, PreferenceDataArgs, RewardNormArgs, RMConfig, ModelArgs, RunArgs, TldrDataArgs
 from tldr_rlhf.data.tldr import Post
 from tldr_rlhf.errors import DataError
@@ -129,6 +129,7 @@ def short_eos_responses(monkeypatch):
 
     monkeypatch.setattr(generation, "generate", generate)
     monkeypatch.setattr(rollout, "generate", generate)
+    monkeypatch.setattr(summaries, "generate", generate)  # evaluation and the proxy pairs sample through summaries
     import tldr_rlhf.train.group_rl as group_rl
 
     if hasattr(group_rl, "generate_groups"):
