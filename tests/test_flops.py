@@ -192,3 +192,21 @@ def test_rl_update_flops_of_each_stage_from_its_run(shape):
     values = batch_forward_flops(shape, batch.attention_mask, batch.query_width, head="values")
     ppo = SimpleNamespace(cfg=SimpleNamespace(shared_prompt=True, ppo_epochs=2, update_per_rollout=7), group=1, policy=model, reward_model=None, value=model)
     assert update_flops(ppo, r) == pytest.approx(3 * lm + 2 * 3 * lm + values + 2 * 3 * values)
+
+
+def test_reinforce_pp_update_flops_from_its_config(shape):
+    """REINFORCE++ goes through the group loop's ``log_update``: with its own config (shared prompt on,
+    no value model) an update counts each group's query once, generation + policy and reference
+    log-probs + ``update_per_rollout`` training passes of 3 forwards each."""
+    from types import SimpleNamespace
+
+    from tldr_rlhf.config.rl import ReinforcePPConfig
+    from tldr_rlhf.train.rl_common import update_flops
+
+    model = tiny_qwen2()
+    batch = collate_query_response([[1, 2, 3, 4, 5]] * 2, [[6, 7, 2], [8, 2]], 2)
+    cfg = ReinforcePPConfig(update_per_rollout=3)
+    assert cfg.shared_prompt
+    rl = SimpleNamespace(cfg=cfg, group=2, policy=model, reward_model=None, value=None)
+    lm_shared = batch_forward_flops(shape, batch.attention_mask, batch.query_width, group_size=2)
+    assert update_flops(rl, SimpleNamespace(batch=batch)) == 3 * lm_shared + 3 * 3 * lm_shared

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..ops import token_logprobs
 from .batching import QueryResponseBatch
 
 
@@ -131,8 +132,6 @@ def packed_response_logprobs(model: nn.Module, batch: QueryResponseBatch, *, tem
     batch: (B, T) float32 in the padded response layout, 0 at padding (mask with
     ``batch.response_mask``). Equal to ``ops.token_logprobs(modeling.response_logits(...))`` at the
     real tokens up to float rounding (different kernels, same math)."""
-    from ..ops import token_logprobs
-
     packed = pack_query_response(batch)
     with segment_attention(model):
         logits = model(input_ids=packed.input_ids, position_ids=packed.position_ids, logits_to_keep=packed.predict_at, use_cache=False).logits[0]
