@@ -121,3 +121,27 @@ def test_activation_checkpointing_keeps_the_padded_path(monkeypatch):
     model.train()
     lp, mask = sft.target_logprobs(model, _batch(), False, padding_free=True)
     assert lp.shape == mask.shape == (3, 3)
+
+
+@pytest.mark.parametrize("padding_free, packed_calls", [(True, 2), (False, 0)])
+def test_sft_training_steps_take_the_packed_forward_by_default(tiny_model_dir, tmp_path, monkeypatch, padding_free, packed_calls):
+    """``sft.train``'s optimizer steps (``accumulate_gradients``) reach the packed forward once per
+    micro-batch with the default config (2 steps x 1 micro-batch) and never under --no-padding-free."""
+    from conftest import POSTS
+
+    from tldr_rlhf.config import ModelArgs, OptimArgs, RunArgs, SFTConfig, TldrDataArgs
+    from tldr_rlhf.train import sft
+
+    calls = []
+    real = sft.packed_response_logprobs
+    monkeypatch.setattr(sft, "packed_response_logprobs", lambda model, batch: calls.append(batch) or real(model, batch))
+    cfg = SFTConfig(
+        model=ModelArgs(path=str(tiny_model_dir)),
+        data=TldrDataArgs(train=str(POSTS), max_query_length=96, limit=8, valid_limit=2, valid_fraction=0.01),
+        optim=OptimArgs(lr=1e-3, warmup_steps=1, decay_steps=0),
+        run=RunArgs(output_dir=str(tmp_path / "run"), progress=False, eval_every=0, save_every=0, max_steps=2, peak_tflops=1.7),
+        micro_batch_size=2, gradient_accumulation_steps=1, num_sample_posts=0, padding_free=padding_free,
+    )
+    assert SFTConfig().padding_free
+    sft.train(cfg)
+    assert len(calls) == packed_calls
