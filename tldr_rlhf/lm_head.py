@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .data.batching import QueryResponseBatch
-from .modeling import checkpointing_active, kv_cache_kwargs, response_logits
+from .modeling import AdaptersDisabled, checkpointing_active, kv_cache_kwargs, response_logits
 from .ops import position_ids_from_mask, token_logprobs
 
 # Logits block budget: on CPU a block that stays in cache is fastest (measured: 4 MiB blocks 2x faster
@@ -146,7 +146,7 @@ def split_lm_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
     its weights are gathered only inside its own forward)."""
     from .train.fsdp import is_sharded
 
-    if is_sharded(model):
+    if is_sharded(model) or isinstance(model, AdaptersDisabled):  # its backbone and head run with the adapters on
         return None
     base = model.get_base_model() if hasattr(model, "get_base_model") and hasattr(model, "peft_config") else model
     cfg = getattr(base, "config", None)
@@ -183,8 +183,13 @@ def response_token_logprobs(model: nn.Module, batch: QueryResponseBatch, *, num_
     ``modeling.response_logits`` over full rows; sliding-window models never share the prompt, nor
     does a training forward under activation checkpointing (``modeling.checkpointing_active``:
     transformers ignores key/value caches there), which runs full rows.
+    A LoRA reference (``modeling.AdaptersDisabled``) runs as its policy inside
+    ``policy.disable_adapter()``: the base weights, on the shared prompt too.
     Raises ValueError when R is not a multiple of ``num_queries``.
     """
+    if isinstance(model, AdaptersDisabled):
+        with model.policy.disable_adapter():
+            return response_token_logprobs(model.policy, batch, num_queries=num_queries, temperature=temperature)
     parts = split_lm_head(model)
     mask = batch.response_mask
     if parts is None:
@@ -288,8 +293,12 @@ def grouped_response_logits(model: nn.Module, batch: QueryResponseBatch, *, shar
     full rows give). Rows may come in any order and a micro-batch may hold part of a group.
     Falls back to ``modeling.response_logits`` with ``shared_prompt`` False, when the model cannot
     share (``can_share_prompt``), or in a training forward under activation checkpointing
-    (``modeling.checkpointing_active``). Shapes: batch input_ids (R, P + T); V vocabulary.
+    (``modeling.checkpointing_active``). A LoRA reference (``modeling.AdaptersDisabled``) runs as
+    its policy inside ``policy.disable_adapter()``. Shapes: batch input_ids (R, P + T); V vocabulary.
     """
+    if isinstance(model, AdaptersDisabled):  # explicit: the backbone and head below would run with the adapters on
+        with model.policy.disable_adapter():
+            return grouped_response_logits(model.policy, batch, shared_prompt=shared_prompt)
     if not shared_prompt or not can_share_prompt(model):
         return response_logits(model, batch.input_ids, batch.attention_mask, batch.query_width)
     backbone, head = split_lm_head(model)
