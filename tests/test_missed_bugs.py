@@ -8,7 +8,9 @@ stayed green. Every test here fails with its bug put back.
 3. GRPO / RLOO: the loss is normalized by the minibatch's counts, not each micro-batch's: two
    micro-batches of different token counts give the gradient of one; the clip fraction and KL
    metrics are the minibatch's token means, whatever the split.
-(4. best-of-n's analytic KL as "KL to SFT": ``test_best_of_n.py``; the FSDP clipping check:
+4. Best-of-n: the analytic KL log n - (n - 1) / n is the KL to SFT only for best-of-n of the SFT
+   policy; best-of-n of another policy has no KL to SFT.
+(The FSDP clipping check, 2 processes against 1 with a gradient norm far above the limit:
 ``test_fsdp_clipping.py``.)
 """
 
@@ -220,3 +222,35 @@ def test_grpo_clip_fraction_is_the_share_of_the_minibatch_tokens_by_hand():
     mask = r.mask
     assert mask.sum(-1).tolist() == [1, 3, 5, 6]
     assert two["grpo/clipfrac"] == pytest.approx(m["clipped"][mask].float().sum().item() / 15, rel=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Best-of-n: "KL to SFT" only when the base is the SFT policy
+
+
+def test_best_of_n_analytic_kl_is_the_kl_to_sft_only_for_a_base_that_is_sft(qwen_tokenizer, tmp_path):
+    import shutil
+
+    from tldr_rlhf.config import EvaluateConfig, TldrDataArgs
+    from tldr_rlhf.evaluate import evaluate, metrics_rows
+
+    from rl_fixtures import POSTS, make_checkpoints, one_thread
+
+    sft, _ = make_checkpoints(qwen_tokenizer)
+    other = tmp_path / "other"  # another policy (here the same weights at another path: not the SFT policy)
+    shutil.copytree(sft, other)
+    cfg = EvaluateConfig(
+        policies=(f"sft={sft}", f"other={other}"), sft_path=sft, reward="reward_fns:chars", best_of_n=2,
+        data=TldrDataArgs(train=str(POSTS), valid_fraction=0.1, max_query_length=64),
+        num_posts=2, response_length=4, batch_size=4, greedy=False, kl=False, num_threads=1, output_dir=str(tmp_path / "ev"),
+    )
+    with one_thread():
+        results = evaluate(cfg)
+    p = results["policies"]
+    # log 2 - 1/2 = 0.693147 - 0.5 = 0.193147 nats, to each one's own base policy
+    assert p["sft-bo2"]["kl_best_of_n"] == pytest.approx(0.193147, abs=1e-6) == p["other-bo2"]["kl_best_of_n"]
+    assert p["sft-bo2"]["kl_to_sft"] == p["sft-bo2"]["kl_best_of_n"]
+    assert p["other-bo2"].get("kl_to_sft") is None
+    header, rows = metrics_rows(results)
+    kl = {row[0]: row[header.index("KL to SFT")] for row in rows}
+    assert kl["sft-bo2"] == "0.19 (analytic)" and kl["other-bo2"] == "-"
