@@ -90,12 +90,34 @@ def verdict_from_letter(letter: str | None, policy_first: bool) -> str | None:
     return "policy" if (letter == "A") == policy_first else "reference"
 
 
+def check_key_transport(url: str, api_key_env: str) -> None:
+    """Refuse to send an API key in the clear: raises JudgeError (one line naming ``--judge.url`` and
+    the variable) when ``api_key_env`` holds a key and ``url`` is plain ``http://`` to a host that is
+    not this machine (``localhost``, a loopback address). https, a local server, or no key pass."""
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    if not (api_key_env and os.environ.get(api_key_env)) or not url.lower().startswith("http://"):
+        return
+    host = (urlsplit(url).hostname or "").lower()
+    try:
+        local = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        local = host == "localhost" or host.endswith(".localhost")
+    if not local:
+        raise JudgeError(
+            f"--judge.url {url}: refusing to send the API key (${api_key_env}) over plain http to {host}; "
+            "use https://, a server on this machine, or --judge.api-key-env '' to send no key"
+        )
+
+
 class ChatClient:
     """Minimal OpenAI-compatible chat-completions client (``POST {url}/chat/completions``).
 
     ``url`` is the API base, e.g. ``https://api.openai.com/v1`` or ``http://127.0.0.1:8000/v1`` (a
     vLLM / llama.cpp server). The API key is read from the environment variable ``api_key_env``
-    (no Authorization header when it is unset, as local servers expect). ``temperature`` < 0 sends
+    (no Authorization header when it is unset, as local servers expect), never over plain http to
+    another machine (``check_key_transport``: JudgeError). ``temperature`` < 0 sends
     none (the server's default; N+ sent none). Retries ``retries`` times with exponential backoff on
     connection errors, HTTP 429 and 5xx.
     """
@@ -103,6 +125,7 @@ class ChatClient:
     def __init__(self, url: str, model: str, *, api_key_env: str = "OPENAI_API_KEY", timeout_s: float = 60.0, retries: int = 3, backoff_s: float = 1.0, temperature: float = -1.0):
         if not url.startswith(("http://", "https://")):
             raise JudgeError(f"judge url must start with http:// or https://, got {url!r}")
+        check_key_transport(url, api_key_env)
         self.endpoint = url.rstrip("/") + "/chat/completions"
         self.model = model
         self.api_key = os.environ.get(api_key_env, "") if api_key_env else ""

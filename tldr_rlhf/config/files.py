@@ -81,8 +81,11 @@ def merge_config(base: Any, data: dict[str, Any], *, path: str | Path = "", pref
 def config_from_file(cls: type, path: str | Path, base: Any | None = None) -> Any:
     """The config of class ``cls`` that ``path`` describes, on top of ``base`` (a preset; default: the
     class's defaults). A class with required fields and no ``base`` needs them in the file. Raises
-    ConfigError for an unreadable file, an unknown key or a missing required field."""
-    data = read_config_file(path)
+    ConfigError for an unreadable file, an unknown key or a missing required field. Settings that run
+    code are screened first (``code_settings.screen_config_file``)."""
+    from .code_settings import screen_config_file
+
+    data = screen_config_file(read_config_file(path), path)
     if base is None:
         required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
         missing = [r for r in required if r not in data and r.replace("_", "-") not in data]

@@ -223,8 +223,11 @@ class JudgeArgs:
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    """JSON-ready dict of a config dataclass."""
-    return dataclasses.asdict(cfg)
+    """JSON-ready dict of a config dataclass, without the fields that hold for one invocation only
+    (``--run.trust-checkpoint``: ``code_settings.py``), so config.json never records them."""
+    from .code_settings import without_invocation_only
+
+    return without_invocation_only(dataclasses.asdict(cfg))
 
 
 def _field_values(cls: type, data: dict[str, Any]) -> dict[str, Any]:
@@ -248,8 +251,11 @@ def _field_values(cls: type, data: dict[str, Any]) -> dict[str, Any]:
 def from_dict(cls: type, data: dict[str, Any]):
     """Rebuild a (nested) config dataclass from ``to_dict`` output (a run's config.json). A key missing
     from ``data`` keeps its default, for a nested section the one its stage gives it (the reward model's
-    2048 held-out pairs). Raises TypeError for a key the config has no field for."""
-    return cls(**_field_values(cls, data))
+    2048 held-out pairs); invocation-only fields (``--run.trust-checkpoint``) are not read. Raises
+    TypeError for a key the config has no field for."""
+    from .code_settings import without_invocation_only
+
+    return cls(**_field_values(cls, without_invocation_only(data)))
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
