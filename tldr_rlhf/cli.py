@@ -100,7 +100,10 @@ def run_generate(args: GenerateArgs) -> list[dict[str, Any]]:
         queries = [prompt_ids(tok, args.instruction)]
     else:
         queries = [format_query(tok, p.subreddit, p.title, p.post, args.max_query_length)[1] for p in posts]
-    responses = generate(model, queries, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, max_new_tokens=args.max_new_tokens, temperature=args.temperature, greedy=args.greedy, batch_size=args.batch_size)
+    from .progress import progress
+
+    with progress(len(queries), "generating", unit="post", enabled=bool(args.posts)) as bar:  # a posts file: an ETA
+        responses = generate(model, queries, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, max_new_tokens=args.max_new_tokens, temperature=args.temperature, greedy=args.greedy, batch_size=args.batch_size, on_batch=bar.update)
     records = [{"id": p.id, "title": p.title, "summary": decode_response(tok, r), "reference": p.summary.strip()} for p, r in zip(posts, responses)]
     for r in records:
         print(f"[{r['id']}] {r['title']}\n  summary:   {r['summary']}" + (f"\n  reference: {r['reference']}" if r["reference"] else ""))

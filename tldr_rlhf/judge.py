@@ -164,10 +164,14 @@ class ChatClient:
         raise JudgeError(f"judge request failed after {self.retries + 1} attempts: {last}")
 
 
-def judge_pairs(client: ChatClient, posts: Sequence[str], policy_summaries: Sequence[str], reference_summaries: Sequence[str], *, seed: int = 0, max_parallel: int = 8) -> list[Verdict]:
+def judge_pairs(
+    client: ChatClient, posts: Sequence[str], policy_summaries: Sequence[str], reference_summaries: Sequence[str], *, seed: int = 0, max_parallel: int = 8,
+    desc: str = "",
+) -> list[Verdict]:
     """Judge each (post, policy summary, reference) with the N+ prompt, the order of the two summaries
     drawn per item from ``random.Random(seed)`` (so runs repeat). Requests run ``max_parallel`` at a
-    time. Returns one Verdict per item, in order; failed requests are Verdicts with ``error`` set.
+    time, with progress (``progress.progress``) when ``desc`` names them. Returns one Verdict per
+    item, in order; failed requests are Verdicts with ``error`` set.
     Raises ValueError for sequences of different lengths."""
     if not len(posts) == len(policy_summaries) == len(reference_summaries):
         raise ValueError(f"lengths differ: {len(posts)} posts, {len(policy_summaries)} policy summaries, {len(reference_summaries)} references")
@@ -181,9 +185,13 @@ def judge_pairs(client: ChatClient, posts: Sequence[str], policy_summaries: Sequ
             reply = client.complete(build_prompt(posts[i], a, b))
         except JudgeError as e:
             return Verdict(i, first, None, "", str(e))
+        finally:
+            bar.update(1)
         return Verdict(i, first, verdict_from_letter(parse_preference(reply), first), reply)
 
-    with ThreadPoolExecutor(max_workers=max(1, max_parallel)) as pool:
+    from .progress import progress
+
+    with progress(len(posts), desc, unit="pair", enabled=bool(desc)) as bar, ThreadPoolExecutor(max_workers=max(1, max_parallel)) as pool:
         verdicts = list(pool.map(one, range(len(posts))))
     bad = sum(v.preferred is None for v in verdicts)
     if bad:

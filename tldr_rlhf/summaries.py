@@ -69,14 +69,17 @@ class PolicyRun:
     seconds: float = 0.0
 
 
-def _sorted_generate(model, queries, tok, cfg: EvaluateConfig, *, greedy: bool) -> list[list[int]]:
+def _sorted_generate(model, queries, tok, cfg: EvaluateConfig, *, greedy: bool, desc: str = "generating") -> list[list[int]]:
+    """One response per query, generated in length order (less padding), with progress (``desc``)."""
     from .generation import generate
+    from .progress import progress
 
     order = sorted(range(len(queries)), key=lambda i: len(queries[i]))
-    out = generate(
-        model, [queries[i] for i in order], eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-        max_new_tokens=cfg.response_length, temperature=cfg.temperature, greedy=greedy, batch_size=cfg.batch_size,
-    )
+    with progress(len(queries), desc, unit="post") as bar:
+        out = generate(
+            model, [queries[i] for i in order], eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+            max_new_tokens=cfg.response_length, temperature=cfg.temperature, greedy=greedy, batch_size=cfg.batch_size, on_batch=bar.update,
+        )
     result: list[list[int]] = [[] for _ in queries]
     for i, r in zip(order, out):
         result[i] = r
@@ -116,7 +119,7 @@ def run_policy(name: str, path: str, posts: list, cfg: EvaluateConfig, *, seed: 
     eos = tok.eos_token_id
     with bf16_autocast(device, cfg.dtype):
         torch.manual_seed(seed)
-        responses = _sorted_generate(model, queries, tok, cfg, greedy=cfg.greedy)
+        responses = _sorted_generate(model, queries, tok, cfg, greedy=cfg.greedy, desc=f"{name}: summaries")
         run = PolicyRun(
             name=name, path=path, queries=queries, responses=responses,
             texts=[decode_response(tok, r) for r in responses],
@@ -126,7 +129,7 @@ def run_policy(name: str, path: str, posts: list, cfg: EvaluateConfig, *, seed: 
         if cfg.kl and cfg.sft_path:
             if cfg.greedy:
                 torch.manual_seed(seed + 1)
-                kl_responses = _sorted_generate(model, queries, tok, cfg, greedy=False)
+                kl_responses = _sorted_generate(model, queries, tok, cfg, greedy=False, desc=f"{name}: KL sample")
             else:
                 kl_responses = responses
             run.kl_responses = kl_responses

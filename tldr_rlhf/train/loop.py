@@ -222,13 +222,15 @@ def sharded_scores(n: int, lengths: Sequence[int], width: int, score_chunk, *, b
     # Every process runs the same number of forwards (an FSDP-sharded model gathers its weights in
     # each one, collectively): a process with a chunk fewer scores one item more, discarded.
     spare = [[order[0]]] * (-(-per_rank // batch_size) - len(chunks)) if n else []
-    bar = progress_bar(len(chunks), 0, desc, progress and rank == 0)
+    from ..progress import progress as progress_meter
+
+    bar = progress_meter(len(mine), desc, unit="example", enabled=progress and rank == 0)  # a log line every tenth off a terminal
     pos = 0
     for chunk in chunks:
         out[pos : pos + len(chunk)] = score_chunk(chunk)
         idx[pos : pos + len(chunk)] = torch.tensor(chunk)
         pos += len(chunk)
-        bar.update(1)
+        bar.update(len(chunk))
     for chunk in spare:
         score_chunk(chunk)
     bar.close()
