@@ -88,7 +88,8 @@ class RunArgs:
     bfloat16, or auto on CUDA), where they are saved in bfloat16 by default."""
     trust_checkpoint: bool = False
     """Resume from a checkpoint whose state.pt runs pickled code when loaded (one written by a
-    tldr-rlhf older than safe checkpoints); only for files you wrote yourself."""
+    tldr-rlhf older than safe checkpoints); only for files you wrote yourself. Holds for this command
+    only: never saved in config.json, never read from a --config file."""
     max_steps: int = 0
     """Stop after this many optimizer steps (0 = the whole schedule); for smoke runs."""
     num_threads: int = 0
