@@ -10,7 +10,8 @@ stayed green. Every test here fails with its bug put back.
    metrics are the minibatch's token means, whatever the split.
 4. Best-of-n: the analytic KL log n - (n - 1) / n is the KL to SFT only for best-of-n of the SFT
    policy; best-of-n of another policy has no KL to SFT.
-(The FSDP clipping check, 2 processes against 1 with a gradient norm far above the limit:
+(PPO: the same split-independence, a guard on what was right already. The FSDP clipping check, 2
+processes against 1 with a gradient norm far above the limit:
 ``test_fsdp_clipping.py``.)
 """
 
@@ -254,3 +255,29 @@ def test_best_of_n_analytic_kl_is_the_kl_to_sft_only_for_a_base_that_is_sft(qwen
     header, rows = metrics_rows(results)
     kl = {row[0]: row[header.index("KL to SFT")] for row in rows}
     assert kl["sft-bo2"] == "0.19 (analytic)" and kl["other-bo2"] == "-"
+
+
+def test_ppo_metrics_and_gradient_do_not_depend_on_the_micro_batch_split():
+    # PPO's clip fractions, approx KL and losses were token-weighted already: a guard that they stay so
+    from tldr_rlhf.config import PPOConfig
+    from tldr_rlhf.train.ppo import ppo_minibatch_step
+    from tldr_rlhf.value_model import PolicyAndValue, ValueModel
+
+    policy = make_tiny_qwen2(hidden=16)
+    model = PolicyAndValue(policy, ValueModel.from_causal_lm(make_tiny_qwen2(hidden=16, seed=1)))
+    r = _group_rollout(policy)
+    t = r.mask.shape[1]
+    g = torch.Generator().manual_seed(0)
+    values, advantages, returns = (torch.randn(4, t, generator=g) * s for s in (0.3, 1.0, 0.5))
+    out = []
+    for micro in (4, 2):
+        model.zero_grad(set_to_none=True)
+        cfg = PPOConfig(micro_batch_size=micro, temperature=0.7)
+        m = ppo_minibatch_step(model, r, values, advantages, returns, [0, 1, 2, 3], cfg, _accelerator())
+        out.append((m, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (one, g_one), (two, g_two) = out
+    assert 0.0 < one["ppo/clipfrac"] < 1.0
+    for k, v in one.items():
+        assert two[k] == pytest.approx(v, rel=1e-5, abs=1e-7), k
+    for n in g_one:
+        torch.testing.assert_close(g_two[n], g_one[n], atol=1e-8, rtol=1e-5)
