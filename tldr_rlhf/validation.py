@@ -106,15 +106,25 @@ def check_input(value: str, name: str, what: str = "file or folder") -> None:
         raise ConfigError(f"{name}{value}: {what} does not exist")
 
 
-def _check_value(cls_name: str, name: str, value: Any, where: tuple[str, ...]) -> None:
+def value_problem(cls_name: str, name: str, value: Any) -> str | None:
+    """What is wrong with ``value`` for field ``name`` of config class ``cls_name`` by its range rule
+    (``RULES`` / ``CLASS_RULES``), e.g. "must be > 0"; None when it is in range. The flag's check and a
+    ``--config`` file's (``config.files``) both use it."""
     rule = CLASS_RULES[(cls_name, name)] if (cls_name, name) in CLASS_RULES else RULES.get(name)
     if isinstance(value, bool) or value is None:
-        return
+        return None
     if isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"{flag(where)} {value}: must be a finite number")
+        return "must be a finite number"
     if rule is not None and isinstance(value, (int, float, tuple)) and not rule[0](value):
+        return rule[1]
+    return None
+
+
+def _check_value(cls_name: str, name: str, value: Any, where: tuple[str, ...]) -> None:
+    problem = value_problem(cls_name, name, value)
+    if problem:
         shown = " ".join(map(str, value)) if isinstance(value, tuple) else value
-        raise ConfigError(f"{flag(where)} {shown}: {rule[1]}")
+        raise ConfigError(f"{flag(where)} {shown}: {problem}")
 
 
 def _walk(cfg: Any, prefix: tuple[str, ...], check_paths: bool) -> None:
