@@ -256,13 +256,27 @@ def _failure_line(e: BaseException) -> tuple[str, int] | None:
         return f"\ntldr-rlhf: interrupted{resume_hint()}", 130
     if isinstance(e, OSError):  # a full disk, a folder that vanished: the run can be resumed
         return f"tldr-rlhf: error: {e}{resume_hint()} (--debug shows the traceback)", 1
+    os_error = _safetensors_os_error(e)
+    if os_error:  # the same, met by safetensors' writer, which reports it as its own error type
+        return f"tldr-rlhf: error: {os_error} (writing safetensors weights){resume_hint()} (--debug shows the traceback)", 1
     return None
+
+
+def _safetensors_os_error(e: BaseException) -> str | None:
+    """``[Errno 28] No space left on device`` for a safetensors ``SafetensorError`` that wraps an OS
+    error ("Error while serializing: I/O error: No space left on device (os error 28)"); None for any
+    other exception."""
+    if type(e).__name__ != "SafetensorError":
+        return None
+    found = re.search(r"I/O error: (.*) \(os error (\d+)\)", str(e))
+    return f"[Errno {found.group(2)}] {found.group(1)}" if found else None
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``tldr-rlhf``. Exit codes: 0 done, 2 a user error (one line naming the flag,
     file, line or field; ``--debug`` adds the traceback), 1 an OS error such as a full disk (one line
-    and where to resume), 130 interrupted by Ctrl-C (one line and where to resume)."""
+    and where to resume) or a failed ``--run.push-to-hub`` upload of a run that is saved (one line
+    each, with the command that retries it), 130 interrupted by Ctrl-C (one line and where to resume)."""
     import os
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -280,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from .train.run_dir import close_opened_runs, forget_opened_runs, restore_replaced_runs
+    from .train.run_dir import close_opened_runs, forget_opened_runs, push_failures, restore_replaced_runs
 
     forget_opened_runs()  # the run folders of this invocation only
     try:
@@ -290,6 +304,10 @@ def main(argv: list[str] | None = None) -> int:
         validate_config(cfg, check_paths=type(cfg).__name__ != "PipelineConfig")
         with logging_redirect_tqdm():  # per-step log lines print above the progress bar, not through it
             fn(cfg)
+        if push_failures():  # every run is saved; the upload the user asked for did not happen
+            for line in push_failures():
+                print(f"tldr-rlhf: error: {line}", file=sys.stderr)
+            return 1
     except BaseException as e:
         restore_replaced_runs()
         failure = _failure_line(e)

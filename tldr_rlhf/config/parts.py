@@ -72,7 +72,9 @@ class RunArgs:
     seed: int = 42
     """Seed for data order, initialization and sampling."""
     overwrite: bool = False
-    """Start afresh even if the run folder holds a finished or partial run (deletes it)."""
+    """Start afresh even if the run folder holds a finished or partial run: the old run is moved aside
+    (.NAME.replaced) and deleted once the new run has its first checkpoint; if the new run stops
+    before that, the old one is put back."""
     resume: bool = True
     """Resume from the newest checkpoint in the run folder when there is one."""
     log_every: int = 1
