@@ -50,8 +50,9 @@ class GenerateArgs:
     """Greedy decoding instead of sampling."""
     temperature: float = 0.7
     """Sampling temperature (N+ default 0.7)."""
-    max_new_tokens: int = 63
-    """Response length cap in tokens."""
+    response_length: int = 63
+    """Maximum new tokens per summary, as in every command (--max-new-tokens is the old spelling, still
+    accepted with a deprecation line)."""
     max_query_length: int = 512
     """Query token cap (smart truncation)."""
     batch_size: int = 8
@@ -60,6 +61,8 @@ class GenerateArgs:
     """Sampling seed."""
     output: str = ""
     """Also write {id, summary, reference} JSON lines here."""
+    num_threads: int = 0
+    """torch CPU threads (0 = torch's default)."""
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,8 @@ def run_generate(args: GenerateArgs) -> list[dict[str, Any]]:
     from .modeling import load_causal_lm, load_tokenizer
     from .checkpoints import require_kind
 
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
     if sum(map(bool, (args.posts, args.post, args.instruction))) != 1:
         raise TldrRlhfError("give exactly one of --posts FILE, --post TEXT or --instruction TEXT")
     require_kind(args.model, "policy", "--model")  # a reward model's final/ is refused before anything loads
@@ -100,7 +105,7 @@ def run_generate(args: GenerateArgs) -> list[dict[str, Any]]:
         queries = [prompt_ids(tok, args.instruction)]
     else:
         queries = [format_query(tok, p.subreddit, p.title, p.post, args.max_query_length)[1] for p in posts]
-    responses = generate(model, queries, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, max_new_tokens=args.max_new_tokens, temperature=args.temperature, greedy=args.greedy, batch_size=args.batch_size)
+    responses = generate(model, queries, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, max_new_tokens=args.response_length, temperature=args.temperature, greedy=args.greedy, batch_size=args.batch_size)
     records = [{"id": p.id, "title": p.title, "summary": decode_response(tok, r), "reference": p.summary.strip()} for p, r in zip(posts, responses)]
     for r in records:
         print(f"[{r['id']}] {r['title']}\n  summary:   {r['summary']}" + (f"\n  reference: {r['reference']}" if r["reference"] else ""))
@@ -149,8 +154,30 @@ def version_lines() -> list[str]:
     return lines
 
 
-# short flag -> the config section it belongs to (``--task`` is ``--data.task``)
-SHORT_FLAGS = {"--task": "data", "--report-to": "run", "--push-to-hub": "run"}
+# short flag -> the config section it belongs to (``--task`` is ``--data.task``; ``--num-threads``, the
+# spelling of the commands without a run folder, is ``--run.num-threads``)
+SHORT_FLAGS = {"--task": "data", "--report-to": "run", "--push-to-hub": "run", "--num-threads": "run"}
+# command -> {old flag: new flag}: one spelling across commands for the reward-model path (--rm-path) and
+# the response length cap (--response-length); the old one still works and prints one deprecation line
+RENAMED_FLAGS = {
+    "evaluate-rm": {"--model": "--rm-path"},
+    "pipeline": {"--evaluate-rm.model": "--evaluate-rm.rm-path"},
+    "generate": {"--max-new-tokens": "--response-length"},
+}
+
+
+def _renamed(command: str, rest: list[str]) -> list[str]:
+    """``rest`` with each old flag of ``command`` (``RENAMED_FLAGS``, also in its ``--flag=VALUE``
+    form) replaced by its new spelling, printing one deprecation line to stderr per old flag."""
+    out = []
+    for arg in rest:
+        flag, sep, value = arg.partition("=")
+        new = RENAMED_FLAGS.get(command, {}).get(flag)
+        if new:
+            print(f"tldr-rlhf {command}: {flag} is deprecated, use {new} (the same flag in every command)", file=sys.stderr)
+            arg = new + sep + value
+        out.append(arg)
+    return out
 
 
 def _expand_short(arg: str, short: str, section: str) -> str:
@@ -225,6 +252,7 @@ def parse(argv: list[str]):
         from .config.files import config_from_file
 
         default = config_from_file(cls, config_file, default)
+    rest = _renamed(name, rest)
     for short, section in SHORT_FLAGS.items():  # --task X: short for --data.task X; --report-to: --run.report-to
         if section in fields and short.lstrip("-").replace("-", "_") not in fields:
             rest = [_expand_short(a, short, section) for a in rest]

@@ -77,6 +77,9 @@ MODEL_PATH_CLASSES = {"EvaluateRMConfig", "GenerateArgs"}
 # input fields that must hold one kind of model (checked from a local folder's config.json)
 KIND_FIELDS = {"sft_path": "policy", "rm_path": "reward_model", "judge_rm_path": "reward_model", "reference": "policy"}
 KIND_CLASS_FIELDS = {("EvaluateRMConfig", "model"): "reward_model", ("GenerateArgs", "model"): "policy"}
+# (config class name, field) -> the name its flag has where that differs from the field's (one spelling
+# across commands: evaluate-rm's reward model is --rm-path like every other command's)
+FLAG_NAMES = {("EvaluateRMConfig", "model"): "rm_path"}
 # (config class name, field) of run folders that must be named: empty would write into the current folder
 REQUIRED_DIRS = {("RunArgs", "output_dir"), ("EvaluateConfig", "output_dir"), ("GoldConfig", "output_dir"), ("PipelineConfig", "run_dir")}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # NAMESPACE/NAME (inputs, --run.push-to-hub, model cards)
@@ -133,7 +136,7 @@ def _walk(cfg: Any, prefix: tuple[str, ...], check_paths: bool) -> None:
     cls_name = type(cfg).__name__
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
-        where = prefix + (f.name,)
+        where = prefix + (FLAG_NAMES.get((cls_name, f.name), f.name),)
         if dataclasses.is_dataclass(value):
             _walk(value, where, check_paths)
             continue

@@ -94,7 +94,7 @@ class RunArgs:
     max_steps: int = 0
     """Stop after this many optimizer steps (0 = the whole schedule); for smoke runs."""
     num_threads: int = 0
-    """torch CPU threads (0 = torch's default)."""
+    """torch CPU threads (0 = torch's default); --num-threads for short, the spelling every command takes."""
     progress: bool = True
     """Show a progress bar with ETA."""
     report_to: tuple[Literal["none", "tensorboard", "wandb", "trackio", "mlflow"], ...] = ()
