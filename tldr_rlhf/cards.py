@@ -12,7 +12,7 @@ model's when its card says, else ``other`` with a ``license_name`` and, when the
 body names inputs by hub id or by a path relative to the run folder, never by an absolute local path
 (``shown_path``: "a local file (NAME)" otherwise), and lists the framework versions it was trained with.
 
-``push_folder`` uploads a model folder in one commit through ``huggingface_hub.HfApi.upload_folder``
+``push_folder`` uploads a model folder through ``huggingface_hub.HfApi.upload_folder``
 with ``PUSH_IGNORE`` patterns (``--run.push-to-hub REPO_ID`` at the end of a stage, ``tldr-rlhf push
 RUN REPO_ID`` afterwards).
 """
@@ -420,7 +420,7 @@ def _with_card(folder: Path, staging: Path) -> Path:
 
 def push_folder(folder: Path, repo_id: str, *, private: bool = True, revision: str = "", message: str = "") -> str:
     """Upload ``folder`` (weights, config, tokenizer, README.md; not what ``PUSH_IGNORE`` names: the
-    run's COMPLETE.json, a checkpoint's training state, hidden files) to ``repo_id`` in one commit by
+    run's COMPLETE.json, a checkpoint's training state, hidden files) to ``repo_id`` by
     ``HfApi.upload_folder``, creating the repo when missing. A folder without README.md is uploaded
     with a card written from its run folder. Returns the commit URL. Raises TldrRlhfError for a bad
     repo id or a failed upload (huggingface_hub's reason in one line)."""
