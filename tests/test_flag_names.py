@@ -46,11 +46,20 @@ def test_response_length_is_the_length_cap_of_every_command(command, capsys):
     assert capsys.readouterr().err == ""
 
 
+def test_dpo_sample_cap_is_spelled_like_the_others(capsys):
+    assert cli.parse(["dpo", "--sample-response-length", "17"])[1].sample_max_new_tokens == 17
+    assert capsys.readouterr().err == ""
+    assert cli.main(["dpo", "--sample-response-length", "0"]) == 2
+    assert capsys.readouterr().err.startswith("tldr-rlhf: error: --sample-response-length 0: must be > 0")
+
+
 @pytest.mark.parametrize(("argv", "old", "new", "read"), [
     (["evaluate-rm", "--model", "runs/rm-x/final"], "--model", "--rm-path", lambda c: c.model),
     (["evaluate-rm", "--model=runs/rm-x/final"], "--model", "--rm-path", lambda c: c.model),
     (["pipeline", "--evaluate-rm.model", "runs/rm-x/final"], "--evaluate-rm.model", "--evaluate-rm.rm-path", lambda c: c.evaluate_rm.model),
     (["generate", "--model", "m", "--max-new-tokens", "17"], "--max-new-tokens", "--response-length", lambda c: c.response_length),
+    (["dpo", "--sample-max-new-tokens", "17"], "--sample-max-new-tokens", "--sample-response-length", lambda c: c.sample_max_new_tokens),
+    (["pipeline", "--dpo.sample-max-new-tokens=17"], "--dpo.sample-max-new-tokens", "--dpo.sample-response-length", lambda c: c.dpo.sample_max_new_tokens),
 ])
 def test_old_spellings_still_work_with_one_deprecation_line(argv, old, new, read, capsys):
     _, cfg = cli.parse(argv)

@@ -161,8 +161,9 @@ SHORT_FLAGS = {"--task": "data", "--report-to": "run", "--push-to-hub": "run", "
 # the response length cap (--response-length); the old one still works and prints one deprecation line
 RENAMED_FLAGS = {
     "evaluate-rm": {"--model": "--rm-path"},
-    "pipeline": {"--evaluate-rm.model": "--evaluate-rm.rm-path"},
+    "pipeline": {"--evaluate-rm.model": "--evaluate-rm.rm-path", "--dpo.sample-max-new-tokens": "--dpo.sample-response-length"},
     "generate": {"--max-new-tokens": "--response-length"},
+    "dpo": {"--sample-max-new-tokens": "--sample-response-length"},
 }
 
 

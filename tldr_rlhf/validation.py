@@ -79,7 +79,7 @@ KIND_FIELDS = {"sft_path": "policy", "rm_path": "reward_model", "judge_rm_path":
 KIND_CLASS_FIELDS = {("EvaluateRMConfig", "model"): "reward_model", ("GenerateArgs", "model"): "policy"}
 # (config class name, field) -> the name its flag has where that differs from the field's (one spelling
 # across commands: evaluate-rm's reward model is --rm-path like every other command's)
-FLAG_NAMES = {("EvaluateRMConfig", "model"): "rm_path"}
+FLAG_NAMES = {("EvaluateRMConfig", "model"): "rm_path", ("DPOConfig", "sample_max_new_tokens"): "sample_response_length"}
 # (config class name, field) of run folders that must be named: empty would write into the current folder
 REQUIRED_DIRS = {("RunArgs", "output_dir"), ("EvaluateConfig", "output_dir"), ("GoldConfig", "output_dir"), ("PipelineConfig", "run_dir")}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # NAMESPACE/NAME (inputs, --run.push-to-hub, model cards)

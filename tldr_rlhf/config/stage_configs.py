@@ -156,8 +156,9 @@ class DPOConfig:
     compute); False = chosen and rejected as two full rows of one concatenated forward pass."""
     num_sample_posts: int = 2
     """Held-out posts summarized (greedy) by the SFT policy before and the DPO policy after training."""
-    sample_max_new_tokens: int = 63
-    """Length cap of the sample summaries."""
+    sample_max_new_tokens: Annotated[int, arg(name="sample-response-length")] = 63
+    """Length cap of the sample summaries in new tokens (flag --sample-response-length, like every
+    command's --response-length; --sample-max-new-tokens is the old spelling)."""
 
     def global_batch_size(self, world_size: int = 1) -> int:
         """Comparisons per optimizer step over all processes."""
