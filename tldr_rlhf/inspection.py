@@ -75,6 +75,8 @@ class InspectConfig:
     """Sequences per generation / forward pass."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """auto = float32 on CPU, bfloat16 autocast on CUDA."""
+    num_threads: int = 0
+    """torch CPU threads (0 = torch's default)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -264,6 +266,8 @@ def render_html(records: Sequence[dict[str, Any]], cfg: InspectConfig) -> str:
 
 def inspect(cfg: InspectConfig) -> list[dict[str, Any]]:
     """``tldr-rlhf inspect``: compute the numbers, print the view, write --html / --output when asked."""
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
     records = inspect_policies(cfg)
     render_terminal(records, cfg)
     if cfg.html:

@@ -72,7 +72,9 @@ class RunArgs:
     seed: int = 42
     """Seed for data order, initialization and sampling."""
     overwrite: bool = False
-    """Start afresh even if the run folder holds a finished or partial run (deletes it)."""
+    """Start afresh even if the run folder holds a finished or partial run: the old run is moved aside
+    (.NAME.replaced) and deleted once the new run has its first checkpoint; if the new run stops
+    before that, the old one is put back."""
     resume: bool = True
     """Resume from the newest checkpoint in the run folder when there is one."""
     log_every: int = 1
@@ -93,7 +95,7 @@ class RunArgs:
     max_steps: int = 0
     """Stop after this many optimizer steps (0 = the whole schedule); for smoke runs."""
     num_threads: int = 0
-    """torch CPU threads (0 = torch's default)."""
+    """torch CPU threads (0 = torch's default); --num-threads for short, the spelling every command takes."""
     progress: bool = True
     """Show a progress bar with ETA."""
     report_to: tuple[Literal["none", "tensorboard", "wandb", "trackio", "mlflow"], ...] = ()

@@ -4,9 +4,9 @@ that raise ValueError on inexact division."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 
-from tyro.conf import Positional
+from tyro.conf import Positional, arg
 
 from ..stages import DEFAULT_PIPELINE_STAGES
 from .parts import SHARED, JudgeArgs, ModelArgs, OptimArgs, PreferenceDataArgs, RewardNormArgs, RunArgs, TldrDataArgs, _rm_data
@@ -75,8 +75,10 @@ class EvaluateRMConfig:
     """Measure a reward model against humans and a judge: held-out accuracy, accuracy by annotator
     confidence (calibration), CNN/DM accuracy (out of distribution), agreement with GPT-3.5."""
 
-    model: str = "runs/rm/final"
-    """Reward-model checkpoint (a run's final/)."""
+    model: Annotated[str, arg(name="rm-path")] = "runs/rm/final"
+    """Reward-model checkpoint (a run's final/). Its flag is --rm-path, as in every command that takes a
+    reward model (--model is the old spelling, still accepted with a deprecation line); the key in a
+    config file is `model`."""
     data: PreferenceDataArgs = field(default_factory=_rm_data)
     """Held-out comparisons; replaced by the training run's own data settings (same split) when the
     model sits in a run folder with a config.json and `from_run` is set."""
@@ -154,8 +156,9 @@ class DPOConfig:
     compute); False = chosen and rejected as two full rows of one concatenated forward pass."""
     num_sample_posts: int = 2
     """Held-out posts summarized (greedy) by the SFT policy before and the DPO policy after training."""
-    sample_max_new_tokens: int = 63
-    """Length cap of the sample summaries."""
+    sample_max_new_tokens: Annotated[int, arg(name="sample-response-length")] = 63
+    """Length cap of the sample summaries in new tokens (flag --sample-response-length, like every
+    command's --response-length; --sample-max-new-tokens is the old spelling)."""
 
     def global_batch_size(self, world_size: int = 1) -> int:
         """Comparisons per optimizer step over all processes."""

@@ -20,7 +20,7 @@ import torch
 
 from ..config import save_config, to_dict
 from ..errors import RunDirError
-from ..checkpoints import COMPLETE, final_is_complete
+from ..checkpoints import COMPLETE, completeness_record, final_is_complete, final_problem
 from ..tracking import Trackers, log_line
 from ..validation import validate_config
 
@@ -33,6 +33,7 @@ CHECKPOINTS = "checkpoints"
 # Run folder
 
 _ACTIVE: list["RunDir"] = []  # run folders opened by this process (the CLI's Ctrl-C / error lines)
+_PUSH_FAILURES: list[str] = []  # failed --run.push-to-hub uploads of this command (the CLI exits non-zero)
 
 
 def _record_step(line: str) -> int | None:
@@ -67,6 +68,7 @@ class RunDir:
         self.path = Path(path)
         self.is_main = is_main
         self.replaced: Path | None = None
+        self.restored = False  # the run --run.overwrite replaced was put back (``restore_replaced``)
         self.trust_checkpoint = False  # --run.trust-checkpoint: resume from a state.pt that runs pickled code
         self.stage = self.path.name  # the stage's name once ``open`` knows its config
         self.cfg: Any = None
@@ -83,7 +85,7 @@ class RunDir:
         if not is_main:
             return
         if (self.path / FINAL).exists() and not final_is_complete(self.path / FINAL):
-            log.warning("%s is incomplete (no %s: its save did not finish); the run resumes and writes it again", self.path / FINAL, COMPLETE)
+            log.warning("%s is incomplete (%s); the run resumes and writes it again", self.path / FINAL, final_problem(self.path / FINAL))
         try:
             if overwrite and self.path.exists():
                 aside = _replaced_path(self.path)
@@ -118,6 +120,7 @@ class RunDir:
         if self.replaced is not None and self.replaced.exists() and not self._has_progress():
             shutil.rmtree(self.path, ignore_errors=True)
             os.replace(self.replaced, self.path)
+            self.restored = True
             log.warning("restored the previous run in %s (the --run.overwrite run stopped before its first checkpoint)", self.path)
         self.replaced = None
 
@@ -170,8 +173,8 @@ class RunDir:
         shutil.rmtree(tmp, ignore_errors=True)
         save(tmp)
         self._write_card(tmp, stage=stage, step=step)
-        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-        (tmp / COMPLETE).write_text(json.dumps({"stage": stage, "step": step, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "files": files}, indent=2) + "\n")
+        record = completeness_record(tmp)  # sizes of every file, sha256 of the small ones: checked by final_is_complete
+        (tmp / COMPLETE).write_text(json.dumps({"stage": stage, "step": step, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **record}, indent=2) + "\n")
         old = self.path / f".{FINAL}.old"
         if self.final_dir.exists():  # a final/ left incomplete by an earlier attempt
             shutil.rmtree(old, ignore_errors=True)
@@ -209,6 +212,7 @@ class RunDir:
             log.info("--run.push-to-hub: %s -> %s", self.final_dir, url)
         except TldrRlhfError as e:
             log.error("--run.push-to-hub: %s", e)
+            _PUSH_FAILURES.append(f"--run.push-to-hub: {e} (the run is saved in {self.final_dir})")
 
     def write_config(self, cfg: Any) -> None:
         if self.is_main:
@@ -586,6 +590,12 @@ def _step_of(checkpoint: Path) -> int:
 def forget_opened_runs() -> None:
     """Start a new command: forget the run folders opened before it in this process."""
     _ACTIVE.clear()
+    _PUSH_FAILURES.clear()
+
+
+def push_failures() -> list[str]:
+    """One line per ``--run.push-to-hub`` upload of this command that failed (its run is finished)."""
+    return list(_PUSH_FAILURES)
 
 
 def close_opened_runs() -> None:
@@ -607,6 +617,8 @@ def resume_hint() -> str:
     if not _ACTIVE:
         return ""
     run = _ACTIVE[-1]
+    if run.restored:  # the folder holds the old run again: rerunning with --run.overwrite starts the new one afresh
+        return f"; {run.path} holds the previous run again (the --run.overwrite run stopped before its first checkpoint): rerun the same command to start the new run afresh"
     ckpt = run.latest_checkpoint()
     if ckpt is None:
         return f"; {run.path} has no checkpoint yet: rerun the same command to start it again"
