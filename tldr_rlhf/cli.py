@@ -83,11 +83,13 @@ def run_generate(args: GenerateArgs) -> list[dict[str, Any]]:
     """Implementation of ``tldr-rlhf generate``; returns the printed records."""
     import torch
 
+    # lazy: `tldr-rlhf --help` and every command's --help load without torch and transformers
     from .data.tldr import Post, format_query, load_posts
     from .data.ultrafeedback import prompt_ids
     from .generation import decode_response, generate
     from .modeling import load_causal_lm, load_tokenizer
     from .checkpoints import require_kind
+    from .progress import progress
 
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
@@ -105,8 +107,6 @@ def run_generate(args: GenerateArgs) -> list[dict[str, Any]]:
         queries = [prompt_ids(tok, args.instruction)]
     else:
         queries = [format_query(tok, p.subreddit, p.title, p.post, args.max_query_length)[1] for p in posts]
-    from .progress import progress
-
     with progress(len(queries), "generating", unit="post", enabled=bool(args.posts)) as bar:  # a posts file: an ETA
         responses = generate(model, queries, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, max_new_tokens=args.response_length, temperature=args.temperature, greedy=args.greedy, batch_size=args.batch_size, on_batch=bar.update)
     records = [{"id": p.id, "title": p.title, "summary": decode_response(tok, r), "reference": p.summary.strip()} for p, r in zip(posts, responses)]
@@ -120,6 +120,7 @@ def run_generate(args: GenerateArgs) -> list[dict[str, Any]]:
 
 
 def run_stats(args: StatsArgs) -> dict[str, Any]:
+    # lazy: `tldr-rlhf --help` and every command's --help load without torch and transformers
     from .data.tldr import load_posts, token_length_report
     from .modeling import load_tokenizer
 
@@ -145,6 +146,7 @@ def version_lines() -> list[str]:
     (read from their metadata: torch is not imported), "not installed" for a missing one."""
     from importlib import metadata
 
+    # lazy: `tldr-rlhf --help` and every command's --help load without torch and transformers
     from . import __version__
 
     lines = []
@@ -160,23 +162,44 @@ def version_lines() -> list[str]:
 # short flag -> the config section it belongs to (``--task`` is ``--data.task``; ``--num-threads``, the
 # spelling of the commands without a run folder, is ``--run.num-threads``)
 SHORT_FLAGS = {"--task": "data", "--report-to": "run", "--push-to-hub": "run", "--num-threads": "run"}
-# command -> {old flag: new flag}: one spelling across commands for the reward-model path (--rm-path) and
-# the response length cap (--response-length); the old one still works and prints one deprecation line
+# config class -> {old flag: new flag}: one spelling across commands for the reward-model path (--rm-path)
+# and the response length cap (--response-length); the old one still works and prints one deprecation
+# line. A config that nests one of these classes takes the old flag under its section (the pipeline's
+# --evaluate-rm.model, --dpo.sample-max-new-tokens): ``renamed_flags``.
 RENAMED_FLAGS = {
-    "evaluate-rm": {"--model": "--rm-path"},
-    "pipeline": {"--evaluate-rm.model": "--evaluate-rm.rm-path", "--dpo.sample-max-new-tokens": "--dpo.sample-response-length"},
-    "generate": {"--max-new-tokens": "--response-length"},
-    "dpo": {"--sample-max-new-tokens": "--sample-response-length"},
+    "EvaluateRMConfig": {"--model": "--rm-path"},
+    "DPOConfig": {"--sample-max-new-tokens": "--sample-response-length"},
+    "GenerateArgs": {"--max-new-tokens": "--response-length"},
 }
 
 
-def _renamed(command: str, rest: list[str]) -> list[str]:
-    """``rest`` with each old flag of ``command`` (``RENAMED_FLAGS``, also in its ``--flag=VALUE``
-    form) replaced by its new spelling, printing one deprecation line to stderr per old flag."""
+def renamed_flags(cls: type, prefix: str = "--") -> dict[str, str]:
+    """{old flag: new flag} of config class ``cls`` (``RENAMED_FLAGS``) and of every config section it
+    nests, each under its section's flag prefix (``--evaluate-rm.``)."""
+    import typing
+
+    out = {prefix + old[2:]: prefix + new[2:] for old, new in RENAMED_FLAGS.get(cls.__name__, {}).items()}
+    if not dataclasses.is_dataclass(cls):
+        return out
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # noqa: BLE001 - an annotation that does not resolve: no nested sections to look at
+        return out
+    for f in dataclasses.fields(cls):
+        sub = hints.get(f.name)
+        if isinstance(sub, type) and dataclasses.is_dataclass(sub):
+            out.update(renamed_flags(sub, f"{prefix}{f.name.replace('_', '-')}."))
+    return out
+
+
+def _renamed(command: str, cls: type, rest: list[str]) -> list[str]:
+    """``rest`` with each old flag of ``command``'s config class ``cls`` (``renamed_flags``, also in its
+    ``--flag=VALUE`` form) replaced by its new spelling, printing one deprecation line to stderr per old flag."""
+    renamed = renamed_flags(cls)
     out = []
     for arg in rest:
         flag, sep, value = arg.partition("=")
-        new = RENAMED_FLAGS.get(command, {}).get(flag)
+        new = renamed.get(flag)
         if new:
             print(f"tldr-rlhf {command}: {flag} is deprecated, use {new} (the same flag in every command)", file=sys.stderr)
             arg = new + sep + value
@@ -206,6 +229,7 @@ def pipeline_help(tyro_help: str) -> str:
     """Short ``tldr-rlhf pipeline --help``: tyro's help of the pipeline's own fields (its text up to the
     first stage's section) and one line per stage naming the prefix of its flags and the command whose
     ``--help`` lists them. ``--help-all`` prints every stage's flags instead."""
+    # lazy: `tldr-rlhf --help` and every command's --help load without torch and transformers
     from .config import PipelineConfig
 
     first = re.search(r"^\W*sft options\b", tyro_help, flags=re.M)  # boxed (terminal) or plain section title
@@ -256,7 +280,7 @@ def parse(argv: list[str]):
         from .config.files import config_from_file
 
         default = config_from_file(cls, config_file, default)
-    rest = _renamed(name, rest)
+    rest = _renamed(name, cls, rest)
     for short, section in SHORT_FLAGS.items():  # --task X: short for --data.task X; --report-to: --run.report-to
         if section in fields and short.lstrip("-").replace("-", "_") not in fields:
             rest = [_expand_short(a, short, section) for a in rest]
@@ -280,7 +304,8 @@ def parse(argv: list[str]):
 def _failure_line(e: BaseException) -> tuple[str, int] | None:
     """The one line and exit code ``main`` ends with for an expected failure; None for a bug (the
     traceback is shown)."""
-    from .train.run_dir import resume_hint
+    # lazy: `tldr-rlhf --help` and every command's --help load without torch and transformers
+    from .opened_runs import resume_hint
 
     if isinstance(e, TldrRlhfError):
         return f"tldr-rlhf: error: {e}", 2
@@ -326,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from .train.run_dir import close_opened_runs, forget_opened_runs, push_failures, restore_replaced_runs
+    # lazy: `tldr-rlhf --help` and every command's --help load without torch and transformers
+    from .opened_runs import close_opened_runs, forget_opened_runs, push_failures, restore_replaced_runs
 
     forget_opened_runs()  # the run folders of this invocation only
     try:

@@ -1,6 +1,6 @@
 """Progress with an ETA for long work outside the training loops: ``evaluate``'s generation and
 scoring, ``generate --posts``, ``inspect``, ``evaluate-rm`` (and every scoring pass of
-``train.loop.sharded_scores``).
+``scoring.sharded_scores``).
 
 On a terminal: a tqdm bar (done / total, elapsed < remaining, rate), as the training loops show.
 Elsewhere (a log file, CI, a pipe, where a bar's carriage returns pile up into one unreadable line):
