@@ -175,29 +175,36 @@ def _group_rollout(model):
     return Rollout(b, lp + shift, lp - 0.4, torch.zeros_like(lp), torch.zeros(4), torch.zeros(4), torch.ones(4, dtype=torch.bool))
 
 
-def _group_step(model, r, cfg, loss_fn, prefix, token_metrics):
+def _group_step(model, r, cfg, loss_fn, prefix, token_metrics, per_token=False):
     from tldr_rlhf.train.group_rl import minibatch_step
 
     model.zero_grad(set_to_none=True)
     adv = torch.tensor([1.7, -0.3, 0.9, -1.2])
+    if per_token:  # (B, T) advantages (REINFORCE++), varying along the response
+        adv = adv[:, None] * torch.linspace(1.3, 0.2, r.logprobs.shape[1])
     m = minibatch_step(model, r, adv, [0, 1, 2, 3], cfg, _accelerator(), loss_fn=loss_fn, prefix=prefix, token_metrics=token_metrics)
     return m, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("stage,aggregation", [("grpo", "token-mean"), ("grpo", "seq-mean-token-mean"), ("grpo", "seq-mean-token-sum"), ("rloo", None)])
+@pytest.mark.parametrize("stage,aggregation", [("grpo", "token-mean"), ("grpo", "seq-mean-token-mean"), ("grpo", "seq-mean-token-sum"), ("rloo", None), ("reinforce_pp", None)])
 def test_group_loss_is_normalized_per_minibatch_whatever_the_micro_batch_split(stage, aggregation):
-    from tldr_rlhf.train import grpo, rloo
+    from tldr_rlhf.config.rl import ReinforcePPConfig
+    from tldr_rlhf.train import grpo, reinforce_pp, rloo
 
     model = make_tiny_qwen2(hidden=16)
     r = _group_rollout(model)
     if stage == "grpo":
         make = lambda micro: GRPOConfig(group_size=2, micro_batch_size=micro, mini_batch_size=4, loss_aggregation=aggregation, temperature=0.7)
         loss_fn, token_metrics = grpo.token_loss, True
+    elif stage == "reinforce_pp":  # per-token advantages, PPO's clipped loss: its metrics are token means too
+        make = lambda micro: ReinforcePPConfig(group_size=2, micro_batch_size=micro, mini_batch_size=4, temperature=0.7)
+        loss_fn, token_metrics = reinforce_pp.clipped_loss, True
     else:
         make = lambda micro: RLOOConfig(group_size=2, micro_batch_size=micro, mini_batch_size=4, temperature=0.7)
         loss_fn, token_metrics = rloo.sequence_loss, False
-    one, g_one = _group_step(model, r, make(4), loss_fn, stage, token_metrics)
-    two, g_two = _group_step(model, r, make(2), loss_fn, stage, token_metrics)  # micro-batches of 4 and 11 real tokens
+    per_token = stage == "reinforce_pp"
+    one, g_one = _group_step(model, r, make(4), loss_fn, stage, token_metrics, per_token)
+    two, g_two = _group_step(model, r, make(2), loss_fn, stage, token_metrics, per_token)  # micro-batches of 4 and 11 real tokens
     assert sorted(g_one) == sorted(g_two)
     for n in g_one:
         torch.testing.assert_close(g_two[n], g_one[n], atol=1e-8, rtol=1e-5)
