@@ -105,23 +105,28 @@ def test_reward_model_card_says_how_the_score_is_read_and_normalized(tmp_path):
 
 
 class Recorder:
-    """Stands in for the Hub: records create_repo / create_commit, or fails like a network error."""
+    """Stands in for the Hub: records create_repo / upload_folder (the files huggingface_hub's own
+    ``filter_repo_objects`` keeps under the ignore patterns: path, or the card's bytes), or fails like
+    a network error."""
 
     def __init__(self, fail: Exception | None = None):
         self.repos, self.commits, self.fail = [], [], fail
 
     def install(self, monkeypatch):
         from huggingface_hub import HfApi
+        from huggingface_hub.utils import filter_repo_objects
 
         rec = self
 
         def create_repo(self, repo_id, **kw):
             rec.repos.append((repo_id, kw))
 
-        def create_commit(self, repo_id, operations, **kw):
+        def upload_folder(self, *, repo_id, folder_path, ignore_patterns=None, **kw):
             if rec.fail:
                 raise rec.fail
-            rec.commits.append((repo_id, {op.path_in_repo: op.path_or_fileobj for op in operations}, kw))
+            names = filter_repo_objects([str(p.relative_to(folder_path)) for p in sorted(Path(folder_path).rglob("*")) if p.is_file()], ignore_patterns=ignore_patterns)
+            files = {n: Path(folder_path, n).read_bytes() if n == "README.md" else str(Path(folder_path, n)) for n in names}
+            rec.commits.append((repo_id, files, kw))
 
             class Info:
                 commit_url = f"https://huggingface.co/{repo_id}/commit/abc123"
@@ -129,7 +134,7 @@ class Recorder:
             return Info()
 
         monkeypatch.setattr(HfApi, "create_repo", create_repo)
-        monkeypatch.setattr(HfApi, "create_commit", create_commit)
+        monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
         return self
 
 

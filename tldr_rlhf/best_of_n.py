@@ -66,7 +66,7 @@ def best_of_n_run(name: str, path: str, posts: list, cfg, *, score: Callable[[li
     tok, queries, device, model = load_eval_policy(path, posts, cfg)
     with bf16_autocast(device, cfg.dtype):
         torch.manual_seed(seed)
-        flat = _sorted_generate(model, [q for q in queries for _ in range(n)], tok, cfg, greedy=False)  # N * n, post-major
+        flat = _sorted_generate(model, [q for q in queries for _ in range(n)], tok, cfg, greedy=False, desc=f"{name}: best-of-{n} candidates")  # N * n, post-major
     del model
     free_memory()
     eos = tok.eos_token_id

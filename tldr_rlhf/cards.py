@@ -6,10 +6,15 @@ each key metric in ``metrics.jsonl``, and for the reward model its ``final/confi
 is read, the normalization applied). The YAML metadata is huggingface_hub's ``ModelCardData``:
 ``base_model`` (a hub id; a local starting checkpoint passes on the ``base_model`` of its own card, so a
 PPO policy names the model its SFT started from), ``datasets`` (hub ids only), ``license`` (the base
-model's when its card says, else ``other``), ``tags``, ``library_name`` and ``pipeline_tag``.
+model's when its card says, else ``other`` with a ``license_name`` and, when the base is known, a
+``license_link`` to it), ``tags``, ``library_name`` and ``pipeline_tag``; the card is parsed back by
+``huggingface_hub.ModelCard`` and its metadata checked (``validated_card``) before it is written. The
+body names inputs by hub id or by a path relative to the run folder, never by an absolute local path
+(``shown_path``: "a local file (NAME)" otherwise), and lists the framework versions it was trained with.
 
-``push_folder`` uploads a model folder in one commit through ``huggingface_hub.HfApi`` (``--run.push-to-hub
-REPO_ID`` at the end of a stage, ``tldr-rlhf push RUN REPO_ID`` afterwards).
+``push_folder`` uploads a model folder through ``huggingface_hub.HfApi.upload_folder``
+with ``PUSH_IGNORE`` patterns (``--run.push-to-hub REPO_ID`` at the end of a stage, ``tldr-rlhf push
+RUN REPO_ID`` afterwards).
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -30,6 +37,9 @@ from .stages import COMMANDS
 log = logging.getLogger(__name__)
 
 CARD = "README.md"
+# what push leaves out: the completeness marker, training state (state.pt, rng-R.pt, FSDP shards), hidden files
+PUSH_IGNORE = [COMPLETE, "*.pt", "sharded/*", ".*", "*/.*"]
+FRAMEWORKS = ("tldr-rlhf", "torch", "transformers", "peft", "huggingface_hub")
 
 # The BibTeX entries every card cites; a stage's row adds its own (``stages.Stage.citations``)
 BIBTEX = {
@@ -85,6 +95,79 @@ def _lineage(start: str) -> tuple[str | None, str | None]:
     return (base[0] if isinstance(base, list) and base else base), data.get("license")
 
 
+def _license(base: str | None, base_license: str | None, start: str) -> dict[str, str]:
+    """The license metadata: the base model's license when its card names one (a local starting
+    folder's ``license_name`` / ``license_link`` passed on with an ``other``), else ``other`` with the
+    ``license_name`` the Hub asks for and, for a known hub base, a ``license_link`` to it."""
+    if base_license and base_license != "other":
+        return {"license": base_license}
+    inherited = _card_data_of(start) if start and not _hub_id(start) else {}
+    name = inherited.get("license_name") or ("same-as-base-model" if base else "unknown")
+    link = inherited.get("license_link") or (f"https://huggingface.co/{base}" if base else None)
+    return {"license": "other", "license_name": name, **({"license_link": link} if link else {})}
+
+
+def shown_path(value: str, run_path: Path) -> str:
+    """How a card names an input: a hub id or a relative path as given; an absolute (or ``~``) path
+    inside the run folder's parent relative to the run folder (``../sft/final``); any other local path
+    as "a local file (NAME)" / "a local folder (NAME)", so no absolute path reaches a pushed card."""
+    if not value or _hub_id(value):
+        return value
+    p = Path(value)
+    if not p.is_absolute() and not value.startswith("~") and ".." not in p.parts:
+        return value
+    full, home = p.expanduser().resolve(), Path(run_path).resolve()
+    if full.is_relative_to(home.parent):
+        return os.path.relpath(full, home)
+    return f"a local {'folder' if full.is_dir() else 'file'} ({p.name})"
+
+
+def _shown_spec(spec: str, run_path: Path) -> str:
+    """A reward spec (``TERM[:WEIGHT],...``) with each term's path shown by ``shown_path``."""
+    terms = []
+    for term in spec.split(","):
+        head, sep, weight = term.rpartition(":")
+        try:
+            float(weight)
+        except ValueError:
+            head, sep, weight = term, "", ""
+        terms.append(shown_path(head, run_path) + sep + weight)
+    return ",".join(terms)
+
+
+def framework_versions() -> list[tuple[str, str]]:
+    """(distribution, installed version) of ``FRAMEWORKS``; "not installed" for a missing one."""
+    from importlib import metadata
+
+    out = []
+    for dist in FRAMEWORKS:
+        try:
+            out.append((dist, metadata.version(dist)))
+        except metadata.PackageNotFoundError:
+            out.append((dist, "not installed"))
+    return out
+
+
+def validated_card(text: str) -> str:
+    """``text`` (YAML metadata + Markdown) parsed back by ``huggingface_hub.ModelCard`` and checked as
+    the Hub checks it on upload: a license, a ``license_name`` when the license is ``other``, hub ids
+    for ``base_model`` and ``datasets``. Returns the card as ModelCard writes it. Raises ValueError
+    naming the field otherwise."""
+    from huggingface_hub import ModelCard
+
+    data = ModelCard(text, ignore_metadata_errors=False).data
+    if not data.license:
+        raise ValueError("model card: no license")
+    if data.license == "other" and not data.license_name:
+        raise ValueError("model card: license 'other' needs a license_name")
+    for field in ("base_model", "datasets"):
+        values = getattr(data, field) or []
+        for v in [values] if isinstance(values, str) else values:
+            if not HUB_ID.match(str(v)):
+                raise ValueError(f"model card: {field} '{v}' is not a hub id")
+    return str(ModelCard(text))
+
+
 def last_metrics(records: list[dict[str, Any]], keys: tuple[tuple[str, str], ...]) -> list[tuple[str, float, int]]:
     """(label, value, step) of the last finite value of each key, in ``keys`` order (keys never
     logged are left out)."""
@@ -128,13 +211,13 @@ def _settings(stage: str, cfg: dict[str, Any]) -> list[tuple[str, Any]]:
     return rows
 
 
-def _reward_section(final: Path) -> str:
+def _reward_section(final: Path, run_path: Path) -> str:
     cfg = _read_json(final / "config.json")
     norm, offset = cfg.get("normalization"), cfg.get("reward_offset", 0.0)
     if norm:
         normalization = (
             f"Normalized as in N+ detail 14: the mean raw score of {norm.get('n', '?')} (query, human reference summary) pairs "
-            f"from `{norm.get('source', '?')}`, {norm.get('mean_before', offset):.6g}, was subtracted through the head's bias "
+            f"from `{shown_path(str(norm.get('source', '?')), run_path)}`, {norm.get('mean_before', offset):.6g}, was subtracted through the head's bias "
             f"(`reward_offset` = {offset:.6g} in config.json; std before {norm.get('std_before', float('nan')):.6g}): "
             "a human reference scores 0 on average."
         )
@@ -182,7 +265,8 @@ def model_card(run_path: Path, final: Path, *, stage: str, step: int) -> str:
     update ``step``, from the run folder's config.json and metrics.jsonl and ``final/config.json``."""
     from huggingface_hub import ModelCardData
 
-    cfg = _read_json(Path(run_path) / "config.json")
+    run_path = Path(run_path)
+    cfg = _read_json(run_path / "config.json")
     data = cfg.get("data") or {}
     task = data.get("task", "tldr")
     row = COMMANDS.get(stage)
@@ -194,7 +278,7 @@ def model_card(run_path: Path, final: Path, *, stage: str, step: int) -> str:
     card_data = ModelCardData(
         base_model=base,
         datasets=datasets or None,
-        license=base_license or "other",
+        **_license(base, base_license, start or ""),
         library_name="transformers",
         pipeline_tag="text-classification" if is_rm else "text-generation",
         tags=["tldr-rlhf", "rlhf", stage] + (["reward-model"] if is_rm else []) + (["summarization"] if task == "tldr" else []),
@@ -205,16 +289,16 @@ def model_card(run_path: Path, final: Path, *, stage: str, step: int) -> str:
     lines = [f"# {title} (tldr-rlhf `{stage}`)", ""]
     lines.append(
         f"Trained with tldr-rlhf stage `{stage}` for {step} "
-        f"{'updates' if family == 'rl' else 'optimizer steps'}, starting from `{start or '?'}`"
+        f"{'updates' if family == 'rl' else 'optimizer steps'}, starting from `{shown_path(start, run_path) if start else '?'}`"
         + (f" (base model `{base}`)" if base and base != start else "") + "."
     )
     if family == "rl":
-        lines.append(f"Reward: `{cfg.get('reward') or cfg.get('rm_path') or '?'}`; reference policy: the starting policy (frozen).")
+        lines.append(f"Reward: `{_shown_spec(cfg.get('reward') or cfg.get('rm_path') or '?', run_path)}`; reference policy: the starting policy (frozen).")
     if family == "preference":
         lines.append("Reference policy: the starting policy (frozen).")
     sources = [d for d in (data.get("train"), data.get("valid"), data.get("comparisons")) if d]
     if sources:
-        lines.append("Data: " + ", ".join(f"`{d}`" for d in sources) + ".")
+        lines.append("Data: " + ", ".join(f"`{shown_path(d, run_path)}`" for d in sources) + ".")
     lines.append("")
     metrics = last_metrics(_records(Path(run_path)), row.card_metrics if row else ())
     if metrics:
@@ -226,10 +310,11 @@ def model_card(run_path: Path, final: Path, *, stage: str, step: int) -> str:
         lines += ["## Settings", "", "| setting | value |", "|---|---|"]
         lines += [f"| {k} | {json.dumps(v) if not isinstance(v, str) else v} |" for k, v in settings]
         lines += ["", f"The run's whole config is in `config.json` of its run folder (`tldr-rlhf {stage} --config config.json` repeats it).", ""]
-    lines.append(_reward_section(Path(final)) if is_rm else _policy_section(task))
+    lines.append(_reward_section(Path(final), run_path) if is_rm else _policy_section(task))
+    lines += ["## Framework versions", ""] + [f"- {dist}: {version}" for dist, version in framework_versions()] + [""]
     cites = (*BIBTEX.values(), *(row.citations if row else ()))
     lines += ["## Citations", "", "```bibtex", "\n\n".join(cites), "```", ""]
-    return "---\n" + card_data.to_yaml() + "\n---\n\n" + "\n".join(lines)
+    return validated_card("---\n" + card_data.to_yaml() + "\n---\n\n" + "\n".join(lines))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -266,32 +351,44 @@ def model_folder(run: str | Path) -> Path:
     return p
 
 
+def _with_card(folder: Path, staging: Path) -> Path:
+    """``staging`` holding links to ``folder``'s files and a model card written from its run folder
+    (a checkpoint has none; the checkpoint itself is left untouched). Returns ``staging``."""
+    marker = _read_json(folder / COMPLETE)
+    run_path = folder.parent.parent if folder.parent.name == "checkpoints" else folder.parent
+    stage = marker.get("stage") or _read_json(run_path / "final" / COMPLETE).get("stage") or "sft"
+    step = marker.get("step", int(folder.name.split("-")[-1]) if folder.name.startswith("step-") else 0)
+    for p in folder.rglob("*"):
+        if p.is_file():
+            link = staging / p.relative_to(folder)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(p.resolve())
+    (staging / CARD).write_text(model_card(run_path, folder, stage=stage, step=step))
+    return staging
+
+
 def push_folder(folder: Path, repo_id: str, *, private: bool = True, revision: str = "", message: str = "") -> str:
-    """Upload ``folder`` (weights, config, tokenizer, README.md; not the run's COMPLETE.json or a
-    checkpoint's state.pt) to ``repo_id`` in one commit, creating the repo when missing. A folder
-    without README.md gets a card written from its run folder. Returns the commit URL. Raises
-    TldrRlhfError for a bad repo id or a failed upload (huggingface_hub's reason in one line)."""
-    from huggingface_hub import CommitOperationAdd, HfApi
+    """Upload ``folder`` (weights, config, tokenizer, README.md; not what ``PUSH_IGNORE`` names: the
+    run's COMPLETE.json, a checkpoint's training state, hidden files) to ``repo_id`` by
+    ``HfApi.upload_folder``, creating the repo when missing. A folder without README.md is uploaded
+    with a card written from its run folder. Returns the commit URL. Raises TldrRlhfError for a bad
+    repo id or a failed upload (huggingface_hub's reason in one line)."""
+    from huggingface_hub import HfApi
 
     if not HUB_ID.match(repo_id):
         raise TldrRlhfError(f"{repo_id}: expected a Hub repo id, NAMESPACE/NAME")
     folder = Path(folder)
-    skip = {COMPLETE, "state.pt"}
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in skip and not any(part.startswith(".") for part in p.relative_to(folder).parts))
-    ops = [CommitOperationAdd(path_in_repo=str(p.relative_to(folder)), path_or_fileobj=str(p)) for p in files]
-    if not (folder / CARD).is_file():
-        marker = _read_json(folder / COMPLETE)
-        run_path = folder.parent.parent if folder.parent.name == "checkpoints" else folder.parent
-        stage = marker.get("stage") or _read_json(run_path / "final" / COMPLETE).get("stage") or "sft"
-        step = marker.get("step", int(folder.name.split("-")[-1]) if folder.name.startswith("step-") else 0)
-        card = model_card(run_path, folder, stage=stage, step=step)
-        ops.append(CommitOperationAdd(path_in_repo=CARD, path_or_fileobj=card.encode()))
     api = HfApi()
-    try:
-        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        info = api.create_commit(repo_id, ops, commit_message=message or f"tldr-rlhf: upload {folder}", revision=revision or None, repo_type="model")
-    except Exception as e:  # noqa: BLE001 - network, auth, quota: one line, the run is untouched
-        raise TldrRlhfError(f"push to {repo_id} failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); log in with `hf auth login` or set HF_TOKEN, then run: tldr-rlhf push {folder} {repo_id}") from e
+    with tempfile.TemporaryDirectory(prefix="tldr-rlhf-push-") as staging:
+        source = folder if (folder / CARD).is_file() else _with_card(folder, Path(staging))
+        try:
+            api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+            info = api.upload_folder(
+                repo_id=repo_id, folder_path=source, ignore_patterns=PUSH_IGNORE, repo_type="model",
+                commit_message=message or f"tldr-rlhf: upload {folder.name}", revision=revision or None,
+            )
+        except Exception as e:  # noqa: BLE001 - network, auth, quota: one line, the run is untouched
+            raise TldrRlhfError(f"push to {repo_id} failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); log in with `hf auth login` or set HF_TOKEN, then run: tldr-rlhf push {folder} {repo_id}") from e
     url = getattr(info, "commit_url", None) or f"https://huggingface.co/{repo_id}"
     return str(url)
 

@@ -6,9 +6,11 @@ refuse a model given to the wrong flag, or a half-written one, before they load 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 from .errors import ConfigError, ModelLoadError
 from .modeling import looks_local, offline_kwargs
@@ -25,11 +27,56 @@ def step_of(checkpoint: Path) -> int:
     return int(checkpoint.name.split("-")[1])
 
 
+SMALL_FILE_BYTES = 1 << 20  # files up to 1 MiB (configs, card, small tokenizer files) are hashed in the marker
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def completeness_record(folder: str | Path) -> dict[str, dict[str, Any]]:
+    """What ``COMPLETE.json`` records of a model folder just written: ``files`` (relative path ->
+    size in bytes, every file) and ``sha256`` (relative path -> hex digest, files up to
+    ``SMALL_FILE_BYTES``). ``final_problem`` checks the folder against it."""
+    folder = Path(folder)
+    files = {p: p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        "files": {str(p.relative_to(folder)): size for p, size in files.items()},
+        "sha256": {str(p.relative_to(folder)): _sha256(p) for p, size in files.items() if size <= SMALL_FILE_BYTES},
+    }
+
+
+def final_problem(path: str | Path) -> str | None:
+    """Why ``path`` is not a finished ``final/`` folder, or None when it is: its completeness marker
+    (``RunDir.write_final`` writes it last) exists, and every file it records is there with the
+    recorded size and, for the small files it hashed, the recorded sha256. A ``final/`` left
+    half-written by a crash or a full disk has no marker; a damaged one (a truncated weights file, an
+    edited config) fails the sizes or hashes. A marker from before sizes were recorded is taken as it is."""
+    p = Path(path)
+    try:
+        record = json.loads((p / COMPLETE).read_text())
+    except FileNotFoundError:
+        return f"no {COMPLETE}: its save did not finish"
+    except (OSError, ValueError):
+        return f"its {COMPLETE} is unreadable"
+    if not isinstance(record, dict):
+        return f"its {COMPLETE} is unreadable"
+    for name, size in (record.get("files") or {}).items():
+        f = p / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size} bytes, {COMPLETE} recorded {size}"
+    for name, digest in (record.get("sha256") or {}).items():
+        if not (p / name).is_file() or _sha256(p / name) != digest:
+            return f"{name} is not the file that was written (sha256 differs from {COMPLETE})"
+    return None
+
+
 def final_is_complete(path: str | Path) -> bool:
-    """True when ``path`` is a ``final/`` folder whose save finished (its completeness marker exists;
-    ``RunDir.write_final`` writes it last). A ``final/`` left half-written by a crash or a full disk
-    has no marker."""
-    return (Path(path) / COMPLETE).is_file()
+    """True when ``path`` is a ``final/`` folder whose save finished and whose files are the ones
+    written (``final_problem`` finds nothing)."""
+    return final_problem(path) is None
 
 
 # Architecture name endings of the Hugging Face classes each kind loads as.
@@ -152,7 +199,7 @@ def check_input(value: str, name: str, what: str = "file or folder") -> None:
     p = Path(value)
     if p.exists():
         if p.is_dir() and p.name == "final" and (p.parent / "config.json").is_file() and not final_is_complete(p):
-            raise ConfigError(f"{name}{value}: the run's final/ is incomplete (its save did not finish); rerun that stage to complete it")
+            raise ConfigError(f"{name}{value}: the run's final/ is incomplete ({final_problem(p)}); rerun that stage to complete it")
         return
     first = p.parts[0] if p.parts else ""
     looks_local = (

@@ -50,8 +50,9 @@ class GenerateArgs:
     """Greedy decoding instead of sampling."""
     temperature: float = 0.7
     """Sampling temperature (N+ default 0.7)."""
-    max_new_tokens: int = 63
-    """Response length cap in tokens."""
+    response_length: int = 63
+    """Maximum new tokens per summary, as in every command (--max-new-tokens is the old spelling, still
+    accepted with a deprecation line)."""
     max_query_length: int = 512
     """Query token cap (smart truncation)."""
     batch_size: int = 8
@@ -60,6 +61,8 @@ class GenerateArgs:
     """Sampling seed."""
     output: str = ""
     """Also write {id, summary, reference} JSON lines here."""
+    num_threads: int = 0
+    """torch CPU threads (0 = torch's default)."""
 
 
 @dataclass(frozen=True)
@@ -86,7 +89,10 @@ def run_generate(args: GenerateArgs) -> list[dict[str, Any]]:
     from .generation import decode_response, generate
     from .modeling import load_causal_lm, load_tokenizer
     from .checkpoints import require_kind
+    from .progress import progress
 
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
     if sum(map(bool, (args.posts, args.post, args.instruction))) != 1:
         raise TldrRlhfError("give exactly one of --posts FILE, --post TEXT or --instruction TEXT")
     require_kind(args.model, "policy", "--model")  # a reward model's final/ is refused before anything loads
@@ -101,7 +107,8 @@ def run_generate(args: GenerateArgs) -> list[dict[str, Any]]:
         queries = [prompt_ids(tok, args.instruction)]
     else:
         queries = [format_query(tok, p.subreddit, p.title, p.post, args.max_query_length)[1] for p in posts]
-    responses = generate(model, queries, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, max_new_tokens=args.max_new_tokens, temperature=args.temperature, greedy=args.greedy, batch_size=args.batch_size)
+    with progress(len(queries), "generating", unit="post", enabled=bool(args.posts)) as bar:  # a posts file: an ETA
+        responses = generate(model, queries, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, max_new_tokens=args.response_length, temperature=args.temperature, greedy=args.greedy, batch_size=args.batch_size, on_batch=bar.update)
     records = [{"id": p.id, "title": p.title, "summary": decode_response(tok, r), "reference": p.summary.strip()} for p, r in zip(posts, responses)]
     for r in records:
         print(f"[{r['id']}] {r['title']}\n  summary:   {r['summary']}" + (f"\n  reference: {r['reference']}" if r["reference"] else ""))
@@ -152,8 +159,52 @@ def version_lines() -> list[str]:
     return lines
 
 
-# short flag -> the config section it belongs to (``--task`` is ``--data.task``)
-SHORT_FLAGS = {"--task": "data", "--report-to": "run", "--push-to-hub": "run"}
+# short flag -> the config section it belongs to (``--task`` is ``--data.task``; ``--num-threads``, the
+# spelling of the commands without a run folder, is ``--run.num-threads``)
+SHORT_FLAGS = {"--task": "data", "--report-to": "run", "--push-to-hub": "run", "--num-threads": "run"}
+# config class -> {old flag: new flag}: one spelling across commands for the reward-model path (--rm-path)
+# and the response length cap (--response-length); the old one still works and prints one deprecation
+# line. A config that nests one of these classes takes the old flag under its section (the pipeline's
+# --evaluate-rm.model, --dpo.sample-max-new-tokens): ``renamed_flags``.
+RENAMED_FLAGS = {
+    "EvaluateRMConfig": {"--model": "--rm-path"},
+    "DPOConfig": {"--sample-max-new-tokens": "--sample-response-length"},
+    "GenerateArgs": {"--max-new-tokens": "--response-length"},
+}
+
+
+def renamed_flags(cls: type, prefix: str = "--") -> dict[str, str]:
+    """{old flag: new flag} of config class ``cls`` (``RENAMED_FLAGS``) and of every config section it
+    nests, each under its section's flag prefix (``--evaluate-rm.``)."""
+    import typing
+
+    out = {prefix + old[2:]: prefix + new[2:] for old, new in RENAMED_FLAGS.get(cls.__name__, {}).items()}
+    if not dataclasses.is_dataclass(cls):
+        return out
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # noqa: BLE001 - an annotation that does not resolve: no nested sections to look at
+        return out
+    for f in dataclasses.fields(cls):
+        sub = hints.get(f.name)
+        if isinstance(sub, type) and dataclasses.is_dataclass(sub):
+            out.update(renamed_flags(sub, f"{prefix}{f.name.replace('_', '-')}."))
+    return out
+
+
+def _renamed(command: str, cls: type, rest: list[str]) -> list[str]:
+    """``rest`` with each old flag of ``command``'s config class ``cls`` (``renamed_flags``, also in its
+    ``--flag=VALUE`` form) replaced by its new spelling, printing one deprecation line to stderr per old flag."""
+    renamed = renamed_flags(cls)
+    out = []
+    for arg in rest:
+        flag, sep, value = arg.partition("=")
+        new = renamed.get(flag)
+        if new:
+            print(f"tldr-rlhf {command}: {flag} is deprecated, use {new} (the same flag in every command)", file=sys.stderr)
+            arg = new + sep + value
+        out.append(arg)
+    return out
 
 
 def _expand_short(arg: str, short: str, section: str) -> str:
@@ -229,6 +280,7 @@ def parse(argv: list[str]):
         from .config.files import config_from_file
 
         default = config_from_file(cls, config_file, default)
+    rest = _renamed(name, cls, rest)
     for short, section in SHORT_FLAGS.items():  # --task X: short for --data.task X; --report-to: --run.report-to
         if section in fields and short.lstrip("-").replace("-", "_") not in fields:
             rest = [_expand_short(a, short, section) for a in rest]
@@ -261,13 +313,27 @@ def _failure_line(e: BaseException) -> tuple[str, int] | None:
         return f"\ntldr-rlhf: interrupted{resume_hint()}", 130
     if isinstance(e, OSError):  # a full disk, a folder that vanished: the run can be resumed
         return f"tldr-rlhf: error: {e}{resume_hint()} (--debug shows the traceback)", 1
+    os_error = _safetensors_os_error(e)
+    if os_error:  # the same, met by safetensors' writer, which reports it as its own error type
+        return f"tldr-rlhf: error: {os_error} (writing safetensors weights){resume_hint()} (--debug shows the traceback)", 1
     return None
+
+
+def _safetensors_os_error(e: BaseException) -> str | None:
+    """``[Errno 28] No space left on device`` for a safetensors ``SafetensorError`` that wraps an OS
+    error ("Error while serializing: I/O error: No space left on device (os error 28)"); None for any
+    other exception."""
+    if type(e).__name__ != "SafetensorError":
+        return None
+    found = re.search(r"I/O error: (.*) \(os error (\d+)\)", str(e))
+    return f"[Errno {found.group(2)}] {found.group(1)}" if found else None
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``tldr-rlhf``. Exit codes: 0 done, 2 a user error (one line naming the flag,
     file, line or field; ``--debug`` adds the traceback), 1 an OS error such as a full disk (one line
-    and where to resume), 130 interrupted by Ctrl-C (one line and where to resume)."""
+    and where to resume) or a failed ``--run.push-to-hub`` upload of a run that is saved (one line
+    each, with the command that retries it), 130 interrupted by Ctrl-C (one line and where to resume)."""
     import os
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -286,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     # lazy: `tldr-rlhf --help` and every command's --help load without torch and transformers
-    from .opened_runs import close_opened_runs, forget_opened_runs, restore_replaced_runs
+    from .opened_runs import close_opened_runs, forget_opened_runs, push_failures, restore_replaced_runs
 
     forget_opened_runs()  # the run folders of this invocation only
     try:
@@ -296,6 +362,10 @@ def main(argv: list[str] | None = None) -> int:
         validate_config(cfg, check_paths=type(cfg).__name__ != "PipelineConfig")
         with logging_redirect_tqdm():  # per-step log lines print above the progress bar, not through it
             fn(cfg)
+        if push_failures():  # every run is saved; the upload the user asked for did not happen
+            for line in push_failures():
+                print(f"tldr-rlhf: error: {line}", file=sys.stderr)
+            return 1
     except BaseException as e:
         restore_replaced_runs()
         failure = _failure_line(e)

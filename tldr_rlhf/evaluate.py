@@ -39,6 +39,7 @@ from .metrics import comparison_metrics, length_controlled_win_rate, outcomes_fr
 from .modeling import check_model_exists, load_tokenizer_cached
 from .reward_loading import load_frozen_reward_model
 from .precision import bf16_autocast
+from .progress import progress
 from .summaries import PolicyRun, eval_device, free_memory, generation_key, kl_to_sft, load_policy_run, policy_file, run_policy, save_policy_run
 from .stages import EVAL_FILE
 from .validation import validate_config
@@ -108,22 +109,25 @@ def held_out_posts(cfg: EvaluateConfig, tokenizers: Sequence = ()) -> tuple[list
 
 
 @torch.no_grad()
-def score_summaries(model, tok, posts: Sequence, summaries: Sequence[str], *, data, batch_size: int = 16) -> list[float]:
+def score_summaries(model, tok, posts: Sequence, summaries: Sequence[str], *, data, batch_size: int = 16, desc: str = "scoring") -> list[float]:
     """Reward of each (post, summary) under a scalar-head reward model, read at the EOS of the
     response formatted as the task trains it (TL;DR ``" " + summary + EOS``) after the formatted query
     (the layout the reward model trained on; N+ details 2-3, 12-13). ``data`` is the evaluation data
-    section (task, caps). Rows are scored in length order (less padding). Returns N floats."""
+    section (task, caps). Rows are scored in length order (less padding), with progress (``desc``).
+    Returns N floats."""
     device = next(model.parameters()).device
     queries = [query_ids(tok, p, data) for p in posts]
     responses = [response_ids(tok, s, data) for s in summaries]
     order = sorted(range(len(posts)), key=lambda i: len(queries[i]) + len(responses[i]))
     out = [0.0] * len(posts)
-    for k in range(0, len(order), batch_size):
-        idx = order[k : k + batch_size]
-        b = collate_query_response([queries[i] for i in idx], [responses[i] for i in idx], tok.pad_token_id)
-        scores = score_at_last_token(model, b.input_ids.to(device), b.attention_mask.to(device)).float().cpu().tolist()
-        for i, s in zip(idx, scores):
-            out[i] = s
+    with progress(len(order), desc, unit="post") as bar:
+        for k in range(0, len(order), batch_size):
+            idx = order[k : k + batch_size]
+            b = collate_query_response([queries[i] for i in idx], [responses[i] for i in idx], tok.pad_token_id)
+            scores = score_at_last_token(model, b.input_ids.to(device), b.attention_mask.to(device)).float().cpu().tolist()
+            for i, s in zip(idx, scores):
+                out[i] = s
+            bar.update(len(idx))
     return out
 
 
@@ -139,10 +143,10 @@ def score_with(path: str, posts: list, texts: dict[str, list[str]], cfg: Evaluat
     out = {}
     with bf16_autocast(device, cfg.dtype):
         for name, summaries in texts.items():
-            out[name] = score_summaries(model, tok, posts, summaries, data=cfg.data, batch_size=cfg.batch_size)
+            out[name] = score_summaries(model, tok, posts, summaries, data=cfg.data, batch_size=cfg.batch_size, desc=f"{name}: reward-model scores")
         pairs = held_out_pairs(cfg.data, tok) if pair_metrics is not None else None
         if pairs:
-            r = score_comparisons(model, pairs, pad_token_id=tok.pad_token_id, batch_size=cfg.batch_size, desc="held-out pairs")
+            r = score_comparisons(model, pairs, pad_token_id=tok.pad_token_id, batch_size=cfg.batch_size, desc="held-out pairs", progress=True)
             pair_metrics.update(comparison_metrics(r, lengths=pair_lengths(pairs)))
     del model
     free_memory()
@@ -263,7 +267,7 @@ def _llm_verdicts(client, runs: list[PolicyRun], posts: list, references: list[s
 
     k = cfg.judge.limit or len(posts)
     judged_posts = [query_text(p) for p in posts[:k]]
-    return {r.name: judge_pairs(client, judged_posts, r.texts[:k], references[:k], seed=cfg.seed * 1000 + i, max_parallel=cfg.judge.max_parallel) for i, r in enumerate(runs)}
+    return {r.name: judge_pairs(client, judged_posts, r.texts[:k], references[:k], seed=cfg.seed * 1000 + i, max_parallel=cfg.judge.max_parallel, desc=f"{r.name}: LLM judge") for i, r in enumerate(runs)}
 
 
 def _policy_metrics(r: PolicyRun, references: list[str], ref_lengths: list[int], rm_scores: dict, judge_scores: dict, verdicts: list | None, kl: dict | None) -> dict[str, Any]:

@@ -5,6 +5,8 @@ Shapes: B batch, P query tokens (left-padded), T new tokens.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from .data.batching import collate_queries
@@ -26,9 +28,11 @@ def generate(
     greedy: bool = False,
     batch_size: int = 16,
     min_new_tokens: int = 0,
+    on_batch: Callable[[int], None] | None = None,
 ) -> list[list[int]]:
     """Sample (or greedily decode) one response per query; returns token lists that end at the first
-    EOS inclusive (or are ``max_new_tokens`` long without EOS).
+    EOS inclusive (or are ``max_new_tokens`` long without EOS). ``on_batch(k)`` is called after each
+    batch of k queries (a progress meter's ``update``: ``progress.progress``).
 
     Sampling is pure temperature sampling (top_k 0, top_p 1.0), as in N+. ``min_new_tokens`` > 0
     is refused: with EOS set it masks EOS out entirely for those steps, the pitfall the seeds hit
@@ -60,6 +64,8 @@ def generate(
         truncated, rmask = truncate_after_eos(responses, eos_token_id, pad_token_id)
         for row, m in zip(truncated.tolist(), rmask.tolist()):
             out.append([t for t, keep in zip(row, m) if keep])
+        if on_batch is not None:
+            on_batch(len(truncated))
     model.train(was_training)
     return out
 

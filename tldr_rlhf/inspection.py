@@ -75,6 +75,8 @@ class InspectConfig:
     """Sequences per generation / forward pass."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """auto = float32 on CPU, bfloat16 autocast on CUDA."""
+    num_threads: int = 0
+    """torch CPU threads (0 = torch's default)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -130,6 +132,7 @@ def inspect_policies(cfg: InspectConfig) -> list[dict[str, Any]]:
     from .generation import decode_response, generate
     from .modeling import load_causal_lm, load_tokenizer_cached
     from .precision import bf16_autocast
+    from .progress import progress
     from .rollout import response_logprobs
     from .summaries import eval_device, free_memory
     from .tasks import query_ids
@@ -142,8 +145,11 @@ def inspect_policies(cfg: InspectConfig) -> list[dict[str, Any]]:
     posts = _posts(cfg, list(toks.values()))
     records = [{"id": p.id, "subreddit": p.subreddit, "title": p.title, "post": p.post, "reference": p.summary, "policies": {}} for p in posts]
     batches = {}
+    # progress by passes (each a model load and a forward over every post): a minute for one post on a CPU
+    bar = progress(len(policies) * (2 if cfg.reference else 1) + bool(cfg.rm_path), "inspect", unit="pass", every=1)
     # 1. Each policy: its summaries and their log-probs, one model in memory at a time.
     for name, path in policies.items():
+        bar.set_description(f"inspect: {name}: summaries and log-probs")
         tok = toks[name]
         model = load_causal_lm(path, tokenizer=tok).to(device)
         queries = [query_ids(tok, p, cfg.data) for p in posts]
@@ -162,6 +168,7 @@ def inspect_policies(cfg: InspectConfig) -> list[dict[str, Any]]:
             }
         del model
         free_memory()
+        bar.update(1)
     # 2. The reference's log-probs of every policy's tokens: the per-token KL terms.
     if cfg.reference:
         ref_tok = load_tokenizer_cached(cfg.reference)
@@ -171,7 +178,9 @@ def inspect_policies(cfg: InspectConfig) -> list[dict[str, Any]]:
         ref = load_causal_lm(cfg.reference, tokenizer=ref_tok).to(device)
         with bf16_autocast(device, cfg.dtype):
             for name, batch in batches.items():
+                bar.set_description(f"inspect: {name}: reference log-probs")
                 ref_lp, _ = response_logprobs(ref, batch, temperature=cfg.temperature, batch_size=cfg.batch_size)
+                bar.update(1)
                 for rec, row in zip(records, ref_lp):
                     p = rec["policies"][name]
                     kl = [a - b for a, b in zip(p["logprobs"], row[: len(p["ids"])].float().tolist())]
@@ -181,10 +190,13 @@ def inspect_policies(cfg: InspectConfig) -> list[dict[str, Any]]:
     # 3. The reward model's score of each summary, read as evaluate reads it.
     if cfg.rm_path:
         texts = {name: [rec["policies"][name]["text"] for rec in records] for name in policies}
+        bar.set_description("inspect: reward-model scores")
         scores = score_with(cfg.rm_path, posts, texts, cfg)
         for name, values in scores.items():
             for rec, s in zip(records, values):
                 rec["policies"][name]["rm_score"] = s
+        bar.update(1)
+    bar.close()
     return records
 
 
@@ -257,6 +269,8 @@ def render_html(records: Sequence[dict[str, Any]], cfg: InspectConfig) -> str:
 
 def inspect(cfg: InspectConfig) -> list[dict[str, Any]]:
     """``tldr-rlhf inspect``: compute the numbers, print the view, write --html / --output when asked."""
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
     records = inspect_policies(cfg)
     render_terminal(records, cfg)
     if cfg.html:

@@ -90,12 +90,34 @@ def verdict_from_letter(letter: str | None, policy_first: bool) -> str | None:
     return "policy" if (letter == "A") == policy_first else "reference"
 
 
+def check_key_transport(url: str, api_key_env: str) -> None:
+    """Refuse to send an API key in the clear: raises JudgeError (one line naming ``--judge.url`` and
+    the variable) when ``api_key_env`` holds a key and ``url`` is plain ``http://`` to a host that is
+    not this machine (``localhost``, a loopback address). https, a local server, or no key pass."""
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    if not (api_key_env and os.environ.get(api_key_env)) or not url.lower().startswith("http://"):
+        return
+    host = (urlsplit(url).hostname or "").lower()
+    try:
+        local = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        local = host == "localhost" or host.endswith(".localhost")
+    if not local:
+        raise JudgeError(
+            f"--judge.url {url}: refusing to send the API key (${api_key_env}) over plain http to {host}; "
+            "use https://, a server on this machine, or --judge.api-key-env '' to send no key"
+        )
+
+
 class ChatClient:
     """Minimal OpenAI-compatible chat-completions client (``POST {url}/chat/completions``).
 
     ``url`` is the API base, e.g. ``https://api.openai.com/v1`` or ``http://127.0.0.1:8000/v1`` (a
     vLLM / llama.cpp server). The API key is read from the environment variable ``api_key_env``
-    (no Authorization header when it is unset, as local servers expect). ``temperature`` < 0 sends
+    (no Authorization header when it is unset, as local servers expect), never over plain http to
+    another machine (``check_key_transport``: JudgeError). ``temperature`` < 0 sends
     none (the server's default; N+ sent none). Retries ``retries`` times with exponential backoff on
     connection errors, HTTP 429 and 5xx.
     """
@@ -103,6 +125,7 @@ class ChatClient:
     def __init__(self, url: str, model: str, *, api_key_env: str = "OPENAI_API_KEY", timeout_s: float = 60.0, retries: int = 3, backoff_s: float = 1.0, temperature: float = -1.0):
         if not url.startswith(("http://", "https://")):
             raise JudgeError(f"judge url must start with http:// or https://, got {url!r}")
+        check_key_transport(url, api_key_env)
         self.endpoint = url.rstrip("/") + "/chat/completions"
         self.model = model
         self.api_key = os.environ.get(api_key_env, "") if api_key_env else ""
@@ -141,10 +164,14 @@ class ChatClient:
         raise JudgeError(f"judge request failed after {self.retries + 1} attempts: {last}")
 
 
-def judge_pairs(client: ChatClient, posts: Sequence[str], policy_summaries: Sequence[str], reference_summaries: Sequence[str], *, seed: int = 0, max_parallel: int = 8) -> list[Verdict]:
+def judge_pairs(
+    client: ChatClient, posts: Sequence[str], policy_summaries: Sequence[str], reference_summaries: Sequence[str], *, seed: int = 0, max_parallel: int = 8,
+    desc: str = "",
+) -> list[Verdict]:
     """Judge each (post, policy summary, reference) with the N+ prompt, the order of the two summaries
     drawn per item from ``random.Random(seed)`` (so runs repeat). Requests run ``max_parallel`` at a
-    time. Returns one Verdict per item, in order; failed requests are Verdicts with ``error`` set.
+    time, with progress (``progress.progress``) when ``desc`` names them. Returns one Verdict per
+    item, in order; failed requests are Verdicts with ``error`` set.
     Raises ValueError for sequences of different lengths."""
     if not len(posts) == len(policy_summaries) == len(reference_summaries):
         raise ValueError(f"lengths differ: {len(posts)} posts, {len(policy_summaries)} policy summaries, {len(reference_summaries)} references")
@@ -158,9 +185,13 @@ def judge_pairs(client: ChatClient, posts: Sequence[str], policy_summaries: Sequ
             reply = client.complete(build_prompt(posts[i], a, b))
         except JudgeError as e:
             return Verdict(i, first, None, "", str(e))
+        finally:
+            bar.update(1)
         return Verdict(i, first, verdict_from_letter(parse_preference(reply), first), reply)
 
-    with ThreadPoolExecutor(max_workers=max(1, max_parallel)) as pool:
+    from .progress import progress
+
+    with progress(len(posts), desc, unit="pair", enabled=bool(desc)) as bar, ThreadPoolExecutor(max_workers=max(1, max_parallel)) as pool:
         verdicts = list(pool.map(one, range(len(posts))))
     bad = sum(v.preferred is None for v in verdicts)
     if bad:

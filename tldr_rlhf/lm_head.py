@@ -23,7 +23,7 @@ from torch import nn
 
 from .data.batching import QueryResponseBatch
 from .distributed import is_sharded
-from .modeling import checkpointing_active, kv_cache_kwargs, response_logits
+from .modeling import AdaptersDisabled, checkpointing_active, kv_cache_kwargs, response_logits
 from .ops import position_ids_from_mask, token_logprobs
 
 # Logits block budget: on CPU a block that stays in cache is fastest (measured: 4 MiB blocks 2x faster
@@ -145,7 +145,7 @@ def split_lm_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
     ``head(backbone(...).last_hidden_state)``; None when that does not hold or is not known to hold
     (logit softcapping or scaling, a LoRA-wrapped head, no ``get_decoder``, an FSDP-sharded model:
     its weights are gathered only inside its own forward)."""
-    if is_sharded(model):
+    if is_sharded(model) or isinstance(model, AdaptersDisabled):  # its backbone and head run with the adapters on
         return None
     base = model.get_base_model() if hasattr(model, "get_base_model") and hasattr(model, "peft_config") else model
     cfg = getattr(base, "config", None)
@@ -182,8 +182,13 @@ def response_token_logprobs(model: nn.Module, batch: QueryResponseBatch, *, num_
     ``modeling.response_logits`` over full rows; sliding-window models never share the prompt, nor
     does a training forward under activation checkpointing (``modeling.checkpointing_active``:
     transformers ignores key/value caches there), which runs full rows.
+    A LoRA reference (``modeling.AdaptersDisabled``) runs as its policy inside
+    ``policy.disable_adapter()``: the base weights, on the shared prompt too.
     Raises ValueError when R is not a multiple of ``num_queries``.
     """
+    if isinstance(model, AdaptersDisabled):
+        with model.policy.disable_adapter():
+            return response_token_logprobs(model.policy, batch, num_queries=num_queries, temperature=temperature)
     parts = split_lm_head(model)
     mask = batch.response_mask
     if parts is None:
@@ -287,8 +292,12 @@ def grouped_response_logits(model: nn.Module, batch: QueryResponseBatch, *, shar
     full rows give). Rows may come in any order and a micro-batch may hold part of a group.
     Falls back to ``modeling.response_logits`` with ``shared_prompt`` False, when the model cannot
     share (``can_share_prompt``), or in a training forward under activation checkpointing
-    (``modeling.checkpointing_active``). Shapes: batch input_ids (R, P + T); V vocabulary.
+    (``modeling.checkpointing_active``). A LoRA reference (``modeling.AdaptersDisabled``) runs as
+    its policy inside ``policy.disable_adapter()``. Shapes: batch input_ids (R, P + T); V vocabulary.
     """
+    if isinstance(model, AdaptersDisabled):  # explicit: the backbone and head below would run with the adapters on
+        with model.policy.disable_adapter():
+            return grouped_response_logits(model.policy, batch, shared_prompt=shared_prompt)
     if not shared_prompt or not can_share_prompt(model):
         return response_logits(model, batch.input_ids, batch.attention_mask, batch.query_width)
     backbone, head = split_lm_head(model)

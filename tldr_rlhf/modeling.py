@@ -186,8 +186,23 @@ def load_causal_lm(path: str, *, dtype: torch.dtype = torch.float32, tokenizer=N
     if kw:
         _strip_gguf_quantizer(model)
     if tokenizer is not None:
+        check_vocab_fits(model, tokenizer, path)
         set_special_ids(model, tokenizer)
     return disable_dropout(model)
+
+
+def check_vocab_fits(model: nn.Module, tokenizer, path: str) -> None:
+    """Raise ModelLoadError (one line naming the model) when ``tokenizer`` has more tokens than the
+    model's input embedding has rows (V_tok > V): its higher ids would index past the embedding and
+    fail deep inside the first forward pass. A larger embedding than the tokenizer (Qwen2.5's padded
+    151936 rows for 151665 tokens) is fine."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(embeddings, "num_embeddings", None)
+    if isinstance(rows, int) and len(tokenizer) > rows:
+        raise ModelLoadError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model '{path}' has only {rows} embedding rows (ids up to {rows - 1}); "
+            "give the model's own tokenizer (--model.tokenizer / --tokenizer)"
+        )
 
 
 def set_special_ids(model: nn.Module, tokenizer) -> None:

@@ -1,9 +1,10 @@
 """The run folders the current command opened, for the CLI's crash and Ctrl-C handling: end their
-tracker runs, give back an old run that ``--run.overwrite`` moved aside, and say where to resume.
+tracker runs, give back an old run that ``--run.overwrite`` moved aside, and say where to resume; and
+the ``--run.push-to-hub`` uploads of this command that failed (the CLI exits non-zero after them).
 
 This module knows nothing about what a run folder holds: it calls the methods of the folders that
 registered themselves (``train.run_dir.RunDir``: ``close_trackers``, ``restore_replaced``,
-``latest_checkpoint``, ``path``).
+``latest_checkpoint``, ``path``, ``restored``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 from .checkpoints import step_of
 
 _ACTIVE: list[Any] = []  # run folders opened by this process (the CLI's Ctrl-C / error lines)
+_PUSH_FAILURES: list[str] = []  # failed --run.push-to-hub uploads of this command (the CLI exits non-zero)
 
 
 def register(run: Any) -> None:
@@ -23,6 +25,17 @@ def register(run: Any) -> None:
 def forget_opened_runs() -> None:
     """Start a new command: forget the run folders opened before it in this process."""
     _ACTIVE.clear()
+    _PUSH_FAILURES.clear()
+
+
+def record_push_failure(line: str) -> None:
+    """A ``--run.push-to-hub`` upload of this command failed (``line`` says why; its run is finished)."""
+    _PUSH_FAILURES.append(line)
+
+
+def push_failures() -> list[str]:
+    """One line per ``--run.push-to-hub`` upload of this command that failed (its run is finished)."""
+    return list(_PUSH_FAILURES)
 
 
 def close_opened_runs() -> None:
@@ -44,6 +57,8 @@ def resume_hint() -> str:
     if not _ACTIVE:
         return ""
     run = _ACTIVE[-1]
+    if run.restored:  # the folder holds the old run again: rerunning with --run.overwrite starts the new one afresh
+        return f"; {run.path} holds the previous run again (the --run.overwrite run stopped before its first checkpoint): rerun the same command to start the new run afresh"
     ckpt = run.latest_checkpoint()
     if ckpt is None:
         return f"; {run.path} has no checkpoint yet: rerun the same command to start it again"

@@ -18,6 +18,7 @@ from torch import nn
 from .errors import ConfigError, ModelLoadError, hub_unreachable, hub_unreachable_message
 from .modeling import (
     apply_lora,
+    check_vocab_fits,
     check_model_exists,
     disable_dropout,
     enable_gradient_checkpointing,
@@ -71,6 +72,7 @@ def load_reward_checkpoint(path: str, *, dtype: torch.dtype = torch.float32, tok
     if not isinstance(model, ScalarRewardModel):
         raise ModelLoadError(f"'{path}' is a {type(model).__name__}, not a tldr-rlhf reward model (model_type {MODEL_TYPE})")
     if tokenizer is not None:
+        check_vocab_fits(model, tokenizer, path)
         _set_reward_special_ids(model, tokenizer)
     return model
 

@@ -16,9 +16,9 @@ import contextlib
 from typing import Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from .data.batching import collate_preferences
+from .progress import progress as progress_meter
 
 
 def sharded_scores(n: int, lengths: Sequence[int], width: int, score_chunk, *, batch_size: int, accelerator, desc: str, progress: bool) -> torch.Tensor:
@@ -36,13 +36,13 @@ def sharded_scores(n: int, lengths: Sequence[int], width: int, score_chunk, *, b
     # Every process runs the same number of forwards (an FSDP-sharded model gathers its weights in
     # each one, collectively): a process with a chunk fewer scores one item more, discarded.
     spare = [[order[0]]] * (-(-per_rank // batch_size) - len(chunks)) if n else []
-    bar = tqdm(total=len(chunks), initial=0, desc=desc, disable=not (progress and rank == 0), dynamic_ncols=True)
+    bar = progress_meter(len(mine), desc, unit="example", enabled=progress and rank == 0)  # a log line every tenth off a terminal
     pos = 0
     for chunk in chunks:
         out[pos : pos + len(chunk)] = score_chunk(chunk)
         idx[pos : pos + len(chunk)] = torch.tensor(chunk)
         pos += len(chunk)
-        bar.update(1)
+        bar.update(len(chunk))
     for chunk in spare:
         score_chunk(chunk)
     bar.close()

@@ -31,6 +31,7 @@ from .data.batching import collate_query_response
 from .metrics import kl_from_logprobs
 from .modeling import load_causal_lm, load_tokenizer_cached
 from .precision import bf16_autocast, master_weights_dtype
+from .progress import progress
 from .tasks import query_ids
 from .generation import decode_response, generate
 from .rollout import plain_sampling_config, response_logprobs
@@ -72,12 +73,14 @@ class PolicyRun:
     seconds: float = 0.0
 
 
-def _sorted_generate(model, queries, tok, cfg: EvaluateConfig, *, greedy: bool) -> list[list[int]]:
+def _sorted_generate(model, queries, tok, cfg: EvaluateConfig, *, greedy: bool, desc: str = "generating") -> list[list[int]]:
+    """One response per query, generated in length order (less padding), with progress (``desc``)."""
     order = sorted(range(len(queries)), key=lambda i: len(queries[i]))
-    out = generate(
-        model, [queries[i] for i in order], eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-        max_new_tokens=cfg.response_length, temperature=cfg.temperature, greedy=greedy, batch_size=cfg.batch_size,
-    )
+    with progress(len(queries), desc, unit="post") as bar:
+        out = generate(
+            model, [queries[i] for i in order], eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+            max_new_tokens=cfg.response_length, temperature=cfg.temperature, greedy=greedy, batch_size=cfg.batch_size, on_batch=bar.update,
+        )
     result: list[list[int]] = [[] for _ in queries]
     for i, r in zip(order, out):
         result[i] = r
@@ -111,7 +114,7 @@ def run_policy(name: str, path: str, posts: list, cfg: EvaluateConfig, *, seed: 
     eos = tok.eos_token_id
     with bf16_autocast(device, cfg.dtype):
         torch.manual_seed(seed)
-        responses = _sorted_generate(model, queries, tok, cfg, greedy=cfg.greedy)
+        responses = _sorted_generate(model, queries, tok, cfg, greedy=cfg.greedy, desc=f"{name}: summaries")
         run = PolicyRun(
             name=name, path=path, queries=queries, responses=responses,
             texts=[decode_response(tok, r) for r in responses],
@@ -121,7 +124,7 @@ def run_policy(name: str, path: str, posts: list, cfg: EvaluateConfig, *, seed: 
         if cfg.kl and cfg.sft_path:
             if cfg.greedy:
                 torch.manual_seed(seed + 1)
-                kl_responses = _sorted_generate(model, queries, tok, cfg, greedy=False)
+                kl_responses = _sorted_generate(model, queries, tok, cfg, greedy=False, desc=f"{name}: KL sample")
             else:
                 kl_responses = responses
             run.kl_responses = kl_responses

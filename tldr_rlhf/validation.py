@@ -77,6 +77,11 @@ MODEL_PATH_CLASSES = {"EvaluateRMConfig", "GenerateArgs"}
 # input fields that must hold one kind of model (checked from a local folder's config.json)
 KIND_FIELDS = {"sft_path": "policy", "rm_path": "reward_model", "judge_rm_path": "reward_model", "reference": "policy"}
 KIND_CLASS_FIELDS = {("EvaluateRMConfig", "model"): "reward_model", ("GenerateArgs", "model"): "policy"}
+# (config class name, field) -> the name its flag has where that differs from the field's (one spelling
+# across commands: evaluate-rm's reward model is --rm-path like every other command's)
+FLAG_NAMES = {("EvaluateRMConfig", "model"): "rm_path", ("DPOConfig", "sample_max_new_tokens"): "sample_response_length"}
+# (config class name, field) of run folders that must be named: empty would write into the current folder
+REQUIRED_DIRS = {("RunArgs", "output_dir"), ("EvaluateConfig", "output_dir"), ("GoldConfig", "output_dir"), ("PipelineConfig", "run_dir")}
 
 
 def flag(path: tuple[str, ...]) -> str:
@@ -85,26 +90,38 @@ def flag(path: tuple[str, ...]) -> str:
     return "--" + ".".join(p.replace("_", "-") for p in path)
 
 
-def _check_value(cls_name: str, name: str, value: Any, where: tuple[str, ...]) -> None:
+def value_problem(cls_name: str, name: str, value: Any) -> str | None:
+    """What is wrong with ``value`` for field ``name`` of config class ``cls_name`` by its range rule
+    (``RULES`` / ``CLASS_RULES``), e.g. "must be > 0"; None when it is in range. The flag's check and a
+    ``--config`` file's (``config.files``) both use it."""
     rule = CLASS_RULES[(cls_name, name)] if (cls_name, name) in CLASS_RULES else RULES.get(name)
     if isinstance(value, bool) or value is None:
-        return
+        return None
     if isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"{flag(where)} {value}: must be a finite number")
+        return "must be a finite number"
     if rule is not None and isinstance(value, (int, float, tuple)) and not rule[0](value):
+        return rule[1]
+    return None
+
+
+def _check_value(cls_name: str, name: str, value: Any, where: tuple[str, ...]) -> None:
+    problem = value_problem(cls_name, name, value)
+    if problem:
         shown = " ".join(map(str, value)) if isinstance(value, tuple) else value
-        raise ConfigError(f"{flag(where)} {shown}: {rule[1]}")
+        raise ConfigError(f"{flag(where)} {shown}: {problem}")
 
 
 def _walk(cfg: Any, prefix: tuple[str, ...], check_paths: bool) -> None:
     cls_name = type(cfg).__name__
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
-        where = prefix + (f.name,)
+        where = prefix + (FLAG_NAMES.get((cls_name, f.name), f.name),)
         if dataclasses.is_dataclass(value):
             _walk(value, where, check_paths)
             continue
         _check_value(cls_name, f.name, value, where)
+        if (cls_name, f.name) in REQUIRED_DIRS and isinstance(value, str) and not value.strip():
+            raise ConfigError(f"{flag(where)} '{value}': needs a folder name (empty would write the run into the current folder)")
         if f.name == "report_to":
             check_report_to(value, flag(where))
         if f.name == "push_to_hub" and value and not HUB_ID.match(value):
@@ -163,13 +180,39 @@ def _check_sizes(cfg: Any, prefix: tuple[str, ...], world: int) -> None:
             _check_sizes(value, prefix + (f.name,), world)
 
 
+def check_launcher_precision(cfg: Any, environ: dict[str, str] | None = None) -> None:
+    """Refuse a mixed precision asked of the launcher (``accelerate launch --mixed_precision bf16``, or
+    an accelerate config: both reach the processes as ACCELERATE_MIXED_PRECISION) that this config's
+    own precision flag (``--model.dtype`` or ``--dtype``) does not give: the stages build their
+    Accelerator from that flag, so the launcher's setting would be silently ignored. "no" (the
+    launcher's default) and a matching bf16 pass. Raises ConfigError naming the flag to use."""
+    asked = (environ if environ is not None else os.environ).get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if asked == "no":
+        return
+    model = getattr(cfg, "model", None)
+    where = ("model", "dtype") if dataclasses.is_dataclass(model) and hasattr(model, "dtype") else ("dtype",)
+    dtype = getattr(model, "dtype", None) if where[0] == "model" else getattr(cfg, "dtype", None)
+    if dtype is None:
+        return
+    import torch
+
+    gives_bf16 = dtype == "bfloat16" or (dtype == "auto" and torch.cuda.is_available())
+    if asked == "bf16" and gives_bf16:
+        return
+    launcher = f"accelerate's mixed precision {asked} (ACCELERATE_MIXED_PRECISION, from accelerate launch --mixed_precision or its config)"
+    if asked != "bf16":
+        raise ConfigError(f"{launcher}: tldr-rlhf has no {asked}; launch with --mixed_precision no (or bf16) and set the precision with {flag(where)}")
+    raise ConfigError(f"{launcher} is not applied: tldr-rlhf trains in {flag(where)} {dtype}; pass {flag(where)} bfloat16")
+
+
 def validate_config(cfg: Any, *, check_paths: bool = True, world_size: int | None = None) -> None:
     """Check every field of a (nested) config dataclass: ranges (``RULES``), finite floats, derived
-    batch sizes for ``world_size`` processes (default: the launcher's WORLD_SIZE, else 1) and, with
-    ``check_paths``, every input path. Raises ConfigError naming the flag; returns None when all is
+    batch sizes for ``world_size`` processes (default: the launcher's WORLD_SIZE, else 1), the
+    launcher's mixed precision (``check_launcher_precision``) and, with ``check_paths``, every input path. Raises ConfigError naming the flag; returns None when all is
     well. Pure: reads the file system only to see whether inputs exist."""
     if not dataclasses.is_dataclass(cfg):
         return
     world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
     _walk(cfg, (), check_paths)
     _check_sizes(cfg, (), world)
+    check_launcher_precision(cfg)

@@ -72,7 +72,9 @@ class RunArgs:
     seed: int = 42
     """Seed for data order, initialization and sampling."""
     overwrite: bool = False
-    """Start afresh even if the run folder holds a finished or partial run (deletes it)."""
+    """Start afresh even if the run folder holds a finished or partial run: the old run is moved aside
+    (.NAME.replaced) and deleted once the new run has its first checkpoint; if the new run stops
+    before that, the old one is put back."""
     resume: bool = True
     """Resume from the newest checkpoint in the run folder when there is one."""
     log_every: int = 1
@@ -88,11 +90,12 @@ class RunArgs:
     bfloat16, or auto on CUDA), where they are saved in bfloat16 by default."""
     trust_checkpoint: bool = False
     """Resume from a checkpoint whose state.pt runs pickled code when loaded (one written by a
-    tldr-rlhf older than safe checkpoints); only for files you wrote yourself."""
+    tldr-rlhf older than safe checkpoints); only for files you wrote yourself. Holds for this command
+    only: never saved in config.json, never read from a --config file."""
     max_steps: int = 0
     """Stop after this many optimizer steps (0 = the whole schedule); for smoke runs."""
     num_threads: int = 0
-    """torch CPU threads (0 = torch's default)."""
+    """torch CPU threads (0 = torch's default); --num-threads for short, the spelling every command takes."""
     peak_tflops: float = 0.0
     """Peak TFLOP/s that perf/mfu is measured against; 0 = the published dense peak of the GPU, or on
     CPU a GEMM micro-benchmark in the run's precision cached in ~/.cache/tldr_rlhf/peak.json (flops.py)."""
@@ -226,8 +229,11 @@ class JudgeArgs:
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    """JSON-ready dict of a config dataclass."""
-    return dataclasses.asdict(cfg)
+    """JSON-ready dict of a config dataclass, without the fields that hold for one invocation only
+    (``--run.trust-checkpoint``: ``code_settings.py``), so config.json never records them."""
+    from .code_settings import without_invocation_only
+
+    return without_invocation_only(dataclasses.asdict(cfg))
 
 
 def _field_values(cls: type, data: dict[str, Any]) -> dict[str, Any]:
@@ -251,8 +257,11 @@ def _field_values(cls: type, data: dict[str, Any]) -> dict[str, Any]:
 def from_dict(cls: type, data: dict[str, Any]):
     """Rebuild a (nested) config dataclass from ``to_dict`` output (a run's config.json). A key missing
     from ``data`` keeps its default, for a nested section the one its stage gives it (the reward model's
-    2048 held-out pairs). Raises TypeError for a key the config has no field for."""
-    return cls(**_field_values(cls, data))
+    2048 held-out pairs); invocation-only fields (``--run.trust-checkpoint``) are not read. Raises
+    TypeError for a key the config has no field for."""
+    from .code_settings import without_invocation_only
+
+    return cls(**_field_values(cls, without_invocation_only(data)))
 
 
 def save_config(cfg: Any, path: str | Path) -> None:

@@ -8,9 +8,9 @@ and ``rl.py``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 
-from tyro.conf import Positional
+from tyro.conf import Positional, arg
 
 from ..stages import DEFAULT_PIPELINE_STAGES
 from .parts import SHARED, JudgeArgs, PreferenceDataArgs, TldrDataArgs, _rm_data
@@ -23,8 +23,10 @@ class EvaluateRMConfig:
     """Measure a reward model against humans and a judge: held-out accuracy, accuracy by annotator
     confidence (calibration), CNN/DM accuracy (out of distribution), agreement with GPT-3.5."""
 
-    model: str = "runs/rm/final"
-    """Reward-model checkpoint (a run's final/)."""
+    model: Annotated[str, arg(name="rm-path")] = "runs/rm/final"
+    """Reward-model checkpoint (a run's final/). Its flag is --rm-path, as in every command that takes a
+    reward model (--model is the old spelling, still accepted with a deprecation line); the key in a
+    config file is `model`."""
     data: PreferenceDataArgs = field(default_factory=_rm_data)
     """Held-out comparisons; replaced by the training run's own data settings (same split) when the
     model sits in a run folder with a config.json and `from_run` is set."""

@@ -8,7 +8,9 @@ This module knows nothing about sampling, rewards or the pipeline (``rl.py``, ``
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
+
+from tyro.conf import arg
 
 from .parts import ModelArgs, OptimArgs, PreferenceDataArgs, RewardNormArgs, RunArgs, TldrDataArgs, _rm_data
 
@@ -121,8 +123,9 @@ class DPOConfig:
     compute); False = chosen and rejected as two full rows of one concatenated forward pass."""
     num_sample_posts: int = 2
     """Held-out posts summarized (greedy) by the SFT policy before and the DPO policy after training."""
-    sample_max_new_tokens: int = 63
-    """Length cap of the sample summaries."""
+    sample_max_new_tokens: Annotated[int, arg(name="sample-response-length")] = 63
+    """Length cap of the sample summaries in new tokens (flag --sample-response-length, like every
+    command's --response-length; --sample-max-new-tokens is the old spelling)."""
 
     def global_batch_size(self, world_size: int = 1) -> int:
         """Comparisons per optimizer step over all processes."""

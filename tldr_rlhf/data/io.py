@@ -13,14 +13,18 @@ from ..errors import DataError
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield ``(line_number, record)`` for each non-blank line of a JSON-lines file (1-based lines).
 
-    Raises DataError naming the file and line for invalid JSON or a line that is not an object,
-    and for a missing file.
+    Raises DataError naming the file and line for a line that is not UTF-8 text (a binary file given
+    as data), invalid JSON or a line that is not an object, and for a missing file.
     """
     path = Path(path)
     if not path.is_file():
         raise DataError("file not found", path=str(path))
-    with path.open(encoding="utf-8") as f:
-        for number, raw in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for number, data in enumerate(f, start=1):
+            try:
+                raw = data.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"not UTF-8 text (byte 0x{data[e.start]:02x} at column {e.start + 1}); expected JSON lines, is it a binary file?", path=str(path), line=number) from None
             if not raw.strip():
                 continue
             try:

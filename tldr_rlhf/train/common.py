@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -84,10 +85,19 @@ def shard_if_asked(model: nn.Module, run_args: RunArgs, accelerator) -> nn.Modul
     else unchanged. Call before building the optimizer."""
     if not run_args.fsdp:
         return model
+    if accelerator.is_main_process and fsdp_single_process():
+        log.warning("--run.fsdp with one process shards nothing (every weight stays on this process); launch several with "
+                    "torchrun --nproc_per_node N or accelerate launch --num_processes N")
     model = fsdp.shard_model(model, accelerator.device)
     if accelerator.is_main_process:
         log.info("FSDP2: %s sharded over %d processes", type(model).__name__, fsdp.world_size())
     return model
+
+
+def fsdp_single_process() -> bool:
+    """Whether this job has one process (no torchrun / accelerate launch: WORLD_SIZE unset or 1), where
+    ``--run.fsdp`` has nothing to shard over."""
+    return int(os.environ.get("WORLD_SIZE", "1")) <= 1
 
 
 def prepare(accelerator, model: nn.Module, optimizer):

@@ -173,11 +173,13 @@ def score_groups(score_fn, batch: QueryResponseBatch, group_size: int, *, batch_
     return out
 
 
-def minibatch_step(model, r: Rollout, adv: torch.Tensor, rows: list[int], cfg: GroupConfig, accelerator, *, loss_fn: LossFn, prefix: str) -> dict[str, float]:
+def minibatch_step(model, r: Rollout, adv: torch.Tensor, rows: list[int], cfg: GroupConfig, accelerator, *, loss_fn: LossFn, prefix: str, token_metrics: bool = False) -> dict[str, float]:
     """Step 3 on one minibatch (``rows`` of the local rollout): forward/backward in micro-batches, the
     loss normalized by the minibatch's real tokens and sequences (exact gradient accumulation); does
     not step the optimizer. Returns its metrics (``loss/policy``, ``{prefix}/...`` weighted by each
-    micro-batch's share of the sequences)."""
+    micro-batch's share of the minibatch's real tokens with ``token_metrics`` (``loss_fn``'s metrics
+    are means over its micro-batch's tokens: GRPO's clip fraction, KL), else of its sequences (RLOO's,
+    one action per sequence): either way the minibatch's mean, whatever the micro-batch split)."""
     device = accelerator.device
     if cfg.shared_prompt:
         # the minibatch's rows in group order (rollout rows are group-contiguous): its micro-batches then
@@ -195,14 +197,16 @@ def minibatch_step(model, r: Rollout, adv: torch.Tensor, rows: list[int], cfg: G
             loss, m = loss_fn(new_lp, mb, a, cfg, num_tokens=n_tokens, num_sequences=n_seqs)
             accelerator.backward(loss)
         sums["loss/policy"] += loss.item()
-        add_micro_metrics(sums, prefix, m, len(idx) / n_seqs, new_lp, mb)
+        share = float(mb.mask.sum()) / max(1, n_tokens) if token_metrics else len(idx) / n_seqs
+        add_micro_metrics(sums, prefix, m, share, new_lp, mb)
     return dict(sums)
 
 
-def train(cfg: GroupConfig, name: str, *, advantages: AdvantageFn, loss: LossFn, sample: SampleFn = group_rollout) -> str:
+def train(cfg: GroupConfig, name: str, *, advantages: AdvantageFn, loss: LossFn, sample: SampleFn = group_rollout, token_metrics: bool = False) -> str:
     """Run a group RL stage called ``name`` (its metrics prefix, run label and log name) with the
-    stage's ``sample`` (step 1), ``advantages`` (step 2) and micro-batch ``loss`` (step 3); returns
-    the path of the final policy (a Hugging Face checkpoint).
+    stage's ``sample`` (step 1), ``advantages`` (step 2) and micro-batch ``loss`` (step 3; its metrics
+    per token with ``token_metrics``, see ``minibatch_step``); returns the path of the final policy
+    (a Hugging Face checkpoint).
 
     Raises DataError for bad prompts (before any model loads), ValueError for sizes that do not
     divide or a group under 2, ModelLoadError for bad model paths, RunDirError for a finished run
@@ -232,7 +236,7 @@ def train(cfg: GroupConfig, name: str, *, advantages: AdvantageFn, loss: LossFn,
         adv, adv_metrics = advantages(r, cfg)
         # 3. passes over the rollout, one optimizer step per minibatch
         stats = update_passes(
-            model, optimizer, accelerator, lambda rows: minibatch_step(model, r, adv, rows, cfg, accelerator, loss_fn=loss, prefix=name),
+            model, optimizer, accelerator, lambda rows: minibatch_step(model, r, adv, rows, cfg, accelerator, loss_fn=loss, prefix=name, token_metrics=token_metrics),
             passes=cfg.update_per_rollout, n_rows=local_prompts * cfg.group_size, mini=local_mini,
             generator=torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + update), max_grad_norm=cfg.optim.max_grad_norm, prefix=name, scheduler=scheduler,
         )

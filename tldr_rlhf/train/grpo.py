@@ -89,4 +89,4 @@ def train(cfg: GRPOConfig) -> str:
     Raises DataError for bad prompts (before any model loads), ValueError for sizes that do not
     divide, ModelLoadError for bad model paths, RunDirError for a finished run folder.
     """
-    return group_rl.train(cfg, "grpo", advantages=sequence_advantages, loss=token_loss, sample=sample_groups)
+    return group_rl.train(cfg, "grpo", advantages=sequence_advantages, loss=token_loss, sample=sample_groups, token_metrics=True)

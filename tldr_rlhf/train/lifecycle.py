@@ -21,6 +21,7 @@ from ..cards import CARD, model_card, push_folder
 from ..config import to_dict
 from ..errors import TldrRlhfError
 from ..memory import preflight
+from ..opened_runs import record_push_failure
 from ..stages import STAGES
 from ..tracking import Trackers
 from ..validation import validate_config
@@ -80,6 +81,7 @@ def _push(run: RunDir, *, stage: str, step: int) -> None:
         log.info("--run.push-to-hub: %s -> %s", run.final_dir, url)
     except TldrRlhfError as e:
         log.error("--run.push-to-hub: %s", e)
+        record_push_failure(f"--run.push-to-hub: {e} (the run is saved in {run.final_dir})")
 
 
 def finish_run(run: RunDir, save: Callable[[Path], None], *, step: int, stage: str) -> Path:

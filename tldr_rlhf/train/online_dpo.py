@@ -86,14 +86,18 @@ def pair_loss(
     return mean * (int(keep.sum()) / max(1, num_pairs)), m
 
 
-def minibatch_step(model, r: Rollout, chosen: torch.Tensor, rejected: torch.Tensor, tied: torch.Tensor, pairs: list[int], cfg: OnlineDPOConfig, accelerator) -> dict[str, float]:
+def minibatch_step(model, r: Rollout, chosen: torch.Tensor, rejected: torch.Tensor, tied: torch.Tensor, pairs: list[int], cfg: OnlineDPOConfig, accelerator) -> dict[str, float] | None:
     """Step 3 on one minibatch (``pairs``, local pair indices): forward/backward in micro-batches of
     ``micro_batch_size`` pairs (2x sequences: chosen rows then rejected rows), log-probs at the
     sampling temperature summed over each response's real tokens; does not step the optimizer.
     Returns its metrics (``loss/policy``, ``online_dpo/...`` weighted by each micro-batch's share of
-    the kept pairs, and the ratio deviation from the rollout's log-probs)."""
+    the kept pairs, and the ratio deviation from the rollout's log-probs), or None when no process
+    has an untied pair in it: no preference, so no forward, no gradient and no optimizer step
+    (``rl_common.update_passes``), where AdamW would still move the weights (decay, momentum)."""
     device = accelerator.device
     n_pairs = int((~tied[pairs]).sum())
+    if accelerator.reduce(torch.tensor(n_pairs, device=device), reduction="sum").item() == 0:  # every process agrees
+        return None
     sums: dict[str, float] = defaultdict(float)
     for idx, sync in accumulation_micro_batches(pairs, cfg.micro_batch_size, accelerator, model):
         mb = r.select(chosen[idx].tolist() + rejected[idx].tolist()).to(device)  # 2b rows: chosen then rejected

@@ -75,4 +75,4 @@ def train(cfg: ReinforcePPConfig) -> str:
     Raises DataError for bad prompts (before any model loads), ValueError for sizes that do not
     divide, ModelLoadError for bad model paths, RunDirError for a finished run folder.
     """
-    return group_rl.train(cfg, NAME, advantages=token_advantages, loss=clipped_loss)
+    return group_rl.train(cfg, NAME, advantages=token_advantages, loss=clipped_loss, token_metrics=True)  # clipfrac, KL: token means

@@ -349,18 +349,23 @@ def update_passes(
     """The update step of every RL stage: ``passes`` passes over the rollout's ``n_rows`` local rows,
     each in a fresh order drawn from ``generator``, in minibatches of ``mini`` rows; each minibatch's
     gradient comes from ``minibatch_step(rows)`` (which returns its metrics), then one optimizer step
-    with gradient clipping at ``max_grad_norm`` (0 = none) and, when given, one ``scheduler`` step.
+    with gradient clipping at ``max_grad_norm`` (0 = none) and, when given, one ``scheduler`` step;
+    a minibatch whose step returns None (no signal on any process: online DPO's all-tied pairs)
+    takes no optimizer or scheduler step and is counted in ``{prefix}/skipped_minibatches``.
 
     Returns the metrics averaged over the optimizer steps (``*ratio_max*``: the maximum), the mean
     ``grad_norm`` (when clipping) and ``{prefix}/first_minibatch_ratio_max_abs_dev`` (0 when the
     update pass reproduces the rollout's log-probs, N+ detail 16's check)."""
     model.train()
     totals: dict[str, float] = defaultdict(float)
-    n_steps, first_dev = 0, None
+    n_steps, first_dev, skipped = 0, None, 0
     for _ in range(passes):
         perm = torch.randperm(n_rows, generator=generator).tolist()
         for s in range(0, n_rows, mini):
             m = minibatch_step(perm[s : s + mini])
+            if m is None:
+                skipped += 1
+                continue
             if first_dev is None:
                 first_dev = m[f"{prefix}/ratio_max_abs_dev"]
             grad_norm = optimizer_step(model, optimizer, scheduler, accelerator, max_grad_norm)
@@ -370,7 +375,9 @@ def update_passes(
                 totals["grad_norm"] += grad_norm
             n_steps += 1
     stats = {k: (v if k.endswith(_MAX_METRICS) else v / n_steps) for k, v in totals.items()}
-    stats[f"{prefix}/first_minibatch_ratio_max_abs_dev"] = first_dev
+    stats[f"{prefix}/first_minibatch_ratio_max_abs_dev"] = first_dev if first_dev is not None else 0.0
+    if skipped:
+        stats[f"{prefix}/skipped_minibatches"] = float(skipped)
     return stats
 
 

@@ -19,7 +19,7 @@ from typing import Any, Callable
 from ..config import save_config, to_dict
 from ..errors import RunDirError
 from .. import opened_runs
-from ..checkpoints import CHECKPOINTS, COMPLETE, FINAL, STATE, final_is_complete, step_of
+from ..checkpoints import CHECKPOINTS, COMPLETE, FINAL, STATE, completeness_record, final_is_complete, final_problem, step_of
 from ..tracking import Trackers, log_line
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,7 @@ class RunDir:
         self.path = Path(path)
         self.is_main = is_main
         self.replaced: Path | None = None
+        self.restored = False  # the run --run.overwrite replaced was put back (``restore_replaced``)
         self.trust_checkpoint = False  # --run.trust-checkpoint: resume from a state.pt that runs pickled code
         self.stage = self.path.name  # the stage's name once ``start_run`` knows its config
         self.cfg: Any = None
@@ -76,7 +77,7 @@ class RunDir:
         if not is_main:
             return
         if (self.path / FINAL).exists() and not final_is_complete(self.path / FINAL):
-            log.warning("%s is incomplete (no %s: its save did not finish); the run resumes and writes it again", self.path / FINAL, COMPLETE)
+            log.warning("%s is incomplete (%s); the run resumes and writes it again", self.path / FINAL, final_problem(self.path / FINAL))
         try:
             if overwrite and self.path.exists():
                 aside = _replaced_path(self.path)
@@ -111,6 +112,7 @@ class RunDir:
         if self.replaced is not None and self.replaced.exists() and not self._has_progress():
             shutil.rmtree(self.path, ignore_errors=True)
             os.replace(self.replaced, self.path)
+            self.restored = True
             log.warning("restored the previous run in %s (the --run.overwrite run stopped before its first checkpoint)", self.path)
         self.replaced = None
 
@@ -137,8 +139,8 @@ class RunDir:
         tmp = self.path / f".{FINAL}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         save(tmp)
-        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-        (tmp / COMPLETE).write_text(json.dumps({"stage": stage, "step": step, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "files": files}, indent=2) + "\n")
+        record = completeness_record(tmp)  # sizes of every file, sha256 of the small ones: checked by final_is_complete
+        (tmp / COMPLETE).write_text(json.dumps({"stage": stage, "step": step, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **record}, indent=2) + "\n")
         old = self.path / f".{FINAL}.old"
         if self.final_dir.exists():  # a final/ left incomplete by an earlier attempt
             shutil.rmtree(old, ignore_errors=True)
