@@ -86,3 +86,12 @@ def padded_logprobs(logprobs: list[list[float]], width: int) -> torch.Tensor:
             raise ValueError(f"sampling log-probs of row {i} have {len(row)} tokens, more than the response width {width}")
         out[i, : len(row)] = torch.tensor(row, dtype=torch.float32)
     return out
+
+
+def rollout_is_weights(logprobs: torch.Tensor, sample_logprobs: torch.Tensor | None, mask: torch.Tensor, *, cap: float, level: str) -> torch.Tensor | None:
+    """The truncated importance-sampling weights (B, T) a loss multiplies its policy-gradient term by,
+    or None (no correction) when the policy itself sampled (``sample_logprobs`` None: the hf engine)
+    or ``cap`` is 0 (--tis-cap 0). Shapes and errors as ``truncated_is_weights``."""
+    if sample_logprobs is None or not cap:
+        return None
+    return truncated_is_weights(logprobs, sample_logprobs, mask, cap=cap, level=level)

@@ -221,3 +221,29 @@ def make_engine(name: str, policy, *, dtype: str = "float32", max_model_len: int
     log.info("vLLM rollout engine ready in %.1f s (%s, KV cache %s); torch threads fixed at %d from here on (set --run.num-threads before the engine starts)",
              time.perf_counter() - t0, dtype, "GPU share %.2f" % gpu_memory_utilization if torch.cuda.is_available() else f"{kv_cache_gb:g} GiB", torch.get_num_threads())
     return engine
+
+
+def check_engine_available(name: str) -> None:
+    """Before anything loads or a run folder is touched: ConfigError with the install line when
+    ``name`` is "vllm" and the vllm package is not installed (found without importing it)."""
+    import importlib.util
+
+    if name == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise ConfigError(VLLM_MISSING)
+
+
+def engine_for(cfg, policy, *, max_tokens: int, world_size: int = 1):
+    """The rollout engine an RL stage's ``cfg`` asks for (``config.RolloutEngineArgs``) on ``policy``
+    (the trainable policy, after any resume restored its weights): ``HFEngine`` or a ``VLLMEngine``
+    whose context holds ``max_tokens`` (the longest prompt plus the response length).
+    Raises ConfigError for vllm under several processes (one engine per run for now) or when vllm is
+    missing."""
+    if cfg.rollout_engine == "hf":
+        return HFEngine()
+    if world_size > 1:
+        raise ConfigError(f"--rollout-engine vllm: one engine in one process for now, not {world_size} processes (torchrun / accelerate launch); use --rollout-engine hf")
+    dtype = cfg.vllm_dtype if cfg.vllm_dtype != "auto" else ("bfloat16" if torch.cuda.is_available() else "float32")
+    return make_engine(
+        "vllm", policy, dtype=dtype, max_model_len=max_tokens,
+        kv_cache_gb=cfg.vllm_kv_cache_gb, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, seed=cfg.run.seed,
+    )

@@ -18,6 +18,7 @@ from .parts import (
     OptimArgs,
     PreferenceDataArgs,
     RewardNormArgs,
+    RolloutEngineArgs,
     RunArgs,
     TaskArgs,
     TldrDataArgs,
@@ -41,7 +42,7 @@ from .stage_configs import (
 )
 
 __all__ = [
-    "SHARED", "JudgeArgs", "ModelArgs", "OptimArgs", "PreferenceDataArgs", "RewardNormArgs", "RunArgs", "TaskArgs",
+    "SHARED", "JudgeArgs", "ModelArgs", "OptimArgs", "PreferenceDataArgs", "RewardNormArgs", "RolloutEngineArgs", "RunArgs", "TaskArgs",
     "TldrDataArgs", "from_dict", "save_config", "to_dict", "DPOConfig", "EvaluateConfig", "EvaluateRMConfig",
     "GoldConfig", "GRPOConfig", "OnlineDPOConfig", "PipelineConfig", "PPOConfig", "ReportConfig", "RLOOConfig", "RMConfig", "SFTConfig",
 ]
