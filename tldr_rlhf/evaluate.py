@@ -37,6 +37,7 @@ from .tasks import held_out_items, query_ids, query_text, reference_of, response
 from .errors import DataError, ModelLoadError
 from .metrics import comparison_metrics, length_controlled_win_rate, outcomes_from_scores, pair_lengths, rouge_scores, win_rate
 from .modeling import bf16_autocast, load_frozen_reward_model, load_tokenizer_cached
+from .rollout_engine import check_engine_available
 from .summaries import PolicyRun, eval_device, free_memory, generation_key, kl_to_sft, load_policy_run, policy_file, run_policy, save_policy_run
 from .stages import EVAL_FILE
 from .validation import validate_config
@@ -353,6 +354,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     policies = parse_policies(cfg.policies)
     _check(cfg, policies)
     validate_config(cfg)  # every value, and no run's final/ that its save left incomplete
+    check_engine_available(cfg.rollout_engine)  # --rollout-engine vllm without vllm: the install line
     if cfg.best_of_n:  # its policies and its reward, before anything is generated
         from .best_of_n import best_of_n_names, best_of_n_spec
 

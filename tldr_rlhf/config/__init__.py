@@ -22,6 +22,7 @@ from .parts import (
     RunArgs,
     TaskArgs,
     TldrDataArgs,
+    TruncatedISArgs,
     from_dict,
     save_config,
     to_dict,
@@ -43,6 +44,6 @@ from .stage_configs import (
 
 __all__ = [
     "SHARED", "JudgeArgs", "ModelArgs", "OptimArgs", "PreferenceDataArgs", "RewardNormArgs", "RolloutEngineArgs", "RunArgs", "TaskArgs",
-    "TldrDataArgs", "from_dict", "save_config", "to_dict", "DPOConfig", "EvaluateConfig", "EvaluateRMConfig",
+    "TldrDataArgs", "TruncatedISArgs", "from_dict", "save_config", "to_dict", "DPOConfig", "EvaluateConfig", "EvaluateRMConfig",
     "GoldConfig", "GRPOConfig", "OnlineDPOConfig", "PipelineConfig", "PPOConfig", "ReportConfig", "RLOOConfig", "RMConfig", "SFTConfig",
 ]

@@ -114,14 +114,14 @@ class RunArgs:
 
 @dataclass(frozen=True)
 class RolloutEngineArgs:
-    """What samples an RL stage's rollouts (``rollout_engine.py``) and how the sampler / trainer
-    mismatch is corrected (``importance_sampling.py``). The RL stages' configs inherit these fields,
-    so the flags are top-level: --rollout-engine vllm."""
+    """What samples the responses (``rollout_engine.py``): the RL stages' rollouts, evaluate's and
+    best-of-n's summaries. The configs inherit these fields, so the flags are top-level:
+    --rollout-engine vllm."""
 
     rollout_engine: Literal["hf", "vllm"] = "hf"
     """hf = our own sampler on the policy (each prompt prefilled once for its G responses); vllm = an
     in-process vLLM engine (pip install 'tldr-rlhf[vllm]') with prefix caching, its weights synced
-    after every update. Training log-probs are recomputed by the policy either way."""
+    after every RL update. Log-probs (training, KL) are recomputed by the policy either way."""
     vllm_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """vLLM's weights dtype: auto = float32 on CPU (its log-probs match the policy's within 5e-5),
     bfloat16 on CUDA."""
@@ -129,6 +129,13 @@ class RolloutEngineArgs:
     """CPU: GiB of RAM for vLLM's KV cache (set explicitly: vLLM's own default is a share of all RAM)."""
     vllm_gpu_memory_utilization: float = 0.3
     """CUDA: share of the GPU's memory vLLM may take (weights + KV cache); the rest is training's."""
+
+
+@dataclass(frozen=True)
+class TruncatedISArgs:
+    """The correction of an RL stage's policy gradient for a sampler other than the policy
+    (``importance_sampling.py``); flags top-level as for ``RolloutEngineArgs``."""
+
     tis_cap: float = 2.0
     """Truncated importance sampling (Yao et al. 2025): each token's policy-gradient loss weighted by
     min(exp(logp_policy - logp_sampler), tis_cap) (verl's default 2.0); 0 = no correction. Only with

@@ -9,7 +9,7 @@ from typing import Literal
 from tyro.conf import Positional
 
 from ..stages import DEFAULT_PIPELINE_STAGES
-from .parts import SHARED, JudgeArgs, ModelArgs, OptimArgs, PreferenceDataArgs, RewardNormArgs, RolloutEngineArgs, RunArgs, TldrDataArgs, _rm_data
+from .parts import SHARED, JudgeArgs, ModelArgs, OptimArgs, PreferenceDataArgs, RewardNormArgs, RolloutEngineArgs, RunArgs, TldrDataArgs, TruncatedISArgs, _rm_data
 
 # ----------------------------------------------------------------------------------------------
 # Stages
@@ -168,7 +168,7 @@ class DPOConfig:
 
 
 @dataclass(frozen=True)
-class _RLConfig(RolloutEngineArgs):
+class _RLConfig(TruncatedISArgs, RolloutEngineArgs):
     """What every RL stage (PPO, GRPO, RLOO) shares: a policy and a frozen reference from the SFT
     checkpoint, a frozen reward model, prompts from the SFT posts, temperature sampling with the EOS
     trick. The stages add their own fields and defaults."""
@@ -424,7 +424,7 @@ class OnlineDPOConfig(_RLConfig):
 
 
 @dataclass(frozen=True)
-class EvaluateConfig:
+class EvaluateConfig(RolloutEngineArgs):
     """Evaluate policies on held-out posts: ROUGE, reward-model score, win rate against the human
     reference (reward-model judge, optional LLM judge), length-controlled win rate, KL to SFT, length,
     EOS rate (N+ details 27-28)."""
