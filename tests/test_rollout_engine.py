@@ -87,3 +87,32 @@ def test_engine_flags_are_checked():
         validate_config(GRPOConfig(vllm_gpu_memory_utilization=1.5), check_paths=False)
     with pytest.raises(ConfigError, match="2 processes"):
         engine_for(GRPOConfig(rollout_engine="vllm"), None, max_tokens=10, world_size=2)
+
+
+def test_stage_losses_apply_tis_only_when_another_engine_sampled():
+    # GRPO's and RLOO's micro-batch losses read the rollout's sampling log-probs: None (hf) or equal to
+    # the policy's gives the uncorrected loss bit for bit; an engine whose tokens were likelier under
+    # it than under the policy (log ratio -0.5 per token) scales the policy-gradient term down
+    from tldr_rlhf.config import RLOOConfig
+    from tldr_rlhf.data.batching import QueryResponseBatch
+    from tldr_rlhf.rollout import Rollout
+    from tldr_rlhf.train import rloo
+
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    old = torch.tensor([[-1.7, -0.3, 0.0], [-2.2, -0.9, -1.1]])
+    batch = QueryResponseBatch(torch.zeros(2, 5, dtype=torch.long), torch.ones(2, 5, dtype=torch.bool), mask, 2)
+
+    def rollout(sample):
+        return Rollout(batch, old, old - 0.1, torch.zeros(2, 3), torch.zeros(2), torch.zeros(2), torch.ones(2, dtype=torch.bool), sample_logprobs=sample)
+
+    new = old + 0.05
+    adv = torch.tensor([1.3, -0.7])
+    for loss_fn, cfg in ((grpo.token_loss, GRPOConfig()), (rloo.sequence_loss, RLOOConfig())):
+        plain, _ = loss_fn(new, rollout(None), adv, cfg, num_tokens=5, num_sequences=2)
+        same, _ = loss_fn(new, rollout(old.clone()), adv, cfg, num_tokens=5, num_sequences=2)
+        off, _ = loss_fn(new, rollout(old + 0.5), adv, cfg, num_tokens=5, num_sequences=2)
+        assert torch.equal(plain, same)
+        assert not torch.allclose(plain, off)
+    # RLOO at --tis-cap 0: no correction
+    cfg = RLOOConfig(tis_cap=0.0)
+    assert torch.equal(rloo.sequence_loss(new, rollout(old + 0.5), adv, cfg, num_tokens=5, num_sequences=2)[0], rloo.sequence_loss(new, rollout(None), adv, cfg, num_tokens=5, num_sequences=2)[0])
