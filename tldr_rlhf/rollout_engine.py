@@ -197,7 +197,7 @@ class VLLMEngine:
         of the old weights). Returns the seconds it took."""
         t0 = time.perf_counter()
         weights = [(n, w) for n, w in merged_weights(policy)]
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})  # a list: also picklable, should VLLM_ENABLE_V1_MULTIPROCESSING=1 put the engine in another process
         self.llm.apply_model(_repack_lm_head)
         self.llm.reset_prefix_cache()
         return time.perf_counter() - t0
