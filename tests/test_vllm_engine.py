@@ -106,7 +106,19 @@ def test_seeded_sampling_repeats_and_seeds_differ(tied):
     assert a[0][0] != a[0][1]  # the G samples of a prompt are different draws
 
 
-def test_lora_policy_synced_merged():
+def test_seeded_sampling_of_prompts_longer_than_a_step_budget(tied):
+    # 16 prompts of 200-240 tokens x 8 samples is more prompt than one scheduler step holds: with vLLM's
+    # chunked prefill a partial prompt's sampled token is discarded and its seeded CPU generator rewound,
+    # which fails ("CPU Generator does not use offset"); whole prompts per step sample, and repeat
+    model, engine = tied
+    g = torch.Generator().manual_seed(0)
+    queries = [torch.randint(2, 1024, (200 + i * 2,), generator=g).tolist() for i in range(16)]
+    kw = dict(eos_token_id=EOS, pad_token_id=PAD, max_new_tokens=6, temperature=0.7, seed=3)
+    a = engine.sample_groups(model, queries, 8, **kw)
+    assert len(a[0]) == 128 and a == engine.sample_groups(model, queries, 8, **kw)
+
+
+def test_lora_policy_synced_merged():  # last: a second engine in the process leaves the module's engine unusable
     from tldr_rlhf.modeling import apply_lora
 
     torch.set_num_threads(1)
@@ -130,3 +142,4 @@ def test_lora_policy_synced_merged():
         assert max_logprob_error(engine, model) < 1e-4
     finally:
         engine.close()
+

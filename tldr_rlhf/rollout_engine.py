@@ -154,6 +154,10 @@ class VLLMEngine:
         self.llm = vllm.LLM(
             model=str(self._folder), skip_tokenizer_init=True, dtype=dtype, seed=seed, max_model_len=max_model_len,
             enforce_eager=(not cuda) if enforce_eager is None else enforce_eager, enable_prefix_caching=True,
+            # whole prompts per step: a chunked prefill discards the token a partial prompt sampled and
+            # rewinds its seeded generator, which CPU generators cannot do (RuntimeError: "CPU Generator
+            # does not use offset"); the step budget must then hold the longest prompt
+            enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, 8192),
             logprobs_mode="processed_logprobs",  # log-probs of softmax(logits / temperature), the distribution sampled
             generation_config="vllm",  # ignore the checkpoint's sampling defaults (N+ detail 19)
             **kwargs,
