@@ -91,7 +91,7 @@ def main() -> None:
     args = ap.parse_args()
     from tldr_rlhf.evaluate import markdown_table
     from tldr_rlhf.modeling import load_tokenizer
-    from tldr_rlhf.plan import estimate_stage
+    from tldr_rlhf.memory import estimate_stage
 
     root = workdir()
     rows, records = [], []

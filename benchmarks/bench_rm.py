@@ -78,7 +78,8 @@ def init_checkpoint(model_dir: str, path: Path) -> str:
     """The shared starting point: tiny LM backbone + head N(0, 1/sqrt(d + 1)), saved as a reward model."""
     import torch
 
-    from tldr_rlhf.modeling import build_reward_model, load_tokenizer, save_reward_model
+    from tldr_rlhf.modeling import load_tokenizer
+    from tldr_rlhf.reward_loading import build_reward_model, save_reward_model
 
     if (path / "config.json").exists():
         return str(path)

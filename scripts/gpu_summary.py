@@ -32,7 +32,7 @@ def main() -> None:
     ap.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak (default: from its name)")
     args = ap.parse_args()
     from tldr_rlhf.evaluate import markdown_table
-    from tldr_rlhf.plan import model_shape
+    from tldr_rlhf.memory import model_shape
     from tldr_rlhf.stages import TRAIN_STAGES
 
     name, peak = device_peak()

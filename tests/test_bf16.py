@@ -19,7 +19,9 @@ from tldr_rlhf.ops import token_logprobs
 from tldr_rlhf.rollout import response_logprobs, rollout
 from tldr_rlhf.train import dpo, grpo, ppo
 from tldr_rlhf.train.common import make_accelerator
-from tldr_rlhf.train.rl_common import load_rl_models, model_dtype, reward_score_fn
+from tldr_rlhf.precision import frozen_weights_dtype
+from tldr_rlhf.reward_loading import load_frozen_reward_model
+from tldr_rlhf.train.rl_common import load_rl_models, reward_score_fn
 from tldr_rlhf.value_model import PolicyAndValue, ValueModel
 
 from conftest import COMPARISONS, QWEN_TOKENIZER
@@ -35,7 +37,8 @@ QUERIES = [[9707, 11, 1879, 0, 576], [785, 3974, 13876], [40, 1075, 311, 1349, 1
 def _rollout_bf16(ckpts, tok, dtype_name):
     sft, rm = ckpts
     acc = make_accelerator(ModelArgs(path=sft, dtype=dtype_name), RunArgs(num_threads=1))
-    policy, ref, reward_model = load_rl_models(sft, rm, tok, dtype=model_dtype(dtype_name), device=acc.device)
+    policy, ref = load_rl_models(sft, tok, dtype=frozen_weights_dtype(dtype_name), device=acc.device)
+    reward_model = load_frozen_reward_model(rm, dtype=frozen_weights_dtype(dtype_name)).to(acc.device)
     model = PolicyAndValue(policy, ValueModel.from_scalar_model(reward_model).float())
     torch.manual_seed(0)
     with acc.autocast():

@@ -20,11 +20,13 @@ from test_fault_tolerance import final_weights, run_cli, sft_args
 
 from tldr_rlhf import cli
 from tldr_rlhf.config import ModelArgs
-from tldr_rlhf.modeling import save_pretrained, saved_weights_dtype
+from tldr_rlhf.modeling import save_pretrained
+from tldr_rlhf.precision import saved_weights_dtype
 from tldr_rlhf.checkpoints import COMPLETE, final_is_complete
 from tldr_rlhf.train import sft
 from tldr_rlhf.train.loop import build_optimizer, build_scheduler
-from tldr_rlhf.train.run_dir import RunDir, UnsafeCheckpointError, load_checkpoint, save_checkpoint
+from tldr_rlhf.train.checkpointing import UnsafeCheckpointError, load_checkpoint, save_checkpoint
+from tldr_rlhf.train.run_dir import RunDir
 
 from test_sft import _cfg
 
@@ -263,7 +265,7 @@ def test_ppo_checkpoint_is_the_policy(qwen_tokenizer, tmp_path):
 def test_reward_model_checkpoint_loads_as_a_reward_model(tiny_model_dir, tmp_path):
     from test_reward_model import _cfg as rm_cfg
 
-    from tldr_rlhf.modeling import load_frozen_reward_model
+    from tldr_rlhf.reward_loading import load_frozen_reward_model
     from tldr_rlhf.checkpoints import checkpoint_kind
     from tldr_rlhf.train import rm
 

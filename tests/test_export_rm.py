@@ -18,7 +18,8 @@ from tldr_rlhf import cli
 from tldr_rlhf.data.comparisons import load_comparisons
 from tldr_rlhf.data.tldr import format_query, format_response
 from tldr_rlhf.export import ExportRMArgs, export_reward_model, pick_pad_token
-from tldr_rlhf.modeling import load_reward_checkpoint, load_tokenizer, save_reward_model
+from tldr_rlhf.modeling import load_tokenizer
+from tldr_rlhf.reward_loading import load_reward_checkpoint, save_reward_model
 from tldr_rlhf.reward_model import RewardModelConfig, ScalarRewardModel, score
 
 FIM_PAD = 151662  # <|fim_pad|> in Qwen2.5's vocabulary

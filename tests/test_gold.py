@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tldr_rlhf import generation, gold, rollout
+from tldr_rlhf import generation, gold, rollout, summaries
 from tldr_rlhf.config import EvaluateConfig, GoldConfig, OnlineDPOConfig, OptimArgs, PreferenceDataArgs, RewardNormArgs, RMConfig, ModelArgs, RunArgs, TldrDataArgs
 from tldr_rlhf.data.tldr import Post
 from tldr_rlhf.errors import DataError
@@ -129,6 +129,7 @@ def short_eos_responses(monkeypatch):
 
     monkeypatch.setattr(generation, "generate", generate)
     monkeypatch.setattr(rollout, "generate", generate)
+    monkeypatch.setattr(summaries, "generate", generate)  # evaluation and the proxy pairs sample through summaries
     import tldr_rlhf.train.group_rl as group_rl
 
     if hasattr(group_rl, "generate_groups"):
@@ -230,7 +231,7 @@ def test_gold_refuses_a_missing_sft_checkpoint_and_unknown_methods(tmp_path):
 
 
 def test_report_tables_from_hand_made_records(tmp_path):
-    from tldr_rlhf.report import as_trained, gold_rows, gold_summary, plot_gold_direct, plot_gold_proxy, sft_noise, standard_error
+    from tldr_rlhf.gold_report import as_trained, gold_rows, gold_summary, plot_gold_direct, plot_gold_proxy, sft_noise, standard_error
 
     sft = {"experiment": "direct", "method": "sft", "seed": None, "update": 0, "episodes": 0, "n": None, "policy": "sft", "gold": 0.20, "proxy": None, "kl": 0.0, "length": 26.0, "eos_rate": 0.7}
     def rec(exp, method, seed, update, gold_v, kl, proxy=None, n=None):
@@ -281,7 +282,7 @@ def test_report_tables_from_hand_made_records(tmp_path):
 
 
 def test_greedy_table_pairs_each_final_policy_with_sft_by_post():
-    from tldr_rlhf.report import greedy_rows
+    from tldr_rlhf.gold_report import greedy_rows
 
     def post(sft, **others):
         return {"summaries": {"sft": {"reward": sft, "length": 20, "eos": True}, **{k: {"reward": v, "length": 17, "eos": k != "ppo-s1" or sft > 0.15} for k, v in others.items()}}}

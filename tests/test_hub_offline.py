@@ -100,8 +100,8 @@ def test_without_network_a_hub_id_fails_at_once_with_the_real_loader(monkeypatch
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     modeling.hub_host_resolves.cache_clear()
     try:
-        assert modeling._offline_kwargs("org/some-model") == {"local_files_only": True}
-        assert modeling._offline_kwargs(str(tmp_path)) == {}  # a local folder never asks the hub
+        assert modeling.offline_kwargs("org/some-model") == {"local_files_only": True}
+        assert modeling.offline_kwargs(str(tmp_path)) == {}  # a local folder never asks the hub
         start = time.perf_counter()
         with pytest.raises(ModelLoadError) as e:
             modeling.load_tokenizer("org/some-model")

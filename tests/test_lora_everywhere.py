@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from tldr_rlhf.config import GRPOConfig, ModelArgs, OptimArgs, PPOConfig, RLOOConfig, RunArgs, SFTConfig, TldrDataArgs
 from tldr_rlhf.errors import ConfigError
-from tldr_rlhf.modeling import ADAPTER_DIR, AdaptersDisabled, apply_lora, init_reward_model, load_causal_lm, quantization_4bit, save_reward_model
+from tldr_rlhf.modeling import ADAPTER_DIR, AdaptersDisabled, apply_lora, load_causal_lm, quantization_4bit
+from tldr_rlhf.reward_loading import init_reward_model, save_reward_model
 from tldr_rlhf.rollout import response_logprobs
 from tldr_rlhf.data.batching import collate_query_response
 from tldr_rlhf.train import grpo, ppo, rloo
@@ -32,7 +33,7 @@ BATCH = collate_query_response([[9707, 11, 1879], [785, 3974, 13876, 6, 7]], [[4
 
 def test_reference_under_disabled_adapters_is_the_base_model(ckpts, qwen_tokenizer):
     sft, rm = ckpts
-    policy, ref, _ = load_rl_models(sft, rm, qwen_tokenizer, dtype=torch.float32, device=torch.device("cpu"), lora_r=4, lora_alpha=8)
+    policy, ref = load_rl_models(sft, qwen_tokenizer, dtype=torch.float32, device=torch.device("cpu"), lora_r=4, lora_alpha=8)
     assert isinstance(ref, AdaptersDisabled) and ref.policy is policy  # no second copy
     base = load_causal_lm(sft, tokenizer=qwen_tokenizer)
     want, _ = response_logprobs(base, BATCH, temperature=0.7)
@@ -166,7 +167,7 @@ def test_qlora_refused_without_cuda_with_one_line_naming_the_flag(ckpts):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only")
 def test_qlora_policy_loads_in_4bit_and_trains_adapters(ckpts, qwen_tokenizer):
     sft, rm = ckpts
-    policy, ref, _ = load_rl_models(sft, rm, qwen_tokenizer, dtype=torch.float32, device=torch.device("cuda"), lora_r=4, load_in_4bit=True)
+    policy, ref = load_rl_models(sft, qwen_tokenizer, dtype=torch.float32, device=torch.device("cuda"), lora_r=4, load_in_4bit=True)
     assert policy.get_base_model().is_loaded_in_4bit and isinstance(ref, AdaptersDisabled)
     assert all("lora_" in n for n, p in policy.named_parameters() if p.requires_grad)
 

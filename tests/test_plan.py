@@ -9,30 +9,30 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tldr_rlhf import plan
+from tldr_rlhf import memory
 from tldr_rlhf.cli import main
 from tldr_rlhf.config import ModelArgs, OptimArgs, RunArgs, SFTConfig, TldrDataArgs
 from tldr_rlhf.errors import ConfigError
-from tldr_rlhf.plan import GIB, ModelShape, activation_bytes, estimate_stage, precision, shape_from_config
+from tldr_rlhf.memory import GIB, ModelShape, activation_bytes, estimate_stage, precision, shape_from_config
 
-SMOL_GGUF = plan.Path(__file__).resolve().parents[2] / "shared" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOL_GGUF = memory.Path(__file__).resolve().parents[2] / "shared" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def test_parameter_counts_equal_the_published_ones():
     # Qwen2.5 model cards: 0.49B and 1.54B; the exact counts of their safetensors
-    assert shape_from_config(plan.KNOWN_CONFIGS["Qwen/Qwen2.5-0.5B"]).params == 494_032_768
-    assert shape_from_config(plan.KNOWN_CONFIGS["Qwen/Qwen2.5-1.5B"]).params == 1_543_714_304
+    assert shape_from_config(memory.KNOWN_CONFIGS["Qwen/Qwen2.5-0.5B"]).params == 494_032_768
+    assert shape_from_config(memory.KNOWN_CONFIGS["Qwen/Qwen2.5-1.5B"]).params == 1_543_714_304
     # SmolLM2-135M: what the SFT stage counts when it loads the GGUF (134,515,008 trainable parameters)
-    assert shape_from_config(plan.KNOWN_CONFIGS["HuggingFaceTB/SmolLM2-135M"]).params == 134_515_008
+    assert shape_from_config(memory.KNOWN_CONFIGS["HuggingFaceTB/SmolLM2-135M"]).params == 134_515_008
 
 
 def test_gguf_metadata_gives_the_same_shape():
-    shape = plan.model_shape(str(SMOL_GGUF))
-    assert shape == shape_from_config(plan.KNOWN_CONFIGS["HuggingFaceTB/SmolLM2-135M"])
+    shape = memory.model_shape(str(SMOL_GGUF))
+    assert shape == shape_from_config(memory.KNOWN_CONFIGS["HuggingFaceTB/SmolLM2-135M"])
 
 
 def test_reward_model_config_reads_its_text_config():
-    rm = {"model_type": "tldr_rlhf_reward", "text_config": dict(plan.KNOWN_CONFIGS["Qwen/Qwen2.5-1.5B"])}
+    rm = {"model_type": "tldr_rlhf_reward", "text_config": dict(memory.KNOWN_CONFIGS["Qwen/Qwen2.5-1.5B"])}
     assert shape_from_config(rm).params == 1_543_714_304
     with pytest.raises(ConfigError, match="config has no hidden_size"):
         shape_from_config({"model_type": "bert"})
@@ -40,10 +40,10 @@ def test_reward_model_config_reads_its_text_config():
 
 def test_precision_rules():
     # bf16 autocast over float32 weights, frozen models included (KL exactly 0 at step 0), 8-bit AdamW on CUDA
-    assert precision("cuda", "auto") == plan.Precision(master=4, frozen=4, compute=2, optimizer=2)
-    assert precision("cuda", "auto", "off") == plan.Precision(master=4, frozen=4, compute=2, optimizer=8)
-    assert precision("cpu", "auto") == plan.Precision(master=4, frozen=4, compute=4, optimizer=8)
-    assert precision("cpu", "bfloat16") == plan.Precision(master=4, frozen=4, compute=2, optimizer=8)
+    assert precision("cuda", "auto") == memory.Precision(master=4, frozen=4, compute=2, optimizer=2)
+    assert precision("cuda", "auto", "off") == memory.Precision(master=4, frozen=4, compute=2, optimizer=8)
+    assert precision("cpu", "auto") == memory.Precision(master=4, frozen=4, compute=4, optimizer=8)
+    assert precision("cpu", "bfloat16") == memory.Precision(master=4, frozen=4, compute=2, optimizer=8)
 
 
 TOY = ModelShape(params=1000, vocab=50, hidden=4, layers=3, intermediate=8, heads=2, kv_heads=1, head_dim=2, tied=True)
@@ -66,8 +66,8 @@ def test_sft_estimate_by_hand():
     assert (est.weights, est.gradients, est.optimizer) == (4000, 4000, 8000)  # 1000 params x 4, 4, 8 bytes
     # 2 x (7 + 3) tokens of activations + the response logits twice (2 x 3 x 50 x 4 bytes)
     assert est.activations == activation_bytes(TOY, 20, 4) + 2 * 2 * 3 * 50 * 4 == 19200 + 2400
-    assert est.kv_cache == est.frozen == 0 and est.overhead == plan.OVERHEAD["cpu"]
-    assert est.total == 4000 + 4000 + 8000 + 21600 + plan.OVERHEAD["cpu"]
+    assert est.kv_cache == est.frozen == 0 and est.overhead == memory.OVERHEAD["cpu"]
+    assert est.total == 4000 + 4000 + 8000 + 21600 + memory.OVERHEAD["cpu"]
     # on CUDA under bf16 autocast: 2-byte activations, float32 logits, 8-bit AdamW when asked
     cuda = estimate_stage("sft", _sft(model=ModelArgs(path="toy", dtype="auto"), optim=OptimArgs(optim_8bit="on")), device="cuda", shapes={"toy": TOY})
     assert (cuda.optimizer, cuda.activations) == (2000, activation_bytes(TOY, 20, 2) + 2400)
@@ -75,7 +75,7 @@ def test_sft_estimate_by_hand():
 
 def test_lora_counts_the_adapters_only():
     # rank 2 on q (4->4), k, v (4->2), o (4->4), gate, up (4->8), down (8->4): 2 x (8 + 6 + 6 + 8 + 12 + 12 + 12) per layer
-    assert plan.lora_params(TOY, 2) == 3 * 2 * 64 == 384
+    assert memory.lora_params(TOY, 2) == 3 * 2 * 64 == 384
     est = estimate_stage("sft", _sft(model=ModelArgs(path="toy", dtype="float32", lora_r=2)), device="cpu", shapes={"toy": TOY})
     assert (est.weights, est.gradients, est.optimizer) == (1000 * 4 + 384 * 4, 384 * 4, 384 * 8)
 
@@ -107,14 +107,14 @@ def test_suggestion_is_the_cheapest_change_that_fits():
     est = estimate_stage("sft", cfg, device="cpu", shapes=shapes)
     small = estimate_stage("sft", _sft(micro_batch_size=2), device="cpu", shapes=shapes)
     budget = (small.total + estimate_stage("sft", _sft(micro_batch_size=4), device="cpu", shapes=shapes).total) / 2
-    assert plan.suggestion("sft", cfg, est, budget=budget, device="cpu", world=1, shapes=shapes).startswith("--micro-batch-size 2 ")
-    assert plan.suggestion("sft", cfg, est, budget=est.total, device="cpu", world=1, shapes=shapes) == ""
-    assert plan.suggestion("sft", cfg, est, budget=1.0, device="cpu", world=1, shapes=shapes).startswith("does not fit")
+    assert memory.suggestion("sft", cfg, est, budget=budget, device="cpu", world=1, shapes=shapes).startswith("--micro-batch-size 2 ")
+    assert memory.suggestion("sft", cfg, est, budget=est.total, device="cpu", world=1, shapes=shapes) == ""
+    assert memory.suggestion("sft", cfg, est, budget=1.0, device="cpu", world=1, shapes=shapes).startswith("does not fit")
     # between micro-batch 1 and micro-batch 1 with checkpointing: checkpointing is the change
     one = estimate_stage("sft", _sft(micro_batch_size=1), device="cpu", shapes=shapes).total
     ckpt = estimate_stage("sft", _sft(micro_batch_size=1, model=ModelArgs(path="toy", dtype="float32", gradient_checkpointing=True)), device="cpu", shapes=shapes).total
     assert ckpt < one
-    assert plan.suggestion("sft", cfg, est, budget=(one + ckpt) / 2, device="cpu", world=1, shapes=shapes) == "--micro-batch-size 1 --model.gradient-checkpointing (activation checkpointing)"
+    assert memory.suggestion("sft", cfg, est, budget=(one + ckpt) / 2, device="cpu", world=1, shapes=shapes) == "--micro-batch-size 1 --model.gradient-checkpointing (activation checkpointing)"
 
 
 def test_plan_command_for_the_seed_setup_offline(capsys):
@@ -123,7 +123,8 @@ def test_plan_command_for_the_seed_setup_offline(capsys):
     lines = [line for line in out.splitlines() if line.startswith("| ")]
     assert lines[0].startswith("| stage | weights | gradients | optimizer | activations | kv_cache | frozen | overhead | total | fits |")
     rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in lines[1:]}
-    assert set(rows) == {"sft", "rm", "dpo", "ppo", "grpo", "rloo"}
+    # every training row of the stage table, online DPO included (wired to the pipeline's SFT and RM like the others)
+    assert set(rows) == {"sft", "rm", "dpo", "ppo", "grpo", "rloo", "online-dpo", "reinforce-pp"}
     # PPO with N+'s plain AdamW: policy 0.494B + value 1.544B params, float32 master weights: 7.6 GiB
     assert rows["ppo"][1] == f"{(494_032_768 + 1_543_714_304) * 4 / GIB:.1f}" == "7.6"
     assert main(["plan", "--preset", "seed", "--gpu-memory-gb", "16"]) == 0
@@ -132,19 +133,19 @@ def test_plan_command_for_the_seed_setup_offline(capsys):
 
 
 def test_preflight_stops_a_stage_that_cannot_fit_before_its_folder_exists(tmp_path, monkeypatch):
-    from tldr_rlhf.train.run_dir import RunDir
+    from tldr_rlhf.train.lifecycle import start_run
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=8 * GIB))
     cfg = SFTConfig(model=ModelArgs(path="Qwen/Qwen2.5-1.5B"), data=TldrDataArgs(train=str(tmp_path)), run=RunArgs(output_dir=str(tmp_path / "run")))
     with pytest.raises(ConfigError, match=r"^memory plan: sft needs about \d+\.\d GiB per GPU \(weights 5\.8, .*\) but the GPU has 8\.0 GiB; try .*; --run.no-memory-check runs it anyway$"):
-        RunDir.open(cfg)
+        start_run(cfg)
     assert not (tmp_path / "run").exists()
-    est = plan.preflight("sft", dataclasses.replace(cfg, run=RunArgs(output_dir=str(tmp_path / "run"), memory_check=False)))
+    est = memory.preflight("sft", dataclasses.replace(cfg, run=RunArgs(output_dir=str(tmp_path / "run"), memory_check=False)))
     assert est is not None and est.total > 8 * GIB
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert plan.preflight("sft", cfg) is None  # the CPU: no pre-flight
+    assert memory.preflight("sft", cfg) is None  # the CPU: no pre-flight
 
 
 def test_rl_with_a_text_reward_has_no_reward_model_and_online_dpo_samples_pairs():
@@ -186,8 +187,8 @@ def test_fsdp_shards_the_trained_state_and_is_proposed_on_several_gpus():
     with_fsdp = estimate_stage("sft", dataclasses.replace(ckpt_cfg, run=RunArgs(fsdp=True)), device="cpu", world=4, shapes=shapes).total
     assert with_fsdp == ckpt - (4000 + 4000 + 8000) + (2395 + 1000 + 2000)
     est = estimate_stage("sft", cfg, device="cpu", world=4, shapes=shapes)
-    assert plan.suggestion("sft", cfg, est, budget=(ckpt + with_fsdp) / 2, device="cpu", world=4, shapes=shapes) == (
+    assert memory.suggestion("sft", cfg, est, budget=(ckpt + with_fsdp) / 2, device="cpu", world=4, shapes=shapes) == (
         "--micro-batch-size 1 --model.gradient-checkpointing --run.fsdp (FSDP: weights, gradients and AdamW states sharded over 4 devices)"
     )
     # on one device FSDP is never proposed
-    assert "--run.fsdp" not in plan.suggestion("sft", cfg, estimate_stage("sft", cfg, device="cpu", shapes=shapes), budget=(ckpt + with_fsdp) / 2, device="cpu", world=1, shapes=shapes)
+    assert "--run.fsdp" not in memory.suggestion("sft", cfg, estimate_stage("sft", cfg, device="cpu", shapes=shapes), budget=(ckpt + with_fsdp) / 2, device="cpu", world=1, shapes=shapes)

@@ -7,7 +7,8 @@ import pytest
 
 from tldr_rlhf.config import ReportConfig
 from tldr_rlhf.errors import DataError
-from tldr_rlhf.report import build_report, metric_series, plot_win_rates, render_html, render_markdown, standalone_stage
+from tldr_rlhf.plots import metric_series, plot_win_rates
+from tldr_rlhf.report import build_report, render_html, render_markdown, standalone_stage
 
 PNG = b"\x89PNG\r\n\x1a\n"
 POLICIES = ["base", "sft", "dpo", "ppo", "grpo"]

@@ -22,10 +22,11 @@ from tldr_rlhf.data.comparisons import build_preference_examples, load_compariso
 from tldr_rlhf.data.tldr import DropCounts
 from tldr_rlhf.losses import pairwise_loss
 from tldr_rlhf.metrics import comparison_metrics, judge_agreement
-from tldr_rlhf.modeling import build_reward_model, load_reward_checkpoint, save_pretrained, save_reward_model
+from tldr_rlhf.modeling import save_pretrained
+from tldr_rlhf.reward_loading import build_reward_model, load_reward_checkpoint, save_reward_model
 from tldr_rlhf.ops import left_pad, right_pad
 from tldr_rlhf.reward_model import RewardModelConfig, ScalarRewardModel, last_real_index, response_values, score, train_top_layers
-from tldr_rlhf.reward_scoring import pair_rewards, score_texts
+from tldr_rlhf.reward_scoring import pair_rewards, score_responses
 from tldr_rlhf.tasks import load_references, rm_pairs as load_rm_data
 from tldr_rlhf.train import rm
 
@@ -158,10 +159,10 @@ def test_shared_prompt_gives_the_same_scores_and_gradients_as_full_rows(reward_m
 def test_nplus_14_normalization_makes_mean_reference_reward_zero(reward_model, qwen_tokenizer, tmp_path):
     refs, report = load_references(RewardNormArgs(posts=str(POSTS), limit=12), qwen_tokenizer, max_query_length=96, max_response_length=133)
     assert report["n"] == len(refs) > 0 and report["query_truncated"] > 0
-    before = score_texts(reward_model, refs, pad_token_id=EOS, batch_size=5)
+    before = score_responses(reward_model, refs, pad_token_id=EOS, batch_size=5)
     bias_before = reward_model.score.bias.item()
     record = rm.normalize_rewards(reward_model, refs, pad_token_id=EOS, batch_size=5)
-    after = score_texts(reward_model, refs, pad_token_id=EOS, batch_size=4)  # other batching: same scores
+    after = score_responses(reward_model, refs, pad_token_id=EOS, batch_size=4)  # other batching: same scores
     assert abs(after.mean().item()) < 1e-4
     assert record["mean_before"] == pytest.approx(before.double().mean().item(), abs=1e-6)
     assert reward_model.score.bias.item() == pytest.approx(bias_before - record["mean_before"], abs=1e-6)
@@ -173,7 +174,7 @@ def test_nplus_14_normalization_makes_mean_reference_reward_zero(reward_model, q
     saved = json.loads((tmp_path / "rm" / "config.json").read_text())
     assert saved["reward_offset"] == pytest.approx(record["mean_before"]) and saved["normalization"]["n"] == len(refs)
     reloaded = load_reward_checkpoint(str(tmp_path / "rm")).eval()
-    assert abs(score_texts(reloaded, refs, pad_token_id=EOS).mean().item()) < 1e-4
+    assert abs(score_responses(reloaded, refs, pad_token_id=EOS).mean().item()) < 1e-4
 
 
 @torch.no_grad()

@@ -82,7 +82,7 @@ def test_tensorboard_after_crash_and_resume_equals_metrics_jsonl(tiny_model_dir,
     with pytest.raises(KeyboardInterrupt):
         sft.train(_cfg(tiny_model_dir, out, max_steps=4, report_to=("tensorboard",)))
     monkeypatch.setattr(RunDir, "log_metrics", real_log)
-    from tldr_rlhf.train.run_dir import close_opened_runs
+    from tldr_rlhf.opened_runs import close_opened_runs
 
     close_opened_runs()  # what the CLI does when a command stops
     # The crashed attempt's step-3 event, with a value the replay must replace (a different lr step
@@ -112,7 +112,7 @@ def test_tensorboard_without_the_purge_would_keep_the_crashed_steps(tiny_model_d
     with pytest.raises(KeyboardInterrupt):
         sft.train(_cfg(tiny_model_dir, out, max_steps=4, report_to=("tensorboard",)))
     monkeypatch.setattr(RunDir, "log_metrics", real_log)
-    from tldr_rlhf.train.run_dir import close_opened_runs
+    from tldr_rlhf.opened_runs import close_opened_runs
 
     close_opened_runs()
     real_truncate = RunDir.truncate_logs

@@ -23,6 +23,9 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .errors import DataError
+from .generation import decode_response
+from .precision import bf16_autocast
+from .summaries import PolicyRun, _sorted_generate, eval_engine, free_memory, load_eval_policy
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +61,6 @@ def best_of_n_run(name: str, path: str, posts: list, cfg, *, score: Callable[[li
     (one float per text, posts repeated n times), the best kept (``pick_best``). Returns (a
     ``summaries.PolicyRun`` named ``{name}-bo{n}``, its metrics: n, the base policy, the mean reward of
     all candidates and of the kept ones, the analytic KL). Raises ModelLoadError for a path that does not load."""
-    from .generation import decode_response
-    from .modeling import bf16_autocast
-    from .summaries import PolicyRun, _sorted_generate, eval_engine, free_memory, load_eval_policy
-
     n = cfg.best_of_n
     t0 = time.perf_counter()
     tok, queries, device, model = load_eval_policy(path, posts, cfg)

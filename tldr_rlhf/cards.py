@@ -1,6 +1,6 @@
 """Model cards for every ``final/`` and the upload of a run's model to the Hugging Face Hub.
 
-``RunDir.write_final`` writes ``final/README.md`` (before the completeness marker) from what the run
+``train.lifecycle.finish_run`` writes ``final/README.md`` (before the completeness marker) from what the run
 folder holds: the stage's ``config.json`` (base model, data, the settings that matter), the last value of
 each key metric in ``metrics.jsonl``, and for the reward model its ``final/config.json`` (how the score
 is read, the normalization applied). The YAML metadata is huggingface_hub's ``ModelCardData``:
@@ -23,74 +23,26 @@ from typing import Annotated, Any
 
 from tyro.conf import Positional, arg
 
-from .checkpoints import COMPLETE, final_is_complete
+from .checkpoints import COMPLETE, HUB_ID, final_is_complete
 from .errors import RunDirError, TldrRlhfError
-from .validation import HUB_ID
+from .stages import COMMANDS
 
 log = logging.getLogger(__name__)
 
 CARD = "README.md"
 
-STAGE_TITLES = {
-    "sft": "supervised fine-tuned TL;DR policy",
-    "rm": "TL;DR reward model",
-    "dpo": "DPO-trained TL;DR policy",
-    "ppo": "PPO-trained TL;DR policy",
-    "grpo": "GRPO-trained TL;DR policy",
-    "rloo": "RLOO-trained TL;DR policy",
-    "online-dpo": "online-DPO-trained TL;DR policy",
-}
-# (metric in metrics.jsonl, what the card calls it), per stage
-CARD_METRICS: dict[str, tuple[tuple[str, str], ...]] = {
-    "sft": (("loss/sft", "training loss (last step)"), ("valid/loss", "validation loss")),
-    "rm": (("loss/rm", "training loss (last step)"), ("rm/accuracy", "training accuracy (last step)"), ("valid/accuracy", "held-out accuracy")),
-    "dpo": (("loss/dpo", "training loss (last step)"), ("rewards/accuracy", "implicit-reward accuracy (last step)"), ("valid/implicit_reward_accuracy", "held-out implicit-reward accuracy")),
-    "ppo": (("objective/scores", "reward-model score (last update)"), ("objective/kl", "KL to the reference (last update)"), ("objective/rlhf_reward", "score - KL penalty (last update)"), ("objective/response_length", "response length (tokens)")),
-    "grpo": (("objective/scores", "reward-model score (last update)"), ("objective/kl", "KL to the reference (last update)"), ("objective/response_length", "response length (tokens)")),
-    "rloo": (("objective/scores", "reward-model score (last update)"), ("objective/kl", "KL to the reference (last update)"), ("objective/response_length", "response length (tokens)")),
-    "online-dpo": (("objective/scores", "reward (last update)"), ("objective/kl", "KL to the reference (last update)"), ("loss/policy", "DPO loss (last update)")),
-}
-_CITATIONS = {
-    "stiennon": """@inproceedings{stiennon2020learning,
+# The BibTeX entries every card cites; a stage's row adds its own (``stages.Stage.citations``)
+BIBTEX = {
+    "stiennon2020learning": """@inproceedings{stiennon2020learning,
   title={Learning to summarize from human feedback},
   author={Stiennon, Nisan and Ouyang, Long and Wu, Jeff and Ziegler, Daniel M. and Lowe, Ryan and Voss, Chelsea and Radford, Alec and Amodei, Dario and Christiano, Paul},
   booktitle={NeurIPS},
   year={2020}
 }""",
-    "nplus": """@article{huang2024nplus,
+    "huang2024nplus": """@article{huang2024nplus,
   title={The N+ Implementation Details of RLHF with PPO: A Case Study on TL;DR Summarization},
   author={Huang, Shengyi and Noukhovitch, Michael and Hosseini, Arian and Rasul, Kashif and Wang, Weixun and Tunstall, Lewis},
   journal={arXiv preprint arXiv:2403.17031},
-  year={2024}
-}""",
-    "dpo": """@inproceedings{rafailov2023direct,
-  title={Direct Preference Optimization: Your Language Model is Secretly a Reward Model},
-  author={Rafailov, Rafael and Sharma, Archit and Mitchell, Eric and Ermon, Stefano and Manning, Christopher D. and Finn, Chelsea},
-  booktitle={NeurIPS},
-  year={2023}
-}""",
-    "ppo": """@article{schulman2017proximal,
-  title={Proximal Policy Optimization Algorithms},
-  author={Schulman, John and Wolski, Filip and Dhariwal, Prafulla and Radford, Alec and Klimov, Oleg},
-  journal={arXiv preprint arXiv:1707.06347},
-  year={2017}
-}""",
-    "grpo": """@article{shao2024deepseekmath,
-  title={DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open Language Models},
-  author={Shao, Zhihong and Wang, Peiyi and Zhu, Qihao and Xu, Runxin and Song, Junxiao and Zhang, Mingchuan and Li, Y. K. and Wu, Y. and Guo, Daya},
-  journal={arXiv preprint arXiv:2402.03300},
-  year={2024}
-}""",
-    "online-dpo": """@article{guo2024direct,
-  title={Direct Language Model Alignment from Online AI Feedback},
-  author={Guo, Shangmin and Zhang, Biao and Liu, Tianlin and Liu, Tianqi and Khalman, Misha and Llinares, Felipe and Rame, Alexandre and Mesnard, Thomas and Zhao, Yao and Piot, Bilal and Ferret, Johan and Blondel, Mathieu},
-  journal={arXiv preprint arXiv:2402.04792},
-  year={2024}
-}""",
-    "rloo": """@inproceedings{ahmadian2024back,
-  title={Back to Basics: Revisiting REINFORCE Style Optimization for Learning from Human Feedback in LLMs},
-  author={Ahmadian, Arash and Cremer, Chris and Gall{\\'e}, Matthias and Fadaee, Marzieh and Kreutzer, Julia and Pietquin, Olivier and {\\"U}st{\\"u}n, Ahmet and Hooker, Sara},
-  booktitle={ACL},
   year={2024}
 }""",
 }
@@ -157,15 +109,10 @@ def _records(run_path: Path) -> list[dict[str, Any]]:
 
 
 def _settings(stage: str, cfg: dict[str, Any]) -> list[tuple[str, Any]]:
-    """The settings a reader of the card needs, from the stage's config.json."""
-    pick = {
-        "sft": ("epochs", "micro_batch_size", "gradient_accumulation_steps", "loss_on_query"),
-        "rm": ("epochs", "micro_batch_size", "gradient_accumulation_steps"),
-        "dpo": ("loss_type", "beta", "label_smoothing", "epochs"),
-        "ppo": ("total_episodes", "kl_coef", "response_length", "temperature", "ppo_epochs", "num_mini_batches", "gamma", "lam"),
-        "grpo": ("total_episodes", "group_size", "kl_coef", "response_length", "temperature", "loss_type"),
-        "rloo": ("total_episodes", "group_size", "kl_coef", "response_length", "temperature"),
-    }.get(stage, ())
+    """The settings a reader of the card needs, from the stage's config.json (the row's
+    ``card_settings``, then the optimizer's, dtype, LoRA rank and seed)."""
+    row = COMMANDS.get(stage)
+    pick = row.card_settings if row else ()
     rows = [(k, cfg[k]) for k in pick if k in cfg]
     optim = cfg.get("optim") or {}
     rows += [(f"optim.{k}", optim[k]) for k in ("lr", "min_lr", "warmup_steps", "weight_decay") if k in optim]
@@ -202,7 +149,7 @@ the tokenizer's own EOS): a linear head maps the final hidden state **at the EOS
 (N+ details 11-12). {normalization}
 
 ```python
-from tldr_rlhf.modeling import load_frozen_reward_model  # pip install tldr-rlhf
+from tldr_rlhf.reward_loading import load_frozen_reward_model  # pip install tldr-rlhf
 reward_model = load_frozen_reward_model("PATH_OR_REPO")  # reward_model(input_ids, attention_mask).logits[:, 0]: one score per row, read at its last real token
 ```
 
@@ -238,7 +185,9 @@ def model_card(run_path: Path, final: Path, *, stage: str, step: int) -> str:
     cfg = _read_json(Path(run_path) / "config.json")
     data = cfg.get("data") or {}
     task = data.get("task", "tldr")
-    start = (cfg.get("model") or {}).get("path") if stage in ("sft", "rm") else cfg.get("sft_path")
+    row = COMMANDS.get(stage)
+    family = row.family if row else ""
+    start = (cfg.get("model") or {}).get("path") if family == "supervised" else cfg.get("sft_path")
     base, base_license = _lineage(start or "")
     datasets = [d for d in (data.get("train"), data.get("comparisons")) if _hub_id(d)]
     is_rm = stage == "rm"
@@ -250,24 +199,24 @@ def model_card(run_path: Path, final: Path, *, stage: str, step: int) -> str:
         pipeline_tag="text-classification" if is_rm else "text-generation",
         tags=["tldr-rlhf", "rlhf", stage] + (["reward-model"] if is_rm else []) + (["summarization"] if task == "tldr" else []),
     )
-    title = STAGE_TITLES.get(stage, f"{stage} model")
+    title = (row.title if row else "") or f"{stage} model"
     if task == "ultrafeedback":
         title = title.replace("TL;DR", "UltraFeedback")
     lines = [f"# {title} (tldr-rlhf `{stage}`)", ""]
     lines.append(
         f"Trained with tldr-rlhf stage `{stage}` for {step} "
-        f"{'updates' if stage in ('ppo', 'grpo', 'rloo', 'online-dpo') else 'optimizer steps'}, starting from `{start or '?'}`"
+        f"{'updates' if family == 'rl' else 'optimizer steps'}, starting from `{start or '?'}`"
         + (f" (base model `{base}`)" if base and base != start else "") + "."
     )
-    if stage in ("ppo", "grpo", "rloo", "online-dpo"):
+    if family == "rl":
         lines.append(f"Reward: `{cfg.get('reward') or cfg.get('rm_path') or '?'}`; reference policy: the starting policy (frozen).")
-    if stage == "dpo":
+    if family == "preference":
         lines.append("Reference policy: the starting policy (frozen).")
     sources = [d for d in (data.get("train"), data.get("valid"), data.get("comparisons")) if d]
     if sources:
         lines.append("Data: " + ", ".join(f"`{d}`" for d in sources) + ".")
     lines.append("")
-    metrics = last_metrics(_records(Path(run_path)), CARD_METRICS.get(stage, ()))
+    metrics = last_metrics(_records(Path(run_path)), row.card_metrics if row else ())
     if metrics:
         lines += ["## Metrics of the run", "", "| metric | value | step |", "|---|---|---|"]
         lines += [f"| {label} | {value:.4g} | {s} |" for label, value, s in metrics]
@@ -278,8 +227,8 @@ def model_card(run_path: Path, final: Path, *, stage: str, step: int) -> str:
         lines += [f"| {k} | {json.dumps(v) if not isinstance(v, str) else v} |" for k, v in settings]
         lines += ["", f"The run's whole config is in `config.json` of its run folder (`tldr-rlhf {stage} --config config.json` repeats it).", ""]
     lines.append(_reward_section(Path(final)) if is_rm else _policy_section(task))
-    cites = ["stiennon", "nplus"] + ({"online-dpo": ["dpo", "online-dpo"]}.get(stage) or ([stage] if stage in _CITATIONS else []))
-    lines += ["## Citations", "", "```bibtex", "\n\n".join(_CITATIONS[c] for c in cites), "```", ""]
+    cites = (*BIBTEX.values(), *(row.citations if row else ()))
+    lines += ["## Citations", "", "```bibtex", "\n\n".join(cites), "```", ""]
     return "---\n" + card_data.to_yaml() + "\n---\n\n" + "\n".join(lines)
 
 

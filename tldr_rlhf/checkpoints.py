@@ -7,12 +7,22 @@ refuse a model given to the wrong flag, or a half-written one, before they load 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
-from .errors import ModelLoadError
-from .modeling import _looks_local, _offline_kwargs
+from .errors import ConfigError, ModelLoadError
+from .modeling import looks_local, offline_kwargs
+from .reward_model import MODEL_TYPE
 
+FINAL = "final"  # a run folder's finished model
+CHECKPOINTS = "checkpoints"  # a run folder's checkpoints/step-N/ folders
+STATE = "state.pt"  # a checkpoint's optimizer, scheduler, RNG and extra tensors (train/checkpointing.py)
 COMPLETE = "COMPLETE.json"  # written last into a run's final/: a final/ without it is not a finished run
+
+
+def step_of(checkpoint: Path) -> int:
+    """The step N of a ``checkpoints/step-N`` folder."""
+    return int(checkpoint.name.split("-")[1])
 
 
 def final_is_complete(path: str | Path) -> bool:
@@ -35,7 +45,7 @@ def _hub_config(repo_id: str) -> dict | None:
 
         f = try_to_load_from_cache(repo_id, "config.json")
         if not isinstance(f, str):
-            if _offline_kwargs(repo_id):
+            if offline_kwargs(repo_id):
                 return None  # no network: the loader says so in one line
             f = hf_hub_download(repo_id, "config.json", etag_timeout=5)
         return json.loads(Path(f).read_text())
@@ -48,8 +58,6 @@ def kind_from_config(config: dict) -> str:
     ``model_type`` or an ``auto_map`` / ``architectures`` entry of a sequence classifier is a reward
     model; a ``...ForCausalLM`` (or ``LMHeadModel``, ``ForConditionalGeneration``) architecture is a
     policy; anything else (no architectures, an encoder) is unknown."""
-    from .reward_model import MODEL_TYPE
-
     if config.get("model_type") == MODEL_TYPE or "AutoModelForSequenceClassification" in (config.get("auto_map") or {}):
         return "reward_model"
     archs = [str(a) for a in config.get("architectures") or []]
@@ -73,7 +81,7 @@ def checkpoint_kind(path: str) -> str:
             config = json.loads((p / "config.json").read_text())
         except (OSError, ValueError):
             return "unknown"
-    elif _looks_local(path) or p.exists():
+    elif looks_local(path) or p.exists():
         return "unknown"
     else:
         config = _hub_config(path)
@@ -126,3 +134,29 @@ def checkpoint_fingerprint(path: str) -> str:
         pass
     h.update(f"hub\0{path}\0{revision}".encode())
     return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# An input path given to a flag
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # NAMESPACE/NAME (inputs, --run.push-to-hub, model cards)
+_FILE_SUFFIXES = (".json", ".jsonl", ".gguf", ".parquet", ".safetensors", ".bin", ".pt", ".csv", ".txt")
+
+
+def check_input(value: str, name: str, what: str = "file or folder") -> None:
+    """Raise ConfigError when ``value`` (the input of flag ``name``) is neither an existing path nor a
+    plausible hub id, or is a run's ``final/`` whose save never completed."""
+    if not value:
+        return
+    name = name if name.endswith("=") else name + " "  # "--policies ppo=PATH", "--sft-path PATH"
+    p = Path(value)
+    if p.exists():
+        if p.is_dir() and p.name == "final" and (p.parent / "config.json").is_file() and not final_is_complete(p):
+            raise ConfigError(f"{name}{value}: the run's final/ is incomplete (its save did not finish); rerun that stage to complete it")
+        return
+    first = p.parts[0] if p.parts else ""
+    looks_local = (
+        p.is_absolute() or first in (".", "..", "~") or value.endswith(_FILE_SUFFIXES) or not HUB_ID.match(value) or Path(first).is_dir()
+    )
+    if looks_local:
+        raise ConfigError(f"{name}{value}: {what} does not exist")

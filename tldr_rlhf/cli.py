@@ -80,6 +80,7 @@ def run_generate(args: GenerateArgs) -> list[dict[str, Any]]:
     """Implementation of ``tldr-rlhf generate``; returns the printed records."""
     import torch
 
+    # lazy: `tldr-rlhf --help` and every command's --help load without torch and transformers
     from .data.tldr import Post, format_query, load_posts
     from .data.ultrafeedback import prompt_ids
     from .generation import decode_response, generate
@@ -112,6 +113,7 @@ def run_generate(args: GenerateArgs) -> list[dict[str, Any]]:
 
 
 def run_stats(args: StatsArgs) -> dict[str, Any]:
+    # lazy: `tldr-rlhf --help` and every command's --help load without torch and transformers
     from .data.tldr import load_posts, token_length_report
     from .modeling import load_tokenizer
 
@@ -137,6 +139,7 @@ def version_lines() -> list[str]:
     (read from their metadata: torch is not imported), "not installed" for a missing one."""
     from importlib import metadata
 
+    # lazy: `tldr-rlhf --help` and every command's --help load without torch and transformers
     from . import __version__
 
     lines = []
@@ -175,6 +178,7 @@ def pipeline_help(tyro_help: str) -> str:
     """Short ``tldr-rlhf pipeline --help``: tyro's help of the pipeline's own fields (its text up to the
     first stage's section) and one line per stage naming the prefix of its flags and the command whose
     ``--help`` lists them. ``--help-all`` prints every stage's flags instead."""
+    # lazy: `tldr-rlhf --help` and every command's --help load without torch and transformers
     from .config import PipelineConfig
 
     first = re.search(r"^\W*sft options\b", tyro_help, flags=re.M)  # boxed (terminal) or plain section title
@@ -248,7 +252,8 @@ def parse(argv: list[str]):
 def _failure_line(e: BaseException) -> tuple[str, int] | None:
     """The one line and exit code ``main`` ends with for an expected failure; None for a bug (the
     traceback is shown)."""
-    from .train.run_dir import resume_hint
+    # lazy: `tldr-rlhf --help` and every command's --help load without torch and transformers
+    from .opened_runs import resume_hint
 
     if isinstance(e, TldrRlhfError):
         return f"tldr-rlhf: error: {e}", 2
@@ -280,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from .train.run_dir import close_opened_runs, forget_opened_runs, restore_replaced_runs
+    # lazy: `tldr-rlhf --help` and every command's --help load without torch and transformers
+    from .opened_runs import close_opened_runs, forget_opened_runs, restore_replaced_runs
 
     forget_opened_runs()  # the run folders of this invocation only
     try:

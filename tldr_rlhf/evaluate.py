@@ -33,14 +33,22 @@ import torch
 
 from .config import EvaluateConfig
 from .data.batching import collate_query_response
-from .tasks import held_out_items, query_ids, query_text, reference_of, response_ids
+from .tasks import held_out_items, held_out_pairs, query_ids, query_text, reference_of, response_ids
 from .errors import DataError, ModelLoadError
 from .metrics import comparison_metrics, length_controlled_win_rate, outcomes_from_scores, pair_lengths, rouge_scores, win_rate
-from .modeling import bf16_autocast, load_frozen_reward_model, load_tokenizer_cached
+from .modeling import check_model_exists, load_tokenizer_cached
+from .reward_loading import load_frozen_reward_model
+from .precision import bf16_autocast
 from .rollout_engine import check_engine_available
 from .summaries import PolicyRun, eval_device, free_memory, generation_key, kl_to_sft, load_policy_run, policy_file, run_policy, save_policy_run
 from .stages import EVAL_FILE
 from .validation import validate_config
+from .best_of_n import best_of_n_names, best_of_n_run, best_of_n_spec
+from .checkpoints import require_kind
+from .judge import ChatClient, JudgeError, judge_pairs
+from .reward_scoring import score_comparisons
+from .rewards import check_reward_spec, text_term_scores, weighted_sum
+from .value_model import score_at_last_token
 
 log = logging.getLogger(__name__)
 SUMMARIES_FILE = "summaries.jsonl"
@@ -106,8 +114,6 @@ def score_summaries(model, tok, posts: Sequence, summaries: Sequence[str], *, da
     response formatted as the task trains it (TL;DR ``" " + summary + EOS``) after the formatted query
     (the layout the reward model trained on; N+ details 2-3, 12-13). ``data`` is the evaluation data
     section (task, caps). Rows are scored in length order (less padding). Returns N floats."""
-    from .value_model import score_at_last_token
-
     device = next(model.parameters()).device
     queries = [query_ids(tok, p, data) for p in posts]
     responses = [response_ids(tok, s, data) for s in summaries]
@@ -128,8 +134,6 @@ def score_with(path: str, posts: list, texts: dict[str, list[str]], cfg: Evaluat
     preference pairs (UltraFeedback), the reward model's accuracy on them is stored in it
     (``metrics.comparison_metrics``: accuracy, n, longer-wins baseline, ...). Raises ModelLoadError
     for a path that is not a one-output reward model."""
-    from .tasks import held_out_pairs
-
     tok = load_tokenizer_cached(path)
     device = eval_device()
     model = load_frozen_reward_model(path, dtype=torch.float32).to(device)
@@ -139,8 +143,6 @@ def score_with(path: str, posts: list, texts: dict[str, list[str]], cfg: Evaluat
             out[name] = score_summaries(model, tok, posts, summaries, data=cfg.data, batch_size=cfg.batch_size)
         pairs = held_out_pairs(cfg.data, tok) if pair_metrics is not None else None
         if pairs:
-            from .reward_scoring import score_comparisons  # imports transformers: only when there are pairs
-
             r = score_comparisons(model, pairs, pad_token_id=tok.pad_token_id, batch_size=cfg.batch_size, desc="held-out pairs")
             pair_metrics.update(comparison_metrics(r, lengths=pair_lengths(pairs)))
     del model
@@ -153,8 +155,6 @@ def reward_scores(spec: str, flag: str, posts: list, texts: dict[str, list[str]]
     summaries}): text terms get the query as ``tok`` (the first policy's tokenizer) formats it, the
     summary and the post's reference; reward-model terms score as ``score_with``. Returns {name: N
     weighted sums}. Raises ConfigError / RewardError naming ``flag``."""
-    from .rewards import check_reward_spec, text_term_scores, weighted_sum
-
     terms = check_reward_spec(spec, flag=flag)
     queries = [tok.decode(query_ids(tok, p, cfg.data)) for p in posts]
     refs: list[str | None] = [reference_of(p).strip() for p in posts]
@@ -174,8 +174,6 @@ def _best_of_n_runs(policies: dict[str, str], posts: list, cfg: EvaluateConfig, 
     """{NAME-boN: (its PolicyRun, its metrics)} of every policy best-of-n samples from
     (``best_of_n.best_of_n_run``), the candidates scored by ``best_of_n.best_of_n_spec``'s reward
     (``reward_scores``)."""
-    from .best_of_n import best_of_n_names, best_of_n_run, best_of_n_spec
-
     spec, flag = best_of_n_spec(cfg)
     out = {}
     for i, name in enumerate(best_of_n_names(policies, cfg.best_of_n_policies)):
@@ -197,21 +195,18 @@ def _check(cfg: EvaluateConfig, policies: dict[str, str]) -> None:
     """Refuse bad inputs before any model is loaded or summary generated: missing paths, and a model
     of the wrong kind for its flag (read from config.json: a reward model among the policies, a
     policy as --rm-path)."""
-    from .modeling import _check_exists
-    from .checkpoints import require_kind
-
     if not policies:
         raise DataError("no policies to evaluate: give --policies NAME=PATH ...", field="policies")
     for name, path in policies.items():
         try:
-            _check_exists(path)
+            check_model_exists(path)
         except ModelLoadError as e:
             raise ModelLoadError(f"policy '{name}': {e}") from None
     for field_name in ("sft_path", "rm_path", "judge_rm_path"):
         path = getattr(cfg, field_name)
         if path:
             try:
-                _check_exists(path)
+                check_model_exists(path)
             except ModelLoadError as e:
                 raise ModelLoadError(f"--{field_name.replace('_', '-')}: {e}") from None
     for name, path in policies.items():
@@ -230,7 +225,6 @@ def _judge_client(cfg: EvaluateConfig):
     that a judge that does not answer fails before any summary is generated. Raises JudgeError."""
     if not cfg.judge.url:
         return None
-    from .judge import ChatClient, JudgeError
 
     client = ChatClient(cfg.judge.url, cfg.judge.model, api_key_env=cfg.judge.api_key_env, timeout_s=cfg.judge.timeout_s, retries=cfg.judge.retries, temperature=cfg.judge.temperature)
     try:
@@ -267,7 +261,6 @@ def _llm_verdicts(client, runs: list[PolicyRun], posts: list, references: list[s
     ({name: verdicts}); {} without a judge."""
     if client is None:
         return {}
-    from .judge import judge_pairs
 
     k = cfg.judge.limit or len(posts)
     judged_posts = [query_text(p) for p in posts[:k]]
@@ -356,7 +349,6 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     validate_config(cfg)  # every value, and no run's final/ that its save left incomplete
     check_engine_available(cfg.rollout_engine)  # --rollout-engine vllm without vllm: the install line
     if cfg.best_of_n:  # its policies and its reward, before anything is generated
-        from .best_of_n import best_of_n_names, best_of_n_spec
 
         best_of_n_names(policies, cfg.best_of_n_policies)
         best_of_n_spec(cfg)

@@ -33,7 +33,9 @@ from .config import EvaluateRMConfig, RMConfig, PreferenceDataArgs, from_dict
 from .data.comparisons import Comparison, PreferenceExample, build_preference_examples, describe_drops, load_comparisons, load_judged_samples
 from .data.tldr import DropCounts
 from .metrics import comparison_metrics, judge_agreement, pair_lengths
-from .modeling import bf16_autocast, load_reward_checkpoint, load_tokenizer, master_weights_dtype
+from .modeling import load_tokenizer
+from .reward_loading import load_reward_checkpoint
+from .precision import bf16_autocast, master_weights_dtype
 from .reward_scoring import score_comparisons
 from .stages import EVAL_RM_FILE as EVAL_FILE
 

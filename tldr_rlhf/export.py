@@ -126,12 +126,14 @@ def export_reward_model(args: ExportRMArgs) -> dict[str, Any]:
     import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from .modeling import _is_reward_checkpoint, load_reward_checkpoint, load_tokenizer
+    # lazy: `tldr-rlhf export-rm --help` parses ExportRMArgs without torch and transformers
+    from .modeling import load_tokenizer
+    from .reward_loading import is_reward_checkpoint, load_reward_checkpoint
     from .checkpoints import checkpoint_kind
 
     if not Path(args.model).exists():
         raise ModelLoadError(f"model path does not exist: {args.model}")
-    if not _is_reward_checkpoint(args.model):
+    if not is_reward_checkpoint(args.model):
         what = {"policy": "a policy (causal LM)", "reward_model": "a sequence classifier but not a tldr-rlhf reward model"}.get(checkpoint_kind(args.model), "not a tldr-rlhf reward model")
         raise ModelLoadError(f"{args.model} is {what}; export-rm converts the final/ of a `tldr-rlhf rm` run")
     out = Path(args.output)

@@ -8,7 +8,10 @@ from __future__ import annotations
 import torch
 
 from .data.batching import collate_queries
-from .ops import truncate_after_eos
+from .distributed import is_sharded
+from .ops import position_ids_from_mask, truncate_after_eos
+from .lm_head import _uses_sliding_window, expand_cache
+from .modeling import kv_cache_kwargs
 
 
 @torch.no_grad()
@@ -33,8 +36,6 @@ def generate(
     """
     if min_new_tokens:
         raise ValueError("min_new_tokens > 0 suppresses EOS (N+ detail 19); sample freely and truncate after EOS instead")
-    from .train.fsdp import is_sharded
-
     # an FSDP-sharded model gathers its weights at every forward: every process keeps stepping until
     # all are done (transformers' synced_gpus), else one that stopped early would leave the others waiting
     synced = is_sharded(model)
@@ -97,14 +98,10 @@ def generate_groups(
     repeated queries, as for an FSDP-sharded model (whose processes must step together: ``generate``'s
     ``synced_gpus``). Raises ValueError for ``group_size`` < 1 or ``temperature`` <= 0.
     """
-    from .lm_head import _uses_sliding_window
-
     if group_size < 1:
         raise ValueError(f"group_size must be >= 1, got {group_size}")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
-    from .train.fsdp import is_sharded
-
     if not shared_prompt or _uses_sliding_window(model) or is_sharded(model):
         repeated = [q for q in queries for _ in range(group_size)]
         return generate(model, repeated, eos_token_id=eos_token_id, pad_token_id=pad_token_id, max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size), None
@@ -126,10 +123,6 @@ def _sample_group_chunk(model, queries, g, eos, pad, max_new_tokens, temperature
     """One chunk of ``generate_groups``: (tokens (R, T) int64 padded after EOS, log-probs (R, T)
     float32, lengths (R,) up to and including the first EOS), R = len(queries) x g."""
     from transformers import DynamicCache
-
-    from .lm_head import expand_cache
-    from .modeling import kv_cache_kwargs
-    from .ops import position_ids_from_mask
 
     device = next(model.parameters()).device
     ids, mask = collate_queries(queries, pad)

@@ -49,11 +49,18 @@ from typing import Any, Sequence
 from .checkpoints import COMPLETE, final_is_complete
 from .config import GoldConfig
 from .errors import DataError
-from .stages import EVAL_FILE, GOLD_FILE
+from .stages import COMMANDS, EVAL_FILE, GOLD_FILE, STAGES
+from .evaluate import evaluate
+from .generation import decode_response
+from .modeling import load_tokenizer_cached
+from .rewards import check_reward_spec, score_texts
+from .summaries import _sorted_generate, free_memory, load_eval_policy
+from .tasks import load_post_splits, query_ids, reference_of
 
 log = logging.getLogger(__name__)
 
-METHOD_FIELDS = {"ppo": "ppo", "grpo": "grpo", "rloo": "rloo", "online-dpo": "online_dpo"}  # method -> GoldConfig field
+# method -> GoldConfig field: every RL stage (the stage table's "rl" family) that GoldConfig has a section for
+METHOD_FIELDS = {s.name: s.name.replace("-", "_") for s in STAGES if s.family == "rl" and s.name.replace("-", "_") in {f.name for f in dataclasses.fields(GoldConfig)}}
 SFT_RESAMPLED = "sft-resampled"  # the method of the SFT policy's measurements at further sampling seeds
 RECORDS_FILE = "records.json"
 GREEDY_EVAL = "direct-greedy"  # the evaluation folder of the final policies' greedy summaries (greedy_final)
@@ -126,7 +133,7 @@ def records_from_eval(results: dict[str, Any], points: dict[str, dict[str, Any]]
     return out
 
 
-def read_records(gold_dir: str | Path) -> tuple[list[dict[str, Any]], bool]:
+def read_gold_records(gold_dir: str | Path) -> tuple[list[dict[str, Any]], bool]:
     """(records, complete) of a gold experiment folder: gold.json's when it exists (complete), else
     every finished evaluation's records.json so far (partial). ([], False) for a folder without any."""
     gold_dir = Path(gold_dir)
@@ -199,8 +206,6 @@ def _drop_training_state(run_dir: Path) -> None:
 
 def train_run(cfg: GoldConfig, method: str, stage_cfg) -> Path:
     """Train one run unless its final/ is complete; returns the run folder."""
-    from .stages import COMMANDS
-
     out = Path(stage_cfg.run.output_dir)
     if final_is_complete(out / "final"):
         log.info("gold: %s already trained", out)
@@ -216,8 +221,6 @@ def evaluation(cfg: GoldConfig, name: str, policies: dict[str, str], *, rm_path:
     """``evaluate`` of ``policies`` ({name: path}) on the held-out posts into ``eval/NAME``: gold reward,
     KL to SFT, length, EOS rate, and the proxy's score when ``rm_path`` is given; with ``best_of_n`` n,
     best-of-n of the policy "sft" picked by ``rm_path``. Returns the results (``evaluate.evaluate``)."""
-    from .evaluate import evaluate
-
     ecfg = dataclasses.replace(
         cfg.evaluate, policies=tuple(f"{k}={v}" for k, v in policies.items()), sft_path=cfg.sft_path, rm_path=rm_path, judge_rm_path="",
         reward=cfg.gold_reward, best_of_n=best_of_n, best_of_n_reward=rm_path if best_of_n else "", best_of_n_policies=("sft",) if best_of_n else (),
@@ -317,12 +320,6 @@ def sample_proxy_pairs(cfg: GoldConfig, out_file: Path) -> dict[str, Any]:
     comparison format. Returns counts (posts, pairs, tied, identical, gold of chosen / rejected)."""
     import torch
 
-    from .generation import decode_response
-    from .modeling import load_tokenizer_cached
-    from .rewards import check_reward_spec, score_texts
-    from .summaries import _sorted_generate, free_memory, load_eval_policy
-    from .tasks import load_post_splits, query_ids, reference_of
-
     rl = cfg.ppo
     train_posts, _ = load_post_splits(cfg.data)
     order = list(range(len(train_posts)))
@@ -378,8 +375,6 @@ def train_proxy_rm(cfg: GoldConfig, pairs: Path, out: Path) -> Path:
     """Step 2 of the proxy experiment: the reward-model stage on the gold-labelled pairs, from the SFT
     checkpoint (``proxy_rm_from_sft``, else ``proxy_rm.model``; its held-out pairs: a share of the posts by id, ``proxy_rm.data.valid_fraction``);
     returns its final/ (not retrained when complete)."""
-    from .train.rm import train
-
     final = out / "final"
     if final_is_complete(final):
         return final
@@ -387,7 +382,7 @@ def train_proxy_rm(cfg: GoldConfig, pairs: Path, out: Path) -> Path:
     run = dataclasses.replace(rm.run, output_dir=str(out), seed=cfg.seeds[0] if cfg.seeds else rm.run.seed, **({"num_threads": cfg.num_threads} if cfg.num_threads else {}))
     data = dataclasses.replace(rm.data, task="tldr", comparisons=str(pairs), valid_comparisons="", max_query_length=cfg.data.max_query_length)
     model = dataclasses.replace(rm.model, path=cfg.sft_path) if cfg.proxy_rm_from_sft else rm.model
-    train(dataclasses.replace(rm, model=model, data=data, run=run))
+    COMMANDS["rm"].function()(dataclasses.replace(rm, model=model, data=data, run=run))  # the reward-model stage (train/ is imported when it runs)
     return final
 
 

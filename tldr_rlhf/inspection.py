@@ -103,6 +103,7 @@ def kl_rgb(kl: float, scale: float = 2.0) -> tuple[int, int, int]:
 
 
 def _posts(cfg: InspectConfig, tokenizers: Sequence) -> list:
+    # lazy: `tldr-rlhf inspect --help` parses InspectConfig without transformers
     from .data.tldr import Post
     from .evaluate import held_out_posts
 
@@ -123,10 +124,12 @@ def inspect_policies(cfg: InspectConfig) -> list[dict[str, Any]]:
     ``logprobs - reference logprobs`` of the same tokens, whose sum is the per-response k1 KL of
     ``metrics.kl_from_logprobs``. Raises ConfigError when a policy's tokenizer differs from the
     reference's (the per-token KL compares the same token ids)."""
+    # lazy: `tldr-rlhf inspect --help` parses InspectConfig without transformers
     from .data.batching import collate_query_response
     from .evaluate import parse_policies, score_with
     from .generation import decode_response, generate
-    from .modeling import bf16_autocast, load_causal_lm, load_tokenizer_cached
+    from .modeling import load_causal_lm, load_tokenizer_cached
+    from .precision import bf16_autocast
     from .rollout import response_logprobs
     from .summaries import eval_device, free_memory
     from .tasks import query_ids

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .data.batching import QueryResponseBatch
+from .distributed import is_sharded
 from .modeling import checkpointing_active, kv_cache_kwargs, response_logits
 from .ops import position_ids_from_mask, token_logprobs
 
@@ -144,8 +145,6 @@ def split_lm_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
     ``head(backbone(...).last_hidden_state)``; None when that does not hold or is not known to hold
     (logit softcapping or scaling, a LoRA-wrapped head, no ``get_decoder``, an FSDP-sharded model:
     its weights are gathered only inside its own forward)."""
-    from .train.fsdp import is_sharded
-
     if is_sharded(model):
         return None
     base = model.get_base_model() if hasattr(model, "get_base_model") and hasattr(model, "peft_config") else model

@@ -12,7 +12,6 @@ Shapes: B batch, P query tokens (left-padded), T response tokens, V vocabulary.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 import json
@@ -39,7 +38,7 @@ def _split_gguf(path: str) -> tuple[str, dict[str, Any]]:
     return path, {}
 
 
-def _looks_local(path: str) -> bool:
+def looks_local(path: str) -> bool:
     return path.startswith((".", "/", "~")) or Path(path).suffix in {".gguf", ".safetensors", ".bin"} or path.count("/") > 1
 
 
@@ -60,7 +59,7 @@ def hub_host_resolves() -> bool:
     return True
 
 
-def _offline_kwargs(path: str) -> dict[str, Any]:
+def offline_kwargs(path: str) -> dict[str, Any]:
     """``{"local_files_only": True}`` for a hub id when the hub cannot be reached (its host does not
     resolve): a cached model then loads at once and an uncached one fails at once (one line, see
     ``errors.hub_unreachable_message``) instead of after minutes of retries; {} otherwise."""
@@ -71,11 +70,11 @@ def _offline_kwargs(path: str) -> dict[str, Any]:
     return {"local_files_only": True}
 
 
-def _check_exists(path: str) -> None:
+def check_model_exists(path: str) -> None:
     """ModelLoadError for a local path that does not exist, or for a checkpoint folder written before
     checkpoints held loadable weights (a ``state.pt`` and no ``config.json``)."""
     p = Path(path).expanduser()
-    if _looks_local(path) and not p.exists():
+    if looks_local(path) and not p.exists():
         raise ModelLoadError(f"model path does not exist: {path}")
     if p.is_dir() and (p / "state.pt").is_file() and not (p / "config.json").is_file():
         raise ModelLoadError(
@@ -93,10 +92,10 @@ def load_tokenizer(path: str, *, padding_side: str = "left"):
     """
     from transformers import AutoTokenizer
 
-    _check_exists(path)
+    check_model_exists(path)
     where, kw = _split_gguf(path)
     try:
-        tok = AutoTokenizer.from_pretrained(where, trust_remote_code=False, **kw, **_offline_kwargs(path))
+        tok = AutoTokenizer.from_pretrained(where, trust_remote_code=False, **kw, **offline_kwargs(path))
     except Exception as e:  # noqa: BLE001
         if hub_unreachable(e):
             raise ModelLoadError(hub_unreachable_message("tokenizer", path)) from e
@@ -174,12 +173,12 @@ def load_causal_lm(path: str, *, dtype: torch.dtype = torch.float32, tokenizer=N
     """
     from transformers import AutoModelForCausalLM
 
-    _check_exists(path)
+    check_model_exists(path)
     where, kw = _split_gguf(path)
     if load_in_4bit:
         kw = {**kw, "quantization_config": quantization_4bit(), "device_map": {"": torch.cuda.current_device()}}  # 4-bit weights are placed at load
     try:
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, trust_remote_code=False, **kw, **_offline_kwargs(path))
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, trust_remote_code=False, **kw, **offline_kwargs(path))
     except Exception as e:  # noqa: BLE001
         if hub_unreachable(e):
             raise ModelLoadError(hub_unreachable_message("model", path)) from e
@@ -331,7 +330,7 @@ def cast_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Ten
     return out
 
 
-def _save_weights(model: nn.Module, path: Path, dtype: torch.dtype | None, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+def write_weights(model: nn.Module, path: Path, dtype: torch.dtype | None, state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """``model.save_pretrained(path)`` (safetensors), the floating-point weights cast to ``dtype``
     first when given (the model itself is not changed) and config.json's ``dtype`` saying so.
     ``state_dict``: the weights to write instead of the model's own (an FSDP-sharded model's
@@ -363,7 +362,7 @@ def save_pretrained(model: nn.Module, tokenizer, path: str | Path, *, dtype: tor
     model's own (an FSDP-sharded model's gathered weights)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    _save_weights(unwrap_for_save(model), path, dtype, state_dict)
+    write_weights(unwrap_for_save(model), path, dtype, state_dict)
     tokenizer.save_pretrained(path)
     save_adapter(model, path)
 
@@ -381,61 +380,7 @@ def save_adapter(model: nn.Module, path: str | Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Precision rules
-
-
-def master_weights_dtype(dtype_name: str) -> torch.dtype:
-    """Weights dtype of a model that is trained, or evaluated in the training regime: float32 master
-    weights always; with "bfloat16" (any device) or "auto" on CUDA, bf16 autocast gives bf16 compute
-    (``uses_bf16_autocast``, ``bf16_autocast``, ``common.make_accelerator``). Until issue 14 item 4,
-    "bfloat16" on a machine without CUDA meant bf16 weights without autocast, a regime CUDA never
-    runs; now the CPU runs the CUDA one. ``dtype_name`` is kept for the callers' symmetry."""
-    del dtype_name
-    return torch.float32
-
-
-def saved_weights_dtype(dtype_name: str, *, fp32: bool = False) -> torch.dtype:
-    """Dtype of the weights a run saves (``final/`` and each checkpoint's Hugging Face folder): the
-    training precision when that is bfloat16 ("bfloat16", or "auto" on CUDA: bf16 compute), so a
-    0.5B policy takes 1 GB instead of 2; float32 otherwise, or always with ``fp32``
-    (``--run.save-fp32``: keep the float32 master weights)."""
-    if fp32:
-        return torch.float32
-    return torch.bfloat16 if uses_bf16_autocast(dtype_name, cuda=torch.cuda.is_available()) else torch.float32
-
-
-def uses_bf16_autocast(dtype_name: str, *, cuda: bool) -> bool:
-    """Whether a training stage runs under bf16 autocast (mixed precision: float32 master weights,
-    bf16 matmuls): "bfloat16" on any device (on CPU this is how the CUDA regime is tested, since bf16
-    autocast exists there too), "auto" on CUDA only. ``common.make_accelerator`` reads it."""
-    return dtype_name == "bfloat16" or (dtype_name == "auto" and cuda)
-
-
-def frozen_weights_dtype(dtype_name: str) -> torch.dtype:
-    """Weights dtype of the frozen models of an RL stage (reference policy, reward model): always
-    float32, the dtype of the policy's master weights, because they run under the same autocast as
-    the policy's rollout pass (``accelerator.autocast``). With bf16 autocast they then compute in
-    exactly the policy's precision regime (fp32 embeddings, norms and residual stream; bf16 matmuls
-    of the same bf16-rounded weights), so at the first update the KL is exactly 0 and the PPO ratio
-    exactly 1. Frozen models held in bf16 instead (what this returned before) computed a different
-    regime (bf16 residual stream): on SmolLM2-135M per-token log-prob noise of std 0.10 nats and a
-    per-sequence "KL" of -0.97 .. +0.99 before any update (issue 14 item 4). The cost is float32
-    memory for the frozen models; LoRA (the reference is the base with adapters disabled) removes the
-    reference copy altogether. ``dtype_name`` is accepted for the callers' symmetry and unused."""
-    del dtype_name
-    return torch.float32
-
-
-def bf16_autocast(device: torch.device, dtype_name: str):
-    """bf16 autocast on ``device`` when ``uses_bf16_autocast`` says so ("bfloat16" on any device,
-    "auto" on CUDA), else a context that does nothing."""
-    if uses_bf16_autocast(dtype_name, cuda=device.type == "cuda"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-# ----------------------------------------------------------------------------------------------
-# Frozen models and reward models
+# Frozen models
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -451,134 +396,6 @@ def load_frozen_reference(path: str, tokenizer, *, dtype: torch.dtype = torch.fl
     """The frozen reference policy: the SFT checkpoint again (N+ section 4). Raises ModelLoadError
     for a path that does not load."""
     return freeze(load_causal_lm(path, dtype=dtype, tokenizer=tokenizer))
-
-
-def _load_reward_classifier(path: str, *, dtype: torch.dtype) -> nn.Module:
-    """A one-output sequence classifier through ``AutoModelForSequenceClassification`` (this
-    project's ``ScalarRewardModel`` checkpoints register themselves on import; other one-label
-    classifiers load as they are), dropout off. Raises ModelLoadError for a missing path or a
-    checkpoint that is not a one-output classifier."""
-    from transformers import AutoModelForSequenceClassification
-
-    from . import reward_model  # noqa: F401  (registers the tldr_rlhf_reward model type)
-
-    _check_exists(path)
-    try:
-        # trust_remote_code=False: the class registered in-process is used; a checkpoint's copy of
-        # reward_model.py (its auto_map) is never executed, and transformers does not stop to ask.
-        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype, trust_remote_code=False, **_offline_kwargs(path))
-    except Exception as e:  # noqa: BLE001
-        if hub_unreachable(e):
-            raise ModelLoadError(hub_unreachable_message("reward model", path)) from e
-        raise ModelLoadError(f"cannot load reward model from '{path}' ({type(e).__name__}: {e})") from e
-    if model.config.num_labels != 1:
-        raise ModelLoadError(f"reward model '{path}' has {model.config.num_labels} outputs; a reward model has 1")
-    return disable_dropout(model)
-
-
-def load_frozen_reward_model(path: str, *, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """A reward model to score with (RL stages, ``evaluate``'s judges), frozen: a scalar-head
-    ``tldr_rlhf_reward`` checkpoint or any other one-label sequence classifier, from a Hugging Face
-    folder or hub id. Raises ModelLoadError for a missing path or a checkpoint that is not a
-    one-output classifier."""
-    return freeze(_load_reward_classifier(path, dtype=dtype))
-
-
-def load_reward_checkpoint(path: str, *, dtype: torch.dtype = torch.float32, tokenizer=None):
-    """A saved tldr-rlhf reward model (``tldr_rlhf_reward`` checkpoint, a ``ScalarRewardModel``)
-    through the Auto classes, dropout off, trainable; ``tokenizer`` (optional) supplies its pad and
-    EOS ids. Raises ModelLoadError for a missing path or a checkpoint that is not a tldr-rlhf reward
-    model (other classifiers load with ``load_frozen_reward_model``)."""
-    from .reward_model import MODEL_TYPE, ScalarRewardModel
-
-    model = _load_reward_classifier(path, dtype=dtype)
-    if not isinstance(model, ScalarRewardModel):
-        raise ModelLoadError(f"'{path}' is a {type(model).__name__}, not a tldr-rlhf reward model (model_type {MODEL_TYPE})")
-    if tokenizer is not None:
-        _set_reward_special_ids(model, tokenizer)
-    return model
-
-
-def build_reward_model(path: str, *, dtype: torch.dtype = torch.float32, tokenizer=None):
-    """A new ``ScalarRewardModel``: the backbone of a base or SFT causal LM (hub id, folder, .gguf
-    file; its LM head is dropped) and a fresh head N(0, 1/sqrt(d_model + 1)), bias 0 (N+ detail
-    11), dropout off. Raises ModelLoadError for a path that does not load or a model without a
-    backbone."""
-    from .reward_model import RewardModelConfig, ScalarRewardModel
-
-    lm = load_causal_lm(path, dtype=dtype, tokenizer=tokenizer)
-    backbone = lm.base_model
-    if backbone is lm:
-        raise ModelLoadError(f"cannot find the backbone of '{path}' ({type(lm).__name__} has no base model)")
-    text_config = backbone.config
-    config = RewardModelConfig(text_config=text_config, pad_token_id=text_config.pad_token_id, eos_token_id=text_config.eos_token_id)
-    config.name_or_path = str(path)
-    model = ScalarRewardModel(config, backbone=backbone)
-    model.reset_head()
-    del lm
-    return disable_dropout(model.to(dtype))
-
-
-def _is_reward_checkpoint(path: str) -> bool:
-    """Whether ``path`` holds a ``tldr_rlhf_reward`` checkpoint (its config's model_type); anything
-    unreadable counts as a causal LM path."""
-    from .reward_model import MODEL_TYPE
-
-    p = Path(path)
-    if p.suffix == ".gguf":
-        return False
-    if p.is_dir():
-        f = p / "config.json"
-        return f.is_file() and json.loads(f.read_text()).get("model_type") == MODEL_TYPE
-    try:
-        from transformers import AutoConfig
-
-        return AutoConfig.from_pretrained(path, trust_remote_code=False).model_type == MODEL_TYPE
-    except Exception:  # noqa: BLE001 - not reachable / not a config: treat as a causal LM path
-        return False
-
-
-def init_reward_model(model_args, tokenizer):
-    """The reward model a training run starts from (``model_args``: a ``config.ModelArgs``): a
-    reward-model checkpoint as it is (to continue training), or ``build_reward_model`` on the
-    backbone of a causal LM, in ``master_weights_dtype``; with ``lora_r`` > 0 LoRA adapters on the
-    backbone's linear layers and the scalar head trained in full (``apply_lora(head="score")``);
-    activation checkpointing with ``gradient_checkpointing``. Raises ModelLoadError for a path that
-    does not load, ConfigError for 4-bit weights (not offered for the reward model: its backbone is
-    built from a causal LM's weights in memory)."""
-    if getattr(model_args, "load_in_4bit", False):
-        raise ConfigError("--model.load-in-4bit: not supported for the reward model; use --model.lora-r alone")
-    dtype = master_weights_dtype(model_args.dtype)
-    if _is_reward_checkpoint(model_args.path):
-        model = load_reward_checkpoint(model_args.path, dtype=dtype, tokenizer=tokenizer)
-    else:
-        model = build_reward_model(model_args.path, dtype=dtype, tokenizer=tokenizer)
-    if getattr(model_args, "gradient_checkpointing", False):
-        enable_gradient_checkpointing(model)
-    if model_args.lora_r > 0:
-        model = apply_lora(model, r=model_args.lora_r, alpha=model_args.lora_alpha, task_type=None, head="score")
-    return model
-
-
-def _set_reward_special_ids(model: nn.Module, tokenizer) -> None:
-    for cfg in (model.config, model.config.text_config):
-        cfg.pad_token_id = tokenizer.pad_token_id
-        cfg.eos_token_id = tokenizer.eos_token_id
-
-
-def save_reward_model(model: nn.Module, tokenizer, path: str | Path, *, dtype: torch.dtype | None = None, state_dict: dict[str, torch.Tensor] | None = None) -> None:
-    """Save a ``ScalarRewardModel`` as a Hugging Face checkpoint (safetensors, config with auto_map,
-    this package's reward_model.py, tokenizer, the tokenizer's pad and EOS ids) that
-    ``AutoModelForSequenceClassification`` loads back; floating-point weights cast to ``dtype`` when
-    given, else as they are. A LoRA reward model is saved merged, and its adapters (with the head)
-    alone in ``path/adapter`` (``save_adapter``). ``state_dict``: the weights to write instead of the
-    model's own (an FSDP-sharded model's gathered weights)."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    _set_reward_special_ids(model, tokenizer)
-    _save_weights(unwrap_for_save(model), path, dtype, state_dict)
-    tokenizer.save_pretrained(path)
-    save_adapter(model, path)
 
 
 def response_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, query_width: int) -> torch.Tensor:

@@ -39,8 +39,7 @@ import torch
 from .config import PipelineConfig, ReportConfig, save_config
 from .errors import DataError
 from .stages import COMMANDS, PIPELINE_STAGES, POLICY_STAGES, RL_STAGES
-from .checkpoints import final_is_complete
-from .train.run_dir import FINAL
+from .checkpoints import FINAL, final_is_complete
 from .validation import validate_config
 
 log = logging.getLogger(__name__)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from .config.rl import ReinforcePPConfig
 from .config import (
     SHARED, DPOConfig, EvaluateConfig, EvaluateRMConfig, GoldConfig, GRPOConfig, ModelArgs, OnlineDPOConfig, OptimArgs, PipelineConfig, PPOConfig,
     PreferenceDataArgs, RewardNormArgs, RLOOConfig, RMConfig, RunArgs, SFTConfig, TldrDataArgs,
@@ -200,8 +201,8 @@ PPO_PRESETS: dict[str, PPOConfig] = {
 _GRPO_SEED_OPTIM = OptimArgs(lr=5e-5, min_lr=5e-6, warmup_ratio=0.03, decay_steps=0)
 
 
-def _group_cpu_smol(cls: type[GRPOConfig] | type[RLOOConfig], name: str, **changes) -> GRPOConfig | RLOOConfig:
-    """GRPO / RLOO from the real SmolLM2-135M SFT checkpoint and reward model (the cpu-smol presets of sft
+def _group_cpu_smol(cls: type[GRPOConfig] | type[RLOOConfig] | type[ReinforcePPConfig], name: str, **changes) -> GRPOConfig | RLOOConfig | ReinforcePPConfig:
+    """GRPO / RLOO / REINFORCE++ from the real SmolLM2-135M SFT checkpoint and reward model (the cpu-smol presets of sft
     and rm) on the real local posts, for 2 CPU cores: 2 prompts x 4 responses per rollout, one 8-sequence
     optimizer step per pass, 53-token responses, a few rollouts; ``changes`` on top."""
     return cls(
@@ -225,6 +226,7 @@ def _group_cpu_smol(cls: type[GRPOConfig] | type[RLOOConfig], name: str, **chang
 
 _GRPO_CPU_SMOL = _group_cpu_smol(GRPOConfig, "grpo", update_per_rollout=2)  # 2 passes over each rollout
 _RLOO_CPU_SMOL = _group_cpu_smol(RLOOConfig, "rloo")
+_REINFORCE_PP_CPU_SMOL = _group_cpu_smol(ReinforcePPConfig, "reinforce-pp")
 
 GRPO_PRESETS: dict[str, GRPOConfig] = {
     # The seed's table: 16 prompts x G 8 per rollout, minibatch 64, micro-batch 8, 4 updates per
@@ -251,6 +253,13 @@ RLOO_PRESETS: dict[str, RLOOConfig] = {
     "default": RLOOConfig(optim=_GRPO_SEED_OPTIM, run=RunArgs(output_dir="runs/rloo", eval_every=20, save_every=50)),
     "cpu-smol": _RLOO_CPU_SMOL,
     "uf-cpu-smol": replace(_RLOO_CPU_SMOL, **_UF_RL, run=replace(_RLOO_CPU_SMOL.run, output_dir="runs/rloo-uf-cpu-smol")),
+}
+
+REINFORCE_PP_PRESETS: dict[str, ReinforcePPConfig] = {
+    # Hu et al. 2025 on TL;DR: k1 KL 0.05 in the per-token reward, undiscounted return whitened over the
+    # batch, one PPO-clipped pass per rollout; the seed's GRPO optimizer.
+    "default": ReinforcePPConfig(optim=_GRPO_SEED_OPTIM, run=RunArgs(output_dir="runs/reinforce-pp", eval_every=20, save_every=50)),
+    "cpu-smol": _REINFORCE_PP_CPU_SMOL,
 }
 
 

@@ -1,13 +1,13 @@
 """Scoring passes of a scalar-head reward model, shared by reward-model training (held-out
 accuracy, normalization), ``evaluate-rm`` and ``evaluate``: no gradients, eval mode (restored
 after), rows in length order (less padding), and with several processes each scores a share and the
-results are gathered (``train.loop.sharded_scores``).
+results are gathered (``scoring.sharded_scores``).
 
 * ``pair_rewards``: the chosen and rejected rewards of a ``collate_preferences`` batch in one
   forward pass (with ``shared_prompt`` the queries run once and both responses continue from their
   key/value cache: the same scores as full rows);
 * ``score_comparisons``: (N, 2) rewards of preference examples (chosen, rejected);
-* ``score_texts``: (N,) rewards of (query, response) items (the normalization references).
+* ``score_responses``: (N,) rewards of (query, response) items (the normalization references).
 
 Shapes: B pairs of a batch, N examples.
 """
@@ -24,7 +24,7 @@ from .data.batching import QueryResponseBatch, collate_query_response
 from .data.comparisons import PreferenceExample
 from .data.tldr import SFTExample
 from .reward_model import ScalarRewardModel, uses_sliding_window
-from .train.loop import score_preference_pairs, sharded_scores
+from .scoring import score_preference_pairs, sharded_scores
 
 # (query, reference summary) pairs to score once for normalization: the SFT example format.
 ScoredText = SFTExample
@@ -58,7 +58,7 @@ def score_comparisons(
 
 
 @torch.no_grad()
-def score_texts(model: nn.Module, items: Sequence[ScoredText], *, pad_token_id: int, batch_size: int = 16, accelerator=None, desc: str = "scoring", progress: bool = False) -> torch.Tensor:
+def score_responses(model: nn.Module, items: Sequence[ScoredText], *, pad_token_id: int, batch_size: int = 16, accelerator=None, desc: str = "scoring", progress: bool = False) -> torch.Tensor:
     """Reward of each (query, response): (N,) float32 on CPU (``[left-padded query | right-padded
     response]`` rows, read at each response's EOS)."""
     device = accelerator.device if accelerator is not None else next(model.parameters()).device

@@ -38,7 +38,11 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .checkpoints import check_input, require_kind
 from .errors import ConfigError, RewardError
+from .generation import decode_response
+from .reward_loading import load_frozen_reward_model
+from .value_model import score_at_last_token
 
 TextRewardFn = Callable[[list[str], list[str], list["str | None"]], Sequence[float]]
 """``fn(queries, responses, references) -> N floats``: the text reward of N responses."""
@@ -148,9 +152,6 @@ def check_reward_spec(spec: str, *, flag: str = "--reward", check_paths: bool = 
     """``parse_reward`` plus, with ``check_paths``, each callable imported and each reward-model path
     present and of the reward-model kind (``checkpoints.require_kind``). Returns the terms (callables
     resolved when checked). Raises ConfigError naming ``flag``."""
-    from .checkpoints import require_kind
-    from .validation import check_input
-
     terms = parse_reward(spec, flag=flag)
     if not check_paths:
         return terms
@@ -243,8 +244,6 @@ class RLReward:
 
     @torch.no_grad()
     def _model_scores(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        from .value_model import score_at_last_token
-
         with self.autocast() if self.autocast is not None else contextlib.nullcontext():
             return score_at_last_token(model, input_ids.to(self.device), attention_mask.to(self.device)).float().cpu()
 
@@ -256,8 +255,6 @@ class RLReward:
     def texts(self, batch) -> tuple[list[str], list[str], list[str | None]]:
         """(queries, responses, references) of a ``QueryResponseBatch``'s rows (reference None for a
         query that is none of the prompts')."""
-        from .generation import decode_response
-
         p = batch.query_width
         queries, responses, refs = [], [], []
         for i in range(batch.input_ids.shape[0]):
@@ -295,8 +292,6 @@ def load_rl_reward(cfg, tokenizer, prompts: Sequence, *, dtype: torch.dtype, dev
     """The reward of an RL stage (``rl_reward_spec``), its callables imported and its reward models
     loaded frozen in ``dtype`` on ``device`` (dropout off, N+ detail 7). Raises ConfigError for a bad
     spec, ModelLoadError for a reward-model path that does not load."""
-    from .modeling import load_frozen_reward_model
-
     spec, flag = rl_reward_spec(cfg)
     # the old field is one reward-model path, whatever it looks like
     terms = [Term(spec, 1.0, "model")] if flag == "--rm-path" else check_reward_spec(spec, flag=flag)

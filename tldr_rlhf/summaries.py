@@ -29,8 +29,12 @@ import torch
 from .config import EvaluateConfig
 from .data.batching import collate_query_response
 from .metrics import kl_from_logprobs
-from .modeling import bf16_autocast, load_causal_lm, load_tokenizer_cached, master_weights_dtype
+from .modeling import load_causal_lm, load_tokenizer_cached
+from .precision import bf16_autocast, master_weights_dtype
 from .tasks import query_ids
+from .generation import decode_response, generate
+from .rollout import plain_sampling_config, response_logprobs
+from .rollout_engine import make_engine
 
 POLICY_DIR = "policies"  # one file of summaries per policy, written as each policy finishes
 _POLICY_FORMAT = 1
@@ -73,8 +77,6 @@ def eval_engine(model, queries: list[list[int]], cfg: EvaluateConfig):
     """The engine that writes the summaries (``--rollout-engine``): None for hf (``generation.generate``
     on ``model``), else a vLLM engine on a copy of ``model``'s weights, its context the longest query
     plus ``cfg.response_length``, seeded with ``cfg.seed``. Close it when done."""
-    from .rollout_engine import make_engine
-
     if getattr(cfg, "rollout_engine", "hf") == "hf":
         return None
     dtype = cfg.vllm_dtype if cfg.vllm_dtype != "auto" else ("bfloat16" if torch.cuda.is_available() else "float32")
@@ -88,8 +90,6 @@ def _sorted_generate(model, queries, tok, cfg: EvaluateConfig, *, greedy: bool, 
     """One response per query, in the queries' order; generated in order of query length (batches
     of similar width). ``engine`` (``eval_engine``; None = ``generation.generate`` on ``model``)
     samples instead, its requests seeded from ``seed``."""
-    from .generation import generate
-
     order = sorted(range(len(queries)), key=lambda i: len(queries[i]))
     kw = dict(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, max_new_tokens=cfg.response_length, temperature=cfg.temperature, greedy=greedy, batch_size=cfg.batch_size)
     if engine is not None:
@@ -104,8 +104,6 @@ def _sorted_generate(model, queries, tok, cfg: EvaluateConfig, *, greedy: bool, 
 
 def _summed_logprobs(model, queries, responses, pad: int, cfg: EvaluateConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, T) log-probs at the sampling temperature and the (N, T) response mask."""
-    from .rollout import response_logprobs
-
     batch = collate_query_response(queries, responses, pad)
     lp, _ = response_logprobs(model, batch, temperature=cfg.temperature, batch_size=cfg.batch_size)
     return lp.cpu(), batch.response_mask
@@ -115,8 +113,6 @@ def load_eval_policy(path: str, posts: list, cfg: EvaluateConfig):
     """(tokenizer, query ids of ``posts``, device, policy) for an evaluation pass: the policy in
     ``cfg.dtype``'s master weights on ``eval_device()``, sampling config reset to plain sampling with
     explicit EOS / pad (N+ detail 19). Raises ModelLoadError for a path that does not load."""
-    from .rollout import plain_sampling_config
-
     tok = load_tokenizer_cached(path)
     queries = [query_ids(tok, p, cfg.data) for p in posts]
     device = eval_device()
@@ -128,8 +124,6 @@ def load_eval_policy(path: str, posts: list, cfg: EvaluateConfig):
 def run_policy(name: str, path: str, posts: list, cfg: EvaluateConfig, *, seed: int) -> PolicyRun:
     """Generate the summaries of one policy (and its KL sample with log-probs) on ``posts``.
     Raises ModelLoadError for a path that does not load."""
-    from .generation import decode_response
-
     t0 = time.perf_counter()
     tok, queries, device, model = load_eval_policy(path, posts, cfg)
     eos = tok.eos_token_id

@@ -28,7 +28,15 @@ from typing import Any, Sequence
 
 from .config import PreferenceDataArgs, RewardNormArgs, TaskArgs, TldrDataArgs
 from .data import ultrafeedback as uf
-from .data.comparisons import Comparison, PreferenceExample, build_preference_examples, load_comparisons, no_usable_comparisons, split_by_post_id
+from .data.comparisons import (
+    Comparison,
+    PreferenceExample,
+    build_preference_examples,
+    describe_drops,
+    load_comparisons,
+    no_usable_comparisons,
+    split_by_post_id,
+)
 from .data.tldr import SFT_DATASET, DropCounts, Post, Prompt, SFTExample, build_prompts, build_sft_examples, format_query, format_response, load_post_splits, load_posts
 from .errors import DataError
 
@@ -110,8 +118,6 @@ def ultrafeedback_preferences(data: TaskArgs, tokenizer, *, need_train: bool = T
     vdrops.update(held.drops, held.pair_drops)
     train, valid = train[: data.limit or None], valid[: data.valid_limit or None]
     if not valid:
-        from .data.comparisons import describe_drops
-
         raise DataError(f"no held-out pairs left to evaluate on (dropped: {describe_drops(vdrops.counts)}; check the length caps and eval_fraction)", path=source)
     report = {
         "train": {"n": len(train), "dropped": dict(drops.counts), "query_truncated": 0},

@@ -7,7 +7,7 @@ every input path present. Each problem is one ConfigError line naming the flag, 
     --rm-path runs/sft/final is a causal LM policy, not a reward model
 
 The CLI calls ``validate_config`` right after parsing and every stage calls it again when it opens its
-run folder (``RunDir.open``), so library use gets the same checks before anything on disk is touched.
+run folder (``train.lifecycle.start_run``), so library use gets the same checks before anything on disk is touched.
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import re
 from pathlib import Path
 from typing import Any, Callable
 
 from .errors import ConfigError
-from .checkpoints import final_is_complete, require_kind
+from .checkpoints import HUB_ID, check_input, require_kind
 from .tracking import check_report_to
+from .rewards import check_reward_spec
 
 # field name -> (rule, what it must be). A field of the same name means the same thing in every stage.
 _Rule = tuple[Callable[[Any], bool], str]
@@ -80,33 +80,12 @@ MODEL_PATH_CLASSES = {"EvaluateRMConfig", "GenerateArgs"}
 # input fields that must hold one kind of model (checked from a local folder's config.json)
 KIND_FIELDS = {"sft_path": "policy", "rm_path": "reward_model", "judge_rm_path": "reward_model", "reference": "policy"}
 KIND_CLASS_FIELDS = {("EvaluateRMConfig", "model"): "reward_model", ("GenerateArgs", "model"): "policy"}
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # NAMESPACE/NAME (inputs, --run.push-to-hub, model cards)
-_FILE_SUFFIXES = (".json", ".jsonl", ".gguf", ".parquet", ".safetensors", ".bin", ".pt", ".csv", ".txt")
 
 
 def flag(path: tuple[str, ...]) -> str:
     """The command-line flag of a (nested) field: ("optim", "lr") -> "--optim.lr",
     ("micro_batch_size",) -> "--micro-batch-size"."""
     return "--" + ".".join(p.replace("_", "-") for p in path)
-
-
-def check_input(value: str, name: str, what: str = "file or folder") -> None:
-    """Raise ConfigError when ``value`` (the input of flag ``name``) is neither an existing path nor a
-    plausible hub id, or is a run's ``final/`` whose save never completed."""
-    if not value:
-        return
-    name = name if name.endswith("=") else name + " "  # "--policies ppo=PATH", "--sft-path PATH"
-    p = Path(value)
-    if p.exists():
-        if p.is_dir() and p.name == "final" and (p.parent / "config.json").is_file() and not final_is_complete(p):
-            raise ConfigError(f"{name}{value}: the run's final/ is incomplete (its save did not finish); rerun that stage to complete it")
-        return
-    first = p.parts[0] if p.parts else ""
-    looks_local = (
-        p.is_absolute() or first in (".", "..", "~") or value.endswith(_FILE_SUFFIXES) or not HUB_ID.match(value) or Path(first).is_dir()
-    )
-    if looks_local:
-        raise ConfigError(f"{name}{value}: {what} does not exist")
 
 
 def _check_value(cls_name: str, name: str, value: Any, where: tuple[str, ...]) -> None:
@@ -134,7 +113,6 @@ def _walk(cfg: Any, prefix: tuple[str, ...], check_paths: bool) -> None:
         if f.name == "push_to_hub" and value and not HUB_ID.match(value):
             raise ConfigError(f"{flag(where)} {value}: expected a Hub repo id, NAMESPACE/NAME")
         if f.name in REWARD_FIELDS and isinstance(value, str) and value:  # syntax always; callables and paths with check_paths
-            from .rewards import check_reward_spec
 
             check_reward_spec(value, flag=flag(where), check_paths=check_paths)
         if not check_paths:

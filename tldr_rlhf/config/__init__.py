@@ -3,7 +3,8 @@ by name are in ``presets.py``).
 
 - ``parts.py``: the shared sections (model, optimizer, run folder, task data, reward normalization,
   LLM judge) and saving / rebuilding a run's config.json;
-- ``stage_configs.py``: one config per stage, composed of those sections.
+- one config per stage, composed of those sections, by family: ``supervised.py`` (sft, rm, dpo),
+  ``rl.py`` (ppo, grpo, rloo, online-dpo) and ``runs.py`` (evaluate-rm, evaluate, gold, report, pipeline).
 
 Every field's docstring becomes its ``--help`` text (tyro). Defaults are the known-good TL;DR
 values of the N+ paper and the seed setup (Qwen2.5-0.5B on one DGX Spark). Derived sizes are
@@ -27,20 +28,9 @@ from .parts import (
     save_config,
     to_dict,
 )
-from .stage_configs import (
-    DPOConfig,
-    EvaluateConfig,
-    EvaluateRMConfig,
-    GoldConfig,
-    GRPOConfig,
-    OnlineDPOConfig,
-    PipelineConfig,
-    PPOConfig,
-    ReportConfig,
-    RLOOConfig,
-    RMConfig,
-    SFTConfig,
-)
+from .rl import GRPOConfig, OnlineDPOConfig, PPOConfig, RLOOConfig
+from .runs import EvaluateConfig, EvaluateRMConfig, GoldConfig, PipelineConfig, ReportConfig
+from .supervised import DPOConfig, RMConfig, SFTConfig
 
 __all__ = [
     "SHARED", "JudgeArgs", "ModelArgs", "OptimArgs", "PreferenceDataArgs", "RewardNormArgs", "RolloutEngineArgs", "RunArgs", "TaskArgs",

@@ -63,3 +63,9 @@ def check_local_source(source: str | Path) -> None:
         return
     if text.startswith(("/", "./", "../", "~")) or text.endswith((".json", ".jsonl")):
         raise DataError("file not found", path=text)
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """Records of a JSON-lines file ([] when it does not exist). Raises DataError naming the file
+    and line for invalid JSON."""
+    return [r for _, r in read_jsonl(path)] if path.is_file() else []

@@ -29,6 +29,7 @@ from typing import Any, Iterable, Iterator
 from ..config import TldrDataArgs
 from ..errors import DataError, hub_unreachable, hub_unreachable_message
 from .io import check_local_source, in_valid_split, read_jsonl, require
+from ..modeling import hub_host_resolves
 
 QUERY_TEMPLATE = "SUBREDDIT: r/{subreddit}\n\nTITLE: {title}\n\nPOST: {post}\n\nTL;DR:"
 CNNDM_TEMPLATE = "Article:\n{article}\n\nTL;DR:\n"
@@ -158,8 +159,6 @@ def load_hub_rows(name: str, split: str, config: str | None = None) -> Iterable[
     import os
 
     import datasets
-
-    from ..modeling import hub_host_resolves
 
     no_network = not Path(name).expanduser().exists() and os.environ.get("HF_HUB_OFFLINE", "") in ("", "0") and not hub_host_resolves()
     try:

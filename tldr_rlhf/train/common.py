@@ -11,7 +11,8 @@ from torch import nn
 
 from ..config import ModelArgs, RunArgs
 from . import fsdp
-from ..modeling import apply_lora, enable_gradient_checkpointing, load_causal_lm, load_tokenizer, master_weights_dtype, save_pretrained, saved_weights_dtype, uses_bf16_autocast
+from ..modeling import apply_lora, enable_gradient_checkpointing, load_causal_lm, load_tokenizer, save_pretrained
+from ..precision import master_weights_dtype, saved_weights_dtype, uses_bf16_autocast
 
 log = logging.getLogger(__name__)
 

@@ -80,15 +80,17 @@ from .loop import (
     peak_memory_mb,
     progress_bar,
     resume,
-    score_preference_pairs,
     seed_everything,
     shard,
 )
+from ..scoring import score_preference_pairs
+from ..stages import DPO_EVAL_FILE
+from .lifecycle import finish_run, start_run
 from .run_dir import RunDir
 
 log = logging.getLogger(__name__)
 REFERENCE_CACHE = "reference_logprobs.pt"
-EVAL_FILE = "eval.json"
+EVAL_FILE = DPO_EVAL_FILE
 
 
 # ----------------------------------------------------------------------------------------------
@@ -363,7 +365,7 @@ def _finish(cfg: DPOConfig, run: RunDir, scorer: nn.Module, tokenizer, accelerat
     if accelerator.is_main_process:
         summary = {"step": total_steps, "beta": cfg.beta, "loss_type": cfg.loss_type, "label_smoothing": cfg.label_smoothing, "held_out": result, "dropped": drops}
         (run.path / EVAL_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-    run.write_final(weights_saver(policy, tokenizer, cfg.dtype, cfg.run), step=total_steps, stage="dpo")
+    finish_run(run, weights_saver(policy, tokenizer, cfg.dtype, cfg.run), step=total_steps, stage="dpo")
     if accelerator.is_main_process:
         log.info("DPO done: %s (held-out implicit-reward accuracy %.4f over %d comparisons)", run.final_dir, result["accuracy"], result["n"])
     accelerator.wait_for_everyone()
@@ -390,7 +392,7 @@ def train(cfg: DPOConfig) -> str:
     train_ex, valid_ex, drops = _load_data(cfg, tokenizer, batch=batch, is_main=is_main)
     steps = global_batches(len(train_ex), batch, cfg.run.seed, cfg.epochs)
     total_steps = min(len(steps), cfg.run.max_steps) if cfg.run.max_steps else len(steps)
-    run, resume_from = RunDir.open(cfg, is_main=is_main)
+    run, resume_from = start_run(cfg, is_main=is_main)
 
     # 2. The policy, and the reference log-probs once, while it still is the SFT model (before any checkpoint loads).
     seed_everything(cfg.run.seed)

@@ -18,7 +18,7 @@ Numbers: gradients are reduce-scattered as averages over processes, exactly as D
 them, so each stage's loss scaling is the same with and without FSDP, and a 2-process FSDP run
 equals the 1-process run up to float summation order (tests/test_fsdp.py states the tolerance).
 
-Checkpoints (``run_dir.save_checkpoint``): ``checkpoints/step-N/sharded/`` is a
+Checkpoints (``checkpointing.save_checkpoint``): ``checkpoints/step-N/sharded/`` is a
 ``torch.distributed.checkpoint`` folder (each process writes its own shard of weights and AdamW
 states), ``rng-R.pt`` holds process R's RNG state, and the Hugging Face folder beside them (and
 ``final/``) is written by process 0 from the gathered full weights, as without FSDP. Such a
@@ -41,36 +41,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..distributed import barrier, is_sharded, rank, world_size  # noqa: F401  (fsdp.rank() etc. read as one family in the loops)
+
 log = logging.getLogger(__name__)
 SHARDED = "sharded"  # a checkpoint's torch.distributed.checkpoint folder
-
-
-def is_sharded(model: nn.Module) -> bool:
-    """True when ``model`` or one of its submodules is an FSDP2 unit (``fully_shard`` was applied)."""
-    from torch.distributed.fsdp import FSDPModule
-
-    return any(isinstance(m, FSDPModule) for m in model.modules())
-
-
-def rank() -> int:
-    """This process's rank in the default process group (0 without one)."""
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def world_size() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def barrier() -> None:
-    """Wait for every process (nothing without a process group)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def _ensure_process_group(device: torch.device) -> None:

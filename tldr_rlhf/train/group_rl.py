@@ -1,5 +1,4 @@
-"""The loop GRPO and RLOO share: several responses per prompt, one advantage per sequence, no value
-model. A stage hands ``train`` its rollout, its advantage function and its loss; nothing here knows
+"""The loop GRPO, RLOO and REINFORCE++ share: several responses per prompt, no value model. A stage hands ``train`` its rollout, its advantage function and its loss; nothing here knows
 which algorithm runs.
 
 Shapes: B sequences of a rollout (prompts x G, rows ``[q0] * G + [q1] * G + ...``), G responses per
@@ -8,7 +7,7 @@ prompt (group size), P query tokens, T response tokens; b sequences of a micro-b
 Each rollout:
 
 1. ``sample``: G responses per prompt and their scores, policy and reference log-probs (B, T);
-2. ``advantages``: one advantage per sequence, (B,);
+2. ``advantages``: one per sequence (B,) or one per response token (B, T), as the stage's loss reads them;
 3. ``update_per_rollout`` passes over the rollout in shuffled minibatches of ``mini_batch_size``
    sequences, each one optimizer step (gradient clipping, the cosine-with-warmup schedule stepped per
    optimizer step) over micro-batches whose ``loss`` is normalized by the minibatch's real tokens and
@@ -22,11 +21,11 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from typing import Callable
+from typing import Callable, Literal, Protocol
 
 import torch
 
-from ..config import GRPOConfig, RLOOConfig
+from ..config import OptimArgs, RunArgs
 from ..losses import kl_estimate
 from ..data.batching import QueryResponseBatch, collate_query_response
 from ..importance_sampling import mismatch_stats, padded_logprobs
@@ -34,17 +33,44 @@ from ..lm_head import grouped_response_logits
 from ..ops import entropy_from_logits, token_logprobs
 from ..rollout import Rollout, apply_no_eos_penalty, rollout, rollout_stats, score_batch
 from ..rollout_engine import HFEngine
-from .rl_common import add_micro_metrics, checkpoint_if_due, finish_rl_run, log_update, micro_batches, open_engine, open_rl_run, rl_accelerator, start_policy_updates, sync_engine, update_passes, update_prompts
+from .rl_common import add_micro_metrics, checkpoint_update_if_due, finish_rl_run, log_update, accumulation_micro_batches, open_engine, open_rl_run, rl_accelerator, start_policy_updates, sync_engine, update_passes, update_prompts
 
 log = logging.getLogger(__name__)
 
-GroupConfig = GRPOConfig | RLOOConfig
+
+
+class GroupConfig(Protocol):
+    """The fields of a stage config that this loop reads, declared (``config.GRPOConfig`` and
+    ``config.RLOOConfig`` have every one): a new group algorithm's config is checked against this list,
+    not against defaults hidden in ``getattr`` calls."""
+
+    group_size: int
+    temperature: float
+    response_length: int
+    forward_batch_size: int
+    micro_batch_size: int
+    rollout_prompts: int
+    update_per_rollout: int
+    no_eos_penalty: float | None
+    shared_prompt: bool
+    rollout_engine: Literal["hf", "vllm"]
+    tis_cap: float
+    tis_level: Literal["token", "sequence"]
+    optim: OptimArgs
+    run: RunArgs
+
+    def num_updates(self) -> int: ...
+
+    def local_prompts(self, world_size: int = 1) -> int: ...
+
+    def local_mini_batch_size(self, world_size: int = 1) -> int: ...
+
 SampleFn = Callable[..., tuple[Rollout, dict[str, float]]]
 """``sample(policy, ref, score_fn, queries, cfg, *, eos, pad, generator, engine, seed) -> (rollout of B = len(queries) x G rows, metrics)``."""
 AdvantageFn = Callable[[Rollout, GroupConfig], tuple[torch.Tensor, dict[str, float]]]
-"""``advantages(rollout, cfg) -> ((B,) one advantage per sequence, metrics)``."""
+"""``advantages(rollout, cfg) -> ((B,) one advantage per sequence or (B, T) one per response token, metrics)``."""
 LossFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
-"""``loss(new_logprobs (b, T), micro_batch, advantages (b,), cfg, *, num_tokens, num_sequences) -> (loss, metrics)``
+"""``loss(new_logprobs (b, T), micro_batch, advantages (b,) or (b, T), cfg, *, num_tokens, num_sequences) -> (loss, metrics)``
 of one micro-batch, normalized by the minibatch's ``num_tokens`` real tokens and ``num_sequences``
 sequences."""
 
@@ -57,6 +83,7 @@ def group_rollout(policy, ref, score_fn, queries: list[list[int]], cfg: GroupCon
     ``rollout.rollout`` over the repeated queries and no extra metrics. ``generator`` is unused. A
     rollout ``engine`` other than hf (``rollout_engine``) samples instead of the policy, with requests
     seeded from ``seed``, always on the shared path; the hf engine draws from the global RNG."""
+    # online DPO samples its pairs here and has no shared_prompt field
     if getattr(cfg, "shared_prompt", False) or samples_elsewhere(engine):
         return shared_group_rollout(policy, ref, score_fn, queries, cfg, eos=eos, pad=pad, engine=engine, seed=seed)
     grouped = [q for q in queries for _ in range(cfg.group_size)]
@@ -173,18 +200,18 @@ def minibatch_step(model, r: Rollout, adv: torch.Tensor, rows: list[int], cfg: G
     not step the optimizer. Returns its metrics (``loss/policy``, ``{prefix}/...`` weighted by each
     micro-batch's share of the sequences)."""
     device = accelerator.device
-    if getattr(cfg, "shared_prompt", False):
+    if cfg.shared_prompt:
         # the minibatch's rows in group order (rollout rows are group-contiguous): its micro-batches then
         # hold whole groups, or parts of one, and run each query once; the minibatch gradient is the same sum
         rows = sorted(rows)
     n_tokens, n_seqs = int(r.mask[rows].sum()), len(rows)
     sums: dict[str, float] = defaultdict(float)
-    for idx, sync in micro_batches(rows, cfg.micro_batch_size, accelerator, model):
+    for idx, sync in accumulation_micro_batches(rows, cfg.micro_batch_size, accelerator, model):
         mb = r.select(idx).to(device)
-        a = adv[idx].to(device)  # (b,)
+        a = adv[idx].to(device)  # (b,) or (b, T)
         with sync, accelerator.autocast():
             # each distinct query of the micro-batch once (a whole group or part of one), unless shared_prompt is off
-            logits = grouped_response_logits(model, mb.batch, shared_prompt=getattr(cfg, "shared_prompt", False))
+            logits = grouped_response_logits(model, mb.batch, shared_prompt=cfg.shared_prompt)
             new_lp = token_logprobs(logits, mb.batch.responses, cfg.temperature)  # (b, T)
             loss, m = loss_fn(new_lp, mb, a, cfg, num_tokens=n_tokens, num_sequences=n_seqs)
             accelerator.backward(loss)
@@ -224,7 +251,7 @@ def train(cfg: GroupConfig, name: str, *, advantages: AdvantageFn, loss: LossFn,
         with accelerator.autocast():
             r, extra = sample(accelerator.unwrap_model(model), rl.ref, score_fn, [p.query_ids for p in prompts], cfg, eos=eos, pad=pad, generator=rs_gen, engine=engine, seed=cfg.run.seed * 1_000_033 + update)
         t_rollout = time.perf_counter() - t0
-        # 2. one advantage per sequence, (B,)
+        # 2. the advantages: (B,) per sequence or (B, T) per token
         adv, adv_metrics = advantages(r, cfg)
         # 3. passes over the rollout, one optimizer step per minibatch
         stats = update_passes(
@@ -240,6 +267,6 @@ def train(cfg: GroupConfig, name: str, *, advantages: AdvantageFn, loss: LossFn,
         stats.update(extra)
         stats.update({"objective/kl": kl.mean().item(), f"{name}/advantage_abs_mean": adv.abs().mean().item()})
         log_update(rl, update + 1, r, prompts, stats, lr=scheduler.get_last_lr()[0], t0=t0, t_rollout=t_rollout)
-        checkpoint_if_due(rl, update + 1, model, optimizer, scheduler)
+        checkpoint_update_if_due(rl, update + 1, model, optimizer, scheduler)
     engine.close()
     return finish_rl_run(rl, accelerator.unwrap_model(model))

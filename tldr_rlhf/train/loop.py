@@ -21,7 +21,9 @@ import numpy as np
 import torch
 
 from ..config import OptimArgs
-from .run_dir import RunDir, load_checkpoint, save_checkpoint
+from .checkpointing import load_checkpoint, save_checkpoint
+from .run_dir import RunDir
+from .fsdp import clip_grad_norm, is_sharded
 
 log = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------------------------
@@ -143,8 +145,6 @@ def optimizer_step(model, optimizer, scheduler, accelerator, max_grad_norm: floa
     """One optimizer step: clip the global gradient norm when ``max_grad_norm`` > 0, step, advance the
     lr schedule (``scheduler`` None: the stage steps it itself, as PPO does once per update), clear
     the gradients. Returns the gradient norm before clipping, or None without clipping."""
-    from .fsdp import clip_grad_norm, is_sharded
-
     if max_grad_norm <= 0:
         grad_norm = None
     elif is_sharded(model):
@@ -207,74 +207,11 @@ def progress_bar(total: int, initial: int, desc: str, enabled: bool):
     return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True)
 
 
-def sharded_scores(n: int, lengths: Sequence[int], width: int, score_chunk, *, batch_size: int, accelerator, desc: str, progress: bool) -> torch.Tensor:
-    """Run ``score_chunk(indices) -> (len(indices), width)`` over all n items in length order (less
-    padding), each process an interleaved share, gathered and put back in item order -> (n, width)
-    float32 on CPU. Used by every no-grad scoring pass (reward-model scores, DPO reference log-probs)."""
-    world = accelerator.num_processes if accelerator is not None else 1
-    rank = accelerator.process_index if accelerator is not None else 0
-    order = sorted(range(n), key=lambda i: lengths[i])
-    per_rank = -(-n // world)
-    mine = order[rank::world]
-    out = torch.zeros(per_rank, width)
-    idx = torch.full((per_rank,), -1, dtype=torch.long)
-    chunks = list(micro_batches(mine, batch_size))
-    # Every process runs the same number of forwards (an FSDP-sharded model gathers its weights in
-    # each one, collectively): a process with a chunk fewer scores one item more, discarded.
-    spare = [[order[0]]] * (-(-per_rank // batch_size) - len(chunks)) if n else []
-    bar = progress_bar(len(chunks), 0, desc, progress and rank == 0)
-    pos = 0
-    for chunk in chunks:
-        out[pos : pos + len(chunk)] = score_chunk(chunk)
-        idx[pos : pos + len(chunk)] = torch.tensor(chunk)
-        pos += len(chunk)
-        bar.update(1)
-    for chunk in spare:
-        score_chunk(chunk)
-    bar.close()
-    if world > 1:
-        device = accelerator.device
-        out, idx = accelerator.gather(out.to(device)).cpu(), accelerator.gather(idx.to(device)).cpu()
-    result = torch.zeros(n, width)
-    keep = idx >= 0
-    result[idx[keep]] = out[keep]
-    return result
-
-
-@torch.no_grad()
-def score_preference_pairs(model: torch.nn.Module, examples: Sequence, pair_fn, *, pad_token_id: int, batch_size: int = 16, shared_prompt: bool = True, accelerator=None, desc: str = "scoring pairs", progress: bool = False) -> torch.Tensor:
-    """Score every preference example's chosen and rejected response -> (N, 2) float32 on CPU, with
-    ``pair_fn(model, batch, shared_prompt=...) -> (2B,)`` on ``collate_preferences`` batches (the
-    reward model's rewards, DPO's summed log-probs). No gradients, eval mode (restored after), length
-    order and a share per process through ``sharded_scores``, under the accelerator's autocast."""
-    import contextlib
-
-    from ..data.batching import collate_preferences
-
-    device = accelerator.device if accelerator is not None else next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-
-    def chunk_scores(chunk: list[int]) -> torch.Tensor:
-        batch = collate_preferences([examples[i] for i in chunk], pad_token_id).to(device)
-        with accelerator.autocast() if accelerator is not None else contextlib.nullcontext():
-            s = pair_fn(model, batch, shared_prompt=shared_prompt).float().cpu()
-        return torch.stack([s[: len(chunk)], s[len(chunk) :]], 1)
-
-    lengths = [len(e.query_ids) + max(len(e.chosen_ids), len(e.rejected_ids)) for e in examples]
-    try:
-        return sharded_scores(len(examples), lengths, 2, chunk_scores, batch_size=batch_size, accelerator=accelerator, desc=desc, progress=progress)
-    finally:
-        model.train(was_training)
-
-
 @torch.no_grad()
 def params_in_sync(model: torch.nn.Module, accelerator) -> bool:
     """True when every process holds the same weights: a position-weighted float64 checksum of all
     parameters is gathered from each process and compared (one small all-gather). An FSDP-sharded
     model holds one copy of its weights, split over the processes: True."""
-    from .fsdp import is_sharded
-
     if is_sharded(model):
         return True
     total = torch.zeros((), dtype=torch.float64, device=accelerator.device)

@@ -45,7 +45,7 @@ from ..modeling import response_logits
 from ..ops import token_logprobs
 from ..rollout import Rollout, rollout_stats
 from .group_rl import group_rollout
-from .rl_common import add_micro_metrics, checkpoint_if_due, finish_rl_run, log_update, micro_batches, open_engine, open_rl_run, rl_accelerator, start_policy_updates, sync_engine, update_passes, update_prompts
+from .rl_common import add_micro_metrics, checkpoint_update_if_due, finish_rl_run, log_update, accumulation_micro_batches, open_engine, open_rl_run, rl_accelerator, start_policy_updates, sync_engine, update_passes, update_prompts
 
 log = logging.getLogger(__name__)
 NAME = "online-dpo"
@@ -95,7 +95,7 @@ def minibatch_step(model, r: Rollout, chosen: torch.Tensor, rejected: torch.Tens
     device = accelerator.device
     n_pairs = int((~tied[pairs]).sum())
     sums: dict[str, float] = defaultdict(float)
-    for idx, sync in micro_batches(pairs, cfg.micro_batch_size, accelerator, model):
+    for idx, sync in accumulation_micro_batches(pairs, cfg.micro_batch_size, accelerator, model):
         mb = r.select(chosen[idx].tolist() + rejected[idx].tolist()).to(device)  # 2b rows: chosen then rejected
         keep = ~tied[idx].to(device)  # (b,)
         with sync, accelerator.autocast():
@@ -160,6 +160,6 @@ def train(cfg: OnlineDPOConfig) -> str:
             f"{PREFIX}/rejected_length": r.lengths[rejected].float().mean().item(),
         })
         log_update(rl, update + 1, r, prompts, stats, lr=scheduler.get_last_lr()[0], t0=t0, t_rollout=t_rollout)
-        checkpoint_if_due(rl, update + 1, model, optimizer, scheduler)
+        checkpoint_update_if_due(rl, update + 1, model, optimizer, scheduler)
     engine.close()
     return finish_rl_run(rl, accelerator.unwrap_model(model))

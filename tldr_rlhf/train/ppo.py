@@ -49,7 +49,7 @@ from ..value_model import PolicyAndValue, ValueModel
 from .common import shard_if_asked
 from .loop import build_optimizer
 from .rl_common import (
-    RLRun, add_micro_metrics, checkpoint_if_due, finish_rl_run, linear_anneal, log_update, micro_batches, open_engine, open_rl_run, rl_accelerator,
+    RLRun, add_micro_metrics, checkpoint_update_if_due, finish_rl_run, linear_anneal, log_update, accumulation_micro_batches, open_engine, open_rl_run, rl_accelerator,
     start_updates, sync_engine, update_passes, update_prompts,
 )
 
@@ -124,7 +124,7 @@ def ppo_minibatch_step(
     device = accelerator.device
     n_tokens = int(r.mask[rows].sum())
     sums: dict[str, float] = defaultdict(float)
-    for idx, sync in micro_batches(rows, cfg.micro_batch_size, accelerator, model):
+    for idx, sync in accumulation_micro_batches(rows, cfg.micro_batch_size, accelerator, model):
         mb = r.select(idx).to(device)
         old_values, adv, ret = values[idx].to(device), advantages[idx].to(device), returns[idx].to(device)  # (b, T) each
         with sync, accelerator.autocast():
@@ -195,6 +195,6 @@ def train(cfg: PPOConfig) -> str:
         stats.update(adv_stats)
         stats.update(extra)
         log_update(rl, update + 1, r, prompts, stats, lr=lr_used, t0=t0, t_rollout=t_rollout)
-        checkpoint_if_due(rl, update + 1, model, optimizer, scheduler)
+        checkpoint_update_if_due(rl, update + 1, model, optimizer, scheduler)
     engine.close()
     return finish_rl_run(rl, accelerator.unwrap_model(model).policy)

@@ -26,9 +26,9 @@ from ..config import ModelArgs
 from ..data.tldr import Prompt
 from ..errors import DataError
 from ..generation import decode_response
-from ..modeling import AdaptersDisabled, apply_lora, count_parameters, enable_gradient_checkpointing, load_causal_lm, load_frozen_reference, load_frozen_reward_model, load_tokenizer_cached
-from ..modeling import frozen_weights_dtype as model_dtype  # noqa: F401  (ppo, grpo: the frozen models' dtype)
-from ..rollout import Rollout, ScoreFn
+from ..modeling import AdaptersDisabled, apply_lora, count_parameters, enable_gradient_checkpointing, load_causal_lm, load_frozen_reference, load_tokenizer_cached
+from ..precision import frozen_weights_dtype
+from ..rollout import Rollout, ScoreFn, plain_sampling_config
 from ..rollout_engine import check_engine_available, engine_for
 from ..tasks import rl_prompts
 from ..value_model import score_at_last_token
@@ -37,7 +37,7 @@ from .loop import (
     Throughput,
     build_optimizer,
     build_scheduler,
-    checkpoint_if_due as loop_checkpoint_if_due,
+    checkpoint_if_due,
     due,
     global_batches,
     optimizer_step,
@@ -47,7 +47,9 @@ from .loop import (
     seed_everything,
     shard,
 )
+from .lifecycle import finish_run, start_run
 from .run_dir import RunDir
+from ..rewards import load_rl_reward
 
 log = logging.getLogger(__name__)
 _MAX_METRICS = ("ratio_max", "ratio_max_abs_dev")  # metrics kept as a maximum over a minibatch and an update
@@ -79,20 +81,18 @@ def reward_score_fn(reward_model: nn.Module, device: torch.device, autocast=None
 
 
 def load_rl_models(
-    sft_path: str, rm_path: str, tokenizer, *, dtype: torch.dtype, device: torch.device, lora_r: int = 0, lora_alpha: int = 32, load_in_4bit: bool = False,
-) -> tuple[nn.Module, nn.Module, nn.Module]:
-    """(policy, reference, reward model) of an RL stage: the trainable policy from the SFT checkpoint
-    in float32 master weights on the CPU (the accelerator moves it), sampling config reset to plain
-    sampling with explicit EOS / pad (N+ detail 19); the frozen reference (same checkpoint) and
-    frozen reward model in ``dtype`` on ``device`` (None when ``rm_path`` is empty), dropout off (N+
-    detail 7). ``dtype`` is ``modeling.frozen_weights_dtype``'s float32: the frozen models run under the
+    sft_path: str, tokenizer, *, dtype: torch.dtype, device: torch.device, lora_r: int = 0, lora_alpha: int = 32, load_in_4bit: bool = False,
+) -> tuple[nn.Module, nn.Module]:
+    """(policy, reference) of an RL stage: the trainable policy from the SFT checkpoint in float32
+    master weights on the CPU (the accelerator moves it), sampling config reset to plain sampling with
+    explicit EOS / pad (N+ detail 19); the frozen reference (same checkpoint) in ``dtype`` on ``device``,
+    dropout off (N+ detail 7); the reward is ``rewards.load_rl_reward``'s. ``dtype`` is
+    ``precision.frozen_weights_dtype``'s float32: the frozen models run under the
     policy's autocast, so under bf16 they compute in its precision regime and the first update has KL 0
     and ratio 1 exactly (tests/test_bf16.py). With ``lora_r`` > 0 the policy gets LoRA adapters (on 4-bit
     base weights with ``load_in_4bit``, CUDA only) and the reference is the policy itself with its
     adapters disabled (``modeling.AdaptersDisabled``): the SFT weights, no second copy in memory. Raises
     ModelLoadError for a path that does not load."""
-    from ..rollout import plain_sampling_config
-
     policy = load_causal_lm(sft_path, dtype=torch.float32, tokenizer=tokenizer, load_in_4bit=load_in_4bit)
     plain_sampling_config(policy, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     if lora_r > 0:
@@ -100,8 +100,7 @@ def load_rl_models(
         ref = AdaptersDisabled(policy)
     else:
         ref = load_frozen_reference(sft_path, tokenizer, dtype=dtype).to(device)
-    reward_model = load_frozen_reward_model(rm_path, dtype=dtype).to(device) if rm_path else None
-    return policy, ref, reward_model
+    return policy, ref
 
 
 def linear_anneal(optimizer: torch.optim.Optimizer, num_updates: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -256,7 +255,7 @@ def open_rl_run(cfg, name: str, accelerator, *, batch: int, group: int, num_upda
     total = min(num_updates, cfg.run.max_steps) if cfg.run.max_steps else num_updates
     if accelerator.is_main_process:
         log.info("%s prompts: %d (%d queries over %d tokens: cut for TL;DR, dropped for UltraFeedback); %s (%d run now)", name.upper(), len(prompts), truncated, cfg.data.max_query_length, plan, total)
-    run, resume_from = RunDir.open(cfg, is_main=accelerator.is_main_process)
+    run, resume_from = start_run(cfg, is_main=accelerator.is_main_process)
     seed_everything(cfg.run.seed)
     policy, ref, reward = load_rl_models_and_reward(cfg, tokenizer, prompts, accelerator)
     if getattr(cfg, "gradient_checkpointing", False):
@@ -268,13 +267,11 @@ def load_rl_models_and_reward(cfg, tokenizer, prompts: list[Prompt], accelerator
     """(policy, reference, ``rewards.RLReward``): ``load_rl_models`` without its reward model (with the
     stage's LoRA / 4-bit settings), and the stage's reward (``--reward``, else the reward model
     ``--rm-path``; ``rewards.load_rl_reward``)."""
-    from ..rewards import load_rl_reward
-
     if getattr(cfg, "reward", "") and cfg.rm_path:
         log.warning("--reward %s is the reward; --rm-path %s is not used", cfg.reward, cfg.rm_path)
-    dtype = model_dtype(cfg.dtype)
-    policy, ref, _ = load_rl_models(
-        cfg.sft_path, "", tokenizer, dtype=dtype, device=accelerator.device,
+    dtype = frozen_weights_dtype(cfg.dtype)
+    policy, ref = load_rl_models(
+        cfg.sft_path, tokenizer, dtype=dtype, device=accelerator.device,
         lora_r=getattr(cfg, "lora_r", 0), lora_alpha=getattr(cfg, "lora_alpha", 32), load_in_4bit=getattr(cfg, "load_in_4bit", False),
     )
     reward = load_rl_reward(cfg, tokenizer, prompts, dtype=dtype, device=accelerator.device, autocast=accelerator.autocast)
@@ -282,7 +279,7 @@ def load_rl_models_and_reward(cfg, tokenizer, prompts: list[Prompt], accelerator
 
 
 def start_updates(rl: RLRun, model: nn.Module, optimizer, scheduler, *, unit: str, describe: str, steps: str) -> tuple[int, nn.Module, Any, ScoreFn]:
-    """The end of the set-up: restores the checkpoint ``RunDir.open`` found into model, optimizer and
+    """The end of the set-up: restores the checkpoint ``start_run`` found into model, optimizer and
     scheduler (logs past it truncated), prepares model and optimizer for the accelerator, and starts
     the progress bar and throughput meter. ``unit`` names an update, ``describe`` the trainable model
     and ``steps`` its optimizer steps in the log lines. Returns (first update, prepared model, prepared optimizer, the reward
@@ -335,7 +332,7 @@ def update_prompts(rl: RLRun, update: int) -> list[Prompt]:
     return [rl.prompts[i] for i in mine]
 
 
-def micro_batches(rows: list[int], size: int, accelerator, model: nn.Module) -> Iterator[tuple[list[int], Any]]:
+def accumulation_micro_batches(rows: list[int], size: int, accelerator, model: nn.Module) -> Iterator[tuple[list[int], Any]]:
     """A minibatch's rows in micro-batches of ``size``, each with the context its forward/backward
     runs in: ``no_sync`` (no gradient all-reduce) on all but the last, so that the accumulated
     gradient is reduced once per minibatch."""
@@ -419,10 +416,10 @@ def log_update(rl: RLRun, done: int, r: Rollout, prompts: list[Prompt], stats: d
         rl.run.log_samples(sample_records(done, r, rows, rl.tokenizer, cfg.num_sample_posts))
 
 
-def checkpoint_if_due(rl: RLRun, done: int, model: nn.Module, optimizer, scheduler) -> None:
+def checkpoint_update_if_due(rl: RLRun, done: int, model: nn.Module, optimizer, scheduler) -> None:
     """A checkpoint after update ``done`` every ``save_every`` updates (not after the last: ``final/``
     follows), every process waiting for it."""
-    loop_checkpoint_if_due(rl.run, done, rl.total, rl.cfg.run, rl.accelerator.unwrap_model(model), optimizer, scheduler, rl.accelerator, rl.save_weights)
+    checkpoint_if_due(rl.run, done, rl.total, rl.cfg.run, rl.accelerator.unwrap_model(model), optimizer, scheduler, rl.accelerator, rl.save_weights)
 
 
 def finish_rl_run(rl: RLRun, final_model: nn.Module) -> str:
@@ -435,7 +432,7 @@ def finish_rl_run(rl: RLRun, final_model: nn.Module) -> str:
     name = rl.name.upper()
     rl.run.log_metrics({"step": rl.total, "perf/peak_memory_mb": peak_memory_mb(rl.device), "health/collapse_signals": check_collapse(rl.run.path, name=name) if rl.is_main else []})
     rl.accelerator.wait_for_everyone()
-    rl.run.write_final(rl.save_weights, step=rl.total, stage=rl.name)  # every process: FSDP gathers the weights
+    finish_run(rl.run, rl.save_weights, step=rl.total, stage=rl.name)  # every process: FSDP gathers the weights
     if rl.is_main:
         log.info("%s done: %s", name, rl.run.final_dir)
     rl.accelerator.wait_for_everyone()

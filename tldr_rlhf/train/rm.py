@@ -47,9 +47,10 @@ from ..data.comparisons import describe_drops
 from ..errors import DataError
 from ..losses import pairwise_loss
 from ..metrics import comparison_metrics
-from ..modeling import count_parameters, init_reward_model, save_reward_model
+from ..modeling import count_parameters
+from ..reward_loading import init_reward_model, save_reward_model
 from ..reward_model import ScalarRewardModel, train_top_layers
-from ..reward_scoring import ScoredText, pair_rewards, score_comparisons, score_texts
+from ..reward_scoring import ScoredText, pair_rewards, score_comparisons, score_responses
 from .common import make_accelerator, prepare, shard_if_asked, tokenizer_for, weights_saver
 from .loop import (
     Throughput,
@@ -66,6 +67,7 @@ from .loop import (
     seed_everything,
     shard,
 )
+from .lifecycle import finish_run, start_run
 from .run_dir import RunDir
 
 log = logging.getLogger(__name__)
@@ -90,7 +92,7 @@ def normalize_rewards(model: ScalarRewardModel, references: Sequence[ScoredText]
     ``config.normalization`` records {n, mean_before, std_before, source}. Returns that record plus
     ``mean_after`` (the references scored again: 0 up to float rounding). In place."""
     inner = model.module if hasattr(model, "module") else model
-    before = score_texts(model, references, pad_token_id=pad_token_id, batch_size=batch_size, accelerator=accelerator, desc="normalization (references)", progress=progress).double()
+    before = score_responses(model, references, pad_token_id=pad_token_id, batch_size=batch_size, accelerator=accelerator, desc="normalization (references)", progress=progress).double()
     mean, std = before.mean().item(), (before.std().item() if len(before) > 1 else 0.0)
     if hasattr(inner, "reshard"):  # FSDP keeps the root's gathered weights after a forward: back to the shards, which are the weights
         inner.reshard()
@@ -99,7 +101,7 @@ def normalize_rewards(model: ScalarRewardModel, references: Sequence[ScoredText]
     with torch.no_grad():
         local.sub_(torch.tensor([mean], dtype=local.dtype, device=local.device).expand_as(local))
     inner.config.reward_offset = float(inner.config.reward_offset or 0.0) + mean
-    after = score_texts(model, references, pad_token_id=pad_token_id, batch_size=batch_size, accelerator=accelerator, desc="normalization (check)", progress=progress).double()
+    after = score_responses(model, references, pad_token_id=pad_token_id, batch_size=batch_size, accelerator=accelerator, desc="normalization (check)", progress=progress).double()
     record = {"n": len(references), "mean_before": mean, "std_before": std, "mean_after": after.mean().item(), "offset": inner.config.reward_offset, **(source or {})}
     inner.config.normalization = {k: v for k, v in record.items() if k != "mean_after"}
     return record
@@ -178,7 +180,7 @@ def _normalize_and_save(cfg: RMConfig, run: RunDir, model, tokenizer, references
     record["perf/peak_memory_mb"] = peak_memory_mb(accelerator.device)
     run.log_metrics(record)
     accelerator.wait_for_everyone()
-    run.write_final(weights_saver(inner, tokenizer, cfg.model.dtype, cfg.run, save=save_reward_model), step=total_steps, stage="rm")
+    finish_run(run, weights_saver(inner, tokenizer, cfg.model.dtype, cfg.run, save=save_reward_model), step=total_steps, stage="rm")
     if is_main:
         log.info("RM done: %s (held-out accuracy %.4f on %d pairs)", run.final_dir, final["valid/accuracy"], final["valid/n"])
     accelerator.wait_for_everyone()
@@ -206,7 +208,7 @@ def train(cfg: RMConfig) -> str:
         raise DataError(f"{len(train_ex)} training comparisons are fewer than one global batch of {batch} (dropped: {describe_drops(report['train']['dropped'])})", path=cfg.data.comparisons)
     steps = global_batches(len(train_ex), batch, cfg.run.seed, cfg.epochs)
     total_steps = min(len(steps), cfg.run.max_steps) if cfg.run.max_steps else len(steps)
-    run, resume_from = RunDir.open(cfg, is_main=is_main)
+    run, resume_from = start_run(cfg, is_main=is_main)
     if is_main:
         (run.path / "data_report.json").write_text(json.dumps(report, indent=2) + "\n")
 

@@ -51,6 +51,7 @@ from .loop import (
     seed_everything,
     shard,
 )
+from .lifecycle import finish_run, start_run
 from .run_dir import RunDir
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,30 @@ def evaluate_and_sample(model, run: RunDir, step: int, valid_ex: list[SFTExample
     return out
 
 
+def accumulate_gradients(model, train_ex: list[SFTExample], global_idx: list[int], cfg: SFTConfig, accelerator, meter: Throughput, pad: int) -> torch.Tensor:
+    """Step 3's forward and backward passes for one optimizer step: this process's share of the global
+    batch ``global_idx`` in micro-batches, gradients accumulated (synchronized on the last micro-batch),
+    each micro-batch's loss normalized by the global batch's target-token count times the
+    world size (DDP averages gradients over processes). Returns the summed loss () on the device
+    (scaled by the world size)."""
+    n_targets = num_targets([train_ex[i] for i in global_idx], cfg.loss_on_query)
+    mine = shard(global_idx, accelerator.process_index, accelerator.num_processes)
+    loss_sum = torch.zeros((), device=accelerator.device)
+    chunks = list(micro_batches(mine, cfg.micro_batch_size))
+    for k, idx in enumerate(chunks):
+        mb = collate([train_ex[i] for i in idx], pad).to(accelerator.device)
+        sync = k == len(chunks) - 1
+        ctx = accelerator.no_sync(model) if not sync else contextlib.nullcontext()
+        with ctx, accelerator.autocast():
+            logprobs, mask = target_logprobs(model, mb, cfg.loss_on_query)
+            # DDP averages gradients over processes, hence the world-size factor.
+            loss, _ = sft_loss(logprobs, mask, n_targets / accelerator.num_processes)
+            accelerator.backward(loss)
+        loss_sum += loss.detach()
+        meter.add(int(mb.attention_mask.sum()), len(idx))
+    return loss_sum
+
+
 def train(cfg: SFTConfig) -> str:
     """Run SFT; returns the path of the final Hugging Face checkpoint.
 
@@ -137,7 +162,7 @@ def train(cfg: SFTConfig) -> str:
     total_steps = min(len(steps), cfg.run.max_steps) if cfg.run.max_steps else len(steps)
 
     # 2. The run folder (config checked, a checkpoint to resume), the model, optimizer and schedule.
-    run, resume_from = RunDir.open(cfg, is_main=is_main)
+    run, resume_from = start_run(cfg, is_main=is_main)
     seed_everything(cfg.run.seed)
     model = shard_if_asked(load_policy(cfg.model, tokenizer), cfg.run, accelerator)
     trainable, total = count_parameters(model)
@@ -165,22 +190,7 @@ def train(cfg: SFTConfig) -> str:
     # 3. Optimizer steps: this process's share of the global batch in micro-batches, gradients
     #    accumulated (synchronized on the last), one step; metrics, evaluations and checkpoints when due.
     for step in range(start, total_steps):
-        global_idx = steps[step]
-        n_targets = num_targets([train_ex[i] for i in global_idx], cfg.loss_on_query)
-        mine = shard(global_idx, accelerator.process_index, accelerator.num_processes)
-        loss_sum = torch.zeros((), device=accelerator.device)
-        chunks = list(micro_batches(mine, cfg.micro_batch_size))
-        for k, idx in enumerate(chunks):
-            mb = collate([train_ex[i] for i in idx], pad).to(accelerator.device)
-            sync = k == len(chunks) - 1
-            ctx = accelerator.no_sync(model) if not sync else contextlib.nullcontext()
-            with ctx, accelerator.autocast():
-                logprobs, mask = target_logprobs(model, mb, cfg.loss_on_query)
-                # DDP averages gradients over processes, hence the world-size factor.
-                loss, _ = sft_loss(logprobs, mask, n_targets / accelerator.num_processes)
-                accelerator.backward(loss)
-            loss_sum += loss.detach()
-            meter.add(int(mb.attention_mask.sum()), len(idx))
+        loss_sum = accumulate_gradients(model, train_ex, steps[step], cfg, accelerator, meter, pad)
         grad_norm = optimizer_step(model, optimizer, scheduler, accelerator, cfg.optim.max_grad_norm)
         done = step + 1
         # each process's loss is scaled by the world size for DDP's gradient mean; undo it here
@@ -212,7 +222,7 @@ def train(cfg: SFTConfig) -> str:
     if not in_sync:
         raise RuntimeError("data-parallel processes ended with different weights")
     accelerator.wait_for_everyone()
-    run.write_final(save_weights, step=total_steps, stage="sft")
+    finish_run(run, save_weights, step=total_steps, stage="sft")
     if is_main:
         log.info("SFT done: %s (valid loss %s)", run.final_dir, final_metrics.get("valid/loss"))
     accelerator.wait_for_everyone()
