@@ -1,4 +1,4 @@
-"""GRPO, RLOO and PPO with --rollout-engine vllm end to end on CPU (tiny models from a config, the real
+"""GRPO, RLOO, REINFORCE++ and PPO with --rollout-engine vllm end to end on CPU (tiny models from a config, the real
 tokenizer and posts): the training log-probs come from the policy (step-0 KL and the first
 minibatch's ratio deviation exactly 0), the engine is synced after every update but the last, its
 fp32 sampling log-probs match the policy's, and a GRPO run resumed from its checkpoint (the engine
@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 pytest.importorskip("vllm")
 
 from tldr_rlhf.config import GRPOConfig, OptimArgs, PPOConfig, RLOOConfig, RunArgs, TldrDataArgs  # noqa: E402
-from tldr_rlhf.train import grpo, ppo, rloo  # noqa: E402
+from tldr_rlhf.config.rl import ReinforcePPConfig  # noqa: E402
+from tldr_rlhf.train import grpo, ppo, reinforce_pp, rloo  # noqa: E402
 
 from rl_fixtures import EOS, POSTS, tiny_config  # noqa: E402
 
@@ -112,6 +113,13 @@ def test_rloo_with_vllm(vckpts, tmp_path):
     cfg = RLOOConfig(**common(*vckpts, tmp_path / "rloo", rollout_prompts=2, group_size=4, micro_batch_size=4), total_episodes=16, mini_batch_size=8, update_per_rollout=1)
     rloo.train(cfg)
     check_engine_run(updates(tmp_path / "rloo"), "rloo")
+
+
+def test_reinforce_pp_with_vllm(vckpts, tmp_path):
+    """REINFORCE++ samples through group_rl like GRPO: its config inherits the engine settings."""
+    cfg = ReinforcePPConfig(**common(*vckpts, tmp_path / "rpp", rollout_prompts=2, group_size=2, micro_batch_size=2), total_episodes=8, mini_batch_size=4, update_per_rollout=1)
+    reinforce_pp.train(cfg)
+    check_engine_run(updates(tmp_path / "rpp"), reinforce_pp.NAME)
 
 
 def test_ppo_with_vllm(vckpts, tmp_path):
