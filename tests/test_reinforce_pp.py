@@ -64,10 +64,25 @@ def test_clipped_loss_by_hand():
     # token 0: -min(1.5 * 1.7, 1.2 * 1.7) = -2.04; token 1: -min(0.5 * -0.3, 0.8 * -0.3) = 0.24; token mean -0.9
     old = torch.tensor([[-1.0, -2.0]])
     new = old + torch.log(torch.tensor([[1.5, 0.5]]))
-    mb = SimpleNamespace(logprobs=old, mask=torch.tensor([[True, True]]))
-    loss, m = reinforce_pp.clipped_loss(new, mb, torch.tensor([[1.7, -0.3]]), SimpleNamespace(clip_range=0.2), num_tokens=2, num_sequences=1)
+    mb = SimpleNamespace(logprobs=old, sample_logprobs=None, mask=torch.tensor([[True, True]]))
+    cfg = SimpleNamespace(clip_range=0.2, tis_cap=2.0, tis_level="token")
+    loss, m = reinforce_pp.clipped_loss(new, mb, torch.tensor([[1.7, -0.3]]), cfg, num_tokens=2, num_sequences=1)
     assert loss.item() == pytest.approx(-0.9, abs=1e-6)
     assert m["clipfrac"].item() == pytest.approx(1.0)
+
+
+def test_clipped_loss_weights_a_vllm_rollout_by_its_truncated_importance_weights():
+    # same ratios and advantages as above; the sampler (vLLM) gave log-probs -1.5 and -3.0, so the
+    # token weights are min(exp(-1 + 1.5), 2) = exp(0.5) = 1.6487 and min(exp(-2 + 3), 2) = 2 (capped):
+    # (-2.04 * 1.6487 + 0.24 * 2) / 2 = -1.441696
+    old = torch.tensor([[-1.0, -2.0]])
+    new = old + torch.log(torch.tensor([[1.5, 0.5]]))
+    mb = SimpleNamespace(logprobs=old, sample_logprobs=torch.tensor([[-1.5, -3.0]]), mask=torch.tensor([[True, True]]))
+    cfg = SimpleNamespace(clip_range=0.2, tis_cap=2.0, tis_level="token")
+    loss, _ = reinforce_pp.clipped_loss(new, mb, torch.tensor([[1.7, -0.3]]), cfg, num_tokens=2, num_sequences=1)
+    assert loss.item() == pytest.approx(-1.441696, abs=1e-5)
+    off, _ = reinforce_pp.clipped_loss(new, mb, torch.tensor([[1.7, -0.3]]), SimpleNamespace(clip_range=0.2, tis_cap=0.0, tis_level="token"), num_tokens=2, num_sequences=1)
+    assert off.item() == pytest.approx(-0.9, abs=1e-6)  # --tis-cap 0: no correction
 
 
 def test_the_row_makes_it_a_command_a_card_a_curve_and_a_plan():

@@ -25,7 +25,7 @@ import torch
 from .errors import DataError
 from .generation import decode_response
 from .precision import bf16_autocast
-from .summaries import PolicyRun, _sorted_generate, free_memory, load_eval_policy
+from .summaries import PolicyRun, _sorted_generate, eval_engine, free_memory, load_eval_policy
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +64,12 @@ def best_of_n_run(name: str, path: str, posts: list, cfg, *, score: Callable[[li
     n = cfg.best_of_n
     t0 = time.perf_counter()
     tok, queries, device, model = load_eval_policy(path, posts, cfg)
+    engine = eval_engine(model, queries, cfg)  # --rollout-engine vllm: it samples the candidates
     with bf16_autocast(device, cfg.dtype):
         torch.manual_seed(seed)
-        flat = _sorted_generate(model, [q for q in queries for _ in range(n)], tok, cfg, greedy=False, desc=f"{name}: best-of-{n} candidates")  # N * n, post-major
+        flat = _sorted_generate(model, [q for q in queries for _ in range(n)], tok, cfg, greedy=False, engine=engine, seed=seed * 1_000_033, desc=f"{name}: best-of-{n} candidates")  # N * n, post-major
+    if engine is not None:
+        engine.close()
     del model
     free_memory()
     eos = tok.eos_token_id

@@ -40,6 +40,7 @@ from .modeling import check_model_exists, load_tokenizer_cached
 from .reward_loading import load_frozen_reward_model
 from .precision import bf16_autocast
 from .progress import progress
+from .rollout_engine import check_engine_available
 from .summaries import PolicyRun, eval_device, free_memory, generation_key, kl_to_sft, load_policy_run, policy_file, run_policy, save_policy_run
 from .stages import EVAL_FILE
 from .validation import validate_config
@@ -350,6 +351,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     policies = parse_policies(cfg.policies)
     _check(cfg, policies)
     validate_config(cfg)  # every value, and no run's final/ that its save left incomplete
+    check_engine_available(cfg.rollout_engine)  # --rollout-engine vllm without vllm: the install line
     if cfg.best_of_n:  # its policies and its reward, before anything is generated
 
         best_of_n_names(policies, cfg.best_of_n_policies)

@@ -214,14 +214,19 @@ def ppo_policy_loss(
     clip_range: float = 0.2,
     dual_clip: float | None = None,
     num_tokens: int | float | None = None,
+    is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO policy loss: ``clipped_surrogate`` averaged over real tokens (token-mean, as N+ detail 16;
-    ``num_tokens`` = real tokens of the whole minibatch for exact gradient accumulation).
+    ``num_tokens`` = real tokens of the whole minibatch for exact gradient accumulation), each token's
+    loss multiplied by its truncated importance-sampling weight ``is_weights`` (B, T) when given
+    (``importance_sampling.truncated_is_weights``: a sampler other than the policy).
 
     Shapes: logprobs (with grad), old_logprobs (rollout), advantages (B, T) whitened; mask (B, T).
     Returns loss () and detached metrics {clipfrac, dual_clipfrac, approx_kl, ratio_mean, ratio_max}.
     """
     per_token, m = clipped_surrogate(logprobs, old_logprobs, advantages, clip_range=clip_range, dual_clip=dual_clip)
+    if is_weights is not None:
+        per_token = per_token * is_weights
     loss = aggregate_loss(per_token, mask, "token-mean", num_tokens=num_tokens)
     return loss, _token_metrics(m, mask)
 
@@ -271,11 +276,14 @@ def grpo_loss(
     aggregation: str = "seq-mean-token-mean",
     num_tokens: int | float | None = None,
     num_sequences: int | float | None = None,
+    is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRPO objective (Shao et al. 2024, DeepSeekMath eq. 3), negated:
 
-        l_t = clipped_surrogate(r_t, A_b) + kl_coef * k3(logp_t, ref_t)
+        l_t = w_t * clipped_surrogate(r_t, A_b) + kl_coef * k3(logp_t, ref_t)
 
+    with ``w_t`` the truncated importance-sampling weights ``is_weights`` (B, T) of a sampler other
+    than the policy (``importance_sampling.truncated_is_weights``; None = 1, the policy sampled),
     reduced by ``aggregation`` (``aggregate_loss``; the seed's "seq-mean-token-mean" is the paper's
     1/G sum_i 1/|o_i| sum_t). Defaults are N+ detail 24: dual clip c = 3 for negative advantages,
     k3 estimator with coefficient 0.05 in the loss (not in the reward).
@@ -287,6 +295,8 @@ def grpo_loss(
     if advantages.ndim != 1:
         raise ValueError(f"GRPO advantages are per sequence, shape (B,), got {tuple(advantages.shape)}")
     pg, m = clipped_surrogate(logprobs, old_logprobs, advantages, clip_range=clip_range, dual_clip=dual_clip)
+    if is_weights is not None:
+        pg = pg * is_weights
     kl = kl_estimate(logprobs, ref_logprobs, kl_estimator)
     per_token = pg + kl_coef * kl if kl_coef else pg
     loss = aggregate_loss(per_token, mask, aggregation, num_tokens=num_tokens, num_sequences=num_sequences)
@@ -308,11 +318,14 @@ def rloo_loss(
     *,
     clip_range: float | None = 0.2,
     num_sequences: int | float | None = None,
+    is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """RLOO REINFORCE loss (Ahmadian et al. 2024, eq. 4), one action per sequence:
 
         l_b = -A_b * rho_b,    rho_b = exp(sum_t (logp_t - old_logp_t))  over real tokens,
 
+    each multiplied by its sequence's truncated importance-sampling weight ``is_weights`` (B,) when
+    given (``importance_sampling.sequence_is_weights``: a sampler other than the policy),
     averaged over sequences (``num_sequences`` for gradient accumulation). At rho = 1 (on-policy,
     the first pass) the gradient is exactly REINFORCE's ``-A_b grad sum_t logp_t``; for later passes
     over the same rollout ``rho`` is clipped as in PPO (``clip_range``; None = unclipped, TRL's RLOO
@@ -333,6 +346,8 @@ def rloo_loss(
         clipped = (loss2 > loss1).float()
     else:
         per_seq, clipped = loss1, torch.zeros_like(loss1)
+    if is_weights is not None:
+        per_seq = per_seq * is_weights
     n_seq = float(num_sequences) if num_sequences is not None else float(per_seq.shape[0])
     metrics = {
         "clipfrac": clipped.mean().detach(),

@@ -54,6 +54,9 @@ class Rollout:
     entropy: (B, T) policy entropy in nats at the sampling temperature.
     scores: (B,) reward-model scores after the no-EOS penalty; raw_scores: (B,) before it.
     has_eos: (B,) bool, the response ended with EOS within ``response_length`` tokens.
+    sample_logprobs: (B, T) log-probs the rollout engine drew the tokens with, when the sampler is
+    not the policy (``rollout_engine``'s vllm; 0 after each response's end); None = the policy
+    sampled. Only truncated importance sampling reads them (``importance_sampling``).
     """
 
     batch: QueryResponseBatch
@@ -63,6 +66,7 @@ class Rollout:
     scores: torch.Tensor
     raw_scores: torch.Tensor
     has_eos: torch.Tensor
+    sample_logprobs: torch.Tensor | None = None
 
     @property
     def mask(self) -> torch.Tensor:
@@ -82,10 +86,14 @@ class Rollout:
         rows = torch.as_tensor(rows, dtype=torch.long)
         b = self.batch
         sub = QueryResponseBatch(b.input_ids[rows], b.attention_mask[rows], b.response_mask[rows], b.query_width)
-        return Rollout(sub, *(getattr(self, f.name)[rows] for f in fields(self) if f.name != "batch"))
+        return Rollout(sub, *(_apply(getattr(self, f.name), lambda t: t[rows]) for f in fields(self) if f.name != "batch"))
 
     def to(self, device) -> "Rollout":
-        return Rollout(self.batch.to(device), *(getattr(self, f.name).to(device) for f in fields(self) if f.name != "batch"))
+        return Rollout(self.batch.to(device), *(_apply(getattr(self, f.name), lambda t: t.to(device)) for f in fields(self) if f.name != "batch"))
+
+
+def _apply(t: torch.Tensor | None, fn):
+    return None if t is None else fn(t)
 
 
 def apply_no_eos_penalty(scores: torch.Tensor, has_eos: torch.Tensor, penalty: float | None = -1.0) -> torch.Tensor:

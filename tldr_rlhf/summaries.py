@@ -35,6 +35,7 @@ from .progress import progress
 from .tasks import query_ids
 from .generation import decode_response, generate
 from .rollout import plain_sampling_config, response_logprobs
+from .rollout_engine import make_engine
 
 POLICY_DIR = "policies"  # one file of summaries per policy, written as each policy finishes
 _POLICY_FORMAT = 1
@@ -73,14 +74,31 @@ class PolicyRun:
     seconds: float = 0.0
 
 
-def _sorted_generate(model, queries, tok, cfg: EvaluateConfig, *, greedy: bool, desc: str = "generating") -> list[list[int]]:
-    """One response per query, generated in length order (less padding), with progress (``desc``)."""
+def eval_engine(model, queries: list[list[int]], cfg: EvaluateConfig):
+    """The engine that writes the summaries (``--rollout-engine``): None for hf (``generation.generate``
+    on ``model``), else a vLLM engine on a copy of ``model``'s weights, its context the longest query
+    plus ``cfg.response_length``, seeded with ``cfg.seed``. Close it when done."""
+    if getattr(cfg, "rollout_engine", "hf") == "hf":
+        return None
+    dtype = cfg.vllm_dtype if cfg.vllm_dtype != "auto" else ("bfloat16" if torch.cuda.is_available() else "float32")
+    return make_engine(
+        "vllm", model, dtype=dtype, max_model_len=max(map(len, queries)) + cfg.response_length, kv_cache_gb=cfg.vllm_kv_cache_gb,
+        gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, seed=cfg.seed,
+    )
+
+
+def _sorted_generate(model, queries, tok, cfg: EvaluateConfig, *, greedy: bool, engine=None, seed: int | None = None, desc: str = "generating") -> list[list[int]]:
+    """One response per query, in the queries' order; generated in order of query length (batches
+    of similar width), with progress (``desc``). ``engine`` (``eval_engine``; None =
+    ``generation.generate`` on ``model``) samples instead, its requests seeded from ``seed``."""
     order = sorted(range(len(queries)), key=lambda i: len(queries[i]))
+    kw = dict(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, max_new_tokens=cfg.response_length, temperature=cfg.temperature, greedy=greedy, batch_size=cfg.batch_size)
     with progress(len(queries), desc, unit="post") as bar:
-        out = generate(
-            model, [queries[i] for i in order], eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-            max_new_tokens=cfg.response_length, temperature=cfg.temperature, greedy=greedy, batch_size=cfg.batch_size, on_batch=bar.update,
-        )
+        if engine is not None:
+            out = engine.generate(model, [queries[i] for i in order], seed=seed, **kw)
+            bar.update(len(queries))  # the engine schedules every request at once
+        else:
+            out = generate(model, [queries[i] for i in order], on_batch=bar.update, **kw)
     result: list[list[int]] = [[] for _ in queries]
     for i, r in zip(order, out):
         result[i] = r
@@ -112,9 +130,10 @@ def run_policy(name: str, path: str, posts: list, cfg: EvaluateConfig, *, seed: 
     t0 = time.perf_counter()
     tok, queries, device, model = load_eval_policy(path, posts, cfg)
     eos = tok.eos_token_id
+    engine = eval_engine(model, queries, cfg)  # --rollout-engine vllm: it writes the summaries
     with bf16_autocast(device, cfg.dtype):
         torch.manual_seed(seed)
-        responses = _sorted_generate(model, queries, tok, cfg, greedy=cfg.greedy, desc=f"{name}: summaries")
+        responses = _sorted_generate(model, queries, tok, cfg, greedy=cfg.greedy, engine=engine, seed=seed * 1_000_033, desc=f"{name}: summaries")
         run = PolicyRun(
             name=name, path=path, queries=queries, responses=responses,
             texts=[decode_response(tok, r) for r in responses],
@@ -124,11 +143,13 @@ def run_policy(name: str, path: str, posts: list, cfg: EvaluateConfig, *, seed: 
         if cfg.kl and cfg.sft_path:
             if cfg.greedy:
                 torch.manual_seed(seed + 1)
-                kl_responses = _sorted_generate(model, queries, tok, cfg, greedy=False, desc=f"{name}: KL sample")
+                kl_responses = _sorted_generate(model, queries, tok, cfg, greedy=False, engine=engine, seed=(seed + 1) * 1_000_033, desc=f"{name}: KL sample")
             else:
                 kl_responses = responses
             run.kl_responses = kl_responses
-            run.kl_logprobs, _ = _summed_logprobs(model, queries, kl_responses, tok.pad_token_id, cfg)
+            run.kl_logprobs, _ = _summed_logprobs(model, queries, kl_responses, tok.pad_token_id, cfg)  # the policy's, not the engine's
+    if engine is not None:
+        engine.close()
     del model
     free_memory()
     run.seconds = time.perf_counter() - t0
@@ -182,6 +203,8 @@ def generation_key(path: str, posts: list, cfg: EvaluateConfig, *, seed: int) ->
         "settings": {
             "greedy": cfg.greedy, "temperature": cfg.temperature, "response_length": cfg.response_length, "seed": seed,
             "batch_size": cfg.batch_size, "kl_sample": bool(cfg.kl and cfg.sft_path), "dtype": cfg.dtype, "device": eval_device().type,
+            # another engine samples other summaries; hf's keys stay as they were (earlier runs reused)
+            **({"rollout_engine": cfg.rollout_engine, "vllm_dtype": cfg.vllm_dtype} if cfg.rollout_engine != "hf" else {}),
         },
     }
 

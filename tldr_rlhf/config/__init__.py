@@ -19,9 +19,11 @@ from .parts import (
     OptimArgs,
     PreferenceDataArgs,
     RewardNormArgs,
+    RolloutEngineArgs,
     RunArgs,
     TaskArgs,
     TldrDataArgs,
+    TruncatedISArgs,
     from_dict,
     save_config,
     to_dict,
@@ -31,7 +33,7 @@ from .runs import EvaluateConfig, EvaluateRMConfig, GoldConfig, PipelineConfig, 
 from .supervised import DPOConfig, RMConfig, SFTConfig
 
 __all__ = [
-    "SHARED", "JudgeArgs", "ModelArgs", "OptimArgs", "PreferenceDataArgs", "RewardNormArgs", "RunArgs", "TaskArgs",
-    "TldrDataArgs", "from_dict", "save_config", "to_dict", "DPOConfig", "EvaluateConfig", "EvaluateRMConfig",
+    "SHARED", "JudgeArgs", "ModelArgs", "OptimArgs", "PreferenceDataArgs", "RewardNormArgs", "RolloutEngineArgs", "RunArgs", "TaskArgs",
+    "TldrDataArgs", "TruncatedISArgs", "from_dict", "save_config", "to_dict", "DPOConfig", "EvaluateConfig", "EvaluateRMConfig",
     "GoldConfig", "GRPOConfig", "OnlineDPOConfig", "PipelineConfig", "PPOConfig", "ReportConfig", "RLOOConfig", "RMConfig", "SFTConfig",
 ]

@@ -119,6 +119,39 @@ class RunArgs:
 
 
 @dataclass(frozen=True)
+class RolloutEngineArgs:
+    """What samples the responses (``rollout_engine.py``): the RL stages' rollouts, evaluate's and
+    best-of-n's summaries. The configs inherit these fields, so the flags are top-level:
+    --rollout-engine vllm."""
+
+    rollout_engine: Literal["hf", "vllm"] = "hf"
+    """hf = our own sampler on the policy (each prompt prefilled once for its G responses); vllm = an
+    in-process vLLM engine (pip install 'tldr-rlhf[vllm]') with prefix caching, its weights synced
+    after every RL update. Log-probs (training, KL) are recomputed by the policy either way."""
+    vllm_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """vLLM's weights dtype: auto = float32 on CPU (its log-probs match the policy's within 5e-5),
+    bfloat16 on CUDA."""
+    vllm_kv_cache_gb: float = 1.0
+    """CPU: GiB of RAM for vLLM's KV cache (set explicitly: vLLM's own default is a share of all RAM)."""
+    vllm_gpu_memory_utilization: float = 0.3
+    """CUDA: share of the GPU's memory vLLM may take (weights + KV cache); the rest is training's."""
+
+
+@dataclass(frozen=True)
+class TruncatedISArgs:
+    """The correction of an RL stage's policy gradient for a sampler other than the policy
+    (``importance_sampling.py``); flags top-level as for ``RolloutEngineArgs``."""
+
+    tis_cap: float = 2.0
+    """Truncated importance sampling (Yao et al. 2025): each token's policy-gradient loss weighted by
+    min(exp(logp_policy - logp_sampler), tis_cap) (verl's default 2.0); 0 = no correction. Only with
+    --rollout-engine vllm: with hf the sampler is the policy and the weight is exactly 1."""
+    tis_level: Literal["token", "sequence"] = "token"
+    """TIS ratio per token, or per sequence (the product over its tokens; RLOO, one action per
+    sequence, always uses the sequence's)."""
+
+
+@dataclass(frozen=True)
 class TaskArgs:
     """Which task the data is (every data section has these fields; TL;DR is the default)."""
 

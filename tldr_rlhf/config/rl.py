@@ -10,11 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .parts import OptimArgs, RunArgs, TldrDataArgs
+from .parts import OptimArgs, RolloutEngineArgs, RunArgs, TldrDataArgs, TruncatedISArgs
 
 
 @dataclass(frozen=True)
-class _RLConfig:
+class _RLConfig(TruncatedISArgs, RolloutEngineArgs):
     """What every RL stage (PPO, GRPO, RLOO) shares: a policy and a frozen reference from the SFT
     checkpoint, a frozen reward model, prompts from the SFT posts, temperature sampling with the EOS
     trick. The stages add their own fields and defaults."""

@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 from tyro.conf import Positional, arg
 
 from ..stages import DEFAULT_PIPELINE_STAGES
-from .parts import SHARED, JudgeArgs, PreferenceDataArgs, TldrDataArgs, _rm_data
+from .parts import SHARED, JudgeArgs, PreferenceDataArgs, RolloutEngineArgs, TldrDataArgs, _rm_data
 from .rl import GRPOConfig, OnlineDPOConfig, PPOConfig, ReinforcePPConfig, RLOOConfig
 from .supervised import DPOConfig, RMConfig, SFTConfig
 
@@ -58,7 +58,7 @@ class EvaluateRMConfig:
 
 
 @dataclass(frozen=True)
-class EvaluateConfig:
+class EvaluateConfig(RolloutEngineArgs):
     """Evaluate policies on held-out posts: ROUGE, reward-model score, win rate against the human
     reference (reward-model judge, optional LLM judge), length-controlled win rate, KL to SFT, length,
     EOS rate (N+ details 27-28)."""

@@ -21,18 +21,19 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from typing import Callable, Protocol
+from typing import Callable, Literal, Protocol
 
 import torch
 
 from ..config import OptimArgs, RunArgs
 from ..losses import kl_estimate
 from ..data.batching import QueryResponseBatch, collate_query_response
-from ..generation import generate_groups
+from ..importance_sampling import mismatch_stats, padded_logprobs
 from ..lm_head import grouped_response_logits
 from ..ops import entropy_from_logits, token_logprobs
 from ..rollout import Rollout, apply_no_eos_penalty, rollout, rollout_stats, score_batch
-from .rl_common import add_micro_metrics, checkpoint_update_if_due, finish_rl_run, log_update, accumulation_micro_batches, open_rl_run, rl_accelerator, start_policy_updates, update_passes, update_prompts
+from ..rollout_engine import HFEngine
+from .rl_common import add_micro_metrics, checkpoint_update_if_due, finish_rl_run, log_update, accumulation_micro_batches, open_engine, open_rl_run, rl_accelerator, start_policy_updates, sync_engine, update_passes, update_prompts
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,9 @@ class GroupConfig(Protocol):
     update_per_rollout: int
     no_eos_penalty: float | None
     shared_prompt: bool
+    rollout_engine: Literal["hf", "vllm"]
+    tis_cap: float
+    tis_level: Literal["token", "sequence"]
     optim: OptimArgs
     run: RunArgs
 
@@ -62,7 +66,7 @@ class GroupConfig(Protocol):
     def local_mini_batch_size(self, world_size: int = 1) -> int: ...
 
 SampleFn = Callable[..., tuple[Rollout, dict[str, float]]]
-"""``sample(policy, ref, score_fn, queries, cfg, *, eos, pad, generator) -> (rollout of B = len(queries) x G rows, metrics)``."""
+"""``sample(policy, ref, score_fn, queries, cfg, *, eos, pad, generator, engine, seed) -> (rollout of B = len(queries) x G rows, metrics)``."""
 AdvantageFn = Callable[[Rollout, GroupConfig], tuple[torch.Tensor, dict[str, float]]]
 """``advantages(rollout, cfg) -> ((B,) one advantage per sequence or (B, T) one per response token, metrics)``."""
 LossFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -71,42 +75,59 @@ of one micro-batch, normalized by the minibatch's ``num_tokens`` real tokens and
 sequences."""
 
 
-def group_rollout(policy, ref, score_fn, queries: list[list[int]], cfg: GroupConfig, *, eos: int, pad: int, generator: torch.Generator | None = None) -> tuple[Rollout, dict[str, float]]:
+def group_rollout(policy, ref, score_fn, queries: list[list[int]], cfg: GroupConfig, *, eos: int, pad: int, generator: torch.Generator | None = None, engine=None, seed: int | None = None) -> tuple[Rollout, dict[str, float]]:
     """Step 1 without extras: G responses for each query, rows ``[q0] * G + [q1] * G + ...`` (group
     b = rows bG .. bG + G - 1), sampled at ``cfg.temperature``. With ``cfg.shared_prompt`` each
     prompt is computed once per group in every pass (``shared_group_rollout``) and the metrics
     give the split of the time (``perf/generation_time_s``, ``perf/scoring_time_s``); without it,
-    ``rollout.rollout`` over the repeated queries and no extra metrics. ``generator`` is unused:
-    sampling draws from the global RNG."""
-    if getattr(cfg, "shared_prompt", False):  # online DPO samples its pairs here and has no shared_prompt field
-        return shared_group_rollout(policy, ref, score_fn, queries, cfg, eos=eos, pad=pad)
+    ``rollout.rollout`` over the repeated queries and no extra metrics. ``generator`` is unused. A
+    rollout ``engine`` other than hf (``rollout_engine``) samples instead of the policy, with requests
+    seeded from ``seed``, always on the shared path; the hf engine draws from the global RNG."""
+    # online DPO samples its pairs here and has no shared_prompt field
+    if getattr(cfg, "shared_prompt", False) or samples_elsewhere(engine):
+        return shared_group_rollout(policy, ref, score_fn, queries, cfg, eos=eos, pad=pad, engine=engine, seed=seed)
     grouped = [q for q in queries for _ in range(cfg.group_size)]
     common = dict(eos_token_id=eos, pad_token_id=pad, response_length=cfg.response_length, batch_size=cfg.forward_batch_size)
     return rollout(policy, ref, score_fn, grouped, temperature=cfg.temperature, no_eos_penalty=cfg.no_eos_penalty, **common), {}
 
 
-def shared_group_rollout(policy, ref, score_fn, queries: list[list[int]], cfg: GroupConfig, *, eos: int, pad: int) -> tuple[Rollout, dict[str, float]]:
+def samples_elsewhere(engine) -> bool:
+    """Whether ``engine`` samples with weights of its own (vllm), not the policy itself (None, hf)."""
+    return engine is not None and engine.name != "hf"
+
+
+def shared_group_rollout(policy, ref, score_fn, queries: list[list[int]], cfg: GroupConfig, *, eos: int, pad: int, engine=None, seed: int | None = None) -> tuple[Rollout, dict[str, float]]:
     """``group_rollout`` with each prompt computed once per group: sampling
     (``generation.generate_groups``: one prefill per prompt, its cache expanded to the G rows), the
     reward model (``score_groups``) and the policy and reference log-probs (``group_logprobs``).
     Returns the rollout (rows ``[q0] * G + [q1] * G + ...``; responses truncated after the first
     EOS, the no-EOS penalty applied, N+ details 19, 23) and ``perf/generation_time_s`` /
-    ``perf/scoring_time_s`` (seconds)."""
+    ``perf/scoring_time_s`` (seconds). With an ``engine`` that samples elsewhere (vllm) the rollout
+    also keeps its sampling log-probs (``sample_logprobs``, for truncated importance sampling) and
+    the metrics their distance to the policy's (``importance_sampling.mismatch_stats``)."""
     t0 = time.perf_counter()
-    batch, has_eos = sample_groups_shared(policy, queries, cfg.group_size, eos=eos, pad=pad, response_length=cfg.response_length, temperature=cfg.temperature, batch_size=cfg.forward_batch_size)
+    batch, has_eos, sample_lp = sample_groups_shared(policy, queries, cfg.group_size, eos=eos, pad=pad, response_length=cfg.response_length, temperature=cfg.temperature, batch_size=cfg.forward_batch_size, engine=engine, seed=seed)
     t1 = time.perf_counter()
     raw = score_groups(score_fn, batch, cfg.group_size, batch_size=cfg.forward_batch_size)
     r = finish_group_rollout(policy, ref, batch, raw, has_eos, cfg)
-    return r, {"perf/generation_time_s": t1 - t0, "perf/scoring_time_s": time.perf_counter() - t1}
+    extra = {"perf/generation_time_s": t1 - t0, "perf/scoring_time_s": time.perf_counter() - t1}
+    if sample_lp is not None:
+        r.sample_logprobs = sample_lp
+        extra.update(mismatch_stats(r.logprobs, sample_lp, r.mask, cap=cfg.tis_cap or 2.0))
+    return r, extra
 
 
-def sample_groups_shared(policy, queries: list[list[int]], group_size: int, *, eos: int, pad: int, response_length: int, temperature: float, batch_size: int) -> tuple[QueryResponseBatch, torch.Tensor]:
-    """G = ``group_size`` responses per query, each prompt prefilled once (``generation.generate_groups``),
-    collated group-contiguously as ``[left-padded query | right-padded response]``. Returns (batch of
-    len(queries) x G rows, has_eos (B,) bool)."""
-    responses, _ = generate_groups(policy, queries, group_size, eos_token_id=eos, pad_token_id=pad, max_new_tokens=response_length, temperature=temperature, batch_size=batch_size)
+def sample_groups_shared(policy, queries: list[list[int]], group_size: int, *, eos: int, pad: int, response_length: int, temperature: float, batch_size: int, engine=None, seed: int | None = None) -> tuple[QueryResponseBatch, torch.Tensor, torch.Tensor | None]:
+    """G = ``group_size`` responses per query from ``engine`` (default hf: ``generation.generate_groups``,
+    each prompt prefilled once; vllm: prefix caching, requests seeded from ``seed``), collated
+    group-contiguously as ``[left-padded query | right-padded response]``. Returns (batch of
+    len(queries) x G rows, has_eos (B,) bool, the engine's sampling log-probs (B, T) when it samples
+    elsewhere than the policy, else None)."""
+    engine = engine or HFEngine()
+    responses, logps = engine.sample_groups(policy, queries, group_size, eos_token_id=eos, pad_token_id=pad, max_new_tokens=response_length, temperature=temperature, batch_size=batch_size, seed=seed)
     has_eos = torch.tensor([bool(x) and x[-1] == eos for x in responses])
-    return collate_query_response([q for q in queries for _ in range(group_size)], responses, pad), has_eos
+    batch = collate_query_response([q for q in queries for _ in range(group_size)], responses, pad)
+    return batch, has_eos, (padded_logprobs(logps, batch.responses.shape[1]) if samples_elsewhere(engine) else None)
 
 
 def finish_group_rollout(policy, ref, batch: QueryResponseBatch, raw_scores: torch.Tensor, has_eos: torch.Tensor, cfg: GroupConfig) -> Rollout:
@@ -223,6 +244,8 @@ def train(cfg: GroupConfig, name: str, *, advantages: AdvantageFn, loss: LossFn,
     rl = open_rl_run(cfg, name, accelerator, batch=cfg.rollout_prompts, group=cfg.group_size, num_updates=num_updates, plan=plan)
     start, model, optimizer, scheduler, score_fn = start_policy_updates(rl, world, unit="rollout")
     eos, pad = rl.tokenizer.eos_token_id, rl.tokenizer.pad_token_id
+    # the sampler: the policy itself (hf) or a vLLM engine holding a copy of its (resumed) weights
+    engine = open_engine(rl, accelerator.unwrap_model(model), cfg.response_length)
 
     for update in range(start, rl.total):
         t0 = time.perf_counter()
@@ -230,7 +253,7 @@ def train(cfg: GroupConfig, name: str, *, advantages: AdvantageFn, loss: LossFn,
         # 1. G responses per prompt: B = len(prompts) x G rows, [q0] * G + [q1] * G + ...
         rs_gen = torch.Generator().manual_seed(cfg.run.seed * 7_919 + update)
         with accelerator.autocast():
-            r, extra = sample(accelerator.unwrap_model(model), rl.ref, score_fn, [p.query_ids for p in prompts], cfg, eos=eos, pad=pad, generator=rs_gen)
+            r, extra = sample(accelerator.unwrap_model(model), rl.ref, score_fn, [p.query_ids for p in prompts], cfg, eos=eos, pad=pad, generator=rs_gen, engine=engine, seed=cfg.run.seed * 1_000_033 + update)
         t_rollout = time.perf_counter() - t0
         # 2. the advantages: (B,) per sequence or (B, T) per token
         adv, adv_metrics = advantages(r, cfg)
@@ -240,6 +263,7 @@ def train(cfg: GroupConfig, name: str, *, advantages: AdvantageFn, loss: LossFn,
             passes=cfg.update_per_rollout, n_rows=local_prompts * cfg.group_size, mini=local_mini,
             generator=torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + update), max_grad_norm=cfg.optim.max_grad_norm, prefix=name, scheduler=scheduler,
         )
+        sync_engine(rl, engine, accelerator.unwrap_model(model), update + 1, stats)  # the next rollout samples the new weights
         # 4. metrics, samples, checkpoint
         kl = (kl_estimate(r.logprobs, r.ref_logprobs, "k1") * r.mask).sum(-1)  # (B, T) -> (B,) nats per response
         stats.update(rollout_stats(r))
@@ -248,4 +272,5 @@ def train(cfg: GroupConfig, name: str, *, advantages: AdvantageFn, loss: LossFn,
         stats.update({"objective/kl": kl.mean().item(), f"{name}/advantage_abs_mean": adv.abs().mean().item()})
         log_update(rl, update + 1, r, prompts, stats, lr=scheduler.get_last_lr()[0], t0=t0, t_rollout=t_rollout)
         checkpoint_update_if_due(rl, update + 1, model, optimizer, scheduler)
+    engine.close()
     return finish_rl_run(rl, accelerator.unwrap_model(model))

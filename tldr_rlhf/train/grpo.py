@@ -29,23 +29,27 @@ import torch
 
 from ..advantages import group_advantages, group_std, statistical_rejection_sampling, tied_groups
 from ..config import GRPOConfig
+from ..importance_sampling import rollout_is_weights
 from ..losses import grpo_loss
 from ..rollout import Rollout, apply_no_eos_penalty, finish_rollout, sample_and_score, select_rows
 from . import group_rl
 
 
-def sample_groups(policy, ref, score_fn, queries: list[list[int]], cfg: GRPOConfig, *, eos: int, pad: int, generator: torch.Generator | None = None) -> tuple[Rollout, dict[str, float]]:
+def sample_groups(policy, ref, score_fn, queries: list[list[int]], cfg: GRPOConfig, *, eos: int, pad: int, generator: torch.Generator | None = None, engine=None, seed: int | None = None) -> tuple[Rollout, dict[str, float]]:
     """Step 1: ``group_rl.group_rollout``, or with ``cfg.rejection_sampling``: ``rs_candidates``
     responses per query sampled at ``rs_temperature``, scored (no-EOS penalty applied before the
     rejection), G kept per query by ``statistical_rejection_sampling`` with ``rs_beta`` (draws from
     ``generator``); log-probs of the kept rows at ``cfg.temperature``. Returns the rollout (rows
-    ``[q0] * G + [q1] * G + ...``) and extra metrics."""
+    ``[q0] * G + [q1] * G + ...``) and extra metrics. ``engine`` (``rollout_engine``) samples, with
+    requests seeded from ``seed``; rejection-sampled candidates are drawn at ``rs_temperature`` and
+    selected, off-policy by design, so they carry no truncated importance-sampling correction."""
     if not cfg.rejection_sampling:
-        return group_rl.group_rollout(policy, ref, score_fn, queries, cfg, eos=eos, pad=pad, generator=generator)
+        return group_rl.group_rollout(policy, ref, score_fn, queries, cfg, eos=eos, pad=pad, generator=generator, engine=engine, seed=seed)
     g, n = cfg.group_size, cfg.rs_candidates
     common = dict(eos_token_id=eos, pad_token_id=pad, response_length=cfg.response_length, batch_size=cfg.forward_batch_size)
-    if cfg.shared_prompt:  # each prompt prefilled once for its n candidates, scored once per group
-        batch, has_eos = group_rl.sample_groups_shared(policy, queries, n, eos=eos, pad=pad, response_length=cfg.response_length, temperature=cfg.rs_temperature, batch_size=cfg.forward_batch_size)
+    shared = cfg.shared_prompt or group_rl.samples_elsewhere(engine)
+    if shared:  # each prompt prefilled once for its n candidates, scored once per group
+        batch, has_eos, _ = group_rl.sample_groups_shared(policy, queries, n, eos=eos, pad=pad, response_length=cfg.response_length, temperature=cfg.rs_temperature, batch_size=cfg.forward_batch_size, engine=engine, seed=seed)
         raw = group_rl.score_groups(score_fn, batch, n, batch_size=cfg.forward_batch_size)
     else:
         candidates = [q for q in queries for _ in range(n)]
@@ -55,7 +59,7 @@ def sample_groups(policy, ref, score_fn, queries: list[list[int]], cfg: GRPOConf
     kept = statistical_rejection_sampling(scores.view(len(queries), n), g, beta=cfg.rs_beta, generator=generator)
     rows = (kept + torch.arange(len(queries))[:, None] * n).flatten().tolist()
     sub = select_rows(batch, rows, pad)
-    if cfg.shared_prompt:
+    if shared:
         r = group_rl.finish_group_rollout(policy, ref, sub, raw[rows], has_eos[rows], cfg)
     else:
         r = finish_rollout(policy, ref, sub, raw[rows], has_eos[rows], temperature=cfg.temperature, no_eos_penalty=cfg.no_eos_penalty, batch_size=cfg.forward_batch_size)
@@ -74,10 +78,13 @@ def sequence_advantages(r: Rollout, cfg: GRPOConfig) -> tuple[torch.Tensor, dict
 def token_loss(new_lp: torch.Tensor, mb: Rollout, adv: torch.Tensor, cfg: GRPOConfig, *, num_tokens: int, num_sequences: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Step 3 on one micro-batch: ``losses.grpo_loss`` (clipped surrogate with dual clip plus the KL
     estimator in the loss) of new log-probs (b, T) against the rollout's, advantages (b,). Its
-    ``pg_loss`` metric is left out (the logged ``loss/policy`` is the whole loss)."""
+    ``pg_loss`` metric is left out (the logged ``loss/policy`` is the whole loss). A rollout sampled by
+    another engine (vllm) weights each token's policy-gradient term by its truncated importance
+    weight (``--tis-cap``, ``--tis-level``)."""
     loss, m = grpo_loss(
         new_lp, mb.logprobs, mb.ref_logprobs, adv, mb.mask, clip_range=cfg.clip_range, dual_clip=cfg.dual_clip or None,
         kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator, aggregation=cfg.loss_aggregation, num_tokens=num_tokens, num_sequences=num_sequences,
+        is_weights=rollout_is_weights(mb.logprobs, mb.sample_logprobs, mb.mask, cap=cfg.tis_cap, level=cfg.tis_level),
     )
     m.pop("pg_loss")
     return loss, m

@@ -45,7 +45,7 @@ from ..modeling import response_logits
 from ..ops import token_logprobs
 from ..rollout import Rollout, rollout_stats
 from .group_rl import group_rollout
-from .rl_common import add_micro_metrics, checkpoint_update_if_due, finish_rl_run, log_update, accumulation_micro_batches, open_rl_run, rl_accelerator, start_policy_updates, update_passes, update_prompts
+from .rl_common import add_micro_metrics, checkpoint_update_if_due, finish_rl_run, log_update, accumulation_micro_batches, open_engine, open_rl_run, rl_accelerator, start_policy_updates, sync_engine, update_passes, update_prompts
 
 log = logging.getLogger(__name__)
 NAME = "online-dpo"
@@ -132,13 +132,14 @@ def train(cfg: OnlineDPOConfig) -> str:
     rl = open_rl_run(cfg, NAME, accelerator, batch=cfg.rollout_prompts, group=2, num_updates=num_updates, plan=plan)
     start, model, optimizer, scheduler, score_fn = start_policy_updates(rl, world, unit="update")
     eos, pad = rl.tokenizer.eos_token_id, rl.tokenizer.pad_token_id
+    engine = open_engine(rl, accelerator.unwrap_model(model), cfg.response_length)  # --rollout-engine
 
     for update in range(start, rl.total):
         t0 = time.perf_counter()
         prompts = update_prompts(rl, update)
         # 1. two responses per prompt: B = 2N rows [q0, q0, q1, q1, ...], scored, log-probs of policy and reference
         with accelerator.autocast():
-            r, _ = group_rollout(accelerator.unwrap_model(model), rl.ref, score_fn, [p.query_ids for p in prompts], cfg, eos=eos, pad=pad)
+            r, extra = group_rollout(accelerator.unwrap_model(model), rl.ref, score_fn, [p.query_ids for p in prompts], cfg, eos=eos, pad=pad, engine=engine, seed=cfg.run.seed * 1_000_033 + update)
         t_rollout = time.perf_counter() - t0
         # 2. label each pair by its scores (ties left out)
         chosen, rejected, tied = label_pairs(r.scores)
@@ -148,9 +149,11 @@ def train(cfg: OnlineDPOConfig) -> str:
             passes=cfg.update_per_rollout, n_rows=local_prompts, mini=local_mini,
             generator=torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + update), max_grad_norm=cfg.optim.max_grad_norm, prefix=PREFIX, scheduler=scheduler,
         )
+        sync_engine(rl, engine, accelerator.unwrap_model(model), update + 1, stats)
         # 4. metrics, samples, checkpoint
         kl = (kl_estimate(r.logprobs, r.ref_logprobs, "k1") * r.mask).sum(-1)  # (B,) nats per response
         untied = ~tied
+        stats.update({k: v for k, v in extra.items() if k.startswith("mismatch/")})  # --rollout-engine vllm: sampler vs policy log-probs
         margin = (r.scores[chosen] - r.scores[rejected])[untied]
         stats.update(rollout_stats(r))
         stats.update({
@@ -162,4 +165,5 @@ def train(cfg: OnlineDPOConfig) -> str:
         })
         log_update(rl, update + 1, r, prompts, stats, lr=scheduler.get_last_lr()[0], t0=t0, t_rollout=t_rollout)
         checkpoint_update_if_due(rl, update + 1, model, optimizer, scheduler)
+    engine.close()
     return finish_rl_run(rl, accelerator.unwrap_model(model))

@@ -39,16 +39,18 @@ import torch
 
 from ..advantages import explained_variance, gae, kl_shaped_rewards, whiten_advantages, whiten_rewards
 from ..config import PPOConfig
+from ..data.batching import collate_query_response
+from ..importance_sampling import mismatch_stats, padded_logprobs, rollout_is_weights
 from ..losses import ppo_policy_loss, value_loss
 from ..modeling import apply_lora, enable_gradient_checkpointing
 from ..ops import token_logprobs
-from ..rollout import Rollout, rollout, rollout_stats
+from ..rollout import Rollout, finish_rollout, rollout, rollout_stats, score_batch
 from ..value_model import PolicyAndValue, ValueModel
 from .common import shard_if_asked
 from .loop import build_optimizer
 from .rl_common import (
-    RLRun, add_micro_metrics, checkpoint_update_if_due, finish_rl_run, linear_anneal, log_update, accumulation_micro_batches, open_rl_run, rl_accelerator,
-    start_updates, update_passes, update_prompts,
+    RLRun, add_micro_metrics, checkpoint_update_if_due, finish_rl_run, linear_anneal, log_update, accumulation_micro_batches, open_engine, open_rl_run, rl_accelerator,
+    start_updates, sync_engine, update_passes, update_prompts,
 )
 
 log = logging.getLogger(__name__)
@@ -64,17 +66,30 @@ def rollout_values(value_model: ValueModel, r: Rollout, device, batch_size: int)
     return torch.cat(out)
 
 
-def sample_rollout(rl: RLRun, model: PolicyAndValue, score_fn, prompts: list, cfg: PPOConfig) -> tuple[Rollout, torch.Tensor]:
-    """Step 1: one response per prompt from the (unwrapped) policy, scored, with policy and reference
-    log-probs (B, T); and the value model's values (B, T) of the response positions."""
+def sample_rollout(rl: RLRun, model: PolicyAndValue, score_fn, prompts: list, cfg: PPOConfig, *, engine=None, seed: int | None = None) -> tuple[Rollout, torch.Tensor, dict[str, float]]:
+    """Step 1: one response per prompt from the (unwrapped) policy, or from a rollout ``engine`` that
+    samples with its own copy of the weights (vllm; requests seeded from ``seed``), scored, with
+    policy and reference log-probs (B, T) recomputed by the models; the value model's values (B, T)
+    of the response positions; and the engine's ``mismatch/*`` metrics (empty for the policy)."""
+    queries, eos, pad = [p.query_ids for p in prompts], rl.tokenizer.eos_token_id, rl.tokenizer.pad_token_id
+    extra: dict[str, float] = {}
     with rl.accelerator.autocast():
-        r = rollout(
-            model.policy, rl.ref, score_fn, [p.query_ids for p in prompts], eos_token_id=rl.tokenizer.eos_token_id, pad_token_id=rl.tokenizer.pad_token_id,
-            response_length=cfg.response_length, temperature=cfg.temperature, no_eos_penalty=cfg.no_eos_penalty,
-            batch_size=cfg.forward_batch_size,
-        )
+        if engine is None or engine.name == "hf":
+            r = rollout(
+                model.policy, rl.ref, score_fn, queries, eos_token_id=eos, pad_token_id=pad,
+                response_length=cfg.response_length, temperature=cfg.temperature, no_eos_penalty=cfg.no_eos_penalty,
+                batch_size=cfg.forward_batch_size,
+            )
+        else:
+            responses, logps = engine.sample_groups(model.policy, queries, 1, eos_token_id=eos, pad_token_id=pad, max_new_tokens=cfg.response_length, temperature=cfg.temperature, seed=seed)
+            batch = collate_query_response(queries, responses, pad)
+            has_eos = torch.tensor([bool(x) and x[-1] == eos for x in responses])
+            raw = score_batch(score_fn, batch, batch_size=cfg.forward_batch_size)
+            r = finish_rollout(model.policy, rl.ref, batch, raw, has_eos, temperature=cfg.temperature, no_eos_penalty=cfg.no_eos_penalty, batch_size=cfg.forward_batch_size)
+            r.sample_logprobs = padded_logprobs(logps, batch.responses.shape[1])
+            extra = mismatch_stats(r.logprobs, r.sample_logprobs, r.mask, cap=cfg.tis_cap or 2.0)
         values = rollout_values(model.value, r, rl.device, cfg.forward_batch_size)
-    return r, values
+    return r, values, extra
 
 
 def ppo_advantages(r: Rollout, values: torch.Tensor, cfg: PPOConfig) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
@@ -115,7 +130,8 @@ def ppo_minibatch_step(
         with sync, accelerator.autocast():
             logits, new_values = model(mb.batch.input_ids, mb.batch.attention_mask, mb.batch.query_width)
             new_logprobs = token_logprobs(logits, mb.batch.responses, cfg.temperature)  # (b, T)
-            pg_loss, pm = ppo_policy_loss(new_logprobs, mb.logprobs, adv, mb.mask, clip_range=cfg.clip_range, dual_clip=cfg.dual_clip or None, num_tokens=n_tokens)
+            tis = rollout_is_weights(mb.logprobs, mb.sample_logprobs, mb.mask, cap=cfg.tis_cap, level=cfg.tis_level)  # None unless vllm sampled
+            pg_loss, pm = ppo_policy_loss(new_logprobs, mb.logprobs, adv, mb.mask, clip_range=cfg.clip_range, dual_clip=cfg.dual_clip or None, num_tokens=n_tokens, is_weights=tis)
             vf_loss, vm = value_loss(new_values, old_values, ret, mb.mask, clip_range=cfg.vf_clip_range, num_tokens=n_tokens)
             loss = pg_loss + cfg.vf_coef * vf_loss
             accelerator.backward(loss)
@@ -154,12 +170,13 @@ def train(cfg: PPOConfig) -> str:
     scheduler = linear_anneal(optimizer, num_updates)
     steps = f"{cfg.num_mini_batches} minibatches x {cfg.ppo_epochs} epochs per update"
     start, model, optimizer, score_fn = start_updates(rl, model, optimizer, scheduler, unit="update", describe="policy + value", steps=steps)
+    engine = open_engine(rl, accelerator.unwrap_model(model).policy, cfg.response_length)  # --rollout-engine
 
     for update in range(start, rl.total):
         t0 = time.perf_counter()
         prompts = update_prompts(rl, update)
         # 1. rollout: B = len(prompts) responses, values (B, T)
-        r, values = sample_rollout(rl, accelerator.unwrap_model(model), score_fn, prompts, cfg)
+        r, values, extra = sample_rollout(rl, accelerator.unwrap_model(model), score_fn, prompts, cfg, engine=engine, seed=cfg.run.seed * 1_000_033 + update)
         t_rollout = time.perf_counter() - t0
         # 2. KL-shaped rewards, GAE: advantages and returns (B, T)
         advantages, returns, adv_stats = ppo_advantages(r, values, cfg)
@@ -172,9 +189,12 @@ def train(cfg: PPOConfig) -> str:
         # 4. linear learning-rate anneal, once per update
         lr_used = scheduler.get_last_lr()[0]
         scheduler.step()
+        sync_engine(rl, engine, accelerator.unwrap_model(model).policy, update + 1, stats)  # the next rollout samples the new weights
         # 5. metrics, samples, checkpoint
         stats.update(rollout_stats(r))
         stats.update(adv_stats)
+        stats.update(extra)
         log_update(rl, update + 1, r, prompts, stats, lr=lr_used, t0=t0, t_rollout=t_rollout)
         checkpoint_update_if_due(rl, update + 1, model, optimizer, scheduler)
+    engine.close()
     return finish_rl_run(rl, accelerator.unwrap_model(model).policy)

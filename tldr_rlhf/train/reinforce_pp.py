@@ -27,6 +27,7 @@ import torch
 
 from ..advantages import kl_shaped_rewards
 from ..config.rl import ReinforcePPConfig
+from ..importance_sampling import rollout_is_weights
 from ..losses import ppo_policy_loss
 from ..ops import masked_whiten
 from ..rollout import Rollout
@@ -65,8 +66,10 @@ def token_advantages(r: Rollout, cfg: ReinforcePPConfig) -> tuple[torch.Tensor, 
 def clipped_loss(new_lp: torch.Tensor, mb: Rollout, adv: torch.Tensor, cfg: ReinforcePPConfig, *, num_tokens: int, num_sequences: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Step 3 on one micro-batch: ``losses.ppo_policy_loss`` of new log-probs (b, T) against the
     rollout's, per-token advantages (b, T), normalized by the minibatch's ``num_tokens`` real tokens
-    (``num_sequences`` unused)."""
-    return ppo_policy_loss(new_lp, mb.logprobs, adv, mb.mask, clip_range=cfg.clip_range, num_tokens=num_tokens)
+    (``num_sequences`` unused). A rollout sampled by another engine (vllm) weights each token's
+    policy-gradient term by its truncated importance weight (``--tis-cap``, ``--tis-level``)."""
+    w = rollout_is_weights(mb.logprobs, mb.sample_logprobs, mb.mask, cap=cfg.tis_cap, level=cfg.tis_level)
+    return ppo_policy_loss(new_lp, mb.logprobs, adv, mb.mask, clip_range=cfg.clip_range, num_tokens=num_tokens, is_weights=w)
 
 
 def train(cfg: ReinforcePPConfig) -> str:

@@ -30,6 +30,7 @@ from ..generation import decode_response
 from ..modeling import AdaptersDisabled, apply_lora, count_parameters, enable_gradient_checkpointing, load_causal_lm, load_frozen_reference, load_tokenizer_cached
 from ..precision import frozen_weights_dtype
 from ..rollout import Rollout, ScoreFn, plain_sampling_config
+from ..rollout_engine import check_engine_available, engine_for
 from ..tasks import rl_prompts
 from ..value_model import score_at_last_token
 from .common import make_accelerator, prepare, shard_if_asked, weights_saver
@@ -242,6 +243,7 @@ def rl_accelerator(cfg, name: str):
     ``rm_path`` (the reward, ``rewards.py``)."""
     if not cfg.sft_path or not (cfg.rm_path or getattr(cfg, "reward", "")):
         raise DataError(f"{name.upper()} needs --sft-path (policy and reference) and --reward or --rm-path (the reward: rewards.py)")
+    check_engine_available(cfg.rollout_engine)  # --rollout-engine vllm without vllm: the install line, before anything loads
     return make_accelerator(ModelArgs(path=cfg.sft_path, dtype=cfg.dtype), cfg.run)
 
 
@@ -310,6 +312,22 @@ def start_policy_updates(rl: RLRun, world: int, *, unit: str) -> tuple[int, nn.M
     steps = f"{cfg.optimizer_steps(world)} optimizer steps"
     start, model, optimizer, score_fn = start_updates(rl, rl.policy, optimizer, scheduler, unit=unit, describe="policy", steps=steps)
     return start, model, optimizer, scheduler, score_fn
+
+
+def open_engine(rl: RLRun, policy: nn.Module, response_length: int):
+    """The stage's rollout engine (``--rollout-engine``; ``rollout_engine.engine_for``) on the trainable
+    ``policy`` as resumed, its context the longest prompt plus ``response_length``. Built after the
+    thread count is set (``common.make_accelerator``): a CPU vLLM engine fixes it for the process."""
+    longest = max(len(p.query_ids) for p in rl.prompts)
+    return engine_for(rl.cfg, policy, max_tokens=longest + response_length, world_size=rl.accelerator.num_processes)
+
+
+def sync_engine(rl: RLRun, engine, policy: nn.Module, done: int, stats: dict[str, float]) -> None:
+    """After update ``done`` (1-based): an engine that samples with its own copy of the weights (vllm)
+    gets the policy's new ones, the seconds logged as ``perf/weight_sync_s`` in ``stats``; nothing for
+    hf, or after the last update."""
+    if engine.name != "hf" and done < rl.total:
+        stats["perf/weight_sync_s"] = engine.sync_weights(policy)
 
 
 def update_prompts(rl: RLRun, update: int) -> list[Prompt]:

@@ -26,6 +26,7 @@ import torch
 
 from ..advantages import rloo_advantages, rloo_baselines, sequence_rlhf_rewards
 from ..config import RLOOConfig
+from ..importance_sampling import rollout_is_weights
 from ..losses import rloo_loss
 from ..rollout import Rollout
 from . import group_rl
@@ -43,8 +44,11 @@ def leave_one_out_advantages(r: Rollout, cfg: RLOOConfig) -> tuple[torch.Tensor,
 
 def sequence_loss(new_lp: torch.Tensor, mb: Rollout, adv: torch.Tensor, cfg: RLOOConfig, *, num_tokens: int, num_sequences: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Step 3 on one micro-batch: ``losses.rloo_loss`` of new log-probs (b, T) against the rollout's,
-    advantages (b,), averaged over the minibatch's ``num_sequences`` (``num_tokens`` unused)."""
-    return rloo_loss(new_lp, mb.logprobs, adv, mb.mask, clip_range=cfg.clip_range or None, num_sequences=num_sequences)
+    advantages (b,), averaged over the minibatch's ``num_sequences`` (``num_tokens`` unused). A rollout
+    sampled by another engine (vllm) weights each sequence by its truncated importance weight
+    (``--tis-cap``; per sequence whatever ``--tis-level``: RLOO has one action per sequence)."""
+    w = rollout_is_weights(mb.logprobs, mb.sample_logprobs, mb.mask, cap=cfg.tis_cap, level="sequence")
+    return rloo_loss(new_lp, mb.logprobs, adv, mb.mask, clip_range=cfg.clip_range or None, num_sequences=num_sequences, is_weights=None if w is None else w[:, 0])
 
 
 def train(cfg: RLOOConfig) -> str:
