@@ -32,6 +32,20 @@ def test_rouge_l_by_hand():
     assert got.tolist() == pytest.approx(want, abs=1e-6)
 
 
+def test_rouge_1_post_scores_against_the_post_body_not_the_title_or_reference():
+    # post "my cat ate the fish today" (6 unigrams), response "the cat ate a big fish" (6): 4 shared
+    # (cat, ate, the, fish) -> P = R = 4/6, F1 = 2/3. The title's "big" must not count (against the whole
+    # query the value would differ); the reference is ignored (None is allowed).
+    query = "SUBREDDIT: r/cats\n\nTITLE: big cat\n\nPOST: my cat ate the fish today\n\nTL;DR:"
+    got = score_texts(parse_reward("rouge-1-post"), [query, "SUBREDDIT: r/x\n\nTITLE: y\n\nPOST: fish ate cat\n\nTL;DR:"],
+                      ["the cat ate a big fish", "the cat ate a big fish"], [None, "unrelated reference"])
+    # second: post "fish ate cat", P = 3/6, R = 3/3 -> F1 = 2 * 0.5 * 1 / 1.5 = 2/3 as well
+    assert got.tolist() == pytest.approx([2 / 3, 2 / 3], abs=1e-6)
+    got = score_texts(parse_reward("rouge-1-post:0.3"), [query], ["my cat ate the fish"], [None])
+    # P = 5/5, R = 5/6 -> F1 = 10/11 = 0.90909..., times 0.3 = 0.272727...
+    assert got.tolist() == pytest.approx([0.3 * 10 / 11], abs=1e-6)
+
+
 def test_length_is_words_and_weighted_sum_by_hand():
     resp, refs, _ = zip(*CASES)
     assert score_texts(parse_reward("length"), [""] * 4, list(resp), list(refs)).tolist() == [6.0, 1.0, 5.0, 0.0]

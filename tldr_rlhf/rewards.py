@@ -6,7 +6,8 @@ when left out; the weight is the part after the last ``:`` when it is a plain nu
 
 * a built-in text reward (``BUILTINS``): ``rouge-l`` (ROUGE-L F1 of the response against the item's
   human reference, Lin 2004, via rouge-score with Porter stemming, as ``metrics.rouge_scores``),
-  ``rouge-1``, ``rouge-2``, and ``length`` (the response's length in whitespace-separated words);
+  ``rouge-1``, ``rouge-2``, ``rouge-1-post`` (ROUGE-1 F1 against the post itself: extractiveness,
+  ``rouge1_post``), and ``length`` (the response's length in whitespace-separated words);
 * a Python callable ``module:function`` (the module importable from the working directory or the
   Python path), called as ``function(queries, responses, references)`` with three lists of N strings
   (the query text as the policy reads it, the response text without EOS, the reference text or None
@@ -70,6 +71,30 @@ def _rouge(kind: str) -> TextRewardFn:
     return fn
 
 
+_POST_BODY = re.compile(r"\n\nPOST: (?P<post>.*?)\n\nTL;DR:\s*$", re.S)
+
+
+def post_of_query(query: str) -> str:
+    """The post body inside a TL;DR query (``data.tldr.QUERY_TEMPLATE``, as the policy reads it, truncated
+    body included): the text between ``POST: `` and the final ``TL;DR:``; the whole query when it has no
+    such part (another task's prompt)."""
+    match = _POST_BODY.search(query)
+    return match.group("post") if match else query
+
+
+def rouge1_post(queries: list[str], responses: list[str], references: list[str | None]) -> list[float]:
+    """ROUGE-1 F1 of each response against the POST it summarizes (not the reference), in [0, 1]:
+    extractiveness, the positive-control reward of docs/learning.md (a reward a 135M policy can learn
+    on held-out posts). Porter stemming as ``rouge-l``; empty response 0; needs no reference."""
+    import logging
+
+    from rouge_score import rouge_scorer
+
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    scorer = rouge_scorer.RougeScorer(["rouge1"], use_stemmer=True)
+    return [float(scorer.score(post_of_query(q), resp)["rouge1"].fmeasure) for q, resp in zip(queries, responses)]
+
+
 def length_words(queries: list[str], responses: list[str], references: list[str | None]) -> list[float]:
     """The length of each response in whitespace-separated words (0 for an empty one)."""
     return [float(len(r.split())) for r in responses]
@@ -79,6 +104,7 @@ BUILTINS: dict[str, TextRewardFn] = {
     "rouge-l": _rouge("rougeL"),
     "rouge-1": _rouge("rouge1"),
     "rouge-2": _rouge("rouge2"),
+    "rouge-1-post": rouge1_post,
     "length": length_words,
 }
 
