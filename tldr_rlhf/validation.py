@@ -44,7 +44,7 @@ RULES: dict[str, _Rule] = {
     **dict.fromkeys(
         (
             "min_lr", "warmup_steps", "decay_steps", "weight_decay", "max_grad_norm", "eval_every", "save_every",
-            "max_steps", "num_threads", "limit", "valid_limit", "num_sample_posts", "lora_r", "kl_coef", "vf_coef",
+            "max_steps", "num_threads", "limit", "valid_limit", "valid_count", "num_sample_posts", "lora_r", "kl_coef", "vf_coef",
             "vf_clip_range", "clip_range", "cnndm_limit", "judge_limit", "table_posts", "train_layers", "min_score_gap",
             "retries", "num_posts", "best_of_n",
         ),

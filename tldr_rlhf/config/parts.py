@@ -182,6 +182,9 @@ class TldrDataArgs(TaskArgs):
     """Validation posts (same forms); empty = the 'validation' split of `train` or a held-out slice."""
     valid_fraction: float = 0.05
     """When `valid` is empty and `train` is a file: fraction of posts held out (by post id)."""
+    valid_count: int = 0
+    """When `valid` is empty and `train` is a file: hold out exactly this many posts (the ids of lowest
+    sha256 position, `valid_fraction`'s hash) instead of a fraction; 0 = use `valid_fraction`."""
     max_query_length: int = 512
     """Query token cap with smart truncation at the post's last newline (N+ detail 2)."""
     max_response_length: int = 63

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from ..errors import DataError
 
@@ -56,7 +56,22 @@ def in_valid_split(key: str, fraction: float, salt: str = "tldr-rlhf") -> bool:
     mapped to [0, 1) is below ``fraction``. Independent of record order and count."""
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"valid fraction must be in [0, 1], got {fraction}")
-    return int(hashlib.sha256((salt + key).encode()).hexdigest()[:15], 16) / float(16**15) < fraction
+    return split_position(key, salt) < fraction
+
+
+def split_position(key: str, salt: str = "tldr-rlhf") -> float:
+    """Where ``key`` (a post id) falls in [0, 1): sha256(salt + key), the value ``in_valid_split`` compares."""
+    return int(hashlib.sha256((salt + key).encode()).hexdigest()[:15], 16) / float(16**15)
+
+
+def held_out_keys(keys: Iterable[str], count: int, salt: str = "tldr-rlhf") -> set[str]:
+    """The ``count`` distinct keys (post ids) with the lowest ``split_position``: a held-out set of an exact
+    size, independent of record order (ties broken by the key). Raises ValueError when ``count`` is negative
+    or more than the distinct keys."""
+    unique = sorted(set(keys), key=lambda k: (split_position(k, salt), k))
+    if not 0 <= count <= len(unique):
+        raise ValueError(f"cannot hold out {count} of {len(unique)} distinct post ids")
+    return set(unique[:count])
 
 
 def check_local_source(source: str | Path) -> None:

@@ -28,7 +28,7 @@ from typing import Any, Iterable, Iterator
 
 from ..config import TldrDataArgs
 from ..errors import DataError, hub_unreachable, hub_unreachable_message
-from .io import check_local_source, in_valid_split, read_jsonl, require
+from .io import check_local_source, held_out_keys, in_valid_split, read_jsonl, require
 from ..modeling import hub_host_resolves
 
 QUERY_TEMPLATE = "SUBREDDIT: r/{subreddit}\n\nTITLE: {title}\n\nPOST: {post}\n\nTL;DR:"
@@ -194,15 +194,22 @@ def _hub_offline(on: bool) -> Iterator[None]:
 
 def load_post_splits(data: TldrDataArgs) -> tuple[list[Post], list[Post]]:
     """(train, valid) posts of a data section. With no ``valid`` source: a local file is split by post
-    id (``valid_fraction``, ``io.in_valid_split``); a hub dataset uses its 'validation' split.
+    id (``valid_fraction``, ``io.in_valid_split``; or exactly ``valid_count`` posts, ``io.held_out_keys``); a hub dataset uses its 'validation' split.
     ``limit`` caps the training side. Raises DataError for malformed records (file, line, field)."""
     limit = data.limit or None
     if data.valid:
         return load_posts(data.train, "train", limit=limit), load_posts(data.valid, "validation")
     if Path(data.train).exists():
         posts = load_posts(data.train, "train")
-        train = [p for p in posts if not in_valid_split(p.id, data.valid_fraction)]
-        valid = [p for p in posts if in_valid_split(p.id, data.valid_fraction)]
+        if data.valid_count:
+            try:
+                held = held_out_keys((p.id for p in posts), data.valid_count)
+            except ValueError as e:
+                raise DataError(str(e), path=data.train, field="data.valid_count") from None
+            train, valid = [p for p in posts if p.id not in held], [p for p in posts if p.id in held]
+        else:
+            train = [p for p in posts if not in_valid_split(p.id, data.valid_fraction)]
+            valid = [p for p in posts if in_valid_split(p.id, data.valid_fraction)]
         return (train[:limit] if limit else train), valid
     return load_posts(data.train, "train", limit=limit), load_posts(data.train, "validation")
 
