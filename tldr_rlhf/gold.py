@@ -52,6 +52,7 @@ from .errors import DataError
 from .stages import COMMANDS, EVAL_FILE, GOLD_FILE, STAGES
 from .evaluate import evaluate
 from .generation import decode_response
+from .gold_arms import direct_arms
 from .modeling import load_tokenizer_cached
 from .rewards import check_reward_spec, score_texts
 from .summaries import _sorted_generate, free_memory, load_eval_policy
@@ -230,14 +231,15 @@ def evaluation(cfg: GoldConfig, name: str, policies: dict[str, str], *, rm_path:
     return evaluate(ecfg)
 
 
-def measure_run(cfg: GoldConfig, experiment: str, method: str, seed: int, run_dir: Path, stage_cfg, *, rm_path: str = "") -> list[dict[str, Any]]:
+def measure_run(cfg: GoldConfig, experiment: str, method: str, seed: int, run_dir: Path, stage_cfg, *, rm_path: str = "", label: str = "") -> list[dict[str, Any]]:
     """Held-out records of every measured checkpoint of a finished run (read back when its evaluation's
-    records.json exists)."""
+    records.json exists); ``label`` (a variant's name, ``gold_arms``) names the records' method, else ``method``."""
+    per_update = episodes_per_update(method, stage_cfg)
+    method = label or method
     name = eval_name({"experiment": experiment, "method": method, "seed": seed})
     done = Path(cfg.output_dir) / "eval" / name / RECORDS_FILE
     if done.is_file():
         return json.loads(done.read_text())
-    per_update = episodes_per_update(method, stage_cfg)
     points, policies = {}, {}
     for update, path in measured_checkpoints(run_dir):
         pname = f"{method}-s{seed}-u{update}"
@@ -296,20 +298,26 @@ def measure_best_of_n(cfg: GoldConfig, rm_path: str) -> list[dict[str, Any]]:
     return records
 
 
-def measure_greedy_finals(cfg: GoldConfig, finals: dict[str, str]) -> dict[str, Any] | None:
+def measure_greedy_finals(cfg: GoldConfig, finals: dict[str, str], folder: str = GREEDY_EVAL) -> dict[str, Any] | None:
     """With ``cfg.greedy_final``: greedy summaries (no sampling noise) of the SFT policy ("sft") and of
     ``finals`` ({run name: final/ path}) on ``cfg.greedy_posts`` held-out posts (0 = all), gold reward,
     length and EOS rate without KL, in ``eval/direct-greedy/`` (every policy on the same posts, so the
-    report can pair them post by post). Returns the evaluation results (read back when its eval.json
+    report can pair them post by post; ``folder`` under eval/ for the variants measured by another reward). Returns the evaluation results (read back when its eval.json
     holds these policies); None when off."""
     if not cfg.greedy_final:
         return None
     policies = {"sft": cfg.sft_path, **finals}
-    done = Path(cfg.output_dir) / "eval" / GREEDY_EVAL / EVAL_FILE
+    done = Path(cfg.output_dir) / "eval" / folder / EVAL_FILE
     if done.is_file() and set((results := json.loads(done.read_text())).get("policies", {})) == set(policies):
         return results
     greedy = dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, greedy=True, kl=False, num_posts=cfg.greedy_posts))
-    return evaluation(greedy, GREEDY_EVAL, policies)
+    return evaluation(greedy, folder, policies)
+
+
+def greedy_folder(reward: str) -> str:
+    """The greedy evaluation folder (under eval/) of the direct runs that optimize ``reward``: ``GREEDY_EVAL``
+    for the gold reward, ``GREEDY_EVAL``-REWARD (characters other than letters, digits, '-' and '.' as '_') else."""
+    return f"{GREEDY_EVAL}-" + "".join(c if c.isalnum() or c in "-." else "_" for c in reward)
 
 
 def sample_proxy_pairs(cfg: GoldConfig, out_file: Path) -> dict[str, Any]:
@@ -348,7 +356,8 @@ def sample_proxy_pairs(cfg: GoldConfig, out_file: Path) -> dict[str, Any]:
     terms = check_reward_spec(cfg.gold_reward, flag="--gold-reward")
     refs = [reference_of(p).strip() for p in posts for _ in range(2)]
     q_text = [tok.decode(q) for q in queries for _ in range(2)]
-    gold = gold_with_penalty(score_texts(terms, q_text, texts, refs, flag="--gold-reward").tolist(), has_eos, rl.no_eos_penalty)
+    penalty = rl.no_eos_penalty if cfg.proxy_no_eos_penalty else None  # issue 26: labels without the EOS trick
+    gold = gold_with_penalty(score_texts(terms, q_text, texts, refs, flag="--gold-reward").tolist(), has_eos, penalty)
     records, tied, same = [], 0, 0
     for i, p in enumerate(posts):
         a, b = 2 * i, 2 * i + 1
@@ -393,7 +402,8 @@ def train_proxy_rm(cfg: GoldConfig, pairs: Path, out: Path) -> Path:
 def run(cfg: GoldConfig) -> dict[str, Any]:
     """Run the gold experiment (module docstring) into ``cfg.output_dir``, resuming what a previous
     invocation left; writes gold.json (every record, the proxy pairs' counts, seconds) at the end and
-    returns it. Raises DataError for a missing SFT checkpoint or an unknown method, before anything runs."""
+    returns it. Raises DataError for a missing SFT checkpoint or an unknown method, ConfigError for a bad
+    variant (``gold_arms``), before anything runs."""
     import torch
 
     if not cfg.sft_path or not Path(cfg.sft_path).exists():
@@ -401,6 +411,7 @@ def run(cfg: GoldConfig) -> dict[str, Any]:
     for m in (*cfg.methods, *cfg.proxy_methods):
         if m not in METHOD_FIELDS:
             raise DataError(f"unknown method '{m}'; methods are {', '.join(METHOD_FIELDS)}", field="methods")
+    arms = direct_arms(cfg.methods, cfg.seeds, cfg.single_seed_methods, cfg.variants, cfg.gold_reward, list(METHOD_FIELDS))
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     root = Path(cfg.output_dir)
@@ -409,13 +420,14 @@ def run(cfg: GoldConfig) -> dict[str, Any]:
     records = measure_sft(cfg) + measure_sft_resampled(cfg)
     pair_stats: dict[str, Any] = {}
     proxy_rm = ""
-    finals: dict[str, str] = {}  # run name -> final/ of every direct run (the greedy measurement)
+    finals: dict[str, dict[str, str]] = {}  # reward spec -> {run name: final/} of the direct runs (the greedy measurement)
     for seed in cfg.seeds:
-        for method in cfg.methods:
-            stage_cfg = method_config(cfg, method, seed, reward=cfg.gold_reward, output_dir=root / "direct" / run_name(method, seed))
-            run_dir = train_run(cfg, method, stage_cfg)
-            records += measure_run(cfg, "direct", method, seed, run_dir, stage_cfg)
-            finals[run_name(method, seed)] = str(run_dir / "final")
+        for arm in (a for a in arms if a.seed == seed):
+            arm_cfg = dataclasses.replace(cfg, gold_reward=arm.reward)
+            stage_cfg = dataclasses.replace(method_config(arm_cfg, arm.method, seed, reward=arm.reward, output_dir=root / "direct" / run_name(arm.name, seed)), **arm.changes)
+            run_dir = train_run(cfg, arm.method, stage_cfg)
+            records += measure_run(arm_cfg, "direct", arm.method, seed, run_dir, stage_cfg, label=arm.name if arm.name != arm.method else "")
+            finals.setdefault(arm.reward, {})[run_name(arm.name, seed)] = str(run_dir / "final")
         if not cfg.proxy_methods and not cfg.best_of_n:
             continue
         if not proxy_rm:
@@ -430,7 +442,10 @@ def run(cfg: GoldConfig) -> dict[str, Any]:
         for method in cfg.proxy_methods:
             stage_cfg = method_config(cfg, method, seed, reward=proxy_rm, output_dir=root / "proxy" / run_name(method, seed))
             records += measure_run(cfg, "proxy", method, seed, train_run(cfg, method, stage_cfg), stage_cfg, rm_path=proxy_rm)
-    greedy = measure_greedy_finals(cfg, finals)
+    greedy = measure_greedy_finals(cfg, finals.get(cfg.gold_reward, {}))
+    for reward, runs in finals.items():  # variants optimizing another reward: SFT and them, measured by that reward
+        if reward != cfg.gold_reward:
+            measure_greedy_finals(dataclasses.replace(cfg, gold_reward=reward), runs, folder=greedy_folder(reward))
     result = {
         "records": records, "proxy_pairs": pair_stats, "proxy_rm": proxy_rm, "gold_reward": cfg.gold_reward,
         "greedy_eval": str(root / "eval" / GREEDY_EVAL) if greedy is not None else "", "seconds": round(time.perf_counter() - t0, 1),

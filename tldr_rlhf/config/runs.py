@@ -145,6 +145,12 @@ class GoldConfig:
     """Methods that optimize the proxy reward model."""
     seeds: tuple[int, ...] = (1, 2)
     """Seeds of every run (run order: all methods at the first seed, direct then proxy, then the next seed)."""
+    single_seed_methods: tuple[Literal["ppo", "grpo", "rloo", "online-dpo"], ...] = ()
+    """Methods of `methods` run at the first seed only (the budget's one-seed arms)."""
+    variants: tuple[str, ...] = ()
+    """Further direct runs at the first seed, each a method with settings changed: `NAME=METHOD;KEY=VALUE;...`,
+    KEY `reward` (a reward spec; the run is also measured by it) or `no_eos_penalty` (a number or None),
+    e.g. `rloo-no-eos-penalty=rloo;no_eos_penalty=None` (gold_arms.py)."""
     eval_every: int = 3
     """Updates between held-out evaluations of a run (its checkpoint cadence); the final policy is
     always evaluated (0 = only the final one)."""
@@ -172,6 +178,9 @@ class GoldConfig:
     """Online DPO's settings (as ppo)."""
     proxy_rm: RMConfig = field(default_factory=RMConfig)
     """The proxy reward model's training; its comparisons and output folder are set by the experiment."""
+    proxy_no_eos_penalty: bool = True
+    """Label the proxy pairs by the gold reward with the RL stages' no-EOS penalty (as the runs are trained);
+    False = by the gold reward of the text alone (issue 26: the penalty swamped ROUGE-L in the labels)."""
     proxy_rm_from_sft: bool = True
     """Start the proxy reward model from the SFT checkpoint instead of `proxy_rm.model.path`."""
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
