@@ -363,10 +363,35 @@ _GOLD_CPU_SMOL = GoldConfig(
     evaluate=replace(_EVALUATE_CPU_SMOL, policies=(), sft_path="", rm_path="", data=_GOLD_DATA, num_posts=32, response_length=32, greedy=False, batch_size=16, output_dir="runs/gold-cpu-smol/eval"),
 )
 
+# Issue 26 (docs/learning.md), fixed before any held-out result: 400 posts held out by id (valid_count), the
+# other 1,200 for SFT (every reference within the 48-token cap, 1 epoch, 150 steps of 8) and RL prompts;
+# 160-token queries, 48-token responses; RLOO k 4 and GRPO (2 passes) 4 prompts x 4 per update, PPO 16
+# prompts x 2 epochs, online DPO 8 pairs: 64 updates = 1,024 episodes each, KL coef 0.02; RLOO and GRPO x 3
+# seeds, PPO and online DPO x 1, RLOO without the EOS trick x 1, RLOO on ROUGE-1 against the post (the
+# positive control) x 1; sampled held-out measurement (100 posts, with KL) every 16 updates, greedy paired
+# measurement of SFT and every final policy on the 400. The proxy part is off (--gold.proxy-methods to run it:
+# its labels then leave out the EOS penalty, its reward model is judged on the pairs of ~300 held-out posts).
+_LEARN_DATA = TldrDataArgs(train=LOCAL_POSTS, max_query_length=160, max_response_length=48, valid_count=400, limit=0, valid_limit=32)
+_LEARN_RL = dict(rm_path="", reward="rouge-l", data=_LEARN_DATA, response_length=48, kl_coef=0.02, total_episodes=1024)
+_LEARN_RUN = dict(eval_every=16, max_steps=0)
+_LEARN_GOLD = replace(
+    _GOLD_CPU_SMOL, sft_path="runs/sft-learn-cpu-smol/final", output_dir="runs/learn-cpu-smol", data=_LEARN_DATA, eval_every=16,
+    methods=("rloo", "grpo", "ppo", "online-dpo"), seeds=(1, 2, 3), single_seed_methods=("ppo", "online-dpo"),
+    variants=("rloo-no-eos-penalty=rloo;no_eos_penalty=None", "rloo-rouge-1-post=rloo;reward=rouge-1-post"),
+    proxy_methods=(), best_of_n=(), sft_resample_seeds=(), greedy_final=True, greedy_posts=0, proxy_pairs=1200, proxy_no_eos_penalty=False,
+    rloo=replace(_RLOO_CPU_SMOL, **_LEARN_RL, rollout_prompts=4, mini_batch_size=16, run=replace(_RLOO_CPU_SMOL.run, **_LEARN_RUN)),
+    grpo=replace(_GRPO_CPU_SMOL, **_LEARN_RL, rollout_prompts=4, mini_batch_size=16, run=replace(_GRPO_CPU_SMOL.run, **_LEARN_RUN)),
+    ppo=replace(_PPO_CPU_SMOL, **_LEARN_RL, rollout_batch_size=16, forward_batch_size=16, run=replace(_PPO_CPU_SMOL.run, **_LEARN_RUN)),
+    online_dpo=replace(_GOLD_CPU_SMOL.online_dpo, **{k: v for k, v in _LEARN_RL.items() if k != "kl_coef"}, rollout_prompts=8, mini_batch_size=8, run=replace(_GOLD_CPU_SMOL.online_dpo.run, **_LEARN_RUN)),
+    proxy_rm=replace(_GOLD_CPU_SMOL.proxy_rm, data=replace(_GOLD_CPU_SMOL.proxy_rm.data, valid_fraction=0.25)),
+    evaluate=replace(_GOLD_CPU_SMOL.evaluate, data=_LEARN_DATA, num_posts=100, response_length=48, output_dir="runs/learn-cpu-smol/eval"),
+)
+
 GOLD_PRESETS: dict[str, GoldConfig] = {
     # The N+ settings of each stage against ROUGE-L (a GPU-scale schedule: every default).
     "default": GoldConfig(output_dir="runs/gold", sft_path="runs/sft/final"),
     "cpu-smol": _GOLD_CPU_SMOL,
+    "cpu-learn": _LEARN_GOLD,
 }
 
 
@@ -433,6 +458,11 @@ PIPELINE_PRESETS: dict[str, PipelineConfig] = {
     "cpu-gold": replace(
         _PIPELINE_CPU_SMOL, run_dir="runs/pipeline-cpu-gold", stages=("sft", "gold", "report"),
         sft=replace(_GOLD_SFT, run=replace(_GOLD_SFT.run, output_dir="runs/sft")), gold=_GOLD_CPU_SMOL,
+    ),
+    # Issue 26 (docs/learning.md): SFT on the 1,200 training posts -> gold (_LEARN_GOLD's arms) -> report.
+    "cpu-learn": replace(
+        _PIPELINE_CPU_SMOL, run_dir="runs/pipeline-cpu-learn", stages=("sft", "gold", "report"), gold=_LEARN_GOLD,
+        sft=replace(_GOLD_SFT, data=_LEARN_DATA, optim=replace(_GOLD_SFT.optim, warmup_steps=8), run=replace(_GOLD_SFT.run, output_dir="runs/sft", eval_every=50, save_every=25)),
     ),
     # The whole chain on UltraFeedback: each stage's uf-cpu-smol preset in one run folder (several CPU hours
     # on 2 cores with 256-token prompts and responses; the stand-alone stages are the quicker demonstration).

@@ -1,0 +1,60 @@
+"""Issue 26's experiment (docs/learning.md): the cpu-learn pipeline preset resolves to the designed
+settings (400 held-out posts, 48-token responses, 1,024 episodes per arm, the arms and their seeds), and
+the gold experiment's arms (gold_arms.py) are parsed and ordered as documented."""
+
+import dataclasses
+
+import pytest
+
+from tldr_rlhf import gold
+from tldr_rlhf.errors import ConfigError
+from tldr_rlhf.gold_arms import Arm, direct_arms, parse_variant
+from tldr_rlhf.pipeline import check_stages, stage_configs
+from tldr_rlhf.presets import PIPELINE_PRESETS
+
+METHODS = list(gold.METHOD_FIELDS)
+
+
+def test_cpu_learn_preset_resolves_to_the_designed_settings(tmp_path):
+    cfg = dataclasses.replace(PIPELINE_PRESETS["cpu-learn"], run_dir=str(tmp_path / "run"))
+    assert check_stages(cfg) == ["sft", "gold", "report"]
+    sc = stage_configs(cfg)
+    sft, g = sc["sft"], sc["gold"]
+    assert g.data == sft.data and g.sft_path == str(tmp_path / "run" / "sft" / "final")
+    d = g.data
+    assert (d.valid_count, d.max_response_length, d.max_query_length, d.limit) == (400, 48, 160, 0)
+    assert (sft.epochs, sft.run.max_steps, sft.micro_batch_size) == (1, 0, 8)
+    assert (g.greedy_final, g.greedy_posts, g.evaluate.num_posts, g.evaluate.response_length, g.gold_reward) == (True, 0, 100, 48, "rouge-l")
+    assert g.proxy_methods == () and g.best_of_n == () and g.proxy_no_eos_penalty is False
+    arms = direct_arms(g.methods, g.seeds, g.single_seed_methods, g.variants, g.gold_reward, METHODS)
+    assert [(a.name, a.seed) for a in arms] == [
+        ("rloo", 1), ("grpo", 1), ("ppo", 1), ("online-dpo", 1), ("rloo", 2), ("grpo", 2), ("rloo", 3), ("grpo", 3),
+        ("rloo-no-eos-penalty", 1), ("rloo-rouge-1-post", 1),
+    ]
+    for arm in arms:
+        run_cfg = dataclasses.replace(gold.method_config(g, arm.method, arm.seed, reward=arm.reward, output_dir=tmp_path / arm.name), **arm.changes)
+        assert run_cfg.num_updates() * gold.episodes_per_update(arm.method, run_cfg) == 1024, arm
+        assert (run_cfg.response_length, run_cfg.run.save_every, run_cfg.data.valid_count, run_cfg.run.seed) == (48, 16, 400, arm.seed)
+        if arm.method != "online-dpo":
+            assert run_cfg.kl_coef == pytest.approx(0.02)
+        assert run_cfg.reward == ("rouge-1-post" if arm.name == "rloo-rouge-1-post" else "rouge-l")
+        assert run_cfg.no_eos_penalty == (None if arm.name == "rloo-no-eos-penalty" else -1.0)
+    rloo = gold.method_config(g, "rloo", 1, reward="rouge-l", output_dir=tmp_path / "r")
+    assert (rloo.group_size, rloo.rollout_prompts) == (4, 4)
+
+
+def test_variants_parse_and_bad_ones_are_one_line():
+    assert parse_variant("x=rloo;no_eos_penalty=None;reward=rouge-1-post", METHODS) == ("x", "rloo", {"no_eos_penalty": None, "reward": "rouge-1-post"})
+    assert parse_variant("y=grpo;no_eos_penalty=-0.5", METHODS) == ("y", "grpo", {"no_eos_penalty": -0.5})
+    for text, message in [
+        ("rloo", "expected NAME=METHOD"), ("x=sft", "unknown method 'sft'"), ("x=rloo;lr=1", "unknown setting 'lr'"),
+        ("x=rloo;no_eos_penalty=off", "must be a number or None"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            parse_variant(text, METHODS)
+    with pytest.raises(ConfigError, match="already a method"):
+        direct_arms(("rloo",), (1,), (), ("rloo=rloo;reward=length",), "rouge-l", METHODS)
+    with pytest.raises(ConfigError, match="not one of --methods"):
+        direct_arms(("rloo",), (1,), ("ppo",), (), "rouge-l", METHODS)
+    assert direct_arms(("ppo",), (5, 6), (), (), "rouge-l", METHODS) == [Arm("ppo", "ppo", 5, "rouge-l"), Arm("ppo", "ppo", 6, "rouge-l")]
+    assert gold.greedy_folder("rouge-1-post") == "direct-greedy-rouge-1-post" and gold.greedy_folder("a:0.5,b") == "direct-greedy-a_0.5_b"
