@@ -39,6 +39,7 @@ from .metrics import comparison_metrics, length_controlled_win_rate, outcomes_fr
 from .modeling import check_model_exists, load_tokenizer_cached
 from .reward_loading import load_frozen_reward_model
 from .precision import bf16_autocast
+from .paired import format_paired, paired_differences
 from .progress import progress
 from .rollout_engine import check_engine_available
 from .summaries import PolicyRun, eval_device, free_memory, generation_key, kl_to_sft, load_policy_run, policy_file, run_policy, save_policy_run
@@ -414,11 +415,14 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         results["policies"][r.name] = m
     if runs:
         results["reference"]["mean_length"] = results["policies"][runs[0].name]["reference_mean_length"]
+    results["paired_vs_sft"] = paired_differences(rewards, "sft") if rewards else {}
     results["seconds"] = time.perf_counter() - t_start
 
     (out_dir / EVAL_FILE).write_text(json.dumps(results, indent=2) + "\n")
     _write_summaries(out_dir / SUMMARIES_FILE, posts, references, runs, ref_lengths, rm_scores, judge_scores, llm, rewards)
     table = format_table(results)
+    if results.get("paired_vs_sft"):  # every policy against the one named "sft", post by post (issue 26)
+        table += "\n\nPaired with sft on the same posts (--reward):\n\n" + format_paired(results["paired_vs_sft"])
     (out_dir / TABLE_FILE).write_text(table + "\n")
     print(table)
     print(f"\nresults: {out_dir / EVAL_FILE}")

@@ -8,12 +8,12 @@ This module knows nothing about the pipeline report around it (``report.py`` add
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Sequence
 
 from .data.io import read_records
 from .gold import GREEDY_EVAL, SFT_RESAMPLED, eval_name, read_gold_records
+from .paired import standard_error
 from .plots import figure, is_number, save_figure
 
 
@@ -36,16 +36,6 @@ def per_post_gold(gold_dir: Path) -> dict[tuple[str, str], list[tuple[float, boo
 
 def _per_post_of(record: dict[str, Any], per_post: dict[tuple[str, str], list[tuple[float, bool]]]) -> list[tuple[float, bool]]:
     return per_post.get((eval_name(record), record.get("policy", "")), [])
-
-
-def standard_error(values: Sequence[float]) -> float | None:
-    """Standard error of a mean, ``sd / sqrt(n)`` with the n - 1 standard deviation; None under 2 values.
-    [0.1, 0.3] -> sd 0.141421, se 0.1."""
-    n = len(values)
-    if n < 2:
-        return None
-    mean = sum(values) / n
-    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
 
 
 def as_trained(pairs: Sequence[tuple[float, bool]], no_eos_penalty: float = -1.0) -> float | None:
