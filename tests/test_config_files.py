@@ -111,7 +111,7 @@ def test_recipes_folder_is_what_the_script_writes_from_presets():
     expected = {str(rel) for rel in recipes}
     on_disk = {str(p.relative_to(ROOT)) for p in (ROOT / "recipes").rglob("*.yaml")}
     assert on_disk == expected
-    assert len(expected) == sum(len(s.preset_table()) for s in STAGES) == 40  # online-dpo: default, cpu-smol, cpu-smol-gold; gold: default, cpu-smol; pipeline: cpu-gold; reinforce-pp: default, cpu-smol
+    assert len(expected) == sum(len(s.preset_table()) for s in STAGES) == 42  # online-dpo: default, cpu-smol, cpu-smol-gold; gold: default, cpu-smol, cpu-learn; pipeline: cpu-gold, cpu-learn; reinforce-pp: default, cpu-smol
     for rel, text in recipes.items():
         assert (ROOT / rel).read_text() == text, f"{rel} is stale: run python scripts/write_recipes.py"
 

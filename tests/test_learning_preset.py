@@ -3,6 +3,7 @@ settings (400 held-out posts, 48-token responses, 1,024 episodes per arm, the ar
 the gold experiment's arms (gold_arms.py) are parsed and ordered as documented."""
 
 import dataclasses
+import json
 
 import pytest
 
@@ -11,6 +12,8 @@ from tldr_rlhf.errors import ConfigError
 from tldr_rlhf.gold_arms import Arm, direct_arms, parse_variant
 from tldr_rlhf.pipeline import check_stages, stage_configs
 from tldr_rlhf.presets import PIPELINE_PRESETS
+
+from test_gold import short_eos_responses, tiny_gold  # noqa: F401 - the fixture and the tiny set-up of the gold tests
 
 METHODS = list(gold.METHOD_FIELDS)
 
@@ -58,3 +61,32 @@ def test_variants_parse_and_bad_ones_are_one_line():
         direct_arms(("rloo",), (1,), ("ppo",), (), "rouge-l", METHODS)
     assert direct_arms(("ppo",), (5, 6), (), (), "rouge-l", METHODS) == [Arm("ppo", "ppo", 5, "rouge-l"), Arm("ppo", "ppo", 6, "rouge-l")]
     assert gold.greedy_folder("rouge-1-post") == "direct-greedy-rouge-1-post" and gold.greedy_folder("a:0.5,b") == "direct-greedy-a_0.5_b"
+
+
+def test_variants_and_single_seed_methods_run_measure_and_report_end_to_end(qwen_tokenizer, short_eos_responses, tmp_path):
+    """On tiny models (test_gold's set-up): GRPO at seeds 1 and 2, online DPO at seed 1 only, and two GRPO
+    variants at seed 1 (another reward; no EOS trick), each measured, the greedy measurement split by reward."""
+    from rl_fixtures import make_checkpoints
+    from tldr_rlhf.config import ReportConfig
+    from tldr_rlhf.report import build_report
+
+    sft, _ = make_checkpoints(qwen_tokenizer)
+    out = tmp_path / "gold"
+    cfg = tiny_gold(
+        sft, out, methods=("grpo", "online-dpo"), seeds=(1, 2), single_seed_methods=("online-dpo",), proxy_methods=(), best_of_n=(),
+        sft_resample_seeds=(), greedy_final=True, variants=("grpo-post=grpo;reward=rouge-1-post", "grpo-no-eos=grpo;no_eos_penalty=None"),
+    )
+    result = gold.run(cfg)
+    finals = {(r["method"], r["seed"]) for r in result["records"] if r["path"] and r["path"].endswith("final")}
+    assert finals == {("grpo", 1), ("grpo", 2), ("online-dpo", 1), ("grpo-post", 1), ("grpo-no-eos", 1)}
+    assert (out / "direct" / "grpo-no-eos-s1" / "final").is_dir() and not (out / "direct" / "online-dpo-s2").exists()
+    saved = json.loads((out / "direct" / "grpo-no-eos-s1" / "config.json").read_text())
+    assert saved["no_eos_penalty"] is None and json.loads((out / "direct" / "grpo-s1" / "config.json").read_text())["no_eos_penalty"] == -1.0
+    assert json.loads((out / "direct" / "grpo-post-s1" / "config.json").read_text())["reward"] == "rouge-1-post"
+    greedy = json.loads((out / "eval" / gold.GREEDY_EVAL / "eval.json").read_text())
+    assert set(greedy["policies"]) == {"sft", "grpo-s1", "grpo-s2", "online-dpo-s1", "grpo-no-eos-s1"} and greedy["reward"] == cfg.gold_reward
+    post = json.loads((out / "eval" / gold.greedy_folder("rouge-1-post") / "eval.json").read_text())
+    assert set(post["policies"]) == {"sft", "grpo-post-s1"} and post["reward"] == "rouge-1-post"
+    assert set(post["paired_vs_sft"]) == {"grpo-post-s1"}
+    text = build_report(ReportConfig(run_dir=str(tmp_path), table_posts=0)).read_text()
+    assert "(direct-greedy-rouge-1-post)" in text and "| grpo-post-s1 | 4 |" in text

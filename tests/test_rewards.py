@@ -99,7 +99,7 @@ def test_rouge_without_reference_is_one_line():
         ("rouge-l,,length", "--reward rouge-l,,length: empty term (expected TERM[:WEIGHT],TERM[:WEIGHT],...)"),
         ("no_such_module_xyz:f", "--reward no_such_module_xyz:f: cannot import module 'no_such_module_xyz': ModuleNotFoundError: No module named 'no_such_module_xyz'"),
         ("reward_fns:not_callable", "--reward reward_fns:not_callable: module 'reward_fns' has no callable 'not_callable'"),
-        ("rouge_l", "--reward rouge_l: not a built-in (rouge-l, rouge-1, rouge-2, length), a module:function, nor an existing reward-model path"),
+        ("rouge_l", "--reward rouge_l: not a built-in (rouge-l, rouge-1, rouge-2, rouge-1-post, length), a module:function, nor an existing reward-model path"),
         ("./runs/nothing/final", "--reward ./runs/nothing/final: reward-model path does not exist"),
     ],
 )

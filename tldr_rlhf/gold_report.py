@@ -278,5 +278,9 @@ def gold_blocks(gold_dir: Path, out: Path) -> list[tuple]:
             "The SFT policy and every direct run's final policy summarize the same held-out posts greedily (no sampling noise, so a "
             "difference is the policies' own); minus SFT = the mean over posts of (policy - SFT), with its standard error and t."
         )), ("table", *greedy)]
+    for folder in sorted((Path(gold_dir) / "eval").glob(f"{GREEDY_EVAL}-*/summaries.jsonl")):  # variants on another reward
+        rows = greedy_rows(read_records(folder))
+        if rows is not None:
+            blocks += [("h3", f"Greedy, paired with SFT, measured by the reward those runs optimize ({folder.parent.name})"), ("table", *rows)]
     blocks += [("h3", "Every measurement"), ("table", *gold_rows(records, per_post))]
     return blocks
