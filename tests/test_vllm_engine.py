@@ -7,7 +7,7 @@ case an in-place reload got silently wrong) and with LoRA merged. Needs the ``vl
 import pytest
 import torch
 
-pytest.importorskip("vllm")
+import vllm  # noqa: E402,F401  (collected only where the vllm extra is installed: conftest.py)
 
 from tldr_rlhf.data.batching import collate_query_response  # noqa: E402
 from tldr_rlhf.generation import generate  # noqa: E402

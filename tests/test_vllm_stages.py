@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-pytest.importorskip("vllm")
+import vllm  # noqa: E402,F401  (collected only where the vllm extra is installed: conftest.py)
 
 from tldr_rlhf.config import GRPOConfig, OptimArgs, PPOConfig, RLOOConfig, RunArgs, TldrDataArgs  # noqa: E402
 from tldr_rlhf.config.rl import ReinforcePPConfig  # noqa: E402
