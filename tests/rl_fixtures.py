@@ -55,3 +55,13 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(n)
+
+
+def crashed_after_first_update(run_dir: str | Path, dest: str | Path) -> Path:
+    """A copy of a finished two-update run folder as a crash after update 1 leaves it: no final/ and
+    no checkpoints/step-2, only checkpoints/step-1. Returns ``dest``."""
+    dest = Path(dest)
+    shutil.copytree(run_dir, dest)
+    shutil.rmtree(dest / "final")
+    shutil.rmtree(dest / "checkpoints" / "step-2", ignore_errors=True)
+    return dest

@@ -22,7 +22,7 @@ from tldr_rlhf.train import grpo, ppo, rloo
 from tldr_rlhf.train.rl_common import load_rl_models
 from tldr_rlhf.validation import validate_config
 
-from rl_fixtures import EOS, POSTS, make_tiny_qwen2
+from rl_fixtures import EOS, POSTS, crashed_after_first_update, make_tiny_qwen2
 
 
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")
@@ -186,10 +186,7 @@ def test_ppo_with_lora_resumes_exactly(ckpts, tmp_path):
         )
 
     final = ppo.train(cfg(tmp_path / "run"))
-    crashed = tmp_path / "crashed"  # a crash after update 1: only checkpoints/step-1 survives
-    shutil.copytree(tmp_path / "run", crashed)
-    shutil.rmtree(crashed / "final")
-    shutil.rmtree(crashed / "checkpoints" / "step-2", ignore_errors=True)
+    crashed = crashed_after_first_update(tmp_path / "run", tmp_path / "crashed")  # only checkpoints/step-1 survives
     assert (crashed / "checkpoints" / "step-1" / ADAPTER_DIR / "adapter_model.safetensors").is_file()
     resumed = ppo.train(cfg(crashed))
     a, b = load_file(f"{final}/model.safetensors"), load_file(f"{resumed}/model.safetensors")

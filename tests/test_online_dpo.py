@@ -4,7 +4,6 @@ the first step's loss is log 2, parameters change, and a resumed run reproduces 
 
 import json
 import math
-import shutil
 
 import pytest
 import torch
@@ -17,7 +16,7 @@ from tldr_rlhf.presets import ONLINE_DPO_PRESETS
 from tldr_rlhf.train import online_dpo
 from tldr_rlhf.train.online_dpo import label_pairs, pair_loss
 
-from rl_fixtures import EOS, POSTS, one_thread
+from rl_fixtures import EOS, POSTS, crashed_after_first_update, one_thread
 
 
 def test_label_pairs_by_hand():
@@ -111,10 +110,7 @@ def test_online_dpo_run_labels_follow_the_reward_and_resume_is_exact(ckpts, ends
     assert sum(not torch.equal(before[k], after[k]) for k in before) > len(before) // 2
 
     # a crash after update 1: keep only checkpoints/step-1 in a copy of the run folder, rerun
-    crashed = tmp_path / "crashed"
-    shutil.copytree(out, crashed)
-    shutil.rmtree(crashed / "final")
-    shutil.rmtree(crashed / "checkpoints" / "step-2", ignore_errors=True)
+    crashed = crashed_after_first_update(out, tmp_path / "crashed")
     assert (crashed / "checkpoints" / "step-1" / "state.pt").exists()
     with one_thread():
         resumed = online_dpo.train(small_cfg(ckpts[0], crashed))

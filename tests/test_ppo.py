@@ -1,7 +1,6 @@
 """The PPO stage end to end on tiny models built from a config (real tokenizer, real posts)."""
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ from tldr_rlhf.presets import PPO_PRESETS
 from tldr_rlhf.errors import DataError, RunDirError
 from tldr_rlhf.train import ppo
 
-from rl_fixtures import POSTS
+from rl_fixtures import POSTS, crashed_after_first_update
 
 
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")
@@ -73,10 +72,7 @@ def test_ppo_changes_policy_weights(first_run, ckpts):
 def test_ppo_resume_reproduces_the_uninterrupted_run(first_run, ckpts, tmp_path):
     out, final = first_run
     # simulate a crash after update 1: keep only checkpoints/step-1 in a copy of the run folder
-    crashed = tmp_path / "run"
-    shutil.copytree(out, crashed)
-    shutil.rmtree(crashed / "final")
-    shutil.rmtree(crashed / "checkpoints" / "step-2", ignore_errors=True)
+    crashed = crashed_after_first_update(out, tmp_path / "run")
     assert (crashed / "checkpoints" / "step-1" / "state.pt").exists()
     resumed = ppo.train(small_cfg(*ckpts, crashed))
     a, b = load_file(f"{final}/model.safetensors"), load_file(f"{resumed}/model.safetensors")

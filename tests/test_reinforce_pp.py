@@ -3,7 +3,6 @@ on the tiny checkpoints that resumes exactly."""
 
 import json
 import math
-import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -16,7 +15,7 @@ from tldr_rlhf.errors import RunDirError
 from tldr_rlhf.stages import COMMANDS
 from tldr_rlhf.train import reinforce_pp
 
-from rl_fixtures import POSTS
+from rl_fixtures import POSTS, crashed_after_first_update
 
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
@@ -112,10 +111,7 @@ def test_reinforce_pp_run_changes_the_policy_and_resumes_exactly(ckpts, tmp_path
     before, after = load_file(f"{ckpts[0]}/model.safetensors"), load_file(f"{final}/model.safetensors")
     assert sum(not torch.equal(before[k], after[k]) for k in before) > len(before) // 2
     # a crash after update 1: only checkpoints/step-1 left; the resumed run ends with the same weights
-    crashed = tmp_path / "crashed"
-    shutil.copytree(out, crashed)
-    shutil.rmtree(crashed / "final")
-    shutil.rmtree(crashed / "checkpoints" / "step-2", ignore_errors=True)
+    crashed = crashed_after_first_update(out, tmp_path / "crashed")
     resumed = reinforce_pp.train(_cfg(*ckpts, crashed))
     a, b = load_file(f"{final}/model.safetensors"), load_file(f"{resumed}/model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
