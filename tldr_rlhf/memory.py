@@ -226,6 +226,12 @@ def _trained(est: StageEstimate, shape: ModelShape, prec: Precision, *, world: i
     est.optimizer += trainable * prec.optimizer / div
 
 
+def pair_tokens(cfg, pairs: int, query: int, response: int) -> int:
+    """Tokens in one forward of ``pairs`` preference pairs: the query once and both responses when the
+    pair shares its prompt (``cfg.shared_prompt``, on unless a config says otherwise), else two full rows."""
+    return pairs * query + 2 * pairs * response if getattr(cfg, "shared_prompt", True) else 2 * pairs * (query + response)
+
+
 def estimate_stage(stage: str, cfg: Any, *, device: Literal["cuda", "cpu"] = "cuda", world: int = 1, shapes: dict[str, ModelShape] | None = None, lengths: tuple[int, int] | None = None) -> StageEstimate:
     """Peak bytes per device of training stage ``stage`` (a ``train`` row of ``stages.STAGES``; its
     ``plan_kind`` says which parts it has) with config
@@ -261,7 +267,7 @@ def estimate_stage(stage: str, cfg: Any, *, device: Literal["cuda", "cpu"] = "cu
         else:
             response = response_cap(data.max_response_length)
             pairs = cfg.micro_batch_size
-            tokens = pairs * query + 2 * pairs * response if getattr(cfg, "shared_prompt", True) else 2 * pairs * (query + response)
+            tokens = pair_tokens(cfg, pairs, query, response)
             # frozen lower blocks keep no activations (nothing below them needs a gradient)
             trained = shape if not 0 < top < shape.layers else dataclasses.replace(shape, layers=top)
             est.activations = activation_bytes(trained, tokens, prec.compute, checkpointing=ckpt)
@@ -275,7 +281,7 @@ def estimate_stage(stage: str, cfg: Any, *, device: Literal["cuda", "cpu"] = "cu
     if kind == "preference":
         response = response_cap(data.max_response_length)
         pairs = cfg.micro_batch_size
-        tokens = pairs * query + 2 * pairs * response if getattr(cfg, "shared_prompt", True) else 2 * pairs * (query + response)
+        tokens = pair_tokens(cfg, pairs, query, response)
         est.activations = activation_bytes(shape, tokens, prec.compute, checkpointing=ckpt)
         est.notes.append("reference log-probs are computed once with the starting policy and cached (no second model)")
         return est
