@@ -9,7 +9,7 @@ import pytest
 
 from tldr_rlhf import gold
 from tldr_rlhf.errors import ConfigError
-from tldr_rlhf.gold_arms import Arm, direct_arms, parse_variant
+from tldr_rlhf.gold_arms import Arm, direct_arms, parse_variant, worker_arms
 from tldr_rlhf.pipeline import check_stages, stage_configs
 from tldr_rlhf.presets import PIPELINE_PRESETS
 
@@ -90,3 +90,42 @@ def test_variants_and_single_seed_methods_run_measure_and_report_end_to_end(qwen
     assert set(post["paired_vs_sft"]) == {"grpo-post-s1"}
     text = build_report(ReportConfig(run_dir=str(tmp_path), table_posts=0)).read_text()
     assert "(direct-greedy-rouge-1-post)" in text and "| grpo-post-s1 | 4 |" in text
+
+
+def test_workers_share_the_arms_in_run_order_and_bad_worker_is_one_line():
+    arms = [Arm(f"m{k}", "rloo", 1, "rouge-l") for k in range(1, 11)]  # run order m1..m10, as the cpu-learn preset's 10 arms
+    one, i1 = worker_arms(arms, "1/2")
+    two, i2 = worker_arms(arms, "2/2")
+    assert ([a.name for a in one], i1) == (["m1", "m3", "m5", "m7", "m9"], 1)
+    assert ([a.name for a in two], i2) == (["m2", "m4", "m6", "m8", "m10"], 2)
+    assert [a.name for a in worker_arms(arms, "3/3")[0]] == ["m3", "m6", "m9"] and worker_arms(arms, "") == (arms, 1)
+    for bad in ("3/2", "0/2", "1", "a/b", "1/2/3", "-1/2"):
+        with pytest.raises(ConfigError, match=f"--worker '{bad}': expected I/N"):
+            worker_arms(arms, bad)
+
+
+def test_two_workers_train_disjoint_runs_then_the_plain_run_trains_nothing_and_writes_gold_json(qwen_tokenizer, short_eos_responses, tmp_path, monkeypatch):
+    """Worker 1/2 trains GRPO at seeds 1 and 2 (runs 1 and 3 of the order) and measures SFT; worker 2/2
+    trains online DPO (run 2) only; neither writes gold.json. The run without --worker then trains and
+    evaluates nothing again and writes gold.json with every record."""
+    from rl_fixtures import make_checkpoints
+
+    sft, _ = make_checkpoints(qwen_tokenizer)
+    out = tmp_path / "gold"
+    cfg = tiny_gold(sft, out, methods=("grpo", "online-dpo"), seeds=(1, 2), single_seed_methods=("online-dpo",), proxy_methods=(), best_of_n=(), sft_resample_seeds=(), greedy_final=True)
+    first = gold.run(dataclasses.replace(cfg, worker="1/2"))
+    assert sorted(p.name for p in (out / "direct").iterdir()) == ["grpo-s1", "grpo-s2"] and not (out / gold.GOLD_FILE).exists()
+    assert {r["method"] for r in first["records"]} == {"sft", "grpo"} and first["worker"] == "1/2"
+    second = gold.run(dataclasses.replace(cfg, worker="2/2"))
+    assert sorted(p.name for p in (out / "direct").iterdir()) == ["grpo-s1", "grpo-s2", "online-dpo-s1"] and not (out / gold.GOLD_FILE).exists()
+    assert {r["method"] for r in second["records"]} == {"online-dpo"}  # worker 2 measures its own run only, not SFT again
+    assert not (out / "eval" / gold.GREEDY_EVAL).exists()
+    mtimes = {p: p.stat().st_mtime_ns for p in out.glob("direct/*/final/model.safetensors")}
+    from tldr_rlhf.stages import Stage
+
+    trained_again = []
+    monkeypatch.setattr(Stage, "function", lambda self: trained_again.append)
+    result = gold.run(cfg)
+    assert trained_again == [] and {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+    assert {(r["method"], r["seed"]) for r in result["records"] if r["path"] and r["path"].endswith("final")} == {("grpo", 1), ("grpo", 2), ("online-dpo", 1)}
+    assert (out / gold.GOLD_FILE).is_file() and set(json.loads((out / "eval" / gold.GREEDY_EVAL / "eval.json").read_text())["policies"]) == {"sft", "grpo-s1", "grpo-s2", "online-dpo-s1"}

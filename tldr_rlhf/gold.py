@@ -29,7 +29,8 @@ A record is one policy measured on the held-out posts: experiment ("direct" / "p
 "sft-resampled": the SFT policy at another sampling seed, "ppo", ..., "best-of-n"), seed, update, episodes, n (best-of-n), gold, proxy, kl (nats per response, to
 SFT), length (tokens, EOS excluded), eos_rate, path. Rerunning resumes: a finished run (final/) is not
 trained again, an evaluation with its records.json is not redone, a half-finished run resumes from its
-newest checkpoint (the stage's own resume).
+newest checkpoint (the stage's own resume). ``--worker I/N`` shares the direct runs among N processes
+(``gold_arms.worker_arms``); the run without it then does the rest.
 
 The held-out gold reward is the mean ROUGE-L of the summaries' text (``evaluate --reward``), whether or
 not they end with EOS; the EOS rate is reported beside it. Training sees the no-EOS penalty instead.
@@ -52,7 +53,7 @@ from .errors import DataError
 from .stages import COMMANDS, EVAL_FILE, GOLD_FILE, STAGES
 from .evaluate import evaluate
 from .generation import decode_response
-from .gold_arms import direct_arms
+from .gold_arms import direct_arms, worker_arms
 from .modeling import load_tokenizer_cached
 from .rewards import check_reward_spec, score_texts
 from .summaries import _sorted_generate, free_memory, load_eval_policy
@@ -412,12 +413,13 @@ def run(cfg: GoldConfig) -> dict[str, Any]:
         if m not in METHOD_FIELDS:
             raise DataError(f"unknown method '{m}'; methods are {', '.join(METHOD_FIELDS)}", field="methods")
     arms = direct_arms(cfg.methods, cfg.seeds, cfg.single_seed_methods, cfg.variants, cfg.gold_reward, list(METHOD_FIELDS))
+    arms, worker = worker_arms(arms, cfg.worker)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     root = Path(cfg.output_dir)
     (root / "eval").mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    records = measure_sft(cfg) + measure_sft_resampled(cfg)
+    records = measure_sft(cfg) + measure_sft_resampled(cfg) if worker == 1 else []
     pair_stats: dict[str, Any] = {}
     proxy_rm = ""
     finals: dict[str, dict[str, str]] = {}  # reward spec -> {run name: final/} of the direct runs (the greedy measurement)
@@ -428,7 +430,7 @@ def run(cfg: GoldConfig) -> dict[str, Any]:
             run_dir = train_run(cfg, arm.method, stage_cfg)
             records += measure_run(arm_cfg, "direct", arm.method, seed, run_dir, stage_cfg, label=arm.name if arm.name != arm.method else "")
             finals.setdefault(arm.reward, {})[run_name(arm.name, seed)] = str(run_dir / "final")
-        if not cfg.proxy_methods and not cfg.best_of_n:
+        if cfg.worker or (not cfg.proxy_methods and not cfg.best_of_n):
             continue
         if not proxy_rm:
             pairs = root / "proxy" / PAIRS_FILE
@@ -442,6 +444,9 @@ def run(cfg: GoldConfig) -> dict[str, Any]:
         for method in cfg.proxy_methods:
             stage_cfg = method_config(cfg, method, seed, reward=proxy_rm, output_dir=root / "proxy" / run_name(method, seed))
             records += measure_run(cfg, "proxy", method, seed, train_run(cfg, method, stage_cfg), stage_cfg, rm_path=proxy_rm)
+    if cfg.worker:  # one of several processes: the parts that need every run come in the run without --worker
+        log.info("gold: worker %s done (%d runs); when every worker is done, run again without --worker for gold.json", cfg.worker, len(arms))
+        return {"records": records, "worker": cfg.worker, "seconds": round(time.perf_counter() - t0, 1)}
     greedy = measure_greedy_finals(cfg, finals.get(cfg.gold_reward, {}))
     for reward, runs in finals.items():  # variants optimizing another reward: SFT and them, measured by that reward
         if reward != cfg.gold_reward:

@@ -72,3 +72,17 @@ def direct_arms(methods: Sequence[str], seeds: Sequence[int], single_seed_method
             raise ConfigError(f"--variants '{text}': the name '{name}' is already a method or a variant")
         out.append(Arm(name, method, seeds[0], changes.pop("reward", gold_reward), changes))
     return out
+
+
+def worker_arms(arms: Sequence[Arm], worker: str) -> tuple[list[Arm], int]:
+    """(the arms of worker ``I/N``, I): arm K of ``arms`` (run order, K from 1) belongs to worker
+    ((K-1) mod N) + 1, so N processes share the runs with no run trained twice; ``worker`` "" = every arm,
+    I = 1. Pure; raises ConfigError (one line naming --worker) unless ``worker`` is "" or I/N with
+    1 <= I <= N."""
+    if not worker:
+        return list(arms), 1
+    i, sep, n = worker.partition("/")
+    if not (sep and i.strip().isdigit() and n.strip().isdigit() and 1 <= int(i) <= int(n)):
+        raise ConfigError(f"--worker '{worker}': expected I/N with 1 <= I <= N, e.g. 1/2")
+    i, n = int(i), int(n)
+    return [a for k, a in enumerate(arms) if k % n == i - 1], i

@@ -185,9 +185,10 @@ def run_pipeline(cfg: PipelineConfig, *, stage_functions: dict[str, Callable[[An
             _save_state(state_path, state)
             raise
         seconds = round(time.perf_counter() - t0, 2)
-        state["stages"][stage] = {"status": "done", "seconds": seconds, "output": str(marker) if marker is not None else str(run_dir / "report"), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        status = "done" if marker is None or stage_done(run_dir, stage) else "incomplete"  # e.g. a gold --worker: its share only
+        state["stages"][stage] = {"status": status, "seconds": seconds, "output": str(marker) if marker is not None else str(run_dir / "report"), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
         _save_state(state_path, state)
-        log.info("pipeline: %s done in %.1f s", stage, seconds)
+        log.info("pipeline: %s %s in %.1f s", stage, status, seconds)
         if torch.cuda.is_available():  # hand the finished stage's GPU memory back before the next stage
             gc.collect()
             torch.cuda.empty_cache()

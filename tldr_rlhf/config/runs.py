@@ -188,6 +188,12 @@ class GoldConfig:
     policies, paths, rewards, data and output folder are set by the experiment."""
     num_threads: int = 0
     """torch CPU threads for every run (0 = each run's own setting)."""
+    worker: str = ""
+    """`I/N`: be worker I of N processes sharing the direct runs (run K of the run order, counted from 1,
+    goes to worker ((K-1) mod N) + 1), e.g. two processes with `--num-threads 1` on two cores. A worker
+    trains and measures its own runs only (worker 1 also measures SFT), and writes no gold.json: when every
+    worker is done, run again without `--worker` for the proxy part, the greedy measurement and gold.json
+    (finished runs and measurements are read back). Empty = one process does everything."""
 
 
 @dataclass(frozen=True)
