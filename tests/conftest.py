@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,18 @@ EOS = 151643  # <|endoftext|>: Qwen2.5's EOS and pad
 # install fails the vllm run (and an empty one exits 5, which fails it too) rather than skipping it.
 if importlib.util.find_spec("vllm") is None:
     collect_ignore_glob = ["test_vllm_*.py"]
+
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs 2 workers on a 2-core machine: one thread each
+    torch.set_num_threads(1)
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, for a 2-process test's ``--master_port``: fixed ports collide
+    when test workers (pytest-xdist) run such tests at the same time."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-from conftest import COMPARISONS, EOS, QWEN_TOKENIZER, make_tiny_qwen2
+from conftest import COMPARISONS, EOS, QWEN_TOKENIZER, free_port, make_tiny_qwen2
 from tldr_rlhf.config import DPOConfig, PreferenceDataArgs as DPODataArgs, OptimArgs, RunArgs
 from tldr_rlhf.data.comparisons import PreferenceExample
 from tldr_rlhf.errors import DataError
@@ -349,7 +349,7 @@ def test_two_process_data_parallel_matches_one_process(tiny_model_dir, tmp_path)
     from dist_dpo_script import make_config
 
     script = Path(__file__).with_name("dist_dpo_script.py")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29612", str(script), str(tiny_model_dir), str(COMPARISONS), str(tmp_path / "world2"), "2"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), str(script), str(tiny_model_dir), str(COMPARISONS), str(tmp_path / "world2"), "2"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     dpo.train(make_config(str(tiny_model_dir), str(COMPARISONS), str(tmp_path / "world1"), 4))  # in this process

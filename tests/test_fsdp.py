@@ -25,10 +25,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import free_port
+
 SCRIPT = Path(__file__).with_name("dist_fsdp_script.py")
 SUPERVISED = ("sft", "rm", "dpo")
 RL = ("ppo", "grpo", "rloo", "online-dpo")
-_PORTS = iter(range(29610, 29700))
 
 
 def launch(ckpts, root: Path, mode: str, stages, *, processes: int = 2, env: dict | None = None, expect_ok: bool = True) -> subprocess.CompletedProcess:
@@ -36,7 +37,7 @@ def launch(ckpts, root: Path, mode: str, stages, *, processes: int = 2, env: dic
     ``processes`` CPU processes (or plain python for 1)."""
     args = [str(SCRIPT), *ckpts, str(root), mode, *stages]
     if processes > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", str(next(_PORTS)), *args]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", str(free_port()), *args]
     else:
         cmd = [sys.executable, *args]
     full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]), str(Path(__file__).parent)]), **(env or {}))

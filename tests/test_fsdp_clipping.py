@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import torch
+from conftest import free_port
 
 SCRIPT = Path(__file__).with_name("dist_clip_script.py")
 MAX_NORM = 1e-3
@@ -17,7 +18,7 @@ MAX_NORM = 1e-3
 def _run(out: Path, processes: int) -> dict:
     args = [str(SCRIPT), str(out), str(MAX_NORM)]
     if processes > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", "29731", *args]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", str(free_port()), *args]
     else:
         cmd = [sys.executable, *args]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]), str(Path(__file__).parent)]))

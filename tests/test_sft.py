@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import EOS, POSTS
+from conftest import EOS, POSTS, free_port
 
 from tldr_rlhf.config import ModelArgs, OptimArgs, RunArgs, SFTConfig, TldrDataArgs
 from tldr_rlhf.data.batching import collate_query_response
@@ -124,7 +124,7 @@ def test_two_process_data_parallel_matches_one_process(tiny_model_dir, tmp_path)
     runs = {}
     for world in (1, 2):
         out = tmp_path / f"world{world}"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port", str(29500 + world), str(script), str(tiny_model_dir), str(POSTS), str(out), str(4 // world)]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port", str(free_port()), str(script), str(tiny_model_dir), str(POSTS), str(out), str(4 // world)]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs[world] = out

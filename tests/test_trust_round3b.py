@@ -219,3 +219,43 @@ def test_ctrl_c_after_an_overwrite_was_restored_says_so(finished_run, tiny_model
         f"tldr-rlhf: interrupted; {run} holds the previous run again (the --run.overwrite run stopped before its first checkpoint): "
         "rerun the same command to start the new run afresh"
     )
+
+
+def test_a_full_disk_inside_torch_save_is_one_line_and_the_run_resumes(tiny_model_dir, tmp_path, monkeypatch, capsys, caplog):
+    """torch's zip writer meets a full disk while writing step 2's state.pt (of 3 steps): it raises a RuntimeError with
+    no errno (the message below is what torch 2.13 raised on a full 64 KiB tmpfs). The CLI ends with one
+    line, the [Errno 28] and where to resume; step 1 stays the newest checkpoint and a rerun finishes."""
+    from tldr_rlhf.train import checkpointing
+
+    out = tmp_path / "torch-full"
+    real_save, real_usage = torch.save, shutil.disk_usage
+
+    def full_disk(obj, path, *a, **k):
+        if Path(path).parent.name == ".tmp-step-2":
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+        return real_save(obj, path, *a, **k)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    monkeypatch.setattr(checkpointing.shutil, "disk_usage", lambda p: real_usage(p)._replace(free=4096))
+    assert cli.main(_argv(tiny_model_dir, out, "--run.max-steps", "3")) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        f"tldr-rlhf: error: [Errno 28] No space left on device: '{out / 'checkpoints' / '.tmp-step-2' / 'state.pt'}'; newest checkpoint "
+        f"{out / 'checkpoints' / 'step-1'}: rerun the same command to resume from step 1 (--debug shows the traceback)"
+    )
+    monkeypatch.setattr(torch, "save", real_save)
+    with caplog.at_level(logging.INFO):
+        assert cli.main(_argv(tiny_model_dir, out, "--run.max-steps", "3")) == 0
+    assert f"resumed from {out / 'checkpoints' / 'step-1'}" in caplog.text and json.loads((out / "final" / COMPLETE).read_text())["step"] == 3
+
+
+def test_a_torch_write_failure_with_room_left_is_an_io_error_naming_the_file(tmp_path, monkeypatch):
+    from tldr_rlhf.train.checkpointing import write_torch
+
+    monkeypatch.setattr(torch, "save", lambda obj, path: (_ for _ in ()).throw(RuntimeError("[enforce fail at inline_container.cc:588] . PytorchStreamWriter failed writing file data/0")))
+    with pytest.raises(OSError, match=r"\[Errno 5\] torch.save failed \(\[enforce fail at inline_container.cc:588\] . PytorchStreamWriter failed writing file data/0\): '.*x.pt'"):
+        write_torch({"a": 1.7}, tmp_path / "x.pt")
+    monkeypatch.setattr(torch, "save", lambda obj, path: (_ for _ in ()).throw(RuntimeError("some other bug")))
+    with pytest.raises(RuntimeError, match="some other bug"):  # not torch's writer: a bug, its traceback shown
+        write_torch({"a": 1.7}, tmp_path / "x.pt")

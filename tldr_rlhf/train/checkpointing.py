@@ -7,6 +7,7 @@ This module knows nothing about the run folder's other files (``run_dir.RunDir``
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -36,6 +37,27 @@ log = logging.getLogger(__name__)
 #   ``model_from_weights`` and read back from the folder's safetensors, so weights are not stored twice.
 # state.pt holds only tensors, numbers, strings, lists, tuples and dicts and is read with
 # ``torch.load(weights_only=True)``: a pickle that names any other Python object is refused unread.
+
+# torch's zip writer (inline_container.cc) reports a failed write, a full disk among them, as a
+# RuntimeError without an errno: "[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"
+# is what torch 2.13 raised on a full 64 KiB tmpfs.
+_TORCH_WRITER = "inline_container"
+_FULL_BELOW = 1 << 20  # bytes free under which a failed write is taken for a full disk
+
+
+def write_torch(obj: Any, path: Path) -> None:
+    """``torch.save(obj, path)``, with torch's own write failure (``_TORCH_WRITER``) raised as the OSError
+    it is: ENOSPC ("No space left on device") when under 1 MiB is free on ``path``'s disk, else EIO with
+    torch's message; either way the CLI ends with one line and where to resume. Other errors propagate."""
+    try:
+        torch.save(obj, path)
+    except RuntimeError as e:
+        if _TORCH_WRITER not in str(e):
+            raise
+        if shutil.disk_usage(path.parent).free < _FULL_BELOW:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from e
+        raise OSError(errno.EIO, f"torch.save failed ({str(e).strip()})", str(path)) from e
+
 
 STATE_FORMAT = 2  # 1 (no "format" key): everything pickled in state.pt, numpy RNG state included
 
@@ -148,7 +170,7 @@ def save_checkpoint(
             save_weights(tmp)
         save_sharded(tmp / SHARDED, model, optimizer)
     if not run.is_main:
-        torch.save(rng_state(), tmp / f"rng-{rank()}.pt")  # its own RNG state: the processes sample different rollouts
+        write_torch(rng_state(), tmp / f"rng-{rank()}.pt")  # its own RNG state: the processes sample different rollouts
         barrier()  # process 0 renames the folder once every process has written its part
         return None
     if sharded:  # weights and optimizer states are in sharded/
@@ -163,7 +185,7 @@ def save_checkpoint(
             "model_from_weights": in_weights,
             "optimizer": optimizer.state_dict(),
         }
-    torch.save({"format": STATE_FORMAT, "step": step, **state, "scheduler": scheduler.state_dict(), "rng": rng_state(), "extra": extra or {}}, tmp / STATE)
+    write_torch({"format": STATE_FORMAT, "step": step, **state, "scheduler": scheduler.state_dict(), "rng": rng_state(), "extra": extra or {}}, tmp / STATE)
     if several:
         barrier()
     shutil.rmtree(final, ignore_errors=True)

@@ -48,6 +48,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -87,6 +88,7 @@ from .loop import (
 )
 from ..scoring import score_preference_pairs
 from ..stages import DPO_EVAL_FILE
+from .checkpointing import write_torch
 from .lifecycle import finish_run, start_run
 from .run_dir import RunDir
 
@@ -238,7 +240,9 @@ def cached_reference_logprobs(run: RunDir, cfg: DPOConfig, model, train_ex, used
     train_ref[used] = reference_logprobs(model, [train_ex[i] for i in used], desc="reference log-probs (train)", **kw)
     valid_ref = reference_logprobs(model, valid_ex, desc="reference log-probs (held-out)", **kw)
     if run.is_main:
-        torch.save({"key": key, "train": train_ref, "valid": valid_ref}, path)
+        tmp = path.with_name(path.name + ".tmp")  # renamed into place: a torn write never looks like a cache
+        write_torch({"key": key, "train": train_ref, "valid": valid_ref}, tmp)
+        os.replace(tmp, path)
     return train_ref, valid_ref
 
 
