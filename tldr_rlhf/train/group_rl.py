@@ -7,7 +7,8 @@ prompt (group size), P query tokens, T response tokens; b sequences of a micro-b
 Each rollout:
 
 1. ``sample``: G responses per prompt and their scores, policy and reference log-probs (B, T);
-2. ``advantages``: one per sequence (B,) or one per response token (B, T), as the stage's loss reads them;
+2. ``advantages``: one per response token (B, T), 0 on padding, from every algorithm (a sequence-level
+   estimator's broadcast over the response: ``advantages.broadcast_over_response``);
 3. ``update_per_rollout`` passes over the rollout in shuffled minibatches of ``mini_batch_size``
    sequences, each one optimizer step (gradient clipping, the cosine-with-warmup schedule stepped per
    optimizer step) over micro-batches whose ``loss`` is normalized by the minibatch's real tokens and
@@ -68,9 +69,9 @@ class GroupConfig(Protocol):
 SampleFn = Callable[..., tuple[Rollout, dict[str, float]]]
 """``sample(policy, ref, score_fn, queries, cfg, *, eos, pad, generator, engine, seed) -> (rollout of B = len(queries) x G rows, metrics)``."""
 AdvantageFn = Callable[[Rollout, GroupConfig], tuple[torch.Tensor, dict[str, float]]]
-"""``advantages(rollout, cfg) -> ((B,) one advantage per sequence or (B, T) one per response token, metrics)``."""
+"""``advantages(rollout, cfg) -> ((B, T) one advantage per response token, 0 on padding, metrics)``."""
 LossFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
-"""``loss(new_logprobs (b, T), micro_batch, advantages (b,) or (b, T), cfg, *, num_tokens, num_sequences) -> (loss, metrics)``
+"""``loss(new_logprobs (b, T), micro_batch, advantages (b, T), cfg, *, num_tokens, num_sequences) -> (loss, metrics)``
 of one micro-batch, normalized by the minibatch's ``num_tokens`` real tokens and ``num_sequences``
 sequences."""
 
@@ -194,6 +195,15 @@ def score_groups(score_fn, batch: QueryResponseBatch, group_size: int, *, batch_
     return out
 
 
+def sequence_abs_mean(adv: torch.Tensor, mask: torch.Tensor) -> float:
+    """Mean over sequences of each sequence's mean |A_t| over its real tokens: (B, T) advantages and
+    bool mask -> a float. Each row's mean is taken in float64, so a sequence-level advantage broadcast
+    over its response (GRPO, RLOO) counts exactly as its one value |A_b|, whatever its length."""
+    m = mask.double()
+    per_seq = (adv.double().abs() * m).sum(-1) / m.sum(-1).clamp(min=1.0)
+    return per_seq.to(adv.dtype).mean().item()
+
+
 def minibatch_step(model, r: Rollout, adv: torch.Tensor, rows: list[int], cfg: GroupConfig, accelerator, *, loss_fn: LossFn, prefix: str, token_metrics: bool = False) -> dict[str, float]:
     """Step 3 on one minibatch (``rows`` of the local rollout): forward/backward in micro-batches, the
     loss normalized by the minibatch's real tokens and sequences (exact gradient accumulation); does
@@ -210,7 +220,7 @@ def minibatch_step(model, r: Rollout, adv: torch.Tensor, rows: list[int], cfg: G
     sums: dict[str, float] = defaultdict(float)
     for idx, sync in accumulation_micro_batches(rows, cfg.micro_batch_size, accelerator, model):
         mb = r.select(idx).to(device)
-        a = adv[idx].to(device)  # (b,) or (b, T)
+        a = adv[idx].to(device)  # (b, T)
         with sync, accelerator.autocast():
             # each distinct query of the micro-batch once (a whole group or part of one), unless shared_prompt is off
             logits = grouped_response_logits(model, mb.batch, shared_prompt=cfg.shared_prompt)
@@ -255,8 +265,10 @@ def train(cfg: GroupConfig, name: str, *, advantages: AdvantageFn, loss: LossFn,
         with accelerator.autocast():
             r, extra = sample(accelerator.unwrap_model(model), rl.ref, score_fn, [p.query_ids for p in prompts], cfg, eos=eos, pad=pad, generator=rs_gen, engine=engine, seed=cfg.run.seed * 1_000_033 + update)
         t_rollout = time.perf_counter() - t0
-        # 2. the advantages: (B,) per sequence or (B, T) per token
+        # 2. the advantages, (B, T) per token
         adv, adv_metrics = advantages(r, cfg)
+        if adv.shape != r.mask.shape:
+            raise ValueError(f"{name}'s advantages must be per token, shape {tuple(r.mask.shape)}, got {tuple(adv.shape)}")
         # 3. passes over the rollout, one optimizer step per minibatch
         stats = update_passes(
             model, optimizer, accelerator, lambda rows: minibatch_step(model, r, adv, rows, cfg, accelerator, loss_fn=loss, prefix=name, token_metrics=token_metrics),
@@ -269,7 +281,7 @@ def train(cfg: GroupConfig, name: str, *, advantages: AdvantageFn, loss: LossFn,
         stats.update(rollout_stats(r))
         stats.update(adv_metrics)
         stats.update(extra)
-        stats.update({"objective/kl": kl.mean().item(), f"{name}/advantage_abs_mean": adv.abs().mean().item()})
+        stats.update({"objective/kl": kl.mean().item(), f"{name}/advantage_abs_mean": sequence_abs_mean(adv, r.mask)})
         log_update(rl, update + 1, r, prompts, stats, lr=scheduler.get_last_lr()[0], t0=t0, t_rollout=t_rollout)
         checkpoint_update_if_due(rl, update + 1, model, optimizer, scheduler)
     engine.close()
