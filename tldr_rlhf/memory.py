@@ -228,8 +228,8 @@ def _trained(est: StageEstimate, shape: ModelShape, prec: Precision, *, world: i
 
 def pair_tokens(cfg, pairs: int, query: int, response: int) -> int:
     """Tokens in one forward of ``pairs`` preference pairs: the query once and both responses when the
-    pair shares its prompt (``cfg.shared_prompt``, on unless a config says otherwise), else two full rows."""
-    return pairs * query + 2 * pairs * response if getattr(cfg, "shared_prompt", True) else 2 * pairs * (query + response)
+    pair shares its prompt (``cfg.shared_prompt`` of the reward-model or DPO config), else two full rows."""
+    return pairs * query + 2 * pairs * response if cfg.shared_prompt else 2 * pairs * (query + response)
 
 
 def estimate_stage(stage: str, cfg: Any, *, device: Literal["cuda", "cpu"] = "cuda", world: int = 1, shapes: dict[str, ModelShape] | None = None, lengths: tuple[int, int] | None = None) -> StageEstimate:
@@ -257,9 +257,9 @@ def estimate_stage(stage: str, cfg: Any, *, device: Literal["cuda", "cpu"] = "cu
         model = cfg.model
         shape = shape_of(model.path, "--model.path")
         prec = precision(device, model.dtype, cfg.optim.optim_8bit)
-        top = getattr(cfg, "train_layers", 0)
-        ckpt = getattr(model, "gradient_checkpointing", False)
-        _trained(est, shape, prec, world=world, lora_r=model.lora_r, top_layers=top, load_in_4bit=getattr(model, "load_in_4bit", False), shard=cfg.run.fsdp)
+        top = cfg.train_layers if kind == "pairs" else 0  # the reward model's --train-layers; SFT trains every block
+        ckpt = model.gradient_checkpointing
+        _trained(est, shape, prec, world=world, lora_r=model.lora_r, top_layers=top, load_in_4bit=model.load_in_4bit, shard=cfg.run.fsdp)
         if kind == "sequences":
             response = response_cap(data.max_response_length)
             tokens = cfg.micro_batch_size * (query + response)
@@ -275,9 +275,9 @@ def estimate_stage(stage: str, cfg: Any, *, device: Literal["cuda", "cpu"] = "cu
     policy_path = cfg.sft_path
     shape = shape_of(policy_path, "--sft-path")
     prec = precision(device, cfg.dtype, cfg.optim.optim_8bit)
-    lora_r = getattr(cfg, "lora_r", 0)
-    ckpt = getattr(cfg, "gradient_checkpointing", False)
-    _trained(est, shape, prec, world=world, lora_r=lora_r, load_in_4bit=getattr(cfg, "load_in_4bit", False), shard=cfg.run.fsdp)
+    lora_r = cfg.lora_r
+    ckpt = cfg.gradient_checkpointing
+    _trained(est, shape, prec, world=world, lora_r=lora_r, load_in_4bit=cfg.load_in_4bit, shard=cfg.run.fsdp)
     if kind == "preference":
         response = response_cap(data.max_response_length)
         pairs = cfg.micro_batch_size
@@ -304,13 +304,13 @@ def estimate_stage(stage: str, cfg: Any, *, device: Literal["cuda", "cpu"] = "cu
         est.activations = activation_bytes(shape, rows * seq, prec.compute, checkpointing=ckpt) + activation_bytes(value, rows * seq, prec.compute, checkpointing=ckpt)
         gen_rows = cfg.local_batch_size(world)
     else:
-        rows, group = cfg.micro_batch_size, getattr(cfg, "group_size", 2)  # online DPO: a pair per prompt
+        rows, group = cfg.micro_batch_size, cfg.group_size  # online DPO: a pair per prompt
         # with the shared prompt a micro-batch holds whole groups (or part of one): each query runs once
-        shared = getattr(cfg, "shared_prompt", False) and not ckpt and world == 1
+        shared = cfg.shared_prompt and not ckpt and world == 1
         tokens = -(-rows // group) * query + rows * response if shared else rows * seq
         est.activations = activation_bytes(shape, tokens, prec.compute, checkpointing=ckpt)
         gen_rows = cfg.local_prompts(world) * group
-    gen_rows = min(gen_rows, getattr(cfg, "forward_batch_size", gen_rows) or gen_rows)
+    gen_rows = min(gen_rows, cfg.forward_batch_size or gen_rows)
     est.kv_cache = 2 * shape.layers * shape.kv_dim * seq * gen_rows * prec.compute
     # the rollout's scoring passes (old-policy and reference log-probs) hold a forward batch's response
     # logits and their log-softmax in float32; they come before the update, so the larger of the two counts

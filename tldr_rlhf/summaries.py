@@ -78,7 +78,7 @@ def eval_engine(model, queries: list[list[int]], cfg: EvaluateConfig):
     """The engine that writes the summaries (``--rollout-engine``): None for hf (``generation.generate``
     on ``model``), else a vLLM engine on a copy of ``model``'s weights, its context the longest query
     plus ``cfg.response_length``, seeded with ``cfg.seed``. Close it when done."""
-    if getattr(cfg, "rollout_engine", "hf") == "hf":
+    if cfg.rollout_engine == "hf":
         return None
     dtype = cfg.vllm_dtype if cfg.vllm_dtype != "auto" else ("bfloat16" if torch.cuda.is_available() else "float32")
     return make_engine(

@@ -40,22 +40,29 @@ log = logging.getLogger(__name__)
 
 
 
-class GroupConfig(Protocol):
-    """The fields of a stage config that this loop reads, declared (``config.GRPOConfig`` and
-    ``config.RLOOConfig`` have every one): a new group algorithm's config is checked against this list,
-    not against defaults hidden in ``getattr`` calls."""
+class GroupRolloutConfig(Protocol):
+    """The fields of a stage config that the group rollout (step 1: ``group_rollout`` and its
+    shared-prompt path) reads, declared: the group stages' configs have every one, and online DPO's
+    (``config.OnlineDPOConfig``: G = 2, ``shared_prompt`` always off) samples its pairs with it."""
 
     group_size: int
     temperature: float
     response_length: int
     forward_batch_size: int
+    no_eos_penalty: float | None
+    shared_prompt: bool
+    tis_cap: float
+
+
+class GroupConfig(GroupRolloutConfig, Protocol):
+    """The fields of a stage config that this loop reads, declared (``config.GRPOConfig``,
+    ``RLOOConfig`` and ``ReinforcePPConfig`` have every one): a new group algorithm's config is
+    checked against this list, not against defaults hidden in ``getattr`` calls."""
+
     micro_batch_size: int
     rollout_prompts: int
     update_per_rollout: int
-    no_eos_penalty: float | None
-    shared_prompt: bool
     rollout_engine: Literal["hf", "vllm"]
-    tis_cap: float
     tis_level: Literal["token", "sequence"]
     optim: OptimArgs
     run: RunArgs
@@ -76,7 +83,7 @@ of one micro-batch, normalized by the minibatch's ``num_tokens`` real tokens and
 sequences."""
 
 
-def group_rollout(policy, ref, score_fn, queries: list[list[int]], cfg: GroupConfig, *, eos: int, pad: int, generator: torch.Generator | None = None, engine=None, seed: int | None = None) -> tuple[Rollout, dict[str, float]]:
+def group_rollout(policy, ref, score_fn, queries: list[list[int]], cfg: GroupRolloutConfig, *, eos: int, pad: int, generator: torch.Generator | None = None, engine=None, seed: int | None = None) -> tuple[Rollout, dict[str, float]]:
     """Step 1 without extras: G responses for each query, rows ``[q0] * G + [q1] * G + ...`` (group
     b = rows bG .. bG + G - 1), sampled at ``cfg.temperature``. With ``cfg.shared_prompt`` each
     prompt is computed once per group in every pass (``shared_group_rollout``) and the metrics
@@ -84,8 +91,7 @@ def group_rollout(policy, ref, score_fn, queries: list[list[int]], cfg: GroupCon
     ``rollout.rollout`` over the repeated queries and no extra metrics. ``generator`` is unused. A
     rollout ``engine`` other than hf (``rollout_engine``) samples instead of the policy, with requests
     seeded from ``seed``, always on the shared path; the hf engine draws from the global RNG."""
-    # online DPO samples its pairs here and has no shared_prompt field
-    if getattr(cfg, "shared_prompt", False) or samples_elsewhere(engine):
+    if cfg.shared_prompt or samples_elsewhere(engine):
         return shared_group_rollout(policy, ref, score_fn, queries, cfg, eos=eos, pad=pad, engine=engine, seed=seed)
     grouped = [q for q in queries for _ in range(cfg.group_size)]
     common = dict(eos_token_id=eos, pad_token_id=pad, response_length=cfg.response_length, batch_size=cfg.forward_batch_size)
@@ -97,7 +103,7 @@ def samples_elsewhere(engine) -> bool:
     return engine is not None and engine.name != "hf"
 
 
-def shared_group_rollout(policy, ref, score_fn, queries: list[list[int]], cfg: GroupConfig, *, eos: int, pad: int, engine=None, seed: int | None = None) -> tuple[Rollout, dict[str, float]]:
+def shared_group_rollout(policy, ref, score_fn, queries: list[list[int]], cfg: GroupRolloutConfig, *, eos: int, pad: int, engine=None, seed: int | None = None) -> tuple[Rollout, dict[str, float]]:
     """``group_rollout`` with each prompt computed once per group: sampling
     (``generation.generate_groups``: one prefill per prompt, its cache expanded to the G rows), the
     reward model (``score_groups``) and the policy and reference log-probs (``group_logprobs``).
@@ -131,7 +137,7 @@ def sample_groups_shared(policy, queries: list[list[int]], group_size: int, *, e
     return batch, has_eos, (padded_logprobs(logps, batch.responses.shape[1]) if samples_elsewhere(engine) else None)
 
 
-def finish_group_rollout(policy, ref, batch: QueryResponseBatch, raw_scores: torch.Tensor, has_eos: torch.Tensor, cfg: GroupConfig) -> Rollout:
+def finish_group_rollout(policy, ref, batch: QueryResponseBatch, raw_scores: torch.Tensor, has_eos: torch.Tensor, cfg: GroupRolloutConfig) -> Rollout:
     """``rollout.finish_rollout`` for group-contiguous rows with each prompt once per group
     (``group_logprobs``): policy log-probs and entropy, reference log-probs at ``cfg.temperature``,
     scores with the no-EOS penalty (N+ detail 23)."""
@@ -251,7 +257,7 @@ def train(cfg: GroupConfig, name: str, *, advantages: AdvantageFn, loss: LossFn,
     if cfg.group_size < 2:
         raise ValueError(f"group_size must be >= 2 (a group baseline needs two responses), got {cfg.group_size}")
     plan = f"{num_updates} rollouts of {cfg.rollout_prompts} prompts x {cfg.group_size}"
-    rl = open_rl_run(cfg, name, accelerator, batch=cfg.rollout_prompts, group=cfg.group_size, num_updates=num_updates, plan=plan)
+    rl = open_rl_run(cfg, name, accelerator, batch=cfg.rollout_prompts, group=cfg.group_size, passes=cfg.update_per_rollout, num_updates=num_updates, plan=plan)
     start, model, optimizer, scheduler, score_fn = start_policy_updates(rl, world, unit="rollout")
     eos, pad = rl.tokenizer.eos_token_id, rl.tokenizer.pad_token_id
     # the sampler: the policy itself (hf) or a vLLM engine holding a copy of its (resumed) weights
