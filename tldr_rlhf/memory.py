@@ -42,9 +42,9 @@ GIB = 2**30
 
 
 @dataclass(frozen=True)
-class ModelShape:
+class MemoryShape:
     """What memory depends on in a decoder-only model. ``params`` counts every weight once (tied
-    embeddings once)."""
+    embeddings once). Not ``flops.ModelShape``, what the FLOP count needs of a loaded model."""
 
     params: int
     vocab: int
@@ -71,8 +71,8 @@ def params_from_config(vocab: int, hidden: int, layers: int, intermediate: int, 
     return vocab * hidden * (1 if tied else 2) + layers * per_layer + hidden
 
 
-def shape_from_config(cfg: dict[str, Any]) -> ModelShape:
-    """A ModelShape from a Hugging Face config.json dict (a reward model's ``text_config`` inside)."""
+def shape_from_config(cfg: dict[str, Any]) -> MemoryShape:
+    """A MemoryShape from a Hugging Face config.json dict (a reward model's ``text_config`` inside)."""
     cfg = cfg.get("text_config") or cfg
     try:
         h, heads = cfg["hidden_size"], cfg["num_attention_heads"]
@@ -82,10 +82,10 @@ def shape_from_config(cfg: dict[str, Any]) -> ModelShape:
         args = (cfg["vocab_size"], h, cfg["num_hidden_layers"], cfg["intermediate_size"], heads, kv, hd)
     except KeyError as e:
         raise ConfigError(f"config has no {e.args[0]}: not a decoder-only transformer this plan knows") from None
-    return ModelShape(params_from_config(*args, tied=tied, qkv_bias=cfg.get("model_type") == "qwen2"), *args, tied=tied)
+    return MemoryShape(params_from_config(*args, tied=tied, qkv_bias=cfg.get("model_type") == "qwen2"), *args, tied=tied)
 
 
-def _shape_from_gguf(path: Path) -> ModelShape:
+def _shape_from_gguf(path: Path) -> MemoryShape:
     from gguf import GGUFReader
 
     r = GGUFReader(str(path))
@@ -101,7 +101,7 @@ def _shape_from_gguf(path: Path) -> ModelShape:
     layers = len({m.group(1) for n in names if (m := re.match(r"blk\.(\d+)\.", n))})
     vocab = field(f"{arch}.vocab_size") or len(r.fields["tokenizer.ggml.tokens"].data)
     params = int(sum(int(t.n_elements) for t in r.tensors))
-    return ModelShape(params, int(vocab), int(h), layers, int(field(f"{arch}.feed_forward_length")), int(heads), int(kv), int(h) // int(heads), tied="output.weight" not in names)
+    return MemoryShape(params, int(vocab), int(h), layers, int(field(f"{arch}.feed_forward_length")), int(heads), int(kv), int(h) // int(heads), tied="output.weight" not in names)
 
 
 # The reference setup's hub models, from their published config.json (used when the hub cannot be asked).
@@ -116,7 +116,7 @@ for _name in ("Qwen/Qwen2.5-0.5B-Instruct", "Qwen/Qwen2.5-1.5B-Instruct"):
     KNOWN_CONFIGS[_name] = KNOWN_CONFIGS[_name.removesuffix("-Instruct")]
 
 
-def model_shape(path: str, flag: str = "--model.path") -> ModelShape:
+def model_shape(path: str, flag: str = "--model.path") -> MemoryShape:
     """The shape of the model at ``path``: a folder's config.json, a .gguf file's metadata, a hub id's
     cached config.json, else ``KNOWN_CONFIGS``. Raises ConfigError naming ``flag`` when none is readable."""
     p = Path(path).expanduser()
@@ -183,7 +183,7 @@ class StageEstimate:
 OVERHEAD = {"cuda": 1.0 * GIB, "cpu": 0.6 * GIB}  # CUDA context + allocator slack; CPU: python, torch, transformers, tokenizer
 
 
-def activation_bytes(shape: ModelShape, tokens: int, bytes_per: int, *, checkpointing: bool = False) -> float:
+def activation_bytes(shape: MemoryShape, tokens: int, bytes_per: int, *, checkpointing: bool = False) -> float:
     """Activations one micro-batch of ``tokens`` tokens keeps for its backward: per token and layer
     ``10 H + 4 I + 4 kv_dim`` elements; with activation checkpointing only each layer's input (H) is
     kept, plus one layer's activations while it is recomputed."""
@@ -193,19 +193,19 @@ def activation_bytes(shape: ModelShape, tokens: int, bytes_per: int, *, checkpoi
     return tokens * bytes_per * shape.layers * per_layer
 
 
-def lora_params(shape: ModelShape, r: int) -> int:
+def lora_params(shape: MemoryShape, r: int) -> int:
     """Adapter parameters of rank ``r`` on every linear layer of the decoder (q, k, v, o, gate, up, down)."""
     q = shape.heads * shape.head_dim
     dims = [(shape.hidden, q), (shape.hidden, shape.kv_dim), (shape.hidden, shape.kv_dim), (q, shape.hidden), (shape.hidden, shape.intermediate), (shape.hidden, shape.intermediate), (shape.intermediate, shape.hidden)]
     return shape.layers * r * sum(a + b for a, b in dims)
 
 
-def layer_params(shape: ModelShape) -> int:
+def layer_params(shape: MemoryShape) -> int:
     """Weights of one decoder block (biases left out)."""
     return (shape.params - shape.vocab * shape.hidden * (1 if shape.tied else 2) - shape.hidden) // shape.layers
 
 
-def _trained(est: StageEstimate, shape: ModelShape, prec: Precision, *, world: int, lora_r: int = 0, top_layers: int = 0, load_in_4bit: bool = False, shard: bool = False) -> None:
+def _trained(est: StageEstimate, shape: MemoryShape, prec: Precision, *, world: int, lora_r: int = 0, top_layers: int = 0, load_in_4bit: bool = False, shard: bool = False) -> None:
     """Add a trained model's weights, gradients and optimizer states (divided over ``world`` devices
     when ``shard``: FSDP, ``--run.fsdp``): every weight, the LoRA adapters, or the ``top_layers`` top
     blocks only. Sharded, a device also holds what FSDP gathers at a time: the root unit (embeddings
@@ -232,7 +232,7 @@ def pair_tokens(cfg, pairs: int, query: int, response: int) -> int:
     return pairs * query + 2 * pairs * response if cfg.shared_prompt else 2 * pairs * (query + response)
 
 
-def estimate_stage(stage: str, cfg: Any, *, device: Literal["cuda", "cpu"] = "cuda", world: int = 1, shapes: dict[str, ModelShape] | None = None, lengths: tuple[int, int] | None = None) -> StageEstimate:
+def estimate_stage(stage: str, cfg: Any, *, device: Literal["cuda", "cpu"] = "cuda", world: int = 1, shapes: dict[str, MemoryShape] | None = None, lengths: tuple[int, int] | None = None) -> StageEstimate:
     """Peak bytes per device of training stage ``stage`` (a ``train`` row of ``stages.STAGES``; its
     ``plan_kind`` says which parts it has) with config
     ``cfg`` on ``world`` devices of kind ``device``. ``shapes`` maps a model path to its shape (read with
@@ -241,7 +241,7 @@ def estimate_stage(stage: str, cfg: Any, *, device: Literal["cuda", "cpu"] = "cu
     known to be shorter."""
     shapes = shapes if shapes is not None else {}
 
-    def shape_of(path: str, flag: str) -> ModelShape:
+    def shape_of(path: str, flag: str) -> MemoryShape:
         if path not in shapes:
             shapes[path] = model_shape(path, flag)
         return shapes[path]
@@ -325,7 +325,7 @@ def estimate_stage(stage: str, cfg: Any, *, device: Literal["cuda", "cpu"] = "cu
 # The cheapest change that fits
 
 
-def suggestion(stage: str, cfg: Any, est: StageEstimate, *, budget: float, device: str, world: int, shapes: dict[str, ModelShape]) -> str:
+def suggestion(stage: str, cfg: Any, est: StageEstimate, *, budget: float, device: str, world: int, shapes: dict[str, MemoryShape]) -> str:
     """The cheapest change (in this order) that brings the stage under ``budget``: a smaller
     micro-batch, activation checkpointing, FSDP on several devices (``--run.fsdp``: the same numbers,
     more communication), 8-bit AdamW, LoRA r=16 (each on top of the ones before); "" when it fits, a
