@@ -127,9 +127,9 @@ def model_shape(path: str, flag: str = "--model.path") -> MemoryShape:
     if p.exists():
         raise ConfigError(f"{flag} {path}: no config.json to read the model's shape from")
     # lazy: `tldr-rlhf plan --help` parses PlanArgs without torch and transformers
-    from .checkpoints import _hub_config
+    from .checkpoints import hub_config
 
-    cfg = _hub_config(path) or KNOWN_CONFIGS.get(path)
+    cfg = hub_config(path) or KNOWN_CONFIGS.get(path)
     if cfg is None:
         raise ConfigError(f"{flag} {path}: cannot read its config.json (not a local folder or .gguf, not cached, no network); give a local path")
     return shape_from_config(cfg)

@@ -22,7 +22,8 @@ from torch import nn
 
 from .data.batching import QueryResponseBatch, collate_query_response
 from .data.tldr import SFTExample
-from .reward_model import ScalarRewardModel, uses_sliding_window
+from .lm_head import uses_sliding_window
+from .reward_model import ScalarRewardModel
 from .scoring import sharded_scores
 
 # (query, reference summary) pairs to score once for normalization: the SFT example format.
