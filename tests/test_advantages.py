@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tldr_rlhf.advantages import (
+    broadcast_over_response,
     explained_variance,
     gae,
     group_advantages,
@@ -14,6 +15,7 @@ from tldr_rlhf.advantages import (
     kl_shaped_rewards,
     rloo_advantages,
     rloo_baselines,
+    sequence_advantages,
     sequence_rlhf_rewards,
     statistical_rejection_sampling,
     tied_groups,
@@ -209,6 +211,27 @@ def test_rloo_tied_group_advantage_is_exactly_zero(value, g):
         assert torch.equal(rloo_advantages(r)[0], torch.zeros(g, dtype=dtype))
         # untied: baselines 0 for the first, (g - 1) / (g - 1) = 1 for the others
         assert rloo_baselines(r)[1].tolist() == [0.0] + [1.0] * (g - 1)
+
+
+def test_sequence_advantages_broadcast_over_the_response_and_back():
+    # one value per sequence on its real tokens (lengths 3, 1, 2 of T = 4), exactly 0 on padding
+    mask = _mask([3, 1, 2], 4)
+    seq = torch.tensor([1.7, -0.3, 0.9])
+    adv = broadcast_over_response(seq, mask)
+    assert adv.shape == (3, 4) and adv.dtype == torch.float32
+    expected = torch.tensor([[1.7, 1.7, 1.7, 0.0], [-0.3, 0.0, 0.0, 0.0], [0.9, 0.9, 0.0, 0.0]])
+    assert torch.equal(adv, expected)
+    assert not torch.signbit(adv[1, 1:]).any()  # +0, not -0.3 * 0 = -0.0, after a negative advantage
+    assert torch.equal(sequence_advantages(adv, mask), seq)
+    with pytest.raises(ValueError, match="shape"):
+        broadcast_over_response(seq[:2], mask)
+    # a per-token estimator's advantages have no one value per sequence
+    with pytest.raises(ValueError, match="differ"):
+        sequence_advantages(adv * torch.linspace(1.3, 0.2, 4), mask)
+    # padding may hold anything: only the real tokens are read
+    assert torch.equal(sequence_advantages(adv + 5.0 * ~mask, mask), seq)
+    with pytest.raises(ValueError, match="no real response token"):
+        sequence_advantages(torch.zeros(1, 2), torch.zeros(1, 2, dtype=torch.bool))
 
 
 def test_rloo_kl_in_the_reward():

@@ -25,8 +25,8 @@ from tldr_rlhf.train.dpo import (
     implicit_reward_metrics,
     pair_logprobs,
     reference_logprobs,
-    score_pairs,
 )
+from tldr_rlhf.scoring import score_preference_pairs
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -123,7 +123,7 @@ def test_response_logprobs_unchanged_by_extra_left_padding():
 def test_score_pairs_restores_order_and_matches_pair_logprobs():
     model = tiny_qwen()
     ex = examples()
-    scores = score_pairs(model, ex, pad_token_id=0, batch_size=2)  # length-sorted batches of 2
+    scores = score_preference_pairs(model, ex, pair_logprobs, pad_token_id=0, batch_size=2)  # length-sorted batches of 2
     direct = pair_logprobs(model, collate(ex, 0))
     assert torch.allclose(scores, torch.stack([direct[:3], direct[3:]], 1), atol=1e-5)
     assert model.training is False
@@ -154,11 +154,11 @@ def test_nplus_26_implicit_reward_accuracy_of_the_reference_itself_is_zero_all_t
 def test_lora_reference_is_the_base_with_adapters_disabled():
     model = apply_lora(tiny_qwen(), r=4, alpha=8)
     ex = examples()
-    base = score_pairs(model, ex, pad_token_id=0)
+    base = score_preference_pairs(model, ex, pair_logprobs, pad_token_id=0)
     for n, p in model.named_parameters():  # move the adapters away from their zero init
         if "lora_B" in n:
             p.data.normal_(0, 0.5)
-    moved = score_pairs(model, ex, pad_token_id=0)
+    moved = score_preference_pairs(model, ex, pair_logprobs, pad_token_id=0)
     assert not torch.allclose(moved, base, atol=1e-3)
     assert torch.allclose(reference_logprobs(model, ex, pad_token_id=0), base, atol=1e-6)
 
@@ -239,11 +239,11 @@ def test_cached_reference_logprobs_equal_freshly_computed(finished_run, sft_dir,
     cache = torch.load(out / dpo.REFERENCE_CACHE, weights_only=True)
     train_ex, valid_ex, _ = load_dpo_data(cfg.data, tok)
     sft = load_causal_lm(sft_dir, tokenizer=tok)
-    fresh_valid = score_pairs(sft, valid_ex, pad_token_id=tok.pad_token_id, batch_size=3, shared_prompt=False)
+    fresh_valid = score_preference_pairs(sft, valid_ex, pair_logprobs, pad_token_id=tok.pad_token_id, batch_size=3, shared_prompt=False)
     assert torch.allclose(cache["valid"], fresh_valid, atol=1e-4)
     used = (~cache["train"].isnan().any(1)).nonzero().squeeze(1).tolist()
     assert len(used) == 2 * 4  # 2 steps of 4 pairs; the pairs this run never sees are not scored
-    fresh_train = score_pairs(sft, [train_ex[i] for i in used], pad_token_id=tok.pad_token_id, batch_size=3, shared_prompt=False)
+    fresh_train = score_preference_pairs(sft, [train_ex[i] for i in used], pair_logprobs, pad_token_id=tok.pad_token_id, batch_size=3, shared_prompt=False)
     assert torch.allclose(cache["train"][used], fresh_train, atol=1e-4)
 
 
@@ -279,7 +279,7 @@ def test_reference_cache_is_recomputed_when_the_sft_weights_at_its_path_change(t
     new = load_causal_lm(str(sft), tokenizer=qwen_tokenizer)
     train1, valid1 = cached(new)
     assert calls == [2, 2, 2, 2]  # recomputed, with the new weights
-    torch.testing.assert_close(valid1, score_pairs(new, ex[1:], pad_token_id=EOS), atol=1e-5, rtol=0)
+    torch.testing.assert_close(valid1, score_preference_pairs(new, ex[1:], pair_logprobs, pad_token_id=EOS), atol=1e-5, rtol=0)
     assert (valid1 - valid0).abs().min() > 1e-3
     cached(new)
     assert calls == [2, 2, 2, 2]  # and the new cache is read back while they stay

@@ -177,7 +177,7 @@ def test_sft_run_logs_model_tflops_and_mfu_against_the_override(tiny_model_dir, 
 
 def test_rl_update_flops_of_each_stage_from_its_run(shape):
     """``rl_common.update_flops``: GRPO with shared prompt counts each group's query once and its
-    ``update_per_rollout`` passes; PPO counts its ``ppo_epochs`` and its value model."""
+    training passes; PPO (no groups, whatever a ``shared_prompt`` says) counts its passes and its value model."""
     from types import SimpleNamespace
 
     from tldr_rlhf.train.rl_common import update_flops
@@ -186,12 +186,17 @@ def test_rl_update_flops_of_each_stage_from_its_run(shape):
     batch = collate_query_response([[1, 2, 3, 4, 5]] * 2, [[6, 7, 2], [8, 2]], 2)
     r = SimpleNamespace(batch=batch)
     lm_shared = batch_forward_flops(shape, batch.attention_mask, batch.query_width, group_size=2)
-    grpo = SimpleNamespace(cfg=SimpleNamespace(shared_prompt=True, update_per_rollout=4), group=2, policy=model, reward_model=None, value=None)
+    grpo = SimpleNamespace(cfg=SimpleNamespace(shared_prompt=True), group=2, passes=4, policy=model, reward_model=None, value=None)
     assert update_flops(grpo, r) == 3 * lm_shared + 4 * 3 * lm_shared
     lm = batch_forward_flops(shape, batch.attention_mask, batch.query_width)
     values = batch_forward_flops(shape, batch.attention_mask, batch.query_width, head="values")
-    ppo = SimpleNamespace(cfg=SimpleNamespace(shared_prompt=True, ppo_epochs=2, update_per_rollout=7), group=1, policy=model, reward_model=None, value=model)
+    ppo = SimpleNamespace(cfg=SimpleNamespace(shared_prompt=True), group=1, passes=2, policy=model, reward_model=None, value=model)
     assert update_flops(ppo, r) == pytest.approx(3 * lm + 2 * 3 * lm + values + 2 * 3 * values)
+    # online DPO: pairs (group 2) of full rows, its config's shared_prompt always off
+    from tldr_rlhf.config.rl import OnlineDPOConfig
+
+    online = SimpleNamespace(cfg=OnlineDPOConfig(), group=2, passes=1, policy=model, reward_model=None, value=None)
+    assert update_flops(online, r) == 3 * lm + 3 * lm
 
 
 def test_reinforce_pp_update_flops_from_its_config(shape):
@@ -207,6 +212,6 @@ def test_reinforce_pp_update_flops_from_its_config(shape):
     batch = collate_query_response([[1, 2, 3, 4, 5]] * 2, [[6, 7, 2], [8, 2]], 2)
     cfg = ReinforcePPConfig(update_per_rollout=3)
     assert cfg.shared_prompt
-    rl = SimpleNamespace(cfg=cfg, group=2, policy=model, reward_model=None, value=None)
+    rl = SimpleNamespace(cfg=cfg, group=2, passes=cfg.update_per_rollout, policy=model, reward_model=None, value=None)
     lm_shared = batch_forward_flops(shape, batch.attention_mask, batch.query_width, group_size=2)
     assert update_flops(rl, SimpleNamespace(batch=batch)) == 3 * lm_shared + 3 * 3 * lm_shared

@@ -1,6 +1,7 @@
 """GRPO and RLOO stages end to end on tiny models built from a config (real tokenizer, real posts)."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -107,21 +108,60 @@ def test_tied_groups_get_zero_advantage_and_count_as_zero_std(value, g):
     # 3 groups of g: tied at a value float32 cannot represent, tied at 0, and [1, 0, ..., 0].
     # The tied groups give exactly 0 advantage and are 2 of 3 zero-std groups; before, 8 x 1.7 gave
     # +0.119 per member here (+0.106 alone, where its float32 std was 1.3e-7 and it was not counted).
-    from types import SimpleNamespace
-
     scores = torch.tensor([value] * g + [0.0] * g + [1.0] + [0.0] * (g - 1))
+    mask = torch.ones(3 * g, 2, dtype=torch.bool)
     for global_normalize in (False, True):
         cfg = GRPOConfig(group_size=g, global_normalize=global_normalize)
-        adv, m = grpo.sequence_advantages(SimpleNamespace(scores=scores), cfg)
+        adv, m = grpo.group_relative_advantages(SimpleNamespace(scores=scores, mask=mask), cfg)
         assert m["grpo/zero_std_groups"] == pytest.approx(2 / 3)
         if not global_normalize:
-            assert torch.equal(adv[: 2 * g], torch.zeros(2 * g))
+            assert torch.equal(adv[: 2 * g], torch.zeros(2 * g, 2))
     # group_score_std: only the third group's sqrt(1/g), averaged over 3 groups
     assert m["grpo/group_score_std"] == pytest.approx((1 / g) ** 0.5 / 3)
     # one tied group alone (float32 std of 8 x 1.7 is 1.3e-7 in this layout, 0 in the one above)
-    adv, m = grpo.sequence_advantages(SimpleNamespace(scores=torch.full((g,), value)), GRPOConfig(group_size=g))
-    assert torch.equal(adv, torch.zeros(g))
+    adv, m = grpo.group_relative_advantages(SimpleNamespace(scores=torch.full((g,), value), mask=mask[:g]), GRPOConfig(group_size=g))
+    assert torch.equal(adv, torch.zeros(g, 2))
     assert m["grpo/zero_std_groups"] == 1.0 and m["grpo/group_score_std"] == 0.0
+
+
+def _lengths_mask(lengths, t):
+    return torch.arange(t)[None, :] < torch.tensor(lengths)[:, None]
+
+
+def test_grpo_advantages_are_per_token_with_zeros_on_padding():
+    # one group of 2, scores [1.7, -0.3]: mean 0.7, unbiased std sqrt(2) (deviations +-1):
+    # A = +-1 / (sqrt(2) + 1e-6) = +-0.7071063; on every real token (lengths 3 and 1 of T = 4), 0 after
+    r = SimpleNamespace(scores=torch.tensor([1.7, -0.3]), mask=_lengths_mask([3, 1], 4))
+    adv, _ = grpo.group_relative_advantages(r, GRPOConfig(group_size=2))
+    a = 1 / (2**0.5 + 1e-6)
+    assert adv.shape == (2, 4) and adv.dtype == torch.float32
+    torch.testing.assert_close(adv, torch.tensor([[a, a, a, 0.0], [-a, 0.0, 0.0, 0.0]]), atol=1e-6, rtol=0)
+
+
+def test_rloo_advantages_are_per_token_with_zeros_on_padding():
+    # k = 2, scores [1.7, 0.45], k1 KL per token [0.1, 0.3 | pad 5.0] and [-0.2 | pads], kl_coef 0.5:
+    # R = [1.7 - 0.5 * 0.4, 0.45 + 0.5 * 0.2] = [1.5, 0.55]; leave-one-out baselines [0.55, 1.5]:
+    # A = [0.95, -0.95] on the real tokens (lengths 2 and 1 of T = 3), 0 on padding
+    lp = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, 0.0, 0.0]])
+    ref = lp - torch.tensor([[0.1, 0.3, 5.0], [-0.2, 5.0, 5.0]])
+    r = SimpleNamespace(scores=torch.tensor([1.7, 0.45]), logprobs=lp, ref_logprobs=ref, mask=_lengths_mask([2, 1], 3))
+    adv, m = rloo.leave_one_out_advantages(r, RLOOConfig(group_size=2, kl_coef=0.5))
+    assert adv.shape == (2, 3)
+    torch.testing.assert_close(adv, torch.tensor([[0.95, 0.95, 0.0], [-0.95, 0.0, 0.0]]), atol=1e-6, rtol=0)
+    assert m["objective/rlhf_reward"] == pytest.approx(1.025, abs=1e-6)
+
+
+def test_advantage_abs_mean_counts_each_sequence_once_whatever_its_length():
+    # a sequence-level advantage broadcast over responses of 1..7 tokens reports exactly mean_b |A_b|
+    # (the value logged when the loop carried (B,) advantages); per-token ones: the mean of row means
+    from tldr_rlhf.advantages import broadcast_over_response
+    from tldr_rlhf.train.group_rl import sequence_abs_mean
+
+    seq = torch.tensor([1.7, -0.3, 0.9, -1.2, 2.3456789, -0.1, 0.7])
+    mask = _lengths_mask([1, 2, 3, 4, 5, 6, 7], 7)
+    assert sequence_abs_mean(broadcast_over_response(seq, mask), mask) == seq.abs().mean().item()
+    adv = torch.tensor([[1.7, -0.3, 0.0], [0.9, 0.0, 0.0]])
+    assert sequence_abs_mean(adv, _lengths_mask([2, 1], 3)) == pytest.approx((1.0 + 0.9) / 2, abs=1e-7)
 
 
 def test_nplus_24_grpo_seed_preset_matches_the_table():

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tldr_rlhf.importance_sampling import mismatch_stats, padded_logprobs, sequence_is_weights, truncated_is_weights
+from tldr_rlhf.advantages import broadcast_over_response
 from tldr_rlhf.losses import grpo_loss, ppo_policy_loss, rloo_loss
 
 # two responses of 3 and 2 tokens (the last position of row 1 is padding)
@@ -74,7 +75,7 @@ def _losses(is_weights, seq_weights):
     g = torch.Generator().manual_seed(0)
     new = (TRAIN + 0.05 * torch.randn(2, 3, generator=g)).requires_grad_()
     adv = torch.tensor([1.7, -0.9])
-    grpo, _ = grpo_loss(new, TRAIN, TRAIN - 0.2, adv, MASK, is_weights=is_weights)
+    grpo, _ = grpo_loss(new, TRAIN, TRAIN - 0.2, broadcast_over_response(adv, MASK), MASK, is_weights=is_weights)
     ppo, _ = ppo_policy_loss(new, TRAIN, adv[:, None].expand(2, 3), MASK, is_weights=is_weights)
     rloo, _ = rloo_loss(new, TRAIN, adv, MASK, is_weights=seq_weights)
     return grpo, ppo, rloo

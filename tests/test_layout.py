@@ -9,7 +9,9 @@ except the stage table, so the whole file takes well under a second):
 - no literal outside the table files (stages.py, presets.py, config/) names two or more stages: a tuple,
   list, set or dict-key literal with two stage names in it, or a string made of stage names only, is a side
   table that a new stage would have to find (``stages.STAGES`` holds the facts; test the row's family);
-- every trainable stage row carries the facts that the model card, the report and the memory plan read.
+- every trainable stage row carries the facts that the model card, the report and the memory plan read;
+- no module imports another module's private name (``from X import _name``, or ``X._name`` of a module
+  bound by an import): what other modules use is public, named and documented where its concern lives.
 
 ``python tests/test_layout.py`` prints the acceptance figures (and each offence).
 """
@@ -227,6 +229,41 @@ def stage_literals() -> list[str]:
     return out
 
 
+def _private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def private_imports() -> list[str]:
+    """'path:line module._name' for each use of another package module's private name: ``from X import
+    _name`` (X a package module, ``_name`` not a submodule) or ``X._name`` where X is bound to a package
+    module by an import (``from . import X``, ``import tldr_rlhf.X as X``), at any depth."""
+    mods = modules()
+    out = []
+    for name, (path, tree, _) in mods.items():
+        is_package = path.name == "__init__.py"
+        bound: dict[str, str] = {}  # local name -> the package module it is bound to
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                base = _resolve_from(name, is_package, node)
+                for a in node.names:
+                    full = f"{base}.{a.name}"
+                    if full in mods:
+                        bound[a.asname or a.name] = full
+                    elif base in mods and base != name and _private(a.name):
+                        out.append(f"{_rel(path)}:{node.lineno} {base}.{a.name}")
+            elif isinstance(node, ast.Import):
+                for a in node.names:
+                    if a.name in mods and a.asname:
+                        bound[a.asname] = a.name
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and _private(node.attr):
+                target = ast.unparse(node.value)
+                module = bound.get(target, target if target in mods else None)
+                if module and module != name:
+                    out.append(f"{_rel(path)}:{node.lineno} {module}.{node.attr}")
+    return sorted(set(out))
+
+
 def missing_row_facts() -> list[str]:
     """'stage: field' for each fact (ROW_FACTS) a trainable stage's row leaves out or empty."""
     from tldr_rlhf.stages import STAGES
@@ -271,6 +308,10 @@ def test_trainable_stage_rows_carry_every_fact():
     assert not missing_row_facts(), missing_row_facts()
 
 
+def test_no_private_names_imported_across_modules():
+    assert not private_imports(), private_imports()
+
+
 def test_checker_sees_a_cycle_and_reads_the_tree():
     """The checker itself: a two-module circle and a three-module one are found, a chain is not; the
     package's own graph has the edges it must (cli imports the stage table) and the stage names are read."""
@@ -290,6 +331,7 @@ def figures() -> dict[str, list]:
         "library -> train/ imports": library_train_imports(),
         "literals naming two stages": stage_literals(),
         "trainable rows missing a fact": missing_row_facts(),
+        "private names imported across modules": private_imports(),
     }
 
 

@@ -179,9 +179,9 @@ def _group_step(model, r, cfg, loss_fn, prefix, token_metrics, per_token=False):
     from tldr_rlhf.train.group_rl import minibatch_step
 
     model.zero_grad(set_to_none=True)
-    adv = torch.tensor([1.7, -0.3, 0.9, -1.2])
-    if per_token:  # (B, T) advantages (REINFORCE++), varying along the response
-        adv = adv[:, None] * torch.linspace(1.3, 0.2, r.logprobs.shape[1])
+    adv = torch.tensor([1.7, -0.3, 0.9, -1.2])[:, None] * r.mask  # (B, T): one per sequence (GRPO, RLOO), 0 on padding
+    if per_token:  # varying along the response (REINFORCE++)
+        adv = adv * torch.linspace(1.3, 0.2, r.logprobs.shape[1])
     m = minibatch_step(model, r, adv, [0, 1, 2, 3], cfg, _accelerator(), loss_fn=loss_fn, prefix=prefix, token_metrics=token_metrics)
     return m, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 

@@ -13,7 +13,7 @@ from tldr_rlhf import memory
 from tldr_rlhf.cli import main
 from tldr_rlhf.config import ModelArgs, OptimArgs, RunArgs, SFTConfig, TldrDataArgs
 from tldr_rlhf.errors import ConfigError
-from tldr_rlhf.memory import GIB, ModelShape, activation_bytes, estimate_stage, precision, shape_from_config
+from tldr_rlhf.memory import GIB, MemoryShape, activation_bytes, estimate_stage, precision, shape_from_config
 
 SMOL_GGUF = memory.Path(__file__).resolve().parents[2] / "shared" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -46,7 +46,7 @@ def test_precision_rules():
     assert precision("cpu", "bfloat16") == memory.Precision(master=4, frozen=4, compute=2, optimizer=8)
 
 
-TOY = ModelShape(params=1000, vocab=50, hidden=4, layers=3, intermediate=8, heads=2, kv_heads=1, head_dim=2, tied=True)
+TOY = MemoryShape(params=1000, vocab=50, hidden=4, layers=3, intermediate=8, heads=2, kv_heads=1, head_dim=2, tied=True)
 
 
 def test_activations_by_hand():

@@ -117,7 +117,7 @@ def test_nplus_24_grpo_loss_hand_worked():
     #   seq-mean-token-mean: ((-2 + 0.0053265) / 2 + 1.0074361) / 2 = 0.0050497
     logp = torch.tensor([[-1.0, -1.0], [-2.0, -7.0]])
     ref = torch.tensor([[-1.0, -1.5], [-1.5, 0.0]])
-    adv = torch.tensor([1.0, -1.0])
+    adv = torch.tensor([[1.0, 1.0], [-1.0, 0.0]])  # per token, 0 on row 1's padding
     k3a, k3b = math.exp(-0.5) - 0.5, math.exp(0.5) - 1.5
     loss, m = grpo_loss(logp, logp.clone(), ref, adv, _mask([2, 1], 2), kl_coef=0.05)
     expected = ((-2 + 0.05 * k3a) / 2 + (1 + 0.05 * k3b)) / 2
@@ -127,8 +127,8 @@ def test_nplus_24_grpo_loss_hand_worked():
     # token-mean of the same tokens: (-1 - 1 + 0.0053265 + 1.0074361) / 3
     loss_tm, _ = grpo_loss(logp, logp.clone(), ref, adv, _mask([2, 1], 2), kl_coef=0.05, aggregation="token-mean")
     assert loss_tm.item() == pytest.approx((-1 + 0.05 * (k3a + k3b)) / 3, abs=1e-6)
-    with pytest.raises(ValueError, match="per sequence"):
-        grpo_loss(logp, logp, ref, adv[:, None].expand(2, 2), _mask([2, 1], 2))
+    with pytest.raises(ValueError, match="per token"):
+        grpo_loss(logp, logp, ref, torch.tensor([1.0, -1.0]), _mask([2, 1], 2))
 
 
 def test_rloo_loss_is_reinforce_at_ratio_one():

@@ -1,5 +1,9 @@
 """Rewards and advantages for PPO, GRPO and RLOO: pure functions of tensors and scalars.
 
+The RL loops take advantages per token, (B, T), 0 on padding, from every algorithm: a sequence-level
+estimator (GRPO's ``group_advantages``, RLOO's ``rloo_advantages``) is broadcast over the response mask
+(``broadcast_over_response``), as verl's ``core_algos`` does.
+
 Shapes: B batch (prompts, or sequences for per-token functions), T response tokens, G responses
 per prompt (GRPO group / RLOO k), N candidates per prompt (rejection sampling). ``mask`` (B, T) is
 True on real response tokens: the tokens up to and including the first EOS, or all T tokens of a
@@ -180,6 +184,37 @@ def group_advantages(
             raise ValueError("global normalization needs at least 2 advantages")
         adv = (adv - adv.mean()) / (adv.std() + eps)
     return adv.float()
+
+
+def broadcast_over_response(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-token advantages of a sequence-level estimator (GRPO, RLOO): each sequence's one advantage
+    on every real token of its response, 0 on padding (verl's ``scores.unsqueeze(-1) * response_mask``),
+    so that every estimator hands the RL loop the same (B, T) contract.
+
+    Shapes: advantages (B,) float, mask (B, T) bool prefix mask -> (B, T) in the advantages' dtype.
+    Example: [1.7, -0.3] with lengths [2, 1] of T = 3 -> [[1.7, 1.7, 0], [-0.3, 0, 0]]. Raises
+    ValueError for a mask that is not a prefix mask or B that differs."""
+    _check_prefix_mask(mask)
+    if advantages.shape != mask.shape[:1]:
+        raise ValueError(f"sequence advantages must have shape ({mask.shape[0]},), got {tuple(advantages.shape)}")
+    return torch.where(mask, advantages[:, None], torch.zeros((), dtype=advantages.dtype))
+
+
+def sequence_advantages(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The one advantage of each sequence back from per-token advantages that a sequence-level
+    estimator broadcast over its response (``broadcast_over_response``): the value at the first
+    response token, for a loss with one action per sequence (RLOO's ``losses.rloo_loss``).
+
+    Shapes: advantages (B, T) float, mask (B, T) bool prefix mask -> (B,). Raises ValueError for a
+    row with no real token or whose advantages differ between its real tokens (a per-token
+    estimator's: they have no one value per sequence)."""
+    _check_prefix_mask(mask)
+    if advantages.shape != mask.shape:
+        raise ValueError(f"advantages must have the mask's shape {tuple(mask.shape)}, got {tuple(advantages.shape)}")
+    last_token_index(mask)  # raises for an empty row
+    if ((advantages != advantages[:, :1]) & mask).any():
+        raise ValueError("advantages differ between the real tokens of a sequence: a per-sequence loss needs one advantage per sequence")
+    return advantages[:, 0]
 
 
 def rloo_baselines(rewards: torch.Tensor) -> torch.Tensor:

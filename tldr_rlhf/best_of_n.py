@@ -25,7 +25,7 @@ import torch
 from .errors import DataError
 from .generation import decode_response
 from .precision import bf16_autocast
-from .summaries import PolicyRun, _sorted_generate, eval_engine, free_memory, load_eval_policy
+from .summaries import PolicyRun, eval_engine, free_memory, generate_in_length_order, load_eval_policy
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def best_of_n_run(name: str, path: str, posts: list, cfg, *, score: Callable[[li
     engine = eval_engine(model, queries, cfg)  # --rollout-engine vllm: it samples the candidates
     with bf16_autocast(device, cfg.dtype):
         torch.manual_seed(seed)
-        flat = _sorted_generate(model, [q for q in queries for _ in range(n)], tok, cfg, greedy=False, engine=engine, seed=seed * 1_000_033, desc=f"{name}: best-of-{n} candidates")  # N * n, post-major
+        flat = generate_in_length_order(model, [q for q in queries for _ in range(n)], tok, cfg, greedy=False, engine=engine, seed=seed * 1_000_033, desc=f"{name}: best-of-{n} candidates")  # N * n, post-major
     if engine is not None:
         engine.close()
     del model

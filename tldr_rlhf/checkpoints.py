@@ -85,7 +85,7 @@ _REWARD_ARCHS = ("ForSequenceClassification", "ScalarRewardModel")
 _KIND_WORDS = {"policy": "a causal LM policy", "reward_model": "a reward model"}
 
 
-def _hub_config(repo_id: str) -> dict | None:
+def hub_config(repo_id: str) -> dict | None:
     """A hub model's config.json: from the local cache, else downloaded; None when unreadable."""
     try:
         from huggingface_hub import hf_hub_download, try_to_load_from_cache
@@ -131,7 +131,7 @@ def checkpoint_kind(path: str) -> str:
     elif looks_local(path) or p.exists():
         return "unknown"
     else:
-        config = _hub_config(path)
+        config = hub_config(path)
     return kind_from_config(config) if isinstance(config, dict) else "unknown"
 
 

@@ -48,7 +48,8 @@ from .validation import validate_config
 from .best_of_n import best_of_n_names, best_of_n_run, best_of_n_spec
 from .checkpoints import require_kind
 from .judge import ChatClient, JudgeError, judge_pairs
-from .reward_scoring import score_comparisons
+from .reward_scoring import pair_rewards
+from .scoring import score_preference_pairs
 from .rewards import check_reward_spec, text_term_scores, weighted_sum
 from .value_model import score_at_last_token
 
@@ -148,7 +149,7 @@ def score_with(path: str, posts: list, texts: dict[str, list[str]], cfg: Evaluat
             out[name] = score_summaries(model, tok, posts, summaries, data=cfg.data, batch_size=cfg.batch_size, desc=f"{name}: reward-model scores")
         pairs = held_out_pairs(cfg.data, tok) if pair_metrics is not None else None
         if pairs:
-            r = score_comparisons(model, pairs, pad_token_id=tok.pad_token_id, batch_size=cfg.batch_size, desc="held-out pairs", progress=True)
+            r = score_preference_pairs(model, pairs, pair_rewards, pad_token_id=tok.pad_token_id, batch_size=cfg.batch_size, desc="held-out pairs", progress=True)
             pair_metrics.update(comparison_metrics(r, lengths=pair_lengths(pairs)))
     del model
     free_memory()

@@ -36,7 +36,8 @@ from .metrics import comparison_metrics, judge_agreement, pair_lengths
 from .modeling import load_tokenizer
 from .reward_loading import load_reward_checkpoint
 from .precision import bf16_autocast, master_weights_dtype
-from .reward_scoring import score_comparisons
+from .reward_scoring import pair_rewards
+from .scoring import score_preference_pairs
 from .stages import EVAL_RM_FILE as EVAL_FILE
 
 log = logging.getLogger(__name__)
@@ -137,17 +138,17 @@ def evaluate(cfg: EvaluateRMConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     scores: list[dict[str, Any]] = []
     with bf16_autocast(device, cfg.dtype):
-        r = score_comparisons(model, heldout, desc=f"held-out {data.task} pairs", **kw)
+        r = score_preference_pairs(model, heldout, pair_rewards, desc=f"held-out {data.task} pairs", **kw)
         results["heldout"] = {**comparison_metrics(r, [e.confidence for e in heldout], lengths=pair_lengths(heldout)), **report["valid"], "source": data.valid_comparisons or data.comparisons, "task": data.task}
         scores += _pair_scores("heldout", heldout, r)
         if cnndm:
-            r = score_comparisons(model, cnndm, desc="CNN/DM pairs", **kw)
+            r = score_preference_pairs(model, cnndm, pair_rewards, desc="CNN/DM pairs", **kw)
             results["cnndm"] = {**comparison_metrics(r, [e.confidence for e in cnndm], lengths=pair_lengths(cnndm)), **cnndm_report, "source": cfg.cnndm}
             scores += _pair_scores("cnndm", cnndm, r)
         elif cnndm_report:  # asked for, nothing left: said, not left out
             results["cnndm"] = {"n": 0, **cnndm_report, "source": cfg.cnndm}
         if judged:
-            r = score_comparisons(model, judged, desc="judged PPO vs reference", **kw)
+            r = score_preference_pairs(model, judged, pair_rewards, desc="judged PPO vs reference", **kw)
             results["judge"] = {**judge_agreement(r, judge_first, lengths=pair_lengths(judged)), **judge_report, "source": cfg.policy_samples}
             scores += _pair_scores("judge", judged, r)
         elif judge_report:

@@ -12,7 +12,7 @@ import torch
 from .data.batching import collate_queries
 from .distributed import is_sharded
 from .ops import position_ids_from_mask, truncate_after_eos
-from .lm_head import _uses_sliding_window, expand_cache
+from .lm_head import uses_sliding_window, expand_cache
 from .modeling import kv_cache_kwargs
 
 
@@ -108,7 +108,7 @@ def generate_groups(
         raise ValueError(f"group_size must be >= 1, got {group_size}")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
-    if not shared_prompt or _uses_sliding_window(model) or is_sharded(model):
+    if not shared_prompt or uses_sliding_window(model) or is_sharded(model):
         repeated = [q for q in queries for _ in range(group_size)]
         return generate(model, repeated, eos_token_id=eos_token_id, pad_token_id=pad_token_id, max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size), None
     was_training = model.training

@@ -56,7 +56,7 @@ from .generation import decode_response
 from .gold_arms import direct_arms, worker_arms
 from .modeling import load_tokenizer_cached
 from .rewards import check_reward_spec, score_texts
-from .summaries import _sorted_generate, free_memory, load_eval_policy
+from .summaries import free_memory, generate_in_length_order, load_eval_policy
 from .tasks import load_post_splits, query_ids, reference_of
 
 log = logging.getLogger(__name__)
@@ -348,7 +348,7 @@ def sample_proxy_pairs(cfg: GoldConfig, out_file: Path) -> dict[str, Any]:
         raise DataError("no training posts for the proxy pairs", path=cfg.data.train)
     tok, queries, device, model = load_eval_policy(cfg.sft_path, posts, ecfg)
     torch.manual_seed((cfg.seeds[0] if cfg.seeds else 0) * 1_009 + 17)
-    flat = _sorted_generate(model, [q for q in queries for _ in range(2)], tok, ecfg, greedy=False)  # 2N, post-major
+    flat = generate_in_length_order(model, [q for q in queries for _ in range(2)], tok, ecfg, greedy=False)  # 2N, post-major
     del model
     free_memory()
     eos = tok.eos_token_id

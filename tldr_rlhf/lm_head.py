@@ -161,10 +161,14 @@ def split_lm_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
     return backbone, head
 
 
-def _uses_sliding_window(model: nn.Module) -> bool:
+def uses_sliding_window(model: nn.Module) -> bool:
+    """True when ``model``'s (text) config has sliding-window attention layers (a ``layer_types``
+    entry naming one, or ``use_sliding_window``), or when it has no config at all: the shared-prompt
+    paths (one query, several responses continuing from its key/value cache) then run full rows."""
     cfg = getattr(model, "config", None)
     if cfg is None:
         return True
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     if any("sliding" in str(t) for t in (getattr(cfg, "layer_types", None) or [])):
         return True
     return bool(getattr(cfg, "use_sliding_window", False))
@@ -195,7 +199,7 @@ def response_token_logprobs(model: nn.Module, batch: QueryResponseBatch, *, num_
         logits = response_logits(model, batch.input_ids, batch.attention_mask, batch.query_width)
         return token_logprobs(logits, batch.responses, temperature) * mask
     backbone, head = parts
-    share = num_queries and not _uses_sliding_window(model) and not checkpointing_active(backbone)  # checkpointing drops the cache
+    share = num_queries and not uses_sliding_window(model) and not checkpointing_active(backbone)  # checkpointing drops the cache
     hidden = _response_hidden(backbone, batch, num_queries if share else None)
     out = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
     real = chunked_target_logprobs(hidden[mask], head.weight, head.bias, batch.responses[mask], temperature=temperature)
@@ -277,7 +281,7 @@ def can_share_prompt(model: nn.Module) -> bool:
     """True when ``grouped_response_logits`` runs each query once for ``model``: a plain LM head
     (``split_lm_head``) and no sliding-window attention. A DDP-wrapped model is False (its forward
     must run through the wrapper for the gradient all-reduce)."""
-    return split_lm_head(model) is not None and not _uses_sliding_window(model)
+    return split_lm_head(model) is not None and not uses_sliding_window(model)
 
 
 def grouped_response_logits(model: nn.Module, batch: QueryResponseBatch, *, shared_prompt: bool = True) -> torch.Tensor:

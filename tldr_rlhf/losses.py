@@ -93,7 +93,9 @@ def dpo_loss(
 
 # ----------------------------------------------------------------------------------------------
 # RL losses (PPO, GRPO, RLOO) and per-token KL estimators. Shapes: B sequences, T response tokens;
-# ``advantages`` is (B, T) per token (PPO) or (B,) per sequence (GRPO, RLOO).
+# ``advantages`` is (B, T) per token, 0 on padding, for every algorithm (a sequence-level estimator
+# broadcast over the response: ``advantages.broadcast_over_response``); RLOO's loss, one action per
+# sequence, takes each sequence's one advantage (B,) (``advantages.sequence_advantages``).
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
 LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
@@ -280,7 +282,7 @@ def grpo_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRPO objective (Shao et al. 2024, DeepSeekMath eq. 3), negated:
 
-        l_t = w_t * clipped_surrogate(r_t, A_b) + kl_coef * k3(logp_t, ref_t)
+        l_t = w_t * clipped_surrogate(r_t, A_t) + kl_coef * k3(logp_t, ref_t)
 
     with ``w_t`` the truncated importance-sampling weights ``is_weights`` (B, T) of a sampler other
     than the policy (``importance_sampling.truncated_is_weights``; None = 1, the policy sampled),
@@ -288,12 +290,13 @@ def grpo_loss(
     1/G sum_i 1/|o_i| sum_t). Defaults are N+ detail 24: dual clip c = 3 for negative advantages,
     k3 estimator with coefficient 0.05 in the loss (not in the reward).
 
-    Shapes: logprobs (with grad), old_logprobs, ref_logprobs, mask (B, T); advantages (B,).
-    Returns loss () and detached metrics {pg_loss, kl (token mean of the estimator), clipfrac,
-    dual_clipfrac, approx_kl, ratio_mean, ratio_max}.
+    Shapes: logprobs (with grad), old_logprobs, ref_logprobs, mask, advantages (B, T) (GRPO's are
+    per sequence, ``A_t = A_b`` on every real token: ``advantages.broadcast_over_response``). Returns
+    loss () and detached metrics {pg_loss, kl (token mean of the estimator), clipfrac, dual_clipfrac,
+    approx_kl, ratio_mean, ratio_max}. Raises ValueError for advantages of another shape than the mask.
     """
-    if advantages.ndim != 1:
-        raise ValueError(f"GRPO advantages are per sequence, shape (B,), got {tuple(advantages.shape)}")
+    if advantages.shape != mask.shape:
+        raise ValueError(f"GRPO advantages are per token, shape {tuple(mask.shape)} as the mask, got {tuple(advantages.shape)}")
     pg, m = clipped_surrogate(logprobs, old_logprobs, advantages, clip_range=clip_range, dual_clip=dual_clip)
     if is_weights is not None:
         pg = pg * is_weights

@@ -42,9 +42,9 @@ GIB = 2**30
 
 
 @dataclass(frozen=True)
-class ModelShape:
+class MemoryShape:
     """What memory depends on in a decoder-only model. ``params`` counts every weight once (tied
-    embeddings once)."""
+    embeddings once). Not ``flops.ModelShape``, what the FLOP count needs of a loaded model."""
 
     params: int
     vocab: int
@@ -71,8 +71,8 @@ def params_from_config(vocab: int, hidden: int, layers: int, intermediate: int, 
     return vocab * hidden * (1 if tied else 2) + layers * per_layer + hidden
 
 
-def shape_from_config(cfg: dict[str, Any]) -> ModelShape:
-    """A ModelShape from a Hugging Face config.json dict (a reward model's ``text_config`` inside)."""
+def shape_from_config(cfg: dict[str, Any]) -> MemoryShape:
+    """A MemoryShape from a Hugging Face config.json dict (a reward model's ``text_config`` inside)."""
     cfg = cfg.get("text_config") or cfg
     try:
         h, heads = cfg["hidden_size"], cfg["num_attention_heads"]
@@ -82,10 +82,10 @@ def shape_from_config(cfg: dict[str, Any]) -> ModelShape:
         args = (cfg["vocab_size"], h, cfg["num_hidden_layers"], cfg["intermediate_size"], heads, kv, hd)
     except KeyError as e:
         raise ConfigError(f"config has no {e.args[0]}: not a decoder-only transformer this plan knows") from None
-    return ModelShape(params_from_config(*args, tied=tied, qkv_bias=cfg.get("model_type") == "qwen2"), *args, tied=tied)
+    return MemoryShape(params_from_config(*args, tied=tied, qkv_bias=cfg.get("model_type") == "qwen2"), *args, tied=tied)
 
 
-def _shape_from_gguf(path: Path) -> ModelShape:
+def _shape_from_gguf(path: Path) -> MemoryShape:
     from gguf import GGUFReader
 
     r = GGUFReader(str(path))
@@ -101,7 +101,7 @@ def _shape_from_gguf(path: Path) -> ModelShape:
     layers = len({m.group(1) for n in names if (m := re.match(r"blk\.(\d+)\.", n))})
     vocab = field(f"{arch}.vocab_size") or len(r.fields["tokenizer.ggml.tokens"].data)
     params = int(sum(int(t.n_elements) for t in r.tensors))
-    return ModelShape(params, int(vocab), int(h), layers, int(field(f"{arch}.feed_forward_length")), int(heads), int(kv), int(h) // int(heads), tied="output.weight" not in names)
+    return MemoryShape(params, int(vocab), int(h), layers, int(field(f"{arch}.feed_forward_length")), int(heads), int(kv), int(h) // int(heads), tied="output.weight" not in names)
 
 
 # The reference setup's hub models, from their published config.json (used when the hub cannot be asked).
@@ -116,7 +116,7 @@ for _name in ("Qwen/Qwen2.5-0.5B-Instruct", "Qwen/Qwen2.5-1.5B-Instruct"):
     KNOWN_CONFIGS[_name] = KNOWN_CONFIGS[_name.removesuffix("-Instruct")]
 
 
-def model_shape(path: str, flag: str = "--model.path") -> ModelShape:
+def model_shape(path: str, flag: str = "--model.path") -> MemoryShape:
     """The shape of the model at ``path``: a folder's config.json, a .gguf file's metadata, a hub id's
     cached config.json, else ``KNOWN_CONFIGS``. Raises ConfigError naming ``flag`` when none is readable."""
     p = Path(path).expanduser()
@@ -127,9 +127,9 @@ def model_shape(path: str, flag: str = "--model.path") -> ModelShape:
     if p.exists():
         raise ConfigError(f"{flag} {path}: no config.json to read the model's shape from")
     # lazy: `tldr-rlhf plan --help` parses PlanArgs without torch and transformers
-    from .checkpoints import _hub_config
+    from .checkpoints import hub_config
 
-    cfg = _hub_config(path) or KNOWN_CONFIGS.get(path)
+    cfg = hub_config(path) or KNOWN_CONFIGS.get(path)
     if cfg is None:
         raise ConfigError(f"{flag} {path}: cannot read its config.json (not a local folder or .gguf, not cached, no network); give a local path")
     return shape_from_config(cfg)
@@ -183,7 +183,7 @@ class StageEstimate:
 OVERHEAD = {"cuda": 1.0 * GIB, "cpu": 0.6 * GIB}  # CUDA context + allocator slack; CPU: python, torch, transformers, tokenizer
 
 
-def activation_bytes(shape: ModelShape, tokens: int, bytes_per: int, *, checkpointing: bool = False) -> float:
+def activation_bytes(shape: MemoryShape, tokens: int, bytes_per: int, *, checkpointing: bool = False) -> float:
     """Activations one micro-batch of ``tokens`` tokens keeps for its backward: per token and layer
     ``10 H + 4 I + 4 kv_dim`` elements; with activation checkpointing only each layer's input (H) is
     kept, plus one layer's activations while it is recomputed."""
@@ -193,19 +193,19 @@ def activation_bytes(shape: ModelShape, tokens: int, bytes_per: int, *, checkpoi
     return tokens * bytes_per * shape.layers * per_layer
 
 
-def lora_params(shape: ModelShape, r: int) -> int:
+def lora_params(shape: MemoryShape, r: int) -> int:
     """Adapter parameters of rank ``r`` on every linear layer of the decoder (q, k, v, o, gate, up, down)."""
     q = shape.heads * shape.head_dim
     dims = [(shape.hidden, q), (shape.hidden, shape.kv_dim), (shape.hidden, shape.kv_dim), (q, shape.hidden), (shape.hidden, shape.intermediate), (shape.hidden, shape.intermediate), (shape.intermediate, shape.hidden)]
     return shape.layers * r * sum(a + b for a, b in dims)
 
 
-def layer_params(shape: ModelShape) -> int:
+def layer_params(shape: MemoryShape) -> int:
     """Weights of one decoder block (biases left out)."""
     return (shape.params - shape.vocab * shape.hidden * (1 if shape.tied else 2) - shape.hidden) // shape.layers
 
 
-def _trained(est: StageEstimate, shape: ModelShape, prec: Precision, *, world: int, lora_r: int = 0, top_layers: int = 0, load_in_4bit: bool = False, shard: bool = False) -> None:
+def _trained(est: StageEstimate, shape: MemoryShape, prec: Precision, *, world: int, lora_r: int = 0, top_layers: int = 0, load_in_4bit: bool = False, shard: bool = False) -> None:
     """Add a trained model's weights, gradients and optimizer states (divided over ``world`` devices
     when ``shard``: FSDP, ``--run.fsdp``): every weight, the LoRA adapters, or the ``top_layers`` top
     blocks only. Sharded, a device also holds what FSDP gathers at a time: the root unit (embeddings
@@ -228,11 +228,11 @@ def _trained(est: StageEstimate, shape: ModelShape, prec: Precision, *, world: i
 
 def pair_tokens(cfg, pairs: int, query: int, response: int) -> int:
     """Tokens in one forward of ``pairs`` preference pairs: the query once and both responses when the
-    pair shares its prompt (``cfg.shared_prompt``, on unless a config says otherwise), else two full rows."""
-    return pairs * query + 2 * pairs * response if getattr(cfg, "shared_prompt", True) else 2 * pairs * (query + response)
+    pair shares its prompt (``cfg.shared_prompt`` of the reward-model or DPO config), else two full rows."""
+    return pairs * query + 2 * pairs * response if cfg.shared_prompt else 2 * pairs * (query + response)
 
 
-def estimate_stage(stage: str, cfg: Any, *, device: Literal["cuda", "cpu"] = "cuda", world: int = 1, shapes: dict[str, ModelShape] | None = None, lengths: tuple[int, int] | None = None) -> StageEstimate:
+def estimate_stage(stage: str, cfg: Any, *, device: Literal["cuda", "cpu"] = "cuda", world: int = 1, shapes: dict[str, MemoryShape] | None = None, lengths: tuple[int, int] | None = None) -> StageEstimate:
     """Peak bytes per device of training stage ``stage`` (a ``train`` row of ``stages.STAGES``; its
     ``plan_kind`` says which parts it has) with config
     ``cfg`` on ``world`` devices of kind ``device``. ``shapes`` maps a model path to its shape (read with
@@ -241,7 +241,7 @@ def estimate_stage(stage: str, cfg: Any, *, device: Literal["cuda", "cpu"] = "cu
     known to be shorter."""
     shapes = shapes if shapes is not None else {}
 
-    def shape_of(path: str, flag: str) -> ModelShape:
+    def shape_of(path: str, flag: str) -> MemoryShape:
         if path not in shapes:
             shapes[path] = model_shape(path, flag)
         return shapes[path]
@@ -257,9 +257,9 @@ def estimate_stage(stage: str, cfg: Any, *, device: Literal["cuda", "cpu"] = "cu
         model = cfg.model
         shape = shape_of(model.path, "--model.path")
         prec = precision(device, model.dtype, cfg.optim.optim_8bit)
-        top = getattr(cfg, "train_layers", 0)
-        ckpt = getattr(model, "gradient_checkpointing", False)
-        _trained(est, shape, prec, world=world, lora_r=model.lora_r, top_layers=top, load_in_4bit=getattr(model, "load_in_4bit", False), shard=cfg.run.fsdp)
+        top = cfg.train_layers if kind == "pairs" else 0  # the reward model's --train-layers; SFT trains every block
+        ckpt = model.gradient_checkpointing
+        _trained(est, shape, prec, world=world, lora_r=model.lora_r, top_layers=top, load_in_4bit=model.load_in_4bit, shard=cfg.run.fsdp)
         if kind == "sequences":
             response = response_cap(data.max_response_length)
             tokens = cfg.micro_batch_size * (query + response)
@@ -275,9 +275,9 @@ def estimate_stage(stage: str, cfg: Any, *, device: Literal["cuda", "cpu"] = "cu
     policy_path = cfg.sft_path
     shape = shape_of(policy_path, "--sft-path")
     prec = precision(device, cfg.dtype, cfg.optim.optim_8bit)
-    lora_r = getattr(cfg, "lora_r", 0)
-    ckpt = getattr(cfg, "gradient_checkpointing", False)
-    _trained(est, shape, prec, world=world, lora_r=lora_r, load_in_4bit=getattr(cfg, "load_in_4bit", False), shard=cfg.run.fsdp)
+    lora_r = cfg.lora_r
+    ckpt = cfg.gradient_checkpointing
+    _trained(est, shape, prec, world=world, lora_r=lora_r, load_in_4bit=cfg.load_in_4bit, shard=cfg.run.fsdp)
     if kind == "preference":
         response = response_cap(data.max_response_length)
         pairs = cfg.micro_batch_size
@@ -304,13 +304,13 @@ def estimate_stage(stage: str, cfg: Any, *, device: Literal["cuda", "cpu"] = "cu
         est.activations = activation_bytes(shape, rows * seq, prec.compute, checkpointing=ckpt) + activation_bytes(value, rows * seq, prec.compute, checkpointing=ckpt)
         gen_rows = cfg.local_batch_size(world)
     else:
-        rows, group = cfg.micro_batch_size, getattr(cfg, "group_size", 2)  # online DPO: a pair per prompt
+        rows, group = cfg.micro_batch_size, cfg.group_size  # online DPO: a pair per prompt
         # with the shared prompt a micro-batch holds whole groups (or part of one): each query runs once
-        shared = getattr(cfg, "shared_prompt", False) and not ckpt and world == 1
+        shared = cfg.shared_prompt and not ckpt and world == 1
         tokens = -(-rows // group) * query + rows * response if shared else rows * seq
         est.activations = activation_bytes(shape, tokens, prec.compute, checkpointing=ckpt)
         gen_rows = cfg.local_prompts(world) * group
-    gen_rows = min(gen_rows, getattr(cfg, "forward_batch_size", gen_rows) or gen_rows)
+    gen_rows = min(gen_rows, cfg.forward_batch_size or gen_rows)
     est.kv_cache = 2 * shape.layers * shape.kv_dim * seq * gen_rows * prec.compute
     # the rollout's scoring passes (old-policy and reference log-probs) hold a forward batch's response
     # logits and their log-softmax in float32; they come before the update, so the larger of the two counts
@@ -325,7 +325,7 @@ def estimate_stage(stage: str, cfg: Any, *, device: Literal["cuda", "cpu"] = "cu
 # The cheapest change that fits
 
 
-def suggestion(stage: str, cfg: Any, est: StageEstimate, *, budget: float, device: str, world: int, shapes: dict[str, ModelShape]) -> str:
+def suggestion(stage: str, cfg: Any, est: StageEstimate, *, budget: float, device: str, world: int, shapes: dict[str, MemoryShape]) -> str:
     """The cheapest change (in this order) that brings the stage under ``budget``: a smaller
     micro-batch, activation checkpointing, FSDP on several devices (``--run.fsdp``: the same numbers,
     more communication), 8-bit AdamW, LoRA r=16 (each on top of the ones before); "" when it fits, a

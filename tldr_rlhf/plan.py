@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from .errors import ConfigError
-from .memory import GIB, ModelShape, StageEstimate, estimate_stage, gib, suggestion
+from .memory import GIB, MemoryShape, StageEstimate, estimate_stage, gib, suggestion
 from .stages import STAGES, TRAIN_STAGES
 
 
@@ -38,7 +38,7 @@ class PlanArgs:
 
 def plan_table(args: PlanArgs, stage_configs: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """(header, rows) of the plan: one row per stage, sizes in GiB."""
-    shapes: dict[str, ModelShape] = {}
+    shapes: dict[str, MemoryShape] = {}
     budget = args.gpu_memory_gb * GIB
     header = ["stage", *StageEstimate.PARTS, "total", "fits", "cheapest change that fits"]
     rows = []

@@ -314,14 +314,6 @@ def _kv_cache_kwargs(model: nn.Module, cache) -> dict[str, Any]:
     return {"cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values": cache}
 
 
-def uses_sliding_window(model: nn.Module) -> bool:
-    """True when the backbone has sliding-window layers (the shared prompt is then not used)."""
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    if any("sliding" in str(t) for t in (getattr(cfg, "layer_types", None) or [])):
-        return True
-    return bool(getattr(cfg, "use_sliding_window", False))
-
-
 def score(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Reward of each row, read at its last real token. Shapes: (B, L), (B, L) -> (B,) float32.
 

@@ -5,8 +5,8 @@ results are gathered (``scoring.sharded_scores``).
 
 * ``pair_rewards``: the chosen and rejected rewards of a ``collate_preferences`` batch in one
   forward pass (with ``shared_prompt`` the queries run once and both responses continue from their
-  key/value cache: the same scores as full rows);
-* ``score_comparisons``: (N, 2) rewards of preference examples (chosen, rejected);
+  key/value cache: the same scores as full rows); ``scoring.score_preference_pairs`` with it gives the
+  (N, 2) rewards of preference examples (chosen, rejected);
 * ``score_responses``: (N,) rewards of (query, response) items (the normalization references).
 
 Shapes: B pairs of a batch, N examples.
@@ -21,10 +21,10 @@ import torch
 from torch import nn
 
 from .data.batching import QueryResponseBatch, collate_query_response
-from .data.comparisons import PreferenceExample
 from .data.tldr import SFTExample
-from .reward_model import ScalarRewardModel, uses_sliding_window
-from .scoring import score_preference_pairs, sharded_scores
+from .lm_head import uses_sliding_window
+from .reward_model import ScalarRewardModel
+from .scoring import sharded_scores
 
 # (query, reference summary) pairs to score once for normalization: the SFT example format.
 ScoredText = SFTExample
@@ -38,23 +38,6 @@ def pair_rewards(model: nn.Module, batch: QueryResponseBatch, *, shared_prompt: 
     share = shared_prompt and isinstance(inner, ScalarRewardModel) and not uses_sliding_window(inner)
     kwargs = dict(num_queries=b, query_width=batch.query_width) if share else {}
     return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **kwargs).rewards
-
-
-@torch.no_grad()
-def score_comparisons(
-    model: nn.Module,
-    examples: Sequence[PreferenceExample],
-    *,
-    pad_token_id: int,
-    batch_size: int = 16,
-    shared_prompt: bool = True,
-    accelerator=None,
-    desc: str = "scoring pairs",
-    progress: bool = False,
-) -> torch.Tensor:
-    """Rewards of every example's chosen and rejected response: (N, 2) float32 on CPU. Eval mode
-    (restored after), no gradients; several processes each score a share and gather."""
-    return score_preference_pairs(model, examples, pair_rewards, pad_token_id=pad_token_id, batch_size=batch_size, shared_prompt=shared_prompt, accelerator=accelerator, desc=desc, progress=progress)
 
 
 @torch.no_grad()

@@ -307,7 +307,7 @@ def rl_reward_spec(cfg) -> tuple[str, str]:
     """(spec, flag) of an RL stage's reward: ``cfg.reward`` (``--reward``) when set, else the reward
     model ``cfg.rm_path`` (``--rm-path``, the field older configs name it by). Raises ConfigError
     when neither is given."""
-    if getattr(cfg, "reward", ""):
+    if cfg.reward:
         return cfg.reward, "--reward"
     if cfg.rm_path:
         return cfg.rm_path, "--rm-path"

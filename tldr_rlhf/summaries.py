@@ -78,7 +78,7 @@ def eval_engine(model, queries: list[list[int]], cfg: EvaluateConfig):
     """The engine that writes the summaries (``--rollout-engine``): None for hf (``generation.generate``
     on ``model``), else a vLLM engine on a copy of ``model``'s weights, its context the longest query
     plus ``cfg.response_length``, seeded with ``cfg.seed``. Close it when done."""
-    if getattr(cfg, "rollout_engine", "hf") == "hf":
+    if cfg.rollout_engine == "hf":
         return None
     dtype = cfg.vllm_dtype if cfg.vllm_dtype != "auto" else ("bfloat16" if torch.cuda.is_available() else "float32")
     return make_engine(
@@ -87,7 +87,7 @@ def eval_engine(model, queries: list[list[int]], cfg: EvaluateConfig):
     )
 
 
-def _sorted_generate(model, queries, tok, cfg: EvaluateConfig, *, greedy: bool, engine=None, seed: int | None = None, desc: str = "generating") -> list[list[int]]:
+def generate_in_length_order(model, queries, tok, cfg: EvaluateConfig, *, greedy: bool, engine=None, seed: int | None = None, desc: str = "generating") -> list[list[int]]:
     """One response per query, in the queries' order; generated in order of query length (batches
     of similar width), with progress (``desc``). ``engine`` (``eval_engine``; None =
     ``generation.generate`` on ``model``) samples instead, its requests seeded from ``seed``."""
@@ -133,7 +133,7 @@ def run_policy(name: str, path: str, posts: list, cfg: EvaluateConfig, *, seed: 
     engine = eval_engine(model, queries, cfg)  # --rollout-engine vllm: it writes the summaries
     with bf16_autocast(device, cfg.dtype):
         torch.manual_seed(seed)
-        responses = _sorted_generate(model, queries, tok, cfg, greedy=cfg.greedy, engine=engine, seed=seed * 1_000_033, desc=f"{name}: summaries")
+        responses = generate_in_length_order(model, queries, tok, cfg, greedy=cfg.greedy, engine=engine, seed=seed * 1_000_033, desc=f"{name}: summaries")
         run = PolicyRun(
             name=name, path=path, queries=queries, responses=responses,
             texts=[decode_response(tok, r) for r in responses],
@@ -143,7 +143,7 @@ def run_policy(name: str, path: str, posts: list, cfg: EvaluateConfig, *, seed: 
         if cfg.kl and cfg.sft_path:
             if cfg.greedy:
                 torch.manual_seed(seed + 1)
-                kl_responses = _sorted_generate(model, queries, tok, cfg, greedy=False, engine=engine, seed=(seed + 1) * 1_000_033, desc=f"{name}: KL sample")
+                kl_responses = generate_in_length_order(model, queries, tok, cfg, greedy=False, engine=engine, seed=(seed + 1) * 1_000_033, desc=f"{name}: KL sample")
             else:
                 kl_responses = responses
             run.kl_responses = kl_responses

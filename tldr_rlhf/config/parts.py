@@ -218,7 +218,7 @@ class PreferenceDataArgs(TaskArgs):
     model's accuracy during training (its default 2048; `evaluate-rm` scores them all)."""
 
 
-def _rm_data() -> PreferenceDataArgs:
+def reward_model_data() -> PreferenceDataArgs:
     """The reward model's comparisons: 2048 held-out pairs scored during training (DPO's default: all)."""
     return PreferenceDataArgs(valid_limit=2048)
 

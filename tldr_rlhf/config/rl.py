@@ -245,6 +245,12 @@ class OnlineDPOConfig(_RLConfig):
         """Responses per prompt: always 2 (the pair)."""
         return 2
 
+    @property
+    def shared_prompt(self) -> bool:
+        """Each prompt computed once for its pair (the group stages' field): always off, the rollout runs
+        full rows unless another engine samples (``group_rl.group_rollout``); the loss does too."""
+        return False
+
     def num_updates(self) -> int:
         """Updates in the whole run (``total_episodes // (2 * rollout_prompts)``); ValueError when fewer than one."""
         n = self.total_episodes // (self.rollout_prompts * 2)

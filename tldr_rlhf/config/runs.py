@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 from tyro.conf import Positional, arg
 
 from ..stages import DEFAULT_PIPELINE_STAGES
-from .parts import SHARED, JudgeArgs, PreferenceDataArgs, RolloutEngineArgs, TldrDataArgs, _rm_data
+from .parts import SHARED, JudgeArgs, PreferenceDataArgs, RolloutEngineArgs, TldrDataArgs, reward_model_data
 from .rl import GRPOConfig, OnlineDPOConfig, PPOConfig, ReinforcePPConfig, RLOOConfig
 from .supervised import DPOConfig, RMConfig, SFTConfig
 
@@ -27,7 +27,7 @@ class EvaluateRMConfig:
     """Reward-model checkpoint (a run's final/). Its flag is --rm-path, as in every command that takes a
     reward model (--model is the old spelling, still accepted with a deprecation line); the key in a
     config file is `model`."""
-    data: PreferenceDataArgs = field(default_factory=_rm_data)
+    data: PreferenceDataArgs = field(default_factory=reward_model_data)
     """Held-out comparisons; replaced by the training run's own data settings (same split) when the
     model sits in a run folder with a config.json and `from_run` is set."""
     from_run: bool = True

@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 
 from tyro.conf import arg
 
-from .parts import ModelArgs, OptimArgs, PreferenceDataArgs, RewardNormArgs, RunArgs, TldrDataArgs, _rm_data
+from .parts import ModelArgs, OptimArgs, PreferenceDataArgs, RewardNormArgs, RunArgs, TldrDataArgs, reward_model_data
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ class RMConfig:
 
     model: ModelArgs = field(default_factory=ModelArgs)
     """Backbone: a base or SFT causal LM (hub id, folder, .gguf) or a reward-model checkpoint to continue."""
-    data: PreferenceDataArgs = field(default_factory=_rm_data)
+    data: PreferenceDataArgs = field(default_factory=reward_model_data)
     """Human comparisons the reward model trains on, and the held-out ones it is scored on."""
     norm: RewardNormArgs = field(default_factory=RewardNormArgs)
     optim: OptimArgs = field(default_factory=OptimArgs)

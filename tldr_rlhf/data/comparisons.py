@@ -20,7 +20,7 @@ from typing import Any, Iterable
 
 from ..errors import DataError
 from .io import check_local_source, in_valid_split, read_jsonl, require
-from .tldr import _TRL_PROMPT, DropCounts, format_cnndm_query, format_query, format_response, load_hub_rows
+from .tldr import TRL_PROMPT_PATTERN, DropCounts, format_cnndm_query, format_query, format_response, load_hub_rows
 
 COMPARISONS_DATASET = "openai/summarize_from_feedback"
 
@@ -58,7 +58,7 @@ def _comparison_from_record(record: dict[str, Any], drops: DropCounts, *, path: 
         prompt = require(record, "prompt", path=path, line=line)
         chosen = require(record, "chosen", path=path, line=line)
         rejected = require(record, "rejected", path=path, line=line)
-        m = _TRL_PROMPT.match(prompt)
+        m = TRL_PROMPT_PATTERN.match(prompt)
         if not m:
             raise DataError("prompt is not in the TL;DR query format", path=path, line=line, field="prompt")
         fields = m.groupdict()
@@ -223,7 +223,7 @@ def load_judged_samples(path: str | Path) -> tuple[list[JudgedSample], DropCount
         if verdict not in ("policy", "reference"):
             drops.add("no_judge_verdict")
             continue
-        m = _TRL_PROMPT.match(query)
+        m = TRL_PROMPT_PATTERN.match(query)
         if not m:
             drops.add("query_not_tldr_format")
             continue

@@ -34,7 +34,9 @@ from ..modeling import hub_host_resolves
 QUERY_TEMPLATE = "SUBREDDIT: r/{subreddit}\n\nTITLE: {title}\n\nPOST: {post}\n\nTL;DR:"
 CNNDM_TEMPLATE = "Article:\n{article}\n\nTL;DR:\n"
 SFT_DATASET = "vwxyzjn/summarize_from_feedback_tldr_3_filtered"
-_TRL_PROMPT = re.compile(r"^SUBREDDIT: r/(?P<subreddit>.*?)\n\nTITLE: (?P<title>.*?)\n\nPOST: (?P<post>.*)\n\nTL;DR:\s*$", re.S)
+TRL_PROMPT_PATTERN = re.compile(r"^SUBREDDIT: r/(?P<subreddit>.*?)\n\nTITLE: (?P<title>.*?)\n\nPOST: (?P<post>.*)\n\nTL;DR:\s*$", re.S)
+"""A prompt already formatted as ``QUERY_TEMPLATE`` (the TRL-style hub datasets' ``prompt`` column): its
+subreddit, title and post as named groups, so that rows from those datasets are re-formatted like ours."""
 
 
 @dataclass(frozen=True)
@@ -98,7 +100,7 @@ class DropCounts:
 def _post_from_record(record: dict[str, Any], *, path: str | None, line: int | None, need_summary: bool) -> Post:
     if "prompt" in record and "post" not in record:  # trl-lib/tldr layout: prompt + completion
         prompt = require(record, "prompt", path=path, line=line)
-        m = _TRL_PROMPT.match(prompt)
+        m = TRL_PROMPT_PATTERN.match(prompt)
         if not m:
             raise DataError("prompt is not in the TL;DR query format", path=path, line=line, field="prompt")
         summary = record.get("completion", "")

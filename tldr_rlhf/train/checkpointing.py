@@ -191,7 +191,7 @@ def save_checkpoint(
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     run.prune_checkpoints(keep)
-    run._drop_replaced()
+    run.drop_replaced()
     return final
 
 

@@ -132,32 +132,13 @@ class PairScorer(nn.Module):
         return pair_logprobs(self.model, batch, shared_prompt=self.shared_prompt)
 
 
-@torch.no_grad()
-def score_pairs(
-    model: nn.Module,
-    examples: Sequence[PreferenceExample],
-    *,
-    pad_token_id: int,
-    batch_size: int = 16,
-    shared_prompt: bool = True,
-    accelerator=None,
-    desc: str = "",
-    progress: bool = False,
-) -> torch.Tensor:
-    """Summed log-probs of every example's chosen and rejected response: (N, 2) float32 on CPU.
-
-    No gradients, eval mode (restored after). Examples are batched in length order (less padding);
-    with several processes each scores an interleaved share and the results are gathered.
-    """
-    return score_preference_pairs(model, examples, pair_logprobs, pad_token_id=pad_token_id, batch_size=batch_size, shared_prompt=shared_prompt, accelerator=accelerator, desc=desc or "scoring pairs", progress=progress)
-
-
 def reference_logprobs(model: nn.Module, examples: Sequence[PreferenceExample], **kwargs) -> torch.Tensor:
-    """``score_pairs`` under the reference: the model itself, or with LoRA the model with its
-    adapters disabled (the SFT weights). (N, 2) float32 (chosen, rejected)."""
+    """Summed log-probs (N, 2) float32 (chosen, rejected) of every example under the reference
+    (``scoring.score_preference_pairs`` with ``pair_logprobs``; ``kwargs`` are its keywords): the model
+    itself, or with LoRA the model with its adapters disabled (the SFT weights)."""
     ctx = model.disable_adapter() if hasattr(model, "disable_adapter") and hasattr(model, "peft_config") else contextlib.nullcontext()
     with ctx:
-        return score_pairs(model, examples, **kwargs)
+        return score_preference_pairs(model, examples, pair_logprobs, **kwargs)
 
 
 def implicit_reward_metrics(policy: torch.Tensor, reference: torch.Tensor, *, beta: float, confidences: Sequence[int | None] | None = None) -> dict[str, Any]:
@@ -205,7 +186,7 @@ def implicit_reward_accuracy(
     """
     if tuple(reference.shape) != (len(examples), 2):
         raise ValueError(f"reference log-probs have shape {tuple(reference.shape)}, expected ({len(examples)}, 2)")
-    scores = score_pairs(policy, examples, pad_token_id=pad_token_id, batch_size=batch_size, shared_prompt=shared_prompt, accelerator=accelerator, desc="held-out pairs", progress=progress)
+    scores = score_preference_pairs(policy, examples, pair_logprobs, pad_token_id=pad_token_id, batch_size=batch_size, shared_prompt=shared_prompt, accelerator=accelerator, desc="held-out pairs", progress=progress)
     return implicit_reward_metrics(scores, reference, beta=beta, confidences=[e.confidence for e in examples])
 
 

@@ -7,7 +7,8 @@ prompt (group size), P query tokens, T response tokens; b sequences of a micro-b
 Each rollout:
 
 1. ``sample``: G responses per prompt and their scores, policy and reference log-probs (B, T);
-2. ``advantages``: one per sequence (B,) or one per response token (B, T), as the stage's loss reads them;
+2. ``advantages``: one per response token (B, T), 0 on padding, from every algorithm (a sequence-level
+   estimator's broadcast over the response: ``advantages.broadcast_over_response``);
 3. ``update_per_rollout`` passes over the rollout in shuffled minibatches of ``mini_batch_size``
    sequences, each one optimizer step (gradient clipping, the cosine-with-warmup schedule stepped per
    optimizer step) over micro-batches whose ``loss`` is normalized by the minibatch's real tokens and
@@ -39,22 +40,29 @@ log = logging.getLogger(__name__)
 
 
 
-class GroupConfig(Protocol):
-    """The fields of a stage config that this loop reads, declared (``config.GRPOConfig`` and
-    ``config.RLOOConfig`` have every one): a new group algorithm's config is checked against this list,
-    not against defaults hidden in ``getattr`` calls."""
+class GroupRolloutConfig(Protocol):
+    """The fields of a stage config that the group rollout (step 1: ``group_rollout`` and its
+    shared-prompt path) reads, declared: the group stages' configs have every one, and online DPO's
+    (``config.OnlineDPOConfig``: G = 2, ``shared_prompt`` always off) samples its pairs with it."""
 
     group_size: int
     temperature: float
     response_length: int
     forward_batch_size: int
+    no_eos_penalty: float | None
+    shared_prompt: bool
+    tis_cap: float
+
+
+class GroupConfig(GroupRolloutConfig, Protocol):
+    """The fields of a stage config that this loop reads, declared (``config.GRPOConfig``,
+    ``RLOOConfig`` and ``ReinforcePPConfig`` have every one): a new group algorithm's config is
+    checked against this list, not against defaults hidden in ``getattr`` calls."""
+
     micro_batch_size: int
     rollout_prompts: int
     update_per_rollout: int
-    no_eos_penalty: float | None
-    shared_prompt: bool
     rollout_engine: Literal["hf", "vllm"]
-    tis_cap: float
     tis_level: Literal["token", "sequence"]
     optim: OptimArgs
     run: RunArgs
@@ -68,14 +76,14 @@ class GroupConfig(Protocol):
 SampleFn = Callable[..., tuple[Rollout, dict[str, float]]]
 """``sample(policy, ref, score_fn, queries, cfg, *, eos, pad, generator, engine, seed) -> (rollout of B = len(queries) x G rows, metrics)``."""
 AdvantageFn = Callable[[Rollout, GroupConfig], tuple[torch.Tensor, dict[str, float]]]
-"""``advantages(rollout, cfg) -> ((B,) one advantage per sequence or (B, T) one per response token, metrics)``."""
+"""``advantages(rollout, cfg) -> ((B, T) one advantage per response token, 0 on padding, metrics)``."""
 LossFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
-"""``loss(new_logprobs (b, T), micro_batch, advantages (b,) or (b, T), cfg, *, num_tokens, num_sequences) -> (loss, metrics)``
+"""``loss(new_logprobs (b, T), micro_batch, advantages (b, T), cfg, *, num_tokens, num_sequences) -> (loss, metrics)``
 of one micro-batch, normalized by the minibatch's ``num_tokens`` real tokens and ``num_sequences``
 sequences."""
 
 
-def group_rollout(policy, ref, score_fn, queries: list[list[int]], cfg: GroupConfig, *, eos: int, pad: int, generator: torch.Generator | None = None, engine=None, seed: int | None = None) -> tuple[Rollout, dict[str, float]]:
+def group_rollout(policy, ref, score_fn, queries: list[list[int]], cfg: GroupRolloutConfig, *, eos: int, pad: int, generator: torch.Generator | None = None, engine=None, seed: int | None = None) -> tuple[Rollout, dict[str, float]]:
     """Step 1 without extras: G responses for each query, rows ``[q0] * G + [q1] * G + ...`` (group
     b = rows bG .. bG + G - 1), sampled at ``cfg.temperature``. With ``cfg.shared_prompt`` each
     prompt is computed once per group in every pass (``shared_group_rollout``) and the metrics
@@ -83,8 +91,7 @@ def group_rollout(policy, ref, score_fn, queries: list[list[int]], cfg: GroupCon
     ``rollout.rollout`` over the repeated queries and no extra metrics. ``generator`` is unused. A
     rollout ``engine`` other than hf (``rollout_engine``) samples instead of the policy, with requests
     seeded from ``seed``, always on the shared path; the hf engine draws from the global RNG."""
-    # online DPO samples its pairs here and has no shared_prompt field
-    if getattr(cfg, "shared_prompt", False) or samples_elsewhere(engine):
+    if cfg.shared_prompt or samples_elsewhere(engine):
         return shared_group_rollout(policy, ref, score_fn, queries, cfg, eos=eos, pad=pad, engine=engine, seed=seed)
     grouped = [q for q in queries for _ in range(cfg.group_size)]
     common = dict(eos_token_id=eos, pad_token_id=pad, response_length=cfg.response_length, batch_size=cfg.forward_batch_size)
@@ -96,7 +103,7 @@ def samples_elsewhere(engine) -> bool:
     return engine is not None and engine.name != "hf"
 
 
-def shared_group_rollout(policy, ref, score_fn, queries: list[list[int]], cfg: GroupConfig, *, eos: int, pad: int, engine=None, seed: int | None = None) -> tuple[Rollout, dict[str, float]]:
+def shared_group_rollout(policy, ref, score_fn, queries: list[list[int]], cfg: GroupRolloutConfig, *, eos: int, pad: int, engine=None, seed: int | None = None) -> tuple[Rollout, dict[str, float]]:
     """``group_rollout`` with each prompt computed once per group: sampling
     (``generation.generate_groups``: one prefill per prompt, its cache expanded to the G rows), the
     reward model (``score_groups``) and the policy and reference log-probs (``group_logprobs``).
@@ -130,7 +137,7 @@ def sample_groups_shared(policy, queries: list[list[int]], group_size: int, *, e
     return batch, has_eos, (padded_logprobs(logps, batch.responses.shape[1]) if samples_elsewhere(engine) else None)
 
 
-def finish_group_rollout(policy, ref, batch: QueryResponseBatch, raw_scores: torch.Tensor, has_eos: torch.Tensor, cfg: GroupConfig) -> Rollout:
+def finish_group_rollout(policy, ref, batch: QueryResponseBatch, raw_scores: torch.Tensor, has_eos: torch.Tensor, cfg: GroupRolloutConfig) -> Rollout:
     """``rollout.finish_rollout`` for group-contiguous rows with each prompt once per group
     (``group_logprobs``): policy log-probs and entropy, reference log-probs at ``cfg.temperature``,
     scores with the no-EOS penalty (N+ detail 23)."""
@@ -194,6 +201,15 @@ def score_groups(score_fn, batch: QueryResponseBatch, group_size: int, *, batch_
     return out
 
 
+def sequence_abs_mean(adv: torch.Tensor, mask: torch.Tensor) -> float:
+    """Mean over sequences of each sequence's mean |A_t| over its real tokens: (B, T) advantages and
+    bool mask -> a float. Each row's mean is taken in float64, so a sequence-level advantage broadcast
+    over its response (GRPO, RLOO) counts exactly as its one value |A_b|, whatever its length."""
+    m = mask.double()
+    per_seq = (adv.double().abs() * m).sum(-1) / m.sum(-1).clamp(min=1.0)
+    return per_seq.to(adv.dtype).mean().item()
+
+
 def minibatch_step(model, r: Rollout, adv: torch.Tensor, rows: list[int], cfg: GroupConfig, accelerator, *, loss_fn: LossFn, prefix: str, token_metrics: bool = False) -> dict[str, float]:
     """Step 3 on one minibatch (``rows`` of the local rollout): forward/backward in micro-batches, the
     loss normalized by the minibatch's real tokens and sequences (exact gradient accumulation); does
@@ -210,7 +226,7 @@ def minibatch_step(model, r: Rollout, adv: torch.Tensor, rows: list[int], cfg: G
     sums: dict[str, float] = defaultdict(float)
     for idx, sync in accumulation_micro_batches(rows, cfg.micro_batch_size, accelerator, model):
         mb = r.select(idx).to(device)
-        a = adv[idx].to(device)  # (b,) or (b, T)
+        a = adv[idx].to(device)  # (b, T)
         with sync, accelerator.autocast():
             # each distinct query of the micro-batch once (a whole group or part of one), unless shared_prompt is off
             logits = grouped_response_logits(model, mb.batch, shared_prompt=cfg.shared_prompt)
@@ -241,7 +257,7 @@ def train(cfg: GroupConfig, name: str, *, advantages: AdvantageFn, loss: LossFn,
     if cfg.group_size < 2:
         raise ValueError(f"group_size must be >= 2 (a group baseline needs two responses), got {cfg.group_size}")
     plan = f"{num_updates} rollouts of {cfg.rollout_prompts} prompts x {cfg.group_size}"
-    rl = open_rl_run(cfg, name, accelerator, batch=cfg.rollout_prompts, group=cfg.group_size, num_updates=num_updates, plan=plan)
+    rl = open_rl_run(cfg, name, accelerator, batch=cfg.rollout_prompts, group=cfg.group_size, passes=cfg.update_per_rollout, num_updates=num_updates, plan=plan)
     start, model, optimizer, scheduler, score_fn = start_policy_updates(rl, world, unit="rollout")
     eos, pad = rl.tokenizer.eos_token_id, rl.tokenizer.pad_token_id
     # the sampler: the policy itself (hf) or a vLLM engine holding a copy of its (resumed) weights
@@ -255,8 +271,10 @@ def train(cfg: GroupConfig, name: str, *, advantages: AdvantageFn, loss: LossFn,
         with accelerator.autocast():
             r, extra = sample(accelerator.unwrap_model(model), rl.ref, score_fn, [p.query_ids for p in prompts], cfg, eos=eos, pad=pad, generator=rs_gen, engine=engine, seed=cfg.run.seed * 1_000_033 + update)
         t_rollout = time.perf_counter() - t0
-        # 2. the advantages: (B,) per sequence or (B, T) per token
+        # 2. the advantages, (B, T) per token
         adv, adv_metrics = advantages(r, cfg)
+        if adv.shape != r.mask.shape:
+            raise ValueError(f"{name}'s advantages must be per token, shape {tuple(r.mask.shape)}, got {tuple(adv.shape)}")
         # 3. passes over the rollout, one optimizer step per minibatch
         stats = update_passes(
             model, optimizer, accelerator, lambda rows: minibatch_step(model, r, adv, rows, cfg, accelerator, loss_fn=loss, prefix=name, token_metrics=token_metrics),
@@ -269,7 +287,7 @@ def train(cfg: GroupConfig, name: str, *, advantages: AdvantageFn, loss: LossFn,
         stats.update(rollout_stats(r))
         stats.update(adv_metrics)
         stats.update(extra)
-        stats.update({"objective/kl": kl.mean().item(), f"{name}/advantage_abs_mean": adv.abs().mean().item()})
+        stats.update({"objective/kl": kl.mean().item(), f"{name}/advantage_abs_mean": sequence_abs_mean(adv, r.mask)})
         log_update(rl, update + 1, r, prompts, stats, lr=scheduler.get_last_lr()[0], t0=t0, t_rollout=t_rollout)
         checkpoint_update_if_due(rl, update + 1, model, optimizer, scheduler)
     engine.close()

@@ -10,8 +10,9 @@ Each rollout (the loop is ``group_rl.train``, which GRPO and RLOO share):
    optionally statistical rejection sampling (Liu et al. 2023, ``sample_groups``): 64 candidates per
    prompt at a high temperature, G kept by rejection against their scores with temperature beta,
    log-probs of the kept ones at the training temperature;
-2. advantages ``(r - mean_group) / std_group`` (``sequence_advantages``; without the std division =
-   Dr. GRPO; optional global normalization afterwards), one per sequence, (B,);
+2. advantages ``(r - mean_group) / std_group`` (``group_relative_advantages``; without the std
+   division = Dr. GRPO; optional global normalization afterwards), one per sequence, broadcast over
+   its response tokens: (B, T), 0 on padding;
 3. ``update_per_rollout`` (4) passes over the rollout in shuffled minibatches (64 sequences), each
    an optimizer step over micro-batches (8): clipped surrogate (0.2) with dual clip (c = 3) for
    negative advantages, plus 0.05 x the k3 KL estimator to the reference in the loss, reduced by
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from ..advantages import group_advantages, group_std, statistical_rejection_sampling, tied_groups
+from ..advantages import broadcast_over_response, group_advantages, group_std, statistical_rejection_sampling, tied_groups
 from ..config import GRPOConfig
 from ..importance_sampling import rollout_is_weights
 from ..losses import grpo_loss
@@ -66,18 +67,19 @@ def sample_groups(policy, ref, score_fn, queries: list[list[int]], cfg: GRPOConf
     return r, {"rs/candidate_score_mean": scores.mean().item(), "rs/kept_score_mean": scores[rows].mean().item()}
 
 
-def sequence_advantages(r: Rollout, cfg: GRPOConfig) -> tuple[torch.Tensor, dict[str, float]]:
-    """Step 2: per-sequence advantages (B,) of a grouped rollout, its scores normalized within each
-    group (``advantages.group_advantages``), and their metrics."""
+def group_relative_advantages(r: Rollout, cfg: GRPOConfig) -> tuple[torch.Tensor, dict[str, float]]:
+    """Step 2: advantages (B, T) of a grouped rollout: each sequence's score normalized within its
+    group (``advantages.group_advantages``) on every real token of its response, 0 on padding
+    (``advantages.broadcast_over_response``); and their metrics."""
     grouped = r.scores.view(-1, cfg.group_size)  # (B,) -> (B / G, G)
     adv = group_advantages(grouped, scale_by_std=cfg.scale_by_std, global_normalize=cfg.global_normalize).flatten()
     # ties decided on the scores (max == min), not on a float32 std that is rounding residue for them
-    return adv, {"grpo/group_score_std": group_std(grouped).mean().item(), "grpo/zero_std_groups": tied_groups(grouped).float().mean().item()}
+    return broadcast_over_response(adv, r.mask), {"grpo/group_score_std": group_std(grouped).mean().item(), "grpo/zero_std_groups": tied_groups(grouped).float().mean().item()}
 
 
 def token_loss(new_lp: torch.Tensor, mb: Rollout, adv: torch.Tensor, cfg: GRPOConfig, *, num_tokens: int, num_sequences: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Step 3 on one micro-batch: ``losses.grpo_loss`` (clipped surrogate with dual clip plus the KL
-    estimator in the loss) of new log-probs (b, T) against the rollout's, advantages (b,). Its
+    estimator in the loss) of new log-probs (b, T) against the rollout's, advantages (b, T). Its
     ``pg_loss`` metric is left out (the logged ``loss/policy`` is the whole loss). A rollout sampled by
     another engine (vllm) weights each token's policy-gradient term by its truncated importance
     weight (``--tis-cap``, ``--tis-level``)."""
@@ -96,4 +98,4 @@ def train(cfg: GRPOConfig) -> str:
     Raises DataError for bad prompts (before any model loads), ValueError for sizes that do not
     divide, ModelLoadError for bad model paths, RunDirError for a finished run folder.
     """
-    return group_rl.train(cfg, "grpo", advantages=sequence_advantages, loss=token_loss, sample=sample_groups, token_metrics=True)
+    return group_rl.train(cfg, "grpo", advantages=group_relative_advantages, loss=token_loss, sample=sample_groups, token_metrics=True)

@@ -129,7 +129,7 @@ def train(cfg: OnlineDPOConfig) -> str:
     num_updates = cfg.num_updates()
     local_prompts, local_mini = cfg.local_prompts(world), cfg.local_mini_batch_size(world)
     plan = f"{num_updates} updates of {cfg.rollout_prompts} prompts x 2 responses"
-    rl = open_rl_run(cfg, NAME, accelerator, batch=cfg.rollout_prompts, group=2, num_updates=num_updates, plan=plan)
+    rl = open_rl_run(cfg, NAME, accelerator, batch=cfg.rollout_prompts, group=2, passes=cfg.update_per_rollout, num_updates=num_updates, plan=plan)
     start, model, optimizer, scheduler, score_fn = start_policy_updates(rl, world, unit="update")
     eos, pad = rl.tokenizer.eos_token_id, rl.tokenizer.pad_token_id
     engine = open_engine(rl, accelerator.unwrap_model(model), cfg.response_length)  # --rollout-engine

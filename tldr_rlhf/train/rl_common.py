@@ -197,7 +197,7 @@ class RLRun:
     """An RL stage's run once set up (``open_rl_run``): its config and name, the accelerator, the
     tokenizer, the prompts and every update's prompt indices (``order``), the updates run now
     (``total``: ``run.max_steps`` caps the planned ones), ``batch`` prompts per update with ``group``
-    responses each, the run folder and the checkpoint to resume from, the trainable policy (CPU, not
+    responses each and ``passes`` training passes over them, the run folder and the checkpoint to resume from, the trainable policy (CPU, not
     yet prepared) and the frozen reference and reward model. ``start_updates`` adds the throughput
     meter and progress bar."""
 
@@ -221,6 +221,8 @@ class RLRun:
     """The stage's ``rewards.RLReward`` (``--reward`` or ``--rm-path``); None = score with ``reward_model``."""
     value: nn.Module | None = None
     """PPO's value model (its FLOPs are part of every update's); None for the other stages."""
+    passes: int = 1
+    """Training passes over each update's rollout (PPO's ``ppo_epochs``, the others' ``update_per_rollout``)."""
 
     @property
     def is_main(self) -> bool:
@@ -241,17 +243,17 @@ def rl_accelerator(cfg, name: str):
     """The stage's accelerator (``common.make_accelerator`` with its dtype and run arguments).
     Raises DataError, before anything loads, when ``sft_path`` is missing, or both ``reward`` and
     ``rm_path`` (the reward, ``rewards.py``)."""
-    if not cfg.sft_path or not (cfg.rm_path or getattr(cfg, "reward", "")):
+    if not cfg.sft_path or not (cfg.rm_path or cfg.reward):
         raise DataError(f"{name.upper()} needs --sft-path (policy and reference) and --reward or --rm-path (the reward: rewards.py)")
     check_engine_available(cfg.rollout_engine)  # --rollout-engine vllm without vllm: the install line, before anything loads
     return make_accelerator(ModelArgs(path=cfg.sft_path, dtype=cfg.dtype), cfg.run)
 
 
-def open_rl_run(cfg, name: str, accelerator, *, batch: int, group: int, num_updates: int, plan: str) -> RLRun:
+def open_rl_run(cfg, name: str, accelerator, *, batch: int, group: int, passes: int, num_updates: int, plan: str) -> RLRun:
     """Set-up after the stage has checked its sizes: tokenizer, prompts (``tasks.rl_prompts``) and
-    their order over ``num_updates`` batches of ``batch`` prompts, the run folder, the seed, then the
-    policy, reference and reward model (``load_rl_models``). ``plan`` describes the updates in the
-    log line. Raises DataError for bad prompts (before any model loads), RunDirError for a finished
+    their order over ``num_updates`` batches of ``batch`` prompts (``group`` responses each, ``passes``
+    training passes over them), the run folder, the seed, then the policy, reference and reward model
+    (``load_rl_models``). ``plan`` describes the updates in the log line. Raises DataError for bad prompts (before any model loads), RunDirError for a finished
     run folder, ModelLoadError for a model path that does not load."""
     tokenizer = load_tokenizer_cached(cfg.tokenizer or cfg.sft_path)
     prompts, truncated = rl_prompts(cfg.data, tokenizer)
@@ -262,21 +264,21 @@ def open_rl_run(cfg, name: str, accelerator, *, batch: int, group: int, num_upda
     run, resume_from = start_run(cfg, is_main=accelerator.is_main_process)
     seed_everything(cfg.run.seed)
     policy, ref, reward = load_rl_models_and_reward(cfg, tokenizer, prompts, accelerator)
-    if getattr(cfg, "gradient_checkpointing", False):
+    if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(policy)  # PPO's value model: ppo.train
-    return RLRun(cfg, name, accelerator, tokenizer, prompts, order, total, batch, group, run, resume_from, policy, ref, reward.reward_model, reward=reward)
+    return RLRun(cfg, name, accelerator, tokenizer, prompts, order, total, batch, group, run, resume_from, policy, ref, reward.reward_model, reward=reward, passes=passes)
 
 
 def load_rl_models_and_reward(cfg, tokenizer, prompts: list[Prompt], accelerator) -> tuple[nn.Module, nn.Module, Any]:
     """(policy, reference, ``rewards.RLReward``): ``load_rl_models`` without its reward model (with the
     stage's LoRA / 4-bit settings), and the stage's reward (``--reward``, else the reward model
     ``--rm-path``; ``rewards.load_rl_reward``)."""
-    if getattr(cfg, "reward", "") and cfg.rm_path:
+    if cfg.reward and cfg.rm_path:
         log.warning("--reward %s is the reward; --rm-path %s is not used", cfg.reward, cfg.rm_path)
     dtype = frozen_weights_dtype(cfg.dtype)
     policy, ref = load_rl_models(
         cfg.sft_path, tokenizer, dtype=dtype, device=accelerator.device,
-        lora_r=getattr(cfg, "lora_r", 0), lora_alpha=getattr(cfg, "lora_alpha", 32), load_in_4bit=getattr(cfg, "load_in_4bit", False),
+        lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, load_in_4bit=cfg.load_in_4bit,
     )
     reward = load_rl_reward(cfg, tokenizer, prompts, dtype=dtype, device=accelerator.device, autocast=accelerator.autocast)
     return policy, ref, reward
@@ -429,15 +431,13 @@ def log_update(rl: RLRun, done: int, r: Rollout, prompts: list[Prompt], stats: d
 
 def update_flops(rl: RLRun, r: Rollout) -> float:
     """Model FLOPs of one update on this process's rollout ``r`` (``flops.rl_update_flops``): generation,
-    two no-grad log-prob passes (policy, reference), the reward model, the training passes
-    (``ppo_epochs`` / ``update_per_rollout``), PPO's value model; each group's prompt once per pass
-    under ``shared_prompt``."""
-    cfg = rl.cfg
-    passes = getattr(cfg, "ppo_epochs", None) or getattr(cfg, "update_per_rollout", 1)
-    group = rl.group if getattr(cfg, "shared_prompt", False) and rl.group > 1 else 1
+    two no-grad log-prob passes (policy, reference), the reward model, the ``rl.passes`` training
+    passes, PPO's value model; each group's prompt once per pass when the stage has groups
+    (``rl.group`` > 1) and its config's ``shared_prompt`` is on."""
+    group = rl.group if rl.group > 1 and rl.cfg.shared_prompt else 1
     reward = ModelShape.of(rl.reward_model) if rl.reward_model is not None else None
     value = ModelShape.of(rl.value) if rl.value is not None else None
-    return rl_update_flops(ModelShape.of(rl.policy), r.batch.attention_mask, r.batch.query_width, group_size=group, passes=passes, reward=reward, value=value)
+    return rl_update_flops(ModelShape.of(rl.policy), r.batch.attention_mask, r.batch.query_width, group_size=group, passes=rl.passes, reward=reward, value=value)
 
 
 def checkpoint_update_if_due(rl: RLRun, done: int, model: nn.Module, optimizer, scheduler) -> None:

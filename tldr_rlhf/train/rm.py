@@ -51,7 +51,8 @@ from ..metrics import comparison_metrics
 from ..modeling import count_parameters
 from ..reward_loading import init_reward_model, save_reward_model
 from ..reward_model import ScalarRewardModel, train_top_layers
-from ..reward_scoring import ScoredText, pair_rewards, score_comparisons, score_responses
+from ..reward_scoring import ScoredText, pair_rewards, score_responses
+from ..scoring import score_preference_pairs
 from .common import make_accelerator, prepare, shard_if_asked, tokenizer_for, weights_saver
 from .loop import (
     throughput_meter,
@@ -135,8 +136,8 @@ def _load_data(cfg: RMConfig, tokenizer, *, is_main: bool) -> tuple[list, list, 
 
 def _held_out_record(model, valid_ex, cfg: RMConfig, accelerator, *, pad_token_id: int) -> dict[str, Any]:
     """Held-out accuracy and the other scalar ``comparison_metrics`` as ``valid/*`` record fields."""
-    rewards = score_comparisons(
-        model, valid_ex, pad_token_id=pad_token_id, batch_size=cfg.eval_batch_size, shared_prompt=cfg.shared_prompt,
+    rewards = score_preference_pairs(
+        model, valid_ex, pair_rewards, pad_token_id=pad_token_id, batch_size=cfg.eval_batch_size, shared_prompt=cfg.shared_prompt,
         accelerator=accelerator, desc="held-out pairs", progress=cfg.run.progress and accelerator.is_main_process,
     )
     m = comparison_metrics(rewards, [e.confidence for e in valid_ex])

@@ -116,7 +116,7 @@ class RunDir:
             log.warning("restored the previous run in %s (the --run.overwrite run stopped before its first checkpoint)", self.path)
         self.replaced = None
 
-    def _drop_replaced(self) -> None:
+    def drop_replaced(self) -> None:
         """The new run has progress of its own: the old one it replaced can go."""
         if self.replaced is not None:
             shutil.rmtree(self.replaced, ignore_errors=True)
@@ -147,7 +147,7 @@ class RunDir:
             os.replace(self.final_dir, old)
         os.replace(tmp, self.final_dir)
         shutil.rmtree(old, ignore_errors=True)
-        self._drop_replaced()
+        self.drop_replaced()
         self.close_trackers()
         return self.final_dir
 
