@@ -40,13 +40,14 @@ def plan_table(args: PlanArgs, stage_configs: dict[str, Any]) -> tuple[list[str]
     """(header, rows) of the plan: one row per stage, sizes in GiB."""
     shapes: dict[str, ModelShape] = {}
     budget = args.gpu_memory_gb * GIB
-    header = ["stage", *StageEstimate.PARTS, "total", "fits", "cheapest change that fits"]
+    ests = {stage: estimate_stage(stage, stage_configs[stage], device=args.device, world=args.gpus, shapes=shapes) for stage in args.stages}
+    # the engine column (--rollout-engine vllm: its weights and KV cache) only when a stage has one
+    parts = [p for p in StageEstimate.PARTS if p != "engine" or any(e.engine for e in ests.values())]
+    header = ["stage", *parts, "total", "fits", "cheapest change that fits"]
     rows = []
-    for stage in args.stages:
-        cfg = stage_configs[stage]
-        est = estimate_stage(stage, cfg, device=args.device, world=args.gpus, shapes=shapes)
-        change = suggestion(stage, cfg, est, budget=budget, device=args.device, world=args.gpus, shapes=shapes)
-        rows.append([stage, *(gib(getattr(est, p)) for p in StageEstimate.PARTS), gib(est.total), "yes" if est.total <= budget else "NO", change or "-"])
+    for stage, est in ests.items():
+        change = suggestion(stage, stage_configs[stage], est, budget=budget, device=args.device, world=args.gpus, shapes=shapes)
+        rows.append([stage, *(gib(getattr(est, p)) for p in parts), gib(est.total), "yes" if est.total <= budget else "NO", change or "-"])
     return header, rows
 
 

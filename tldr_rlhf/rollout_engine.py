@@ -236,18 +236,48 @@ def check_engine_available(name: str) -> None:
         raise ConfigError(VLLM_MISSING)
 
 
-def engine_for(cfg, policy, *, max_tokens: int, world_size: int = 1):
-    """The rollout engine an RL stage's ``cfg`` asks for (``config.RolloutEngineArgs``) on ``policy``
-    (the trainable policy, after any resume restored its weights): ``HFEngine`` or a ``VLLMEngine``
-    whose context holds ``max_tokens`` (the longest prompt plus the response length).
-    Raises ConfigError for vllm under several processes (one engine per run for now) or when vllm is
-    missing."""
+def engine_dtype(vllm_dtype: str) -> str:
+    """``--vllm-dtype`` resolved: auto is bfloat16 on CUDA, float32 on the CPU (its log-probs match the
+    policy's within 5e-5)."""
+    if vllm_dtype != "auto":
+        return vllm_dtype
+    return "bfloat16" if torch.cuda.is_available() else "float32"
+
+
+def engine_size(cfg, policy, *, dtype: str, sequences: int, max_tokens: int) -> tuple[float, float]:
+    """(``kv_cache_gb``, ``gpu_memory_utilization``) of the engine: ``cfg``'s ``vllm_kv_cache_gb`` and
+    ``vllm_gpu_memory_utilization``, each taken from the memory plan (``engine_memory``) when left at 0:
+    the KV cache of ``sequences`` sequences of ``max_tokens`` tokens in the layers of ``policy``'s
+    config, and on CUDA the engine's share of the GPU (its weights + KV cache + margin)."""
+    from .engine_memory import engine_bytes, gpu_memory_utilization, planned_kv_cache_bytes
+    from .memory import shape_from_config
+
+    config = (policy.get_base_model() if hasattr(policy, "get_base_model") else policy).config
+    shape = shape_from_config(config.to_dict())
+    per = 2 if dtype == "bfloat16" else 4
+    kv = planned_kv_cache_bytes(sequences, max_tokens, shape.layers, shape.kv_heads, shape.head_dim, per)
+    kv_gb = cfg.vllm_kv_cache_gb or kv / 2**30
+    share = cfg.vllm_gpu_memory_utilization
+    if not share and torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        share = gpu_memory_utilization(engine_bytes(shape.params, kv, per, "cuda"), total)
+    return kv_gb, share or 0.3
+
+
+def engine_for(cfg, policy, *, max_tokens: int, sequences: int = 1, world_size: int = 1, seed: int | None = None):
+    """The rollout engine ``cfg`` asks for (``config.RolloutEngineArgs``: an RL stage's, evaluate's,
+    generate's) on ``policy`` (the trainable policy, after any resume restored its weights): ``HFEngine``
+    or a ``VLLMEngine`` whose context holds ``max_tokens`` (the longest prompt plus the response
+    length), sized for ``sequences`` sequences at once (``engine_size``), seeded with ``seed``
+    (default ``cfg.run.seed``). Raises ConfigError for vllm under several processes (one engine per
+    run for now) or when vllm is missing."""
     if cfg.rollout_engine == "hf":
         return HFEngine()
     if world_size > 1:
         raise ConfigError(f"--rollout-engine vllm: one engine in one process for now, not {world_size} processes (torchrun / accelerate launch); use --rollout-engine hf")
-    dtype = cfg.vllm_dtype if cfg.vllm_dtype != "auto" else ("bfloat16" if torch.cuda.is_available() else "float32")
+    dtype = engine_dtype(cfg.vllm_dtype)
+    kv_gb, share = engine_size(cfg, policy, dtype=dtype, sequences=sequences, max_tokens=max_tokens)
     return make_engine(
-        "vllm", policy, dtype=dtype, max_model_len=max_tokens,
-        kv_cache_gb=cfg.vllm_kv_cache_gb, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, seed=cfg.run.seed,
+        "vllm", policy, dtype=dtype, max_model_len=max_tokens, kv_cache_gb=kv_gb, gpu_memory_utilization=share,
+        seed=cfg.run.seed if seed is None else seed,
     )
