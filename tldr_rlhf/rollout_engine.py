@@ -60,6 +60,9 @@ class HFEngine:
         """Nothing to push: the sampler is the policy. Returns 0.0 seconds."""
         return 0.0
 
+    def sleep(self) -> None:
+        """Nothing to free: the sampler is the policy."""
+
     def close(self) -> None:
         """Nothing to free."""
 
@@ -139,6 +142,12 @@ class VLLMEngine:
 
     vLLM turns ``torch.set_num_threads`` into a no-op for the whole process once a CPU engine exists:
     set the thread count before building the engine (``make_engine`` logs it).
+
+    Sleep mode (CUDA only; ``sleep``): the RL loops put the engine to sleep after each rollout, so that
+    the policy update has the GPU memory of its KV cache (vLLM's ``sleep(level=1)``: KV cache
+    discarded, weights offloaded to CPU RAM); the next weight sync or rollout wakes it. On the CPU
+    vLLM has no sleep mode and the calls do nothing. Untested on a GPU here (this machine has none):
+    the tests check the call sequence with a stand-in for ``vllm.LLM``.
     Raises ConfigError (the install line) when vllm is missing.
     """
 
@@ -160,14 +169,33 @@ class VLLMEngine:
             enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, 8192),
             logprobs_mode="processed_logprobs",  # log-probs of softmax(logits / temperature), the distribution sampled
             generation_config="vllm",  # ignore the checkpoint's sampling defaults (N+ detail 19)
+            enable_sleep_mode=cuda,  # CUDA: its KV cache freed during each policy update (sleep)
             **kwargs,
         )
         self._vllm = vllm
+        self.sleep_mode, self.asleep = cuda, set()  # asleep: the parts sleep freed and nothing has woken yet
+
+    def sleep(self) -> None:
+        """CUDA: free the KV cache and offload the weights to CPU RAM for the policy update (vLLM's
+        ``LLM.sleep(level=1)``) until the next sync or rollout wakes the engine; a no-op on the CPU or
+        when already asleep."""
+        if self.sleep_mode and not self.asleep:
+            self.llm.sleep(level=1)
+            self.asleep = {"weights", "kv_cache"}
+
+    def wake_up(self, tags: tuple[str, ...] = ("weights", "kv_cache")) -> None:
+        """Wake the parts ``tags`` ("weights", "kv_cache") that ``sleep`` freed and are still asleep
+        (vLLM's ``LLM.wake_up(tags=...)``); nothing when none is (always on the CPU)."""
+        wake = [t for t in tags if t in self.asleep]
+        if wake:
+            self.llm.wake_up(tags=wake)
+            self.asleep -= set(wake)
 
     def _params(self, **kw):
         return self._vllm.SamplingParams(top_p=1.0, top_k=0, detokenize=False, **kw)
 
     def _run(self, queries: list[list[int]], params: list) -> list:
+        self.wake_up()  # asleep since the last update (sleep mode): KV cache back before sampling
         prompts = [{"prompt_token_ids": list(q)} for q in queries]
         return self.llm.generate(prompts, params, use_tqdm=False)
 
@@ -200,6 +228,7 @@ class VLLMEngine:
         re-packed (``_repack_lm_head``), then the prefix cache reset (its entries hold keys and values
         of the old weights). Returns the seconds it took."""
         t0 = time.perf_counter()
+        self.wake_up(("weights",))  # sleep mode: the weights' memory back first; the KV cache at the next rollout
         weights = [(n, w) for n, w in merged_weights(policy)]
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})  # a list: also picklable, should VLLM_ENABLE_V1_MULTIPROCESSING=1 put the engine in another process
         self.llm.apply_model(_repack_lm_head)
