@@ -119,3 +119,14 @@ def test_preflight_stops_a_run_whose_engine_does_not_fit(monkeypatch, tmp_path):
     # a share set by hand is what vLLM takes, whatever the plan says it needs
     est = memory.preflight("grpo", dataclasses.replace(cfg, vllm_gpu_memory_utilization=0.01, run=RunArgs(output_dir=str(tmp_path / "run"), memory_check=False)))
     assert est.engine == 0.01 * budget
+
+
+def test_zero_means_from_the_plan_and_negative_sizes_are_refused():
+    from tldr_rlhf.validation import validate_config
+
+    validate_config(GRPOConfig(vllm_kv_cache_gb=0.0, vllm_gpu_memory_utilization=0.0), check_paths=False)  # the defaults: sized by the plan
+    assert GRPOConfig().vllm_kv_cache_gb == 0.0 and GRPOConfig().vllm_gpu_memory_utilization == 0.0
+    with pytest.raises(ConfigError, match=r"^--vllm-kv-cache-gb -0.5: must be >= 0"):
+        validate_config(GRPOConfig(vllm_kv_cache_gb=-0.5), check_paths=False)
+    with pytest.raises(ConfigError, match=r"--vllm-gpu-memory-utilization -0.1: must be in \[0, 1\] \(0: from the memory plan\)"):
+        validate_config(GRPOConfig(vllm_gpu_memory_utilization=-0.1), check_paths=False)
