@@ -130,3 +130,13 @@ def test_zero_means_from_the_plan_and_negative_sizes_are_refused():
         validate_config(GRPOConfig(vllm_kv_cache_gb=-0.5), check_paths=False)
     with pytest.raises(ConfigError, match=r"--vllm-gpu-memory-utilization -0.1: must be in \[0, 1\] \(0: from the memory plan\)"):
         validate_config(GRPOConfig(vllm_gpu_memory_utilization=-0.1), check_paths=False)
+
+
+def test_plan_command_plans_the_rl_stages_with_the_vllm_engine(capsys):
+    from tldr_rlhf.cli import main
+
+    assert main(["plan", "--preset", "cpu-smol", "--device", "cpu", "--stages", "grpo", "sft", "--rollout-engine", "vllm"]) == 0
+    out = capsys.readouterr().out
+    assert "rollouts by vllm" in out and "| overhead | engine | total |" in out
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in out.splitlines() if line.startswith("| grpo") or line.startswith("| sft")}
+    assert float(rows["grpo"][8]) > 0.5 and rows["sft"][8] == "0.0"  # SmolLM2's 538 MB of float32 weights in the engine; SFT samples nothing

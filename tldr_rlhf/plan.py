@@ -34,6 +34,9 @@ class PlanArgs:
     """The device kind the estimate is for (its precision rules and overhead)."""
     stages: tuple[str, ...] = TRAIN_STAGES
     """Stages to plan (default: every training stage of the stage table)."""
+    rollout_engine: Literal["hf", "vllm"] = "hf"
+    """Plan the RL stages with --rollout-engine vllm: the engine's weights and KV cache in an engine
+    column (engine_memory.py), instead of the policy's generation KV cache."""
 
 
 def plan_table(args: PlanArgs, stage_configs: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
@@ -71,8 +74,10 @@ def plan(args: PlanArgs) -> list[list[str]]:
             configs[row.name] = dataclasses.replace(configs[row.name], **changes)
     if args.fsdp:
         configs = {name: dataclasses.replace(c, run=dataclasses.replace(c.run, fsdp=True)) if hasattr(c, "run") else c for name, c in configs.items()}
+    if args.rollout_engine != "hf":
+        configs = {name: dataclasses.replace(c, rollout_engine=args.rollout_engine) if hasattr(c, "rollout_engine") else c for name, c in configs.items()}
     header, rows = plan_table(args, configs)
-    sharding = ", FSDP" if args.fsdp else ""
+    sharding = (", FSDP" if args.fsdp else "") + (f", rollouts by {args.rollout_engine}" if args.rollout_engine != "hf" else "")
     print(f"Memory plan: pipeline preset '{args.preset}', {args.gpus} x {args.gpu_memory_gb:g} GiB {args.device} device(s){sharding}; GiB per device, estimates")
     print(markdown_table(header, rows))
     return rows
