@@ -277,7 +277,8 @@ def engine_size(cfg, policy, *, dtype: str, sequences: int, max_tokens: int) -> 
     """(``kv_cache_gb``, ``gpu_memory_utilization``) of the engine: ``cfg``'s ``vllm_kv_cache_gb`` and
     ``vllm_gpu_memory_utilization``, each taken from the memory plan (``engine_memory``) when left at 0:
     the KV cache of ``sequences`` sequences of ``max_tokens`` tokens in the layers of ``policy``'s
-    config, and on CUDA the engine's share of the GPU (its weights + KV cache + margin)."""
+    config, and on CUDA the engine's share of the GPU (its weights + KV cache + margin; on the CPU the
+    share is unused and left at 0.3)."""
     from .engine_memory import engine_bytes, gpu_memory_utilization, planned_kv_cache_bytes
     from .memory import shape_from_config
 
