@@ -40,6 +40,11 @@ def test_kv_cache_bytes_by_hand():
     # bfloat16 halves it; the floor of two sequences of the context when one rollout is a single short one
     assert kv_cache_bytes(64, 565, 30, 3, 64, 2) == 833_126_400
     assert planned_kv_cache_bytes(1, 2000, 30, 3, 64, 4) == 2 * 2000 * 46_080 == 184_320_000
+    # in whole KV blocks of 128 tokens (vLLM on the CPU): 565 -> 640 tokens a sequence; the real-SmolLM2
+    # `generate` of 4 posts of at most 405 tokens (query + response) takes 4 blocks = 512 tokens each
+    assert planned_kv_cache_bytes(64, 565, 30, 3, 64, 4, block=128) == 64 * 640 * 46_080 == 1_887_436_800
+    assert planned_kv_cache_bytes(4, 405, 30, 3, 64, 4, block=128) == 4 * 512 * 46_080 == 94_371_840
+    assert planned_kv_cache_bytes(4, 512, 30, 3, 64, 4, block=128) == 94_371_840  # already whole blocks
 
 
 def test_gpu_share_rounds_up_to_a_hundredth():
@@ -65,7 +70,8 @@ def test_plan_counts_the_engine_instead_of_the_policys_generation_cache():
     # PPO: one response per prompt, rollout_batch_size sequences; SmolLM2 in float32 at TL;DR shapes
     ppo = PPOConfig(sft_path="smol", reward="rouge-l", dtype="float32", data=TldrDataArgs(max_query_length=512), response_length=53,
                     rollout_batch_size=64, micro_batch_size=2, rollout_engine="vllm")
-    assert estimate_stage("ppo", ppo, device="cpu", shapes={"smol": SMOL}).engine == 134_515_008 * 4 + 1_666_252_800
+    # (512 + 53 tokens in five 128-token blocks: 640 a sequence)
+    assert estimate_stage("ppo", ppo, device="cpu", shapes={"smol": SMOL}).engine == 134_515_008 * 4 + 1_887_436_800
 
 
 def test_plan_table_has_an_engine_column_only_with_vllm():
@@ -85,18 +91,21 @@ def test_engine_size_from_the_policy_config(monkeypatch):
     policy = SimpleNamespace(config=config)
     auto = SimpleNamespace(vllm_kv_cache_gb=0.0, vllm_gpu_memory_utilization=0.0)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    # 300 sequences x 600 tokens x 2 layers x 2 x 1 head x 32 dims x 4 bytes = 92,160,000 bytes, above the floor
+    # 300 sequences x 640 tokens (600 in five 128-token blocks) x 2 layers x 2 x 1 head x 32 dims x 4 bytes
+    # = 98,304,000 bytes, above the floor
     kv_gb, share = engine_size(auto, policy, dtype="float32", sequences=300, max_tokens=600)
-    assert kv_gb == 92_160_000 / GIB and share == 0.3  # the CPU: the share is not used
+    assert kv_gb == 98_304_000 / GIB and share == 0.3  # the CPU: the share is not used
+    assert engine_size(auto, policy, dtype="float32", sequences=300, max_tokens=640)[0] == kv_gb
     assert engine_size(auto, policy, dtype="float32", sequences=2, max_tokens=64)[0] == KV_FLOOR_BYTES / GIB
     assert engine_size(SimpleNamespace(vllm_kv_cache_gb=0.7, vllm_gpu_memory_utilization=0.0), policy, dtype="float32", sequences=2, max_tokens=64)[0] == 0.7
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=8 * GIB))
-    # bfloat16, 600 sequences: 2 x 139,840 weights + 92,160,000 bytes of KV cache + 1 GiB margin = 1,166,181,504 bytes, 0.1358 of 8 GiB -> 0.14
+    # bfloat16, 600 sequences of 640 tokens (40 blocks of 16 on CUDA): 2 x 139,840 weights + 98,304,000
+    # bytes of KV cache + 1 GiB margin = 1,172,325,504 bytes, 0.1365 of 8 GiB -> 0.14
     params = memory.shape_from_config(config.to_dict()).params
     assert params == 1024 * 64 + 2 * (64 * 64 + 2 * 64 * 32 + 64 * 64 + 64 + 2 * 32 + 3 * 64 * 128 + 2 * 64) + 64 == 139_840
-    assert engine_size(auto, policy, dtype="bfloat16", sequences=600, max_tokens=600) == (92_160_000 / GIB, 0.14)
+    assert engine_size(auto, policy, dtype="bfloat16", sequences=600, max_tokens=640) == (98_304_000 / GIB, 0.14)
     assert engine_size(SimpleNamespace(vllm_kv_cache_gb=0.0, vllm_gpu_memory_utilization=0.45), policy, dtype="bfloat16", sequences=1, max_tokens=8)[1] == 0.45
 
 

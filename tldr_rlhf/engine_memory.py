@@ -5,10 +5,12 @@ profiling activations and CUDA graphs. ``memory.estimate_stage`` adds it to a st
 ``--vllm-kv-cache-gb`` (CPU) or ``--vllm-gpu-memory-utilization`` (CUDA) at 0:
 
 * KV cache bytes = sequences x tokens x layers x 2 (key and value) x kv_heads x head_dim x bytes per
-  element, sequences = prompts x G of one rollout, tokens = query + response (an upper bound: prefix
-  caching stores the G samples' shared prompt once), never below ``KV_FLOOR_BYTES`` nor two
-  sequences of the engine's context (vLLM refuses a cache that cannot hold one; a smaller cache than
-  the rollout needs only schedules fewer sequences at once).
+  element, sequences = prompts x G of one rollout, tokens = query + response rounded up to vLLM's KV
+  block (``BLOCK_TOKENS``: 128 tokens on the CPU, 16 on CUDA; an upper bound: prefix caching stores
+  the G samples' shared prompt once), never below ``KV_FLOOR_BYTES`` nor two sequences of the
+  engine's context (vLLM refuses a cache that cannot hold one). A smaller cache than the rollout
+  needs schedules fewer sequences at once, and may preempt running ones: slower, and a preempted
+  seeded request on the CPU cannot rewind its generator.
 * CUDA: ``gpu_memory_utilization`` = (weights + KV cache + ``CUDA_MARGIN_BYTES``) / the GPU's memory,
   rounded up to a hundredth: vLLM takes that share of the GPU, the training keeps the rest.
 
@@ -22,6 +24,7 @@ from typing import Literal
 
 GIB = 2**30
 KV_FLOOR_BYTES = 64 * 2**20  # 64 MiB: a few blocks of every layer at the tiny test shapes
+BLOCK_TOKENS = {"cpu": 128, "cuda": 16}  # vLLM's default KV block (tokens): a sequence takes whole blocks
 CUDA_MARGIN_BYTES = 1 * GIB  # vLLM's profiling activations (max_num_batched_tokens tokens), sampler logits, CUDA graphs
 
 
@@ -40,9 +43,10 @@ def kv_cache_bytes(sequences: int, tokens: int, layers: int, kv_heads: int, head
     return sequences * tokens * layers * 2 * kv_heads * head_dim * bytes_per
 
 
-def planned_kv_cache_bytes(sequences: int, tokens: int, layers: int, kv_heads: int, head_dim: int, bytes_per: int) -> int:
-    """``kv_cache_bytes`` of one rollout, floored at ``KV_FLOOR_BYTES`` and at two sequences of
-    ``tokens`` (the engine's context)."""
+def planned_kv_cache_bytes(sequences: int, tokens: int, layers: int, kv_heads: int, head_dim: int, bytes_per: int, *, block: int = 1) -> int:
+    """``kv_cache_bytes`` of one rollout with each sequence's ``tokens`` rounded up to whole KV blocks
+    of ``block`` tokens, floored at ``KV_FLOOR_BYTES`` and at two sequences (the engine's context)."""
+    tokens = -(-tokens // block) * block
     need = kv_cache_bytes(sequences, tokens, layers, kv_heads, head_dim, bytes_per)
     return max(need, KV_FLOOR_BYTES, kv_cache_bytes(2, tokens, layers, kv_heads, head_dim, bytes_per))
 
@@ -68,7 +72,7 @@ def stage_engine_bytes(cfg, params: int, layers: int, kv_heads: int, head_dim: i
     rollout of ``sequences`` sequences of ``tokens`` tokens: ``cfg.vllm_kv_cache_gb`` GiB of KV cache
     on the CPU when set, else ``planned_kv_cache_bytes``; the footprint is ``engine_bytes``."""
     per = engine_dtype_bytes(cfg.vllm_dtype, device)
-    kv = planned_kv_cache_bytes(sequences, tokens, layers, kv_heads, head_dim, per)
+    kv = planned_kv_cache_bytes(sequences, tokens, layers, kv_heads, head_dim, per, block=BLOCK_TOKENS[device])
     if device == "cpu" and getattr(cfg, "vllm_kv_cache_gb", 0):
         kv = int(cfg.vllm_kv_cache_gb * GIB)
     return engine_bytes(params, kv, per, device), kv

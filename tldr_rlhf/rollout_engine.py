@@ -279,13 +279,14 @@ def engine_size(cfg, policy, *, dtype: str, sequences: int, max_tokens: int) -> 
     the KV cache of ``sequences`` sequences of ``max_tokens`` tokens in the layers of ``policy``'s
     config, and on CUDA the engine's share of the GPU (its weights + KV cache + margin; on the CPU the
     share is unused and left at 0.3)."""
-    from .engine_memory import engine_bytes, gpu_memory_utilization, planned_kv_cache_bytes
+    from .engine_memory import BLOCK_TOKENS, engine_bytes, gpu_memory_utilization, planned_kv_cache_bytes
     from .memory import shape_from_config
 
     config = (policy.get_base_model() if hasattr(policy, "get_base_model") else policy).config
     shape = shape_from_config(config.to_dict())
     per = 2 if dtype == "bfloat16" else 4
-    kv = planned_kv_cache_bytes(sequences, max_tokens, shape.layers, shape.kv_heads, shape.head_dim, per)
+    block = BLOCK_TOKENS["cuda" if torch.cuda.is_available() else "cpu"]
+    kv = planned_kv_cache_bytes(sequences, max_tokens, shape.layers, shape.kv_heads, shape.head_dim, per, block=block)
     kv_gb = cfg.vllm_kv_cache_gb or kv / 2**30
     share = cfg.vllm_gpu_memory_utilization
     if not share and torch.cuda.is_available():
