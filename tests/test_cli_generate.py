@@ -131,3 +131,16 @@ def test_loading_a_reward_model_folder_as_a_policy_raises_instead_of_prompting(q
     assert out.returncode == 0, out.stderr
     assert "ModelLoadError cannot load model from" in out.stdout and "trust_remote_code" in out.stdout
     assert "Do you wish to run the custom code" not in out.stdout + out.stderr
+
+
+def test_generate_with_vllm_missing_is_one_line_naming_the_extra(tiny_model_dir, monkeypatch, capsys):
+    """--rollout-engine vllm where the vllm package is not installed: exit 2 and the install line,
+    before the model loads (the vllm venv's greedy-equality test is tests/test_vllm_generate.py)."""
+    import importlib.util
+
+    real_find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real_find(name, *a))
+    monkeypatch.setattr("tldr_rlhf.modeling.load_causal_lm", lambda *a, **k: pytest.fail("the model loaded"))
+    assert cli.main(["generate", "--model", str(tiny_model_dir), "--post", "hello", "--rollout-engine", "vllm"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "pip install 'tldr-rlhf[vllm]'" in err

@@ -96,6 +96,7 @@ def test_stage_losses_apply_tis_only_when_another_engine_sampled():
     from tldr_rlhf.config import RLOOConfig
     from tldr_rlhf.data.batching import QueryResponseBatch
     from tldr_rlhf.rollout import Rollout
+    from tldr_rlhf.advantages import broadcast_over_response
     from tldr_rlhf.train import rloo
 
     mask = torch.tensor([[True, True, False], [True, True, True]])
@@ -106,7 +107,7 @@ def test_stage_losses_apply_tis_only_when_another_engine_sampled():
         return Rollout(batch, old, old - 0.1, torch.zeros(2, 3), torch.zeros(2), torch.zeros(2), torch.ones(2, dtype=torch.bool), sample_logprobs=sample)
 
     new = old + 0.05
-    adv = torch.tensor([1.3, -0.7])
+    adv = broadcast_over_response(torch.tensor([1.3, -0.7]), mask)  # the (B, T) per-token contract of every estimator
     for loss_fn, cfg in ((grpo.token_loss, GRPOConfig()), (rloo.sequence_loss, RLOOConfig())):
         plain, _ = loss_fn(new, rollout(None), adv, cfg, num_tokens=5, num_sequences=2)
         same, _ = loss_fn(new, rollout(old.clone()), adv, cfg, num_tokens=5, num_sequences=2)

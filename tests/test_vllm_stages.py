@@ -1,10 +1,11 @@
 """GRPO, RLOO, REINFORCE++ and PPO with --rollout-engine vllm end to end on CPU (tiny models from a config, the real
 tokenizer and posts): the training log-probs come from the policy (step-0 KL and the first
 minibatch's ratio deviation exactly 0), the engine is synced after every update but the last, its
-fp32 sampling log-probs match the policy's, and a GRPO run resumed from its checkpoint (the engine
-rebuilt from the resumed weights) reproduces the uninterrupted run: vLLM's sampling is seeded per
-request. Needs the ``vllm`` extra (``make test-vllm``)."""
+fp32 sampling log-probs match the policy's, and a GRPO, RLOO or PPO run resumed from its checkpoint
+(the engine rebuilt from the resumed weights) reproduces the uninterrupted run exactly: vLLM's
+sampling is seeded per request, and deterministic on CPU in fp32 with one thread. Needs the ``vllm`` extra (``make test-vllm``)."""
 
+import dataclasses
 import json
 import shutil
 import tempfile
@@ -20,7 +21,7 @@ from tldr_rlhf.config import GRPOConfig, OptimArgs, PPOConfig, RLOOConfig, RunAr
 from tldr_rlhf.config.rl import ReinforcePPConfig  # noqa: E402
 from tldr_rlhf.train import grpo, ppo, reinforce_pp, rloo  # noqa: E402
 
-from rl_fixtures import EOS, POSTS, tiny_config  # noqa: E402
+from rl_fixtures import EOS, POSTS, crashed_after_first_update, tiny_config  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 ENGINE = dict(rollout_engine="vllm", vllm_kv_cache_gb=0.25)
@@ -109,10 +110,65 @@ def test_grpo_with_vllm_resumes_identically(grpo_run, vckpts, tmp_path):
         assert u2[key] == o2[key], key
 
 
-def test_rloo_with_vllm(vckpts, tmp_path):
-    cfg = RLOOConfig(**common(*vckpts, tmp_path / "rloo", rollout_prompts=2, group_size=4, micro_batch_size=4), total_episodes=16, mini_batch_size=8, update_per_rollout=1)
-    rloo.train(cfg)
-    check_engine_run(updates(tmp_path / "rloo"), "rloo")
+@pytest.fixture(scope="module")
+def rloo_run(vckpts, tmp_path_factory):
+    out = tmp_path_factory.mktemp("vrloo") / "run"
+    cfg = RLOOConfig(**common(*vckpts, out, rollout_prompts=2, group_size=4, micro_batch_size=4), total_episodes=16, mini_batch_size=8, update_per_rollout=1)
+    return out, rloo.train(cfg), cfg
+
+
+def test_rloo_with_vllm(rloo_run):
+    out, _, _ = rloo_run
+    ups = updates(out)
+    assert [u["step"] for u in ups] == [1, 2]
+    check_engine_run(ups, "rloo")
+
+
+def resumes_identically(run, train, tmp_path, keys) -> None:
+    """A copy of the finished two-update ``run`` cut back to its step-1 checkpoint, resumed with
+    ``train``: the engine is rebuilt on the resumed weights (the re-sync), and the final weights and
+    update 2's ``keys`` equal the uninterrupted run's exactly."""
+    out, final, cfg = run
+    crashed = crashed_after_first_update(out, tmp_path / "run")
+    assert (crashed / "checkpoints" / "step-1").is_dir() and not (crashed / "final").exists()
+    resumed = train(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, output_dir=str(crashed))))
+    a, b = load_file(f"{final}/model.safetensors"), load_file(f"{resumed}/model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    (u2,) = [u for u in updates(crashed) if u["step"] == 2]
+    (o2,) = [u for u in updates(out) if u["step"] == 2]
+    for key in keys:
+        assert u2[key] == o2[key], key
+
+
+def test_bf16_vllm_generates_logs_its_mismatch_and_the_loss_takes_tis_weights(vckpts, tmp_path, monkeypatch):
+    """A bfloat16 engine beside the float32 policy: it samples, the mismatch it brings is measured and
+    logged (larger than fp32's 1e-4; no exact numbers: bf16 rounding), step-0 KL stays exactly 0
+    (training log-probs are the policy's), and the loss gets truncated importance weights that are
+    not all 1 and never above the cap."""
+    seen = []
+    real = grpo.rollout_is_weights
+
+    def spy(*args, **kwargs):
+        w = real(*args, **kwargs)
+        seen.append((w, args[2]))
+        return w
+
+    monkeypatch.setattr(grpo, "rollout_is_weights", spy)
+    out = tmp_path / "run"
+    cfg = GRPOConfig(**common(*vckpts, out, rollout_prompts=2, group_size=4, micro_batch_size=4), total_episodes=8, mini_batch_size=8, update_per_rollout=1, vllm_dtype="bfloat16")
+    grpo.train(cfg)
+    (u,) = updates(out)
+    assert u["objective/kl"] == 0.0
+    assert u["objective/response_length"] > 0  # it generated
+    assert 1e-4 < u["mismatch/logprob_abs_diff_max"] and 0 < u["mismatch/logprob_abs_diff_mean"] <= u["mismatch/logprob_abs_diff_max"]
+    assert u["mismatch/k3_kl"] >= 0 and 0 <= u["mismatch/frac_above_threshold"] <= 1
+    assert seen and all(w is not None for w, _ in seen)
+    real_tokens = torch.cat([w[mask] for w, mask in seen])
+    assert (real_tokens != 1).any() and real_tokens.max() <= cfg.tis_cap and real_tokens.min() > 0
+
+
+def test_rloo_with_vllm_resumes_identically(rloo_run, tmp_path):
+    resumes_identically(rloo_run, rloo.train, tmp_path, ("loss/policy", "objective/scores", "objective/kl", "objective/entropy", "mismatch/logprob_abs_diff_max"))
 
 
 def test_reinforce_pp_with_vllm(vckpts, tmp_path):
@@ -122,14 +178,25 @@ def test_reinforce_pp_with_vllm(vckpts, tmp_path):
     check_engine_run(updates(tmp_path / "rpp"), reinforce_pp.NAME)
 
 
-def test_ppo_with_vllm(vckpts, tmp_path):
+@pytest.fixture(scope="module")
+def ppo_run(vckpts, tmp_path_factory):
+    out = tmp_path_factory.mktemp("vppo") / "run"
     cfg = PPOConfig(
-        **common(*vckpts, tmp_path / "ppo"), total_episodes=8, rollout_batch_size=4, num_mini_batches=2, micro_batch_size=2, ppo_epochs=2,
+        **common(*vckpts, out), total_episodes=8, rollout_batch_size=4, num_mini_batches=2, micro_batch_size=2, ppo_epochs=2,
     )
-    ppo.train(cfg)
-    ups = updates(tmp_path / "ppo")
+    return out, ppo.train(cfg), cfg
+
+
+def test_ppo_with_vllm(ppo_run):
+    out, _, _ = ppo_run
+    ups = updates(out)
     assert [u["step"] for u in ups] == [1, 2]
     check_engine_run(ups, "ppo")
+
+
+def test_ppo_with_vllm_resumes_identically(ppo_run, tmp_path):
+    """PPO's checkpoint also holds the value model: its loss at update 2 is the uninterrupted run's too."""
+    resumes_identically(ppo_run, ppo.train, tmp_path, ("loss/policy", "loss/value", "loss/total", "objective/scores", "objective/kl", "mismatch/logprob_abs_diff_max"))
 
 
 def test_evaluate_and_best_of_n_with_vllm(vckpts, tmp_path):

@@ -64,7 +64,7 @@ def best_of_n_run(name: str, path: str, posts: list, cfg, *, score: Callable[[li
     n = cfg.best_of_n
     t0 = time.perf_counter()
     tok, queries, device, model = load_eval_policy(path, posts, cfg)
-    engine = eval_engine(model, queries, cfg)  # --rollout-engine vllm: it samples the candidates
+    engine = eval_engine(model, queries, cfg, group=n)  # --rollout-engine vllm: it samples the candidates
     with bf16_autocast(device, cfg.dtype):
         torch.manual_seed(seed)
         flat = generate_in_length_order(model, [q for q in queries for _ in range(n)], tok, cfg, greedy=False, engine=engine, seed=seed * 1_000_033, desc=f"{name}: best-of-{n} candidates")  # N * n, post-major

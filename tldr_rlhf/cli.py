@@ -21,12 +21,13 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+from .config.parts import RolloutEngineArgs
 from .errors import TldrRlhfError
 from .stages import COMMANDS, STAGES
 
 
-@dataclass(frozen=True)
-class GenerateArgs:
+@dataclass(frozen=True, kw_only=True)
+class GenerateArgs(RolloutEngineArgs):
     """Summarize posts with a checkpoint."""
 
     model: str
@@ -90,7 +91,9 @@ def run_generate(args: GenerateArgs) -> list[dict[str, Any]]:
     from .modeling import load_causal_lm, load_tokenizer
     from .checkpoints import require_kind
     from .progress import progress
+    from .rollout_engine import check_engine_available, engine_for
 
+    check_engine_available(args.rollout_engine)  # --rollout-engine vllm without vllm: the install line, before anything loads
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     if sum(map(bool, (args.posts, args.post, args.instruction))) != 1:
@@ -107,8 +110,15 @@ def run_generate(args: GenerateArgs) -> list[dict[str, Any]]:
         queries = [prompt_ids(tok, args.instruction)]
     else:
         queries = [format_query(tok, p.subreddit, p.title, p.post, args.max_query_length)[1] for p in posts]
+    kw = dict(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, max_new_tokens=args.response_length, temperature=args.temperature, greedy=args.greedy, batch_size=args.batch_size)
     with progress(len(queries), "generating", unit="post", enabled=bool(args.posts)) as bar:  # a posts file: an ETA
-        responses = generate(model, queries, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, max_new_tokens=args.response_length, temperature=args.temperature, greedy=args.greedy, batch_size=args.batch_size, on_batch=bar.update)
+        if args.rollout_engine == "hf":
+            responses = generate(model, queries, on_batch=bar.update, **kw)
+        else:  # --rollout-engine vllm: an engine on a copy of the model's weights, request i seeded with seed + i
+            engine = engine_for(args, model, max_tokens=max(map(len, queries)) + args.response_length, seed=args.seed, sequences=len(queries))
+            responses = engine.generate(model, queries, seed=args.seed, **kw)
+            engine.close()
+            bar.update(len(queries))  # the engine schedules every request at once
     records = [{"id": p.id, "title": p.title, "summary": decode_response(tok, r), "reference": p.summary.strip()} for p, r in zip(posts, responses)]
     for r in records:
         print(f"[{r['id']}] {r['title']}\n  summary:   {r['summary']}" + (f"\n  reference: {r['reference']}" if r["reference"] else ""))

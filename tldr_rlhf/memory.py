@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from .engine_memory import stage_engine_bytes
 from .errors import ConfigError
 from .stages import COMMANDS, TRAIN_STAGES
 
@@ -171,9 +172,10 @@ class StageEstimate:
     kv_cache: float = 0.0
     frozen: float = 0.0
     overhead: float = 0.0
+    engine: float = 0.0  # --rollout-engine vllm: its weights, KV cache and (CUDA) margin (engine_memory.py)
     notes: list[str] = dataclasses.field(default_factory=list)
 
-    PARTS = ("weights", "gradients", "optimizer", "activations", "kv_cache", "frozen", "overhead")
+    PARTS = ("weights", "gradients", "optimizer", "activations", "kv_cache", "frozen", "overhead", "engine")
 
     @property
     def total(self) -> float:
@@ -310,8 +312,11 @@ def estimate_stage(stage: str, cfg: Any, *, device: Literal["cuda", "cpu"] = "cu
         tokens = -(-rows // group) * query + rows * response if shared else rows * seq
         est.activations = activation_bytes(shape, tokens, prec.compute, checkpointing=ckpt)
         gen_rows = cfg.local_prompts(world) * group
+    if cfg.rollout_engine == "vllm":  # vLLM samples every sequence of the rollout at once; the policy generates nothing
+        est.engine, kv = stage_engine_bytes(cfg, shape.params, shape.layers, shape.kv_heads, shape.head_dim, sequences=gen_rows, tokens=seq, device=device)
+        est.notes.append(f"engine: vLLM's weights and its KV cache of {gib(kv)} GiB for {gen_rows} sequences of {seq} tokens")
     gen_rows = min(gen_rows, cfg.forward_batch_size or gen_rows)
-    est.kv_cache = 2 * shape.layers * shape.kv_dim * seq * gen_rows * prec.compute
+    est.kv_cache = 0 if est.engine else 2 * shape.layers * shape.kv_dim * seq * gen_rows * prec.compute
     # the rollout's scoring passes (old-policy and reference log-probs) hold a forward batch's response
     # logits and their log-softmax in float32; they come before the update, so the larger of the two counts
     scoring = 2 * gen_rows * response * shape.vocab * 4
@@ -411,8 +416,10 @@ def preflight(stage: str, cfg: Any) -> StageEstimate | None:
     except Exception as e:  # noqa: BLE001 - an unreadable shape never stops a run
         log.info("memory plan skipped (%s: %s)", type(e).__name__, e)
         return None
-    parts = ", ".join(f"{p} {gib(getattr(est, p))}" for p in StageEstimate.PARTS if getattr(est, p) >= 0.05 * GIB)
     budget = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    if est.engine and cfg.vllm_gpu_memory_utilization:  # a share the user set: vLLM takes it whatever it needs
+        est.engine = cfg.vllm_gpu_memory_utilization * budget
+    parts = ", ".join(f"{p} {gib(getattr(est, p))}" for p in StageEstimate.PARTS if getattr(est, p) >= 0.05 * GIB)
     log.info("memory plan: %s needs about %s GiB per GPU of %s GiB (%s)", stage, gib(est.total), gib(budget), parts)
     if est.total > budget and cfg.run.memory_check:
         change = suggestion(stage, cfg, est, budget=budget, device=device, world=world, shapes={})

@@ -34,19 +34,23 @@ class PlanArgs:
     """The device kind the estimate is for (its precision rules and overhead)."""
     stages: tuple[str, ...] = TRAIN_STAGES
     """Stages to plan (default: every training stage of the stage table)."""
+    rollout_engine: Literal["hf", "vllm"] = "hf"
+    """Plan the RL stages with --rollout-engine vllm: the engine's weights and KV cache in an engine
+    column (engine_memory.py), instead of the policy's generation KV cache."""
 
 
 def plan_table(args: PlanArgs, stage_configs: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """(header, rows) of the plan: one row per stage, sizes in GiB."""
     shapes: dict[str, MemoryShape] = {}
     budget = args.gpu_memory_gb * GIB
-    header = ["stage", *StageEstimate.PARTS, "total", "fits", "cheapest change that fits"]
+    ests = {stage: estimate_stage(stage, stage_configs[stage], device=args.device, world=args.gpus, shapes=shapes) for stage in args.stages}
+    # the engine column (--rollout-engine vllm: its weights and KV cache) only when a stage has one
+    parts = [p for p in StageEstimate.PARTS if p != "engine" or any(e.engine for e in ests.values())]
+    header = ["stage", *parts, "total", "fits", "cheapest change that fits"]
     rows = []
-    for stage in args.stages:
-        cfg = stage_configs[stage]
-        est = estimate_stage(stage, cfg, device=args.device, world=args.gpus, shapes=shapes)
-        change = suggestion(stage, cfg, est, budget=budget, device=args.device, world=args.gpus, shapes=shapes)
-        rows.append([stage, *(gib(getattr(est, p)) for p in StageEstimate.PARTS), gib(est.total), "yes" if est.total <= budget else "NO", change or "-"])
+    for stage, est in ests.items():
+        change = suggestion(stage, stage_configs[stage], est, budget=budget, device=args.device, world=args.gpus, shapes=shapes)
+        rows.append([stage, *(gib(getattr(est, p)) for p in parts), gib(est.total), "yes" if est.total <= budget else "NO", change or "-"])
     return header, rows
 
 
@@ -70,8 +74,10 @@ def plan(args: PlanArgs) -> list[list[str]]:
             configs[row.name] = dataclasses.replace(configs[row.name], **changes)
     if args.fsdp:
         configs = {name: dataclasses.replace(c, run=dataclasses.replace(c.run, fsdp=True)) if hasattr(c, "run") else c for name, c in configs.items()}
+    if args.rollout_engine != "hf":
+        configs = {name: dataclasses.replace(c, rollout_engine=args.rollout_engine) if hasattr(c, "rollout_engine") else c for name, c in configs.items()}
     header, rows = plan_table(args, configs)
-    sharding = ", FSDP" if args.fsdp else ""
+    sharding = (", FSDP" if args.fsdp else "") + (f", rollouts by {args.rollout_engine}" if args.rollout_engine != "hf" else "")
     print(f"Memory plan: pipeline preset '{args.preset}', {args.gpus} x {args.gpu_memory_gb:g} GiB {args.device} device(s){sharding}; GiB per device, estimates")
     print(markdown_table(header, rows))
     return rows

@@ -60,6 +60,9 @@ class HFEngine:
         """Nothing to push: the sampler is the policy. Returns 0.0 seconds."""
         return 0.0
 
+    def sleep(self) -> None:
+        """Nothing to free: the sampler is the policy."""
+
     def close(self) -> None:
         """Nothing to free."""
 
@@ -139,6 +142,12 @@ class VLLMEngine:
 
     vLLM turns ``torch.set_num_threads`` into a no-op for the whole process once a CPU engine exists:
     set the thread count before building the engine (``make_engine`` logs it).
+
+    Sleep mode (CUDA only; ``sleep``): the RL loops put the engine to sleep after each rollout, so that
+    the policy update has the GPU memory of its KV cache (vLLM's ``sleep(level=1)``: KV cache
+    discarded, weights offloaded to CPU RAM); the next weight sync or rollout wakes it. On the CPU
+    vLLM has no sleep mode and the calls do nothing. Untested on a GPU here (this machine has none):
+    the tests check the call sequence with a stand-in for ``vllm.LLM``.
     Raises ConfigError (the install line) when vllm is missing.
     """
 
@@ -160,14 +169,33 @@ class VLLMEngine:
             enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, 8192),
             logprobs_mode="processed_logprobs",  # log-probs of softmax(logits / temperature), the distribution sampled
             generation_config="vllm",  # ignore the checkpoint's sampling defaults (N+ detail 19)
+            enable_sleep_mode=cuda,  # CUDA: its KV cache freed during each policy update (sleep)
             **kwargs,
         )
         self._vllm = vllm
+        self.sleep_mode, self.asleep = cuda, set()  # asleep: the parts sleep freed and nothing has woken yet
+
+    def sleep(self) -> None:
+        """CUDA: free the KV cache and offload the weights to CPU RAM for the policy update (vLLM's
+        ``LLM.sleep(level=1)``) until the next sync or rollout wakes the engine; a no-op on the CPU or
+        when already asleep."""
+        if self.sleep_mode and not self.asleep:
+            self.llm.sleep(level=1)
+            self.asleep = {"weights", "kv_cache"}
+
+    def wake_up(self, tags: tuple[str, ...] = ("weights", "kv_cache")) -> None:
+        """Wake the parts ``tags`` ("weights", "kv_cache") that ``sleep`` freed and are still asleep
+        (vLLM's ``LLM.wake_up(tags=...)``); nothing when none is (always on the CPU)."""
+        wake = [t for t in tags if t in self.asleep]
+        if wake:
+            self.llm.wake_up(tags=wake)
+            self.asleep -= set(wake)
 
     def _params(self, **kw):
         return self._vllm.SamplingParams(top_p=1.0, top_k=0, detokenize=False, **kw)
 
     def _run(self, queries: list[list[int]], params: list) -> list:
+        self.wake_up()  # asleep since the last update (sleep mode): KV cache back before sampling
         prompts = [{"prompt_token_ids": list(q)} for q in queries]
         return self.llm.generate(prompts, params, use_tqdm=False)
 
@@ -200,6 +228,7 @@ class VLLMEngine:
         re-packed (``_repack_lm_head``), then the prefix cache reset (its entries hold keys and values
         of the old weights). Returns the seconds it took."""
         t0 = time.perf_counter()
+        self.wake_up(("weights",))  # sleep mode: the weights' memory back first; the KV cache at the next rollout
         weights = [(n, w) for n, w in merged_weights(policy)]
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})  # a list: also picklable, should VLLM_ENABLE_V1_MULTIPROCESSING=1 put the engine in another process
         self.llm.apply_model(_repack_lm_head)
@@ -236,18 +265,50 @@ def check_engine_available(name: str) -> None:
         raise ConfigError(VLLM_MISSING)
 
 
-def engine_for(cfg, policy, *, max_tokens: int, world_size: int = 1):
-    """The rollout engine an RL stage's ``cfg`` asks for (``config.RolloutEngineArgs``) on ``policy``
-    (the trainable policy, after any resume restored its weights): ``HFEngine`` or a ``VLLMEngine``
-    whose context holds ``max_tokens`` (the longest prompt plus the response length).
-    Raises ConfigError for vllm under several processes (one engine per run for now) or when vllm is
-    missing."""
+def engine_dtype(vllm_dtype: str) -> str:
+    """``--vllm-dtype`` resolved: auto is bfloat16 on CUDA, float32 on the CPU (its log-probs match the
+    policy's within 5e-5)."""
+    if vllm_dtype != "auto":
+        return vllm_dtype
+    return "bfloat16" if torch.cuda.is_available() else "float32"
+
+
+def engine_size(cfg, policy, *, dtype: str, sequences: int, max_tokens: int) -> tuple[float, float]:
+    """(``kv_cache_gb``, ``gpu_memory_utilization``) of the engine: ``cfg``'s ``vllm_kv_cache_gb`` and
+    ``vllm_gpu_memory_utilization``, each taken from the memory plan (``engine_memory``) when left at 0:
+    the KV cache of ``sequences`` sequences of ``max_tokens`` tokens in the layers of ``policy``'s
+    config, and on CUDA the engine's share of the GPU (its weights + KV cache + margin; on the CPU the
+    share is unused and left at 0.3)."""
+    from .engine_memory import BLOCK_TOKENS, engine_bytes, gpu_memory_utilization, planned_kv_cache_bytes
+    from .memory import shape_from_config
+
+    config = (policy.get_base_model() if hasattr(policy, "get_base_model") else policy).config
+    shape = shape_from_config(config.to_dict())
+    per = 2 if dtype == "bfloat16" else 4
+    block = BLOCK_TOKENS["cuda" if torch.cuda.is_available() else "cpu"]
+    kv = planned_kv_cache_bytes(sequences, max_tokens, shape.layers, shape.kv_heads, shape.head_dim, per, block=block)
+    kv_gb = cfg.vllm_kv_cache_gb or kv / 2**30
+    share = cfg.vllm_gpu_memory_utilization
+    if not share and torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        share = gpu_memory_utilization(engine_bytes(shape.params, kv, per, "cuda"), total)
+    return kv_gb, share or 0.3
+
+
+def engine_for(cfg, policy, *, max_tokens: int, sequences: int = 1, world_size: int = 1, seed: int | None = None):
+    """The rollout engine ``cfg`` asks for (``config.RolloutEngineArgs``: an RL stage's, evaluate's,
+    generate's) on ``policy`` (the trainable policy, after any resume restored its weights): ``HFEngine``
+    or a ``VLLMEngine`` whose context holds ``max_tokens`` (the longest prompt plus the response
+    length), sized for ``sequences`` sequences at once (``engine_size``), seeded with ``seed``
+    (default ``cfg.run.seed``). Raises ConfigError for vllm under several processes (one engine per
+    run for now) or when vllm is missing."""
     if cfg.rollout_engine == "hf":
         return HFEngine()
     if world_size > 1:
         raise ConfigError(f"--rollout-engine vllm: one engine in one process for now, not {world_size} processes (torchrun / accelerate launch); use --rollout-engine hf")
-    dtype = cfg.vllm_dtype if cfg.vllm_dtype != "auto" else ("bfloat16" if torch.cuda.is_available() else "float32")
+    dtype = engine_dtype(cfg.vllm_dtype)
+    kv_gb, share = engine_size(cfg, policy, dtype=dtype, sequences=sequences, max_tokens=max_tokens)
     return make_engine(
-        "vllm", policy, dtype=dtype, max_model_len=max_tokens,
-        kv_cache_gb=cfg.vllm_kv_cache_gb, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, seed=cfg.run.seed,
+        "vllm", policy, dtype=dtype, max_model_len=max_tokens, kv_cache_gb=kv_gb, gpu_memory_utilization=share,
+        seed=cfg.run.seed if seed is None else seed,
     )

@@ -35,7 +35,7 @@ from .progress import progress
 from .tasks import query_ids
 from .generation import decode_response, generate
 from .rollout import plain_sampling_config, response_logprobs
-from .rollout_engine import make_engine
+from .rollout_engine import engine_for
 
 POLICY_DIR = "policies"  # one file of summaries per policy, written as each policy finishes
 _POLICY_FORMAT = 1
@@ -74,17 +74,14 @@ class PolicyRun:
     seconds: float = 0.0
 
 
-def eval_engine(model, queries: list[list[int]], cfg: EvaluateConfig):
+def eval_engine(model, queries: list[list[int]], cfg: EvaluateConfig, *, group: int = 1):
     """The engine that writes the summaries (``--rollout-engine``): None for hf (``generation.generate``
     on ``model``), else a vLLM engine on a copy of ``model``'s weights, its context the longest query
-    plus ``cfg.response_length``, seeded with ``cfg.seed``. Close it when done."""
+    plus ``cfg.response_length``, sized for ``group`` samples of every query, seeded with ``cfg.seed``
+    (``rollout_engine.engine_for``). Close it when done."""
     if cfg.rollout_engine == "hf":
         return None
-    dtype = cfg.vllm_dtype if cfg.vllm_dtype != "auto" else ("bfloat16" if torch.cuda.is_available() else "float32")
-    return make_engine(
-        "vllm", model, dtype=dtype, max_model_len=max(map(len, queries)) + cfg.response_length, kv_cache_gb=cfg.vllm_kv_cache_gb,
-        gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, seed=cfg.seed,
-    )
+    return engine_for(cfg, model, max_tokens=max(map(len, queries)) + cfg.response_length, sequences=len(queries) * group, seed=cfg.seed)
 
 
 def generate_in_length_order(model, queries, tok, cfg: EvaluateConfig, *, greedy: bool, engine=None, seed: int | None = None, desc: str = "generating") -> list[list[int]]:

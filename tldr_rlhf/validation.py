@@ -55,8 +55,8 @@ RULES: dict[str, _Rule] = {
     "warmup_ratio": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
     "label_smoothing": (lambda v: 0 <= v < 0.5, "must be in [0, 0.5)"),
     "dual_clip": (lambda v: v == 0 or v > 1, "must be 0 (off) or > 1"),
-    "vllm_kv_cache_gb": _GT0,
-    "vllm_gpu_memory_utilization": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    "vllm_kv_cache_gb": _GE0,  # 0: from the memory plan
+    "vllm_gpu_memory_utilization": (lambda v: 0 <= v <= 1, "must be in [0, 1] (0: from the memory plan)"),
     "tis_cap": _GE0,
     "group_size": (lambda v: v >= 2, "must be >= 2 (a group baseline needs two responses)"),
     "betas": (lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "must be two numbers in [0, 1)"),

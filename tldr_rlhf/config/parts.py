@@ -131,10 +131,15 @@ class RolloutEngineArgs:
     vllm_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """vLLM's weights dtype: auto = float32 on CPU (its log-probs match the policy's within 5e-5),
     bfloat16 on CUDA."""
-    vllm_kv_cache_gb: float = 1.0
-    """CPU: GiB of RAM for vLLM's KV cache (set explicitly: vLLM's own default is a share of all RAM)."""
-    vllm_gpu_memory_utilization: float = 0.3
-    """CUDA: share of the GPU's memory vLLM may take (weights + KV cache); the rest is training's."""
+    vllm_kv_cache_gb: float = 0.0
+    """CPU: GiB of RAM for vLLM's KV cache (vLLM's own default is a share of all RAM). 0 = from the
+    memory plan (engine_memory.py): one rollout's sequences (prompts x G) x (longest query + response,
+    in whole 128-token blocks) tokens x layers x 2 x kv_heads x head_dim x the engine dtype's bytes,
+    at least 64 MiB."""
+    vllm_gpu_memory_utilization: float = 0.0
+    """CUDA: share of the GPU's memory vLLM may take (weights + KV cache); the rest is training's.
+    0 = from the memory plan (engine_memory.py): (the engine's weights + the KV cache above + 1 GiB
+    for its activations and CUDA graphs) / the GPU's memory, rounded up to a hundredth."""
 
 
 @dataclass(frozen=True)

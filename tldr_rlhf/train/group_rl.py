@@ -271,6 +271,7 @@ def train(cfg: GroupConfig, name: str, *, advantages: AdvantageFn, loss: LossFn,
         with accelerator.autocast():
             r, extra = sample(accelerator.unwrap_model(model), rl.ref, score_fn, [p.query_ids for p in prompts], cfg, eos=eos, pad=pad, generator=rs_gen, engine=engine, seed=cfg.run.seed * 1_000_033 + update)
         t_rollout = time.perf_counter() - t0
+        engine.sleep()  # CUDA sleep mode: the engine's KV cache freed for the update, woken by the next sync (a no-op for hf and on CPU)
         # 2. the advantages, (B, T) per token
         adv, adv_metrics = advantages(r, cfg)
         if adv.shape != r.mask.shape:

@@ -141,6 +141,7 @@ def train(cfg: OnlineDPOConfig) -> str:
         with accelerator.autocast():
             r, extra = group_rollout(accelerator.unwrap_model(model), rl.ref, score_fn, [p.query_ids for p in prompts], cfg, eos=eos, pad=pad, engine=engine, seed=cfg.run.seed * 1_000_033 + update)
         t_rollout = time.perf_counter() - t0
+        engine.sleep()  # CUDA sleep mode: the engine's KV cache freed for the update, woken by the next sync (a no-op for hf and on CPU)
         # 2. label each pair by its scores (ties left out)
         chosen, rejected, tied = label_pairs(r.scores)
         # 3. passes over the pairs, one optimizer step per minibatch

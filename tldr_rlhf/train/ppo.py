@@ -178,6 +178,7 @@ def train(cfg: PPOConfig) -> str:
         # 1. rollout: B = len(prompts) responses, values (B, T)
         r, values, extra = sample_rollout(rl, accelerator.unwrap_model(model), score_fn, prompts, cfg, engine=engine, seed=cfg.run.seed * 1_000_033 + update)
         t_rollout = time.perf_counter() - t0
+        engine.sleep()  # CUDA sleep mode: the engine's KV cache freed for the update, woken by the next sync (a no-op for hf and on CPU)
         # 2. KL-shaped rewards, GAE: advantages and returns (B, T)
         advantages, returns, adv_stats = ppo_advantages(r, values, cfg)
         # 3. ppo_epochs passes over the rollout, one optimizer step per minibatch

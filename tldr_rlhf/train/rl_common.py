@@ -321,7 +321,7 @@ def open_engine(rl: RLRun, policy: nn.Module, response_length: int):
     ``policy`` as resumed, its context the longest prompt plus ``response_length``. Built after the
     thread count is set (``common.make_accelerator``): a CPU vLLM engine fixes it for the process."""
     longest = max(len(p.query_ids) for p in rl.prompts)
-    return engine_for(rl.cfg, policy, max_tokens=longest + response_length, world_size=rl.accelerator.num_processes)
+    return engine_for(rl.cfg, policy, max_tokens=longest + response_length, sequences=rl.batch * rl.group, world_size=rl.accelerator.num_processes)
 
 
 def sync_engine(rl: RLRun, engine, policy: nn.Module, done: int, stats: dict[str, float]) -> None:
