@@ -192,3 +192,18 @@ def test_fsdp_shards_the_trained_state_and_is_proposed_on_several_gpus():
     )
     # on one device FSDP is never proposed
     assert "--run.fsdp" not in memory.suggestion("sft", cfg, estimate_stage("sft", cfg, device="cpu", shapes=shapes), budget=(ckpt + with_fsdp) / 2, device="cpu", world=1, shapes=shapes)
+
+
+def test_group_rl_activation_tokens_by_hand():
+    # GRPO with the shared prompt: a micro-batch of 6 responses of groups of 4 spans 2 groups, so its
+    # forward holds 2 queries of 7 tokens and 6 responses of 3: 2 x 7 + 6 x 3 = 32 tokens; without the
+    # shared prompt 6 full rows of 7 + 3 = 60 tokens
+    from tldr_rlhf.config import GRPOConfig, TldrDataArgs as Data
+
+    cfg = GRPOConfig(sft_path="toy", reward="rouge-l", dtype="float32", data=Data(max_query_length=7), response_length=3, micro_batch_size=6, group_size=4, rollout_prompts=2, optim=OptimArgs(optim_8bit="off"))
+    # (the rollout's scoring pass, 2 x 8 rows x 3 tokens x 50 x 4 bytes = 9600, is smaller: the update's activations count)
+    shared = estimate_stage("grpo", cfg, device="cpu", shapes={"toy": TOY})
+    assert shared.activations == activation_bytes(TOY, 32, 4) == 32 * 4 * 3 * 80 == 30720
+    unshared = estimate_stage("grpo", dataclasses.replace(cfg, shared_prompt=False), device="cpu", shapes={"toy": TOY})
+    assert unshared.activations == activation_bytes(TOY, 60, 4) == 57600
+    assert shared.frozen == 1000 * 4  # the reference policy in float32; a text reward has no reward model
