@@ -106,28 +106,32 @@ collate = collate_preferences  # 2B rows: chosen in [0, B), rejected in [B, 2B)
 # Scoring
 
 
-def pair_logprobs(model: nn.Module, batch: QueryResponseBatch, *, shared_prompt: bool = True) -> torch.Tensor:
+def pair_logprobs(model: nn.Module, batch: QueryResponseBatch, *, shared_prompt: bool = True, padding_free: bool = False) -> torch.Tensor:
     """Summed response log-probs of a ``collate`` batch: (2B,) float32, chosen then rejected (nats).
 
     ``shared_prompt`` runs each query once and both responses on its cache (``lm_head``); the result
-    equals two full rows up to float rounding.
+    equals two full rows up to float rounding. ``padding_free`` packs the batch into one row of its
+    real tokens (``data.packing``): with ``shared_prompt`` each query once followed by its chosen
+    and rejected responses (the rejected one a branch that sees the query only), else the 2B full
+    rows end to end; the same sums without the padding's work.
     """
     b = batch.input_ids.shape[0] // 2
-    return response_token_logprobs(model, batch, num_queries=b if shared_prompt else None).sum(1)
+    return response_token_logprobs(model, batch, num_queries=b if shared_prompt else None, padding_free=padding_free).sum(1)
 
 
 class PairScorer(nn.Module):
     """Wraps the policy so that one call scores a pair batch; this is what DDP wraps, so the two
     passes of the shared prompt are one DDP forward."""
 
-    def __init__(self, model: nn.Module, shared_prompt: bool = True):
+    def __init__(self, model: nn.Module, shared_prompt: bool = True, padding_free: bool = False):
         super().__init__()
         self.model = model
         self.shared_prompt = shared_prompt
+        self.padding_free = padding_free
 
     def forward(self, input_ids, attention_mask, response_mask, query_width: int) -> torch.Tensor:
         batch = QueryResponseBatch(input_ids, attention_mask, response_mask, query_width)
-        return pair_logprobs(self.model, batch, shared_prompt=self.shared_prompt)
+        return pair_logprobs(self.model, batch, shared_prompt=self.shared_prompt, padding_free=self.padding_free)
 
 
 @torch.no_grad()
@@ -412,7 +416,7 @@ def train(cfg: DPOConfig) -> str:
     if resume_from is None:
         _log_samples(run, model, sample_ex, tokenizer, cfg, step=0, name="sft")
     save_weights = weights_saver(model, tokenizer, cfg.dtype, cfg.run)  # each checkpoint's weights
-    scorer, optimizer = prepare(accelerator, PairScorer(model, cfg.shared_prompt), optimizer)
+    scorer, optimizer = prepare(accelerator, PairScorer(model, cfg.shared_prompt, cfg.padding_free), optimizer)
     if is_main:
         log.info("policy %s: %d / %d trainable parameters; %d optimizer steps of %d pairs; reference log-probs in %.1f s", cfg.sft_path, trainable, total, total_steps, batch, ref_time)
 

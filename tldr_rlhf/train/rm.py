@@ -246,7 +246,7 @@ def train(cfg: RMConfig) -> str:
             b = len(idx)
             ctx = accelerator.no_sync(model) if k < len(chunks) - 1 else contextlib.nullcontext()  # sync on the last
             with ctx, accelerator.autocast():
-                rewards = pair_rewards(model, mb, shared_prompt=cfg.shared_prompt)
+                rewards = pair_rewards(model, mb, shared_prompt=cfg.shared_prompt, padding_free=cfg.padding_free)
                 # Mean over the global batch; DDP averages gradients over processes, hence / world.
                 loss, _ = pairwise_loss(rewards[:b], rewards[b:], num_pairs=len(global_idx) / world)
                 accelerator.backward(loss)
