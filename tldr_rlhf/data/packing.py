@@ -12,6 +12,14 @@ forward; FlashAttention-2/3 on CUDA read the row boundaries from the ``position_
 Only the positions that predict a response token go through the LM head (``logits_to_keep``), as in
 the padded ``modeling.response_logits``; the log-probs are put back at their (row, column) of the
 padded (B, T) response layout, so every loss written for padded batches applies unchanged.
+
+Preference pairs (reward model, DPO) share the prompt: the padded path runs each query once and both
+responses on its key/value cache. Packing keeps that: ``pack_query_response(num_queries=B)`` lays each
+query once, its chosen response continuing it, and its rejected response as a branch whose positions
+restart at the query length, which ``segment_sdpa`` reads as "attend to the row's first q tokens and
+to yourself" (FlashAttention's varlen and eager masks cannot say this: ``can_pack`` asks for SDPA).
+Without the shared prompt the 2B full rows are packed as above. Rewards are read at ``last_at`` (each
+response's EOS, N+ detail 12).
 """
 
 from __future__ import annotations

@@ -17,7 +17,10 @@ Chosen and rejected responses of a micro-batch go through the policy as one batc
 (``collate_pairs``: rows [0, B) chosen, [B, 2B) rejected). By default (``shared_prompt``) the B
 queries run first and the 2B responses continue from their key/value cache; this gives the same
 log-probs and gradients as 2B full rows (tested) while computing each query once. Only real response
-tokens go through the LM head, in blocks (``lm_head.chunked_target_logprobs``).
+tokens go through the LM head, in blocks (``lm_head.chunked_target_logprobs``). With ``padding_free``
+(default) the training micro-batches are packed into one row of their real tokens, each query once and
+its two responses after it (``pair_logprobs``, ``data.packing``): the same log-probs and gradients
+without the padding's work. The reference and held-out passes (no gradients) stay padded.
 
 Steps of ``train`` (its step comments carry these numbers):
 
