@@ -52,8 +52,8 @@ import bench_grpo  # noqa: E402
 import harness  # noqa: E402
 
 STAGES = ("sft", "rm", "dpo", "ppo", "grpo", "rloo")
-FULL = {"steps": 3, "max_query_length": 512, "max_response_length": 53, "sft_batch": 4, "pair_batch": 2, "rl_prompts": 2, "group_size": 4, "ppo_rows": 4, "probe_pairs": 4}
-QUICK = {"steps": 2, "max_query_length": 64, "max_response_length": 16, "sft_batch": 2, "pair_batch": 1, "rl_prompts": 1, "group_size": 2, "ppo_rows": 2, "probe_pairs": 2}
+FULL = {"steps": 3, "max_query_length": 512, "max_response_length": 53, "sft_batch": 4, "pair_batch": 2, "rl_prompts": 2, "group_size": 4, "ppo_rows": 4, "probe_pairs": 4, "pair_query_length": 512, "probe_reps": 2}
+QUICK = {"steps": 2, "max_query_length": 64, "max_response_length": 16, "sft_batch": 2, "pair_batch": 1, "rl_prompts": 1, "group_size": 2, "ppo_rows": 2, "probe_pairs": 2, "pair_query_length": 96, "probe_reps": 1}
 LOSS_KEY = {"sft": "loss/sft", "rm": "loss/rm", "dpo": "loss/dpo", "ppo": "loss/policy", "grpo": "loss/policy", "rloo": "loss/policy"}
 
 
@@ -73,8 +73,8 @@ def _pref_data(s: dict[str, Any]):
     from tldr_rlhf.config import PreferenceDataArgs
 
     n = 2 * s["steps"] * s["pair_batch"]
-    # comparisons that do not fit are dropped, not cut: the TL;DR caps (512, 133) even in --quick
-    return PreferenceDataArgs(comparisons=harness.COMPARISONS, max_query_length=512, max_response_length=133, limit=n, valid_limit=2)
+    # responses over the cap are dropped (133: TL;DR's); queries over pair_query_length (512; --quick 96) are cut (smart truncation)
+    return PreferenceDataArgs(comparisons=harness.COMPARISONS, max_query_length=s["pair_query_length"], max_response_length=133, limit=n, valid_limit=2)
 
 
 def _rl_data(s: dict[str, Any]):
@@ -224,7 +224,7 @@ def packing_probe(policy: str, s: dict[str, Any], reps: int = 2) -> dict[str, An
 
 def pair_packing_probe(policy: str, rm: str, s: dict[str, Any], reps: int = 2) -> dict[str, Any]:
     """RM and DPO forward + backward of one real micro-batch of ``probe_pairs`` TL;DR comparisons
-    (queries cut at ``max_query_length``: 512, --quick 64; the human comparisons' summaries), padded against packed
+    (queries cut at ``pair_query_length``: 512, --quick 96; the human comparisons' summaries), padded against packed
     (``--padding-free``), both on the shared prompt (the default), alternated ``reps`` times per
     stage so that both see the same load. Times are the process's CPU seconds (one thread; they do
     not count waiting for a core) and wall seconds, medians; the losses of both must agree to 1e-5.
@@ -245,7 +245,7 @@ def pair_packing_probe(policy: str, rm: str, s: dict[str, Any], reps: int = 2) -
 
     tok = load_tokenizer(policy)
     n = s["probe_pairs"]
-    data = PreferenceDataArgs(comparisons=harness.COMPARISONS, max_query_length=s["max_query_length"], max_response_length=133, limit=4 * n, valid_limit=2)
+    data = PreferenceDataArgs(comparisons=harness.COMPARISONS, max_query_length=s["pair_query_length"], max_response_length=133, limit=4 * n, valid_limit=2)
     train_ex, _, _ = rm_pairs(data, tok)  # longer queries are cut (smart truncation)
     batch = collate_preferences(train_ex[:n], tok.pad_token_id)
     ref = torch.tensor([-31.7] * n + [-33.1] * n)
@@ -338,7 +338,7 @@ def print_table(results: list[dict[str, Any]]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="short queries, small batches, 2 steps (under 3 minutes)")
+    ap.add_argument("--quick", action="store_true", help="short queries (64; pairs 96), small batches, 2 steps, one rep per probe (about 3 CPU minutes)")
     ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     ap.add_argument("--threads", type=int, default=1)
@@ -363,10 +363,10 @@ def main() -> None:
         info["precision_probe"] = precision_probe(policy)
         print("precision probe (one forward, fp32 vs bf16 autocast):", json.dumps(info["precision_probe"]), flush=True)
     if args.packing and "sft" in args.stages:
-        info["packing_probe"] = packing_probe(policy, s)
+        info["packing_probe"] = packing_probe(policy, s, reps=s["probe_reps"])
         print("packing probe (SFT forward + backward, padded vs packed):", json.dumps(info["packing_probe"]), flush=True)
     if args.packing and {"rm", "dpo"} & set(args.stages):
-        info["pair_packing_probe"] = pair_packing_probe(policy, rm, s)
+        info["pair_packing_probe"] = pair_packing_probe(policy, rm, s, reps=s["probe_reps"])
         print("pair packing probe (RM / DPO forward + backward, padded vs packed, shared prompt):", json.dumps(info["pair_packing_probe"]), flush=True)
     if args.profile:
         info["profile_sft_step"] = profile_step(policy, s)
