@@ -5,6 +5,8 @@ default."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import COMPARISONS, EOS, make_tiny_qwen2
@@ -172,13 +174,17 @@ def test_rm_training_packs_by_default_and_not_under_no_padding_free(reward_model
 
 @pytest.mark.parametrize("padding_free", [True, False])
 def test_dpo_training_packs_by_default_and_not_under_no_padding_free(reward_model_dir, tmp_path, monkeypatch, padding_free):
-    """``dpo.train``'s optimizer steps reach the packed forward once per micro-batch (2 steps x 1), each
-    query shared; the reference and held-out passes stay padded; --no-padding-free never packs."""
+    """``dpo.train``'s optimizer steps (gradients on) run ``pair_logprobs`` packed once per micro-batch
+    (2 steps x 1), and the reference and held-out passes (no gradients) take the same path, so that
+    the step-0 policy reproduces its cached reference; --no-padding-free never packs."""
     from tldr_rlhf import lm_head
     from tldr_rlhf.config import DPOConfig, OptimArgs, PreferenceDataArgs, RunArgs
     from tldr_rlhf.train import dpo
 
-    calls = _spy_packing(monkeypatch, lm_head)
+    packs = _spy_packing(monkeypatch, lm_head)
+    calls = []
+    real = dpo.pair_logprobs
+    monkeypatch.setattr(dpo, "pair_logprobs", lambda m, b, **kw: calls.append((torch.is_grad_enabled(), kw["padding_free"])) or real(m, b, **kw))
     cfg = DPOConfig(
         sft_path=reward_model_dir, data=PreferenceDataArgs(comparisons=str(COMPARISONS), max_query_length=96, limit=8, valid_limit=2),
         optim=OptimArgs(lr=1e-3, warmup_steps=1, decay_steps=0),
@@ -186,4 +192,8 @@ def test_dpo_training_packs_by_default_and_not_under_no_padding_free(reward_mode
         micro_batch_size=2, gradient_accumulation_steps=1, eval_batch_size=2, num_sample_posts=0, padding_free=padding_free,
     )
     dpo.train(cfg)
-    assert calls == ([{"num_queries": 2}] * 2 if padding_free else [])
+    assert [c for c in calls if c[0]] == [(True, padding_free)] * 2
+    assert len(calls) > 2 and {c[1] for c in calls} == {padding_free}  # reference and held-out passes too
+    assert len(packs) == (len(calls) if padding_free else 0) and all(k.get("num_queries") for k in packs)
+    step1 = [json.loads(l) for l in (tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines() if "loss/dpo" in l][0]
+    assert step1["rewards/margin"] == 0.0  # the step-0 policy is its cached reference

@@ -131,8 +131,9 @@ class DPOConfig:
     """Train on packed micro-batches (data/packing.py): the real tokens in one row, each query once and
     its chosen and rejected responses after it (the rejected one attending to the query only; with
     --no-shared-prompt the 2B full rows); same log-probs, losses and gradients as padded rows, no work
-    on padding. SDPA models without activation checkpointing (else rows stay padded);
-    --no-padding-free keeps the padded path."""
+    on padding; the reference and held-out passes too (bf16's step-0 rewards stay exactly 0). SDPA
+    models without activation checkpointing (else rows stay padded); --no-padding-free keeps the padded
+    path."""
     num_sample_posts: int = 2
     """Held-out posts summarized (greedy) by the SFT policy before and the DPO policy after training."""
     sample_max_new_tokens: Annotated[int, arg(name="sample-response-length")] = 63

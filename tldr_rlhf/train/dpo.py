@@ -20,7 +20,8 @@ log-probs and gradients as 2B full rows (tested) while computing each query once
 tokens go through the LM head, in blocks (``lm_head.chunked_target_logprobs``). With ``padding_free``
 (default) the training micro-batches are packed into one row of their real tokens, each query once and
 its two responses after it (``pair_logprobs``, ``data.packing``): the same log-probs and gradients
-without the padding's work. The reference and held-out passes (no gradients) stay padded.
+without the padding's work; the reference and held-out passes take the same path, so that in bf16 the
+step-0 policy reproduces its cached reference exactly (implicit rewards 0).
 
 Steps of ``train`` (its step comments carry these numbers):
 
@@ -48,6 +49,7 @@ cap are dropped and counted (data.comparisons).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -145,6 +147,7 @@ def score_pairs(
     pad_token_id: int,
     batch_size: int = 16,
     shared_prompt: bool = True,
+    padding_free: bool = False,
     accelerator=None,
     desc: str = "",
     progress: bool = False,
@@ -153,8 +156,9 @@ def score_pairs(
 
     No gradients, eval mode (restored after). Examples are batched in length order (less padding);
     with several processes each scores an interleaved share and the results are gathered.
+    ``padding_free``: packed batches (``pair_logprobs``), the training passes' path.
     """
-    return score_preference_pairs(model, examples, pair_logprobs, pad_token_id=pad_token_id, batch_size=batch_size, shared_prompt=shared_prompt, accelerator=accelerator, desc=desc or "scoring pairs", progress=progress)
+    return score_preference_pairs(model, examples, functools.partial(pair_logprobs, padding_free=padding_free), pad_token_id=pad_token_id, batch_size=batch_size, shared_prompt=shared_prompt, accelerator=accelerator, desc=desc or "scoring pairs", progress=progress)
 
 
 def reference_logprobs(model: nn.Module, examples: Sequence[PreferenceExample], **kwargs) -> torch.Tensor:
@@ -199,6 +203,7 @@ def implicit_reward_accuracy(
     pad_token_id: int,
     batch_size: int = 16,
     shared_prompt: bool = True,
+    padding_free: bool = False,
     accelerator=None,
     progress: bool = False,
 ) -> dict[str, Any]:
@@ -210,7 +215,7 @@ def implicit_reward_accuracy(
     """
     if tuple(reference.shape) != (len(examples), 2):
         raise ValueError(f"reference log-probs have shape {tuple(reference.shape)}, expected ({len(examples)}, 2)")
-    scores = score_pairs(policy, examples, pad_token_id=pad_token_id, batch_size=batch_size, shared_prompt=shared_prompt, accelerator=accelerator, desc="held-out pairs", progress=progress)
+    scores = score_pairs(policy, examples, pad_token_id=pad_token_id, batch_size=batch_size, shared_prompt=shared_prompt, padding_free=padding_free, accelerator=accelerator, desc="held-out pairs", progress=progress)
     return implicit_reward_metrics(scores, reference, beta=beta, confidences=[e.confidence for e in examples])
 
 
@@ -240,7 +245,7 @@ def cached_reference_logprobs(run: RunDir, cfg: DPOConfig, model, train_ex, used
         if saved.get("key") == key:
             log.info("reference log-probs read from %s", path)
             return saved["train"], saved["valid"]
-    kw = dict(pad_token_id=pad_token_id, batch_size=cfg.eval_batch_size, shared_prompt=cfg.shared_prompt, accelerator=accelerator, progress=cfg.run.progress)
+    kw = dict(pad_token_id=pad_token_id, batch_size=cfg.eval_batch_size, shared_prompt=cfg.shared_prompt, padding_free=cfg.padding_free, accelerator=accelerator, progress=cfg.run.progress)
     train_ref = torch.full((len(train_ex), 2), float("nan"))
     train_ref[used] = reference_logprobs(model, [train_ex[i] for i in used], desc="reference log-probs (train)", **kw)
     valid_ref = reference_logprobs(model, valid_ex, desc="reference log-probs (held-out)", **kw)
@@ -309,7 +314,7 @@ def _held_out(scorer: nn.Module, valid_ex: Sequence[PreferenceExample], ref_vali
     """``implicit_reward_accuracy`` of the policy inside the (prepared) ``scorer`` on the held-out pairs."""
     return implicit_reward_accuracy(
         accelerator.unwrap_model(scorer).model, valid_ex, ref_valid, beta=cfg.beta, pad_token_id=pad_token_id, batch_size=cfg.eval_batch_size,
-        shared_prompt=cfg.shared_prompt, accelerator=accelerator, progress=cfg.run.progress and accelerator.is_main_process,
+        shared_prompt=cfg.shared_prompt, padding_free=cfg.padding_free, accelerator=accelerator, progress=cfg.run.progress and accelerator.is_main_process,
     )
 
 
