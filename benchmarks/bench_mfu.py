@@ -27,8 +27,9 @@ AVX2) runs bf16 GEMMs through a slow reference loop, hundreds of times slower th
 runs are then skipped (``--force-bf16`` runs them anyway) and the GEMM peaks say why.
 
 Padded against packed (padding-free) batches: ``packing_probe`` times one SFT forward + backward of
-the same real micro-batch both ways (CPU seconds, alternated); the stage runs use each stage's
-default (padded). ``--profile`` adds a torch.profiler table of one padded SFT step.
+the same real micro-batch both ways (CPU seconds, alternated), ``pair_packing_probe`` the same for
+RM and DPO on a micro-batch of real comparisons (shared prompt, the default: each query once); the
+stage runs use each stage's default (packed for SFT, RM and DPO). ``--profile`` adds a torch.profiler table of one padded SFT step.
 
 Run: ``python benchmarks/bench_mfu.py [--quick] [--stages sft rm ...] [--dtypes float32 bfloat16]``;
 the table goes to stdout and benchmarks/results/mfu-smol[-quick].json.
@@ -51,8 +52,8 @@ import bench_grpo  # noqa: E402
 import harness  # noqa: E402
 
 STAGES = ("sft", "rm", "dpo", "ppo", "grpo", "rloo")
-FULL = {"steps": 3, "max_query_length": 512, "max_response_length": 53, "sft_batch": 4, "pair_batch": 2, "rl_prompts": 2, "group_size": 4, "ppo_rows": 4}
-QUICK = {"steps": 2, "max_query_length": 64, "max_response_length": 16, "sft_batch": 2, "pair_batch": 1, "rl_prompts": 1, "group_size": 2, "ppo_rows": 2}
+FULL = {"steps": 3, "max_query_length": 512, "max_response_length": 53, "sft_batch": 4, "pair_batch": 2, "rl_prompts": 2, "group_size": 4, "ppo_rows": 4, "probe_pairs": 4, "pair_query_length": 512, "probe_reps": 2}
+QUICK = {"steps": 2, "max_query_length": 64, "max_response_length": 16, "sft_batch": 2, "pair_batch": 1, "rl_prompts": 1, "group_size": 2, "ppo_rows": 2, "probe_pairs": 2, "pair_query_length": 96, "probe_reps": 1}
 LOSS_KEY = {"sft": "loss/sft", "rm": "loss/rm", "dpo": "loss/dpo", "ppo": "loss/policy", "grpo": "loss/policy", "rloo": "loss/policy"}
 
 
@@ -72,8 +73,8 @@ def _pref_data(s: dict[str, Any]):
     from tldr_rlhf.config import PreferenceDataArgs
 
     n = 2 * s["steps"] * s["pair_batch"]
-    # comparisons that do not fit are dropped, not cut: the TL;DR caps (512, 133) even in --quick
-    return PreferenceDataArgs(comparisons=harness.COMPARISONS, max_query_length=512, max_response_length=133, limit=n, valid_limit=2)
+    # responses over the cap are dropped (133: TL;DR's); queries over pair_query_length (512; --quick 96) are cut (smart truncation)
+    return PreferenceDataArgs(comparisons=harness.COMPARISONS, max_query_length=s["pair_query_length"], max_response_length=133, limit=n, valid_limit=2)
 
 
 def _rl_data(s: dict[str, Any]):
@@ -221,6 +222,69 @@ def packing_probe(policy: str, s: dict[str, Any], reps: int = 2) -> dict[str, An
     return out
 
 
+def pair_packing_probe(policy: str, rm: str, s: dict[str, Any], reps: int = 2) -> dict[str, Any]:
+    """RM and DPO forward + backward of one real micro-batch of ``probe_pairs`` TL;DR comparisons
+    (queries cut at ``pair_query_length``: 512, --quick 96; the human comparisons' summaries), padded against packed
+    (``--padding-free``), both on the shared prompt (the default), alternated ``reps`` times per
+    stage so that both see the same load. Times are the process's CPU seconds (one thread; they do
+    not count waiting for a core) and wall seconds, medians; the losses of both must agree to 1e-5.
+    Tokens: ``padded_tokens`` the shared-prompt padded pass (B x P + 2B x T), ``packed_tokens`` the
+    real ones (each query once, every response)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tldr_rlhf.config import PreferenceDataArgs
+    from tldr_rlhf.data.batching import collate_preferences
+    from tldr_rlhf.data.packing import can_pack
+    from tldr_rlhf.losses import dpo_loss, pairwise_loss
+    from tldr_rlhf.modeling import load_tokenizer
+    from tldr_rlhf.reward_model import ScalarRewardModel
+    from tldr_rlhf.reward_scoring import pair_rewards
+    from tldr_rlhf.tasks import rm_pairs
+    from tldr_rlhf.train.dpo import pair_logprobs
+
+    tok = load_tokenizer(policy)
+    n = s["probe_pairs"]
+    data = PreferenceDataArgs(comparisons=harness.COMPARISONS, max_query_length=s["pair_query_length"], max_response_length=133, limit=4 * n, valid_limit=2)
+    train_ex, _, _ = rm_pairs(data, tok)  # longer queries are cut (smart truncation)
+    batch = collate_preferences(train_ex[:n], tok.pad_token_id)
+    ref = torch.tensor([-31.7] * n + [-33.1] * n)
+    models = {"rm": ScalarRewardModel.from_pretrained(rm, dtype=torch.float32).train(), "dpo": AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32).train()}
+
+    def step(stage: str, packed: bool) -> float:
+        if stage == "rm":
+            r = pair_rewards(models["rm"], batch, padding_free=packed)
+            loss, _ = pairwise_loss(r[:n], r[n:])
+        else:
+            lp = pair_logprobs(models["dpo"], batch, padding_free=packed)
+            loss, _ = dpo_loss(lp[:n], lp[n:], ref[:n], ref[n:], beta=0.1, label_smoothing=0.1)
+        loss.backward()
+        return loss.item()
+
+    q, r = batch.attention_mask[:, : batch.query_width].sum(1), batch.response_mask.sum(1)
+    out: dict[str, Any] = {
+        "pairs": n, "query_width": batch.query_width, "response_width": batch.responses.shape[1], "mean_query": q[:n].float().mean().item(),
+        "padded_tokens": n * batch.query_width + 2 * n * batch.responses.shape[1], "packed_tokens": int(q[:n].sum() + r.sum()), "load_before": os.getloadavg(),
+    }
+    for stage, model in models.items():
+        out[stage] = {"can_pack": can_pack(model)}
+        times: dict[str, list[tuple[float, float]]] = {"padded": [], "packed": []}
+        losses = {}
+        for _ in range(reps):
+            for name in times:
+                c0, w0 = time.process_time(), time.perf_counter()
+                losses[name] = step(stage, name == "packed")
+                times[name].append((time.process_time() - c0, time.perf_counter() - w0))
+                model.zero_grad(set_to_none=True)
+        for name, ts in times.items():
+            out[stage][name] = {"cpu_s": statistics.median(t[0] for t in ts), "wall_s": statistics.median(t[1] for t in ts)}
+        out[stage]["loss_diff"] = abs(losses["padded"] - losses["packed"])
+        out[stage]["packed_speedup_cpu"] = out[stage]["padded"]["cpu_s"] / out[stage]["packed"]["cpu_s"]
+        out[stage]["packed_speedup_wall"] = out[stage]["padded"]["wall_s"] / out[stage]["packed"]["wall_s"]
+    out["load_after"] = os.getloadavg()
+    return out
+
+
 def profile_step(policy: str, s: dict[str, Any], rows: int = 10) -> list[dict[str, Any]]:
     """torch.profiler of one padded SFT forward + backward at the run's shapes: the ``rows`` ops
     with the most self CPU time (name, self CPU ms, share of the step)."""
@@ -274,11 +338,12 @@ def print_table(results: list[dict[str, Any]]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="short queries, small batches, 2 steps (under 3 minutes)")
+    ap.add_argument("--quick", action="store_true", help="short queries (64; pairs 96), small batches, 2 steps, one rep per probe (about 3 CPU minutes)")
     ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--packing", action=argparse.BooleanOptionalAction, default=True, help="measure SFT padded against packed (--padding-free)")
+    ap.add_argument("--packing", action=argparse.BooleanOptionalAction, default=True, help="measure SFT, RM and DPO padded against packed (--padding-free)")
+    ap.add_argument("--probe-pairs", type=int, default=None, help="comparisons in the RM / DPO packing probe's micro-batch (default 4; --quick 2)")
     ap.add_argument("--profile", action="store_true", help="torch.profiler of one padded SFT forward + backward")
     ap.add_argument("--probes-only", action="store_true", help="only the machine, precision, packing and profile probes; no stage runs")
     ap.add_argument("--force-bf16", action="store_true", help="run bf16 even where its GEMM is far slower than fp32")
@@ -287,6 +352,8 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     s = dict(QUICK if args.quick else FULL, threads=args.threads, workdir=str(harness.workdir()))
+    if args.probe_pairs:
+        s["probe_pairs"] = args.probe_pairs
     t0 = time.perf_counter()
     policy, rm = bench_grpo.smol_models(harness.workdir())
     info = machine()
@@ -296,8 +363,11 @@ def main() -> None:
         info["precision_probe"] = precision_probe(policy)
         print("precision probe (one forward, fp32 vs bf16 autocast):", json.dumps(info["precision_probe"]), flush=True)
     if args.packing and "sft" in args.stages:
-        info["packing_probe"] = packing_probe(policy, s)
+        info["packing_probe"] = packing_probe(policy, s, reps=s["probe_reps"])
         print("packing probe (SFT forward + backward, padded vs packed):", json.dumps(info["packing_probe"]), flush=True)
+    if args.packing and {"rm", "dpo"} & set(args.stages):
+        info["pair_packing_probe"] = pair_packing_probe(policy, rm, s, reps=s["probe_reps"])
+        print("pair packing probe (RM / DPO forward + backward, padded vs packed, shared prompt):", json.dumps(info["pair_packing_probe"]), flush=True)
     if args.profile:
         info["profile_sft_step"] = profile_step(policy, s)
         print("profile of one padded SFT forward + backward:", json.dumps(info["profile_sft_step"]), flush=True)
@@ -312,7 +382,7 @@ def main() -> None:
             print(json.dumps(results[-1]), flush=True)
     info["load_after"] = os.getloadavg()
     print_table(results)
-    out = {"benchmark": "mfu-smol" + ("-quick" if args.quick else ""), "settings": s, "machine": info, "packing": "stage runs padded; packing_probe in machine", "results": results, "wall_s": time.perf_counter() - t0}
+    out = {"benchmark": "mfu-smol" + ("-quick" if args.quick else ""), "settings": s, "machine": info, "packing": "stage runs on each stage's default (packed for SFT, RM and DPO); padded against packed: packing_probe and pair_packing_probe in machine", "results": results, "wall_s": time.perf_counter() - t0}
     harness.RESULTS.mkdir(parents=True, exist_ok=True)
     path = harness.RESULTS / f"{out['benchmark']}.json"
     path.write_text(json.dumps(out, indent=2) + "\n")

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .data.batching import QueryResponseBatch
+from .data.packing import can_pack, pack_query_response, packed_hidden_states, segment_attention
 from .distributed import is_sharded
 from .modeling import AdaptersDisabled, checkpointing_active, kv_cache_kwargs, response_logits
 from .ops import position_ids_from_mask, token_logprobs
@@ -174,7 +175,7 @@ def uses_sliding_window(model: nn.Module) -> bool:
     return bool(getattr(cfg, "use_sliding_window", False))
 
 
-def response_token_logprobs(model: nn.Module, batch: QueryResponseBatch, *, num_queries: int | None = None, temperature: float = 1.0) -> torch.Tensor:
+def response_token_logprobs(model: nn.Module, batch: QueryResponseBatch, *, num_queries: int | None = None, temperature: float = 1.0, padding_free: bool = False) -> torch.Tensor:
     """Per-token log pi(response_t | query, response_<t) of ``[left-padded query | right-padded
     response]`` rows, 0 on padding.
 
@@ -188,13 +189,18 @@ def response_token_logprobs(model: nn.Module, batch: QueryResponseBatch, *, num_
     transformers ignores key/value caches there), which runs full rows.
     A LoRA reference (``modeling.AdaptersDisabled``) runs as its policy inside
     ``policy.disable_adapter()``: the base weights, on the shared prompt too.
+    ``padding_free``: the rows packed into one (``data.packing``; with ``num_queries`` each query
+    once, its responses as branches), same numbers without the padding's work, where the model can
+    (``packing.can_pack``, no activation checkpointing; else the paths above).
     Raises ValueError when R is not a multiple of ``num_queries``.
     """
     if isinstance(model, AdaptersDisabled):
         with model.policy.disable_adapter():
-            return response_token_logprobs(model.policy, batch, num_queries=num_queries, temperature=temperature)
+            return response_token_logprobs(model.policy, batch, num_queries=num_queries, temperature=temperature, padding_free=padding_free)
     parts = split_lm_head(model)
     mask = batch.response_mask
+    if padding_free and can_pack(model) and not checkpointing_active(model):
+        return _packed_token_logprobs(model, parts, batch, num_queries, temperature)
     if parts is None:
         logits = response_logits(model, batch.input_ids, batch.attention_mask, batch.query_width)
         return token_logprobs(logits, batch.responses, temperature) * mask
@@ -204,6 +210,22 @@ def response_token_logprobs(model: nn.Module, batch: QueryResponseBatch, *, num_
     out = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
     real = chunked_target_logprobs(hidden[mask], head.weight, head.bias, batch.responses[mask], temperature=temperature)
     return out.masked_scatter(mask, real)
+
+
+def _packed_token_logprobs(model: nn.Module, parts, batch: QueryResponseBatch, num_queries: int | None, temperature: float) -> torch.Tensor:
+    """``response_token_logprobs`` on the packed batch: (R, T) float32, 0 on padding. With a plain LM
+    head (``parts`` = (backbone, head)) the head runs in vocabulary blocks on the N predicting
+    positions; otherwise the whole model with ``logits_to_keep`` = those positions."""
+    packed = pack_query_response(batch, num_queries=num_queries)
+    if parts is not None:
+        backbone, head = parts
+        hidden = packed_hidden_states(backbone, packed)[packed.predict_at]
+        real = chunked_target_logprobs(hidden, head.weight, head.bias, packed.targets, temperature=temperature)
+    else:
+        with segment_attention(model):
+            logits = model(input_ids=packed.input_ids, position_ids=packed.position_ids, logits_to_keep=packed.predict_at, use_cache=False).logits[0]
+        real = token_logprobs(logits, packed.targets, temperature)
+    return real.new_zeros(packed.shape).index_put((packed.rows, packed.cols), real)
 
 
 def _response_hidden(backbone: nn.Module, batch: QueryResponseBatch, num_queries: int | None) -> torch.Tensor:

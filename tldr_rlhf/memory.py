@@ -230,7 +230,9 @@ def _trained(est: StageEstimate, shape: MemoryShape, prec: Precision, *, world: 
 
 def pair_tokens(cfg, pairs: int, query: int, response: int) -> int:
     """Tokens in one forward of ``pairs`` preference pairs: the query once and both responses when the
-    pair shares its prompt (``cfg.shared_prompt`` of the reward-model or DPO config), else two full rows."""
+    pair shares its prompt (``cfg.shared_prompt`` of the reward-model or DPO config), else two full rows.
+    Packed micro-batches (``padding_free``) hold the same tokens without the padding: at the caps (the
+    worst micro-batch, which the plan sizes for) the count is the same."""
     return pairs * query + 2 * pairs * response if cfg.shared_prompt else 2 * pairs * (query + response)
 
 

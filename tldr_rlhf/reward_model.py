@@ -205,6 +205,7 @@ class ScalarRewardModel(PreTrainedModel):
         return_values: bool = False,
         num_queries: int | None = None,
         query_width: int | None = None,
+        score_at: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         labels: torch.Tensor | None = None,
@@ -222,9 +223,18 @@ class ScalarRewardModel(PreTrainedModel):
         with the query (the long part) computed once per pair instead of twice. Not in a training
         forward under activation checkpointing, whose blocks ignore caches, nor for an FSDP-sharded
         model (``--run.fsdp``): full rows there.
+        ``score_at`` (R,): a packed batch (the package's ``data/packing.py``), input_ids and
+        position_ids (1, S) one row of every sequence's real tokens; the R rewards are read at
+        these positions (each response's EOS) and no mask is built (the caller sets the attention).
         """
         if getattr(self.backbone.config, "_attn_implementation", "") is None:
             raise RuntimeError("the backbone's attention implementation is unset: it would build no attention mask")
+        if score_at is not None:
+            if position_ids is None:
+                raise ValueError("score_at (a packed batch) needs its position_ids")
+            hidden = self.backbone(input_ids=input_ids, inputs_embeds=inputs_embeds, position_ids=position_ids, use_cache=False, return_dict=True).last_hidden_state
+            rewards = self.apply_head(hidden[0, score_at])
+            return RewardModelOutput(logits=rewards[:, None], rewards=rewards)
         ref = input_ids if input_ids is not None else inputs_embeds
         b, length = ref.shape[0], ref.shape[1]
         if attention_mask is None:

@@ -21,8 +21,10 @@ import torch
 from torch import nn
 
 from .data.batching import QueryResponseBatch, collate_query_response
+from .data.packing import can_pack, pack_query_response, segment_attention
 from .data.tldr import SFTExample
 from .lm_head import uses_sliding_window
+from .modeling import checkpointing_active
 from .reward_model import ScalarRewardModel
 from .scoring import sharded_scores
 
@@ -30,11 +32,22 @@ from .scoring import sharded_scores
 ScoredText = SFTExample
 
 
-def pair_rewards(model: nn.Module, batch: QueryResponseBatch, *, shared_prompt: bool = True) -> torch.Tensor:
+def pair_rewards(model: nn.Module, batch: QueryResponseBatch, *, shared_prompt: bool = True, padding_free: bool = False) -> torch.Tensor:
     """Rewards of a ``collate_pairs`` batch (2B rows) in one forward pass -> (2B,) float32:
-    [0, B) chosen, [B, 2B) rejected. ``shared_prompt`` runs each query once (same scores)."""
+    [0, B) chosen, [B, 2B) rejected. ``shared_prompt`` runs each query once (same scores).
+
+    ``padding_free``: the batch packed into one row of its real tokens (``data.packing``): with
+    ``shared_prompt`` each query once, then its chosen response, then its rejected one as a branch
+    that attends to the query only; else the 2B full rows end to end. Each reward is read at its
+    response's EOS (the packed ``last_at``: N+ detail 12); same scores and gradients as the padded
+    rows, without the padding's work. Only a ``ScalarRewardModel`` that ``packing.can_pack`` and is
+    not under activation checkpointing; others take the padded path."""
     b = batch.input_ids.shape[0] // 2
     inner = model.module if hasattr(model, "module") else model
+    if padding_free and isinstance(inner, ScalarRewardModel) and can_pack(inner) and not checkpointing_active(inner):
+        packed = pack_query_response(batch, num_queries=b if shared_prompt else None)
+        with segment_attention(inner):
+            return model(input_ids=packed.input_ids, position_ids=packed.position_ids, score_at=packed.last_at).rewards
     share = shared_prompt and isinstance(inner, ScalarRewardModel) and not uses_sliding_window(inner)
     kwargs = dict(num_queries=b, query_width=batch.query_width) if share else {}
     return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **kwargs).rewards

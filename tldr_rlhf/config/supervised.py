@@ -67,6 +67,12 @@ class RMConfig:
     shared_prompt: bool = True
     """Run each query once and both responses on its key/value cache (same scores, about half the
     compute); False = chosen and rejected as two full rows of one forward pass."""
+    padding_free: bool = True
+    """Train on packed micro-batches (data/packing.py): the real tokens in one row, each query once and
+    its chosen and rejected responses after it (the rejected one attending to the query only; with
+    --no-shared-prompt the 2B full rows), rewards read at each response's EOS; same losses and
+    gradients as padded rows, no work on padding. SDPA models without activation checkpointing (else
+    rows stay padded); --no-padding-free keeps the padded path."""
     train_layers: int = 0
     """Train only the top N transformer blocks (+ final norm and head); 0 = every weight (the papers).
     A speed option for CPU demos."""
@@ -121,6 +127,13 @@ class DPOConfig:
     shared_prompt: bool = True
     """Run each query once and both responses on its key/value cache (same result, ~half the query
     compute); False = chosen and rejected as two full rows of one concatenated forward pass."""
+    padding_free: bool = True
+    """Train on packed micro-batches (data/packing.py): the real tokens in one row, each query once and
+    its chosen and rejected responses after it (the rejected one attending to the query only; with
+    --no-shared-prompt the 2B full rows); same log-probs, losses and gradients as padded rows, no work
+    on padding; the reference and held-out passes too (bf16's step-0 rewards stay exactly 0). SDPA
+    models without activation checkpointing (else rows stay padded); --no-padding-free keeps the padded
+    path."""
     num_sample_posts: int = 2
     """Held-out posts summarized (greedy) by the SFT policy before and the DPO policy after training."""
     sample_max_new_tokens: Annotated[int, arg(name="sample-response-length")] = 63

@@ -17,7 +17,11 @@ Chosen and rejected responses of a micro-batch go through the policy as one batc
 (``collate_pairs``: rows [0, B) chosen, [B, 2B) rejected). By default (``shared_prompt``) the B
 queries run first and the 2B responses continue from their key/value cache; this gives the same
 log-probs and gradients as 2B full rows (tested) while computing each query once. Only real response
-tokens go through the LM head, in blocks (``lm_head.chunked_target_logprobs``).
+tokens go through the LM head, in blocks (``lm_head.chunked_target_logprobs``). With ``padding_free``
+(default) the training micro-batches are packed into one row of their real tokens, each query once and
+its two responses after it (``pair_logprobs``, ``data.packing``): the same log-probs and gradients
+without the padding's work; the reference and held-out passes take the same path, so that in bf16 the
+step-0 policy reproduces its cached reference exactly (implicit rewards 0).
 
 Steps of ``train`` (its step comments carry these numbers):
 
@@ -45,6 +49,7 @@ cap are dropped and counted (data.comparisons).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -108,37 +113,42 @@ collate = collate_preferences  # 2B rows: chosen in [0, B), rejected in [B, 2B)
 # Scoring
 
 
-def pair_logprobs(model: nn.Module, batch: QueryResponseBatch, *, shared_prompt: bool = True) -> torch.Tensor:
+def pair_logprobs(model: nn.Module, batch: QueryResponseBatch, *, shared_prompt: bool = True, padding_free: bool = False) -> torch.Tensor:
     """Summed response log-probs of a ``collate`` batch: (2B,) float32, chosen then rejected (nats).
 
     ``shared_prompt`` runs each query once and both responses on its cache (``lm_head``); the result
-    equals two full rows up to float rounding.
+    equals two full rows up to float rounding. ``padding_free`` packs the batch into one row of its
+    real tokens (``data.packing``): with ``shared_prompt`` each query once followed by its chosen
+    and rejected responses (the rejected one a branch that sees the query only), else the 2B full
+    rows end to end; the same sums without the padding's work.
     """
     b = batch.input_ids.shape[0] // 2
-    return response_token_logprobs(model, batch, num_queries=b if shared_prompt else None).sum(1)
+    return response_token_logprobs(model, batch, num_queries=b if shared_prompt else None, padding_free=padding_free).sum(1)
 
 
 class PairScorer(nn.Module):
     """Wraps the policy so that one call scores a pair batch; this is what DDP wraps, so the two
     passes of the shared prompt are one DDP forward."""
 
-    def __init__(self, model: nn.Module, shared_prompt: bool = True):
+    def __init__(self, model: nn.Module, shared_prompt: bool = True, padding_free: bool = False):
         super().__init__()
         self.model = model
         self.shared_prompt = shared_prompt
+        self.padding_free = padding_free
 
     def forward(self, input_ids, attention_mask, response_mask, query_width: int) -> torch.Tensor:
         batch = QueryResponseBatch(input_ids, attention_mask, response_mask, query_width)
-        return pair_logprobs(self.model, batch, shared_prompt=self.shared_prompt)
+        return pair_logprobs(self.model, batch, shared_prompt=self.shared_prompt, padding_free=self.padding_free)
 
 
-def reference_logprobs(model: nn.Module, examples: Sequence[PreferenceExample], **kwargs) -> torch.Tensor:
+def reference_logprobs(model: nn.Module, examples: Sequence[PreferenceExample], *, padding_free: bool = False, **kwargs) -> torch.Tensor:
     """Summed log-probs (N, 2) float32 (chosen, rejected) of every example under the reference
-    (``scoring.score_preference_pairs`` with ``pair_logprobs``; ``kwargs`` are its keywords): the model
-    itself, or with LoRA the model with its adapters disabled (the SFT weights)."""
+    (``scoring.score_preference_pairs`` with ``pair_logprobs``, packed with ``padding_free`` as the
+    training passes are; ``kwargs`` are its keywords): the model itself, or with LoRA the model with its
+    adapters disabled (the SFT weights)."""
     ctx = model.disable_adapter() if hasattr(model, "disable_adapter") and hasattr(model, "peft_config") else contextlib.nullcontext()
     with ctx:
-        return score_preference_pairs(model, examples, pair_logprobs, **kwargs)
+        return score_preference_pairs(model, examples, functools.partial(pair_logprobs, padding_free=padding_free), **kwargs)
 
 
 def implicit_reward_metrics(policy: torch.Tensor, reference: torch.Tensor, *, beta: float, confidences: Sequence[int | None] | None = None) -> dict[str, Any]:
@@ -175,6 +185,7 @@ def implicit_reward_accuracy(
     pad_token_id: int,
     batch_size: int = 16,
     shared_prompt: bool = True,
+    padding_free: bool = False,
     accelerator=None,
     progress: bool = False,
 ) -> dict[str, Any]:
@@ -186,7 +197,7 @@ def implicit_reward_accuracy(
     """
     if tuple(reference.shape) != (len(examples), 2):
         raise ValueError(f"reference log-probs have shape {tuple(reference.shape)}, expected ({len(examples)}, 2)")
-    scores = score_preference_pairs(policy, examples, pair_logprobs, pad_token_id=pad_token_id, batch_size=batch_size, shared_prompt=shared_prompt, accelerator=accelerator, desc="held-out pairs", progress=progress)
+    scores = score_preference_pairs(policy, examples, functools.partial(pair_logprobs, padding_free=padding_free), pad_token_id=pad_token_id, batch_size=batch_size, shared_prompt=shared_prompt, accelerator=accelerator, desc="held-out pairs", progress=progress)
     return implicit_reward_metrics(scores, reference, beta=beta, confidences=[e.confidence for e in examples])
 
 
@@ -216,7 +227,7 @@ def cached_reference_logprobs(run: RunDir, cfg: DPOConfig, model, train_ex, used
         if saved.get("key") == key:
             log.info("reference log-probs read from %s", path)
             return saved["train"], saved["valid"]
-    kw = dict(pad_token_id=pad_token_id, batch_size=cfg.eval_batch_size, shared_prompt=cfg.shared_prompt, accelerator=accelerator, progress=cfg.run.progress)
+    kw = dict(pad_token_id=pad_token_id, batch_size=cfg.eval_batch_size, shared_prompt=cfg.shared_prompt, padding_free=cfg.padding_free, accelerator=accelerator, progress=cfg.run.progress)
     train_ref = torch.full((len(train_ex), 2), float("nan"))
     train_ref[used] = reference_logprobs(model, [train_ex[i] for i in used], desc="reference log-probs (train)", **kw)
     valid_ref = reference_logprobs(model, valid_ex, desc="reference log-probs (held-out)", **kw)
@@ -287,7 +298,7 @@ def _held_out(scorer: nn.Module, valid_ex: Sequence[PreferenceExample], ref_vali
     """``implicit_reward_accuracy`` of the policy inside the (prepared) ``scorer`` on the held-out pairs."""
     return implicit_reward_accuracy(
         accelerator.unwrap_model(scorer).model, valid_ex, ref_valid, beta=cfg.beta, pad_token_id=pad_token_id, batch_size=cfg.eval_batch_size,
-        shared_prompt=cfg.shared_prompt, accelerator=accelerator, progress=cfg.run.progress and accelerator.is_main_process,
+        shared_prompt=cfg.shared_prompt, padding_free=cfg.padding_free, accelerator=accelerator, progress=cfg.run.progress and accelerator.is_main_process,
     )
 
 
@@ -397,7 +408,7 @@ def train(cfg: DPOConfig) -> str:
     if resume_from is None:
         _log_samples(run, model, sample_ex, tokenizer, cfg, step=0, name="sft")
     save_weights = weights_saver(model, tokenizer, cfg.dtype, cfg.run)  # each checkpoint's weights
-    scorer, optimizer = prepare(accelerator, PairScorer(model, cfg.shared_prompt), optimizer)
+    scorer, optimizer = prepare(accelerator, PairScorer(model, cfg.shared_prompt, cfg.padding_free), optimizer)
     if is_main:
         log.info("policy %s: %d / %d trainable parameters; %d optimizer steps of %d pairs; reference log-probs in %.1f s", cfg.sft_path, trainable, total, total_steps, batch, ref_time)
 

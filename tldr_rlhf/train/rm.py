@@ -9,7 +9,10 @@ Objective (``losses.pairwise_loss``): ``-log sigmoid(r_chosen - r_rejected)``, m
 batch of pairs. Chosen and rejected responses of a micro-batch go through the model in one forward
 pass (``collate_pairs``: rows [0, B) chosen, [B, 2B) rejected); with ``shared_prompt`` (default) the B
 queries run once and the 2B responses continue from their key/value cache, which gives the same
-scores and gradients as 2B full rows (tested) with the query computed once per pair.
+scores and gradients as 2B full rows (tested) with the query computed once per pair. With
+``padding_free`` (default) the micro-batch is packed into one row of its real tokens, each query once
+and its two responses after it (``reward_scoring.pair_rewards``, ``data.packing``): the same scores
+and gradients without the padding's work, each reward read at its response's EOS.
 
 Normalization (detail 14): after training, the (query, reference summary) pairs of the SFT posts are
 scored and the head bias is shifted so that their mean reward is 0; the shift is stored in the
@@ -247,7 +250,7 @@ def train(cfg: RMConfig) -> str:
             b = len(idx)
             ctx = accelerator.no_sync(model) if k < len(chunks) - 1 else contextlib.nullcontext()  # sync on the last
             with ctx, accelerator.autocast():
-                rewards = pair_rewards(model, mb, shared_prompt=cfg.shared_prompt)
+                rewards = pair_rewards(model, mb, shared_prompt=cfg.shared_prompt, padding_free=cfg.padding_free)
                 # Mean over the global batch; DDP averages gradients over processes, hence / world.
                 loss, _ = pairwise_loss(rewards[:b], rewards[b:], num_pairs=len(global_idx) / world)
                 accelerator.backward(loss)
