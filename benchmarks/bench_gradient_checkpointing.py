@@ -43,7 +43,7 @@ def one(kind: str, checkpointing: bool, layers: int, hidden: int, rows: int, que
     from tldr_rlhf.data.batching import collate_query_response
     from tldr_rlhf.lm_head import response_token_logprobs
     from tldr_rlhf.modeling import enable_gradient_checkpointing
-    from tldr_rlhf.reward_model import RewardModelConfig, ScalarRewardModel
+    from tldr_rlhf.reward.reward_model import RewardModelConfig, ScalarRewardModel
     from tldr_rlhf.value_model import ValueModel
 
     torch.set_num_threads(1)

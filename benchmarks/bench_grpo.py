@@ -53,7 +53,7 @@ def smol_models(workdir: Path) -> tuple[str, str]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tldr_rlhf.modeling import _strip_gguf_quantizer
-    from tldr_rlhf.reward_model import RewardModelConfig, ScalarRewardModel
+    from tldr_rlhf.reward.reward_model import RewardModelConfig, ScalarRewardModel
 
     policy, rm = workdir / "smol-policy", workdir / "smol-rm"
     if not (policy / "config.json").exists():
@@ -123,7 +123,7 @@ def trl(settings):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainerCallback
     import trl
 
-    import tldr_rlhf.reward_model  # noqa: F401  (import registers the reward model class with the Auto classes)
+    import tldr_rlhf.reward.reward_model  # noqa: F401  (import registers the reward model class with the Auto classes)
 
     _, tok, prompts = _prompts(settings)
     rows = [{"prompt": tok.decode(p.query_ids)} for p in prompts]

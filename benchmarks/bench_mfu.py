@@ -238,8 +238,8 @@ def pair_packing_probe(policy: str, rm: str, s: dict[str, Any], reps: int = 2) -
     from tldr_rlhf.data.packing import can_pack
     from tldr_rlhf.losses import dpo_loss, pairwise_loss
     from tldr_rlhf.modeling import load_tokenizer
-    from tldr_rlhf.reward_model import ScalarRewardModel
-    from tldr_rlhf.reward_scoring import pair_rewards
+    from tldr_rlhf.reward.reward_model import ScalarRewardModel
+    from tldr_rlhf.reward.scoring import pair_rewards
     from tldr_rlhf.tasks import rm_pairs
     from tldr_rlhf.train.dpo import pair_logprobs
 

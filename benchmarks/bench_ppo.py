@@ -64,7 +64,7 @@ def tiny_reward_model(workdir: Path, policy: str) -> str:
     import torch
     from transformers import AutoConfig, AutoTokenizer
 
-    from tldr_rlhf.reward_model import RewardModelConfig, ScalarRewardModel
+    from tldr_rlhf.reward.reward_model import RewardModelConfig, ScalarRewardModel
 
     path = workdir / "tiny-rm"
     if not (path / "config.json").exists():
@@ -106,7 +106,7 @@ def trl(settings):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainerCallback
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
-    importlib.import_module("tldr_rlhf.reward_model")  # registers the reward model class with the Auto classes
+    importlib.import_module("tldr_rlhf.reward.reward_model")  # registers the reward model class with the Auto classes
 
     _, tok, prompts = bench_grpo._prompts(settings)
     tok.padding_side = "left"

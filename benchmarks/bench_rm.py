@@ -79,7 +79,7 @@ def init_checkpoint(model_dir: str, path: Path) -> str:
     import torch
 
     from tldr_rlhf.modeling import load_tokenizer
-    from tldr_rlhf.reward_loading import build_reward_model, save_reward_model
+    from tldr_rlhf.reward.loading import build_reward_model, save_reward_model
 
     if (path / "config.json").exists():
         return str(path)

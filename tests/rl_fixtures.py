@@ -30,7 +30,7 @@ def make_checkpoints(tok) -> tuple[str, str]:
     """A tiny causal LM (the "SFT" policy, with the tokenizer) and a tiny ``ScalarRewardModel``
     (the project's reward model class) saved once per test session; returns their paths. Stages
     only read them."""
-    from tldr_rlhf.reward_model import RewardModelConfig, ScalarRewardModel
+    from tldr_rlhf.reward.reward_model import RewardModelConfig, ScalarRewardModel
 
     if "paths" in _CHECKPOINTS:
         return _CHECKPOINTS["paths"]

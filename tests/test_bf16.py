@@ -20,7 +20,7 @@ from tldr_rlhf.rollout import response_logprobs, rollout
 from tldr_rlhf.train import dpo, grpo, ppo
 from tldr_rlhf.train.common import make_accelerator
 from tldr_rlhf.precision import frozen_weights_dtype
-from tldr_rlhf.reward_loading import load_frozen_reward_model
+from tldr_rlhf.reward.loading import load_frozen_reward_model
 from tldr_rlhf.train.rl_common import load_rl_models, reward_score_fn
 from tldr_rlhf.value_model import PolicyAndValue, ValueModel
 

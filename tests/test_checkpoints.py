@@ -265,7 +265,7 @@ def test_ppo_checkpoint_is_the_policy(qwen_tokenizer, tmp_path):
 def test_reward_model_checkpoint_loads_as_a_reward_model(tiny_model_dir, tmp_path):
     from test_reward_model import _cfg as rm_cfg
 
-    from tldr_rlhf.reward_loading import load_frozen_reward_model
+    from tldr_rlhf.reward.loading import load_frozen_reward_model
     from tldr_rlhf.checkpoints import checkpoint_kind
     from tldr_rlhf.train import rm
 

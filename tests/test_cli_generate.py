@@ -125,7 +125,7 @@ def test_loading_a_reward_model_folder_as_a_policy_raises_instead_of_prompting(q
         "from tldr_rlhf.errors import ModelLoadError\n"
         "from tldr_rlhf.modeling import load_causal_lm\n"
         f"try:\n    load_causal_lm({rm!r})\nexcept ModelLoadError as e:\n    print('ModelLoadError', e)\n"
-        "assert 'tldr_rlhf.reward_model' not in sys.modules\n"
+        "assert 'tldr_rlhf.reward.reward_model' not in sys.modules\n"
     )
     out = subprocess.run([sys.executable, "-c", code], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

@@ -19,8 +19,8 @@ from tldr_rlhf.data.comparisons import load_comparisons
 from tldr_rlhf.data.tldr import format_query, format_response
 from tldr_rlhf.export import ExportRMArgs, export_reward_model, pick_pad_token
 from tldr_rlhf.modeling import load_tokenizer
-from tldr_rlhf.reward_loading import load_reward_checkpoint, save_reward_model
-from tldr_rlhf.reward_model import RewardModelConfig, ScalarRewardModel, score
+from tldr_rlhf.reward.loading import load_reward_checkpoint, save_reward_model
+from tldr_rlhf.reward.reward_model import RewardModelConfig, ScalarRewardModel, score
 
 FIM_PAD = 151662  # <|fim_pad|> in Qwen2.5's vocabulary
 BIAS = 0.37  # a normalized head: bias = -reward_offset

@@ -16,7 +16,7 @@ from tldr_rlhf.data.tldr import Post
 from tldr_rlhf.errors import DataError
 from tldr_rlhf.pipeline import check_stages, stage_configs
 from tldr_rlhf.presets import GOLD_PRESETS, PIPELINE_PRESETS
-from tldr_rlhf.rewards import check_reward_spec, score_texts
+from tldr_rlhf.reward.specs import check_reward_spec, score_texts
 from tldr_rlhf.stages import COMMANDS
 
 from rl_fixtures import EOS, POSTS, make_checkpoints

@@ -17,8 +17,8 @@ from tldr_rlhf.data.batching import collate_preferences
 from tldr_rlhf.data.comparisons import PreferenceExample
 from tldr_rlhf.lm_head import response_token_logprobs
 from tldr_rlhf.modeling import apply_lora, checkpointing_active, checkpointing_enabled, enable_gradient_checkpointing
-from tldr_rlhf.reward_loading import init_reward_model
-from tldr_rlhf.reward_model import RewardModelConfig, ScalarRewardModel
+from tldr_rlhf.reward.loading import init_reward_model
+from tldr_rlhf.reward.reward_model import RewardModelConfig, ScalarRewardModel
 from tldr_rlhf.train import ppo
 from tldr_rlhf.train.common import load_policy
 from tldr_rlhf.value_model import ValueModel

@@ -20,7 +20,7 @@ from tldr_rlhf.errors import ConfigError
 from tldr_rlhf.inspection import InspectConfig, inspect_policies, kl_rgb, logprob_rgb, render_html
 from tldr_rlhf.metrics import kl_from_logprobs
 from tldr_rlhf.modeling import load_causal_lm, load_tokenizer
-from tldr_rlhf.reward_loading import load_frozen_reward_model
+from tldr_rlhf.reward.loading import load_frozen_reward_model
 from tldr_rlhf.tasks import query_ids, response_ids
 
 T = 0.7

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from tldr_rlhf.config import GRPOConfig, ModelArgs, OptimArgs, PPOConfig, RLOOConfig, RunArgs, SFTConfig, TldrDataArgs
 from tldr_rlhf.errors import ConfigError
 from tldr_rlhf.modeling import ADAPTER_DIR, AdaptersDisabled, apply_lora, load_causal_lm, quantization_4bit
-from tldr_rlhf.reward_loading import init_reward_model, save_reward_model
+from tldr_rlhf.reward.loading import init_reward_model, save_reward_model
 from tldr_rlhf.rollout import response_logprobs
 from tldr_rlhf.data.batching import collate_query_response
 from tldr_rlhf.train import grpo, ppo, rloo

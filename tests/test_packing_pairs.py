@@ -15,8 +15,8 @@ from tldr_rlhf.data.batching import QueryResponseBatch, collate_pairs
 from tldr_rlhf.data.packing import pack_query_response, packed_hidden_states
 from tldr_rlhf.losses import dpo_loss, pairwise_loss
 from tldr_rlhf.modeling import save_pretrained
-from tldr_rlhf.reward_loading import build_reward_model
-from tldr_rlhf.reward_scoring import pair_rewards
+from tldr_rlhf.reward.loading import build_reward_model
+from tldr_rlhf.reward.scoring import pair_rewards
 from tldr_rlhf.train.dpo import pair_logprobs
 
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")
@@ -101,7 +101,7 @@ def test_packed_rewards_loss_and_gradients_equal_the_padded_path(reward_model, s
 def test_packed_reward_is_read_at_each_response_eos(reward_model, monkeypatch):
     """The packed forward reads the head at the packed positions of the 6 responses' EOS tokens, and
     each reward is the reward of its (query, response) scored alone."""
-    from tldr_rlhf import reward_model as rm_module
+    from tldr_rlhf.reward import reward_model as rm_module
 
     seen = []
     real = rm_module.ScalarRewardModel.apply_head
@@ -157,7 +157,7 @@ def _spy_packing(monkeypatch, module):
 def test_rm_training_packs_by_default_and_not_under_no_padding_free(reward_model_dir, tmp_path, monkeypatch, padding_free):
     """``rm.train``'s optimizer steps reach the packed forward once per micro-batch (2 steps x 1), each
     query shared; --no-padding-free never packs."""
-    from tldr_rlhf import reward_scoring
+    from tldr_rlhf.reward import scoring as reward_scoring
     from tldr_rlhf.config import ModelArgs, OptimArgs, PreferenceDataArgs, RewardNormArgs, RMConfig, RunArgs
     from tldr_rlhf.train import rm
 

@@ -103,9 +103,9 @@ def test_cli_ppo_command_takes_sft_and_rm_paths():
 def test_nplus_07_dropout_off_in_policy_reference_value_and_reward_models(tmp_path, qwen_tokenizer):
     # checkpoints saved WITH dropout: every model PPO builds from them must come out with it off
     from tldr_rlhf.modeling import load_causal_lm
-    from tldr_rlhf.reward_model import RewardModelConfig, ScalarRewardModel
+    from tldr_rlhf.reward.reward_model import RewardModelConfig, ScalarRewardModel
     from tldr_rlhf.modeling import freeze, load_frozen_reference as load_reference
-    from tldr_rlhf.reward_loading import load_frozen_reward_model as load_reward_model
+    from tldr_rlhf.reward.loading import load_frozen_reward_model as load_reward_model
     from tldr_rlhf.value_model import ValueModel
 
     from rl_fixtures import STAGE_HIDDEN, make_tiny_qwen2, tiny_config

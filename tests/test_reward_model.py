@@ -23,10 +23,10 @@ from tldr_rlhf.data.tldr import DropCounts
 from tldr_rlhf.losses import pairwise_loss
 from tldr_rlhf.metrics import comparison_metrics, judge_agreement
 from tldr_rlhf.modeling import save_pretrained
-from tldr_rlhf.reward_loading import build_reward_model, load_reward_checkpoint, save_reward_model
+from tldr_rlhf.reward.loading import build_reward_model, load_reward_checkpoint, save_reward_model
 from tldr_rlhf.ops import left_pad, right_pad
-from tldr_rlhf.reward_model import RewardModelConfig, ScalarRewardModel, last_real_index, response_values, score, train_top_layers
-from tldr_rlhf.reward_scoring import pair_rewards, score_responses
+from tldr_rlhf.reward.reward_model import RewardModelConfig, ScalarRewardModel, last_real_index, response_values, score, train_top_layers
+from tldr_rlhf.reward.scoring import pair_rewards, score_responses
 from tldr_rlhf.tasks import load_references, rm_pairs as load_rm_data
 from tldr_rlhf.train import rm
 

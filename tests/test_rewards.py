@@ -1,4 +1,4 @@
-"""Rewards beyond a reward model (rewards.py): built-ins worked out by hand, weighted sums, a callable
+"""Rewards beyond a reward model (reward/specs.py): built-ins worked out by hand, weighted sums, a callable
 from a test module (tests/reward_fns.py), one-line errors, and a GRPO / PPO run scored by them."""
 
 import json
@@ -9,7 +9,7 @@ import torch
 from tldr_rlhf import cli
 from tldr_rlhf.data.batching import collate_query_response
 from tldr_rlhf.errors import ConfigError, RewardError
-from tldr_rlhf.rewards import RLReward, check_reward_spec, parse_reward, score_texts
+from tldr_rlhf.reward.specs import RLReward, check_reward_spec, parse_reward, score_texts
 
 import reward_fns
 from rl_fixtures import POSTS, one_thread

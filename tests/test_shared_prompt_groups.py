@@ -220,7 +220,7 @@ def test_grouped_logits_losses_and_gradients_equal_full_rows(family):
 
 
 def test_score_groups_with_the_shared_prompt_equal_full_rows():
-    from tldr_rlhf.reward_model import RewardModelConfig, ScalarRewardModel
+    from tldr_rlhf.reward.reward_model import RewardModelConfig, ScalarRewardModel
 
     torch.manual_seed(1)
     rm = ScalarRewardModel(RewardModelConfig(text_config=make_tiny_qwen2(hidden=32).config)).eval()
@@ -244,7 +244,7 @@ def test_score_groups_with_the_shared_prompt_equal_full_rows():
 
 
 def test_shared_group_rollout_equals_the_unshared_one(qwen_tokenizer):
-    from tldr_rlhf.reward_model import RewardModelConfig, ScalarRewardModel
+    from tldr_rlhf.reward.reward_model import RewardModelConfig, ScalarRewardModel
 
     policy, ref = make_tiny_qwen2(hidden=32).eval(), make_tiny_qwen2(seed=5, hidden=32).eval()
     torch.manual_seed(1)

@@ -6,7 +6,7 @@ import torch
 from transformers import Qwen2ForSequenceClassification
 
 from tldr_rlhf.data.batching import collate_query_response
-from tldr_rlhf.reward_model import RewardModelConfig, ScalarRewardModel
+from tldr_rlhf.reward.reward_model import RewardModelConfig, ScalarRewardModel
 from tldr_rlhf.value_model import PolicyAndValue, ValueModel, backbone_and_head, score_at_last_token
 
 from rl_fixtures import make_tiny_qwen2, tiny_config

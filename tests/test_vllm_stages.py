@@ -33,7 +33,7 @@ def vckpts(qwen_tokenizer):
     tied embeddings like SmolLM2) and a tiny reward model, saved with the real tokenizer."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from tldr_rlhf.reward_model import RewardModelConfig, ScalarRewardModel
+    from tldr_rlhf.reward.reward_model import RewardModelConfig, ScalarRewardModel
 
     torch.set_num_threads(1)  # before any engine: a CPU vLLM engine fixes the thread count for the process
     root = Path(tempfile.mkdtemp(prefix="tldr-vllm-models-"))

@@ -232,7 +232,7 @@ the tokenizer's own EOS): a linear head maps the final hidden state **at the EOS
 (N+ details 11-12). {normalization}
 
 ```python
-from tldr_rlhf.reward_loading import load_frozen_reward_model  # pip install tldr-rlhf
+from tldr_rlhf.reward.loading import load_frozen_reward_model  # pip install tldr-rlhf
 reward_model = load_frozen_reward_model("PATH_OR_REPO")  # reward_model(input_ids, attention_mask).logits[:, 0]: one score per row, read at its last real token
 ```
 

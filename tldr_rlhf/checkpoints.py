@@ -14,7 +14,7 @@ from typing import Any
 
 from .errors import ConfigError, ModelLoadError
 from .modeling import looks_local, offline_kwargs
-from .reward_model import MODEL_TYPE
+from .reward.reward_model import MODEL_TYPE
 
 FINAL = "final"  # a run folder's finished model
 CHECKPOINTS = "checkpoints"  # a run folder's checkpoints/step-N/ folders

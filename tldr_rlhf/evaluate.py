@@ -37,7 +37,7 @@ from .tasks import held_out_items, held_out_pairs, query_ids, query_text, refere
 from .errors import DataError, ModelLoadError
 from .metrics import comparison_metrics, length_controlled_win_rate, outcomes_from_scores, pair_lengths, rouge_scores, win_rate
 from .modeling import check_model_exists, load_tokenizer_cached
-from .reward_loading import load_frozen_reward_model
+from .reward.loading import load_frozen_reward_model
 from .precision import bf16_autocast
 from .paired import format_paired, paired_differences
 from .progress import progress
@@ -48,9 +48,9 @@ from .validation import validate_config
 from .best_of_n import best_of_n_names, best_of_n_run, best_of_n_spec
 from .checkpoints import require_kind
 from .judge import ChatClient, JudgeError, judge_pairs
-from .reward_scoring import pair_rewards
+from .reward.scoring import pair_rewards
 from .scoring import score_preference_pairs
-from .rewards import check_reward_spec, text_term_scores, weighted_sum
+from .reward.specs import check_reward_spec, text_term_scores, weighted_sum
 from .value_model import score_at_last_token
 
 log = logging.getLogger(__name__)
@@ -157,7 +157,7 @@ def score_with(path: str, posts: list, texts: dict[str, list[str]], cfg: Evaluat
 
 
 def reward_scores(spec: str, flag: str, posts: list, texts: dict[str, list[str]], cfg: EvaluateConfig, tok) -> dict[str, list[float]]:
-    """A reward spec's (``rewards.py``) scores of every list of summaries in ``texts`` ({name: N
+    """A reward spec's (``reward/specs.py``) scores of every list of summaries in ``texts`` ({name: N
     summaries}): text terms get the query as ``tok`` (the first policy's tokenizer) formats it, the
     summary and the post's reference; reward-model terms score as ``score_with``. Returns {name: N
     weighted sums}. Raises ConfigError / RewardError naming ``flag``."""

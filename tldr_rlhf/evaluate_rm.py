@@ -34,9 +34,9 @@ from .data.comparisons import Comparison, PreferenceExample, build_preference_ex
 from .data.tldr import DropCounts
 from .metrics import comparison_metrics, judge_agreement, pair_lengths
 from .modeling import load_tokenizer
-from .reward_loading import load_reward_checkpoint
+from .reward.loading import load_reward_checkpoint
 from .precision import bf16_autocast, master_weights_dtype
-from .reward_scoring import pair_rewards
+from .reward.scoring import pair_rewards
 from .scoring import score_preference_pairs
 from .stages import EVAL_RM_FILE as EVAL_FILE
 

@@ -1,6 +1,6 @@
 """``tldr-rlhf export-rm``: a tldr-rlhf reward model as a stock ``<Arch>ForSequenceClassification``.
 
-Our ``ScalarRewardModel`` (``reward_model.py``) has its own ``model_type`` and loads elsewhere only
+Our ``ScalarRewardModel`` (``reward/reward_model.py``) has its own ``model_type`` and loads elsewhere only
 with ``trust_remote_code=True``. The export writes the same network as the library's own class for
 the backbone's architecture (``Qwen2ForSequenceClassification``, ``LlamaForSequenceClassification``
 for SmolLM2, ...; ``num_labels=1``), which ``AutoModelForSequenceClassification.from_pretrained(OUT)``
@@ -128,7 +128,7 @@ def export_reward_model(args: ExportRMArgs) -> dict[str, Any]:
 
     # lazy: `tldr-rlhf export-rm --help` parses ExportRMArgs without torch and transformers
     from .modeling import load_tokenizer
-    from .reward_loading import is_reward_checkpoint, load_reward_checkpoint
+    from .reward.loading import is_reward_checkpoint, load_reward_checkpoint
     from .checkpoints import checkpoint_kind
 
     if not Path(args.model).exists():

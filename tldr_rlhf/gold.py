@@ -1,7 +1,7 @@
 """The gold-reward experiment (``tldr-rlhf gold``, the pipeline's optional stage ``gold``; docs/gold.md).
 
 A reward whose value is known exactly, ROUGE-L F1 against the post's human reference (``--gold-reward``,
-any spec of ``rewards.py``), stands in for human judgement, so that what each method does to it can be
+any spec of ``reward/specs.py``), stands in for human judgement, so that what each method does to it can be
 measured on posts the training never saw (Gao et al. 2022, "Scaling Laws for Reward Model
 Overoptimization", sec. 2, with a synthetic gold reward in place of their gold reward model).
 
@@ -55,7 +55,7 @@ from .evaluate import evaluate
 from .generation import decode_response
 from .gold_arms import direct_arms, worker_arms
 from .modeling import load_tokenizer_cached
-from .rewards import check_reward_spec, score_texts
+from .reward.specs import check_reward_spec, score_texts
 from .summaries import free_memory, generate_in_length_order, load_eval_policy
 from .tasks import load_post_splits, query_ids, reference_of
 

@@ -292,7 +292,7 @@ def estimate_stage(stage: str, cfg: Any, *, device: Literal["cuda", "cpu"] = "cu
     # RL stages: a frozen reference policy and reward model (none for a text reward: --reward rouge-l),
     # generation, and the trained policy
     # lazy: `tldr-rlhf plan --help` parses PlanArgs without torch and transformers
-    from .rewards import parse_reward, rl_reward_spec
+    from .reward.specs import parse_reward, rl_reward_spec
 
     spec, flag = rl_reward_spec(cfg)
     models = [t.text for t in parse_reward(spec, flag=flag) if t.kind == "model"]

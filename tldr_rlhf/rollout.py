@@ -131,7 +131,7 @@ def response_logprobs(
 @torch.no_grad()
 def score_batch(score_fn: ScoreFn, batch: QueryResponseBatch, *, batch_size: int = 16) -> torch.Tensor:
     """Scores (B,) of the query + response rows from ``score_fn``, in chunks of ``batch_size``; a
-    ``score_fn`` with a ``score_rows`` method (``rewards.RLReward``: text rewards need the query /
+    ``score_fn`` with a ``score_rows`` method (``reward.specs.RLReward``: text rewards need the query /
     response split) gets each chunk as a ``QueryResponseBatch`` instead. Raises ValueError when
     ``score_fn`` does not return one float per row."""
     out = []

@@ -95,7 +95,7 @@ class Stage:
 
     def needs(self, pipeline_cfg: Any) -> tuple[str, ...]:
         """The stages whose outputs this one needs under a PipelineConfig (its flags add inputs). An RL
-        stage whose own section sets ``reward`` (``rewards.py``: ROUGE-L, a function, ...) does not need
+        stage whose own section sets ``reward`` (``reward/specs.py``: ROUGE-L, a function, ...) does not need
         the reward-model stage."""
         deps = self.inputs + tuple(stage for flag, stage in self.inputs_when if getattr(pipeline_cfg, flag))
         section = getattr(pipeline_cfg, self.name.replace("-", "_"), None)

@@ -21,7 +21,7 @@ from typing import Any, Callable
 from .errors import ConfigError
 from .checkpoints import HUB_ID, check_input, require_kind
 from .tracking import check_report_to
-from .rewards import check_reward_spec
+from .reward.specs import check_reward_spec
 
 # field name -> (rule, what it must be). A field of the same name means the same thing in every stage.
 _Rule = tuple[Callable[[Any], bool], str]
@@ -72,7 +72,7 @@ INPUT_FIELDS = {
     "path", "tokenizer", "sft_path", "rm_path", "judge_rm_path", "train", "valid", "comparisons",
     "valid_comparisons", "cnndm", "policy_samples", "posts", "reference",
 }
-# fields holding a reward spec (rewards.py): a reward-model path, a built-in, module:function or a weighted sum
+# fields holding a reward spec (reward/specs.py): a reward-model path, a built-in, module:function or a weighted sum
 REWARD_FIELDS = {"reward", "best_of_n_reward"}
 MODEL_FIELDS = {"path", "tokenizer", "sft_path", "rm_path", "judge_rm_path", "reference"}
 # classes whose `model` field is an input path rather than a nested config or a judge's model name

@@ -6,7 +6,7 @@ position: ``V(s_t)`` is read at the position that predicts response token t (the
 sampled. PPO initializes it from the reward model, head included (N+ detail 18); it then trains
 its own copy (the reward model stays frozen).
 
-Scalar-head models are recognized by their parts: this project's ``reward_model.ScalarRewardModel``
+Scalar-head models are recognized by their parts: this project's ``reward.reward_model.ScalarRewardModel``
 (``backbone`` + ``score``), a Hugging Face ``*ForSequenceClassification`` model with one label
 (``base_model`` + ``score`` / ``classifier``), or any module with ``backbone`` and ``head``
 attributes. Scores are read at the last real token of each row, found from the attention mask
@@ -26,7 +26,7 @@ from torch import nn
 
 from .modeling import response_logits
 from .ops import position_ids_from_mask
-from .reward_model import ScalarRewardModel, last_real_index, score
+from .reward.reward_model import ScalarRewardModel, last_real_index, score
 
 
 def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
@@ -48,7 +48,7 @@ def _hidden(backbone: nn.Module, input_ids: torch.Tensor, attention_mask: torch.
 
 
 def _apply_head(head: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
-    """The scalar head in float32 outside autocast (as ``reward_model.ScalarRewardModel.apply_head``):
+    """The scalar head in float32 outside autocast (as ``reward.reward_model.ScalarRewardModel.apply_head``):
     (..., H) -> (...)."""
     with torch.autocast(device_type=hidden.device.type, enabled=False):
         bias = head.bias.float() if head.bias is not None else None
@@ -57,7 +57,7 @@ def _apply_head(head: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
 
 def score_at_last_token(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, num_queries: int | None = None, query_width: int | None = None) -> torch.Tensor:
     """Scalar score of each row read at its last real token (the response's EOS; N+ detail 11),
-    found from the mask. A ``reward_model.ScalarRewardModel`` scores itself (``reward_model.score``);
+    found from the mask. A ``reward.reward_model.ScalarRewardModel`` scores itself (``reward.reward_model.score``);
     any other scalar-head model goes through its backbone and head here. Shapes: input_ids,
     attention_mask (B, L) -> (B,) float32. Raises ValueError for a row with no real token.
     ``num_queries`` = Q with ``query_width`` = P: a ScalarRewardModel runs each of the Q queries
@@ -96,7 +96,7 @@ class ValueModel(nn.Module):
     @classmethod
     def from_causal_lm(cls, lm: nn.Module) -> "ValueModel":
         """Backbone of a causal LM with a fresh head N(0, 1/(H + 1)), bias 0: the value model of a run
-        without a reward model to start from (a text reward, ``rewards.py``).
+        without a reward model to start from (a text reward, ``reward/specs.py``).
 
         The scale is OpenRLHF's for a critic started from a non-reward model, not the reward head's
         1/sqrt(H + 1) (N+ detail 10, for a head that then trains on every comparison): on the final

@@ -5,7 +5,7 @@
   applied by ``parts.to_dict``), and a ``--config`` file that sets it is not obeyed (a warning names
   the file). Else the README's rerun ``--config runs/X/config.json`` would carry it into a new run,
   where a planted ``state.pt`` would run its code with no warning.
-* A reward term ``module:function`` (``rewards.py``) imports and calls Python code. When a
+* A reward term ``module:function`` (``reward/specs.py``) imports and calls Python code. When a
   ``--config`` file names one (``reward``, ``best_of_n_reward``, ``gold_reward``, in any section), a
   warning names the file, the field and the module, so that a recipe cannot run code unseen.
 """
@@ -40,7 +40,7 @@ def without_invocation_only(data: dict[str, Any], section: str = "") -> dict[str
 
 
 def _callable_terms(spec: str) -> list[str]:
-    """The ``module:function`` terms of a reward spec (``rewards.py``: ``TERM[:WEIGHT],...``) that is
+    """The ``module:function`` terms of a reward spec (``reward/specs.py``: ``TERM[:WEIGHT],...``) that is
     not a path on disk; [] for anything else."""
     terms = []
     for part in spec.split(","):

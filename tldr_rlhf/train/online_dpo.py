@@ -9,7 +9,7 @@ Each update:
 
 1. two responses per prompt from the current policy, sampled at temperature 0.7 (top_k 0, top_p 1),
    truncated after the first EOS, scored by the reward (``--reward``: a reward model, a built-in such
-   as ``rouge-l``, a Python function or a weighted sum, ``rewards.py``; else the reward model
+   as ``rouge-l``, a Python function or a weighted sum, ``reward/specs.py``; else the reward model
    ``--rm-path``), -1 without EOS (the EOS trick, N+ detail 23); policy and reference log-probs at
    the sampling temperature (``group_rl.group_rollout`` with G = 2);
 2. each pair labelled by its scores (``label_pairs``): the higher-scored response is chosen, the

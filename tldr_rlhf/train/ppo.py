@@ -156,7 +156,7 @@ def train(cfg: PPOConfig) -> str:
     cfg.gradient_accumulation_steps(world)  # raises on inexact division
     plan = f"{num_updates} updates of {cfg.rollout_batch_size} prompts"
     rl = open_rl_run(cfg, "ppo", accelerator, batch=cfg.rollout_batch_size, group=1, passes=cfg.ppo_epochs, num_updates=num_updates, plan=plan)
-    # without a reward model (a text reward: rewards.py) the value model is the SFT backbone with a fresh head near 0
+    # without a reward model (a text reward: reward/specs.py) the value model is the SFT backbone with a fresh head near 0
     value = ValueModel.from_scalar_model(rl.reward_model) if rl.reward_model is not None else ValueModel.from_causal_lm(rl.policy)
     model = PolicyAndValue(rl.policy, value.float())
     if cfg.lora_r > 0:  # the value model's own adapters on its copy of the reward model's backbone; head trained in full

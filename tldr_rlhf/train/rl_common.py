@@ -51,7 +51,7 @@ from .loop import (
 )
 from .lifecycle import finish_run, start_run
 from .run_dir import RunDir
-from ..rewards import load_rl_reward
+from ..reward.specs import load_rl_reward
 
 log = logging.getLogger(__name__)
 _MAX_METRICS = ("ratio_max", "ratio_max_abs_dev")  # metrics kept as a maximum over a minibatch and an update
@@ -88,7 +88,7 @@ def load_rl_models(
     """(policy, reference) of an RL stage: the trainable policy from the SFT checkpoint in float32
     master weights on the CPU (the accelerator moves it), sampling config reset to plain sampling with
     explicit EOS / pad (N+ detail 19); the frozen reference (same checkpoint) in ``dtype`` on ``device``,
-    dropout off (N+ detail 7); the reward is ``rewards.load_rl_reward``'s. ``dtype`` is
+    dropout off (N+ detail 7); the reward is ``reward.specs.load_rl_reward``'s. ``dtype`` is
     ``precision.frozen_weights_dtype``'s float32: the frozen models run under the
     policy's autocast, so under bf16 they compute in its precision regime and the first update has KL 0
     and ratio 1 exactly (tests/test_bf16.py). With ``lora_r`` > 0 the policy gets LoRA adapters (on 4-bit
@@ -218,7 +218,7 @@ class RLRun:
     meter: Throughput = field(default_factory=Throughput)
     bar: Any = None
     reward: Any = None
-    """The stage's ``rewards.RLReward`` (``--reward`` or ``--rm-path``); None = score with ``reward_model``."""
+    """The stage's ``reward.specs.RLReward`` (``--reward`` or ``--rm-path``); None = score with ``reward_model``."""
     value: nn.Module | None = None
     """PPO's value model (its FLOPs are part of every update's); None for the other stages."""
     passes: int = 1
@@ -242,9 +242,9 @@ class RLRun:
 def rl_accelerator(cfg, name: str):
     """The stage's accelerator (``common.make_accelerator`` with its dtype and run arguments).
     Raises DataError, before anything loads, when ``sft_path`` is missing, or both ``reward`` and
-    ``rm_path`` (the reward, ``rewards.py``)."""
+    ``rm_path`` (the reward, ``reward/specs.py``)."""
     if not cfg.sft_path or not (cfg.rm_path or cfg.reward):
-        raise DataError(f"{name.upper()} needs --sft-path (policy and reference) and --reward or --rm-path (the reward: rewards.py)")
+        raise DataError(f"{name.upper()} needs --sft-path (policy and reference) and --reward or --rm-path (the reward: reward/specs.py)")
     check_engine_available(cfg.rollout_engine)  # --rollout-engine vllm without vllm: the install line, before anything loads
     return make_accelerator(ModelArgs(path=cfg.sft_path, dtype=cfg.dtype), cfg.run)
 
@@ -270,9 +270,9 @@ def open_rl_run(cfg, name: str, accelerator, *, batch: int, group: int, passes: 
 
 
 def load_rl_models_and_reward(cfg, tokenizer, prompts: list[Prompt], accelerator) -> tuple[nn.Module, nn.Module, Any]:
-    """(policy, reference, ``rewards.RLReward``): ``load_rl_models`` without its reward model (with the
+    """(policy, reference, ``reward.specs.RLReward``): ``load_rl_models`` without its reward model (with the
     stage's LoRA / 4-bit settings), and the stage's reward (``--reward``, else the reward model
-    ``--rm-path``; ``rewards.load_rl_reward``)."""
+    ``--rm-path``; ``reward.specs.load_rl_reward``)."""
     if cfg.reward and cfg.rm_path:
         log.warning("--reward %s is the reward; --rm-path %s is not used", cfg.reward, cfg.rm_path)
     dtype = frozen_weights_dtype(cfg.dtype)

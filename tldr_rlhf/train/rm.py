@@ -1,7 +1,7 @@
 """Reward model on human comparisons, normalized on SFT references, measured against humans and a judge
 (Stiennon et al. 2020 sec. 3.4, eq. 1; N+ details 10-15).
 
-Model (``reward_model.ScalarRewardModel``): the backbone of a base or SFT causal LM plus a scalar head
+Model (``reward.reward_model.ScalarRewardModel``): the backbone of a base or SFT causal LM plus a scalar head
 N(0, 1/sqrt(d_model + 1)) (detail 10), read at the response's EOS, the last real token of the row,
 found from the attention mask (detail 12; with Qwen pad = EOS). Dropout off (detail 7).
 
@@ -11,7 +11,7 @@ pass (``collate_pairs``: rows [0, B) chosen, [B, 2B) rejected); with ``shared_pr
 queries run once and the 2B responses continue from their key/value cache, which gives the same
 scores and gradients as 2B full rows (tested) with the query computed once per pair. With
 ``padding_free`` (default) the micro-batch is packed into one row of its real tokens, each query once
-and its two responses after it (``reward_scoring.pair_rewards``, ``data.packing``): the same scores
+and its two responses after it (``reward.scoring.pair_rewards``, ``data.packing``): the same scores
 and gradients without the padding's work, each reward read at its response's EOS.
 
 Normalization (detail 14): after training, the (query, reference summary) pairs of the SFT posts are
@@ -24,7 +24,7 @@ and a resumed checkpoint; (3) optimizer steps over the global batches of pairs; 
 accuracy, normalization and ``final/``.
 
 Evaluation (``tldr-rlhf evaluate-rm``) is its own command: ``evaluate_rm.py``. Scoring passes are in
-``reward_scoring.py``, model construction and saving in ``modeling.py``, data from ``tasks``.
+``reward/scoring.py``, model construction and saving in ``modeling.py``, data from ``tasks``.
 
 Departures: batches are padded to their own longest query and response, not to fixed lengths;
 ``train_layers`` can freeze the lower blocks (a CPU-demo speed option; the papers train every weight).
@@ -52,9 +52,9 @@ from ..flops import ModelShape, batch_forward_flops, train_flops
 from ..losses import pairwise_loss
 from ..metrics import comparison_metrics
 from ..modeling import count_parameters
-from ..reward_loading import init_reward_model, save_reward_model
-from ..reward_model import ScalarRewardModel, train_top_layers
-from ..reward_scoring import ScoredText, pair_rewards, score_responses
+from ..reward.loading import init_reward_model, save_reward_model
+from ..reward.reward_model import ScalarRewardModel, train_top_layers
+from ..reward.scoring import ScoredText, pair_rewards, score_responses
 from ..scoring import score_preference_pairs
 from .common import make_accelerator, prepare, shard_if_asked, tokenizer_for, weights_saver
 from .loop import (

@@ -3,8 +3,8 @@
 a reward-model checkpoint to continue training, a fresh one from a causal LM (``init_reward_model``),
 and the save that writes it as a Hugging Face folder.
 
-This module knows nothing about how a reward is read or scored (``reward_model.py``,
-``reward_scoring.py``) or about the ``--reward`` spec (``rewards.py``).
+This module knows nothing about how a reward is read or scored (``reward/reward_model.py``,
+``reward/scoring.py``) or about the ``--reward`` spec (``reward/specs.py``).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import ConfigError, ModelLoadError, hub_unreachable, hub_unreachable_message
-from .modeling import (
+from ..errors import ConfigError, ModelLoadError, hub_unreachable, hub_unreachable_message
+from ..modeling import (
     apply_lora,
     check_vocab_fits,
     check_model_exists,
@@ -29,7 +29,7 @@ from .modeling import (
     unwrap_for_save,
     write_weights,
 )
-from .precision import master_weights_dtype
+from ..precision import master_weights_dtype
 from . import reward_model
 from .reward_model import MODEL_TYPE, RewardModelConfig, ScalarRewardModel
 

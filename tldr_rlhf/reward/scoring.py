@@ -20,13 +20,13 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .data.batching import QueryResponseBatch, collate_query_response
-from .data.packing import can_pack, pack_query_response, segment_attention
-from .data.tldr import SFTExample
-from .lm_head import uses_sliding_window
-from .modeling import checkpointing_active
+from ..data.batching import QueryResponseBatch, collate_query_response
+from ..data.packing import can_pack, pack_query_response, segment_attention
+from ..data.tldr import SFTExample
+from ..lm_head import uses_sliding_window
+from ..modeling import checkpointing_active
 from .reward_model import ScalarRewardModel
-from .scoring import sharded_scores
+from ..scoring import sharded_scores
 
 # (query, reference summary) pairs to score once for normalization: the SFT example format.
 ScoredText = SFTExample

@@ -39,11 +39,11 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .checkpoints import check_input, require_kind
-from .errors import ConfigError, RewardError
-from .generation import decode_response
-from .reward_loading import load_frozen_reward_model
-from .value_model import score_at_last_token
+from ..checkpoints import check_input, require_kind
+from ..errors import ConfigError, RewardError
+from ..generation import decode_response
+from .loading import load_frozen_reward_model
+from ..value_model import score_at_last_token
 
 TextRewardFn = Callable[[list[str], list[str], list["str | None"]], Sequence[float]]
 """``fn(queries, responses, references) -> N floats``: the text reward of N responses."""
