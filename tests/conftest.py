@@ -77,6 +77,17 @@ def tiny_model_dir(tmp_path_factory, qwen_tokenizer):
     return path
 
 
+@pytest.fixture(scope="session")
+def reward_backbone_dir(tmp_path_factory, qwen_tokenizer):
+    """A saved tiny Qwen2 causal LM (seed 3) + tokenizer: the backbone the reward-model tests build
+    reward models from (``build_reward_model``), as the stage builds one from an SFT checkpoint."""
+    from tldr_rlhf.modeling import save_pretrained
+
+    path = tmp_path_factory.mktemp("tiny-lm")
+    save_pretrained(make_tiny_qwen2(seed=3), qwen_tokenizer, path)
+    return str(path)
+
+
 @pytest.fixture(scope="module")
 def one_thread_per_module():
     """torch on one CPU thread for a whole test module (the machine's cores are shared); a module

@@ -14,7 +14,6 @@ from conftest import COMPARISONS, EOS, make_tiny_qwen2
 from tldr_rlhf.data.batching import QueryResponseBatch, collate_pairs
 from tldr_rlhf.data.packing import pack_query_response, packed_hidden_states
 from tldr_rlhf.losses import dpo_loss, pairwise_loss
-from tldr_rlhf.modeling import save_pretrained
 from tldr_rlhf.reward.loading import build_reward_model
 from tldr_rlhf.reward.scoring import pair_rewards
 from tldr_rlhf.train.dpo import pair_logprobs
@@ -65,17 +64,10 @@ def test_shared_prompt_packing_refuses_rows_that_do_not_split_into_queries():
         pack_query_response(_pairs(), num_queries=4)
 
 
-@pytest.fixture(scope="module")
-def reward_model_dir(tmp_path_factory, qwen_tokenizer):
-    path = tmp_path_factory.mktemp("tiny-lm")
-    save_pretrained(make_tiny_qwen2(seed=3), qwen_tokenizer, path)
-    return str(path)
-
-
 @pytest.fixture
-def reward_model(reward_model_dir, qwen_tokenizer):
+def reward_model(reward_backbone_dir, qwen_tokenizer):
     torch.manual_seed(0)
-    return build_reward_model(reward_model_dir, tokenizer=qwen_tokenizer).train()
+    return build_reward_model(reward_backbone_dir, tokenizer=qwen_tokenizer).train()
 
 
 def _rm_step(model, shared: bool, padding_free: bool):
@@ -154,7 +146,7 @@ def _spy_packing(monkeypatch, module):
 
 
 @pytest.mark.parametrize("padding_free", [True, False])
-def test_rm_training_packs_by_default_and_not_under_no_padding_free(reward_model_dir, tmp_path, monkeypatch, padding_free):
+def test_rm_training_packs_by_default_and_not_under_no_padding_free(reward_backbone_dir, tmp_path, monkeypatch, padding_free):
     """``rm.train``'s optimizer steps reach the packed forward once per micro-batch (2 steps x 1), each
     query shared; --no-padding-free never packs."""
     from tldr_rlhf.reward import scoring as reward_scoring
@@ -163,7 +155,7 @@ def test_rm_training_packs_by_default_and_not_under_no_padding_free(reward_model
 
     calls = _spy_packing(monkeypatch, reward_scoring)
     cfg = RMConfig(
-        model=ModelArgs(path=reward_model_dir), data=PreferenceDataArgs(comparisons=str(COMPARISONS), max_query_length=96, limit=8, valid_limit=2),
+        model=ModelArgs(path=reward_backbone_dir), data=PreferenceDataArgs(comparisons=str(COMPARISONS), max_query_length=96, limit=8, valid_limit=2),
         norm=RewardNormArgs(enabled=False), optim=OptimArgs(lr=1e-3, warmup_steps=1, decay_steps=0),
         run=RunArgs(output_dir=str(tmp_path / "rm"), progress=False, eval_every=0, save_every=0, max_steps=2, peak_tflops=1.7),
         micro_batch_size=2, gradient_accumulation_steps=1, eval_batch_size=2, padding_free=padding_free,
@@ -173,7 +165,7 @@ def test_rm_training_packs_by_default_and_not_under_no_padding_free(reward_model
 
 
 @pytest.mark.parametrize("padding_free", [True, False])
-def test_dpo_training_packs_by_default_and_not_under_no_padding_free(reward_model_dir, tmp_path, monkeypatch, padding_free):
+def test_dpo_training_packs_by_default_and_not_under_no_padding_free(reward_backbone_dir, tmp_path, monkeypatch, padding_free):
     """``dpo.train``'s optimizer steps (gradients on) run ``pair_logprobs`` packed once per micro-batch
     (2 steps x 1), and the reference and held-out passes (no gradients) take the same path, so that
     the step-0 policy reproduces its cached reference; --no-padding-free never packs."""
@@ -186,7 +178,7 @@ def test_dpo_training_packs_by_default_and_not_under_no_padding_free(reward_mode
     real = dpo.pair_logprobs
     monkeypatch.setattr(dpo, "pair_logprobs", lambda m, b, **kw: calls.append((torch.is_grad_enabled(), kw["padding_free"])) or real(m, b, **kw))
     cfg = DPOConfig(
-        sft_path=reward_model_dir, data=PreferenceDataArgs(comparisons=str(COMPARISONS), max_query_length=96, limit=8, valid_limit=2),
+        sft_path=reward_backbone_dir, data=PreferenceDataArgs(comparisons=str(COMPARISONS), max_query_length=96, limit=8, valid_limit=2),
         optim=OptimArgs(lr=1e-3, warmup_steps=1, decay_steps=0),
         run=RunArgs(output_dir=str(tmp_path / "dpo"), progress=False, eval_every=0, save_every=0, max_steps=2, peak_tflops=1.7),
         micro_batch_size=2, gradient_accumulation_steps=1, eval_batch_size=2, num_sample_posts=0, padding_free=padding_free,

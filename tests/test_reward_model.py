@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from conftest import COMPARISONS, CNNDM, EOS, POLICY_SAMPLES, POSTS, make_tiny_qwen2
+from conftest import COMPARISONS, CNNDM, EOS, POLICY_SAMPLES, POSTS
 from transformers import AutoModelForSequenceClassification
 
 from tldr_rlhf import evaluate_rm
@@ -22,7 +22,6 @@ from tldr_rlhf.data.comparisons import build_preference_examples, load_compariso
 from tldr_rlhf.data.tldr import DropCounts
 from tldr_rlhf.losses import pairwise_loss
 from tldr_rlhf.metrics import comparison_metrics, judge_agreement
-from tldr_rlhf.modeling import save_pretrained
 from tldr_rlhf.reward.loading import build_reward_model, load_reward_checkpoint, save_reward_model
 from tldr_rlhf.ops import left_pad, right_pad
 from tldr_rlhf.reward.reward_model import RewardModelConfig, ScalarRewardModel, last_real_index, response_values, score, train_top_layers
@@ -40,18 +39,11 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
-def lm_dir(tmp_path_factory, qwen_tokenizer):
-    path = tmp_path_factory.mktemp("tiny-lm")
-    save_pretrained(make_tiny_qwen2(seed=3), qwen_tokenizer, path)
-    return str(path)
-
-
 @pytest.fixture
-def reward_model(lm_dir, qwen_tokenizer):
+def reward_model(reward_backbone_dir, qwen_tokenizer):
     """A reward model built the way the stage builds it: backbone of a saved causal LM + fresh head."""
     torch.manual_seed(0)
-    return build_reward_model(lm_dir, tokenizer=qwen_tokenizer).eval()
+    return build_reward_model(reward_backbone_dir, tokenizer=qwen_tokenizer).eval()
 
 
 # query / response token lists: responses end in EOS, which is also the pad id (Qwen).
@@ -317,9 +309,9 @@ def test_judge_agreement_by_hand():
 # A real run: tiny model, real comparisons, real references; resume; evaluate-rm
 
 
-def _cfg(lm_dir, out, **run) -> RMConfig:
+def _cfg(reward_backbone_dir, out, **run) -> RMConfig:
     return RMConfig(
-        model=ModelArgs(path=lm_dir, dtype="float32"),
+        model=ModelArgs(path=reward_backbone_dir, dtype="float32"),
         data=RMDataArgs(comparisons=str(COMPARISONS), max_query_length=64, limit=48, valid_limit=16),
         norm=RewardNormArgs(posts=str(POSTS), limit=16),
         optim=OptimArgs(lr=1e-3, min_lr=1e-4, warmup_ratio=0.1, decay_steps=0),
@@ -330,9 +322,9 @@ def _cfg(lm_dir, out, **run) -> RMConfig:
     )
 
 
-def test_rm_training_run_resume_and_evaluate(lm_dir, qwen_tokenizer, tmp_path):
+def test_rm_training_run_resume_and_evaluate(reward_backbone_dir, qwen_tokenizer, tmp_path):
     out = tmp_path / "run"
-    final = rm.train(_cfg(lm_dir, out, max_steps=4))
+    final = rm.train(_cfg(reward_backbone_dir, out, max_steps=4))
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss/rm" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
@@ -346,7 +338,7 @@ def test_rm_training_run_resume_and_evaluate(lm_dir, qwen_tokenizer, tmp_path):
 
     # Weights moved away from the causal LM's.
     model = load_reward_checkpoint(final)
-    lm = build_reward_model(lm_dir)
+    lm = build_reward_model(reward_backbone_dir)
     assert not torch.equal(model.backbone.layers[1].mlp.up_proj.weight, lm.backbone.layers[1].mlp.up_proj.weight)
     assert model.config.normalization["n"] == report["normalization"]["n"]
 
@@ -356,7 +348,7 @@ def test_rm_training_run_resume_and_evaluate(lm_dir, qwen_tokenizer, tmp_path):
 
     first = {r["step"]: r["loss/rm"] for r in steps}
     shutil.rmtree(out / "final")
-    rm.train(_cfg(lm_dir, out, max_steps=5))
+    rm.train(_cfg(reward_backbone_dir, out, max_steps=5))
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     resumed = {r["step"]: r["loss/rm"] for r in records if "loss/rm" in r}
     assert sorted(resumed) == [1, 2, 3, 4, 5]
