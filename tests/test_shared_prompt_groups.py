@@ -243,6 +243,30 @@ def test_score_groups_with_the_shared_prompt_equal_full_rows():
     assert torch.allclose(group_rl.score_groups(score_fn, swapped, 3, batch_size=6), full[perm], atol=1e-6)
 
 
+def test_the_stages_reward_spec_shares_the_prompt_when_every_term_is_a_reward_model(qwen_tokenizer):
+    """The RL stages score with ``reward.specs.RLReward`` (``rl_common``), also for ``--rm-path``: with
+    only reward-model terms it takes the shared-prompt layout, so each query runs once per group (a
+    spec that did not say so scored every query G times: RLOO's scoring pass took 2-2.7x longer on the
+    real SmolLM2); with a text term it keeps full rows."""
+    from tldr_rlhf.reward.reward_model import RewardModelConfig, ScalarRewardModel
+    from tldr_rlhf.reward.specs import RLReward, Term
+
+    torch.manual_seed(1)
+    rm = ScalarRewardModel(RewardModelConfig(text_config=make_tiny_qwen2(hidden=32).config)).eval()
+    reward = RLReward([Term("rm", 1.7, "model", model=rm)], qwen_tokenizer, [], device=torch.device("cpu"))
+    assert reward.shares_prompt
+    seen = []
+    rm.register_forward_pre_hook(lambda mod, args, kwargs: seen.append((kwargs["input_ids"].shape[0], kwargs.get("num_queries"))), with_kwargs=True)
+    batch = group_batch(EOS)
+    full = 1.7 * score_batch(reward_score_fn(rm, torch.device("cpu")), batch, batch_size=6)
+    seen.clear()
+    shared = group_rl.score_groups(reward, batch, 3, batch_size=6)
+    assert seen == [(6, 2)]  # one forward of the 6 rows of 2 groups, each query computed once
+    assert (shared - full).abs().max().item() <= bound(batch.input_ids.shape[1], full.abs().max().item(), paths=2)
+    mixed = RLReward([Term("rm", 1.0, "model", model=rm), Term("length", 0.1, "builtin")], qwen_tokenizer, [], device=torch.device("cpu"))
+    assert not mixed.shares_prompt
+
+
 def test_shared_group_rollout_equals_the_unshared_one(qwen_tokenizer):
     from tldr_rlhf.reward.reward_model import RewardModelConfig, ScalarRewardModel
 

@@ -255,7 +255,9 @@ class RLReward:
     its reference looked up by its query token ids among the run's prompts, the text terms computed on
     the texts and the reward-model terms read at the last real token (N+ detail 11) on ``device``;
     the weighted sum is returned (B,) float32 on the CPU. Called as a plain ``ScoreFn`` (ids, mask)
-    it works only when every term is a reward model."""
+    it works only when every term is a reward model; then it also ``shares_prompt``: called with
+    ``num_queries`` / ``query_width`` (``group_rl.score_groups``), each reward model runs every query
+    once for its group, as the stage's own reward-model scoring does."""
 
     def __init__(self, terms: list[Term], tokenizer, prompts: Sequence, *, device, autocast=None, flag: str = "--reward"):
         self.terms, self.tokenizer, self.device, self.autocast, self.flag = terms, tokenizer, device, autocast, flag
@@ -268,15 +270,22 @@ class RLReward:
         """The first reward-model term's model (PPO's value model starts from it), else None."""
         return next((t.model for t in self.terms if t.kind == "model"), None)
 
-    @torch.no_grad()
-    def _model_scores(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        with self.autocast() if self.autocast is not None else contextlib.nullcontext():
-            return score_at_last_token(model, input_ids.to(self.device), attention_mask.to(self.device)).float().cpu()
+    @property
+    def shares_prompt(self) -> bool:
+        """Whether ``__call__`` takes the shared-prompt layout: every term is a reward model."""
+        return all(t.kind == "model" for t in self.terms)
 
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        if any(t.kind != "model" for t in self.terms):
+    @torch.no_grad()
+    def _model_scores(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, **shared) -> torch.Tensor:
+        with self.autocast() if self.autocast is not None else contextlib.nullcontext():
+            return score_at_last_token(model, input_ids.to(self.device), attention_mask.to(self.device), **shared).float().cpu()
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **shared) -> torch.Tensor:
+        """(B,) rewards of full rows; ``shared`` (``num_queries``, ``query_width``): row r holds the
+        query of row r % Q, each query computed once (``value_model.score_at_last_token``)."""
+        if not self.shares_prompt:
             raise RewardError(f"{self.flag}: text rewards need the query / response split (call score_rows)")
-        return weighted_sum([(t.weight, self._model_scores(t.model, input_ids, attention_mask)) for t in self.terms])
+        return weighted_sum([(t.weight, self._model_scores(t.model, input_ids, attention_mask, **shared)) for t in self.terms])
 
     def texts(self, batch) -> tuple[list[str], list[str], list[str | None]]:
         """(queries, responses, references) of a ``QueryResponseBatch``'s rows (reference None for a
