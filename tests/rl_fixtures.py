@@ -65,3 +65,11 @@ def crashed_after_first_update(run_dir: str | Path, dest: str | Path) -> Path:
     shutil.rmtree(dest / "final")
     shutil.rmtree(dest / "checkpoints" / "step-2", ignore_errors=True)
     return dest
+
+
+def model_reward(reward_model, device=torch.device("cpu"), autocast=None):
+    """The RL stages' score function (``reward.specs.RLReward``) for one reward model of weight 1:
+    the reward at the last real token, shared-prompt layout accepted."""
+    from tldr_rlhf.reward.specs import RLReward, Term
+
+    return RLReward([Term("rm", 1.0, "model", model=reward_model)], None, [], device=device, autocast=autocast)

@@ -21,11 +21,11 @@ from tldr_rlhf.train import dpo, grpo, ppo
 from tldr_rlhf.train.common import make_accelerator
 from tldr_rlhf.precision import frozen_weights_dtype
 from tldr_rlhf.reward.loading import load_frozen_reward_model
-from tldr_rlhf.train.rl_common import load_rl_models, reward_score_fn
+from tldr_rlhf.train.rl_common import load_rl_models
 from tldr_rlhf.value_model import PolicyAndValue, ValueModel
 
 from conftest import COMPARISONS, QWEN_TOKENIZER
-from rl_fixtures import EOS, POSTS
+from rl_fixtures import EOS, POSTS, model_reward
 
 
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")
@@ -42,7 +42,7 @@ def _rollout_bf16(ckpts, tok, dtype_name):
     model = PolicyAndValue(policy, ValueModel.from_scalar_model(reward_model).float())
     torch.manual_seed(0)
     with acc.autocast():
-        r = rollout(policy, ref, reward_score_fn(reward_model, acc.device, acc.autocast), QUERIES, eos_token_id=EOS, pad_token_id=EOS,
+        r = rollout(policy, ref, model_reward(reward_model, acc.device, acc.autocast), QUERIES, eos_token_id=EOS, pad_token_id=EOS,
                     response_length=6, temperature=0.7, batch_size=3)
     return acc, model, r
 

@@ -27,10 +27,9 @@ from tldr_rlhf.modeling import kv_cache_kwargs, response_logits
 from tldr_rlhf.ops import position_ids_from_mask, token_logprobs
 from tldr_rlhf.rollout import response_logprobs, score_batch
 from tldr_rlhf.train import group_rl
-from tldr_rlhf.train.rl_common import reward_score_fn
 
 from conftest import EOS, make_tiny_qwen2
-from rl_fixtures import one_thread
+from rl_fixtures import model_reward, one_thread
 
 EPS32 = torch.finfo(torch.float32).eps
 SMALL_EOS = 299  # EOS of the 300-token Llama and GPT-2
@@ -224,7 +223,7 @@ def test_score_groups_with_the_shared_prompt_equal_full_rows():
 
     torch.manual_seed(1)
     rm = ScalarRewardModel(RewardModelConfig(text_config=make_tiny_qwen2(hidden=32).config)).eval()
-    score_fn = reward_score_fn(rm, torch.device("cpu"))
+    score_fn = model_reward(rm)
     batch = group_batch(EOS)
     full = score_batch(score_fn, batch, batch_size=6)
     calls = []
@@ -258,7 +257,7 @@ def test_the_stages_reward_spec_shares_the_prompt_when_every_term_is_a_reward_mo
     seen = []
     rm.register_forward_pre_hook(lambda mod, args, kwargs: seen.append((kwargs["input_ids"].shape[0], kwargs.get("num_queries"))), with_kwargs=True)
     batch = group_batch(EOS)
-    full = 1.7 * score_batch(reward_score_fn(rm, torch.device("cpu")), batch, batch_size=6)
+    full = 1.7 * score_batch(model_reward(rm), batch, batch_size=6)
     seen.clear()
     shared = group_rl.score_groups(reward, batch, 3, batch_size=6)
     assert seen == [(6, 2)]  # one forward of the 6 rows of 2 groups, each query computed once
@@ -272,7 +271,7 @@ def test_shared_group_rollout_equals_the_unshared_one(qwen_tokenizer):
 
     policy, ref = make_tiny_qwen2(hidden=32).eval(), make_tiny_qwen2(seed=5, hidden=32).eval()
     torch.manual_seed(1)
-    score_fn = reward_score_fn(ScalarRewardModel(RewardModelConfig(text_config=policy.config)).eval(), torch.device("cpu"))
+    score_fn = model_reward(ScalarRewardModel(RewardModelConfig(text_config=policy.config)).eval())
     out = {}
     for shared in (False, True):
         # 6 rows a pass on both sides (2 prompts, then 1): the sampler draws in the same shapes

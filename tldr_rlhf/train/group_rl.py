@@ -184,7 +184,7 @@ def group_logprobs(model, batch: QueryResponseBatch, group_size: int, *, tempera
 def score_groups(score_fn, batch: QueryResponseBatch, group_size: int, *, batch_size: int = 16) -> torch.Tensor:
     """Scores (B,) float32 of group-contiguous rows (row r answers query r // G) from ``score_fn``,
     in chunks of whole groups. A score function that says it ``shares_prompt``
-    (``rl_common.reward_score_fn``) gets each chunk reordered to its shared-prompt layout (row k
+    (``reward.specs.RLReward`` of reward models only) gets each chunk reordered to its shared-prompt layout (row k
     holds the query of row k % Q) with ``num_queries`` = Q and ``query_width`` = P, so every query
     runs once, and the scores are put back in row order; any other runs full rows
     (``rollout.score_batch``). Raises ValueError when ``score_fn`` does not return one score per row."""

@@ -32,7 +32,6 @@ from ..precision import frozen_weights_dtype
 from ..rollout import Rollout, ScoreFn, plain_sampling_config
 from ..rollout_engine import check_engine_available, engine_for
 from ..tasks import rl_prompts
-from ..value_model import score_at_last_token
 from .common import make_accelerator, prepare, shard_if_asked, weights_saver
 from .loop import (
     Throughput,
@@ -66,20 +65,6 @@ def prompt_order(n: int, batch: int, seed: int, num_updates: int) -> list[list[i
         raise DataError(f"{n} prompts are fewer than one rollout batch of {batch}")
     per_pass = n // batch
     return global_batches(n, batch, seed, math.ceil(num_updates / per_pass))[:num_updates]
-
-
-def reward_score_fn(reward_model: nn.Module, device: torch.device, autocast=None) -> ScoreFn:
-    """``score_fn`` for ``rollout``: the reward model's score at the last real token (N+ detail 11),
-    computed on ``device`` without gradients, returned on the CPU as float32."""
-
-    @torch.no_grad()
-    def score(input_ids: torch.Tensor, attention_mask: torch.Tensor, **shared) -> torch.Tensor:
-        # shared: num_queries / query_width, each query once (group_rl.score_groups; value_model.score_at_last_token)
-        with autocast() if autocast is not None else contextlib.nullcontext():
-            return score_at_last_token(reward_model, input_ids.to(device), attention_mask.to(device), **shared).float().cpu()
-
-    score.shares_prompt = True  # accepts num_queries= and query_width=
-    return score
 
 
 def load_rl_models(
@@ -215,10 +200,10 @@ class RLRun:
     policy: nn.Module
     ref: nn.Module
     reward_model: nn.Module
+    reward: Any
+    """The stage's ``reward.specs.RLReward`` (``--reward`` or ``--rm-path``): its score function."""
     meter: Throughput = field(default_factory=Throughput)
     bar: Any = None
-    reward: Any = None
-    """The stage's ``reward.specs.RLReward`` (``--reward`` or ``--rm-path``); None = score with ``reward_model``."""
     value: nn.Module | None = None
     """PPO's value model (its FLOPs are part of every update's); None for the other stages."""
     passes: int = 1
@@ -293,7 +278,7 @@ def start_updates(rl: RLRun, model: nn.Module, optimizer, scheduler, *, unit: st
     trainable, total_params = count_parameters(model)
     start = resume(rl.run, rl.resume_from, model, optimizer, scheduler, unit=unit)
     model, optimizer = prepare(rl.accelerator, model, optimizer)
-    score_fn = rl.reward if rl.reward is not None else reward_score_fn(rl.reward_model, rl.device, rl.accelerator.autocast)
+    score_fn = rl.reward
     if rl.is_main:
         log.info("%s: %d / %d trainable parameters; %s", describe, trainable, total_params, steps)
     rl.meter = throughput_meter(rl.accelerator, rl.cfg.run)
