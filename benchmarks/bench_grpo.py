@@ -18,7 +18,10 @@ peak memory is the process's peak resident set (the models included). For our si
 split into generation, scoring (reward model + log-probs) and training (medians).
 
 Run: ``python benchmarks/bench_grpo.py [steps]`` (``bench_rloo.py`` for RLOO); the table goes to
-stdout and benchmarks/results/{grpo,rloo}-smol.json. Slow on a CPU: one TRL step at these shapes is
+stdout and benchmarks/results/{grpo,rloo}-smol.json. ``BENCH_SIDES`` picks the sides (default
+``ours,trl,ours_plain``); ``ours_vllm`` is ours with ``--rollout-engine vllm``, run from the vLLM venv
+(``BENCH_SIDES=ours,ours_vllm .venv-vllm/bin/python benchmarks/bench_grpo.py``; the table then goes to
+{grpo,rloo}-smol-vllm.json, its ratios to the first side when TRL is not among them). Slow on a CPU: one TRL step at these shapes is
 minutes on one thread.
 """
 
@@ -83,7 +86,7 @@ def _prompts(settings):
     return data, tok, prompts[:n]
 
 
-def ours(settings, shared_prompt: bool = True):
+def ours(settings, shared_prompt: bool = True, engine: str = "hf"):
     from tldr_rlhf.config import GRPOConfig, OptimArgs, RLOOConfig, RunArgs
     from tldr_rlhf.train.grpo import train
     from tldr_rlhf.train.rloo import train as train_rloo
@@ -91,7 +94,7 @@ def ours(settings, shared_prompt: bool = True):
     algo = settings["algo"]
     config_cls, train_fn, extra = (GRPOConfig, train, {"dual_clip": 0.0}) if algo == "grpo" else (RLOOConfig, train_rloo, {})
     data, _, prompts = _prompts(settings)
-    out = Path(settings["workdir"]) / f"ours-{algo}-{'shared' if shared_prompt else 'plain'}"
+    out = Path(settings["workdir"]) / f"ours-{algo}-{'shared' if shared_prompt else 'plain'}-{engine}"
     seqs = settings["prompts"] * settings["group_size"]
     cfg = config_cls(
         sft_path=settings["model"], rm_path=settings["rm"], dtype="float32", data=data,
@@ -99,7 +102,7 @@ def ours(settings, shared_prompt: bool = True):
         run=RunArgs(output_dir=str(out), overwrite=True, eval_every=0, save_every=0, progress=False, num_threads=settings["threads"]),
         total_episodes=settings["steps"] * seqs, rollout_prompts=settings["prompts"], group_size=settings["group_size"],
         mini_batch_size=seqs, micro_batch_size=settings["micro_batch_size"], forward_batch_size=seqs, update_per_rollout=1,
-        response_length=settings["response_length"], temperature=0.7, kl_coef=0.05, num_sample_posts=0, shared_prompt=shared_prompt, **extra,
+        response_length=settings["response_length"], temperature=0.7, kl_coef=0.05, num_sample_posts=0, shared_prompt=shared_prompt, rollout_engine=engine, **extra,
     )
     train_fn(cfg)
     steps = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if "objective/scores" in l]
@@ -107,7 +110,8 @@ def ours(settings, shared_prompt: bool = True):
         "generation_s": [r.get("perf/generation_time_s") for r in steps],
         "scoring_s": [r["perf/rollout_time_s"] - r["perf/generation_time_s"] if "perf/generation_time_s" in r else None for r in steps],
         "rollout_s": [r["perf/rollout_time_s"] for r in steps],
-        "training_s": [r["perf/update_time_s"] - r["perf/rollout_time_s"] for r in steps],
+        "training_s": [r["perf/update_time_s"] - r["perf/rollout_time_s"] - r.get("perf/weight_sync_s", 0.0) for r in steps],
+        "sync_s": [r.get("perf/weight_sync_s") for r in steps],
     }
     return {"steps": len(steps), "items": len(steps) * seqs, "step_times": [r["perf/update_time_s"] for r in steps], "split": split,
             "mean_query_length": sum(len(p.query_ids) for p in prompts) / len(prompts),
@@ -116,6 +120,12 @@ def ours(settings, shared_prompt: bool = True):
 
 def ours_plain(settings):
     return ours(settings, shared_prompt=False)
+
+
+def ours_vllm(settings):
+    """Ours with ``--rollout-engine vllm`` (float32, eager, prefix caching; the weights synced after every
+    update, inside the step time): run from the vLLM venv (``make test-vllm`` builds .venv-vllm)."""
+    return ours(settings, engine="vllm")
 
 
 def trl(settings):
@@ -162,7 +172,7 @@ def trl(settings):
             "mean_response_length": sum(lengths) / len(lengths) if lengths else None}
 
 
-SIDES = {"trl": trl, "ours_plain": ours_plain, "ours": ours}
+SIDES = {"trl": trl, "ours_plain": ours_plain, "ours": ours, "ours_vllm": ours_vllm}
 
 
 def _median(xs):
@@ -184,10 +194,10 @@ def summarize(name: str, results: dict, settings: dict, load: dict) -> dict:
         rows[side] = row
     peer = rows.get("trl") or next(iter(rows.values()))  # ratios to TRL (to the first side when TRL did not run)
     print(f"\n{name}  (load before: {load['before']}; after: {load.get('after')})")
-    print(f"{'side':<12}{'step s':>9}{'seq/s':>9}{'x TRL':>7}{'peak MB':>9}{'x TRL':>7}{'gen s':>8}{'score s':>9}{'train s':>9}")
+    print(f"{'side':<12}{'step s':>9}{'seq/s':>9}{'x TRL':>7}{'peak MB':>9}{'x TRL':>7}{'gen s':>8}{'score s':>9}{'train s':>9}{'sync s':>8}")
     for side, r in rows.items():
         r["speed_vs_trl"], r["memory_vs_trl"] = r["sequences_per_s"] / peer["sequences_per_s"], r["peak_rss_mb"] / peer["peak_rss_mb"]
-        split = "".join(f"{r[k]:>{w}.1f}" if r.get(k) is not None else f"{'-':>{w}}" for k, w in (("generation_s", 8), ("scoring_s", 9), ("training_s", 9)))
+        split = "".join(f"{r[k]:>{w}.1f}" if r.get(k) is not None else f"{'-':>{w}}" for k, w in (("generation_s", 8), ("scoring_s", 9), ("training_s", 9), ("sync_s", 8)))
         print(f"{side:<12}{r['median_step_s']:>9.1f}{r['sequences_per_s']:>9.3f}{r['speed_vs_trl']:>7.2f}{r['peak_rss_mb']:>9.0f}{r['memory_vs_trl']:>7.2f}{split}")
     out = {"benchmark": name, "settings": {k: v for k, v in settings.items() if k not in ("workdir",)}, "load": load, "sides": rows}
     harness.RESULTS.mkdir(parents=True, exist_ok=True)
@@ -212,7 +222,7 @@ def main(algo: str = "grpo"):
         harness.RESULTS.mkdir(parents=True, exist_ok=True)  # what has run so far, in case the rest cannot
         (harness.RESULTS / f"{algo}-smol.partial.json").write_text(json.dumps({"settings": settings, "load": load, "results": results}, indent=2) + "\n")
     load["after"] = os.getloadavg()
-    summarize(f"{algo}-smol", results, settings, load)
+    summarize(f"{algo}-smol" + ("-vllm" if "ours_vllm" in sides else ""), results, settings, load)
 
 
 if __name__ == "__main__":
