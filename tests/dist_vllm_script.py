@@ -59,7 +59,8 @@ def engine_check(out: str) -> None:
     res["samples"] = [engine.sample_groups(None, QUERIES, 2, **sample)[0] for _ in range(2)]
     with open(f"{out}.{rank}.json", "w") as f:
         json.dump(res, f)
-    dist.barrier()  # the process group still works after the engines' collectives
+    engine.close()
+    dist.barrier()  # the launcher's process group outlives the engines (vLLM's shutdown would destroy it)
 
 
 def stage(sft: str, rm: str, out: str) -> int:

@@ -22,6 +22,7 @@ query, R = Q x G rows.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -159,6 +160,29 @@ def _external_launcher(rank: int, world_size: int) -> dict:
     return dict(distributed_executor_backend="external_launcher", tensor_parallel_size=1)
 
 
+@contextlib.contextmanager
+def _default_group_kept() -> Iterator[None]:
+    """Within: ``torch.distributed.destroy_process_group()`` without a group (the default one) does
+    nothing; with a group it runs. vLLM's engine shutdown ends with ``cleanup_dist_env_and_memory``,
+    which destroys the default process group as if the engine had made it; under the external
+    launcher it is the training's (measured: GRPO under torchrun failed after closing the engine,
+    ``ValueError: Default process group has not been initialized`` in the final barrier). vLLM's own
+    groups (its world, data- and tensor-parallel groups) are still destroyed."""
+    import torch.distributed as dist
+
+    real = dist.destroy_process_group
+
+    def destroy(group=None):
+        if group is not None:
+            real(group)
+
+    dist.destroy_process_group = destroy
+    try:
+        yield
+    finally:
+        dist.destroy_process_group = real
+
+
 class VLLMEngine:
     """The ``vllm`` engine: an in-process ``vllm.LLM`` on a copy of ``policy``'s weights.
 
@@ -291,7 +315,11 @@ class VLLMEngine:
         return time.perf_counter() - t0
 
     def close(self) -> None:
-        """Free the engine and its weights folder."""
+        """Free the engine and its weights folder. Under several processes the launcher's process group
+        outlives the engine (``_default_group_kept``): the run still gathers and saves after it."""
+        if self.world_size > 1:
+            with _default_group_kept():
+                self.llm.llm_engine.engine_core.shutdown()  # in-process client: its finalizer detached, so no second shutdown later
         del self.llm
         shutil.rmtree(self._folder, ignore_errors=True)
 
