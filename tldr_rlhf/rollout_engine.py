@@ -7,7 +7,9 @@ in, response token ids and each sampled token's log-prob out.
 * ``vllm``: an in-process ``vllm.LLM`` owned by the run (the engine TRL's ``use_vllm``, OpenRLHF and
   verl sample with), holding its own copy of the policy's weights: prefix caching on, so the G
   samples of a prompt share its prefill; after every policy update ``sync_weights`` pushes the new
-  weights in place (LoRA merged first). Its kernels differ from the policy's, so its sampling
+  weights in place (LoRA merged first). Under several processes (torchrun / accelerate launch, DDP or
+  FSDP2) each process runs its own engine on its share of the prompts (vLLM's ``external_launcher``),
+  synced from the FSDP2 shards one gathered weight at a time. Its kernels differ from the policy's, so its sampling
   log-probs differ slightly from the policy's recomputed ones: the training log-probs are always
   recomputed by the policy (step-0 KL exactly 0), and ``importance_sampling`` measures and corrects
   the difference.
