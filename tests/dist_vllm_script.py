@@ -6,8 +6,9 @@ engine per process (``distributed_executor_backend="external_launcher"``). Usage
   identically, checks the engine is stale, syncs it (weights gathered one at a time) and writes
   OUT.RANK.json: greedy outputs of vLLM and HF before / after, the largest log-prob error, the sync's
   seconds, seeded samples (twice, for repeatability) and whether the parameters were sharded.
-- ``stage SFT_DIR RM_DIR OUT``: GRPO through the CLI (``torchrun -m tldr_rlhf.cli grpo ...``) with
-  ``--rollout-engine vllm --run.fsdp``, 2 updates, into OUT.
+- ``stage STAGE fsdp|ddp SFT_DIR RM_DIR OUT``: GRPO or RLOO through the CLI (``torchrun -m tldr_rlhf.cli
+  grpo ...``) with ``--rollout-engine vllm``, sharded (``--run.fsdp``) or data-parallel, 2 updates, a
+  checkpoint after each, into OUT (resumed when OUT holds an unfinished run).
 """
 
 import copy
@@ -63,18 +64,18 @@ def engine_check(out: str) -> None:
     dist.barrier()  # the launcher's process group outlives the engines (vLLM's shutdown would destroy it)
 
 
-def stage(sft: str, rm: str, out: str) -> int:
+def stage(name: str, mode: str, sft: str, rm: str, out: str) -> int:
     from tldr_rlhf import cli
 
     argv = [
-        "grpo", "--sft-path", sft, "--rm-path", rm, "--dtype", "float32", "--data.train", str(POSTS), "--data.limit", "8",
+        name, "--sft-path", sft, "--rm-path", rm, "--dtype", "float32", "--data.train", str(POSTS), "--data.limit", "8",
         "--data.max-query-length", "64", "--data.valid-fraction", "0.1", "--response-length", "6", "--num-sample-posts", "0",
         "--optim.lr", "1e-3", "--total-episodes", "16", "--rollout-prompts", "2", "--group-size", "4", "--mini-batch-size", "4",
         "--micro-batch-size", "2", "--update-per-rollout", "1", "--no-eos-penalty", "None",
-        "--rollout-engine", "vllm", "--vllm-kv-cache-gb", "0.25", "--run.fsdp", "--run.num-threads", "1",
-        "--run.output-dir", out, "--run.no-progress", "--run.save-every", "0", "--run.eval-every", "0",
+        "--rollout-engine", "vllm", "--vllm-kv-cache-gb", "0.25", "--run.num-threads", "1",
+        "--run.output-dir", out, "--run.no-progress", "--run.save-every", "1", "--run.eval-every", "0",
     ]
-    return cli.main(argv)
+    return cli.main(argv + (["--run.fsdp"] if mode == "fsdp" else []))
 
 
 if __name__ == "__main__":

@@ -4,15 +4,19 @@ launcher's process group). After the FSDP2-sharded policy moves and is synced (i
 one at a time), every process's engine matches the whole model: greedy output token for token and fp32
 sampling log-probs within 1e-4, tied ``lm_head``; the processes draw different samples from the same
 seeded call, each repeatably. And GRPO under 2 processes with ``--run.fsdp --rollout-engine vllm``
-trains, syncs and keeps step-0 KL exactly 0. Needs the ``vllm`` extra (``make test-vllm``)."""
+trains, syncs and keeps step-0 KL exactly 0, and resumes identically; RLOO under 2 data-parallel (DDP)
+processes trains and syncs likewise. Needs the ``vllm`` extra (``make test-vllm``)."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 import vllm  # noqa: E402,F401  (collected only where the vllm extra is installed: conftest.py)
 
@@ -46,14 +50,45 @@ def test_each_process_engine_matches_the_fsdp_policy_after_a_sync(tmp_path):
     assert ranks[0]["samples"][0] != ranks[1]["samples"][0]  # the same call, seed and prompts: each process its own draws
 
 
-def test_grpo_under_two_processes_with_fsdp_and_vllm(vckpts, tmp_path):  # noqa: F811
-    out = tmp_path / "run"
-    torchrun("stage", *vckpts, str(out))
-    ups = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "objective/scores" in line]
+def updates(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "objective/scores" in line]
+
+
+@pytest.fixture(scope="module")
+def grpo_fsdp_run(vckpts, tmp_path_factory):  # noqa: F811
+    out = tmp_path_factory.mktemp("vgrpo2") / "run"
+    torchrun("stage", "grpo", "fsdp", *vckpts, str(out))
+    return out
+
+
+@pytest.mark.parametrize("stage,mode", [("grpo", "fsdp"), ("rloo", "ddp")])
+def test_rl_stage_under_two_processes_with_vllm(stage, mode, grpo_fsdp_run, vckpts, tmp_path):  # noqa: F811
+    out = grpo_fsdp_run
+    if (stage, mode) != ("grpo", "fsdp"):
+        out = tmp_path / "run"
+        torchrun("stage", stage, mode, *vckpts, str(out))
+    ups = updates(out)
     assert [u["step"] for u in ups] == [1, 2]
     assert ups[0]["objective/kl"] == 0.0  # step 0: the training log-probs are the policy's, not the engine's
-    assert ups[0]["grpo/first_minibatch_ratio_max_abs_dev"] == 0.0
+    assert ups[0][f"{stage}/first_minibatch_ratio_max_abs_dev"] == 0.0
     # each process's engine followed the update (an engine left on the old weights is off by far more)
     assert all(0 <= u["mismatch/logprob_abs_diff_max"] < 1e-4 for u in ups)
     assert 0 < ups[0]["perf/weight_sync_s"] < 30 and "perf/weight_sync_s" not in ups[1]
     assert (out / "final" / "model.safetensors").is_file()
+
+
+def test_grpo_fsdp_with_vllm_resumes_identically(grpo_fsdp_run, vckpts, tmp_path):  # noqa: F811
+    # each process's engine is rebuilt from the restored shards and its requests seeded as before: the
+    # resumed second update samples, and trains, what the uninterrupted one did
+    crashed = tmp_path / "run"
+    shutil.copytree(grpo_fsdp_run, crashed)
+    shutil.rmtree(crashed / "final")
+    shutil.rmtree(crashed / "checkpoints" / "step-2", ignore_errors=True)
+    assert (crashed / "checkpoints" / "step-1").is_dir()
+    torchrun("stage", "grpo", "fsdp", *vckpts, str(crashed))
+    a, b = load_file(grpo_fsdp_run / "final" / "model.safetensors"), load_file(crashed / "final" / "model.safetensors")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    (u2,) = [u for u in updates(crashed) if u["step"] == 2]
+    (o2,) = [u for u in updates(grpo_fsdp_run) if u["step"] == 2]
+    for key in ("loss/policy", "objective/scores", "objective/kl", "mismatch/logprob_abs_diff_max"):
+        assert u2[key] == o2[key], key
