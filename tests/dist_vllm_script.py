@@ -11,9 +11,11 @@ engine per process (``distributed_executor_backend="external_launcher"``). Usage
   checkpoint after each, into OUT (resumed when OUT holds an unfinished run).
 """
 
+import contextlib
 import copy
 import json
 import sys
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -35,6 +37,27 @@ def perturb_both(sharded, whole, scale: float = 0.05, seed: int = 1) -> None:
             p.add_(distribute_tensor(noise, p.device_mesh, p.placements) if isinstance(p, DTensor) else noise)
 
 
+@contextlib.contextmanager
+def gathers_alive():
+    """Within: every weight ``rollout_engine._full`` gathers is tracked; yields a list that gets, at each
+    gather, how many gathered weights are alive (still referenced) at that moment, itself included."""
+    from tldr_rlhf import rollout_engine
+
+    real, refs, alive = rollout_engine._full, [], []
+
+    def tracked(p):
+        w = real(p)
+        refs.append(weakref.ref(w))
+        alive.append(sum(r() is not None for r in refs))
+        return w
+
+    rollout_engine._full = tracked
+    try:
+        yield alive
+    finally:
+        rollout_engine._full = real
+
+
 def engine_check(out: str) -> None:
     from test_vllm_engine import QUERIES, max_logprob_error, tiny_policy
     from torch.distributed.tensor import DTensor
@@ -53,7 +76,9 @@ def engine_check(out: str) -> None:
     res = {"sharded": sharded, "hf_start": generate(whole, QUERIES, **kw), "vllm_start": engine.generate(None, QUERIES, **kw)}
     perturb_both(policy, whole)
     res["hf_perturbed"], res["vllm_stale"] = generate(whole, QUERIES, **kw), engine.generate(None, QUERIES, **kw)
-    res["sync_s"] = engine.sync_weights(policy)
+    with gathers_alive() as alive:
+        res["sync_s"] = engine.sync_weights(policy)
+    res["gathered"], res["most_alive"] = len(alive), max(alive)
     res["hf"], res["vllm"] = generate(whole, QUERIES, **kw), engine.generate(None, QUERIES, **kw)
     res["max_logprob_error"] = max_logprob_error(engine, whole)
     sample = dict(eos_token_id=1, pad_token_id=0, max_new_tokens=12, temperature=0.7, seed=11)

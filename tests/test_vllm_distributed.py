@@ -1,7 +1,7 @@
 """The vLLM rollout engine under several processes, on CPU: 2 gloo processes under torchrun
 (``dist_vllm_script.py``), one in-process engine each (vLLM's ``external_launcher`` executor joining the
 launcher's process group). After the FSDP2-sharded policy moves and is synced (its weights gathered
-one at a time), every process's engine matches the whole model: greedy output token for token and fp32
+one at a time, at most one vLLM layer alive), every process's engine matches the whole model: greedy output token for token and fp32
 sampling log-probs within 1e-4, tied ``lm_head``; the processes draw different samples from the same
 seeded call, each repeatably. And GRPO under 2 processes with ``--run.fsdp --rollout-engine vllm``
 trains, syncs and keeps step-0 KL exactly 0, and resumes identically; RLOO under 2 data-parallel (DDP)
@@ -46,6 +46,9 @@ def test_each_process_engine_matches_the_fsdp_policy_after_a_sync(tmp_path):
         assert r["vllm"] == r["hf"]  # token for token, 4 prompts x 16 tokens
         assert r["max_logprob_error"] < 1e-4
         assert 0 < r["sync_s"] < 30
+        # one weight gathered at a time: of the 26 (embedding, 2 layers x 12, final norm) at most the 6 of
+        # one vLLM layer (q, k, v weights and biases: qkv_proj) are alive at once, never the whole model
+        assert r["gathered"] == 26 and r["most_alive"] <= 6
         assert r["samples"][0] == r["samples"][1]  # a seeded call repeats (a resumed run samples what the uninterrupted one did)
     assert ranks[0]["samples"][0] != ranks[1]["samples"][0]  # the same call, seed and prompts: each process its own draws
 
