@@ -219,6 +219,7 @@ class VLLMEngine:
     """
 
     name = "vllm"
+    rank, world_size = 0, 1  # this process among the launcher's (set in __init__)
 
     def __init__(self, policy, *, dtype: str = "float32", max_model_len: int = 1024, kv_cache_gb: float = 1.0, gpu_memory_utilization: float = 0.3, seed: int = 0, enforce_eager: bool | None = None, rank: int = 0, world_size: int = 1):
         vllm = import_vllm()
