@@ -74,6 +74,18 @@ def test_plan_counts_the_engine_instead_of_the_policys_generation_cache():
     assert estimate_stage("ppo", ppo, device="cpu", shapes={"smol": SMOL}).engine == 134_515_008 * 4 + 1_887_436_800
 
 
+def test_plan_counts_one_engine_per_process():
+    # 2 processes (torchrun), FSDP or not: each runs its own engine with the whole weights (vLLM does
+    # not shard them) and the KV cache of its share of the rollout: SmolLM2 in float32, 8 prompts x G 8
+    # over 2 processes = 32 sequences of 512 + 53 tokens (640 in 128-token blocks) each
+    cfg = grpo(sft_path="smol", data=TldrDataArgs(max_query_length=512), response_length=53, rollout_prompts=8, group_size=8, run=RunArgs(fsdp=True))
+    one = estimate_stage("grpo", cfg, device="cpu", world=1, shapes={"smol": SMOL})
+    two = estimate_stage("grpo", cfg, device="cpu", world=2, shapes={"smol": SMOL})
+    assert one.engine == 134_515_008 * 4 + 64 * 640 * 46_080
+    assert two.engine == 134_515_008 * 4 + 32 * 640 * 46_080 == 1_481_778_432
+    assert any("one engine per process" in n for n in two.notes) and not any("one engine per process" in n for n in one.notes)
+
+
 def test_plan_table_has_an_engine_column_only_with_vllm():
     args = PlanArgs(stages=("grpo",), device="cpu", gpu_memory_gb=8)
     header, rows = plan_table(args, {"grpo": grpo(sft_path="HuggingFaceTB/SmolLM2-135M")})

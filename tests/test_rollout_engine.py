@@ -4,6 +4,7 @@ missing vllm package is one line naming the extra, before anything loads; bad en
 
 import builtins
 import importlib.util
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from tldr_rlhf.config import GRPOConfig, RunArgs
 from tldr_rlhf.errors import ConfigError
 from tldr_rlhf.generation import generate_groups
 from tldr_rlhf.importance_sampling import rollout_is_weights
-from tldr_rlhf.rollout_engine import HFEngine, check_engine_available, engine_for, import_vllm, make_engine, merged_weights
+from tldr_rlhf.rollout_engine import HFEngine, VLLMEngine, _default_group_kept, _external_launcher, check_engine_available, engine_for, import_vllm, make_engine, merged_weights
 from tldr_rlhf.train import grpo
 from tldr_rlhf.train.group_rl import sample_groups_shared
 from tldr_rlhf.validation import validate_config
@@ -85,8 +86,51 @@ def test_engine_flags_are_checked():
         validate_config(GRPOConfig(tis_cap=-1.0), check_paths=False)
     with pytest.raises(ConfigError, match="--vllm-gpu-memory-utilization 1.5"):
         validate_config(GRPOConfig(vllm_gpu_memory_utilization=1.5), check_paths=False)
-    with pytest.raises(ConfigError, match="2 processes"):
-        engine_for(GRPOConfig(rollout_engine="vllm"), None, max_tokens=10, world_size=2)
+    with pytest.raises(ConfigError, match="on 2 processes needs their torch.distributed process group"):
+        _external_launcher(1, 2)  # vllm under 2 processes, but no process group of 2: one line, before vLLM starts
+
+
+def test_request_seeds_interleave_the_processes():
+    # (seed + i) x world + rank: one process keeps seed + i; two processes never share a seed at a call
+    seed = VLLMEngine._request_seed
+    assert [seed(SimpleNamespace(rank=0, world_size=1), 1000, i) for i in range(3)] == [1000, 1001, 1002]
+    assert [seed(SimpleNamespace(rank=0, world_size=2), 1000, i) for i in range(3)] == [2000, 2002, 2004]
+    assert [seed(SimpleNamespace(rank=1, world_size=2), 1000, i) for i in range(3)] == [2001, 2003, 2005]
+    assert seed(SimpleNamespace(rank=1, world_size=2), None, 0) is None
+
+
+def test_fsdp_weights_gathered_whole_and_the_process_group_outlives_the_engine(tmp_path):
+    # a 1-process gloo group: merged_weights of an FSDP2 policy yields plain full tensors equal to the
+    # policy's (DTensor.full_tensor; 2 processes: test_vllm_distributed.py); _external_launcher gives
+    # vLLM the launcher's group; inside _default_group_kept vLLM's shutdown cannot destroy the default
+    # group, while a group of its own is still destroyed
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    from tldr_rlhf.train.fsdp import shard_model
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = make_tiny_qwen2(hidden=16)
+        want = {n: p.detach().clone() for n, p in model.named_parameters()}
+        shard_model(model, torch.device("cpu"))
+        assert all(isinstance(p, DTensor) for p in model.parameters())
+        got = dict(merged_weights(model))
+        assert sorted(got) == sorted(want) and not any(isinstance(w, DTensor) for w in got.values())
+        assert all(torch.equal(got[n], want[n]) for n in want)
+        assert _external_launcher(0, 1) == {"distributed_executor_backend": "external_launcher", "tensor_parallel_size": 1}
+        own, destroyed, real = dist.new_group([0]), [], dist.destroy_process_group
+        dist.destroy_process_group = lambda group=None: (destroyed.append(group), real(group))
+        try:
+            with _default_group_kept():
+                dist.destroy_process_group()  # what vLLM's cleanup_dist_env_and_memory calls last
+                dist.destroy_process_group(own)
+        finally:
+            dist.destroy_process_group = real
+        assert destroyed == [own] and dist.is_initialized()
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 def test_stage_losses_apply_tis_only_when_another_engine_sampled():

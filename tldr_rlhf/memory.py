@@ -316,7 +316,8 @@ def estimate_stage(stage: str, cfg: Any, *, device: Literal["cuda", "cpu"] = "cu
         gen_rows = cfg.local_prompts(world) * group
     if cfg.rollout_engine == "vllm":  # vLLM samples every sequence of the rollout at once; the policy generates nothing
         est.engine, kv = stage_engine_bytes(cfg, shape.params, shape.layers, shape.kv_heads, shape.head_dim, sequences=gen_rows, tokens=seq, device=device)
-        est.notes.append(f"engine: vLLM's weights and its KV cache of {gib(kv)} GiB for {gen_rows} sequences of {seq} tokens")
+        per = f" (one engine per process, whole weights, this process's share of the rollout)" if world > 1 else ""
+        est.notes.append(f"engine: vLLM's weights and its KV cache of {gib(kv)} GiB for {gen_rows} sequences of {seq} tokens{per}")
     gen_rows = min(gen_rows, cfg.forward_batch_size or gen_rows)
     est.kv_cache = 0 if est.engine else 2 * shape.layers * shape.kv_dim * seq * gen_rows * prec.compute
     # the rollout's scoring passes (old-policy and reference log-probs) hold a forward batch's response

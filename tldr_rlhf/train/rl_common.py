@@ -304,9 +304,11 @@ def start_policy_updates(rl: RLRun, world: int, *, unit: str) -> tuple[int, nn.M
 def open_engine(rl: RLRun, policy: nn.Module, response_length: int):
     """The stage's rollout engine (``--rollout-engine``; ``rollout_engine.engine_for``) on the trainable
     ``policy`` as resumed, its context the longest prompt plus ``response_length``. Built after the
-    thread count is set (``common.make_accelerator``): a CPU vLLM engine fixes it for the process."""
+    thread count is set (``common.make_accelerator``): a CPU vLLM engine fixes it for the process.
+    Under several processes each has its own engine, sized for its share of a rollout's prompts."""
     longest = max(len(p.query_ids) for p in rl.prompts)
-    return engine_for(rl.cfg, policy, max_tokens=longest + response_length, sequences=rl.batch * rl.group, world_size=rl.accelerator.num_processes)
+    world = rl.accelerator.num_processes
+    return engine_for(rl.cfg, policy, max_tokens=longest + response_length, sequences=-(-rl.batch // world) * rl.group, world_size=world)
 
 
 def sync_engine(rl: RLRun, engine, policy: nn.Module, done: int, stats: dict[str, float]) -> None:
