@@ -19,7 +19,7 @@ split into generation, scoring (reward model + log-probs) and training (medians)
 
 Run: ``python benchmarks/bench_grpo.py [steps]`` (``bench_rloo.py`` for RLOO); the table goes to
 stdout and benchmarks/results/{grpo,rloo}-smol.json. ``BENCH_SIDES`` picks the sides (default
-``ours,trl,ours_plain``); ``ours_vllm`` is ours with ``--rollout-engine vllm``, run from the vLLM venv
+``ours,trl,ours_plain``); ``ours_vllm`` is ours with ``--rollout-engine vllm`` and ``trl_vllm`` TRL's ``use_vllm`` colocate mode, run from the vLLM venv
 (``BENCH_SIDES=ours,ours_vllm .venv-vllm/bin/python benchmarks/bench_grpo.py``; the table then goes to
 {grpo,rloo}-smol-vllm.json, its ratios to the first side when TRL is not among them). Slow on a CPU: one TRL step at these shapes is
 minutes on one thread.
@@ -128,7 +128,7 @@ def ours_vllm(settings):
     return ours(settings, engine="vllm")
 
 
-def trl(settings):
+def trl(settings, vllm: bool = False):
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainerCallback
     import trl
@@ -158,7 +158,7 @@ def trl(settings):
         beta=0.05, num_iterations=1, max_steps=settings["steps"], **extra,
         learning_rate=settings["lr"], lr_scheduler_type="constant", adam_epsilon=1e-5, weight_decay=0.0, max_grad_norm=1.0,
         logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, bf16=False, dataloader_num_workers=0, seed=42, disable_tqdm=True,
-        disable_dropout=True, shuffle_dataset=False,
+        disable_dropout=True, shuffle_dataset=False, **_trl_vllm_args(settings, vllm),
     )
     model = AutoModelForCausalLM.from_pretrained(settings["model"])
     rm = AutoModelForSequenceClassification.from_pretrained(settings["rm"], trust_remote_code=False)
@@ -172,7 +172,21 @@ def trl(settings):
             "mean_response_length": sum(lengths) / len(lengths) if lengths else None}
 
 
-SIDES = {"trl": trl, "ours_plain": ours_plain, "ours": ours, "ours_vllm": ours_vllm}
+def _trl_vllm_args(settings, vllm: bool) -> dict:
+    """TRL's own vLLM rollouts (``use_vllm``, colocated in the trainer's process, as ours); on the CPU the
+    KV cache is ``VLLM_CPU_KVCACHE_SPACE`` GiB of RAM."""
+    if not vllm:
+        return {}
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    return {"use_vllm": True, "vllm_mode": "colocate", "vllm_max_model_length": settings["max_query_length"] + settings["response_length"]}
+
+
+def trl_vllm(settings):
+    """TRL with ``use_vllm=True, vllm_mode="colocate"``: run from the vLLM venv."""
+    return trl(settings, vllm=True)
+
+
+SIDES = {"trl": trl, "trl_vllm": trl_vllm, "ours_plain": ours_plain, "ours": ours, "ours_vllm": ours_vllm}
 
 
 def _median(xs):
@@ -222,7 +236,7 @@ def main(algo: str = "grpo"):
         harness.RESULTS.mkdir(parents=True, exist_ok=True)  # what has run so far, in case the rest cannot
         (harness.RESULTS / f"{algo}-smol.partial.json").write_text(json.dumps({"settings": settings, "load": load, "results": results}, indent=2) + "\n")
     load["after"] = os.getloadavg()
-    summarize(f"{algo}-smol" + ("-vllm" if "ours_vllm" in sides else ""), results, settings, load)
+    summarize(f"{algo}-smol" + ("-vllm" if {"ours_vllm", "trl_vllm"} & set(sides) else ""), results, settings, load)
 
 
 if __name__ == "__main__":
