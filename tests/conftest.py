@@ -32,6 +32,25 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs 2 workers on a 2-c
     torch.set_num_threads(1)
 
 
+LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
+
+
+@pytest.fixture(autouse=True)
+def launcher_env_unchanged():
+    """Fails a test that leaves torchrun's variables changed in this process: accelerate reads them, so
+    every later Accelerator in the same test worker would take itself for one of several processes and
+    fail (``MASTER_ADDR expected``), far from the test that leaked them. The variables are put back."""
+    before = {k: os.environ.get(k) for k in LAUNCHER_VARS}
+    yield
+    after = {k: os.environ.get(k) for k in LAUNCHER_VARS}
+    for k, v in before.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    assert after == before, f"the test changed the launcher's environment variables: {before} -> {after}"
+
+
 def free_port() -> int:
     """A TCP port nothing listens on now, for a 2-process test's ``--master_port``: fixed ports collide
     when test workers (pytest-xdist) run such tests at the same time."""

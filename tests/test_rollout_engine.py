@@ -4,7 +4,9 @@ missing vllm package is one line naming the extra, before anything loads; bad en
 
 import builtins
 import importlib.util
+import os
 from types import SimpleNamespace
+from unittest import mock
 
 import pytest
 import torch
@@ -118,7 +120,11 @@ def test_fsdp_weights_gathered_whole_and_the_process_group_outlives_the_engine(t
         got = dict(merged_weights(model))
         assert sorted(got) == sorted(want) and not any(isinstance(w, DTensor) for w in got.values())
         assert all(torch.equal(got[n], want[n]) for n in want)
-        assert _external_launcher(0, 1) == {"distributed_executor_backend": "external_launcher", "tensor_parallel_size": 1}
+        # RANK / LOCAL_RANK / WORLD_SIZE set for vLLM where the launcher did not: only inside this block, or
+        # every later Accelerator of this test process would take itself for a distributed one
+        with mock.patch.dict(os.environ, clear=True):
+            assert _external_launcher(0, 1) == {"distributed_executor_backend": "external_launcher", "tensor_parallel_size": 1}
+            assert (os.environ["RANK"], os.environ["LOCAL_RANK"], os.environ["WORLD_SIZE"]) == ("0", "0", "1")
         own, destroyed, real = dist.new_group([0]), [], dist.destroy_process_group
         dist.destroy_process_group = lambda group=None: (destroyed.append(group), real(group))
         try:
