@@ -50,8 +50,10 @@ class Rollout:
 
     batch: ``QueryResponseBatch`` (input_ids / attention_mask (B, P + T), response_mask (B, T)).
     logprobs, ref_logprobs: (B, T) log-probs of the sampled tokens at the sampling temperature
-    under the policy and the reference model (meaningful where ``response_mask``).
-    entropy: (B, T) policy entropy in nats at the sampling temperature.
+    under the policy and the reference model (meaningful where ``response_mask``). ``logprobs`` is
+    None until the update's own forward fills it when the rollout was sampled without the policy's
+    scoring pass (``policy_logprobs=False``: GRPO with one optimizer step per rollout).
+    entropy: (B, T) policy entropy in nats at the sampling temperature (None with ``logprobs``).
     scores: (B,) reward-model scores after the no-EOS penalty; raw_scores: (B,) before it.
     has_eos: (B,) bool, the response ended with EOS within ``response_length`` tokens.
     sample_logprobs: (B, T) log-probs the rollout engine drew the tokens with, when the sampler is
@@ -60,9 +62,9 @@ class Rollout:
     """
 
     batch: QueryResponseBatch
-    logprobs: torch.Tensor
+    logprobs: torch.Tensor | None
     ref_logprobs: torch.Tensor
-    entropy: torch.Tensor
+    entropy: torch.Tensor | None
     scores: torch.Tensor
     raw_scores: torch.Tensor
     has_eos: torch.Tensor
@@ -176,14 +178,18 @@ def sample_and_score(
 
 def finish_rollout(
     policy, ref_model, batch: QueryResponseBatch, raw_scores: torch.Tensor, has_eos: torch.Tensor, *,
-    temperature: float, no_eos_penalty: float | None = -1.0, batch_size: int = 16,
+    temperature: float, no_eos_penalty: float | None = -1.0, batch_size: int = 16, policy_logprobs: bool = True,
 ) -> Rollout:
     """Step 3 and the penalty of step 4: policy and reference log-probs at ``temperature``, policy
-    entropy, and scores with the no-EOS penalty, for an already sampled and scored batch."""
-    logprobs, entropy = response_logprobs(policy, batch, temperature=temperature, batch_size=batch_size, with_entropy=True)
+    entropy, and scores with the no-EOS penalty, for an already sampled and scored batch. Without
+    ``policy_logprobs`` the policy's pass is skipped (logprobs and entropy None: the update fills them)."""
+    logprobs = entropy = None
+    if policy_logprobs:
+        logprobs, entropy = response_logprobs(policy, batch, temperature=temperature, batch_size=batch_size, with_entropy=True)
+        logprobs, entropy = logprobs.cpu(), entropy.cpu()
     ref_logprobs, _ = response_logprobs(ref_model, batch, temperature=temperature, batch_size=batch_size)
     return Rollout(
-        batch=batch, logprobs=logprobs.cpu(), ref_logprobs=ref_logprobs.cpu(), entropy=entropy.cpu(),
+        batch=batch, logprobs=logprobs, ref_logprobs=ref_logprobs.cpu(), entropy=entropy,
         scores=apply_no_eos_penalty(raw_scores, has_eos, no_eos_penalty), raw_scores=raw_scores, has_eos=has_eos,
     )
 
@@ -200,10 +206,11 @@ def rollout(
     temperature: float = 0.7,
     no_eos_penalty: float | None = -1.0,
     batch_size: int = 16,
+    policy_logprobs: bool = True,
 ) -> Rollout:
     """Sample one response per query and compute everything an RL update needs (see the module
     docstring for the steps and the N+ details they implement): ``sample_and_score`` then
-    ``finish_rollout``.
+    ``finish_rollout`` (its ``policy_logprobs``).
 
     ``queries``: unpadded query token lists (repeat a query G times for a GRPO / RLOO group).
     ``batch_size`` rows go through ``generate`` and each forward pass at a time. The returned tensors
@@ -213,7 +220,7 @@ def rollout(
         policy, score_fn, queries, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
         response_length=response_length, temperature=temperature, batch_size=batch_size,
     )
-    return finish_rollout(policy, ref_model, batch, raw, has_eos, temperature=temperature, no_eos_penalty=no_eos_penalty, batch_size=batch_size)
+    return finish_rollout(policy, ref_model, batch, raw, has_eos, temperature=temperature, no_eos_penalty=no_eos_penalty, batch_size=batch_size, policy_logprobs=policy_logprobs)
 
 
 def select_rows(batch: QueryResponseBatch, rows: list[int], pad_token_id: int) -> QueryResponseBatch:

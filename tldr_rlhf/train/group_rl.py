@@ -74,7 +74,8 @@ class GroupConfig(GroupRolloutConfig, Protocol):
     def local_mini_batch_size(self, world_size: int = 1) -> int: ...
 
 SampleFn = Callable[..., tuple[Rollout, dict[str, float]]]
-"""``sample(policy, ref, score_fn, queries, cfg, *, eos, pad, generator, engine, seed) -> (rollout of B = len(queries) x G rows, metrics)``."""
+"""``sample(policy, ref, score_fn, queries, cfg, *, eos, pad, generator, engine, seed, policy_logprobs) -> (rollout of B = len(queries) x G rows, metrics)``;
+without ``policy_logprobs`` the rollout's ``logprobs`` and ``entropy`` are None (the update fills them)."""
 AdvantageFn = Callable[[Rollout, GroupConfig], tuple[torch.Tensor, dict[str, float]]]
 """``advantages(rollout, cfg) -> ((B, T) one advantage per response token, 0 on padding, metrics)``."""
 LossFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -83,19 +84,20 @@ of one micro-batch, normalized by the minibatch's ``num_tokens`` real tokens and
 sequences."""
 
 
-def group_rollout(policy, ref, score_fn, queries: list[list[int]], cfg: GroupRolloutConfig, *, eos: int, pad: int, generator: torch.Generator | None = None, engine=None, seed: int | None = None) -> tuple[Rollout, dict[str, float]]:
+def group_rollout(policy, ref, score_fn, queries: list[list[int]], cfg: GroupRolloutConfig, *, eos: int, pad: int, generator: torch.Generator | None = None, engine=None, seed: int | None = None, policy_logprobs: bool = True) -> tuple[Rollout, dict[str, float]]:
     """Step 1 without extras: G responses for each query, rows ``[q0] * G + [q1] * G + ...`` (group
     b = rows bG .. bG + G - 1), sampled at ``cfg.temperature``. With ``cfg.shared_prompt`` each
     prompt is computed once per group in every pass (``shared_group_rollout``) and the metrics
     give the split of the time (``perf/generation_time_s``, ``perf/scoring_time_s``); without it,
     ``rollout.rollout`` over the repeated queries and no extra metrics. ``generator`` is unused. A
     rollout ``engine`` other than hf (``rollout_engine``) samples instead of the policy, with requests
-    seeded from ``seed``, always on the shared path; the hf engine draws from the global RNG."""
+    seeded from ``seed``, always on the shared path; the hf engine draws from the global RNG. Without
+    ``policy_logprobs`` the policy's scoring pass is skipped (``update_fills_logprobs``)."""
     if cfg.shared_prompt or samples_elsewhere(engine):
-        return shared_group_rollout(policy, ref, score_fn, queries, cfg, eos=eos, pad=pad, engine=engine, seed=seed)
+        return shared_group_rollout(policy, ref, score_fn, queries, cfg, eos=eos, pad=pad, engine=engine, seed=seed, policy_logprobs=policy_logprobs)
     grouped = [q for q in queries for _ in range(cfg.group_size)]
     common = dict(eos_token_id=eos, pad_token_id=pad, response_length=cfg.response_length, batch_size=cfg.forward_batch_size)
-    return rollout(policy, ref, score_fn, grouped, temperature=cfg.temperature, no_eos_penalty=cfg.no_eos_penalty, **common), {}
+    return rollout(policy, ref, score_fn, grouped, temperature=cfg.temperature, no_eos_penalty=cfg.no_eos_penalty, policy_logprobs=policy_logprobs, **common), {}
 
 
 def samples_elsewhere(engine) -> bool:
@@ -103,7 +105,7 @@ def samples_elsewhere(engine) -> bool:
     return engine is not None and engine.name != "hf"
 
 
-def shared_group_rollout(policy, ref, score_fn, queries: list[list[int]], cfg: GroupRolloutConfig, *, eos: int, pad: int, engine=None, seed: int | None = None) -> tuple[Rollout, dict[str, float]]:
+def shared_group_rollout(policy, ref, score_fn, queries: list[list[int]], cfg: GroupRolloutConfig, *, eos: int, pad: int, engine=None, seed: int | None = None, policy_logprobs: bool = True) -> tuple[Rollout, dict[str, float]]:
     """``group_rollout`` with each prompt computed once per group: sampling
     (``generation.generate_groups``: one prefill per prompt, its cache expanded to the G rows), the
     reward model (``score_groups``) and the policy and reference log-probs (``group_logprobs``).
@@ -111,17 +113,25 @@ def shared_group_rollout(policy, ref, score_fn, queries: list[list[int]], cfg: G
     EOS, the no-EOS penalty applied, N+ details 19, 23) and ``perf/generation_time_s`` /
     ``perf/scoring_time_s`` (seconds). With an ``engine`` that samples elsewhere (vllm) the rollout
     also keeps its sampling log-probs (``sample_logprobs``, for truncated importance sampling) and
-    the metrics their distance to the policy's (``importance_sampling.mismatch_stats``)."""
+    the metrics their distance to the policy's (``importance_sampling.mismatch_stats``; without
+    ``policy_logprobs`` the loop adds them after the update has filled the policy's)."""
     t0 = time.perf_counter()
     batch, has_eos, sample_lp = sample_groups_shared(policy, queries, cfg.group_size, eos=eos, pad=pad, response_length=cfg.response_length, temperature=cfg.temperature, batch_size=cfg.forward_batch_size, engine=engine, seed=seed)
     t1 = time.perf_counter()
     raw = score_groups(score_fn, batch, cfg.group_size, batch_size=cfg.forward_batch_size)
-    r = finish_group_rollout(policy, ref, batch, raw, has_eos, cfg)
+    r = finish_group_rollout(policy, ref, batch, raw, has_eos, cfg, policy_logprobs=policy_logprobs)
     extra = {"perf/generation_time_s": t1 - t0, "perf/scoring_time_s": time.perf_counter() - t1}
-    if sample_lp is not None:
-        r.sample_logprobs = sample_lp
-        extra.update(mismatch_stats(r.logprobs, sample_lp, r.mask, cap=cfg.tis_cap or 2.0))
+    r.sample_logprobs = sample_lp
+    extra.update(engine_mismatch(r, cfg))
     return r, extra
+
+
+def engine_mismatch(r: Rollout, cfg: GroupRolloutConfig) -> dict[str, float]:
+    """``importance_sampling.mismatch_stats`` of the rollout engine's sampling log-probs against the
+    policy's, when another engine sampled and the policy's are known (else no metrics)."""
+    if r.sample_logprobs is None or r.logprobs is None:
+        return {}
+    return mismatch_stats(r.logprobs, r.sample_logprobs, r.mask, cap=cfg.tis_cap or 2.0)
 
 
 def sample_groups_shared(policy, queries: list[list[int]], group_size: int, *, eos: int, pad: int, response_length: int, temperature: float, batch_size: int, engine=None, seed: int | None = None) -> tuple[QueryResponseBatch, torch.Tensor, torch.Tensor | None]:
@@ -137,12 +147,14 @@ def sample_groups_shared(policy, queries: list[list[int]], group_size: int, *, e
     return batch, has_eos, (padded_logprobs(logps, batch.responses.shape[1]) if samples_elsewhere(engine) else None)
 
 
-def finish_group_rollout(policy, ref, batch: QueryResponseBatch, raw_scores: torch.Tensor, has_eos: torch.Tensor, cfg: GroupRolloutConfig) -> Rollout:
+def finish_group_rollout(policy, ref, batch: QueryResponseBatch, raw_scores: torch.Tensor, has_eos: torch.Tensor, cfg: GroupRolloutConfig, *, policy_logprobs: bool = True) -> Rollout:
     """``rollout.finish_rollout`` for group-contiguous rows with each prompt once per group
-    (``group_logprobs``): policy log-probs and entropy, reference log-probs at ``cfg.temperature``,
-    scores with the no-EOS penalty (N+ detail 23)."""
+    (``group_logprobs``): policy log-probs and entropy (None without ``policy_logprobs``), reference
+    log-probs at ``cfg.temperature``, scores with the no-EOS penalty (N+ detail 23)."""
     g, fb, t = cfg.group_size, cfg.forward_batch_size, cfg.temperature
-    logprobs, entropy = group_logprobs(policy, batch, g, temperature=t, batch_size=fb, with_entropy=True)
+    logprobs = entropy = None
+    if policy_logprobs:
+        logprobs, entropy = group_logprobs(policy, batch, g, temperature=t, batch_size=fb, with_entropy=True)
     ref_logprobs, _ = group_logprobs(ref, batch, g, temperature=t, batch_size=fb)
     return Rollout(batch=batch, logprobs=logprobs, ref_logprobs=ref_logprobs, entropy=entropy, scores=apply_no_eos_penalty(raw_scores, has_eos, cfg.no_eos_penalty), raw_scores=raw_scores, has_eos=has_eos)
 
@@ -210,13 +222,25 @@ def sequence_abs_mean(adv: torch.Tensor, mask: torch.Tensor) -> float:
     return per_seq.to(adv.dtype).mean().item()
 
 
-def minibatch_step(model, r: Rollout, adv: torch.Tensor, rows: list[int], cfg: GroupConfig, accelerator, *, loss_fn: LossFn, prefix: str, token_metrics: bool = False) -> dict[str, float]:
+def update_fills_logprobs(cfg: GroupConfig, local_mini: int, local_rows: int) -> bool:
+    """Whether the update's own forward can give the rollout's policy log-probs, so that the rollout
+    skips the policy's scoring pass (one forward of the policy over every sequence): one pass over the
+    rollout in one minibatch (``update_per_rollout`` 1, ``local_mini`` >= ``local_rows``) is one
+    optimizer step, so every micro-batch's forward runs on the weights that sampled the rollout and
+    the ratio is exactly 1. TRL's GRPO skips its old-policy pass the same way (``num_iterations`` 1).
+    Only for a stage whose advantages do not read the policy's log-probs (GRPO: its KL is in the loss)."""
+    return cfg.update_per_rollout == 1 and local_mini >= local_rows
+
+
+def minibatch_step(model, r: Rollout, adv: torch.Tensor, rows: list[int], cfg: GroupConfig, accelerator, *, loss_fn: LossFn, prefix: str, token_metrics: bool = False, fill_logprobs: bool = False) -> dict[str, float]:
     """Step 3 on one minibatch (``rows`` of the local rollout): forward/backward in micro-batches, the
     loss normalized by the minibatch's real tokens and sequences (exact gradient accumulation); does
     not step the optimizer. Returns its metrics (``loss/policy``, ``{prefix}/...`` weighted by each
     micro-batch's share of the minibatch's real tokens with ``token_metrics`` (``loss_fn``'s metrics
     are means over its micro-batch's tokens: GRPO's clip fraction, KL), else of its sequences (RLOO's,
-    one action per sequence): either way the minibatch's mean, whatever the micro-batch split)."""
+    one action per sequence): either way the minibatch's mean, whatever the micro-batch split).
+    ``fill_logprobs`` (``update_fills_logprobs``): the rollout's ``logprobs`` and ``entropy`` are
+    written here, from this forward, and the loss takes them as the old log-probs."""
     device = accelerator.device
     if cfg.shared_prompt:
         # the minibatch's rows in group order (rollout rows are group-contiguous): its micro-batches then
@@ -231,6 +255,10 @@ def minibatch_step(model, r: Rollout, adv: torch.Tensor, rows: list[int], cfg: G
             # each distinct query of the micro-batch once (a whole group or part of one), unless shared_prompt is off
             logits = grouped_response_logits(model, mb.batch, shared_prompt=cfg.shared_prompt)
             new_lp = token_logprobs(logits, mb.batch.responses, cfg.temperature)  # (b, T)
+            if fill_logprobs:  # the rollout's policy log-probs: this forward runs on the weights that sampled it
+                mb.logprobs = new_lp.detach()
+                r.logprobs[idx] = mb.logprobs.float().cpu()
+                r.entropy[idx] = entropy_from_logits(logits.detach().float() / cfg.temperature).cpu()
             loss, m = loss_fn(new_lp, mb, a, cfg, num_tokens=n_tokens, num_sequences=n_seqs)
             accelerator.backward(loss)
         sums["loss/policy"] += loss.item()
@@ -239,11 +267,13 @@ def minibatch_step(model, r: Rollout, adv: torch.Tensor, rows: list[int], cfg: G
     return dict(sums)
 
 
-def train(cfg: GroupConfig, name: str, *, advantages: AdvantageFn, loss: LossFn, sample: SampleFn = group_rollout, token_metrics: bool = False) -> str:
+def train(cfg: GroupConfig, name: str, *, advantages: AdvantageFn, loss: LossFn, sample: SampleFn = group_rollout, token_metrics: bool = False, logprobs_from_update: bool = False) -> str:
     """Run a group RL stage called ``name`` (its metrics prefix, run label and log name) with the
     stage's ``sample`` (step 1), ``advantages`` (step 2) and micro-batch ``loss`` (step 3; its metrics
     per token with ``token_metrics``, see ``minibatch_step``); returns the path of the final policy
-    (a Hugging Face checkpoint).
+    (a Hugging Face checkpoint). ``logprobs_from_update``: the stage's ``advantages`` do not read the
+    rollout's policy log-probs, so with one optimizer step per rollout the update computes them
+    (``update_fills_logprobs``) and the rollout skips that pass.
 
     Raises DataError for bad prompts (before any model loads), ValueError for sizes that do not
     divide or a group under 2, ModelLoadError for bad model paths, RunDirError for a finished run
@@ -262,6 +292,7 @@ def train(cfg: GroupConfig, name: str, *, advantages: AdvantageFn, loss: LossFn,
     eos, pad = rl.tokenizer.eos_token_id, rl.tokenizer.pad_token_id
     # the sampler: the policy itself (hf) or a vLLM engine holding a copy of its (resumed) weights
     engine = open_engine(rl, accelerator.unwrap_model(model), cfg.response_length)
+    fill = logprobs_from_update and update_fills_logprobs(cfg, local_mini, local_prompts * cfg.group_size)
 
     for update in range(start, rl.total):
         t0 = time.perf_counter()
@@ -269,16 +300,18 @@ def train(cfg: GroupConfig, name: str, *, advantages: AdvantageFn, loss: LossFn,
         # 1. G responses per prompt: B = len(prompts) x G rows, [q0] * G + [q1] * G + ...
         rs_gen = torch.Generator().manual_seed(cfg.run.seed * 7_919 + update)
         with accelerator.autocast():
-            r, extra = sample(accelerator.unwrap_model(model), rl.ref, score_fn, [p.query_ids for p in prompts], cfg, eos=eos, pad=pad, generator=rs_gen, engine=engine, seed=cfg.run.seed * 1_000_033 + update)
+            r, extra = sample(accelerator.unwrap_model(model), rl.ref, score_fn, [p.query_ids for p in prompts], cfg, eos=eos, pad=pad, generator=rs_gen, engine=engine, seed=cfg.run.seed * 1_000_033 + update, policy_logprobs=not fill)
         t_rollout = time.perf_counter() - t0
         engine.sleep()  # CUDA sleep mode: the engine's KV cache freed for the update, woken by the next sync (a no-op for hf and on CPU)
         # 2. the advantages, (B, T) per token
         adv, adv_metrics = advantages(r, cfg)
         if adv.shape != r.mask.shape:
             raise ValueError(f"{name}'s advantages must be per token, shape {tuple(r.mask.shape)}, got {tuple(adv.shape)}")
+        if fill:  # the policy's log-probs and entropy, written by the update's forward
+            r.logprobs, r.entropy = torch.zeros_like(r.ref_logprobs), torch.zeros_like(r.ref_logprobs)
         # 3. passes over the rollout, one optimizer step per minibatch
         stats = update_passes(
-            model, optimizer, accelerator, lambda rows: minibatch_step(model, r, adv, rows, cfg, accelerator, loss_fn=loss, prefix=name, token_metrics=token_metrics),
+            model, optimizer, accelerator, lambda rows: minibatch_step(model, r, adv, rows, cfg, accelerator, loss_fn=loss, prefix=name, token_metrics=token_metrics, fill_logprobs=fill),
             passes=cfg.update_per_rollout, n_rows=local_prompts * cfg.group_size, mini=local_mini,
             generator=torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + update), max_grad_norm=cfg.optim.max_grad_norm, prefix=name, scheduler=scheduler,
         )
@@ -288,6 +321,7 @@ def train(cfg: GroupConfig, name: str, *, advantages: AdvantageFn, loss: LossFn,
         stats.update(rollout_stats(r))
         stats.update(adv_metrics)
         stats.update(extra)
+        stats.update(engine_mismatch(r, cfg) if fill else {})
         stats.update({"objective/kl": kl.mean().item(), f"{name}/advantage_abs_mean": sequence_abs_mean(adv, r.mask)})
         log_update(rl, update + 1, r, prompts, stats, lr=scheduler.get_last_lr()[0], t0=t0, t_rollout=t_rollout)
         checkpoint_update_if_due(rl, update + 1, model, optimizer, scheduler)

@@ -36,16 +36,17 @@ from ..rollout import Rollout, apply_no_eos_penalty, finish_rollout, sample_and_
 from . import group_rl
 
 
-def sample_groups(policy, ref, score_fn, queries: list[list[int]], cfg: GRPOConfig, *, eos: int, pad: int, generator: torch.Generator | None = None, engine=None, seed: int | None = None) -> tuple[Rollout, dict[str, float]]:
+def sample_groups(policy, ref, score_fn, queries: list[list[int]], cfg: GRPOConfig, *, eos: int, pad: int, generator: torch.Generator | None = None, engine=None, seed: int | None = None, policy_logprobs: bool = True) -> tuple[Rollout, dict[str, float]]:
     """Step 1: ``group_rl.group_rollout``, or with ``cfg.rejection_sampling``: ``rs_candidates``
     responses per query sampled at ``rs_temperature``, scored (no-EOS penalty applied before the
     rejection), G kept per query by ``statistical_rejection_sampling`` with ``rs_beta`` (draws from
     ``generator``); log-probs of the kept rows at ``cfg.temperature``. Returns the rollout (rows
     ``[q0] * G + [q1] * G + ...``) and extra metrics. ``engine`` (``rollout_engine``) samples, with
     requests seeded from ``seed``; rejection-sampled candidates are drawn at ``rs_temperature`` and
-    selected, off-policy by design, so they carry no truncated importance-sampling correction."""
+    selected, off-policy by design, so they carry no truncated importance-sampling correction. Without
+    ``policy_logprobs`` the policy's log-probs are left to the update (``group_rl.update_fills_logprobs``)."""
     if not cfg.rejection_sampling:
-        return group_rl.group_rollout(policy, ref, score_fn, queries, cfg, eos=eos, pad=pad, generator=generator, engine=engine, seed=seed)
+        return group_rl.group_rollout(policy, ref, score_fn, queries, cfg, eos=eos, pad=pad, generator=generator, engine=engine, seed=seed, policy_logprobs=policy_logprobs)
     g, n = cfg.group_size, cfg.rs_candidates
     common = dict(eos_token_id=eos, pad_token_id=pad, response_length=cfg.response_length, batch_size=cfg.forward_batch_size)
     shared = cfg.shared_prompt or group_rl.samples_elsewhere(engine)
@@ -61,9 +62,9 @@ def sample_groups(policy, ref, score_fn, queries: list[list[int]], cfg: GRPOConf
     rows = (kept + torch.arange(len(queries))[:, None] * n).flatten().tolist()
     sub = select_rows(batch, rows, pad)
     if shared:
-        r = group_rl.finish_group_rollout(policy, ref, sub, raw[rows], has_eos[rows], cfg)
+        r = group_rl.finish_group_rollout(policy, ref, sub, raw[rows], has_eos[rows], cfg, policy_logprobs=policy_logprobs)
     else:
-        r = finish_rollout(policy, ref, sub, raw[rows], has_eos[rows], temperature=cfg.temperature, no_eos_penalty=cfg.no_eos_penalty, batch_size=cfg.forward_batch_size)
+        r = finish_rollout(policy, ref, sub, raw[rows], has_eos[rows], temperature=cfg.temperature, no_eos_penalty=cfg.no_eos_penalty, batch_size=cfg.forward_batch_size, policy_logprobs=policy_logprobs)
     return r, {"rs/candidate_score_mean": scores.mean().item(), "rs/kept_score_mean": scores[rows].mean().item()}
 
 
@@ -98,4 +99,5 @@ def train(cfg: GRPOConfig) -> str:
     Raises DataError for bad prompts (before any model loads), ValueError for sizes that do not
     divide, ModelLoadError for bad model paths, RunDirError for a finished run folder.
     """
-    return group_rl.train(cfg, "grpo", advantages=group_relative_advantages, loss=token_loss, sample=sample_groups, token_metrics=True)
+    # its KL is in the loss, not the reward: with one optimizer step per rollout the update gives the old log-probs
+    return group_rl.train(cfg, "grpo", advantages=group_relative_advantages, loss=token_loss, sample=sample_groups, token_metrics=True, logprobs_from_update=True)
