@@ -32,7 +32,9 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs 2 workers on a 2-c
     torch.set_num_threads(1)
 
 
-LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
+# what accelerate reads to decide that a process is one of several (LOCAL_RANK set, or WORLD_SIZE > 1); vLLM sets
+# LOCAL_WORLD_SIZE=1 in the process of an in-process engine, which is harmless
+LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
 
 
 @pytest.fixture(autouse=True)
