@@ -7,7 +7,6 @@ import json
 from types import SimpleNamespace
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from tldr_rlhf.config import GRPOConfig, OptimArgs, RunArgs, TldrDataArgs
@@ -29,7 +28,8 @@ def test_one_step_per_rollout_only():
 
 def _run(ckpts, out, *, from_update: bool, mini_batch_size: int, monkeypatch):
     """A 2-rollout fp32 GRPO run (2 prompts x 4, micro-batches of 2, lr high enough to move the policy);
-    returns (final weights, per-update metrics, the models the rollout's log-prob pass ran on per update)."""
+    returns (final weights, per-update metrics, the ``with_entropy`` flag of every ``group_logprobs`` call in order:
+    True for the policy's pass, False for the reference's)."""
     cfg = GRPOConfig(
         sft_path=ckpts[0], rm_path=ckpts[1], dtype="float32",
         data=TldrDataArgs(train=POSTS, limit=8, max_query_length=64, valid_fraction=0.1),
